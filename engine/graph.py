@@ -1,0 +1,208 @@
+"""The computing graph: `SymbolVar` nodes created by operators, shapes known as each is added.
+
+A `SymbolVar` is both MegEngine's VarNode and its handle: one value in the graph, the
+operator that produces it and that operator's inputs. Building the graph runs no kernel;
+`ComputingGraph.compile` turns a set of outputs and updates into a function you execute.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from .opr.base import Operator
+    from .runtime import CompiledFunction
+
+Shape = tuple  # of int | None; None is a size known only when data is fed (e.g. the batch size)
+
+
+class GraphError(ValueError):
+    """The graph was built or used wrongly (mixed graphs, bad grad target, unknown feed...)."""
+
+
+class ShapeError(GraphError):
+    """An operator's inputs have shapes or dtypes it cannot take; raised when the node is added."""
+
+
+class SymbolVar:
+    """One value in a graph: produced by `op` from `inputs`, with a static shape and dtype.
+
+    Source values (fed inputs, shared tensors, constants) have an operator with no inputs;
+    shared tensors and constants hold their array in `value`.
+    """
+
+    __array_priority__ = 1000  # make `ndarray + SymbolVar` call our __radd__
+
+    def __init__(self, graph: ComputingGraph, op: Operator, inputs: Sequence[SymbolVar],
+                 shape: Shape, dtype: np.dtype, name: str | None = None, value: np.ndarray | None = None):
+        self.graph = graph
+        self.op = op
+        self.inputs = tuple(inputs)
+        self.shape = tuple(shape)
+        self.dtype = np.dtype(dtype)
+        self.name = name
+        self.value = value
+        self.id = next(graph._ids)
+        # Updates that must run whenever this value is computed (optimizer state, running stats).
+        self.side_updates: list[SymbolVar] = []
+
+    # ----- description -----
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def is_source(self) -> bool:
+        return not self.inputs and self.op.is_source
+
+    def __repr__(self) -> str:
+        label = f" {self.name!r}" if self.name else ""
+        return f"SymbolVar#{self.id}{label}({self.op.type_name}, shape={self.shape}, dtype={self.dtype})"
+
+    def __hash__(self) -> int:
+        return self.id
+
+    def __eq__(self, other: object) -> bool:  # identity: SymbolVars are dict keys
+        return self is other
+
+    # ----- arithmetic builds graph nodes (imports are local: opr depends on graph, not back) -----
+    def __add__(self, other: Any) -> SymbolVar:
+        from . import opr
+        return opr.add(self, other)
+
+    def __radd__(self, other: Any) -> SymbolVar:
+        from . import opr
+        return opr.add(other, self)
+
+    def __sub__(self, other: Any) -> SymbolVar:
+        from . import opr
+        return opr.sub(self, other)
+
+    def __rsub__(self, other: Any) -> SymbolVar:
+        from . import opr
+        return opr.sub(other, self)
+
+    def __mul__(self, other: Any) -> SymbolVar:
+        from . import opr
+        return opr.mul(self, other)
+
+    def __rmul__(self, other: Any) -> SymbolVar:
+        from . import opr
+        return opr.mul(other, self)
+
+    def __truediv__(self, other: Any) -> SymbolVar:
+        from . import opr
+        return opr.div(self, other)
+
+    def __rtruediv__(self, other: Any) -> SymbolVar:
+        from . import opr
+        return opr.div(other, self)
+
+    def __pow__(self, other: Any) -> SymbolVar:
+        from . import opr
+        return opr.pow(self, other)
+
+    def __neg__(self) -> SymbolVar:
+        from . import opr
+        return opr.neg(self)
+
+    def __matmul__(self, other: SymbolVar) -> SymbolVar:
+        from . import opr
+        return opr.matrix_mul(self, other)
+
+    def reshape(self, *shape: int | Sequence[int]) -> SymbolVar:
+        from . import opr
+        target = shape[0] if len(shape) == 1 and not isinstance(shape[0], int) else shape
+        return opr.reshape(self, target)
+
+    def flatten(self, start_axis: int = 1) -> SymbolVar:
+        from . import opr
+        return opr.flatten(self, start_axis)
+
+    def transpose(self, *perm: int) -> SymbolVar:
+        from . import opr
+        return opr.transpose(self, perm or None)
+
+    def sum(self, axis: int | Sequence[int] | None = None, keepdims: bool = False) -> SymbolVar:
+        from . import opr
+        return opr.sum(self, axis, keepdims)
+
+    def mean(self, axis: int | Sequence[int] | None = None, keepdims: bool = False) -> SymbolVar:
+        from . import opr
+        return opr.mean(self, axis, keepdims)
+
+    def make_scalar(self, value: float) -> SymbolVar:
+        """A constant scalar of this var's dtype (MegEngine's `SymbolVar::make_scalar`)."""
+        return self.graph.constant(np.asarray(value, dtype=self.dtype))
+
+
+class ComputingGraph:
+    """Owns the nodes; `compile` turns chosen outputs and updates into an executable function."""
+
+    def __init__(self) -> None:
+        self._ids = itertools.count()
+        self.nodes: list[SymbolVar] = []  # insertion order is a valid topological order
+        self._names: dict[str, SymbolVar] = {}
+
+    # ----- adding nodes (operators call this) -----
+    def _add(self, var: SymbolVar) -> SymbolVar:
+        if var.name is not None and var.op.is_source:
+            if var.name in self._names:
+                raise GraphError(f"a source named {var.name!r} already exists in this graph")
+            self._names[var.name] = var
+        self.nodes.append(var)
+        return var
+
+    def constant(self, value: Any, dtype: Any = None) -> SymbolVar:
+        from .opr.io import ImmutableTensor
+        return ImmutableTensor.make(self, np.asarray(value, dtype=dtype))
+
+    def __getitem__(self, name: str) -> SymbolVar:
+        try:
+            return self._names[name]
+        except KeyError:
+            raise GraphError(f"no input or shared tensor named {name!r} in this graph") from None
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._names
+
+    @property
+    def inputs(self) -> dict[str, SymbolVar]:
+        return {n: v for n, v in self._names.items() if v.op.type_name == "Host2DeviceCopy"}
+
+    @property
+    def shared(self) -> dict[str, SymbolVar]:
+        return {n: v for n, v in self._names.items() if v.op.type_name == "SharedDeviceTensor"}
+
+    def compile(self, outputs: SymbolVar | Sequence[SymbolVar] = (), updates: Iterable[SymbolVar] = (),
+                training: bool | None = None, **options: Any) -> CompiledFunction:
+        """Compile once, execute per batch. `training` defaults to "there are updates"."""
+        from .compiler import compile_graph
+        from .runtime import CompiledFunction
+        single = isinstance(outputs, SymbolVar)
+        outs = [outputs] if single else list(outputs)
+        ups = list(updates)
+        for var in [*outs, *ups]:
+            if not isinstance(var, SymbolVar) or var.graph is not self:
+                raise GraphError(f"{var!r} is not a SymbolVar of this graph")
+        mode = bool(ups) if training is None else training
+        profile = options.pop("profile", False)
+        program = compile_graph(self, outs, ups, training=mode, **options)
+        return CompiledFunction(program, single_output=single, profile=profile)
+
+
+def ancestors(roots: Iterable[SymbolVar]) -> list[SymbolVar]:
+    """Every node the roots depend on (roots included), in topological (creation) order."""
+    seen: dict[int, SymbolVar] = {}
+    stack = list(roots)
+    while stack:
+        var = stack.pop()
+        if var.id in seen:
+            continue
+        seen[var.id] = var
+        stack.extend(var.inputs)
+    return sorted(seen.values(), key=lambda v: v.id)

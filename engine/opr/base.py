@@ -1,0 +1,137 @@
+"""The operator contract: every operator states its shape rule, its kernel and its gradient.
+
+An `Operator` subclass is the single place to read everything about one operation:
+  - `infer(*inputs)`   the shape/dtype rule, run when the node is added (errors surface at build time)
+  - `forward(*arrays)` the numpy kernel, run by the compiled function
+  - `grad(out, dout)`  the gradient rule, written with other operators (autodiff is symbolic)
+Attributes are plain JSON values so a graph can be saved to a model file and rebuilt.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+
+from ..graph import ComputingGraph, GraphError, Shape, ShapeError, SymbolVar
+
+OPERATORS: dict[str, type[Operator]] = {}  # type name -> class, for model files
+
+
+class Operator(ABC):
+    type_name: ClassVar[str] = "Operator"
+    is_source: ClassVar[bool] = False  # fed input, shared tensor or constant
+    n_inputs: ClassVar[int | None] = None  # None: any number
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.type_name = cls.__name__
+        OPERATORS[cls.__name__] = cls
+
+    def __init__(self, **attrs: Any) -> None:
+        self.attrs = attrs
+
+    def __getattr__(self, name: str) -> Any:
+        attrs = self.__dict__.get("attrs", {})
+        if name in attrs:
+            return attrs[name]
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+    # ----- the three rules -----
+    @abstractmethod
+    def infer(self, *inputs: SymbolVar) -> tuple[Shape, np.dtype]:
+        """The shape rule: output shape and dtype, or ShapeError naming the operator and shapes."""
+
+    @abstractmethod
+    def forward(self, *xs: np.ndarray) -> np.ndarray:
+        """The kernel."""
+
+    def grad(self, out: SymbolVar, dout: SymbolVar) -> Sequence[SymbolVar | None]:
+        raise GraphError(f"{self.type_name} has no gradient rule")
+
+    # ----- building -----
+    @classmethod
+    def make(cls, *inputs: Any, name: str | None = None, **attrs: Any) -> SymbolVar:
+        """Add this operator to the inputs' graph and return its output (MegEngine's `opr::X::make`)."""
+        vars_ = as_vars(inputs)
+        op = cls(**attrs)
+        if op.n_inputs is not None and len(vars_) != op.n_inputs:
+            raise ShapeError(f"{cls.__name__} takes {op.n_inputs} inputs, got {len(vars_)}")
+        shape, dtype = op.infer(*vars_)
+        graph = vars_[0].graph
+        return graph._add(SymbolVar(graph, op, vars_, shape, dtype, name=name))
+
+    def key(self) -> tuple:
+        """Identity of the computation for common-subexpression merging."""
+        return (self.type_name, repr(sorted(self.attrs.items())))
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.attrs.items())
+        return f"{self.type_name}({args})"
+
+
+# ----- helpers shared by operators -----
+
+def as_vars(items: Sequence[Any]) -> list[SymbolVar]:
+    """Turn python scalars / arrays among SymbolVars into constants of the same graph and dtype."""
+    vars_ = [x for x in items if isinstance(x, SymbolVar)]
+    if not vars_:
+        raise GraphError("an operator needs at least one SymbolVar input")
+    graph: ComputingGraph = vars_[0].graph
+    dtype = vars_[0].dtype
+    out = []
+    for x in items:
+        if isinstance(x, SymbolVar):
+            if x.graph is not graph:
+                raise GraphError("inputs come from different graphs")
+            out.append(x)
+        else:
+            arr = np.asarray(x)
+            if arr.dtype.kind in "fiub" and arr.ndim == 0 and dtype.kind == "f":
+                arr = arr.astype(dtype)
+            out.append(graph.constant(arr))
+    return out
+
+
+def broadcast_shapes(op: str, *shapes: Shape) -> Shape:
+    """numpy broadcasting with None (unknown until fed) sizes; raises naming op and shapes."""
+    ndim = max(len(s) for s in shapes)
+    padded = [(1,) * (ndim - len(s)) + tuple(s) for s in shapes]
+    out = []
+    for dims in zip(*padded):
+        known = {d for d in dims if d is not None and d != 1}
+        if len(known) > 1:
+            raise ShapeError(f"{op}: shapes {' and '.join(str(tuple(s)) for s in shapes)} do not broadcast")
+        if known:
+            out.append(known.pop())
+        elif None in dims:
+            out.append(None)
+        else:
+            out.append(1)
+    return tuple(out)
+
+
+def result_dtype(*vars_: SymbolVar) -> np.dtype:
+    return np.result_type(*[v.dtype for v in vars_])
+
+
+def normalize_axes(axis: int | Sequence[int] | None, ndim: int, op: str) -> tuple[int, ...]:
+    if axis is None:
+        return tuple(range(ndim))
+    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    out = []
+    for a in axes:
+        if not -ndim <= a < ndim:
+            raise ShapeError(f"{op}: axis {a} is out of range for {ndim} dimensions")
+        out.append(a % ndim)
+    return tuple(sorted(set(out)))
+
+
+def same_size(a: int | None, b: int | None) -> bool:
+    return a is None or b is None or a == b
+
+
+def shape_str(shape: Shape) -> str:
+    return "(" + ", ".join("?" if d is None else str(d) for d in shape) + ")"

@@ -1,0 +1,262 @@
+"""Elementwise operators, with numpy broadcasting.
+
+Binary gradients are summed back to each input's shape (`SumToShapeOf`), which is how
+broadcasting shows up in the backward graph.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from ..graph import Shape, SymbolVar
+from .base import Operator, broadcast_shapes, result_dtype
+
+
+class _Unary(Operator):
+    n_inputs = 1
+
+    def infer(self, x: SymbolVar) -> tuple[Shape, np.dtype]:
+        return x.shape, x.dtype
+
+
+class _Binary(Operator):
+    n_inputs = 2
+
+    def infer(self, a: SymbolVar, b: SymbolVar) -> tuple[Shape, np.dtype]:
+        return broadcast_shapes(self.type_name, a.shape, b.shape), result_dtype(a, b)
+
+
+class _Compare(_Binary):
+    def infer(self, a: SymbolVar, b: SymbolVar) -> tuple[Shape, np.dtype]:
+        return broadcast_shapes(self.type_name, a.shape, b.shape), np.dtype(bool)
+
+    def grad(self, out: SymbolVar, dout: SymbolVar) -> Sequence[SymbolVar | None]:
+        return [None, None]  # piecewise constant
+
+
+def unbroadcast(g: SymbolVar, like: SymbolVar) -> SymbolVar:
+    """Sum a gradient down to the shape of the input it belongs to."""
+    return g if g.shape == like.shape and None not in like.shape else SumToShapeOf.make(g, like)
+
+
+# ----- binary arithmetic -----
+
+class Add(_Binary):
+    def forward(self, a, b):
+        return np.add(a, b)
+
+    def grad(self, out, dout):
+        a, b = out.inputs
+        return [unbroadcast(dout, a), unbroadcast(dout, b)]
+
+
+class Sub(_Binary):
+    def forward(self, a, b):
+        return np.subtract(a, b)
+
+    def grad(self, out, dout):
+        a, b = out.inputs
+        return [unbroadcast(dout, a), unbroadcast(Neg.make(dout), b)]
+
+
+class Mul(_Binary):
+    def forward(self, a, b):
+        return np.multiply(a, b)
+
+    def grad(self, out, dout):
+        a, b = out.inputs
+        return [unbroadcast(Mul.make(dout, b), a), unbroadcast(Mul.make(dout, a), b)]
+
+
+class Div(_Binary):
+    def forward(self, a, b):
+        return np.divide(a, b)
+
+    def grad(self, out, dout):
+        a, b = out.inputs
+        da = Div.make(dout, b)
+        db = Neg.make(Div.make(Mul.make(dout, out), b))  # -dout * a / b^2 == -dout * out / b
+        return [unbroadcast(da, a), unbroadcast(db, b)]
+
+
+class Pow(_Binary):
+    def forward(self, a, b):
+        return np.power(a, b)
+
+    def grad(self, out, dout):
+        a, b = out.inputs
+        da = Mul.make(dout, Mul.make(b, Pow.make(a, Sub.make(b, 1.0))))
+        db = None if b.is_source and b.op.type_name == "ImmutableTensor" else \
+            Mul.make(dout, Mul.make(out, Log.make(a)))
+        return [unbroadcast(da, a), None if db is None else unbroadcast(db, b)]
+
+
+class Maximum(_Binary):
+    def forward(self, a, b):
+        return np.maximum(a, b)
+
+    def grad(self, out, dout):
+        a, b = out.inputs
+        a_wins = GreaterEqual.make(a, b)
+        return [unbroadcast(Mul.make(dout, a_wins), a), unbroadcast(Mul.make(dout, LogicalNot.make(a_wins)), b)]
+
+
+class GreaterEqual(_Compare):
+    def forward(self, a, b):
+        return np.greater_equal(a, b)
+
+
+class Greater(_Compare):
+    def forward(self, a, b):
+        return np.greater(a, b)
+
+
+class Equal(_Compare):
+    def forward(self, a, b):
+        return np.equal(a, b)
+
+
+class LogicalNot(_Unary):
+    def forward(self, x):
+        return np.logical_not(x)
+
+    def grad(self, out, dout):
+        return [None]
+
+
+# ----- unary math -----
+
+class Neg(_Unary):
+    def forward(self, x):
+        return np.negative(x)
+
+    def grad(self, out, dout):
+        return [Neg.make(dout)]
+
+
+class Exp(_Unary):
+    def forward(self, x):
+        return np.exp(x)
+
+    def grad(self, out, dout):
+        return [Mul.make(dout, out)]
+
+
+class Log(_Unary):
+    def forward(self, x):
+        return np.log(x)
+
+    def grad(self, out, dout):
+        return [Div.make(dout, out.inputs[0])]
+
+
+class Sqrt(_Unary):
+    def forward(self, x):
+        return np.sqrt(x)
+
+    def grad(self, out, dout):
+        return [Div.make(Mul.make(dout, 0.5), out)]
+
+
+class Abs(_Unary):
+    def forward(self, x):
+        return np.abs(x)
+
+    def grad(self, out, dout):
+        return [Mul.make(dout, Sign.make(out.inputs[0]))]
+
+
+class Sign(_Unary):
+    def forward(self, x):
+        return np.sign(x)
+
+    def grad(self, out, dout):
+        return [None]
+
+
+class Relu(_Unary):
+    def forward(self, x):
+        return np.maximum(x, 0)
+
+    def grad(self, out, dout):
+        return [ReluGrad.make(out, dout)]
+
+
+class ReluGrad(Operator):
+    """dout where the relu's output is positive (reads the output, so x can be freed)."""
+
+    n_inputs = 2
+
+    def infer(self, y, dout):
+        return dout.shape, dout.dtype
+
+    def forward(self, y, dout):
+        return np.where(y > 0, dout, 0).astype(dout.dtype, copy=False)
+
+
+class Sigmoid(_Unary):
+    def forward(self, x):
+        # exp of a non-positive number only: no overflow warnings for large |x|
+        e = np.exp(-np.abs(x))
+        return np.where(x >= 0, 1 / (1 + e), e / (1 + e)).astype(x.dtype, copy=False)
+
+    def grad(self, out, dout):
+        return [Mul.make(dout, Mul.make(out, Sub.make(1.0, out)))]
+
+
+class Tanh(_Unary):
+    def forward(self, x):
+        return np.tanh(x)
+
+    def grad(self, out, dout):
+        return [Mul.make(dout, Sub.make(1.0, Mul.make(out, out)))]
+
+
+class Astype(_Unary):
+    def infer(self, x):
+        return x.shape, np.dtype(self.dtype)
+
+    def forward(self, x):
+        return x.astype(self.dtype)
+
+    def grad(self, out, dout):
+        x = out.inputs[0]
+        return [Astype.make(dout, dtype=x.dtype.name)] if x.dtype.kind == "f" else [None]
+
+
+# ----- broadcasting and its inverse -----
+
+class SumToShapeOf(Operator):
+    """Sum `x` over the axes where it was broadcast relative to `like`."""
+
+    n_inputs = 2
+
+    def infer(self, x, like):
+        broadcast_shapes(self.type_name, x.shape, like.shape)
+        return like.shape, x.dtype
+
+    def forward(self, x, like):
+        lead = x.ndim - like.ndim
+        axes = tuple(range(lead)) + tuple(lead + i for i, d in enumerate(like.shape)
+                                          if d == 1 and x.shape[lead + i] != 1)
+        return np.sum(x, axis=axes, keepdims=True).reshape(like.shape) if axes else x
+
+    def grad(self, out, dout):
+        return [BroadcastLike.make(dout, out.inputs[0]), None]
+
+
+class BroadcastLike(Operator):
+    """Broadcast `x` to the shape of `like` (the gradient of a sum)."""
+
+    n_inputs = 2
+
+    def infer(self, x, like):
+        return broadcast_shapes(self.type_name, x.shape, like.shape), x.dtype
+
+    def forward(self, x, like):
+        return np.broadcast_to(x, np.broadcast_shapes(x.shape, like.shape))
+
+    def grad(self, out, dout):
+        return [SumToShapeOf.make(dout, out.inputs[0]), None]

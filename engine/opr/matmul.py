@@ -1,0 +1,41 @@
+"""Matrix multiplication (MegEngine's `opr::MatrixMul`), 2-D with optional transposes."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..graph import ShapeError
+from .base import Operator, result_dtype, same_size, shape_str
+
+
+class MatrixMul(Operator):
+    """C = op(A) @ op(B), op = transpose when `transpose_a` / `transpose_b` is set."""
+
+    n_inputs = 2
+
+    @classmethod
+    def make(cls, a, b, transpose_a: bool = False, transpose_b: bool = False, name=None):
+        return super().make(a, b, transpose_a=bool(transpose_a), transpose_b=bool(transpose_b), name=name)
+
+    def infer(self, a, b):
+        if a.ndim != 2 or b.ndim != 2:
+            raise ShapeError(f"MatrixMul: needs 2-D inputs, got {shape_str(a.shape)} and {shape_str(b.shape)}")
+        m, k = a.shape[::-1] if self.transpose_a else a.shape
+        k2, n = b.shape[::-1] if self.transpose_b else b.shape
+        if not same_size(k, k2):
+            raise ShapeError(f"MatrixMul: inner sizes differ: {shape_str(a.shape)}{'ᵀ' if self.transpose_a else ''}"
+                             f" @ {shape_str(b.shape)}{'ᵀ' if self.transpose_b else ''} ({k} vs {k2})")
+        return (m, n), result_dtype(a, b)
+
+    def forward(self, a, b):
+        return np.matmul(a.T if self.transpose_a else a, b.T if self.transpose_b else b)
+
+    def grad(self, out, dout):
+        a, b = out.inputs
+        ta, tb = self.transpose_a, self.transpose_b
+        # C = A B:  dA = dC Bᵀ, dB = Aᵀ dC, with the transposes folded into the flags
+        da = MatrixMul.make(b, dout, transpose_a=tb, transpose_b=True) if ta else \
+            MatrixMul.make(dout, b, transpose_b=not tb)
+        db = MatrixMul.make(dout, a, transpose_a=True, transpose_b=ta) if tb else \
+            MatrixMul.make(a, dout, transpose_a=not ta)
+        return [da, db]

@@ -1,0 +1,81 @@
+"""Reductions over axes: sum, mean, max."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from ..graph import ShapeError, SymbolVar
+from .base import Operator, normalize_axes
+from .elemwise import BroadcastLike, Div, Equal, Mul
+from .shape import ReshapeLike
+
+
+class _Reduce(Operator):
+    n_inputs = 1
+
+    @classmethod
+    def make(cls, x: SymbolVar, axis: int | Sequence[int] | None = None, keepdims: bool = False,
+             name: str | None = None) -> SymbolVar:
+        axes = normalize_axes(axis, x.ndim, cls.__name__)
+        return super().make(x, axes=list(axes), keepdims=bool(keepdims), name=name)
+
+    def infer(self, x):
+        axes = set(self.axes)
+        if any(not 0 <= a < x.ndim for a in axes):
+            raise ShapeError(f"{self.type_name}: axes {self.axes} out of range for shape {x.shape}")
+        if self.keepdims:
+            shape = tuple(1 if i in axes else d for i, d in enumerate(x.shape))
+        else:
+            shape = tuple(d for i, d in enumerate(x.shape) if i not in axes)
+        return shape, x.dtype
+
+    def _expand(self, g: SymbolVar, x: SymbolVar) -> SymbolVar:
+        """Bring a reduced gradient back to keepdims layout, then broadcast it over x."""
+        if not self.keepdims:
+            g = ReshapeLike.make(g, x, keep_axes=self.axes)
+        return BroadcastLike.make(g, x)
+
+
+class Sum(_Reduce):
+    def forward(self, x):
+        return np.sum(x, axis=tuple(self.axes), keepdims=self.keepdims)
+
+    def grad(self, out, dout):
+        return [self._expand(dout, out.inputs[0])]
+
+
+class Mean(_Reduce):
+    def forward(self, x):
+        return np.mean(x, axis=tuple(self.axes), keepdims=self.keepdims)
+
+    def grad(self, out, dout):
+        x = out.inputs[0]
+        return [Mul.make(self._expand(dout, x), CountRatio.make(out, x))]
+
+
+class Max(_Reduce):
+    def forward(self, x):
+        return np.max(x, axis=tuple(self.axes), keepdims=self.keepdims)
+
+    def grad(self, out, dout):
+        x = out.inputs[0]
+        winners = Equal.make(x, self._expand(out, x))  # ties share the gradient equally
+        count = Sum.make(winners, self.axes, keepdims=True)
+        return [Div.make(Mul.make(self._expand(dout, x), winners), count)]
+
+
+class CountRatio(Operator):
+    """size(reduced) / size(x) as a scalar: the mean's scale, known even when sizes are fed late."""
+
+    n_inputs = 2
+
+    def infer(self, reduced, x):
+        return (), x.dtype
+
+    def forward(self, reduced, x):
+        return np.asarray(reduced.size / x.size, dtype=x.dtype)
+
+    def grad(self, out, dout):
+        return [None, None]

@@ -13,5 +13,25 @@
 from . import opr
 from .autodiff import grad
 from .graph import ComputingGraph, GraphError, ShapeError, SymbolVar
+from .loss import BCEWithLogitsLoss, CrossEntropyLoss, ILoss, L1Loss, MSELoss
+from .model import Model
+from .optimizer import SGD, Adam, IOptimizer, Optimizer
+from .serialize.modelfile import ModelFileError
+from .serialize.modelfile import load as _load_pocketfed
+from .serialize.modelfile import loads as load_model_bytes
+from .serialize.modelfile import save
 
-__all__ = ["ComputingGraph", "SymbolVar", "GraphError", "ShapeError", "grad", "opr"]
+
+def load(path) -> Model:
+    """Load a pocketfed model file (or an .onnx file, with the `onnx` extra installed)."""
+    if str(path).lower().endswith(".onnx"):
+        from .onnx import import_onnx
+        return import_onnx(path)
+    return _load_pocketfed(path)
+
+
+__all__ = [
+    "Adam", "BCEWithLogitsLoss", "ComputingGraph", "CrossEntropyLoss", "GraphError", "ILoss", "IOptimizer", "L1Loss",
+    "MSELoss", "Model", "ModelFileError", "Optimizer", "SGD", "ShapeError", "SymbolVar", "grad", "load",
+    "load_model_bytes", "opr", "save",
+]

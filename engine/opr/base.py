@@ -63,6 +63,16 @@ class Operator(ABC):
         graph = vars_[0].graph
         return graph._add(SymbolVar(graph, op, vars_, shape, dtype, name=name))
 
+    @classmethod
+    def rebuild(cls, inputs: Sequence[SymbolVar], attrs: dict[str, Any], name: str | None = None) -> SymbolVar:
+        """Re-add a node from saved attributes (model files), running the shape rule again."""
+        op = cls(**attrs)
+        if op.n_inputs is not None and len(inputs) != op.n_inputs:
+            raise ShapeError(f"{cls.__name__} takes {op.n_inputs} inputs, got {len(inputs)}")
+        shape, dtype = op.infer(*inputs)
+        graph = inputs[0].graph
+        return graph._add(SymbolVar(graph, op, inputs, shape, dtype, name=name))
+
     def key(self) -> tuple:
         """Identity of the computation for common-subexpression merging."""
         return (self.type_name, repr(sorted(self.attrs.items())))

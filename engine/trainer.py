@@ -1,0 +1,137 @@
+"""`Trainer`: attach a loss and an optimizer to a model's graph, compile once, run per batch.
+
+This is the seed's training loop packaged for the device agent and the coordinator: a
+training function (with updates) and an evaluation function (without) compiled from the
+same graph, so they share the weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from . import opr
+from .autodiff import grad
+from .data import DataLoader, IDataView
+from .graph import GraphError, SymbolVar
+from .loss import LOSSES, ILoss
+from .model import Model
+from .optimizer import SGD, IOptimizer
+
+
+class Interrupted(RuntimeError):
+    """`should_stop()` turned true during `fit`; the weights are left as they were mid-epoch."""
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+
+
+class Trainer:
+    def __init__(self, model: Model, loss: str | ILoss = "cross_entropy", optimizer: IOptimizer | None = None,
+                 trainable: Sequence[str] | None = None, prox_mu: float = 0.0, batch_size: int = 32,
+                 seed: int = 0) -> None:
+        self.model, self.batch_size, self.seed = model, batch_size, seed
+        self.optimizer = optimizer or SGD(0.01, momentum=0.9)
+        names = list(model.trainable if trainable is None else trainable)
+        unknown = [n for n in names if n not in model.params]
+        if unknown:
+            raise GraphError(f"Trainer: unknown parameters {unknown}; the model has {list(model.params)}")
+        if not names:
+            raise GraphError("Trainer: nothing to train")
+        self.trainable = names
+        graph, logits = model.graph, model.output
+        label_name = "label"
+        label = graph[label_name] if label_name in graph else opr.host2device(graph, (None,), "int64", label_name)
+        loss_fn = LOSSES[loss]() if isinstance(loss, str) else loss
+        self.loss_var = loss_fn(logits, label)
+        objective = self.loss_var
+        weights = [model.params[n] for n in names]
+        self._anchor: dict[str, SymbolVar] = {}
+        if prox_mu:  # FedProx: mu/2 * ||w - w_global||^2 keeps local training near the global model
+            for w in weights:
+                self._anchor[w.name] = opr.shared(graph, w.value, f"{w.name}.prox_anchor", trainable=False)
+            prox = sum((opr.sum((w - self._anchor[w.name]) ** 2.0) for w in weights[1:]),
+                       start=opr.sum((weights[0] - self._anchor[weights[0].name]) ** 2.0))
+            objective = objective + prox * (prox_mu / 2)
+        updates = self.optimizer.make_multiple(weights, grad(objective, weights), graph)
+        self.train_fn = graph.compile([self.loss_var, logits], updates=updates)
+        self.eval_fn = graph.compile([logits], training=False)
+        self._input_name = model.input.name
+
+    # ----- weights -----
+    def get_weights(self) -> dict[str, np.ndarray]:
+        return self.model.state_dict()
+
+    def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
+        self.model.load_state_dict(weights, strict=False)
+        self.reset_prox_anchor()
+
+    def reset_prox_anchor(self) -> None:
+        """Make the current weights the FedProx reference point."""
+        for name, anchor in self._anchor.items():
+            np.copyto(anchor.value, self.model.params[name].value)
+
+    # ----- training -----
+    def step(self, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
+        loss, logits = self.train_fn.execute({self._input_name: x, "label": y})
+        return float(loss), logits
+
+    def fit(self, dataset: IDataView, epochs: int = 1, should_stop: Callable[[], bool] | None = None,
+            progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, float]:
+        loader = DataLoader(dataset, batch_size=min(self.batch_size, dataset.size()), shuffle=True,
+                            drop_last=False, seed=self.seed)
+        total_loss, correct, seen, steps = 0.0, 0, 0, 0
+        for epoch in range(epochs):
+            for x, y in loader:
+                if should_stop is not None and should_stop():
+                    raise Interrupted(f"stopped after {steps} steps")
+                loss, logits = self.step(x, y)
+                if not np.isfinite(loss):
+                    raise FloatingPointError(f"training diverged: loss {loss} at step {steps}")
+                total_loss += loss * len(y)
+                correct += int((logits.argmax(axis=1) == y).sum())
+                seen += len(y)
+                steps += 1
+                if progress is not None:
+                    progress({"epoch": epoch, "step": steps, "loss": loss})
+        self.seed += 1  # a fresh order next time fit is called
+        return {"loss": total_loss / max(seen, 1), "accuracy": correct / max(seen, 1), "steps": steps,
+                "samples": seen}
+
+    # ----- evaluation -----
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        return self.eval_fn.execute({self._input_name: x})[0]
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Class probabilities."""
+        return np.exp(_log_softmax(self.logits(np.asarray(x, np.float32))))
+
+    def evaluate(self, dataset: IDataView, batch_size: int = 256) -> dict[str, float]:
+        return evaluate_function(self.eval_fn, self._input_name, dataset, batch_size)
+
+
+def evaluate_function(eval_fn: Any, input_name: str, dataset: IDataView, batch_size: int = 256) -> dict[str, float]:
+    total_loss, correct, n = 0.0, 0, dataset.size()
+    if n == 0:
+        return {"loss": float("nan"), "accuracy": float("nan"), "n": 0}
+    for start in range(0, n, batch_size):
+        x, y = dataset.get_batch(np.arange(start, min(start + batch_size, n)))
+        logits = eval_fn.execute({input_name: x})[0]
+        log_p = _log_softmax(logits)
+        total_loss -= float(log_p[np.arange(len(y)), y].sum())
+        correct += int((logits.argmax(axis=1) == y).sum())
+    return {"loss": total_loss / n, "accuracy": correct / n, "n": n}
+
+
+def evaluate_model(model: Model, dataset: IDataView, batch_size: int = 256) -> dict[str, float]:
+    return evaluate_function(model.graph.compile([model.output], training=False), model.input.name,
+                             dataset, batch_size)
+
+
+def evaluate_model_bytes(model_bytes: bytes, dataset: IDataView, batch_size: int = 256) -> dict[str, float]:
+    from .serialize.modelfile import loads
+    return evaluate_model(loads(model_bytes), dataset, batch_size)

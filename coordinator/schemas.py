@@ -1,0 +1,149 @@
+"""Request and response bodies of the HTTP API (they also document it in the OpenAPI schema)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from coordinator.settings import RoundSettings
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class EnrollRequest(Strict):
+    enrollment_key: str = Field(..., min_length=1, max_length=512)
+    name: str | None = Field(None, max_length=200)
+
+
+class EnrollResponse(BaseModel):
+    device_id: str
+    token: str = Field(..., description="bearer token; shown once, stored only as a hash")
+
+
+class DeviceInfo(BaseModel):
+    device_id: str
+    name: str | None
+    created_at: float
+    rounds_assigned: int
+    updates_accepted: int
+
+
+class ModelVersionInfo(BaseModel):
+    version: int
+    sha256: str
+    architecture: str
+    size_bytes: int
+    num_parameters: int
+    created_at: str
+
+
+class CheckinRequest(Strict):
+    eligible: bool = True
+    num_samples: int | None = Field(None, ge=0, le=10**9)
+
+
+class Task(BaseModel):
+    round_id: int
+    base_version: int
+    epochs: int
+    batch_size: int
+    lr: float
+    momentum: float
+    deadline: float = Field(..., description="unix seconds; updates after it are refused")
+    fedprox_mu: float
+    clip_norm: float | None
+    noise_multiplier: float
+    encoding: Literal["float32", "float16", "int8"]
+    topk_fraction: float | None
+
+
+class CheckinResponse(BaseModel):
+    status: Literal["task", "retry"]
+    task: Task | None = None
+    retry_after: int | None = Field(None, description="seconds to wait before checking in again")
+    reason: str | None = None
+
+
+class UploadAccepted(BaseModel):
+    accepted: bool
+    round_id: int
+    received: int
+    goal: int
+
+
+class RoundSummary(BaseModel):
+    id: int
+    status: Literal["open", "committed", "abandoned"]
+    base_version: int
+    goal: int
+    max_assignments: int
+    min_updates: int
+    assigned: int
+    received: int
+    total_samples: float
+    opened_at: float
+    deadline: float
+    closed_at: float | None
+    reason: str | None
+    result_version: int | None
+    strategy: str
+
+
+class Participant(BaseModel):
+    device_id: str
+    sample_count: int
+    norm: float
+    encoding: str
+    received_at: float
+    metrics: dict[str, float]
+
+
+class RoundDetail(RoundSummary):
+    config: RoundSettings
+    metrics: dict[str, float] = Field(..., description="sample-weighted mean of the devices' metrics")
+    participants: list[Participant]
+
+
+class PublishResponse(BaseModel):
+    version: int
+    sha256: str
+
+
+class PauseState(BaseModel):
+    paused: bool
+
+
+class SettingsPatch(Strict):
+    """Any subset of the round settings; validated like the command-line options."""
+
+    goal: int | None = None
+    over_select: float | None = None
+    deadline: float | None = None
+    min_fraction: float | None = None
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    momentum: float | None = None
+    strategy: str | None = None
+    server_lr: float | None = None
+    server_momentum: float | None = None
+    beta1: float | None = None
+    beta2: float | None = None
+    tau: float | None = None
+    fedprox_mu: float | None = None
+    encoding: Literal["float32", "float16", "int8"] | None = None
+    topk_fraction: float | None = None
+    clip_norm: float | None = None
+    noise_multiplier: float | None = None
+    max_update_norm: float | None = None
+    max_sample_count: int | None = None
+
+
+class Health(BaseModel):
+    status: str
+    model_version: int
+    round_id: int | None
+    paused: bool

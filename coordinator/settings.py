@@ -1,0 +1,91 @@
+"""Every coordinator option in one pydantic model: defaults here, `PF_*` environment variables over
+them, command-line flags over those (see __main__.py).
+
+Round options (the `RoundSettings` part) can also be changed at run time through
+`PATCH /v1/admin/settings`; such changes apply from the next round on and last until restart.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from coordinator.strategies import STRATEGIES
+
+ENCODINGS = ("float32", "float16", "int8")
+
+
+class RoundSettings(BaseModel):
+    """What one round asks of devices and how the server folds their updates in."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    goal: int = Field(10, ge=1, le=100_000, description="updates K that complete a round")
+    over_select: float = Field(1.3, ge=1.0, le=10.0, description="assign up to ceil(K * this) devices")
+    deadline: float = Field(600.0, gt=0, le=7 * 86400, description="seconds a round stays open")
+    min_fraction: float = Field(0.8, gt=0, le=1.0, description="fraction of K needed to commit at deadline")
+    epochs: int = Field(1, ge=1, le=1000)
+    batch_size: int = Field(32, ge=1, le=65536)
+    lr: float = Field(0.05, gt=0, le=100.0, description="device learning rate")
+    momentum: float = Field(0.0, ge=0, lt=1.0, description="device SGD momentum")
+    strategy: str = Field("fedavg", description="aggregation strategy: " + ", ".join(STRATEGIES))
+    server_lr: float = Field(1.0, gt=0, le=100.0, description="server learning rate (eta)")
+    server_momentum: float = Field(0.9, ge=0, lt=1.0, description="FedAvgM momentum")
+    beta1: float = Field(0.9, ge=0, lt=1.0, description="FedAdam first-moment decay")
+    beta2: float = Field(0.99, ge=0, lt=1.0, description="FedAdam second-moment decay")
+    tau: float = Field(1e-3, gt=0, description="FedAdam adaptivity (epsilon)")
+    fedprox_mu: float = Field(0.01, ge=0, description="FedProx proximal weight sent to devices")
+    encoding: Literal["float32", "float16", "int8"] = "float32"
+    topk_fraction: float | None = Field(None, gt=0, le=1.0, description="top-k sparsification; None = dense")
+    clip_norm: float | None = Field(None, gt=0, description="device-side L2 clipping; None = none")
+    noise_multiplier: float = Field(0.0, ge=0)
+    max_update_norm: float = Field(1e4, gt=0, description="server refuses deltas with a larger L2 norm")
+    max_sample_count: int = Field(1_000_000, ge=1, description="server refuses larger sample counts")
+
+    @field_validator("strategy")
+    @classmethod
+    def _known_strategy(cls, name: str) -> str:
+        if name not in STRATEGIES:  # the registry, so a new strategy class needs no change here
+            raise ValueError(f"strategy {name!r} is not one of {', '.join(STRATEGIES)}")
+        return name
+
+
+class Settings(RoundSettings):
+    """Process-level options plus the round defaults."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    db: str = Field("pocketfed.db", description="SQLite file; model versions live beside it")
+    model: str = Field("lenet", description="built-in architecture name or a pocketfed model file")
+    model_seed: int = 0
+    eval_data: str | None = Field(None, description="held-out dataset for server-side evaluation")
+    max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    enrollment_key: str | None = Field(None, description="None: a random key is generated and logged")
+    admin_token: str | None = Field(None, description="None: the admin API is disabled")
+    tick_interval: float = Field(1.0, gt=0, description="seconds between background deadline checks")
+    min_retry_after: float = Field(5.0, ge=0, description="shortest retry-after told to devices")
+    max_retry_after: float = Field(600.0, gt=0, description="longest retry-after told to devices")
+    log_level: str = "info"
+
+    def round_settings(self) -> RoundSettings:
+        return RoundSettings(**{name: getattr(self, name) for name in RoundSettings.model_fields})
+
+
+def env_name(field_name: str) -> str:
+    return "PF_" + field_name.upper()
+
+
+def settings_from_env(environ: dict[str, str] | None = None, **overrides: Any) -> Settings:
+    """Settings from `PF_<FIELD>` variables, then explicit overrides (None means 'not given')."""
+    environ = dict(os.environ if environ is None else environ)
+    values: dict[str, Any] = {}
+    for name in Settings.model_fields:
+        raw = environ.get(env_name(name))
+        if raw is not None:
+            values[name] = None if raw.lower() in ("", "none", "null") else raw
+    for name, value in overrides.items():
+        if value is not None:  # None: not given; the text "none" clears an optional setting
+            values[name] = None if isinstance(value, str) and value.lower() in ("none", "null") else value
+    return Settings.model_validate(values)

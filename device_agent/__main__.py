@@ -1,0 +1,136 @@
+"""pf-agent: the device agent's command line.
+
+    pf-agent run --coordinator URL --data PATH --state-dir DIR --enrollment-key K [--rounds N] [--once]
+                 [--ignore-conditions] [--json] [--personal-layers fc2] [--holdout 0.2] [--seed S]
+    pf-agent predict --state-dir DIR --input FILE(.npy/.npz/.png)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from device_agent.client import CoordinatorClient, RejectedError, RetryPolicy
+from device_agent.eligibility import AlwaysEligible, default_probe
+from device_agent.state import AgentState
+
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081  # the normalization engine.data.MnistDataset trains with
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pf-agent", description="pocketfed device agent")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="take part in federated rounds")
+    run.add_argument("--coordinator", required=True, help="base URL, e.g. http://127.0.0.1:8000")
+    run.add_argument("--data", required=True, help="local data: IDX dir, .npz, .csv or image folder")
+    run.add_argument("--state-dir", required=True, type=Path)
+    run.add_argument("--enrollment-key", required=True)
+    run.add_argument("--name", default=None, help="device name shown on the dashboard")
+    run.add_argument("--rounds", type=int, default=None,
+                     help="stop after N rounds (default: run until stopped)")
+    run.add_argument("--once", action="store_true", help="do a single task, then exit")
+    run.add_argument("--ignore-conditions", action="store_true",
+                     help="train even when not charging/idle/unmetered (simulation)")
+    run.add_argument("--json", action="store_true", help="print one JSON line per round on stdout")
+    run.add_argument("--personal-layers", default="", help="comma-separated layer names (default: the head)")
+    run.add_argument("--personal-epochs", type=int, default=1)
+    run.add_argument("--holdout", type=float, default=0.2,
+                     help="fraction of local data held out for evaluation")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--timeout", type=float, default=30.0, help="seconds per HTTP request")
+    run.add_argument("--retries", type=int, default=6, help="attempts per request on network errors/5xx")
+    run.add_argument("--max-wait", type=float, default=30.0, help="longest pause between check-ins (s)")
+    run.add_argument("-v", "--verbose", action="store_true")
+    predict = sub.add_parser("predict", help="classify with the personal model")
+    predict.add_argument("--state-dir", required=True, type=Path)
+    predict.add_argument("--input", required=True, type=Path, help=".npy, .npz (array 'x') or .png")
+    return parser
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from device_agent.runner import Agent, AgentConfig
+    from engine.data import DataError, open_dataset
+
+    if args.rounds is not None and args.rounds < 1:
+        raise SystemExit("pf-agent: --rounds must be >= 1")
+    if not 0.0 <= args.holdout < 1.0:
+        raise SystemExit("pf-agent: --holdout must be in [0, 1)")
+    try:
+        dataset = open_dataset(args.data)
+    except (DataError, ImportError) as exc:
+        raise SystemExit(f"pf-agent: cannot read --data: {exc}") from None
+    config = AgentConfig(coordinator=args.coordinator, enrollment_key=args.enrollment_key, name=args.name,
+                         rounds=args.rounds, once=args.once, holdout=args.holdout,
+                         personal_layers=[s for s in args.personal_layers.split(",") if s],
+                         personal_epochs=args.personal_epochs, seed=args.seed, max_wait=args.max_wait,
+                         json_lines=args.json)
+    probe = AlwaysEligible() if args.ignore_conditions else default_probe()
+    retry = RetryPolicy(attempts=args.retries)
+    client = CoordinatorClient(args.coordinator, timeout=args.timeout, retry=retry)
+    with client:
+        agent = Agent(config, client, AgentState(args.state_dir), dataset, probe)
+        try:
+            agent.run()
+        except RejectedError as exc:
+            logging.getLogger("pocketfed.agent").error("%s", exc)
+            return 2
+    return 0
+
+
+def load_input(path: Path, hw: tuple[int, int]) -> np.ndarray:
+    """A batch of model inputs from .npy/.npz (already preprocessed) or a .png (preprocessed here)."""
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        return np.load(path, allow_pickle=False).astype(np.float32)
+    if suffix == ".npz":
+        with np.load(path, allow_pickle=False) as archive:
+            key = "x" if "x" in archive.files else archive.files[0]
+            return archive[key].astype(np.float32)
+    if suffix == ".png":
+        try:
+            from PIL import Image
+        except ImportError:
+            raise SystemExit("pf-agent: reading .png needs Pillow: pip install 'pocketfed[images]'") from None
+        with Image.open(path) as img:
+            pixels = np.asarray(img.convert("L").resize((hw[1], hw[0])), dtype=np.float32) / 255.0
+        return ((pixels - MNIST_MEAN) / MNIST_STD)[None, None]
+    raise SystemExit(f"pf-agent: --input {path}: expected .npy, .npz or .png, got {suffix or 'no suffix'!r}")
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from device_agent.personal import load_personal_model
+    from engine.trainer import Trainer
+
+    try:
+        model = load_personal_model(AgentState(args.state_dir))
+    except FileNotFoundError as exc:
+        raise SystemExit(f"pf-agent: {exc}") from None
+    input_shape = tuple(model.input.shape)[1:]
+    x = load_input(args.input, input_shape[-2:])
+    if x.ndim == len(input_shape):
+        x = x[None]  # one item -> a batch of one
+    if tuple(x.shape[1:]) != input_shape:
+        raise SystemExit(f"pf-agent: --input has items of shape {tuple(x.shape[1:])}, the model expects "
+                         f"{input_shape}")
+    probs = Trainer(model).predict(x)
+    for row in probs:
+        print(json.dumps({"class": int(np.argmax(row)), "probabilities": [round(float(p), 5) for p in row]}))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    return cmd_run(args) if args.command == "run" else cmd_predict(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""The personal model: the latest global model with a few layers fine-tuned on this
+device's data and never uploaded (FedPer-style personalization, Arivazhagan et al. 2019).
+
+On label-skewed data the global model must serve every device; a personal classifier
+head learns that this user mostly sees, say, sneakers and bags. The agent holds out part
+of its local data and reports both models' accuracy on it, so the gain is measured, not
+assumed. The personal layers live in the state directory as a container of kind
+"personal"; nothing in this module talks to the network.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from device_agent.state import AgentState
+from engine.data import IDataView, Subset, split_holdout
+
+log = logging.getLogger("pocketfed.agent.personal")
+
+
+def trainable_names(model: Any) -> list[str]:
+    """The parameters a delta covers: the model file's "trainable" list, in its order."""
+    return list(model.metadata.get("trainable") or model.trainable)
+
+
+def personal_names(trainable: Sequence[str], layers: Sequence[str] | None = None) -> list[str]:
+    """Parameter names of the personal layers. Default: the last layer (the classifier head),
+    i.e. every parameter sharing the prefix of the last trainable one ("fc3.weight" -> "fc3")."""
+    if not trainable:
+        raise ValueError("the model has no trainable parameters to personalize")
+    if not layers:
+        layers = [trainable[-1].rsplit(".", 1)[0]]
+    chosen = [n for n in trainable if any(n == layer or n.startswith(layer + ".") for layer in layers)]
+    if not chosen:
+        raise ValueError(f"personal layers {list(layers)} match no parameter; "
+                         f"the model has {list(trainable)}")
+    return chosen
+
+
+def split_local(dataset: IDataView, holdout: float, seed: int) -> tuple[IDataView, IDataView | None]:
+    """(train, held-out) views of the local data; held-out is None when holdout == 0."""
+    train_idx, hold_idx = split_holdout(np.arange(dataset.size()), holdout, seed)
+    return Subset(dataset, train_idx), (Subset(dataset, hold_idx) if len(hold_idx) else None)
+
+
+class PersonalModel:
+    """Fine-tunes the personal layers of each new base model and keeps them in the state dir."""
+
+    def __init__(self, state: AgentState, layers: Sequence[str] | None = None, epochs: int = 1,
+                 lr: float = 0.05, batch_size: int = 32, seed: int = 0):
+        self.state, self.layers = state, list(layers or [])
+        self.epochs, self.lr, self.batch_size, self.seed = epochs, lr, batch_size, seed
+
+    def stored_weights(self, names: Sequence[str],
+                       shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+        """Personal tensors from disk that still fit the model (a changed architecture starts over)."""
+        found = self.state.personal()
+        if not found:
+            return {}
+        tensors, _ = found
+        return {n: tensors[n] for n in names if n in tensors and tensors[n].shape == shapes[n]}
+
+    def update(self, model_bytes: bytes, base_version: int, train: IDataView,
+               holdout: IDataView | None) -> dict[str, Any]:
+        """Fine-tune the personal layers on top of `model_bytes`; return accuracies on the held-out data."""
+        from device_agent.runner import make_sgd
+        from engine import load_model_bytes  # imported late: the CLI's --help should not load the engine
+        from engine.trainer import Trainer
+
+        model = load_model_bytes(model_bytes)
+        names = personal_names(trainable_names(model), self.layers)
+        trainer = Trainer(model, optimizer=make_sgd(self.lr, 0.9), trainable=names,
+                          batch_size=min(self.batch_size, train.size()), seed=self.seed + base_version)
+        global_eval = trainer.evaluate(holdout) if holdout is not None else None
+        shapes = {n: tuple(model.params[n].value.shape) for n in names}
+        previous = self.stored_weights(names, shapes)
+        if previous:
+            trainer.set_weights(previous)
+        trainer.fit(train, self.epochs)
+        weights = trainer.get_weights()
+        mine = {n: np.asarray(weights[n], np.float32) for n in names}
+        self.state.save_personal(mine, {"base_version": int(base_version), "layers": names})
+        personal_eval = trainer.evaluate(holdout) if holdout is not None else None
+        return {"personal_layers": names,
+                "global_acc": None if global_eval is None else float(global_eval["accuracy"]),
+                "personal_acc": None if personal_eval is None else float(personal_eval["accuracy"])}
+
+
+def load_personal_model(state: AgentState) -> Any:
+    """The personal model for inference: the cached base with the stored personal layers swapped in."""
+    from engine import load_model_bytes
+
+    cached = state.cached_model()
+    if cached is None:
+        raise FileNotFoundError(f"{state.dir}: no cached model; run `pf-agent run` first")
+    model = load_model_bytes(cached[2])
+    found = state.personal()
+    if found is None:
+        log.warning("no personal layers yet; predicting with the global model")
+        return model
+    fitting = {n: v for n, v in found[0].items()
+               if n in model.params and model.params[n].value.shape == v.shape}
+    model.load_state_dict(fitting, strict=False)
+    return model

@@ -1,0 +1,259 @@
+"""The agent's loop: enroll, check in, train, upload - one federated round at a time.
+
+    resume any unacknowledged upload (same Idempotency-Key, so it counts once)
+    loop:
+        eligible?            (charging, idle, unmetered) else wait
+        POST /v1/checkin     -> a task, or "come back in N seconds"
+        model for the task   (from the cache when the version is unchanged)
+        train locally        (stops, and discards the round, if conditions stop holding)
+        delta = trained - base -> clip -> noise -> top-k -> encode
+        persist, then upload (a crash after this point re-sends the same bytes)
+        fine-tune the personal layers, report one JSON line
+
+Raw samples, labels and file names never leave this module: the only things built for
+the network are the update container (deltas, sample count, aggregate metrics) and the
+JSON control messages in client.py.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from device_agent.client import CoordinatorClient, RejectedError, UnavailableError
+from device_agent.eligibility import Probe
+from device_agent.personal import PersonalModel, split_local, trainable_names
+from device_agent.state import AgentState
+from engine.data import IDataView
+from engine.serialize.compression import TopK, add_gaussian_noise, clip_by_l2
+from engine.serialize.update import decode_update, encode_update
+
+log = logging.getLogger("pocketfed.agent")
+
+
+def make_sgd(lr: float, momentum: float) -> Any:
+    from engine.optimizer import SGD
+
+    return SGD(lr=lr, momentum=momentum)
+
+
+@dataclass
+class AgentConfig:
+    coordinator: str
+    enrollment_key: str
+    name: str | None = None
+    rounds: int | None = None  # None: until stopped
+    once: bool = False
+    holdout: float = 0.2
+    personal_layers: list[str] = field(default_factory=list)
+    personal_epochs: int = 1
+    seed: int = 0
+    max_wait: float = 30.0  # longest sleep between check-ins, whatever the server asks
+    json_lines: bool = False
+
+
+class Agent:
+    def __init__(self, config: AgentConfig, client: CoordinatorClient, state: AgentState, dataset: IDataView,
+                 probe: Probe, *, sleep: Callable[[float], None] = time.sleep,
+                 emit: Callable[[str], None] | None = None):
+        self.config, self.client, self.state, self.probe = config, client, state, probe
+        self.sleep = sleep
+        self.emit = emit or (lambda line: print(line, file=sys.stdout, flush=True))
+        self.train_set, self.holdout_set = split_local(dataset, config.holdout, config.seed)
+        self.eval_set = self.holdout_set or self.train_set
+        self.personal = PersonalModel(state, config.personal_layers, epochs=config.personal_epochs,
+                                      seed=config.seed)
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self) -> list[dict[str, Any]]:
+        """Run rounds until `rounds` tasks were done (or one, with `once`); returns their records."""
+        records: list[dict[str, Any]] = []
+        target = 1 if self.config.once else self.config.rounds
+        reenrolled = False  # a refused token leads to one fresh enrollment, not a loop of them
+        while target is None or len(records) < target:
+            try:
+                self.ensure_enrolled()
+                resumed = self.resume_pending()
+                if resumed is not None:
+                    records.append(self.report(resumed))
+                    continue
+                record = self.one_round()
+            except UnavailableError as exc:
+                log.warning("%s; trying again in %.0fs", exc, self.config.max_wait)
+                self.sleep(self.config.max_wait)
+                continue
+            except RejectedError as exc:
+                if exc.status == 401 and exc.path != "/v1/devices" and not reenrolled:
+                    log.warning("token refused (%s); enrolling again", exc.detail)
+                    self.state.forget_identity()
+                    self.client.token = None
+                    reenrolled = True
+                    continue
+                raise
+            if record is not None:
+                reenrolled = False
+                records.append(self.report(record))
+        return records
+
+    def ensure_enrolled(self) -> None:
+        ident = self.state.identity(self.config.coordinator)
+        if ident is None:
+            device_id, token = self.client.enroll(self.config.enrollment_key, self.config.name)
+            self.state.save_identity(self.config.coordinator, device_id, token)
+            log.info("enrolled as device %s", device_id)
+            ident = {"device_id": device_id, "token": token}
+        self.client.token = ident["token"]
+
+    def one_round(self) -> dict[str, Any] | None:
+        """Check in and, if given a task, do it. None means "nothing done, look again later"."""
+        verdict = self.probe.check()
+        if not verdict.ok:
+            log.info("not eligible: %s", verdict.reason)
+            self.sleep(self.config.max_wait)
+            return None
+        answer = self.client.checkin(self.train_set.size())
+        task = answer.get("task") if answer.get("status") == "task" else None
+        if task is None or task["round_id"] == self.state.last_round():
+            wait = min(float(answer.get("retry_after") or 1.0), self.config.max_wait)
+            log.info("no task for us now; checking in again in %.1fs", wait)
+            self.sleep(wait)
+            return None
+        return self.do_task(task)
+
+    # ------------------------------------------------------------------ one task
+
+    def model_bytes(self, version: int) -> bytes:
+        """The base model of `version`: from the cache when we have it, else downloaded (ETag-checked)."""
+        cached = self.state.cached_model()
+        if cached is not None and cached[0] == version:
+            return cached[2]
+        data, etag = self.client.download_model(version, cached[1] if cached else None)
+        if data is None:  # 304 for a version we do not hold: our cache lies; fetch unconditionally
+            data, etag = self.client.download_model(version)
+        self.state.save_model(version, etag, data)
+        log.info("downloaded model version %d (%d bytes)", version, len(data))
+        return data
+
+    def do_task(self, task: dict[str, Any]) -> dict[str, Any] | None:
+        from engine import load_model_bytes
+        from engine.trainer import Interrupted, Trainer
+
+        round_id, version = int(task["round_id"]), int(task["base_version"])
+        log.info("round %d: training on %d samples from model version %d", round_id, self.train_set.size(),
+                 version)
+        data = self.model_bytes(version)
+        model = load_model_bytes(data)
+        trainable = trainable_names(model)
+        base = {n: np.array(model.params[n].value, np.float32, copy=True) for n in trainable}
+        trainer = Trainer(model, optimizer=make_sgd(float(task["lr"]), float(task.get("momentum") or 0.0)),
+                          trainable=trainable, prox_mu=float(task.get("fedprox_mu") or 0.0),
+                          batch_size=min(int(task["batch_size"]), self.train_set.size()),
+                          seed=self.config.seed + round_id)
+        before = trainer.evaluate(self.eval_set)
+        deadline = float(task.get("deadline") or float("inf"))
+        stop_reason: list[str] = []
+
+        def should_stop() -> bool:
+            if time.time() > deadline:
+                stop_reason.append("the round's deadline passed")
+                return True
+            verdict = self.probe.check()
+            if not verdict.ok:
+                stop_reason.append(verdict.reason)
+            return not verdict.ok
+
+        try:
+            fit = trainer.fit(self.train_set, int(task["epochs"]), should_stop=should_stop)
+        except Interrupted:
+            log.warning("round %d: stopped mid-training (%s); its work is discarded", round_id,
+                        stop_reason[-1] if stop_reason else "interrupted")
+            return None
+        after = trainer.evaluate(self.eval_set)
+        weights = trainer.get_weights()
+        delta = {n: np.asarray(weights[n], np.float32) - base[n] for n in trainable}
+        metrics = {"loss_before": before["loss"], "loss_after": after["loss"],
+                   "acc_before": before["accuracy"], "acc_after": after["accuracy"],
+                   "train_loss": fit["loss"], "steps": fit["steps"]}
+        body, residual = self.encode(delta, task, metrics)
+        record = {"round": round_id, "version": version, "samples": self.train_set.size(),
+                  "loss_before": before["loss"], "loss_after": after["loss"],
+                  "acc_before": before["accuracy"], "acc_after": after["accuracy"],
+                  "bytes_sent": len(body), "bytes_raw_float32": 4 * sum(d.size for d in delta.values()),
+                  "encoding": task.get("encoding") or "float32", "topk_fraction": task.get("topk_fraction")}
+        self.state.save_pending(round_id, body, residual, record)
+        return self.personalize(self.send_pending())
+
+    def personalize(self, record: dict[str, Any] | None) -> dict[str, Any] | None:
+        """After an acknowledged upload: refresh the personal layers on that round's base model."""
+        cached = self.state.cached_model()
+        if record is not None and cached is not None and cached[0] == record["version"]:
+            record.update(self.personal.update(cached[2], cached[0], self.train_set, self.holdout_set))
+        return record
+
+    def encode(self, delta: dict[str, np.ndarray], task: dict[str, Any],
+               metrics: dict[str, float]) -> tuple[bytes, dict[str, np.ndarray] | None]:
+        """Privacy and compression as the task asks: clip, noise, top-k (with error feedback), encode."""
+        clip_norm, noise = task.get("clip_norm"), float(task.get("noise_multiplier") or 0.0)
+        if clip_norm:
+            delta, norm = clip_by_l2(delta, float(clip_norm))
+            metrics["delta_norm"] = norm
+        if noise > 0:
+            std = noise * float(clip_norm) if clip_norm else noise
+            delta = add_gaussian_noise(delta, std, np.random.default_rng())  # fresh OS entropy: never seeded
+        fraction, encoding = task.get("topk_fraction"), task.get("encoding") or "float32"
+        residual = None
+        if fraction:
+            delta, residual = TopK(float(fraction)).compress(delta, self.state.residual())
+        body = encode_update(delta, sample_count=self.train_set.size(), round_id=int(task["round_id"]),
+                             base_version=int(task["base_version"]), metrics=metrics, encoding=encoding,
+                             topk_fraction=float(fraction) if fraction else None)
+        if residual is not None:  # also feed back the quantization error of what was really sent
+            sent = decode_update(body).delta
+            residual = {n: residual[n] + delta[n] - sent[n] for n in residual}
+        return body, residual
+
+    # ------------------------------------------------------------------ the pending upload
+
+    def send_pending(self) -> dict[str, Any] | None:
+        """Upload the persisted update. Acknowledged: its record. Refused (4xx): None, round dropped.
+        Unreachable: UnavailableError propagates and the update stays pending for the next try."""
+        pending = self.state.pending()
+        if pending is None:
+            return None
+        info, body = pending
+        try:
+            answer = self.client.upload(info["round_id"], body, info["idempotency_key"])
+        except RejectedError as exc:
+            log.warning("round %d: upload refused (%s); dropping the round", info["round_id"], exc)
+            self.state.finish_pending(acknowledged=False)
+            return None
+        self.state.finish_pending(acknowledged=True)
+        log.info("round %d: update accepted (%s of %s received)", info["round_id"], answer.get("received"),
+                 answer.get("goal"))
+        return dict(info["record"])
+
+    def resume_pending(self) -> dict[str, Any] | None:
+        if self.state.pending() is None:
+            return None
+        log.info("re-sending the update left pending by an earlier run")
+        record = self.send_pending()
+        if record is not None:
+            record["resumed"] = True
+        return self.personalize(record)
+
+    def report(self, record: dict[str, Any]) -> dict[str, Any]:
+        if self.config.json_lines:
+            self.emit(json.dumps(record, sort_keys=True))
+        log.info("round %s done: acc %.3f -> %.3f, personal %s vs global %s, %d bytes sent (%d raw)",
+                 record.get("round"), record.get("acc_before", 0), record.get("acc_after", 0),
+                 record.get("personal_acc"), record.get("global_acc"), record.get("bytes_sent", 0),
+                 record.get("bytes_raw_float32", 0))
+        return record

@@ -1,0 +1,263 @@
+"""The update wire format: one device's weight delta, as it travels to the coordinator.
+
+An update is a container (see container.py) of kind "update". It holds the delta of
+each trainable tensor (trained minus base) in one of three value encodings, optionally
+sparsified to its top-k entries, plus the few numbers the server needs to weigh it:
+
+    metadata = {"format": "pocketfed-update", "format_version": 1,
+                "encoding": "float32" | "float16" | "int8", "sparse": bool,
+                "sample_count": int > 0, "round_id": int, "base_version": int,
+                "metrics": {name: finite float},
+                "tensors": {name: {"shape": [...], "encoding": "float32"|"float16"|"int8"|"sparse",
+                                   "values"?: value encoding (sparse only), "scale"?: float (int8)}}}
+
+Dense tensors are stored under their own name. A sparse tensor is stored as
+"<name>/indices" (int32 flat indices into the dense tensor) and "<name>/values".
+int8 is symmetric per tensor: q = round(x / scale), scale = max|x| / 127, so every
+decoded element is within scale / 2 of the original.
+
+The decoder trusts nothing: every field is checked, and every problem raises
+UpdateError with a message naming the field or tensor and why.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from engine.serialize.container import ContainerError, dumps, loads
+
+FORMAT = "pocketfed-update"
+FORMAT_VERSION = 1
+VALUE_ENCODINGS = ("float32", "float16", "int8")
+MAX_ELEMENTS = 1 << 27  # 134M elements (512 MiB of float32): far above any on-device model
+_FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+
+class UpdateError(ContainerError):
+    """An update is malformed, hostile, or does not fit the model it claims to update."""
+
+
+@dataclass
+class Update:
+    delta: dict[str, np.ndarray]  # dense float32, decoded
+    sample_count: int
+    round_id: int
+    base_version: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    encoding: str = "float32"
+    sparse: bool = False
+
+
+# ---------------------------------------------------------------- helpers shared with compression.py
+
+def topk_count(size: int, fraction: float) -> int:
+    """How many entries a tensor of `size` keeps under top-k: at least one, at most all."""
+    return 0 if size == 0 else min(size, max(1, math.ceil(fraction * size)))
+
+
+def topk_indices(flat: np.ndarray, k: int) -> np.ndarray:
+    """Flat indices of the k largest-magnitude entries, sorted ascending (stable wire order)."""
+    if k >= flat.size:
+        return np.arange(flat.size, dtype=np.int32)
+    part = np.argpartition(np.abs(flat), flat.size - k)[flat.size - k:]
+    return np.sort(part).astype(np.int32)
+
+
+def quantize_int8(x: np.ndarray) -> tuple[np.ndarray, float]:
+    """Symmetric per-tensor int8: returns (q, scale) with |x - q * scale| <= scale / 2."""
+    peak = float(np.max(np.abs(x))) if x.size else 0.0
+    scale = peak / 127.0
+    if scale == 0.0:
+        return np.zeros(x.shape, np.int8), 0.0
+    q = np.clip(np.rint(x / scale), -127, 127).astype(np.int8)
+    return q, scale
+
+
+# ---------------------------------------------------------------- encoding
+
+def _encode_values(name: str, values: np.ndarray, encoding: str) -> tuple[np.ndarray, dict]:
+    if encoding == "float32":
+        return values.astype(np.float32), {}
+    if encoding == "float16":
+        if values.size and float(np.max(np.abs(values))) > _FLOAT16_MAX:
+            raise UpdateError(f"tensor {name!r}: values exceed the float16 range ({_FLOAT16_MAX}); "
+                              "clip the delta or use float32")
+        return values.astype(np.float16), {}
+    q, scale = quantize_int8(values)
+    return q, {"scale": scale}
+
+
+def encode_update(delta: Mapping[str, np.ndarray], *, sample_count: int, round_id: int, base_version: int,
+                  metrics: Mapping[str, float] | None = None, encoding: str = "float32",
+                  topk_fraction: float | None = None) -> bytes:
+    """Encode a weight delta (name -> array) as update-container bytes."""
+    if encoding not in VALUE_ENCODINGS:
+        raise UpdateError(f"encoding {encoding!r} is not one of {', '.join(VALUE_ENCODINGS)}")
+    if topk_fraction is not None and not (0.0 < float(topk_fraction) <= 1.0):
+        raise UpdateError(f"topk_fraction {topk_fraction!r} must be in (0, 1]")
+    _check_int("sample_count", sample_count, minimum=1)
+    _check_int("round_id", round_id, minimum=0)
+    _check_int("base_version", base_version, minimum=0)
+    clean_metrics = _check_metrics(dict(metrics or {}))
+
+    tensors: dict[str, np.ndarray] = {}
+    described: dict[str, dict] = {}
+    for name, value in delta.items():
+        if "/" in name and topk_fraction is not None:
+            raise UpdateError(f"tensor {name!r}: names with '/' cannot be sparse-encoded")
+        array = np.asarray(value, dtype=np.float32)
+        if not np.all(np.isfinite(array)):
+            raise UpdateError(f"tensor {name!r}: contains NaN or Inf; refusing to send it")
+        if topk_fraction is None:
+            stored, extra = _encode_values(name, array, encoding)
+            tensors[name] = stored
+            described[name] = {"shape": list(array.shape), "encoding": encoding, **extra}
+        else:
+            flat = array.reshape(-1)
+            indices = topk_indices(flat, topk_count(flat.size, float(topk_fraction)))
+            stored, extra = _encode_values(name, flat[indices], encoding)
+            tensors[f"{name}/indices"] = indices
+            tensors[f"{name}/values"] = stored
+            described[name] = {"shape": list(array.shape), "encoding": "sparse", "values": encoding, **extra}
+    metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "encoding": encoding,
+                "sparse": topk_fraction is not None, "sample_count": int(sample_count),
+                "round_id": int(round_id), "base_version": int(base_version),
+                "metrics": clean_metrics, "tensors": described}
+    return dumps(tensors, metadata, kind="update")
+
+
+# ---------------------------------------------------------------- decoding
+
+def _check_int(field_name: str, value: object, *, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise UpdateError(f"{field_name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise UpdateError(f"{field_name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _check_metrics(metrics: object) -> dict[str, float]:
+    if not isinstance(metrics, dict):
+        raise UpdateError("metrics must be an object of name -> number")
+    clean = {}
+    for key, value in metrics.items():
+        if (not isinstance(key, str) or isinstance(value, bool)
+                or not isinstance(value, (int, float, np.integer, np.floating))):
+            raise UpdateError(f"metric {key!r} must be a number, got {value!r}")
+        if not math.isfinite(float(value)):
+            raise UpdateError(f"metric {key!r} is not finite ({value})")
+        clean[key] = float(value)
+    return clean
+
+
+def _check_shape(name: str, shape: object) -> tuple[int, ...]:
+    if (not isinstance(shape, list) or len(shape) > 8
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+        raise UpdateError(f"tensor {name!r}: shape {shape!r} is not a list of <= 8 non-negative sizes")
+    if math.prod(shape) > MAX_ELEMENTS:
+        raise UpdateError(f"tensor {name!r}: shape {shape} declares {math.prod(shape)} elements, "
+                          f"more than the limit {MAX_ELEMENTS}")
+    return tuple(shape)
+
+
+def _decode_values(name: str, stored: np.ndarray, encoding: object, spec: dict) -> np.ndarray:
+    if encoding not in VALUE_ENCODINGS:
+        raise UpdateError(f"tensor {name!r}: encoding {encoding!r} is not one of "
+                          f"{', '.join(VALUE_ENCODINGS)}")
+    if stored.dtype != np.dtype(encoding):
+        raise UpdateError(f"tensor {name!r}: stored as {stored.dtype}, but its encoding says {encoding}")
+    if encoding == "int8":
+        scale = spec.get("scale")
+        number = isinstance(scale, (int, float)) and not isinstance(scale, bool)
+        if not number or not math.isfinite(scale) or scale < 0:
+            raise UpdateError(f"tensor {name!r}: int8 scale {scale!r} must be a finite number >= 0")
+        return stored.astype(np.float32) * np.float32(scale)
+    values = stored.astype(np.float32)
+    if not np.all(np.isfinite(values)):
+        raise UpdateError(f"tensor {name!r}: contains NaN or Inf")
+    return values
+
+
+def _decode_tensor(name: str, spec: object, stored: dict[str, np.ndarray], used: set[str]) -> np.ndarray:
+    if not isinstance(spec, dict):
+        raise UpdateError(f"tensor {name!r}: its description is not an object")
+    shape = _check_shape(name, spec.get("shape"))
+    encoding = spec.get("encoding")
+    if encoding != "sparse":
+        if name not in stored:
+            raise UpdateError(f"tensor {name!r}: described but its data is missing")
+        used.add(name)
+        if stored[name].shape != shape:
+            raise UpdateError(f"tensor {name!r}: data has shape {list(stored[name].shape)}, "
+                              f"description says {list(shape)}")
+        return _decode_values(name, stored[name], encoding, spec)
+    idx_name, val_name = f"{name}/indices", f"{name}/values"
+    for part in (idx_name, val_name):
+        if part not in stored:
+            raise UpdateError(f"tensor {name!r}: sparse part {part!r} is missing")
+        if stored[part].ndim != 1:
+            raise UpdateError(f"tensor {name!r}: sparse part {part!r} must be 1-D")
+        used.add(part)
+    indices, raw_values = stored[idx_name], stored[val_name]
+    if indices.dtype != np.int32:
+        raise UpdateError(f"tensor {name!r}: indices must be int32, got {indices.dtype}")
+    if len(indices) != len(raw_values):
+        raise UpdateError(f"tensor {name!r}: {len(indices)} indices but {len(raw_values)} values")
+    size = math.prod(shape)
+    if len(indices) and (int(indices.min()) < 0 or int(indices.max()) >= size):
+        raise UpdateError(f"tensor {name!r}: index out of range [0, {size}) "
+                          f"(min {int(indices.min())}, max {int(indices.max())})")
+    if len(np.unique(indices)) != len(indices):
+        raise UpdateError(f"tensor {name!r}: duplicate sparse indices")
+    values = _decode_values(name, raw_values, spec.get("values"), spec)
+    dense = np.zeros(size, np.float32)
+    dense[indices] = values
+    return dense.reshape(shape)
+
+
+def decode_update(data: bytes, *, expected: Mapping[str, tuple[int, ...]] | None = None) -> Update:
+    """Parse and validate update bytes; with `expected` (name -> shape) also check it fits the model."""
+    container = loads(data, kind="update")  # ContainerError for truncation, wrong kind, bad sizes
+    meta = container.metadata
+    if meta.get("format") != FORMAT:
+        raise UpdateError(f"format {meta.get('format')!r} is not {FORMAT!r}")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise UpdateError(f"format_version {meta.get('format_version')!r} is not supported "
+                          f"(this reader: {FORMAT_VERSION})")
+    encoding = meta.get("encoding")
+    if encoding not in VALUE_ENCODINGS:
+        raise UpdateError(f"encoding {encoding!r} is not one of {', '.join(VALUE_ENCODINGS)}")
+    sample_count = _check_int("sample_count", meta.get("sample_count"), minimum=1)
+    round_id = _check_int("round_id", meta.get("round_id"), minimum=0)
+    base_version = _check_int("base_version", meta.get("base_version"), minimum=0)
+    metrics = _check_metrics(meta.get("metrics", {}))
+    described = meta.get("tensors")
+    if not isinstance(described, dict) or not described:
+        raise UpdateError("tensors must be a non-empty object of name -> description")
+    if expected is not None:
+        missing = sorted(set(expected) - set(described))
+        unknown = sorted(set(described) - set(expected))
+        if missing or unknown:
+            raise UpdateError(f"tensor names do not match the model: missing {missing}, unknown {unknown}")
+    total = sum(math.prod(s.get("shape")) for s in described.values()
+                if isinstance(s, dict) and isinstance(s.get("shape"), list)
+                and all(isinstance(d, int) for d in s["shape"]))
+    if total > MAX_ELEMENTS:
+        raise UpdateError(f"tensors declare {total} elements in all, more than the limit {MAX_ELEMENTS}")
+
+    used: set[str] = set()
+    delta = {}
+    for name, spec in described.items():
+        if expected is not None and isinstance(spec, dict) and spec.get("shape") != list(expected[name]):
+            raise UpdateError(f"tensor {name!r}: shape {spec.get('shape')!r} does not match the model's "
+                              f"{list(expected[name])}")
+        delta[name] = _decode_tensor(name, spec, container.tensors, used)
+    extra = sorted(set(container.tensors) - used)
+    if extra:
+        raise UpdateError(f"stored tensors not described in metadata: {extra}")
+    return Update(delta=delta, sample_count=sample_count, round_id=round_id, base_version=base_version,
+                  metrics=metrics, encoding=encoding, sparse=bool(meta.get("sparse", False)))

@@ -16,10 +16,9 @@ from .graph import ComputingGraph, GraphError, ShapeError, SymbolVar
 from .loss import BCEWithLogitsLoss, CrossEntropyLoss, ILoss, L1Loss, MSELoss
 from .model import Model
 from .optimizer import SGD, Adam, IOptimizer, Optimizer
-from .serialize.modelfile import ModelFileError
+from .serialize.modelfile import ModelFileError, save
 from .serialize.modelfile import load as _load_pocketfed
 from .serialize.modelfile import loads as load_model_bytes
-from .serialize.modelfile import save
 
 
 def load(path) -> Model:

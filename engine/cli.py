@@ -1,4 +1,6 @@
-"""`pf-train` (also `python -m engine`): the seed's example for real — LeNet on Fashion-MNIST."""
+"""`pf-train` (also `python -m engine`): the seed's example for real — LeNet on Fashion-MNIST — or,
+with `--model FILE`, further training of a model you already have (pocketfed file or .onnx);
+`--save FILE` writes the result (.onnx exports the inference graph). `pf-eval` scores a model file."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from .data import MnistDataset, load_default
+from .data import load_default, open_dataset
 from .models import build
 from .optimizer import SGD
 from .progress import ProgressBar
@@ -18,19 +20,26 @@ from .trainer import Trainer
 def _datasets(data: str | None):
     if data is None:
         return load_default("train"), load_default("test")
-    return MnistDataset(data, split="train"), MnistDataset(data, split="test")
+    return open_dataset(data, split="train"), open_dataset(data, split="test")
 
 
 def train_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pf-train", description="Train LeNet on (Fashion-)MNIST with the static-graph "
-                                "engine. Default data: the Fashion-MNIST subset shipped in the package.")
-    p.add_argument("--data", help="IDX directory (MNIST or Fashion-MNIST); default: embedded subset")
+    p = argparse.ArgumentParser(prog="pf-train", description=(
+        "Train LeNet (or --model FILE) on (Fashion-)MNIST with the static-graph engine. "
+        "Default data: the Fashion-MNIST subset shipped in the package."))
+    p.add_argument("--data", help=("IDX directory (train/test splits), .npz, .csv or image folder "
+                                   "(used for both training and the test score); default: embedded subset"))
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", help="train this model file (pocketfed or .onnx) instead of a fresh LeNet")
+    p.add_argument("--save", help="write the trained model here (.onnx: ONNX export; else a pocketfed file)")
+    p.add_argument("--train-only", nargs="+", metavar="PREFIX",
+                   help="train only parameters whose names start with one of these (e.g. the head: fc3)")
+    p.add_argument("--inference-only", action="store_true", help="--save without training-only parts")
     p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -39,9 +48,16 @@ def train_parser() -> argparse.ArgumentParser:
 def train_main(argv: Sequence[str] | None = None) -> int:
     args = train_parser().parse_args(argv)
     train_set, test_set = _datasets(args.data)
-    model = build("lenet", seed=args.seed)
+    model = build("lenet", seed=args.seed) if args.model is None else _load_model(args.model)
+    trainable = None
+    if args.train_only:
+        trainable = [n for n in model.trainable if n.startswith(tuple(args.train_only))]
+        if not trainable:
+            print(f"pf-train: --train-only {args.train_only} matches none of {model.trainable}",
+                  file=sys.stderr)
+            return 2
     trainer = Trainer(model, optimizer=SGD(args.lr, weight_decay=args.weight_decay, momentum=args.momentum),
-                      batch_size=args.batch_size, seed=args.seed)
+                      trainable=trainable, batch_size=args.batch_size, seed=args.seed)
     start = time.perf_counter()
     steps = -(-train_set.size() // args.batch_size)
     history = []
@@ -54,9 +70,33 @@ def train_main(argv: Sequence[str] | None = None) -> int:
               f"(n={metrics['n']})", file=sys.stderr if args.json else sys.stdout)
     summary = {"epochs": args.epochs, "test_accuracy": history[-1]["test_accuracy"],
                "final_loss": history[-1]["train_loss"], "seconds": round(time.perf_counter() - start, 3)}
+    if args.save:
+        summary["saved"] = _save_model(model, args.save, args.inference_only)
     if args.json:
         print(json.dumps(summary))
     return 0
+
+
+def _load_model(path: str):
+    from . import load
+    from .serialize.container import ContainerError
+    try:
+        return load(path)
+    except FileNotFoundError:
+        raise SystemExit(f"pf-train: model file {path} does not exist") from None
+    except ContainerError as exc:
+        raise SystemExit(f"pf-train: cannot load {path}: {exc}") from None
+
+
+def _save_model(model, path: str, inference_only: bool) -> str:
+    """Write the model; returns where it went."""
+    if path.lower().endswith(".onnx"):
+        from .onnx import export_onnx
+        export_onnx(model, path)
+    else:
+        from .serialize.modelfile import save
+        save(model, path, inference_only=inference_only)
+    return path
 
 
 def eval_main(argv: Sequence[str] | None = None) -> int:

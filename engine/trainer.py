@@ -7,7 +7,9 @@ same graph, so they share the weights.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,6 +21,9 @@ from .graph import GraphError, SymbolVar
 from .loss import LOSSES, ILoss
 from .model import Model
 from .optimizer import SGD, IOptimizer
+from .serialize.container import ContainerError, write_atomic
+from .serialize.container import dumps as dump_container
+from .serialize.container import loads as load_container
 
 
 class Interrupted(RuntimeError):
@@ -45,7 +50,8 @@ class Trainer:
         self.trainable = names
         graph, logits = model.graph, model.output
         label_name = "label"
-        label = graph[label_name] if label_name in graph else opr.host2device(graph, (None,), "int64", label_name)
+        label = graph[label_name] if label_name in graph else \
+            opr.host2device(graph, (None,), "int64", label_name)
         loss_fn = LOSSES[loss]() if isinstance(loss, str) else loss
         self.loss_var = loss_fn(logits, label)
         objective = self.loss_var
@@ -74,6 +80,64 @@ class Trainer:
         """Make the current weights the FedProx reference point."""
         for name, anchor in self._anchor.items():
             np.copyto(anchor.value, self.model.params[name].value)
+
+    # ----- checkpoints: resume training exactly where it stopped -----
+    def checkpoint_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Everything the next `fit` depends on: weights and buffers, optimizer state, learning rate,
+        FedProx anchors, the data-order seed and the dropout generators."""
+        graph = self.model.graph
+        tensors = {f"model/{n}": v.value for n, v in self.model.params.items()}
+        state = getattr(self.optimizer, "state", {})
+        tensors.update({f"optimizer/{n}": v.value for n, v in state.items() if v.graph is graph})
+        tensors.update({f"prox_anchor/{n}": v.value for n, v in self._anchor.items()})
+        metadata = {"format": "pocketfed-checkpoint", "seed": int(self.seed), "trainable": self.trainable,
+                    "optimizer": type(self.optimizer).__name__, "lr": getattr(self.optimizer, "lr", None),
+                    "dropout_rng": [m.op._rng.bit_generator.state for m in _dropout_masks(graph)]}
+        return tensors, metadata
+
+    def save_checkpoint(self, path: str | os.PathLike) -> None:
+        """Write a checkpoint atomically (a container of kind "checkpoint"); resume with `load_checkpoint`.
+
+        Take it between `fit` calls: the data order of an epoch is drawn when `fit` starts."""
+        tensors, metadata = self.checkpoint_state()
+        write_atomic(path, dump_container(tensors, metadata, kind="checkpoint"))
+
+    def load_checkpoint(self, path: str | os.PathLike) -> None:
+        """Restore a checkpoint into this trainer, whose model and optimizer must have the same shape."""
+        container = load_container(Path(path).read_bytes(), kind="checkpoint")
+        self.load_checkpoint_state(container.tensors, container.metadata)
+
+    def load_checkpoint_state(self, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, Any]) -> None:
+        mine, _ = self.checkpoint_state()
+        unknown, missing = sorted(set(tensors) - set(mine)), sorted(set(mine) - set(tensors))
+        if unknown or missing:
+            raise ContainerError(f"checkpoint does not fit this trainer: unknown {unknown}, missing "
+                                 f"{missing} (same model, optimizer and trainable list needed)")
+        bad = [f"{n} {tensors[n].shape} vs {mine[n].shape}" for n in mine
+               if tensors[n].shape != mine[n].shape or tensors[n].dtype != mine[n].dtype]
+        if bad:
+            raise ContainerError(f"checkpoint tensors differ in shape or dtype: {bad}")
+        masks = _dropout_masks(self.model.graph)
+        rng_states = metadata.get("dropout_rng", [])
+        if not isinstance(rng_states, list) or len(rng_states) != len(masks):
+            raise ContainerError(f"checkpoint holds {len(rng_states)} dropout generator states, the model "
+                                 f"has {len(masks)} dropout layers")
+        seed = metadata.get("seed")
+        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+            raise ContainerError(f"checkpoint seed must be a non-negative integer, got {seed!r}")
+        for mask, rng_state in zip(masks, rng_states, strict=True):
+            try:  # validate on a scratch generator first: a bad file must leave the trainer untouched
+                type(mask.op._rng.bit_generator)().state = rng_state
+            except (TypeError, ValueError, KeyError) as exc:
+                raise ContainerError(f"checkpoint dropout generator state is invalid: {exc}") from None
+        for name, value in tensors.items():
+            np.copyto(mine[name], value)
+        for mask, rng_state in zip(masks, rng_states, strict=True):
+            mask.op._rng.bit_generator.state = rng_state
+        lr = metadata.get("lr")
+        if isinstance(lr, (int, float)) and lr > 0 and hasattr(self.optimizer, "set_lr"):
+            self.optimizer.set_lr(float(lr))
+        self.seed = seed
 
     # ----- training -----
     def step(self, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
@@ -114,7 +178,12 @@ class Trainer:
         return evaluate_function(self.eval_fn, self._input_name, dataset, batch_size)
 
 
-def evaluate_function(eval_fn: Any, input_name: str, dataset: IDataView, batch_size: int = 256) -> dict[str, float]:
+def _dropout_masks(graph: Any) -> list[SymbolVar]:
+    return [v for v in graph.nodes if v.op.type_name == "DropoutMask"]
+
+
+def evaluate_function(eval_fn: Any, input_name: str, dataset: IDataView,
+                      batch_size: int = 256) -> dict[str, float]:
     total_loss, correct, n = 0.0, 0, dataset.size()
     if n == 0:
         return {"loss": float("nan"), "accuracy": float("nan"), "n": 0}

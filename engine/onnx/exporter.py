@@ -1,0 +1,156 @@
+"""`Model` -> ONNX: the inference graph (eval branch of every train/eval switch, no updates),
+one ONNX node per engine operator, weights as initializers under their engine names.
+
+The batch size stays dynamic ("N") wherever the engine graph has it fed late.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from ..graph import SymbolVar
+from ..model import Model
+from ..serialize.modelfile import collect_nodes
+from .importer import OnnxError, require_onnx
+
+OPSET = 17
+
+
+class _Exporter:
+    def __init__(self, model: Model) -> None:
+        self.onnx = require_onnx()
+        self.model = model
+        self.nodes: list[Any] = []
+        self.initializers: list[Any] = []
+        self.names: dict[int, str] = {}
+
+    def name(self, var: SymbolVar) -> str:
+        while var.op.type_name == "ModeSelect":
+            var = var.inputs[1]
+        return self.names[var.id]
+
+    def constant(self, value: np.ndarray, hint: str) -> str:
+        name = f"{hint}_const{len(self.initializers)}"
+        self.initializers.append(self.onnx.numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    def add(self, op_type: str, inputs: list[str], output: str, **attrs: Any) -> None:
+        self.nodes.append(self.onnx.helper.make_node(op_type, inputs, [output], name=output, **attrs))
+
+    def value_info(self, name: str, var: SymbolVar) -> Any:
+        dtype = self.onnx.helper.np_dtype_to_tensor_dtype(var.dtype)
+        dims = ["N" if d is None else d for d in var.shape]
+        return self.onnx.helper.make_tensor_value_info(name, dtype, dims)
+
+    def run(self) -> Any:
+        helper = self.onnx.helper
+        inputs = []
+        for var in collect_nodes(self.model, inference_only=True):
+            kind = var.op.type_name
+            if kind == "Host2DeviceCopy":
+                self.names[var.id] = var.name
+                inputs.append(self.value_info(var.name, var))
+            elif kind == "SharedDeviceTensor":
+                self.names[var.id] = var.name
+                self.initializers.append(self.onnx.numpy_helper.from_array(np.asarray(var.value), var.name))
+            elif kind == "ImmutableTensor":
+                self.names[var.id] = self.constant(var.value, "c")
+            else:
+                emit = EMITTERS.get(kind)
+                if emit is None:
+                    raise OnnxError(f"cannot export operator {kind} to ONNX (node {var!r}); exportable: "
+                                    f"{', '.join(sorted(EMITTERS))}")
+                out = f"{kind}_{var.id}"
+                emit(self, var, [self.name(i) for i in var.inputs], out)
+                self.names[var.id] = out
+        outputs = []
+        for out_name, var in self.model.outputs.items():
+            self.add("Identity", [self.name(var)], out_name)
+            outputs.append(self.value_info(out_name, var))
+        graph = helper.make_graph(self.nodes, "pocketfed", inputs, outputs, self.initializers)
+        proto = helper.make_model(graph, producer_name="pocketfed",
+                                  opset_imports=[helper.make_opsetid("", OPSET)])
+        proto.ir_version = min(proto.ir_version, 8)  # readable by onnxruntime releases of the last years
+        self.onnx.checker.check_model(proto)
+        return proto
+
+
+# ----- emitters: (exporter, engine node, input names, output name) -----
+
+def _same(op_type: str, **fixed: Any) -> Callable:
+    return lambda ex, var, ins, out: ex.add(op_type, ins, out, **fixed)
+
+
+def _conv(ex: _Exporter, var: SymbolVar, ins: list[str], out: str) -> None:
+    a = var.op.attrs
+    ex.add("Conv", ins, out, kernel_shape=list(var.inputs[1].shape[2:]), strides=a["stride"],
+           pads=a["padding"] * 2, dilations=a["dilation"], group=a["groups"])
+
+
+def _pool(ex: _Exporter, var: SymbolVar, ins: list[str], out: str) -> None:
+    a = var.op.attrs
+    geometry = dict(kernel_shape=a["window"], strides=a["stride"], pads=a["padding"] * 2)
+    if a["mode"] == "max":
+        ex.add("MaxPool", ins, out, **geometry)
+    else:
+        ex.add("AveragePool", ins, out, count_include_pad=int(a["mode"] == "average"), **geometry)
+
+
+def _matmul(ex: _Exporter, var: SymbolVar, ins: list[str], out: str) -> None:
+    a = var.op.attrs
+    if a["transpose_a"] or a["transpose_b"]:
+        ex.add("Gemm", ins, out, transA=int(a["transpose_a"]), transB=int(a["transpose_b"]))
+    else:
+        ex.add("MatMul", ins, out)
+
+
+def _reshape(ex: _Exporter, var: SymbolVar, ins: list[str], out: str) -> None:
+    ex.add("Reshape", [ins[0], ex.constant(np.asarray(var.op.attrs["shape"], np.int64), "shape")], out)
+
+
+def _axis(op_type: str) -> Callable:
+    return lambda ex, var, ins, out: ex.add(op_type, ins, out, axis=int(var.op.attrs["axis"]))
+
+
+def _reduce(op_type: str, axes_as_input: bool) -> Callable:
+    def emit(ex: _Exporter, var: SymbolVar, ins: list[str], out: str) -> None:
+        axes, keep = list(var.op.attrs["axes"]), int(var.op.attrs["keepdims"])
+        if axes_as_input:
+            ex.add(op_type, [ins[0], ex.constant(np.asarray(axes, np.int64), "axes")], out, keepdims=keep)
+        else:
+            ex.add(op_type, ins, out, axes=axes, keepdims=keep)
+    return emit
+
+
+def _cast(ex: _Exporter, var: SymbolVar, ins: list[str], out: str) -> None:
+    ex.add("Cast", ins, out, to=ex.onnx.helper.np_dtype_to_tensor_dtype(var.dtype))
+
+
+EMITTERS: dict[str, Callable[[_Exporter, SymbolVar, list[str], str], None]] = {
+    "Convolution": _conv, "Pooling": _pool, "MatrixMul": _matmul, "Reshape": _reshape,
+    "Add": _same("Add"), "Sub": _same("Sub"), "Mul": _same("Mul"), "Div": _same("Div"), "Pow": _same("Pow"),
+    "Maximum": _same("Max"), "Neg": _same("Neg"), "Exp": _same("Exp"), "Log": _same("Log"),
+    "Sqrt": _same("Sqrt"), "Abs": _same("Abs"), "Sign": _same("Sign"), "Relu": _same("Relu"),
+    "Sigmoid": _same("Sigmoid"), "Tanh": _same("Tanh"), "Equal": _same("Equal"), "Greater": _same("Greater"),
+    "GreaterEqual": _same("GreaterOrEqual"), "LogicalNot": _same("Not"),
+    "Transpose": lambda ex, var, ins, out: ex.add("Transpose", ins, out, perm=var.op.attrs["perm"]),
+    "Concat": _axis("Concat"), "Softmax": _axis("Softmax"), "LogSoftmax": _axis("LogSoftmax"),
+    "Argmax": lambda ex, var, ins, out: ex.add("ArgMax", ins, out, axis=int(var.op.attrs["axis"]),
+                                               keepdims=0),
+    "Sum": _reduce("ReduceSum", True), "Mean": _reduce("ReduceMean", False),
+    "Max": _reduce("ReduceMax", False),
+    "Astype": _cast, "EmbeddingLookup": _same("Gather", axis=0),
+}
+
+
+def export_onnx(model: Model, path: str | os.PathLike | None = None) -> bytes:
+    """The model's inference graph as ONNX (opset 17) bytes; also written to `path` when given."""
+    from ..serialize.container import write_atomic
+    data = _Exporter(model).run().SerializeToString()
+    if path is not None:
+        write_atomic(path, data)
+    return data

@@ -1,0 +1,325 @@
+"""ONNX -> `Model`: each ONNX node becomes engine operators; initializers become named weights.
+
+Float initializers become shared tensors named as in the ONNX file (PyTorch exports keep
+"conv1.weight"...), trainable unless they are batch-norm statistics; integer initializers and
+`Constant` nodes stay known at build time, which is what `Reshape` needs for its target shape.
+One converter function per ONNX operator, registered in CONVERTERS: read it like a table.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from .. import opr
+from ..graph import ComputingGraph, GraphError, SymbolVar
+from ..model import Model
+from ..serialize.modelfile import ModelFileError
+
+
+class OnnxError(ModelFileError):
+    """An ONNX model cannot be imported or exported (unsupported operator, attribute or shape)."""
+
+
+def require_onnx() -> Any:
+    try:
+        import onnx
+    except ImportError:  # pragma: no cover - depends on the environment
+        raise OnnxError("ONNX support needs the onnx package: pip install 'pocketfed[onnx]'") from None
+    return onnx
+
+
+class _Importer:
+    """Holds the graph being built and what each ONNX value name maps to."""
+
+    def __init__(self, proto: Any) -> None:
+        self.onnx = require_onnx()
+        self.proto = proto
+        self.graph = ComputingGraph()
+        self.vars: dict[str, SymbolVar] = {}  # ONNX value name -> node
+        self.static: dict[str, np.ndarray] = {}  # ONNX value name -> value known at build time
+        self.params: dict[str, SymbolVar] = {}
+        self.opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 13)
+        self.node: Any = None  # the ONNX node being converted, for error messages
+
+    def fail(self, why: str) -> OnnxError:
+        node = self.node
+        return OnnxError(f"ONNX node {node.name or '(unnamed)'!r} ({node.op_type}): {why}")
+
+    # ----- values -----
+    def var(self, name: str, like: SymbolVar | None = None) -> SymbolVar:
+        """The node for an ONNX value; build-time constants become graph constants (in `like`'s type)."""
+        if name in self.vars:
+            return self.vars[name]
+        if name in self.static:
+            value = self.static[name]
+            if like is not None and like.dtype.kind == "f" and value.dtype.kind in "fiu":
+                value = value.astype(like.dtype)
+            return self.graph.constant(value)
+        raise self.fail(f"input {name!r} is not produced by any earlier node")
+
+    def constant_input(self, name: str, what: str) -> np.ndarray:
+        if name not in self.static:
+            raise self.fail(f"{what} must be a constant (an initializer or Constant node), got "
+                            f"computed value {name!r}")
+        return self.static[name]
+
+    def attrs(self) -> dict[str, Any]:
+        helper = self.onnx.helper
+        return {a.name: helper.get_attribute_value(a) for a in self.node.attribute}
+
+    # ----- the whole model -----
+    def run(self) -> Model:
+        g = self.proto.graph
+        numpy_helper = self.onnx.numpy_helper
+        for init in g.initializer:
+            value = numpy_helper.to_array(init)
+            if value.dtype.kind == "f":
+                var = opr.shared(self.graph, value.astype(np.float32, copy=False), init.name)
+                self.vars[init.name] = self.params[init.name] = var
+            else:
+                self.static[init.name] = value
+        inputs = {}
+        for value_info in g.input:
+            if value_info.name in self.vars or value_info.name in self.static:
+                continue  # old exporters list initializers as inputs too
+            inputs[value_info.name] = self.vars[value_info.name] = self._input(value_info)
+        for node in g.node:
+            self.node = node
+            converter = CONVERTERS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+            if converter is None:
+                raise self.fail(f"unsupported ONNX operator {node.op_type!r}"
+                                + (f" in domain {node.domain!r}" if node.domain else "")
+                                + f"; supported: {', '.join(sorted(CONVERTERS))}")
+            try:
+                result = converter(self, node)
+            except GraphError as exc:
+                raise self.fail(str(exc)) from None
+            if isinstance(result, np.ndarray):
+                self.static[node.output[0]] = result
+            else:
+                self.vars[node.output[0]] = result
+        outputs = {o.name: self.var(o.name) for o in g.output}
+        producer = f"{self.proto.producer_name} {self.proto.producer_version}".strip()
+        return Model(self.graph, inputs=inputs, outputs=outputs, params=self.params,
+                     metadata={"source": "onnx", "onnx_opset": int(self.opset), "onnx_producer": producer})
+
+    def _input(self, value_info: Any) -> SymbolVar:
+        tensor_type = value_info.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim]
+        dtype = self.onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
+        return opr.host2device(self.graph, dims, dtype, name=value_info.name)
+
+
+# ----- converters: (importer, node) -> SymbolVar, or an ndarray for a build-time constant -----
+
+def _unary(fn: Callable[[SymbolVar], SymbolVar]) -> Callable:
+    return lambda im, node: fn(im.var(node.input[0]))
+
+
+def _binary(fn: Callable[[SymbolVar, SymbolVar], SymbolVar]) -> Callable:
+    def convert(im: _Importer, node: Any) -> SymbolVar | np.ndarray:
+        a_name, b_name = node.input
+        if a_name in im.static and b_name in im.static:  # shape arithmetic on constants
+            return np.asarray(fn(im.static[a_name], im.static[b_name]))
+        a = im.vars.get(a_name)
+        b = im.var(b_name, like=a)
+        return fn(im.var(a_name, like=b), b)
+    return convert
+
+
+def _symmetric_pads(im: _Importer, pads: list[int] | None, what: str) -> list[int]:
+    pads = list(pads or [0, 0, 0, 0])
+    if len(pads) != 4 or pads[0] != pads[2] or pads[1] != pads[3]:
+        raise im.fail(f"{what}: only symmetric 2-D padding is supported, got pads={pads}")
+    return pads[:2]
+
+
+def _check_auto_pad(im: _Importer, a: dict) -> None:
+    auto_pad = a.get("auto_pad", b"NOTSET")
+    if auto_pad not in (b"NOTSET", b"VALID", "NOTSET", "VALID"):
+        raise im.fail(f"auto_pad={auto_pad!r} is not supported (use explicit pads)")
+
+
+def _conv(im: _Importer, node: Any) -> SymbolVar:
+    a = im.attrs()
+    _check_auto_pad(im, a)
+    x, w = im.var(node.input[0]), im.var(node.input[1])
+    if w.ndim != 4:
+        raise im.fail(f"only 2-D convolution is supported, weight shape {w.shape}")
+    y = opr.convolution(x, w, stride=a.get("strides", 1), padding=_symmetric_pads(im, a.get("pads"), "Conv"),
+                        dilation=a.get("dilations", 1), groups=a.get("group", 1))
+    if len(node.input) > 2 and node.input[2]:
+        y = y + opr.reshape(im.var(node.input[2]), (1, -1, 1, 1))
+    return y
+
+
+def _pool(mode: str) -> Callable:
+    def convert(im: _Importer, node: Any) -> SymbolVar:
+        a = im.attrs()
+        _check_auto_pad(im, a)
+        if a.get("ceil_mode", 0):
+            raise im.fail("ceil_mode=1 is not supported")
+        if any(d != 1 for d in a.get("dilations", [1, 1])):
+            raise im.fail("pooling dilations are not supported")
+        if len(node.output) > 1 and node.output[1]:
+            raise im.fail("the indices output of MaxPool is not supported")
+        kind = mode
+        if mode == "average" and not a.get("count_include_pad", 0):
+            kind = "average_count_exclude_padding"
+        return opr.pooling(im.var(node.input[0]), kind, window=a["kernel_shape"], stride=a.get("strides", 1),
+                           padding=_symmetric_pads(im, a.get("pads"), node.op_type))
+    return convert
+
+
+def _global_average_pool(im: _Importer, node: Any) -> SymbolVar:
+    return opr.mean(im.var(node.input[0]), axis=(2, 3), keepdims=True)
+
+
+def _gemm(im: _Importer, node: Any) -> SymbolVar:
+    a = im.attrs()
+    y = opr.matrix_mul(im.var(node.input[0]), im.var(node.input[1]), transpose_a=bool(a.get("transA", 0)),
+                       transpose_b=bool(a.get("transB", 0)))
+    if a.get("alpha", 1.0) != 1.0:
+        y = y * float(a["alpha"])
+    if len(node.input) > 2 and node.input[2]:
+        c = im.var(node.input[2], like=y)
+        y = y + (c * float(a["beta"]) if a.get("beta", 1.0) != 1.0 else c)
+    return y
+
+
+def _matmul(im: _Importer, node: Any) -> SymbolVar:
+    x, w = im.var(node.input[0]), im.var(node.input[1])
+    if w.ndim != 2 or x.ndim < 2:
+        raise im.fail(f"MatMul is supported for (..., K) @ (K, N), got {x.shape} @ {w.shape}")
+    if x.ndim == 2:
+        return opr.matrix_mul(x, w)
+    lead = [-1 if d is None else d for d in x.shape[:-1]]
+    if lead.count(-1) > 1:
+        raise im.fail(f"MatMul: at most one leading size may be dynamic, got {x.shape}")
+    y = opr.matrix_mul(opr.reshape(x, (-1, x.shape[-1])), w)
+    return opr.reshape(y, (*lead, w.shape[1]))
+
+
+def _flatten(im: _Importer, node: Any) -> SymbolVar:
+    x = im.var(node.input[0])
+    axis = im.attrs().get("axis", 1) % x.ndim if x.ndim else 0
+    if axis == 1:
+        return opr.flatten(x, 1)
+    rest = x.shape[axis:]
+    if None in rest:
+        raise im.fail(f"Flatten(axis={axis}) needs static sizes after the axis, got {x.shape}")
+    return opr.reshape(x, (-1, int(np.prod(rest, dtype=np.int64))))
+
+
+def _reshape(im: _Importer, node: Any) -> SymbolVar:
+    x = im.var(node.input[0])
+    target = [int(d) for d in im.constant_input(node.input[1], "the Reshape shape")]
+    if not im.attrs().get("allowzero", 0):  # 0 means "keep this input size"
+        target = [(-1 if x.shape[i] is None else x.shape[i]) if d == 0 and i < x.ndim else d
+                  for i, d in enumerate(target)]
+    if target.count(-1) > 1:
+        raise im.fail(f"Reshape target {target} leaves more than one size to infer")
+    return opr.reshape(x, target)
+
+
+def _transpose(im: _Importer, node: Any) -> SymbolVar:
+    return opr.transpose(im.var(node.input[0]), im.attrs().get("perm"))
+
+
+def _concat(im: _Importer, node: Any) -> SymbolVar:
+    return opr.concat([im.var(n) for n in node.input], axis=im.attrs()["axis"])
+
+
+def _softmax(fn: Callable) -> Callable:
+    def convert(im: _Importer, node: Any) -> SymbolVar:
+        x = im.var(node.input[0])
+        default = -1 if im.opset >= 13 else 1
+        axis = im.attrs().get("axis", default) % x.ndim
+        if im.opset < 13 and axis != x.ndim - 1:
+            raise im.fail(f"opset {im.opset} {node.op_type} over axes {axis}.. of a {x.ndim}-D input "
+                          "(coerced to 2-D) is not supported")
+        return fn(x, axis)
+    return convert
+
+
+def _batch_norm(im: _Importer, node: Any) -> SymbolVar:
+    a = im.attrs()
+    if len(node.output) > 1 and any(node.output[1:]):
+        raise im.fail("BatchNormalization in training mode (running-stat outputs) is not supported")
+    x, scale, bias, mean, var = (im.var(n) for n in node.input[:5])
+    for stat in (mean, var):
+        if stat.op.type_name == "SharedDeviceTensor":
+            stat.op.attrs["trainable"] = False  # statistics are buffers, not weights
+    # ONNX's momentum weighs the old running value (0.9); the engine's weighs the batch (0.1).
+    return opr.batch_norm(x, scale, bias, mean, var, momentum=1.0 - float(a.get("momentum", 0.9)),
+                          eps=float(a.get("epsilon", 1e-5)))
+
+
+def _dropout(im: _Importer, node: Any) -> SymbolVar:
+    if len(node.output) > 1 and node.output[1]:
+        raise im.fail("the mask output of Dropout is not supported")
+    ratio = im.attrs().get("ratio", 0.5)
+    if len(node.input) > 1 and node.input[1]:
+        ratio = float(im.constant_input(node.input[1], "the Dropout ratio"))
+    return opr.dropout(im.var(node.input[0]), float(ratio), seed=len(im.graph.nodes))
+
+
+def _constant(im: _Importer, node: Any) -> np.ndarray:
+    a = im.attrs()
+    if "value" in a:
+        return im.onnx.numpy_helper.to_array(a["value"])
+    for key, dtype in (("value_float", np.float32), ("value_floats", np.float32), ("value_int", np.int64),
+                       ("value_ints", np.int64)):
+        if key in a:
+            return np.asarray(a[key], dtype)
+    raise im.fail(f"Constant with attributes {sorted(a)} is not supported")
+
+
+def _identity(im: _Importer, node: Any) -> SymbolVar | np.ndarray:
+    name = node.input[0]
+    if name in im.static:
+        return im.static[name]
+    source = im.var(name)
+    if source.op.type_name == "SharedDeviceTensor":
+        # PyTorch's exporter shares one initializer between equal tensors (BN weight == running_var at
+        # init) through Identity; give the alias its own tensor, so training one does not move the other.
+        copy = opr.shared(im.graph, source.value, node.output[0])
+        im.params[node.output[0]] = copy
+        return copy
+    return source
+
+
+CONVERTERS: dict[str, Callable[[_Importer, Any], SymbolVar | np.ndarray]] = {
+    "Conv": _conv, "MaxPool": _pool("max"), "AveragePool": _pool("average"),
+    "GlobalAveragePool": _global_average_pool, "Gemm": _gemm, "MatMul": _matmul,
+    "Add": _binary(lambda a, b: a + b), "Sub": _binary(lambda a, b: a - b),
+    "Mul": _binary(lambda a, b: a * b), "Div": _binary(lambda a, b: a / b),
+    "Relu": _unary(opr.relu), "Sigmoid": _unary(opr.sigmoid), "Tanh": _unary(opr.tanh),
+    "Exp": _unary(opr.exp), "Log": _unary(opr.log), "Sqrt": _unary(opr.sqrt), "Neg": _unary(opr.neg),
+    "Abs": _unary(opr.abs),
+    "Flatten": _flatten, "Reshape": _reshape, "Transpose": _transpose, "Concat": _concat,
+    "Softmax": _softmax(opr.softmax), "LogSoftmax": _softmax(opr.log_softmax),
+    "BatchNormalization": _batch_norm, "Dropout": _dropout, "Constant": _constant, "Identity": _identity,
+}
+
+
+def import_onnx(source: str | os.PathLike | bytes | Any) -> Model:
+    """An ONNX model (path, bytes or ModelProto) as an engine `Model` ready for a loss and an optimizer."""
+    onnx = require_onnx()
+    try:
+        if isinstance(source, (bytes, bytearray)):
+            proto = onnx.load_from_string(bytes(source))
+        elif isinstance(source, (str, os.PathLike)):
+            proto = onnx.load(os.fspath(source), load_external_data=False)
+        else:
+            proto = source
+        onnx.checker.check_model(proto)
+    except OnnxError:
+        raise
+    except Exception as exc:  # onnx raises protobuf DecodeError, ValidationError, OSError...
+        raise OnnxError(f"not a valid ONNX model: {exc}") from None
+    return _Importer(proto).run()

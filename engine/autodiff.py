@@ -41,7 +41,7 @@ def grad(target: SymbolVar, wrt: SymbolVar | Sequence[SymbolVar]) -> SymbolVar |
         if g is None or not node.inputs:
             continue
         input_grads = node.op.grad(node, g)
-        for inp, ig in zip(node.inputs, input_grads):
+        for inp, ig in zip(node.inputs, input_grads, strict=True):
             if ig is None or inp.id not in on_path:
                 continue
             grads[inp.id] = Add.make(grads[inp.id], ig) if inp.id in grads else ig

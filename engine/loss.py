@@ -27,7 +27,7 @@ def _check_mode(mode: str) -> str:
 
 def _same_shape(loss: str, pred: SymbolVar, label: SymbolVar) -> None:
     if pred.ndim != label.ndim or any(a is not None and b is not None and a != b
-                                      for a, b in zip(pred.shape, label.shape)):
+                                      for a, b in zip(pred.shape, label.shape, strict=True)):
         raise ShapeError(f"{loss}: prediction {pred.shape} and label {label.shape} must have the same shape")
 
 
@@ -89,4 +89,5 @@ class BCEWithLogitsLoss(ILoss):
         return _reduce(values, self.reduce_mode)
 
 
-LOSSES = {"cross_entropy": CrossEntropyLoss, "mse": MSELoss, "l1": L1Loss, "bce_with_logits": BCEWithLogitsLoss}
+LOSSES = {"cross_entropy": CrossEntropyLoss, "mse": MSELoss, "l1": L1Loss,
+          "bce_with_logits": BCEWithLogitsLoss}

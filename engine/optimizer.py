@@ -46,7 +46,7 @@ class Optimizer(IOptimizer):
         weights, grads = list(weights), list(grads)
         if len(weights) != len(grads):
             raise GraphError(f"make_multiple: {len(weights)} weights but {len(grads)} gradients")
-        return [self.make(w, g, graph) for w, g in zip(weights, grads)]
+        return [self.make(w, g, graph) for w, g in zip(weights, grads, strict=True)]
 
     def set_lr(self, lr: float) -> None:
         self.lr = float(lr)
@@ -54,9 +54,12 @@ class Optimizer(IOptimizer):
             var.value[...] = lr
 
     def _lr(self, graph: ComputingGraph) -> SymbolVar:
-        name = f"{type(self).__name__.lower()}.lr"
-        if name in graph:
-            return graph[name]
+        for var in self._lr_vars:  # one lr per optimizer and graph; another optimizer keeps its own
+            if var.graph is graph:
+                return var
+        name, k = f"{type(self).__name__.lower()}.lr", 1
+        while name in graph:
+            name, k = f"{type(self).__name__.lower()}.lr.{k}", k + 1
         var = opr.shared(graph, np.asarray(self.lr, np.float32), name, trainable=False)
         self._lr_vars.append(var)
         return var
@@ -84,7 +87,8 @@ def _attach(anchor: SymbolVar, *updates: SymbolVar) -> SymbolVar:
 class SGD(Optimizer):
     """torch.optim.SGD (dampening 0): g += wd*w; buf = m*buf + g; step = g + m*buf (nesterov) or buf."""
 
-    def __init__(self, lr: float, weight_decay: float = 0.0, momentum: float = 0.0, nesterov: bool = False) -> None:
+    def __init__(self, lr: float, weight_decay: float = 0.0, momentum: float = 0.0,
+                 nesterov: bool = False) -> None:
         super().__init__(lr)
         if nesterov and momentum <= 0:
             raise ValueError("nesterov needs momentum > 0")

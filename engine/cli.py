@@ -8,7 +8,7 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from .data import load_default, open_dataset
 from .models import build
@@ -45,8 +45,23 @@ def train_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _user_errors(prog: str, run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Bad paths, corrupt files and mismatched models end in one clear line, not a traceback."""
+    from .data import DataError
+    from .graph import GraphError
+    from .serialize.container import ContainerError
+    try:
+        return run(args)
+    except (DataError, ContainerError, GraphError, OSError) as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+
+
 def train_main(argv: Sequence[str] | None = None) -> int:
-    args = train_parser().parse_args(argv)
+    return _user_errors("pf-train", _train, train_parser().parse_args(argv))
+
+
+def _train(args: argparse.Namespace) -> int:
     train_set, test_set = _datasets(args.data)
     model = build("lenet", seed=args.seed) if args.model is None else _load_model(args.model)
     trainable = None
@@ -100,14 +115,17 @@ def _save_model(model, path: str, inference_only: bool) -> str:
 
 
 def eval_main(argv: Sequence[str] | None = None) -> int:
-    from . import load
-    from .data import open_dataset
-    from .trainer import evaluate_model
     p = argparse.ArgumentParser(prog="pf-eval", description="Accuracy of a model file on a dataset.")
     p.add_argument("--model", required=True, help="pocketfed model file or .onnx")
     p.add_argument("--data", help="dataset path (IDX dir uses its test split); default: embedded test subset")
     p.add_argument("--json", action="store_true")
-    args = p.parse_args(argv)
+    return _user_errors("pf-eval", _eval, p.parse_args(argv))
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from . import load
+    from .data import open_dataset
+    from .trainer import evaluate_model
     dataset = load_default("test") if args.data is None else open_dataset(args.data, split="test")
     metrics = evaluate_model(load(args.model), dataset)
     out = {"accuracy": metrics["accuracy"], "n": metrics["n"]}

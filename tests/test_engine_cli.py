@@ -80,3 +80,17 @@ def test_console_scripts_point_at_real_functions():
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts["pf-train"] == "engine.cli:train_main" and callable(cli.train_main)
     assert scripts["pf-eval"] == "engine.cli:eval_main" and callable(cli.eval_main)
+
+
+def test_bad_paths_end_in_one_clear_line(tmp_path):
+    missing = tmp_path / "nowhere"
+    proc = run("-m", "engine", "--data", str(missing), "--quiet")
+    assert proc.returncode == 2
+    assert "pf-train: error:" in proc.stderr and str(missing) in proc.stderr
+    assert "Traceback" not in proc.stderr
+    corrupt = tmp_path / "corrupt.pfm"
+    corrupt.write_bytes(b"not a model file at all")
+    proc = run("-c", "import sys; from engine.cli import eval_main; sys.exit(eval_main())", "--model", str(corrupt))
+    assert proc.returncode == 2
+    assert "pf-eval: error:" in proc.stderr and "magic" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -3,6 +3,12 @@
 Every value gets a slot; instructions read input slots and fill their output slot. Feeds
 are checked against the shapes the graph was built with. Updates are written into the
 shared tensors after all instructions ran, so every reader saw the old value.
+
+With the memory_plan pass (on by default) the first step for each set of input shapes runs
+allocating and records every value's shape; from then on kernels write into buffers of one
+arena planned by liveness (engine/compiler/memory.py), views of those buffers are made once,
+and scratch space lives in per-instruction workspaces: a steady-state step allocates only
+the copies of the outputs it returns. A new batch size gets its own plan (a few are cached).
 """
 
 from __future__ import annotations
@@ -10,12 +16,37 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
 
-from .compiler.program import Program
+from .compiler.memory import Instruction, MemoryPlan, plan
+from .compiler.program import Node, Program
 from .graph import GraphError
+from .opr.base import Workspace
+
+MAX_PLANS = 4  # shape signatures kept (e.g. full batches and the last, smaller one)
+
+# How an instruction runs under a plan.
+INTO, VIEW, FIXED_VIEW, ALLOC = "into", "view", "fixed_view", "alloc"
+
+
+@dataclass
+class StepPlan:
+    memory: MemoryPlan
+    template: list[Any]  # slot -> planned buffer or fixed view (None where filled per step)
+    steps: list[tuple[str, Any, list[int], int, str]]  # (how, kernel, input slots, output slot, type)
+    workspaces: list[Workspace]
+
+    @property
+    def workspace_bytes(self) -> int:
+        return sum(ws.nbytes for ws in self.workspaces)
+
+    @property
+    def allocating_kernels(self) -> list[str]:
+        return [type_name for how, _, _, _, type_name in self.steps if how == ALLOC]
 
 
 class CompiledFunction:
@@ -27,6 +58,7 @@ class CompiledFunction:
         self.op_calls: dict[str, int] = defaultdict(int)
         slot = {id(n): i for i, n in enumerate(program.nodes)}
         self._n_slots = len(program.nodes)
+        self._nodes: list[Node] = []  # the op nodes, in execution order
         self._instructions = []  # (kernel, input slots, output slot, type name)
         self._constants: list[tuple[int, Any]] = []  # (slot, holder of .value: SymbolVar or Node)
         self._feeds: dict[str, tuple[int, Any]] = {}  # name -> (slot, origin var)
@@ -38,9 +70,13 @@ class CompiledFunction:
             elif node.kind == "const":
                 self._constants.append((i, node))
             else:
-                self._instructions.append((node.op.forward, [slot[id(x)] for x in node.inputs], i, node.op.type_name))
+                self._nodes.append(node)
+                self._instructions.append((node.op.forward, [slot[id(x)] for x in node.inputs], i,
+                                           node.op.type_name))
         self._outputs = [slot[id(n)] for n in program.outputs]
         self._updates = [(dest, slot[id(n)]) for dest, n in program.updates]
+        self._plans: dict[tuple, StepPlan] = {}
+        self.last_shapes: dict[int, tuple] = {}  # slot -> shape, from the last unplanned step
 
     @property
     def input_names(self) -> list[str]:
@@ -57,6 +93,7 @@ class CompiledFunction:
             raise GraphError(f"input {name!r}: expected shape {shown}, got {array.shape}")
         return array
 
+    # ----- one step -----
     def execute(self, feeds: Mapping[str, Any] | None = None, **kw_feeds: Any) -> Any:
         """Run one step. Inputs by name (dict or keywords); returns the outputs as numpy arrays."""
         given = {**(feeds or {}), **kw_feeds}
@@ -65,20 +102,26 @@ class CompiledFunction:
         if missing or extra:
             raise GraphError(f"execute: missing inputs {missing}, unknown inputs {extra}; "
                              f"this function takes {list(self._feeds)}")
-        values: list[Any] = [None] * self._n_slots
-        for name, (i, var) in self._feeds.items():
-            values[i] = self._check_feed(name, given[name], var)
+        fed = [(i, self._check_feed(name, given[name], var)) for name, (i, var) in self._feeds.items()]
+        signature = tuple((a.shape, a.dtype.str) for _, a in fed)
+        step = self._plans.get(signature) if self.program.plan_memory else None
+        values: list[Any] = [None] * self._n_slots if step is None else step.template.copy()
+        for i, array in fed:
+            values[i] = array
         for i, holder in self._constants:
             values[i] = holder.value
-        if self.profile:
-            for kernel, ins, out, type_name in self._instructions:
-                start = time.perf_counter()
-                values[out] = kernel(*[values[j] for j in ins])
-                self.op_seconds[type_name] += time.perf_counter() - start
-                self.op_calls[type_name] += 1
+        if step is None:
+            self._run_allocating(values)
+            if self.program.plan_memory:
+                self._remember(signature, self._make_plan(values))
+        elif self.profile:
+            self._run_planned_profiled(step, values)
         else:
-            for kernel, ins, out, _ in self._instructions:
-                values[out] = kernel(*[values[j] for j in ins])
+            for how, kernel, ins, out, _ in step.steps:
+                if how is INTO:
+                    kernel(*[values[j] for j in ins])
+                elif how is not FIXED_VIEW:
+                    values[out] = kernel(*[values[j] for j in ins])
         results = [np.array(values[i], copy=True) for i in self._outputs]
         for dest, i in self._updates:
             np.copyto(dest.value, values[i])
@@ -86,8 +129,90 @@ class CompiledFunction:
 
     __call__ = execute
 
+    def _run_allocating(self, values: list[Any]) -> None:
+        for kernel, ins, out, type_name in self._instructions:
+            start = time.perf_counter() if self.profile else 0.0
+            values[out] = kernel(*[values[j] for j in ins])
+            if self.profile:
+                self.op_seconds[type_name] += time.perf_counter() - start
+                self.op_calls[type_name] += 1
+
+    def _run_planned_profiled(self, step: StepPlan, values: list[Any]) -> None:
+        for how, kernel, ins, out, type_name in step.steps:
+            start = time.perf_counter()
+            if how is INTO:
+                kernel(*[values[j] for j in ins])
+            elif how is not FIXED_VIEW:
+                values[out] = kernel(*[values[j] for j in ins])
+            self.op_seconds[type_name] += time.perf_counter() - start
+            self.op_calls[type_name] += 1
+
+    # ----- planning -----
+    def _remember(self, signature: tuple, step: StepPlan) -> None:
+        if len(self._plans) >= MAX_PLANS:
+            self._plans.pop(next(iter(self._plans)))
+        self._plans[signature] = step
+
+    def _make_plan(self, values: list[Any]) -> StepPlan:
+        """Plan from an allocating step's values: their shapes, and which results were views."""
+        self.last_shapes = {i: np.shape(v) for i, v in enumerate(values)}
+        view_of: dict[int, list[int]] = {}  # a kernel that does not write into a buffer may return a view
+        buffers: dict[int, tuple[tuple, np.dtype]] = {}
+        instructions = []
+        for node, (_, ins, out, _) in zip(self._nodes, self._instructions):
+            if node.op.writes_into():
+                result = np.asarray(values[out])
+                buffers[out] = (result.shape, result.dtype)
+            else:
+                view_of[out] = list(ins)  # of any input, as far as lifetimes go
+            instructions.append(Instruction(ins, out, [k for k in node.inplace if ins[k] in buffers]))
+        memory = plan(instructions, buffers, view_of, [*self._outputs, *(i for _, i in self._updates)])
+
+        template: list[Any] = [None] * self._n_slots
+        for s, array in memory.arrays.items():
+            template[s] = array
+        steps, workspaces = [], []
+        for node, (kernel, ins, out, type_name) in zip(self._nodes, self._instructions):
+            if out in memory.arrays:
+                ws = Workspace()
+                workspaces.append(ws)
+                steps.append((INTO, partial(node.op.forward_into, ws, memory.arrays[out]), ins, out, type_name))
+                continue
+            # A view of planned memory only (not of a feed or a fresh array) is the same view every
+            # step: make it now. Only kernels that returned a view in the first step are re-run here
+            # (running others could advance state, such as a dropout mask's random generator).
+            found = values[out]
+            was_view = isinstance(found, np.ndarray) and any(
+                isinstance(values[j], np.ndarray) and np.may_share_memory(found, values[j]) for j in ins)
+            if not was_view:
+                steps.append((ALLOC, kernel, ins, out, type_name))
+                continue
+            result = kernel(*[template[j] if template[j] is not None else values[j] for j in ins])
+            shares = [template[j] is not None for j in ins
+                      if isinstance(result, np.ndarray) and np.may_share_memory(result, values[j] if
+                                                                                template[j] is None else template[j])]
+            if shares and all(shares):
+                template[out] = result
+                steps.append((FIXED_VIEW, kernel, ins, out, type_name))
+            else:
+                steps.append((VIEW, kernel, ins, out, type_name))
+        return StepPlan(memory, template, steps, workspaces)
+
+    # ----- inspection -----
+    @property
+    def plans(self) -> list[StepPlan]:
+        return list(self._plans.values())
+
     def explain(self) -> str:
-        """What the compiler did and what runs, for debugging."""
+        """What the compiler did, what runs and how memory is planned, for debugging."""
         lines = [f"{len(self._instructions)} kernels, {len(self._updates)} updates, "
                  f"mode={'train' if self.program.training else 'eval'}", *self.program.notes]
+        for signature, step in self._plans.items():
+            shapes = ", ".join(str(s) for s, _ in signature)
+            m = step.memory
+            lines.append(f"plan for inputs {shapes}: arena {m.arena_bytes / 1e6:.2f} MB for "
+                         f"{m.unplanned_bytes / 1e6:.2f} MB of values ({len(m.blocks)} blocks, {m.inplace} in place), "
+                         f"workspaces {step.workspace_bytes / 1e6:.2f} MB, "
+                         f"allocating kernels: {step.allocating_kernels or 'none'}")
         return "\n".join(lines)
+

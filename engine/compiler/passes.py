@@ -1,5 +1,6 @@
 """Graph rewrites run at compile time, each a function Program -> None (in place), each
-switchable by name so a result can be checked with and without it."""
+switchable by name so a result can be checked with and without it:
+`graph.compile(..., passes=[...])` picks them; the default runs all, in `PASSES` order."""
 
 from __future__ import annotations
 
@@ -7,21 +8,12 @@ from collections.abc import Callable
 
 import numpy as np
 
+from .fusion import fuse_elementwise, softmax_cross_entropy
+from .lowering import share_im2col
 from .program import Node, Program
 
 _NON_DETERMINISTIC = {"DropoutMask", "AddUpdate"}
 _MAX_FOLD_ELEMENTS = 1 << 16  # don't bake large tensors produced from constants into the program
-
-
-def _replace(program: Program, mapping: dict[int, Node]) -> None:
-    """Point every use of a replaced node at its replacement."""
-    if not mapping:
-        return
-    for node in program.nodes:
-        node.inputs = [mapping.get(id(i), i) for i in node.inputs]
-    program.outputs = [mapping.get(id(n), n) for n in program.outputs]
-    program.updates = [(d, mapping.get(id(n), n)) for d, n in program.updates]
-    program.reorder()
 
 
 def constant_folding(program: Program) -> None:
@@ -36,7 +28,7 @@ def constant_folding(program: Program) -> None:
             if value.size <= _MAX_FOLD_ELEMENTS:
                 from ..opr.io import ImmutableTensor
                 folded[id(node)] = Node(ImmutableTensor(), [], value.shape, value.dtype, value=value)
-    _replace(program, folded)
+    program.replace(folded)
     if folded:
         program.notes.append(f"constant_folding: folded {len(folded)} nodes")
 
@@ -67,14 +59,63 @@ def common_subexpressions(program: Program) -> None:
             mapping[id(node)] = canonical[key]
         else:
             canonical[key] = node
-    _replace(program, mapping)
+    program.replace(mapping)
     if mapping:
         program.notes.append(f"common_subexpressions: merged {len(mapping)} nodes")
+
+
+def direct_updates(program: Program) -> None:
+    """An update that only stores a value (AddUpdate alpha=0, beta=1, bias=0, same shape and
+    dtype: the optimizer's new momentum) needs no copy kernel: store the value itself."""
+    changed = 0
+    for k, (dest, node) in enumerate(program.updates):
+        op = node.op
+        if op.type_name == "AddUpdate" and (op.alpha, op.beta, op.bias) == (0, 1, 0):
+            delta = node.inputs[1]
+            # (a source would be read after other updates wrote it: keep those copied in the kernel)
+            if delta.kind == "op" and delta.shape == node.shape and None not in delta.shape \
+                    and delta.dtype == node.dtype:
+                program.updates[k] = (dest, delta)
+                changed += 1
+    if changed:
+        program.reorder()
+        program.notes.append(f"direct_updates: {changed} updates store their value without a copy kernel")
+
+
+def inplace(program: Program) -> None:
+    """Let an elementwise node write over an input that nobody else reads: mark the candidates.
+
+    The memory plan confirms each one with concrete shapes (same shape and dtype, input not a
+    view, input's last use is this node) and then gives both values one buffer."""
+    readers = program.readers()
+    roots = program.root_ids()
+    marked = 0
+    for node in program.nodes:
+        if node.kind != "op" or not (node.op.elementwise and node.op.writes_into()):
+            continue
+        node.inplace = tuple(k for k, x in enumerate(node.inputs)
+                             if x.kind == "op" and id(x) not in roots and len(readers[id(x)]) == 1
+                             and x.dtype == node.dtype and len(x.shape) == len(node.shape))
+        marked += bool(node.inplace)
+    if marked:
+        program.notes.append(f"inplace: {marked} nodes may overwrite an input")
+
+
+def memory_plan(program: Program) -> None:
+    """Run in buffers planned by liveness at the first execute for each input shape
+    (engine/compiler/memory.py); without this pass every step allocates its values."""
+    program.plan_memory = True
 
 
 PASSES: dict[str, Callable[[Program], None]] = {
     "constant_folding": constant_folding,
     "common_subexpressions": common_subexpressions,
+    "softmax_cross_entropy": softmax_cross_entropy,
+    "share_im2col": share_im2col,
+    "direct_updates": direct_updates,
+    "fuse_elementwise": fuse_elementwise,
     "dead_code": dead_code,
+    "inplace": inplace,
+    "memory_plan": memory_plan,
 }
 DEFAULT_PASSES = tuple(PASSES)

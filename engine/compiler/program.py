@@ -24,6 +24,7 @@ class Node:
     dtype: np.dtype
     origin: SymbolVar | None = None  # the user's var (sources read their value through it)
     value: np.ndarray | None = None  # for constants
+    inplace: tuple[int, ...] = ()  # inputs whose buffer the output may take over (set by the inplace pass)
 
     @property
     def kind(self) -> str:
@@ -41,6 +42,36 @@ class Program:
     updates: list[tuple[SymbolVar, Node]]  # (shared destination, node computing its new value)
     training: bool
     notes: list[str] = field(default_factory=list)  # what each pass did, for `explain()`
+    plan_memory: bool = False  # set by the memory_plan pass: the runtime runs in planned buffers
+
+    def replace(self, mapping: dict[int, Node]) -> None:
+        """Point every use of a replaced node (by id) at its replacement, then drop the unused.
+        Replacements may read other replaced nodes; they are re-pointed too."""
+        if not mapping:
+            return
+
+        def final(node: Node) -> Node:
+            while id(node) in mapping and mapping[id(node)] is not node:
+                node = mapping[id(node)]
+            return node
+
+        for node in [*self.nodes, *mapping.values()]:
+            node.inputs = [final(i) for i in node.inputs]
+        self.outputs = [final(n) for n in self.outputs]
+        self.updates = [(d, final(n)) for d, n in self.updates]
+        self.reorder()
+
+    def readers(self) -> dict[int, list[Node]]:
+        """id(node) -> the nodes that read it (once per reading node)."""
+        out: dict[int, list[Node]] = {id(n): [] for n in self.nodes}
+        for node in self.nodes:
+            for i in {id(x): x for x in node.inputs}.values():
+                out[id(i)].append(node)
+        return out
+
+    def root_ids(self) -> set[int]:
+        """Values the caller sees: outputs and update values must keep their own buffers."""
+        return {id(n) for n in self.roots()}
 
     def roots(self) -> list[Node]:
         return self.outputs + [n for _, n in self.updates]

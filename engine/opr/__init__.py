@@ -16,12 +16,48 @@ from ..graph import ComputingGraph, ShapeError, SymbolVar
 from .base import OPERATORS, Operator
 from .conv import Convolution, ConvolutionBackwardData, ConvolutionBackwardFilter
 from .elemwise import (
-    Abs, Add, Astype, BroadcastLike, Div, Equal, Exp, Greater, GreaterEqual, Log, LogicalNot, Maximum, Mul, Neg,
-    Pow, Relu, ReluGrad, Sigmoid, Sign, Sqrt, Sub, SumToShapeOf, Tanh,
+    Abs,
+    Add,
+    Astype,
+    BroadcastLike,
+    Div,
+    Equal,
+    Exp,
+    Greater,
+    GreaterEqual,
+    Log,
+    LogicalNot,
+    Maximum,
+    Mul,
+    Neg,
+    Pow,
+    Relu,
+    ReluGrad,
+    Sigmoid,
+    Sign,
+    Sqrt,
+    Sub,
+    SumToShapeOf,
+    Tanh,
 )
+from .fused import FusedElemwise
 from .io import Host2DeviceCopy, ImmutableTensor, SharedDeviceTensor
 from .matmul import MatrixMul
-from .nn import Argmax, DropoutMask, ExpOf, IndexingOneHot, IndexingOneHotGrad, LogSoftmax, ModeSelect, OneHot, Softmax
+from .nn import (
+    Argmax,
+    DropoutMask,
+    EmbeddingLookup,
+    EmbeddingLookupGrad,
+    ExpOf,
+    IndexingOneHot,
+    IndexingOneHotGrad,
+    LogSoftmax,
+    ModeSelect,
+    OneHot,
+    Softmax,
+    SoftmaxCrossEntropy,
+    SoftmaxCrossEntropyGrad,
+)
 from .pooling import Pooling, PoolingBackward
 from .reduce import CountRatio, Max, Mean, Sum
 from .shape import Concat, PadSlice, Reshape, ReshapeLike, Slice, Transpose
@@ -115,9 +151,19 @@ def log_softmax(x: SymbolVar, axis: int = -1) -> SymbolVar: return LogSoftmax.ma
 def argmax(x: SymbolVar, axis: int = -1) -> SymbolVar: return Argmax.make(x, axis=axis)
 
 
+def softmax_cross_entropy(logits: SymbolVar, label: SymbolVar, axis: int = 1) -> SymbolVar:
+    """Per-sample -log softmax(logits)[label], forward and gradient each one kernel."""
+    return SoftmaxCrossEntropy.make(logits, label, axis=axis % logits.ndim)
+
+
 def indexing_one_hot(x: SymbolVar, index: SymbolVar, axis: int = 1) -> SymbolVar:
     """x[i, index[i]] along `axis`."""
     return IndexingOneHot.make(x, index, axis=axis % x.ndim)
+
+
+def embedding(weight: SymbolVar, index: SymbolVar) -> SymbolVar:
+    """weight[index]: one row of the (rows, dim) table per integer index."""
+    return EmbeddingLookup.make(weight, index)
 
 
 def one_hot(labels: SymbolVar, num_classes: int, dtype: Any = "float32") -> SymbolVar:

@@ -10,7 +10,7 @@ Attributes are plain JSON values so a graph can be saved to a model file and reb
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -31,7 +31,7 @@ class Operator(ABC):
         OPERATORS[cls.__name__] = cls
 
     def __init__(self, **attrs: Any) -> None:
-        self.attrs = attrs
+        self.attrs = _Attrs(self, attrs)
 
     def __getattr__(self, name: str) -> Any:
         attrs = self.__dict__.get("attrs", {})
@@ -50,6 +50,24 @@ class Operator(ABC):
 
     def grad(self, out: SymbolVar, dout: SymbolVar) -> Sequence[SymbolVar | None]:
         raise GraphError(f"{self.type_name} has no gradient rule")
+
+    # ----- running into planned memory (see engine/compiler/memory.py) -----
+    # An elementwise operator's output[i] depends only on its inputs at i, so the output may
+    # overwrite a same-shaped input that nobody reads afterwards (the in-place pass).
+    elementwise: ClassVar[bool] = False
+
+    def forward_into(self, ws: Workspace, out: np.ndarray, *xs: np.ndarray) -> None:
+        """Write the result into the preallocated `out`; scratch arrays come from `ws`.
+
+        The fallback calls `forward` and copies (it allocates); operators on hot paths override
+        it so that a planned step allocates nothing. Overrides must give `forward`'s exact bits.
+        """
+        np.copyto(out, self.forward(*xs))
+
+    @classmethod
+    def writes_into(cls) -> bool:
+        """True when the operator has its own allocation-free `forward_into`."""
+        return cls.forward_into is not Operator.forward_into
 
     # ----- building -----
     @classmethod
@@ -80,6 +98,55 @@ class Operator(ABC):
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.attrs.items())
         return f"{self.type_name}({args})"
+
+
+class _Attrs(dict):
+    """An operator's attributes, mirrored as plain instance attributes: kernels read them every
+    step, and that is much faster than `__getattr__`. Writes (`op.attrs["trainable"] = False`)
+    update the mirror; names the class itself defines stay reachable only through the dict."""
+
+    def __init__(self, owner: Operator, items: dict[str, Any]) -> None:
+        super().__init__()
+        self._owner = owner
+        for name, value in items.items():
+            self[name] = value
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        super().__setitem__(name, value)
+        if not hasattr(type(self._owner), name):
+            self._owner.__dict__[name] = value
+
+    def __delitem__(self, name: str) -> None:
+        super().__delitem__(name)
+        self._owner.__dict__.pop(name, None)
+
+
+class Workspace:
+    """Scratch arrays one instruction keeps between steps (column buffers, padded copies, masks).
+
+    Made on first use and handed back unchanged afterwards, so a steady-state step allocates
+    nothing; `zero=True` zeroes an array once at creation (e.g. padding borders that stay
+    zero) and `init` fills it once.
+    """
+
+    def __init__(self) -> None:
+        self.arrays: dict[str, np.ndarray] = {}
+        self.memo: dict[Any, Any] = {}  # anything else a kernel works out once per shape
+
+    def get(self, name: str, shape: tuple, dtype: np.dtype, zero: bool = False,
+            init: Callable[[np.ndarray], None] | None = None) -> np.ndarray:
+        """The scratch array `name`, made (zeroed, or filled by `init`) when missing or reshaped."""
+        array = self.arrays.get(name)
+        if array is None or array.shape != shape or array.dtype != dtype:
+            array = np.zeros(shape, dtype) if zero else np.empty(shape, dtype)
+            if init is not None:
+                init(array)
+            self.arrays[name] = array
+        return array
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays.values())
 
 
 # ----- helpers shared by operators -----

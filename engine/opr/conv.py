@@ -1,8 +1,9 @@
 """2-D convolution (MegEngine's `opr::Convolution`), NCHW, with stride, padding, dilation, groups.
 
-The kernel lowers the convolution to one batched matrix product per group over a strided
-window view (im2col): no Python loop touches pixels. Its two gradients are operators of
-their own, so the backward graph is as plain as the forward one.
+The kernels lower the convolution to BLAS matrix products over a strided window view
+(im2col) copied into a column buffer kept between steps: no Python loop touches pixels.
+Columns are laid out per sample, (N, G, Cg*KH*KW, OH*OW), so the product W @ cols lands
+directly in NCHW order with no transpose. The two gradients are operators of their own.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from ..graph import ShapeError
-from .base import Operator, same_size, shape_str
+from .base import Operator, Workspace, same_size, shape_str
 
 
 def _pair(v) -> list[int]:
@@ -40,7 +41,7 @@ def pad_hw(x: np.ndarray, pad, value: float = 0.0) -> np.ndarray:
 
 
 class _ConvGeometry(Operator):
-    """Shared attribute handling for the convolution family."""
+    """Shared attribute handling and the column buffer of the convolution family."""
 
     @classmethod
     def make(cls, *inputs, stride=1, padding=0, dilation=1, groups=1, name=None):
@@ -51,14 +52,34 @@ class _ConvGeometry(Operator):
         return (out_size(h, kh, self.stride[0], self.padding[0], self.dilation[0]),
                 out_size(w, kw, self.stride[1], self.padding[1], self.dilation[1]))
 
-    def _cols(self, x: np.ndarray, kh: int, kw: int) -> tuple[np.ndarray, tuple[int, int]]:
-        """im2col: (G, N*OH*OW, Cg*KH*KW), contiguous, ready for one matmul per group."""
+    def _padded(self, ws: Workspace, x: np.ndarray) -> np.ndarray:
+        """x with zero borders, in a buffer whose borders are zeroed once and never written."""
+        ph, pw = self.padding
+        if not (ph or pw):
+            return x
+        n, c, h, w = x.shape
+        xp = ws.get("padded", (n, c, h + 2 * ph, w + 2 * pw), x.dtype, zero=True)
+        xp[:, :, ph:ph + h, pw:pw + w] = x
+        return xp
+
+    def _cols(self, ws: Workspace, x: np.ndarray, kh: int, kw: int) -> np.ndarray:
+        """im2col into the workspace: (N, G, Cg*KH*KW, OH*OW), contiguous."""
         n, c, h, w = x.shape
         oh, ow = self.out_hw(h, w, kh, kw)
-        g = self.groups
-        view = windows(pad_hw(x, self.padding), (kh, kw), self.stride, self.dilation, (oh, ow))
-        view = view.reshape(n, g, c // g, oh, ow, kh, kw).transpose(1, 0, 3, 4, 2, 5, 6)
-        return view.reshape(g, n * oh * ow, (c // g) * kh * kw), (oh, ow)
+        (sh, sw), (dh, dw), g = self.stride, self.dilation, self.groups
+        xp = self._padded(ws, x)
+        s0, s1, s2, s3 = xp.strides
+        view = as_strided(xp, (n, c, kh, kw, oh, ow), (s0, s1, s2 * dh, s3 * dw, s2 * sh, s3 * sw), writeable=False)
+        cols = ws.get("cols", (n, c, kh, kw, oh, ow), x.dtype)
+        np.copyto(cols, view)
+        return cols.reshape(n, g, (c // g) * kh * kw, oh * ow)
+
+
+def _allocating(op: Operator, shape: tuple, dtype: np.dtype, *xs: np.ndarray) -> np.ndarray:
+    """`forward` = `forward_into` a fresh array with a throwaway workspace: one kernel, two entry points."""
+    out = np.empty(shape, dtype)
+    op.forward_into(Workspace(), out, *xs)
+    return out
 
 
 class Convolution(_ConvGeometry):
@@ -86,12 +107,11 @@ class Convolution(_ConvGeometry):
         return (n, o, oh, ow), np.result_type(x.dtype, w.dtype)
 
     def forward(self, x, w):
-        o, cg, kh, kw = w.shape
-        g, n = self.groups, x.shape[0]
-        cols, (oh, ow) = self._cols(x, kh, kw)
-        wg = w.reshape(g, o // g, cg * kh * kw)
-        out = np.matmul(cols, wg.transpose(0, 2, 1))  # (G, N*OH*OW, O/G)
-        return out.reshape(g, n, oh, ow, o // g).transpose(1, 0, 4, 2, 3).reshape(n, o, oh, ow)
+        oh, ow = self.out_hw(*x.shape[2:], *w.shape[2:])
+        return _allocating(self, (x.shape[0], w.shape[0], oh, ow), np.result_type(x, w), x, w)
+
+    def forward_into(self, ws, out, x, w):
+        _conv_from_cols(out, self._cols(ws, x, *w.shape[2:]), w, self.groups)
 
     def grad(self, out, dout):
         x, w = out.inputs
@@ -100,10 +120,13 @@ class Convolution(_ConvGeometry):
                 ConvolutionBackwardFilter.make(x, dout, w, **geometry)]
 
 
-def _dout_by_group(dout: np.ndarray, g: int) -> np.ndarray:
-    """(N, O, OH, OW) -> (G, N*OH*OW, O/G)."""
-    n, o, oh, ow = dout.shape
-    return dout.reshape(n, g, o // g, oh, ow).transpose(1, 0, 3, 4, 2).reshape(g, n * oh * ow, o // g)
+def _contiguous(ws: Workspace, name: str, a: np.ndarray) -> np.ndarray:
+    """`a` itself when C-contiguous, else a copy in the workspace (so reshapes stay views)."""
+    if a.flags.c_contiguous:
+        return a
+    buf = ws.get(name, a.shape, a.dtype)
+    np.copyto(buf, a)
+    return buf
 
 
 class ConvolutionBackwardData(_ConvGeometry):
@@ -115,19 +138,30 @@ class ConvolutionBackwardData(_ConvGeometry):
         return like.shape, dout.dtype
 
     def forward(self, w, dout, like):
+        return _allocating(self, like.shape, dout.dtype, w, dout, like)
+
+    def forward_into(self, ws, out, w, dout, like):
+        # Batch-last layout: columns (C, KH, KW, OH, OW, N) come from one matrix product, and
+        # col2im's strided adds then run over long contiguous rows (OW*N), not rows of OW.
         o, cg, kh, kw = w.shape
         g = self.groups
         n, c, h, wd = like.shape
         oh, ow = dout.shape[2:]
-        dcols = np.matmul(_dout_by_group(dout, g), w.reshape(g, o // g, cg * kh * kw))
-        dcols = dcols.reshape(g, n, oh, ow, cg, kh, kw).transpose(1, 0, 4, 5, 6, 2, 3).reshape(n, c, kh, kw, oh, ow)
+        dout_t = ws.get("dout_t", (o, oh, ow, n), dout.dtype)
+        np.copyto(dout_t, dout.transpose(1, 2, 3, 0))
+        dcols = ws.get("dcols", (c, kh, kw, oh, ow, n), dout.dtype)
+        # (G, K, O/G) @ (G, O/G, OH*OW*N) -> (G, K, OH*OW*N) == (C, KH, KW, OH, OW, N)
+        np.matmul(w.reshape(g, o // g, cg * kh * kw).transpose(0, 2, 1), dout_t.reshape(g, o // g, -1),
+                  out=dcols.reshape(g, cg * kh * kw, -1))
         ph, pw = self.padding
-        dxp = np.zeros((n, c, h + 2 * ph, wd + 2 * pw), dtype=dout.dtype)
+        dxp = ws.get("dx_t", (c, h + 2 * ph, wd + 2 * pw, n), dout.dtype)
+        dxp.fill(0)
         (sh, sw), (dh, dw) = self.stride, self.dilation
-        for i in range(kh):  # col2im: one strided add per kernel tap
+        for i in range(kh):  # col2im: one strided add per kernel tap, never per pixel
             for j in range(kw):
-                dxp[:, :, i * dh:i * dh + sh * (oh - 1) + 1:sh, j * dw:j * dw + sw * (ow - 1) + 1:sw] += dcols[:, :, i, j]
-        return dxp[:, :, ph:ph + h, pw:pw + wd]
+                tap = dxp[:, i * dh:i * dh + sh * (oh - 1) + 1:sh, j * dw:j * dw + sw * (ow - 1) + 1:sw]
+                np.add(tap, dcols[:, i, j], out=tap)
+        np.copyto(out, dxp[:, ph:ph + h, pw:pw + wd].transpose(3, 0, 1, 2))
 
 
 class ConvolutionBackwardFilter(_ConvGeometry):
@@ -139,7 +173,86 @@ class ConvolutionBackwardFilter(_ConvGeometry):
         return like.shape, dout.dtype
 
     def forward(self, x, dout, like):
-        o, cg, kh, kw = like.shape
-        cols, _ = self._cols(x, kh, kw)  # (G, N*OH*OW, Cg*KH*KW)
-        dw = np.matmul(_dout_by_group(dout, self.groups).transpose(0, 2, 1), cols)  # (G, O/G, Cg*KH*KW)
-        return dw.reshape(o, cg, kh, kw)
+        return _allocating(self, like.shape, dout.dtype, x, dout, like)
+
+    def forward_into(self, ws, out, x, dout, like):
+        _filter_grad_from_cols(ws, out, self._cols(ws, x, *like.shape[2:]), dout, self.groups)
+
+
+def _conv_from_cols(out: np.ndarray, cols: np.ndarray, w: np.ndarray, g: int) -> None:
+    """(G, O/G, K) @ (N, G, K, P) -> (N, G, O/G, P): that is NCHW already, no transpose."""
+    o = w.shape[0]
+    np.matmul(w.reshape(g, o // g, -1), cols, out=out.reshape(cols.shape[0], g, o // g, -1))
+
+
+def _filter_grad_from_cols(ws: Workspace, out: np.ndarray, cols: np.ndarray, dout: np.ndarray, g: int) -> None:
+    """dw = sum over samples of dout_n @ cols_nᵀ: one small product per sample, then one sum."""
+    n, o = dout.shape[:2]
+    d = _contiguous(ws, "dout", dout).reshape(n, g, o // g, -1)
+    per_sample = ws.get("per_sample", (n, g, o // g, cols.shape[2]), dout.dtype)
+    np.matmul(d, cols.transpose(0, 1, 3, 2), out=per_sample)  # (N, G, O/G, K)
+    np.sum(per_sample, axis=0, out=out.reshape(g, o // g, -1))
+
+
+# ----- the same kernels split at the column buffer, so forward and filter gradient share it -----
+
+class Im2Col(_ConvGeometry):
+    """The column buffer of a convolution, (N, G, Cg*KH*KW, OH*OW); made by the compiler's
+    share_im2col pass when a convolution and its filter gradient read the same input."""
+
+    n_inputs = 1
+
+    def infer(self, x):
+        raise ShapeError("Im2Col is made by the compiler, not added to graphs")
+
+    def forward(self, x):
+        n, c, h, w = x.shape
+        oh, ow = self.out_hw(h, w, *self.kernel)
+        g = self.groups
+        out = np.empty((n, g, c // g * self.kernel[0] * self.kernel[1], oh * ow), x.dtype)
+        self.forward_into(Workspace(), out, x)
+        return out
+
+    def forward_into(self, ws, out, x):
+        kh, kw = self.kernel
+        n, c = x.shape[:2]
+        oh, ow = self.out_hw(*x.shape[2:], kh, kw)
+        (sh, sw), (dh, dw) = self.stride, self.dilation
+        xp = self._padded(ws, x)
+        s0, s1, s2, s3 = xp.strides
+        view = as_strided(xp, (n, c, kh, kw, oh, ow), (s0, s1, s2 * dh, s3 * dw, s2 * sh, s3 * sw), writeable=False)
+        np.copyto(out.reshape(n, c, kh, kw, oh, ow), view)
+
+
+class ConvolutionFromCols(Operator):
+    """Convolution given its column buffer: one matrix product per sample and group."""
+
+    n_inputs = 2
+
+    def infer(self, cols, w):
+        raise ShapeError("ConvolutionFromCols is made by the compiler, not added to graphs")
+
+    def forward(self, cols, w):
+        out = np.empty((cols.shape[0], w.shape[0], *self.out_hw), np.result_type(cols, w))
+        self.forward_into(None, out, cols, w)
+        return out
+
+    def forward_into(self, ws, out, cols, w):
+        _conv_from_cols(out, cols, w, self.groups)
+
+
+class FilterGradFromCols(Operator):
+    """ConvolutionBackwardFilter given the forward's column buffer; `like` is the weight."""
+
+    n_inputs = 3
+
+    def infer(self, cols, dout, like):
+        raise ShapeError("FilterGradFromCols is made by the compiler, not added to graphs")
+
+    def forward(self, cols, dout, like):
+        out = np.empty(like.shape, dout.dtype)
+        self.forward_into(Workspace(), out, cols, dout, like)
+        return out
+
+    def forward_into(self, ws, out, cols, dout, like):
+        _filter_grad_from_cols(ws, out, cols, dout, self.groups)

@@ -7,6 +7,7 @@ broadcasting shows up in the backward graph.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import ClassVar
 
 import numpy as np
 
@@ -14,14 +15,29 @@ from ..graph import Shape, SymbolVar
 from .base import Operator, broadcast_shapes, result_dtype
 
 
-class _Unary(Operator):
+class _Ufunc(Operator):
+    """An operator that is one numpy ufunc call: the same kernel runs allocating or into `out`,
+    and the fusion pass can chain it with its neighbours."""
+
+    elementwise = True
+    ufunc: ClassVar[np.ufunc | None] = None
+    extra: ClassVar[tuple] = ()  # constant trailing arguments (relu: maximum(x, 0))
+
+    def forward(self, *xs):
+        return self.ufunc(*xs, *self.extra)
+
+    def forward_into(self, ws, out, *xs):
+        self.ufunc(*xs, *self.extra, out=out)
+
+
+class _Unary(_Ufunc):
     n_inputs = 1
 
     def infer(self, x: SymbolVar) -> tuple[Shape, np.dtype]:
         return x.shape, x.dtype
 
 
-class _Binary(Operator):
+class _Binary(_Ufunc):
     n_inputs = 2
 
     def infer(self, a: SymbolVar, b: SymbolVar) -> tuple[Shape, np.dtype]:
@@ -44,8 +60,7 @@ def unbroadcast(g: SymbolVar, like: SymbolVar) -> SymbolVar:
 # ----- binary arithmetic -----
 
 class Add(_Binary):
-    def forward(self, a, b):
-        return np.add(a, b)
+    ufunc = np.add
 
     def grad(self, out, dout):
         a, b = out.inputs
@@ -53,8 +68,7 @@ class Add(_Binary):
 
 
 class Sub(_Binary):
-    def forward(self, a, b):
-        return np.subtract(a, b)
+    ufunc = np.subtract
 
     def grad(self, out, dout):
         a, b = out.inputs
@@ -62,8 +76,7 @@ class Sub(_Binary):
 
 
 class Mul(_Binary):
-    def forward(self, a, b):
-        return np.multiply(a, b)
+    ufunc = np.multiply
 
     def grad(self, out, dout):
         a, b = out.inputs
@@ -71,8 +84,7 @@ class Mul(_Binary):
 
 
 class Div(_Binary):
-    def forward(self, a, b):
-        return np.divide(a, b)
+    ufunc = np.divide
 
     def grad(self, out, dout):
         a, b = out.inputs
@@ -82,8 +94,7 @@ class Div(_Binary):
 
 
 class Pow(_Binary):
-    def forward(self, a, b):
-        return np.power(a, b)
+    ufunc = np.power
 
     def grad(self, out, dout):
         a, b = out.inputs
@@ -94,8 +105,7 @@ class Pow(_Binary):
 
 
 class Maximum(_Binary):
-    def forward(self, a, b):
-        return np.maximum(a, b)
+    ufunc = np.maximum
 
     def grad(self, out, dout):
         a, b = out.inputs
@@ -104,23 +114,19 @@ class Maximum(_Binary):
 
 
 class GreaterEqual(_Compare):
-    def forward(self, a, b):
-        return np.greater_equal(a, b)
+    ufunc = np.greater_equal
 
 
 class Greater(_Compare):
-    def forward(self, a, b):
-        return np.greater(a, b)
+    ufunc = np.greater
 
 
 class Equal(_Compare):
-    def forward(self, a, b):
-        return np.equal(a, b)
+    ufunc = np.equal
 
 
 class LogicalNot(_Unary):
-    def forward(self, x):
-        return np.logical_not(x)
+    ufunc = np.logical_not
 
     def grad(self, out, dout):
         return [None]
@@ -129,74 +135,78 @@ class LogicalNot(_Unary):
 # ----- unary math -----
 
 class Neg(_Unary):
-    def forward(self, x):
-        return np.negative(x)
+    ufunc = np.negative
 
     def grad(self, out, dout):
         return [Neg.make(dout)]
 
 
 class Exp(_Unary):
-    def forward(self, x):
-        return np.exp(x)
+    ufunc = np.exp
 
     def grad(self, out, dout):
         return [Mul.make(dout, out)]
 
 
 class Log(_Unary):
-    def forward(self, x):
-        return np.log(x)
+    ufunc = np.log
 
     def grad(self, out, dout):
         return [Div.make(dout, out.inputs[0])]
 
 
 class Sqrt(_Unary):
-    def forward(self, x):
-        return np.sqrt(x)
+    ufunc = np.sqrt
 
     def grad(self, out, dout):
         return [Div.make(Mul.make(dout, 0.5), out)]
 
 
 class Abs(_Unary):
-    def forward(self, x):
-        return np.abs(x)
+    ufunc = np.absolute
 
     def grad(self, out, dout):
         return [Mul.make(dout, Sign.make(out.inputs[0]))]
 
 
 class Sign(_Unary):
-    def forward(self, x):
-        return np.sign(x)
+    ufunc = np.sign
 
     def grad(self, out, dout):
         return [None]
 
 
 class Relu(_Unary):
-    def forward(self, x):
-        return np.maximum(x, 0)
+    ufunc, extra = np.maximum, (0,)
 
     def grad(self, out, dout):
         return [ReluGrad.make(out, dout)]
 
 
 class ReluGrad(Operator):
-    """dout where the relu's output is positive (reads the output, so x can be freed)."""
+    """dout where the relu's output is positive (reads the output, so x can be freed).
+
+    Computed as dout * (y > 0), two passes over memory; a NaN or inf in dout where y <= 0
+    stays NaN (0 * inf) rather than being masked to 0."""
 
     n_inputs = 2
+    elementwise = True
 
     def infer(self, y, dout):
         return dout.shape, dout.dtype
 
     def forward(self, y, dout):
-        return np.where(y > 0, dout, 0).astype(dout.dtype, copy=False)
+        return np.multiply(dout, np.greater(y, 0))
+
+    def forward_into(self, ws, out, y, dout):
+        on = ws.get("on", y.shape, np.dtype(bool))
+        np.greater(y, 0, out=on)
+        np.multiply(dout, on, out=out)
 
 
 class Sigmoid(_Unary):
+    forward_into = Operator.forward_into
+
     def forward(self, x):
         # exp of a non-positive number only: no overflow warnings for large |x|
         e = np.exp(-np.abs(x))
@@ -207,14 +217,15 @@ class Sigmoid(_Unary):
 
 
 class Tanh(_Unary):
-    def forward(self, x):
-        return np.tanh(x)
+    ufunc = np.tanh
 
     def grad(self, out, dout):
         return [Mul.make(dout, Sub.make(1.0, Mul.make(out, out)))]
 
 
 class Astype(_Unary):
+    forward_into = Operator.forward_into
+
     def infer(self, x):
         return x.shape, np.dtype(self.dtype)
 
@@ -237,11 +248,22 @@ class SumToShapeOf(Operator):
         broadcast_shapes(self.type_name, x.shape, like.shape)
         return like.shape, x.dtype
 
-    def forward(self, x, like):
+    @staticmethod
+    def _axes(x, like) -> tuple[int, ...]:
         lead = x.ndim - like.ndim
-        axes = tuple(range(lead)) + tuple(lead + i for i, d in enumerate(like.shape)
+        return tuple(range(lead)) + tuple(lead + i for i, d in enumerate(like.shape)
                                           if d == 1 and x.shape[lead + i] != 1)
+
+    def forward(self, x, like):
+        axes = self._axes(x, like)
         return np.sum(x, axis=axes, keepdims=True).reshape(like.shape) if axes else x
+
+    def forward_into(self, ws, out, x, like):
+        axes = self._axes(x, like)
+        if axes:
+            np.sum(x, axis=axes, keepdims=True, out=out.reshape((1,) * (x.ndim - like.ndim) + like.shape))
+        else:
+            np.copyto(out, x)
 
     def grad(self, out, dout):
         return [BroadcastLike.make(dout, out.inputs[0]), None]

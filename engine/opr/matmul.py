@@ -30,6 +30,9 @@ class MatrixMul(Operator):
     def forward(self, a, b):
         return np.matmul(a.T if self.transpose_a else a, b.T if self.transpose_b else b)
 
+    def forward_into(self, ws, out, a, b):
+        np.matmul(a.T if self.transpose_a else a, b.T if self.transpose_b else b, out=out)
+
     def grad(self, out, dout):
         a, b = out.inputs
         ta, tb = self.transpose_a, self.transpose_b

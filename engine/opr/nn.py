@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..graph import ShapeError
-from .base import Operator, same_size, shape_str
-from .elemwise import Mul, Sub
+from .base import Operator, Workspace, same_size, shape_str
+from .elemwise import Mul, Neg, Sub
 from .reduce import Sum
 
 
@@ -44,6 +44,17 @@ class LogSoftmax(Operator):
     def forward(self, x):
         shifted = x - np.max(x, axis=self.axis, keepdims=True)
         return shifted - np.log(np.sum(np.exp(shifted), axis=self.axis, keepdims=True))
+
+    def forward_into(self, ws, out, x):
+        reduced = x.shape[:self.axis % x.ndim] + (1,) + x.shape[self.axis % x.ndim + 1:]
+        top = ws.get("top", reduced, x.dtype)
+        np.max(x, axis=self.axis, keepdims=True, out=top)
+        np.subtract(x, top, out=out)
+        e = ws.get("exp", x.shape, x.dtype)
+        np.exp(out, out=e)
+        np.sum(e, axis=self.axis, keepdims=True, out=top)
+        np.log(top, out=top)
+        np.subtract(out, top, out=out)
 
     def grad(self, out, dout):
         # dx = dy - softmax(x) * sum(dy)
@@ -82,6 +93,13 @@ class IndexingOneHot(Operator):
         picked = np.take_along_axis(x, np.expand_dims(index.astype(np.intp), self.axis), axis=self.axis)
         return np.squeeze(picked, axis=self.axis)
 
+    def forward_into(self, ws, out, x, index):
+        if x.ndim != 2 or self.axis != 1 or not x.flags.c_contiguous:
+            np.copyto(out, self.forward(x, index))
+            return
+        flat = _flat_positions(ws, index, x.shape[1])
+        np.take(x.reshape(-1), flat, out=out)
+
     def grad(self, out, dout):
         x, index = out.inputs
         return [IndexingOneHotGrad.make(dout, index, x, axis=self.axis), None]
@@ -100,6 +118,77 @@ class IndexingOneHotGrad(Operator):
         np.put_along_axis(out, np.expand_dims(index.astype(np.intp), self.axis),
                           np.expand_dims(dout, self.axis), axis=self.axis)
         return out
+
+    def forward_into(self, ws, out, dout, index, x):
+        if out.ndim != 2 or self.axis != 1:
+            np.copyto(out, self.forward(dout, index, x))
+            return
+        out.fill(0)
+        np.put(out.reshape(-1), _flat_positions(ws, index, out.shape[1]), dout)
+
+
+def _flat_positions(ws, index: np.ndarray, classes: int) -> np.ndarray:
+    """Row-major positions of (i, index[i]) in an (N, classes) array, in a reused buffer."""
+    flat = ws.get("flat", index.shape, np.dtype(np.intp))
+    rows = ws.get(f"rows{classes}", index.shape, np.dtype(np.intp),
+                  init=lambda a: np.multiply(np.arange(a.size), classes, out=a))
+    np.add(rows, index, out=flat, casting="unsafe")
+    return flat
+
+
+class SoftmaxCrossEntropy(Operator):
+    """Per-sample -log softmax(x)[label] along `axis`: one node forward, one kernel backward
+    (a loss may emit it instead of log_softmax + indexing_one_hot + neg)."""
+
+    n_inputs = 2
+
+    def infer(self, x, label):
+        return IndexingOneHot(axis=self.axis).infer(x, label)
+
+    def forward(self, x, label):
+        log_p = LogSoftmax(axis=self.axis).forward(x)
+        return -IndexingOneHot(axis=self.axis).forward(log_p, label)
+
+    def grad(self, out, dout):
+        x, label = out.inputs
+        # the loss is -picked, so the picked entries receive -dout
+        return [SoftmaxCrossEntropyGrad.make(LogSoftmax.make(x, axis=self.axis), label, Neg.make(dout),
+                                             axis=self.axis), None]
+
+
+class SoftmaxCrossEntropyGrad(Operator):
+    """d/dlogits of a loss that read log_p[label]: (onehot(label) - softmax) * dpicked.
+
+    Inputs are the log-probabilities, the labels and dpicked, the gradient arriving at the
+    picked entries. The compiler's softmax_cross_entropy pass puts this in place of the five
+    nodes autodiff makes for log_softmax + indexing_one_hot (scatter, sum, exp, mul, sub)."""
+
+    n_inputs = 3
+
+    def infer(self, log_p, label, dpicked):
+        IndexingOneHot(axis=self.axis).infer(log_p, label)
+        return log_p.shape, log_p.dtype
+
+    def forward(self, log_p, label, dpicked):
+        out = np.empty(log_p.shape, log_p.dtype)
+        self.forward_into(Workspace(), out, log_p, label, dpicked)
+        return out
+
+    def forward_into(self, ws, out, log_p, label, dpicked):
+        d = np.expand_dims(dpicked, self.axis)
+        np.exp(log_p, out=out)
+        np.multiply(out, d, out=out)
+        np.negative(out, out=out)  # -softmax * d, then + d at each label: d - softmax * d, bit for bit
+        if out.ndim == 2 and self.axis == 1:
+            flat = _flat_positions(ws, label, out.shape[1])
+            picked = ws.get("picked", dpicked.shape, out.dtype)
+            np.take(out.reshape(-1), flat, out=picked)
+            np.add(picked, dpicked, out=picked)
+            np.put(out.reshape(-1), flat, picked)
+            return
+        at = np.expand_dims(label.astype(np.intp, copy=False), self.axis)
+        picked = np.take_along_axis(out, at, axis=self.axis)
+        np.put_along_axis(out, at, picked + d, axis=self.axis)
 
 
 class OneHot(Operator):
@@ -180,3 +269,40 @@ class ModeSelect(Operator):
 
     def grad(self, out, dout):
         return [ModeSelect.make(dout, Mul.make(dout, 0.0)), ModeSelect.make(Mul.make(dout, 0.0), dout)]
+
+
+class EmbeddingLookup(Operator):
+    """Rows of a table: out[..., :] = weight[index[...], :] (an embedding layer; ONNX's Gather on axis 0)."""
+
+    n_inputs = 2
+
+    def infer(self, weight, index):
+        if weight.ndim != 2:
+            raise ShapeError(f"EmbeddingLookup: weight must be (rows, dim), got {shape_str(weight.shape)}")
+        if index.dtype.kind not in "iu":
+            raise ShapeError(f"EmbeddingLookup: index must be integer, got {index.dtype}")
+        return index.shape + (weight.shape[1],), weight.dtype
+
+    def forward(self, weight, index):
+        if index.size and (index.min() < 0 or index.max() >= weight.shape[0]):
+            raise ValueError(f"EmbeddingLookup: indices must lie in [0, {weight.shape[0]}), got "
+                             f"{index.min()}..{index.max()}")
+        return weight[index]
+
+    def grad(self, out, dout):
+        weight, index = out.inputs
+        return [EmbeddingLookupGrad.make(dout, index, weight), None]
+
+
+class EmbeddingLookupGrad(Operator):
+    """Scatter-add each looked-up row's gradient back into a table shaped like `weight`."""
+
+    n_inputs = 3
+
+    def infer(self, dout, index, weight):
+        return weight.shape, dout.dtype
+
+    def forward(self, dout, index, weight):
+        out = np.zeros(weight.shape, dout.dtype)
+        np.add.at(out, index.reshape(-1), dout.reshape(-1, weight.shape[1]))
+        return out

@@ -1,12 +1,18 @@
 """2-D pooling (MegEngine's `opr::Pooling`), NCHW: max, average (padding counted, as MegEngine's
-AVERAGE and PyTorch's default) and average excluding padding (ONNX's default)."""
+AVERAGE and PyTorch's default) and average excluding padding (ONNX's default).
+
+Non-overlapping windows without padding (LeNet's 2x2/stride 2) take a fast path: one
+elementwise call per window tap on strided views, no window copies. Max-pooling's backward
+routes each gradient by index: to the first tap equal to the window maximum (fast path),
+or through flat argmax indices summed with bincount (general path, overlaps included).
+"""
 
 from __future__ import annotations
 
 import numpy as np
 
 from ..graph import ShapeError
-from .base import Operator, shape_str
+from .base import Operator, Workspace, shape_str
 from .conv import _pair, out_size, pad_hw, windows
 
 MODES = ("max", "average", "average_count_exclude_padding")
@@ -30,6 +36,11 @@ class _PoolGeometry(Operator):
             for j in range(kw):
                 yield i, j, (slice(None), slice(None), slice(i, i + sh * (oh - 1) + 1, sh),
                              slice(j, j + sw * (ow - 1) + 1, sw))
+
+    @property
+    def tiled(self) -> bool:
+        """Windows tile the input (window == stride, no padding): the fast path applies."""
+        return list(self.window) == list(self.stride) and not any(self.padding)
 
     def _counts(self, h, w, oh, ow, dtype):
         """Per-output number of real (non-padding) inputs in its window."""
@@ -55,6 +66,10 @@ class Pooling(_PoolGeometry):
 
     def forward(self, x):
         oh, ow = self.out_hw(*x.shape[2:])
+        if self.tiled:
+            out = np.empty(x.shape[:2] + (oh, ow), x.dtype)
+            self.forward_into(Workspace(), out, x)
+            return out
         if self.mode == "max":
             xp = pad_hw(x, self.padding, -np.inf)
             view = windows(xp, self.window, self.stride, (1, 1), (oh, ow))
@@ -65,6 +80,18 @@ class Pooling(_PoolGeometry):
         if self.mode == "average":
             return total / np.asarray(self.window[0] * self.window[1], x.dtype)
         return total / self._counts(*x.shape[2:], oh, ow, x.dtype)
+
+    def forward_into(self, ws, out, x):
+        if not self.tiled:
+            np.copyto(out, self.forward(x))
+            return
+        taps = [x[idx] for _, _, idx in self._taps(*out.shape[2:])]
+        combine = np.maximum if self.mode == "max" else np.add
+        combine(taps[0], taps[1], out=out) if len(taps) > 1 else np.copyto(out, taps[0])
+        for tap in taps[2:]:
+            combine(out, tap, out=out)
+        if self.mode != "max":  # no padding here, so both average modes divide by the window size
+            np.divide(out, np.asarray(len(taps), out.dtype), out=out)
 
     def grad(self, out, dout):
         geometry = dict(mode=self.mode, window=self.window, stride=self.stride, padding=self.padding)
@@ -80,19 +107,63 @@ class PoolingBackward(_PoolGeometry):
         return x.shape, dout.dtype
 
     def forward(self, x, dout):
+        out = np.empty(x.shape, dout.dtype)
+        self.forward_into(Workspace(), out, x, dout)
+        return out
+
+    def forward_into(self, ws, out, x, dout):
+        if self.tiled:
+            self._tiled_backward(ws, out, x, dout)
+        elif self.mode == "max":
+            self._max_backward(out, x, dout)
+        else:
+            self._average_backward(out, x, dout)
+
+    def _tiled_backward(self, ws, dx, x, dout):
+        oh, ow = dout.shape[2:]
+        if dx.shape[2] != oh * self.window[0] or dx.shape[3] != ow * self.window[1]:
+            dx.fill(0)  # rows/columns past the last full window get no gradient
+        taps = [(dx[idx], x[idx]) for _, _, idx in self._taps(oh, ow)]
+        if self.mode != "max":
+            for dx_tap, _ in taps:
+                np.divide(dout, np.asarray(len(taps), dout.dtype), out=dx_tap)
+            return
+        best = ws.get("max", dout.shape, x.dtype)  # the window maxima, recomputed from x
+        np.maximum(taps[0][1], taps[1][1], out=best) if len(taps) > 1 else np.copyto(best, taps[0][1])
+        for _, x_tap in taps[2:]:
+            np.maximum(best, x_tap, out=best)
+        taken = ws.get("taken", dout.shape, np.dtype(bool))  # window already routed (first max wins)
+        hit = ws.get("hit", dout.shape, np.dtype(bool))
+        taken.fill(False)
+        for dx_tap, x_tap in taps:
+            np.equal(x_tap, best, out=hit)
+            np.greater(hit, taken, out=hit)  # hit and not taken
+            np.multiply(dout, hit, out=dx_tap)
+            np.logical_or(taken, hit, out=taken)
+
+    def _max_backward(self, out, x, dout):
+        """Gradient to each window's first maximum, by flat index; overlapping windows add up."""
+        n, c, h, w = x.shape
+        oh, ow = dout.shape[2:]
+        ph, pw = self.padding
+        hp, wp = h + 2 * ph, w + 2 * pw
+        view = windows(pad_hw(x, self.padding, -np.inf), self.window, self.stride, (1, 1), (oh, ow))
+        kh, kw = self.window
+        winner = view.reshape(n, c, oh, ow, kh * kw).argmax(axis=4)  # first maximum, as PyTorch
+        rows = np.arange(oh)[:, None] * self.stride[0] + winner // kw
+        cols = np.arange(ow)[None, :] * self.stride[1] + winner % kw
+        plane = (np.arange(n * c) * hp * wp).reshape(n, c, 1, 1)
+        flat = np.bincount((plane + rows * wp + cols).ravel(), weights=dout.ravel().astype(np.float64),
+                           minlength=n * c * hp * wp)
+        np.copyto(out, flat.reshape(n, c, hp, wp)[:, :, ph:ph + h, pw:pw + w])
+
+    def _average_backward(self, out, x, dout):
         n, c, h, w = x.shape
         oh, ow = dout.shape[2:]
         ph, pw = self.padding
         dxp = np.zeros((n, c, h + 2 * ph, w + 2 * pw), dout.dtype)
-        if self.mode == "max":
-            view = windows(pad_hw(x, self.padding, -np.inf), self.window, self.stride, (1, 1), (oh, ow))
-            winner = view.reshape(n, c, oh, ow, -1).argmax(axis=4)  # first maximum, as PyTorch
-            kw = self.window[1]
-            for i, j, idx in self._taps(oh, ow):
-                dxp[idx] += np.where(winner == i * kw + j, dout, 0)
-        else:
-            share = dout / (np.asarray(self.window[0] * self.window[1], dout.dtype) if self.mode == "average"
-                            else self._counts(h, w, oh, ow, dout.dtype))
-            for _, _, idx in self._taps(oh, ow):
-                dxp[idx] += share
-        return dxp[:, :, ph:ph + h, pw:pw + w]
+        share = dout / (np.asarray(self.window[0] * self.window[1], dout.dtype) if self.mode == "average"
+                        else self._counts(h, w, oh, ow, dout.dtype))
+        for _, _, idx in self._taps(oh, ow):
+            dxp[idx] += share
+        np.copyto(out, dxp[:, :, ph:ph + h, pw:pw + w])

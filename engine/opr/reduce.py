@@ -42,6 +42,9 @@ class Sum(_Reduce):
     def forward(self, x):
         return np.sum(x, axis=tuple(self.axes), keepdims=self.keepdims)
 
+    def forward_into(self, ws, out, x):
+        np.sum(x, axis=tuple(self.axes), keepdims=self.keepdims, out=out)
+
     def grad(self, out, dout):
         return [self._expand(dout, out.inputs[0])]
 
@@ -49,6 +52,9 @@ class Sum(_Reduce):
 class Mean(_Reduce):
     def forward(self, x):
         return np.mean(x, axis=tuple(self.axes), keepdims=self.keepdims)
+
+    def forward_into(self, ws, out, x):
+        np.mean(x, axis=tuple(self.axes), keepdims=self.keepdims, out=out)
 
     def grad(self, out, dout):
         x = out.inputs[0]
@@ -58,6 +64,9 @@ class Mean(_Reduce):
 class Max(_Reduce):
     def forward(self, x):
         return np.max(x, axis=tuple(self.axes), keepdims=self.keepdims)
+
+    def forward_into(self, ws, out, x):
+        np.max(x, axis=tuple(self.axes), keepdims=self.keepdims, out=out)
 
     def grad(self, out, dout):
         x = out.inputs[0]
@@ -76,6 +85,9 @@ class CountRatio(Operator):
 
     def forward(self, reduced, x):
         return np.asarray(reduced.size / x.size, dtype=x.dtype)
+
+    def forward_into(self, ws, out, reduced, x):
+        out[...] = reduced.size / x.size
 
     def grad(self, out, dout):
         return [None, None]

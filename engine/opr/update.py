@@ -38,5 +38,28 @@ class AddUpdate(Operator):
             out = out + np.asarray(self.bias, dest.dtype)
         return out.astype(dest.dtype, copy=False)
 
+    def forward_into(self, ws, out, dest, delta):
+        """The same arithmetic as `forward`, step by step into `out` (which may be dest's own buffer)."""
+        dtype = dest.dtype
+        if self.alpha == 0:
+            if self.beta != 1:
+                np.multiply(delta, np.asarray(self.beta, dtype), out=out)
+            else:
+                np.copyto(out, delta)
+        elif self.alpha == 1:
+            if self.beta != 1:
+                np.multiply(delta, np.asarray(self.beta, dtype), out=out)
+                np.add(dest, out, out=out)
+            else:
+                np.add(dest, delta, out=out)
+        else:  # delta goes to scratch first: `out` may share delta's memory inside a fused chain
+            scaled = ws.get("scaled", delta.shape, dtype)
+            np.multiply(delta, np.asarray(self.beta, dtype), out=scaled) if self.beta != 1 else \
+                np.copyto(scaled, delta)
+            np.multiply(dest, np.asarray(self.alpha, dtype), out=out)
+            np.add(out, scaled, out=out)
+        if self.bias:
+            np.add(out, np.asarray(self.bias, dtype), out=out)
+
     def key(self):  # every update is its own write
         return (self.type_name, id(self))

@@ -1,0 +1,90 @@
+"""Rewrites that merge several nodes into one kernel: elementwise chains, and the backward
+of softmax cross-entropy. Both keep results bit for bit (see tests/test_engine_compiler.py)."""
+
+from __future__ import annotations
+
+from ..opr.fused import FusedElemwise, Step
+from ..opr.nn import SoftmaxCrossEntropyGrad
+from .program import Node, Program
+
+
+def _fusable(node: Node) -> bool:
+    op = node.op
+    return node.kind == "op" and op.elementwise and op.writes_into()
+
+
+def fuse_elementwise(program: Program) -> None:
+    """Merge each elementwise producer into its only reader (bias-add + relu, the optimizer's
+    momentum and step arithmetic, the update itself) so the chain runs as one instruction."""
+    readers = program.readers()
+    roots = program.root_ids()
+    order = {id(n): k for k, n in enumerate(program.nodes)}
+    group: dict[int, list[Node]] = {}  # id(node) -> members of the fused group it ends (topological order)
+    for node in program.nodes:
+        if not (_fusable(node) or node.op.type_name == "AddUpdate"):
+            continue
+        members: list[Node] = []
+        for inp in {id(i): i for i in node.inputs}.values():
+            if _fusable(inp) and id(inp) not in roots and len(readers[id(inp)]) == 1:
+                members.extend(group.pop(id(inp), [inp]))
+        if members:
+            group[id(node)] = sorted(members, key=lambda m: order[id(m)]) + [node]
+    mapping = {root_id: _fused_node(members) for root_id, members in group.items()}
+    program.replace(mapping)
+    if mapping:
+        sizes = sorted((len(m.op.steps) for m in mapping.values()), reverse=True)
+        program.notes.append(f"fuse_elementwise: {len(mapping)} fused kernels from {sum(sizes)} nodes "
+                             f"(largest {sizes[0]})")
+
+
+def _fused_node(members: list[Node]) -> Node:
+    position = {id(m): k for k, m in enumerate(members)}
+    inputs: list[Node] = []
+    steps = []
+    for member in members:
+        args = []
+        for x in member.inputs:
+            if id(x) in position:
+                args.append(("step", position[id(x)]))
+            else:
+                if not any(x is i for i in inputs):
+                    inputs.append(x)
+                args.append(("in", next(k for k, i in enumerate(inputs) if i is x)))
+        steps.append(Step(member.op, tuple(args), member.dtype))
+    root = members[-1]
+    return Node(FusedElemwise(steps), inputs, root.shape, root.dtype, origin=root.origin)
+
+
+def softmax_cross_entropy(program: Program) -> None:
+    """Replace autodiff's backward of -indexing_one_hot(log_softmax(x), label):
+
+        sub(G, mul(exp_of(L), sum(G, axis, keepdims)))  with  G = indexing_one_hot_grad(D, label, L)
+
+    by one SoftmaxCrossEntropyGrad(L, label, D): sum(G) along the axis is exactly D (one
+    non-zero per row), so the result is D*onehot - softmax*D in both forms, bit for bit."""
+    readers = program.readers()
+    roots = program.root_ids()
+    mapping: dict[int, Node] = {}
+    for node in program.nodes:
+        if node.op.type_name != "Sub":
+            continue
+        g, m = node.inputs
+        if g.op.type_name != "IndexingOneHotGrad" or m.op.type_name != "Mul":
+            continue
+        e, t = m.inputs
+        if e.op.type_name != "ExpOf" or t.op.type_name != "Sum" or t.inputs[0] is not g:
+            continue
+        d, label, log_p = g.inputs
+        axis = g.op.axis
+        if (e.inputs[0] is not log_p or log_p.op.type_name != "LogSoftmax" or log_p.op.axis % len(log_p.shape) != axis
+                or list(t.op.axes) != [axis] or not t.op.keepdims):
+            continue
+        private = [g, m, e, t]
+        if any(id(x) in roots for x in private) or len(readers[id(g)]) != 2 or \
+                any(len(readers[id(x)]) != 1 for x in (m, e, t)):
+            continue
+        mapping[id(node)] = Node(SoftmaxCrossEntropyGrad(axis=axis), [log_p, label, d], node.shape, node.dtype,
+                                 origin=node.origin)
+    program.replace(mapping)
+    if mapping:
+        program.notes.append(f"softmax_cross_entropy: fused {len(mapping)} backward(s) into one kernel")

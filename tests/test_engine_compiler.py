@@ -1,0 +1,219 @@
+"""Each compiler pass keeps results identical: outputs and updated weights with it on and off,
+on LeNet training and on seeded random graphs. Also the memory plan's placement rules."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from engine import ComputingGraph, grad, opr
+from engine.compiler import DEFAULT_PASSES, PASSES
+from engine.compiler.memory import Block, Instruction, place, plan
+from engine.graph import GraphError
+from engine.loss import CrossEntropyLoss
+from engine.models.lenet import build_lenet
+from engine.optimizer import SGD, Adam
+
+
+def lenet_training(passes, optimizer=None, batches=((8, 0), (8, 1), (3, 2), (8, 3))):
+    """Train LeNet a few steps (batch sizes change, so plans are remade); return every result."""
+    model = build_lenet(seed=1)
+    graph = model.graph
+    label = opr.host2device(graph, (None,), "int64", "label")
+    loss = CrossEntropyLoss()(model.output, label)
+    weights = list(model.params.values())
+    updates = (optimizer or SGD(0.05, momentum=0.9)).make_multiple(weights, grad(loss, weights), graph)
+    func = graph.compile([loss, model.output], updates=updates, passes=passes)
+    results = []
+    for n, seed in batches:
+        rng = np.random.default_rng(seed)
+        x = rng.standard_normal((n, 1, 28, 28)).astype(np.float32)
+        y = rng.integers(0, 10, n)
+        results.extend(func.execute(x=x, label=y))
+    return results + [v.copy() for v in model.state_dict().values()], func
+
+
+def assert_same(a, b):
+    assert len(a) == len(b)
+    for i, (u, v) in enumerate(zip(a, b)):
+        np.testing.assert_array_equal(u, v, err_msg=f"result {i} differs")
+
+
+@pytest.fixture(scope="module")
+def lenet_reference():
+    return lenet_training(passes=())[0]
+
+
+def test_default_passes_are_all_of_them():
+    assert set(DEFAULT_PASSES) == set(PASSES)
+    with pytest.raises(GraphError, match="unknown compiler pass"):
+        ComputingGraph().compile([], passes=["no_such_pass"])
+
+
+@pytest.mark.parametrize("name", list(PASSES))
+def test_each_pass_alone_keeps_lenet_training_identical(name, lenet_reference):
+    passes = (name, "inplace", "memory_plan") if name == "fuse_elementwise" else (name,)
+    assert_same(lenet_training(passes)[0], lenet_reference)
+
+
+@pytest.mark.parametrize("name", list(PASSES))
+def test_all_passes_but_one_keep_lenet_training_identical(name, lenet_reference):
+    assert_same(lenet_training([p for p in DEFAULT_PASSES if p != name])[0], lenet_reference)
+
+
+def test_all_passes_with_adam_identical():
+    batches = ((4, 0), (4, 1), (4, 2))
+    assert_same(lenet_training(None, Adam(0.01), batches)[0], lenet_training((), Adam(0.01), batches)[0])
+
+
+def test_passes_really_rewrite_lenet():
+    _, func = lenet_training(None, batches=((8, 0), (8, 1)))
+    names = [n.op.type_name for n in func.program.nodes]
+    assert "SoftmaxCrossEntropyGrad" in names and "IndexingOneHotGrad" not in names
+    assert "FusedElemwise" in names and "Relu" not in names  # every relu went into a bias-add kernel
+    assert "memory plan" not in func.explain() and "arena" in func.explain()
+    (step,) = func.plans
+    assert step.memory.inplace > 0 and step.allocating_kernels == []
+    assert step.memory.arena_bytes < step.memory.unplanned_bytes
+
+
+# ----- seeded random graphs -----
+
+UNARY = [opr.relu, opr.tanh, opr.neg, opr.sigmoid, opr.abs, lambda v: opr.exp(opr.tanh(v))]
+BINARY = [opr.add, opr.sub, opr.mul, opr.maximum]
+
+
+def random_graph(seed: int):
+    """A small random model: shared weights, a fed batch, elementwise chains with broadcasting,
+    matmuls, reductions, repeated subexpressions and constants; trained with SGD momentum."""
+    rng = np.random.default_rng(seed)
+    g = ComputingGraph()
+    x = opr.host2device(g, (None, 4), "float32", "x")
+    w = [opr.shared(g, rng.standard_normal((4, 4)).astype(np.float32) * 0.4, f"w{i}") for i in range(2)]
+    b = opr.shared(g, rng.standard_normal((4,)).astype(np.float32), "b")
+    values = [x, opr.matrix_mul(x, w[0]), x * 2.0 + b]
+    for _ in range(int(rng.integers(4, 10))):
+        kind = rng.integers(0, 5)
+        a = values[int(rng.integers(len(values)))]
+        if kind == 0:
+            values.append(UNARY[int(rng.integers(len(UNARY)))](a))
+        elif kind == 1:
+            other = values[int(rng.integers(len(values)))]
+            values.append(opr.tanh(BINARY[int(rng.integers(len(BINARY)))](a, other)))
+        elif kind == 2:
+            values.append(a + b * float(rng.uniform(0.5, 2)))  # broadcast a weight
+        elif kind == 3:
+            values.append(opr.tanh(opr.matrix_mul(a, w[int(rng.integers(2))], transpose_b=bool(rng.integers(2)))))
+        else:
+            values.append(opr.relu(a) + opr.relu(a))  # the same subexpression twice
+    out = values[-1]
+    loss = opr.mean(out * out) + opr.sum(opr.mean(values[len(values) // 2], axis=0)) * 0.1
+    params = [*w, b]
+    updates = SGD(0.01, momentum=0.5).make_multiple(params, grad(loss, params), g)
+    return g, loss, out, params, updates
+
+
+def run_random(seed: int, passes):
+    """Four steps (the batch size changes once, so a second plan is made); every result."""
+    g, loss, out, params, updates = random_graph(seed)
+    func = g.compile([loss, out], updates=updates, passes=passes)
+    results = []
+    for n in (5, 5, 2, 5):
+        xs = np.random.default_rng(seed * 100 + n).standard_normal((n, 4)).astype(np.float32)
+        results.extend(func.execute(x=xs))
+    results += [p.value.copy() for p in params]
+    assert all(np.isfinite(r).all() for r in results)
+    return results
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_graphs_identical_with_each_pass_on_and_off(seed):
+    reference = run_random(seed, ())
+    assert_same(run_random(seed, None), reference)
+    for name in PASSES:
+        assert_same(run_random(seed, [p for p in DEFAULT_PASSES if p != name]), reference)
+
+
+def test_eval_function_shares_weights_with_training_function():
+    model = build_lenet(seed=2)
+    evaluate = model.graph.compile([model.output], training=False)
+    x = np.random.default_rng(0).standard_normal((4, 1, 28, 28)).astype(np.float32)
+    first = evaluate.execute(x=x)[0]
+    assert_same([evaluate.execute(x=x)[0]], [first])  # the planned step gives the allocating step's bits
+    model.params["fc3.bias"].value += 1.0
+    np.testing.assert_allclose(evaluate.execute(x=x)[0], first + 1.0, rtol=1e-6, atol=1e-6)
+
+
+# ----- memory plan -----
+
+def test_blocks_alive_together_never_share_bytes():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        blocks = []
+        for _ in range(12):
+            start = int(rng.integers(0, 20))
+            blocks.append(Block((int(rng.integers(1, 300)),), np.dtype(np.float32), start,
+                                start + int(rng.integers(0, 6))))
+        total = place(blocks)
+        for i, a in enumerate(blocks):
+            assert a.offset % 64 == 0 and a.offset + a.nbytes <= total
+            for b in blocks[i + 1:]:
+                if a.overlaps(b):
+                    assert a.offset + a.nbytes <= b.offset or b.offset + b.nbytes <= a.offset
+
+
+def test_dead_buffers_are_reused_and_inplace_takes_over_its_input():
+    f32 = np.dtype(np.float32)
+    # 0 -> 1 -> 2 -> 3 in a chain of same-shaped values; 3 may overwrite 2
+    insts = [Instruction([0], 1), Instruction([1], 2), Instruction([2], 3, inplace=[0])]
+    buffers = {s: ((100,), f32) for s in (1, 2, 3)}
+    memory = plan(insts, buffers, view_of={}, keep=[3])
+    assert memory.arrays[3] is memory.arrays[2] and memory.inplace == 1
+    assert not np.shares_memory(memory.arrays[1], memory.arrays[2])  # 1 is read while 2 is written
+    assert memory.arena_bytes == 448 + 400  # two blocks for three values; the first padded to 64 bytes
+
+
+def test_views_keep_their_base_alive():
+    f32 = np.dtype(np.float32)
+    # 2 is a view of 1; 3 reads 0; 4 reads the view 2 late: 1 must stay alive while 3 is written
+    insts = [Instruction([0], 1), Instruction([1], 2), Instruction([0], 3), Instruction([2, 3], 4)]
+    buffers = {1: ((50,), f32), 3: ((50,), f32), 4: ((50,), f32)}
+    memory = plan(insts, buffers, view_of={2: [1]}, keep=[4])
+    assert not np.shares_memory(memory.arrays[1], memory.arrays[3])
+
+
+# ----- operators the passes introduce -----
+
+def test_softmax_cross_entropy_operator_value_and_gradient():
+    from gradcheck import check_gradients
+
+    rng = np.random.default_rng(3)
+    logits = rng.standard_normal((4, 5))
+    labels = np.array([0, 4, 2, 2])
+
+    def fused(a):
+        return opr.softmax_cross_entropy(a, a.graph.constant(labels))
+    check_gradients(fused, [logits])
+    g = ComputingGraph()
+    x = opr.shared(g, logits, "x")
+    label = g.constant(labels)
+    both = g.compile([opr.softmax_cross_entropy(x, label), -opr.indexing_one_hot(opr.log_softmax(x, 1), label)])
+    fused_value, reference = both.execute()
+    np.testing.assert_allclose(fused_value, reference, rtol=1e-12)
+
+
+def test_lowered_convolution_matches_the_plain_one():
+    """share_im2col's split kernels give the unsplit kernels' bits, groups and strides included."""
+    rng = np.random.default_rng(4)
+    for kw in (dict(), dict(stride=2, padding=1), dict(groups=2, dilation=2, padding=2)):
+        g = ComputingGraph()
+        x = opr.shared(g, rng.standard_normal((2, 4, 9, 8)).astype(np.float32), "x")
+        w = opr.shared(g, rng.standard_normal((6, 4 // kw.get("groups", 1), 3, 3)).astype(np.float32), "w")
+        y = opr.convolution(x, w, **kw)
+        loss = opr.sum(y * y)
+        outs = [y, *grad(loss, [x, w])]
+        plain = g.compile(outs, passes=[p for p in DEFAULT_PASSES if p != "share_im2col"])
+        lowered = g.compile(outs)
+        assert "share_im2col: 1" in "\n".join(lowered.program.notes)
+        for _ in range(2):
+            assert_same(lowered.execute(), plain.execute())

@@ -139,16 +139,12 @@ def _measure_peak(side: str, batch: int, steps: int, passes: list[str] | None) -
 def profile_table(func: CompiledFunction, step, steps: int) -> str:
     func.op_seconds.clear()
     func.op_calls.clear()
+    func.profiled_steps = 0
     func.profile = True
     for _ in range(steps):
         step()
     func.profile = False
-    total = sum(func.op_seconds.values())
-    rows = [f"{'operator':<28}{'ms/step':>9}{'calls':>7}{'share':>8}"]
-    for name, sec in sorted(func.op_seconds.items(), key=lambda kv: -kv[1]):
-        rows.append(f"{name:<28}{sec / steps * 1e3:>9.3f}{func.op_calls[name] // steps:>7}{sec / total:>8.1%}")
-    rows.append(f"{'kernels total':<28}{total / steps * 1e3:>9.3f}")
-    return "\n".join(rows)
+    return func.profile_report()
 
 
 def main(argv: list[str] | None = None) -> int:

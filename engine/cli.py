@@ -42,6 +42,7 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--inference-only", action="store_true", help="--save without training-only parts")
     p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--profile", action="store_true", help="print where a training step's time goes, per operator")
     return p
 
 
@@ -73,6 +74,7 @@ def _train(args: argparse.Namespace) -> int:
             return 2
     trainer = Trainer(model, optimizer=SGD(args.lr, weight_decay=args.weight_decay, momentum=args.momentum),
                       trainable=trainable, batch_size=args.batch_size, seed=args.seed)
+    trainer.train_fn.profile = args.profile
     start = time.perf_counter()
     steps = -(-train_set.size() // args.batch_size)
     history = []
@@ -85,6 +87,8 @@ def _train(args: argparse.Namespace) -> int:
               f"(n={metrics['n']})", file=sys.stderr if args.json else sys.stdout)
     summary = {"epochs": args.epochs, "test_accuracy": history[-1]["test_accuracy"],
                "final_loss": history[-1]["train_loss"], "seconds": round(time.perf_counter() - start, 3)}
+    if args.profile:
+        print(trainer.train_fn.profile_report(), file=sys.stderr)
     if args.save:
         summary["saved"] = _save_model(model, args.save, args.inference_only)
     if args.json:

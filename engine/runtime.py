@@ -56,6 +56,7 @@ class CompiledFunction:
         self.profile = profile
         self.op_seconds: dict[str, float] = defaultdict(float)
         self.op_calls: dict[str, int] = defaultdict(int)
+        self.profiled_steps = 0
         slot = {id(n): i for i, n in enumerate(program.nodes)}
         self._n_slots = len(program.nodes)
         self._nodes: list[Node] = []  # the op nodes, in execution order
@@ -75,6 +76,7 @@ class CompiledFunction:
                                            node.op.type_name))
         self._outputs = [slot[id(n)] for n in program.outputs]
         self._updates = [(dest, slot[id(n)]) for dest, n in program.updates]
+        self._aliased: dict[tuple, list[bool]] = {}  # input signature -> which update values need a copy
         self._plans: dict[tuple, StepPlan] = {}
         self.last_shapes: dict[int, tuple] = {}  # slot -> shape, from the last unplanned step
 
@@ -89,8 +91,8 @@ class CompiledFunction:
                 raise GraphError(f"input {name!r}: expected {var.dtype}, got {array.dtype}")
             array = array.astype(var.dtype)
         if array.ndim != len(var.shape) or any(d is not None and d != a for d, a in zip(var.shape, array.shape)):
-            shown = tuple("?" if d is None else d for d in var.shape)
-            raise GraphError(f"input {name!r}: expected shape {shown}, got {array.shape}")
+            shown = "(" + ", ".join("?" if d is None else str(d) for d in var.shape) + ")"
+            raise GraphError(f"input {name!r}: expected shape {shown} (? = any size), got {array.shape}")
         return array
 
     # ----- one step -----
@@ -122,10 +124,26 @@ class CompiledFunction:
                     kernel(*[values[j] for j in ins])
                 elif how is not FIXED_VIEW:
                     values[out] = kernel(*[values[j] for j in ins])
+        self.profiled_steps += bool(self.profile)
         results = [np.array(values[i], copy=True) for i in self._outputs]
-        for dest, i in self._updates:
-            np.copyto(dest.value, values[i])
+        self._write_updates(values, signature)
         return results[0] if self.single_output else results
+
+    def _write_updates(self, values: list[Any], signature: tuple) -> None:
+        """Write every update's new value into its shared tensor, as if all were written at once.
+
+        A new value may alias another update's destination (e.g. `anchor <- w` beside `w <- w - g`);
+        those are copied before the first write. Which ones alias is fixed per input signature.
+        """
+        aliased = self._aliased.get(signature)
+        if aliased is None:
+            dests = [d.value for d, _ in self._updates]
+            aliased = [any(np.may_share_memory(values[i], other) for other in dests if other is not dest.value)
+                       for dest, i in self._updates]
+            self._aliased[signature] = aliased
+        staged = [values[i].copy() if copy else values[i] for (_, i), copy in zip(self._updates, aliased)]
+        for (dest, _), value in zip(self._updates, staged):
+            np.copyto(dest.value, value)
 
     __call__ = execute
 
@@ -202,6 +220,16 @@ class CompiledFunction:
     @property
     def plans(self) -> list[StepPlan]:
         return list(self._plans.values())
+
+    def profile_report(self) -> str:
+        """Where the profiled steps' time went, per operator type (set `profile = True` first)."""
+        steps = max(self.profiled_steps, 1)
+        total = sum(self.op_seconds.values()) or 1e-12
+        rows = [f"{'operator':<28}{'ms/step':>9}{'calls':>7}{'share':>8}"]
+        for name, sec in sorted(self.op_seconds.items(), key=lambda kv: -kv[1]):
+            rows.append(f"{name:<28}{sec / steps * 1e3:>9.3f}{self.op_calls[name] // steps:>7}{sec / total:>8.1%}")
+        rows.append(f"{'kernels total':<28}{total / steps * 1e3:>9.3f}   over {self.profiled_steps} steps")
+        return "\n".join(rows)
 
     def explain(self) -> str:
         """What the compiler did, what runs and how memory is planned, for debugging."""

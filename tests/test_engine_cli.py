@@ -94,3 +94,13 @@ def test_bad_paths_end_in_one_clear_line(tmp_path):
     assert proc.returncode == 2
     assert "pf-eval: error:" in proc.stderr and "magic" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_profile_flag_prints_per_operator_times(small_idx_dir):
+    proc = run("-m", "engine", "--data", str(small_idx_dir), "--batch-size", "50", "--quiet", "--profile")
+    assert proc.returncode == 0, proc.stderr
+    table = proc.stderr
+    assert "operator" in table and "ms/step" in table
+    for kernel in ("Convolution", "Pooling", "MatrixMul"):
+        assert kernel in table
+    assert "over" in table.splitlines()[-1]

@@ -40,6 +40,10 @@ class Reshape(Operator):
             if size is not None and size != known:
                 raise ShapeError(f"Reshape: cannot reshape {shape_str(x.shape)} ({size} elements) to "
                                  f"{tuple(target)} ({known} elements)")
+            static_part = int(np.prod([d for d in x.shape if d is not None], dtype=np.int64))
+            if size is None and (static_part == 0 or known % static_part):
+                raise ShapeError(f"Reshape: {shape_str(x.shape)} has a multiple of {static_part} elements, "
+                                 f"which can never be {known} as {tuple(target)} needs")
             out = tuple(target)
         return out, x.dtype
 

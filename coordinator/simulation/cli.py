@@ -1,0 +1,152 @@
+"""`pf-sim`: simulate a fleet against a real coordinator process, over HTTP, on one machine.
+
+    pf-sim --devices 8 --per-round 4 --rounds 6 --epochs 1 --report runs/report.html
+    pf-sim --devices 1000 --per-round 100 --rounds 3 --data /usr/share/datasets/fashion-mnist --json
+
+Progress bars go to stderr; with --json, stdout gets one JSON line per round and a last
+summary line {"rounds", "accuracy_by_round", "final_accuracy", "personal_accuracy",
+"bytes_up", "bytes_down", "seconds", ...}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from coordinator.settings import ENCODINGS
+from coordinator.simulation.processes import SimulationError
+from coordinator.simulation.report import write_report
+from coordinator.simulation.simulation import SimConfig, Simulation
+from coordinator.strategies import STRATEGIES
+
+DEFAULTS = SimConfig()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pf-sim",
+        description="Simulate N devices against a real coordinator "
+        "process; devices run as real agents in a few worker processes.",
+    )
+    p.add_argument("--devices", type=int, default=DEFAULTS.devices, help="fleet size N")
+    p.add_argument("--per-round", type=int, default=DEFAULTS.per_round, help="devices per round K (the goal)")
+    p.add_argument("--rounds", type=int, default=DEFAULTS.rounds)
+    p.add_argument("--epochs", type=int, default=DEFAULTS.epochs, help="local epochs E")
+    p.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size, help="local batch size B")
+    p.add_argument("--lr", type=float, default=DEFAULTS.lr, help="device learning rate")
+    p.add_argument("--momentum", type=float, default=DEFAULTS.momentum, help="device SGD momentum")
+    p.add_argument(
+        "--partition",
+        default=DEFAULTS.partition,
+        help="iid | dirichlet:ALPHA | shards:PER_DEVICE | quantity:ALPHA",
+    )
+    p.add_argument("--strategy", default=DEFAULTS.strategy, choices=sorted(STRATEGIES))
+    p.add_argument(
+        "--server-lr", type=float, default=None, help="server learning rate (fedadam default 0.01)"
+    )
+    p.add_argument("--fedprox-mu", type=float, default=None, help="FedProx proximal weight")
+    p.add_argument("--encoding", default=DEFAULTS.encoding, choices=ENCODINGS, help="update encoding")
+    p.add_argument("--seed", type=int, default=DEFAULTS.seed)
+    p.add_argument(
+        "--data",
+        default=None,
+        help="IDX dataset directory with train and test splits (default: the embedded subset)",
+    )
+    p.add_argument("--samples-per-device", type=int, default=None, help="cap each device's share")
+    p.add_argument(
+        "--holdout",
+        type=float,
+        default=DEFAULTS.holdout,
+        help="fraction of each device's data held out for personal/global accuracy",
+    )
+    p.add_argument("--workers", type=int, default=DEFAULTS.workers, help="device worker processes")
+    p.add_argument(
+        "--round-timeout",
+        type=float,
+        default=DEFAULTS.round_timeout,
+        help="the coordinator's round deadline in seconds",
+    )
+    p.add_argument("--workdir", default=None, help="keep logs, DB and device state here (default: temp dir)")
+    p.add_argument("--db", default=None, help="coordinator SQLite file (default: in the workdir)")
+    p.add_argument("--report", default=None, help="write an offline HTML report here")
+    p.add_argument("--json", action="store_true", help="JSON lines on stdout")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> SimConfig:
+    return SimConfig(
+        devices=args.devices,
+        per_round=args.per_round,
+        rounds=args.rounds,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        momentum=args.momentum,
+        partition=args.partition,
+        strategy=args.strategy,
+        encoding=args.encoding,
+        seed=args.seed,
+        data=args.data,
+        workers=args.workers,
+        holdout=args.holdout,
+        samples_per_device=args.samples_per_device,
+        server_lr=args.server_lr,
+        fedprox_mu=args.fedprox_mu,
+        round_timeout=args.round_timeout,
+        workdir=args.workdir,
+        db=args.db,
+        progress=not args.no_progress,
+    )
+
+
+def human_line(record: dict) -> str:
+    personal = record["personal_acc"]
+    return (
+        f"round {record['round']:>3}: test accuracy {record['accuracy']:.4f}  personal "
+        f"{'-' if personal is None else f'{personal:.4f}'}  up {record['bytes_up'] / 1e6:.2f} MB  "
+        f"down {record['bytes_down'] / 1e6:.2f} MB  {record['seconds']:.1f} s"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = config_from_args(args)
+        from engine.data import parse_partition
+
+        parse_partition(config.partition)
+        sim = Simulation(
+            config, emit=lambda r: print(json.dumps(r) if args.json else human_line(r), flush=True)
+        )
+    except ValueError as exc:
+        print(f"pf-sim: {exc}", file=sys.stderr)
+        return 2
+    try:
+        summary = sim.run()
+    except KeyboardInterrupt:
+        print(
+            f"\npf-sim: interrupted after {len(sim.records)} rounds; coordinator and workers stopped",
+            file=sys.stderr,
+        )
+        return 130
+    except SimulationError as exc:
+        print(f"pf-sim: {exc}", file=sys.stderr)
+        return 1
+    if args.report:
+        write_report(args.report, sim.records, summary)
+    if args.json:
+        print(json.dumps(summary), flush=True)
+    else:
+        print(
+            f"accuracy {summary['initial_accuracy']:.4f} -> {summary['final_accuracy']:.4f} in "
+            f"{summary['rounds']} rounds, {summary['seconds']:.1f} s"
+            + (f"; report: {args.report}" if args.report else "")
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

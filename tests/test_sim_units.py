@@ -1,0 +1,112 @@
+"""pf-sim's pure parts: device shards, the HTML report, the coordinator options, argument checks."""
+
+from __future__ import annotations
+
+import re
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import pytest
+
+from coordinator.__main__ import build_parser as coordinator_parser
+from coordinator.simulation.cli import build_parser, config_from_args
+from coordinator.simulation.processes import CoordinatorProcess
+from coordinator.simulation.report import render
+from coordinator.simulation.shards import device_indices, labels_of, load_split
+from coordinator.simulation.simulation import SimConfig, mean_of
+
+
+def test_shards_are_disjoint_deterministic_and_capped():
+    labels = labels_of(load_split(None, "train"))
+    parts = device_indices(labels, 20, "shards:2", seed=3)
+    every = np.concatenate(parts)
+    assert len(every) == len(labels) == len(np.unique(every))  # each sample exactly once
+    assert max(len(np.unique(labels[p])) for p in parts) <= 4  # two label-sorted shards: few labels each
+    again = device_indices(labels, 20, "shards:2", seed=3)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again))
+    capped = device_indices(labels, 20, "shards:2", seed=3, samples_per_device=50)
+    assert all(len(c) == 50 and np.isin(c, p).all() for c, p in zip(capped, parts))
+    assert not all(
+        np.array_equal(a, b) for a, b in zip(parts, device_indices(labels, 20, "shards:2", seed=4))
+    )
+    with pytest.raises(ValueError, match="samples_per_device"):
+        device_indices(labels, 20, "iid", seed=0, samples_per_device=0)
+
+
+def records(n: int) -> list[dict]:
+    return [
+        {
+            "round": i + 1,
+            "version": i + 1,
+            "accuracy": 0.5 + i / 100,
+            "loss": 1.0,
+            "devices": 3,
+            "failed": 0,
+            "samples": 300,
+            "train_loss": 0.9,
+            "local_global_acc": None if i == 0 else 0.6,
+            "personal_acc": 0.7,
+            "bytes_up": 1000 * (i + 1),
+            "bytes_down": 4000,
+            "seconds": 1.5,
+        }
+        for i in range(n)
+    ]
+
+
+@pytest.mark.parametrize("n", [1, 3, 40])
+def test_report_is_offline_html_with_three_charts(n):
+    recs = records(n)
+    summary = {
+        "rounds": n,
+        "final_accuracy": recs[-1]["accuracy"],
+        "initial_accuracy": 0.1,
+        "personal_accuracy": 0.7,
+        "bytes_up": 10,
+        "bytes_down": 20,
+        "seconds": 3.0,
+        "config": {"partition": "<iid>"},
+    }
+    page = render(recs, summary)
+    assert page.startswith("<!doctype html>") and page.count("<svg") == 3
+    assert "<script" not in page and "src=" not in page and "href=" not in page
+    assert "&lt;iid&gt;" in page and "<iid>" not in page  # configuration text is escaped
+    assert page.count("<tr><td>") == n
+    for svg in re.findall(r"<svg.*?</svg>", page, re.S):
+        ET.fromstring(svg)  # well-formed, so browsers draw it
+
+
+def test_mean_of_weights_by_samples_and_skips_missing():
+    answers = [
+        {"record": {"personal_acc": 1.0, "samples": 30}},
+        {"record": {"personal_acc": 0.0, "samples": 10}},
+        {"record": {"personal_acc": None, "samples": 99}},
+        {"error": "boom"},
+    ]
+    assert mean_of(answers, "personal_acc") == pytest.approx(0.75)
+    assert mean_of(answers[2:], "personal_acc") is None
+
+
+def test_coordinator_command_uses_only_real_flags(tmp_path):
+    args = build_parser().parse_args(["--strategy", "fedadam", "--encoding", "int8", "--per-round", "3"])
+    config = config_from_args(args)
+    options = config.coordinator_options(str(tmp_path / "c.db"), "key")
+    assert options["server_lr"] == 0.01 and options["goal"] == 3
+    argv = CoordinatorProcess(tmp_path, options, port=1234).command()
+    parsed = coordinator_parser().parse_args(argv[3:])  # exits on an unknown flag
+    assert parsed.strategy == "fedadam" and parsed.encoding == "int8" and parsed.goal == "3"
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"per_round": 9}, "--per-round"),
+        ({"rounds": 0}, "--rounds"),
+        ({"workers": 0}, "--workers"),
+        ({"holdout": 1.0}, "--holdout"),
+        ({"data": "/nonexistent"}, "--data"),
+    ],
+)
+def test_bad_config_names_the_option(changes, message):
+    with pytest.raises(ValueError, match=message):
+        SimConfig(devices=8, **changes).check()

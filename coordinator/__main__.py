@@ -13,7 +13,10 @@ from coordinator.settings import Settings, env_name, settings_from_env
 FLAGS = ["host", "port", "db", "model", "model_seed", "eval_data", "goal", "over_select", "deadline",
          "min_fraction", "epochs", "batch_size", "lr", "momentum", "strategy", "server_lr", "server_momentum",
          "beta1", "beta2", "tau", "fedprox_mu", "encoding", "topk_fraction", "clip_norm", "noise_multiplier",
-         "max_update_norm", "max_sample_count", "max_body_bytes", "enrollment_key", "admin_token",
+         "max_update_norm", "max_sample_count",
+         "trim_beta", "krum_f", "krum_m", "norm_bound", "dp_noise_multiplier", "dp_clip_norm", "dp_adaptive_clip",
+         "dp_target_quantile", "dp_clip_lr", "dp_count_stddev", "dp_delta", "dp_population", "dp_epsilon_budget",
+         "dp_on_budget", "max_body_bytes", "max_concurrent_uploads", "enrollment_key", "admin_token",
          "tick_interval", "min_retry_after", "max_retry_after", "log_level"]
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -106,9 +107,23 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time,
                               "upload a delta.")
     app.state.settings, app.state.db, app.state.manager = settings, db, manager
     app.state.metrics, app.state.evaluator = metrics, evaluator
+    app.state.upload_slots = asyncio.Semaphore(settings.max_concurrent_uploads)
     for module in (devices, models, checkin, rounds, admin, ops, dashboard):
         app.include_router(module.router)
     app.add_middleware(RequestCounter, metrics=metrics)
+
+    def openapi() -> dict:
+        """FastAPI's schema, with 422 bodies as this service sends them: {"detail": "<field and why>"}."""
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                                 routes=app.routes)
+            schema.setdefault("components", {}).setdefault("schemas", {})["HTTPValidationError"] = {
+                "title": "Refusal", "type": "object", "required": ["detail"],
+                "properties": {"detail": {"type": "string", "description": "which field and why"}}}
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
 
     @app.exception_handler(StarletteHTTPException)
     async def refused(request: Request, exc: StarletteHTTPException) -> JSONResponse:

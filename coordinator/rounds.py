@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from coordinator import privacy
 from coordinator.errors import Refused, crash_point
 from coordinator.modelfile import ModelInfo, expected_shapes, model_info, parse_model, with_version
 from coordinator.settings import RoundSettings, Settings
@@ -56,6 +57,10 @@ class RoundManager:
         self.on_new_version = on_new_version or (lambda version, data: None)
         self.on_event = on_event or (lambda name, **labels: None)
         self._models: dict[int, LoadedModel] = {}
+        self._running: tuple[int, int, RunningSum] | None = None  # (round, received, aggregate) cache
+        self.dp = privacy.PrivacyLedger(db)
+        if self.round_settings.dp_enabled:
+            privacy.require_accountant()
         row = db.query_one("SELECT value FROM server_state WHERE key = 'paused'")
         self.paused = bool(row and row["value"] == "1")
 
@@ -143,11 +148,14 @@ class RoundManager:
         now = self.clock()
         base = self.latest_version()
         goal = cfg.goal
+        dp = (self.dp.clip_for(cfg), self.dp.sampling_rate(cfg), cfg.dp_noise_multiplier) if cfg.dp_enabled \
+            else (None, None, None)
         with self.db.transaction() as cur:
             cur.execute("INSERT INTO rounds(base_version, status, config, goal, max_assignments, "
-                        "min_updates, opened_at, deadline) VALUES (?, 'open', ?, ?, ?, ?, ?, ?)",
+                        "min_updates, opened_at, deadline, dp_clip, dp_q, dp_noise) "
+                        "VALUES (?, 'open', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         (base, cfg.model_dump_json(), goal, math.ceil(goal * cfg.over_select - 1e-9),
-                         max(1, math.ceil(goal * cfg.min_fraction - 1e-9)), now, now + cfg.deadline))
+                         max(1, math.ceil(goal * cfg.min_fraction - 1e-9)), now, now + cfg.deadline, *dp))
             round_id = cur.lastrowid
         log.info("round %d opened: base v%d, goal %d, deadline %.0fs, strategy %s", round_id, base, goal,
                  cfg.deadline, cfg.strategy)
@@ -168,7 +176,7 @@ class RoundManager:
                                          f"fewer than the minimum {r['min_updates']}")
                 else:
                     return
-            if not self.paused:
+            if not self.paused and self.dp.budget_allows(self.round_settings):
                 self._open_round()
 
     def _abandon(self, r: dict, reason: str) -> None:
@@ -183,8 +191,12 @@ class RoundManager:
         config = json.loads(r["config"])
         strategy = make_strategy(config)
         base = self.model(r["base_version"])
+        writes: list[tuple[str, Any]] = []
         if strategy.streaming:
-            delta = RunningSum.from_bytes(r["aggregate"]).mean()
+            running = RunningSum.from_bytes(r["aggregate"])
+            delta = running.mean()
+            if r["dp_clip"] is not None:
+                delta, writes = self.dp.privatize(r, config, delta, running.count)
         else:
             rows = self.db.query("SELECT delta, sample_count FROM updates WHERE round_id=?", (r["id"],))
             delta = strategy.combine([(loads(row["delta"]).tensors, row["sample_count"]) for row in rows])
@@ -198,8 +210,9 @@ class RoundManager:
         data = with_version(base.container, self.latest_version() + 1, new_weights, round_id=r["id"],
                             parent_version=r["base_version"])
         state_bytes = state_to_bytes(new_state)
-        version = self.publish(data, round_id=r["id"], reason=reason, also=lambda cur: cur.execute(
-            "INSERT OR REPLACE INTO server_state(key, value) VALUES (?, ?)", (state_key, state_bytes)))
+        writes.append(("INSERT OR REPLACE INTO server_state(key, value) VALUES (?, ?)", (state_key, state_bytes)))
+        version = self.publish(data, round_id=r["id"], reason=reason,
+                               also=lambda cur: [cur.execute(sql, params) for sql, params in writes])
         log.info("round %d committed -> model v%d: %s, %d updates, %g samples", r["id"], version, reason,
                  r["received"], r["total_weight"])
         self.on_event("round_closed", outcome="committed")
@@ -225,7 +238,7 @@ class RoundManager:
         with self.db.lock:
             r = self.current_round()
             if self.paused or r is None:
-                return self._retry(self.settings.max_retry_after / 4, "training is paused")
+                return self._retry(self.settings.max_retry_after / 4, self.dp.budget_note or "training is paused")
             to_deadline = r["deadline"] - self.clock()
             if not eligible:
                 return self._retry(to_deadline, "device reported not eligible")
@@ -239,7 +252,7 @@ class RoundManager:
                                          (r["id"],))["n"]
             if assigned >= r["max_assignments"]:
                 return self._retry(to_deadline, f"round {r['id']} has all {assigned} devices it needs")
-            with self.db.transaction() as cur:
+            with self.db.transaction(durable=False) as cur:  # a lost assignment: the device checks in again
                 cur.execute("INSERT INTO assignments(round_id, device_id, assigned_at) VALUES (?,?,?)",
                             (r["id"], device_id, self.clock()))
             return {"status": "task", "task": self.task_for(r)}
@@ -276,6 +289,9 @@ class RoundManager:
                                     max_norm=config["max_update_norm"],
                                     max_sample_count=config["max_sample_count"])
         streaming = make_strategy(config).streaming
+        bound = r["dp_clip"] if r["dp_clip"] is not None else config.get("norm_bound")
+        delta = update.delta if bound is None else privacy.clip(update.delta, bound)[0]
+        weight = 1.0 if r["dp_clip"] is not None else float(update.sample_count)  # DP: bounded weights
         with self.db.lock:
             answer = self.previous_answer(device_id, key)  # a concurrent retry may have won the race
             if answer is not None:
@@ -284,26 +300,36 @@ class RoundManager:
             answer = {"accepted": True, "round_id": round_id, "received": r["received"] + 1,
                       "goal": r["goal"]}
             with self.db.transaction() as cur:
-                aggregate = r["aggregate"]
+                aggregate, running = r["aggregate"], None
                 if streaming:
-                    running = RunningSum.from_bytes(aggregate)
-                    running.add(update.delta, update.sample_count)
+                    running = self._running_sum(r)
+                    running.add(delta, weight)
                     aggregate = running.to_bytes()
                 cur.execute("INSERT INTO updates(round_id, device_id, idempotency_key, sample_count, norm, "
                             "encoding, metrics, received_at, response, delta) VALUES (?,?,?,?,?,?,?,?,?,?)",
                             (round_id, device_id, key, update.sample_count, norm,
                              update.encoding + ("+topk" if update.sparse else ""), json.dumps(update.metrics),
                              self.clock(), json.dumps(answer),
-                             None if streaming else dumps(update.delta, kind="delta")))
+                             None if streaming else dumps(delta, kind="delta")))
                 cur.execute("UPDATE rounds SET received=received+1, total_weight=total_weight+?, aggregate=? "
                             "WHERE id=?", (float(update.sample_count), aggregate, round_id))
                 crash_point("before_update_commit")
+            if running is not None:
+                self._running = (round_id, answer["received"], running)
             crash_point("after_update_commit")
             log.info("round %d: update %d/%d accepted from device %s (%d samples, norm %.4g, %s)", round_id,
                      answer["received"], r["goal"], device_id[:8], update.sample_count, norm, update.encoding)
             self.on_event("update_accepted")
             self.tick()
         return answer
+
+    def _running_sum(self, r: dict) -> RunningSum:
+        """A fresh copy of the round's aggregate: from memory when the cache is current (it saves
+        parsing the stored blob on every upload), else from the database."""
+        if self._running is not None and self._running[:2] == (r["id"], r["received"]):
+            cached = self._running[2]
+            return RunningSum(dict(cached.sums), cached.total_weight, cached.count)  # add() makes new arrays
+        return RunningSum.from_bytes(r["aggregate"])
 
     # ------------------------------------------------------------------ operator calls
 
@@ -318,7 +344,13 @@ class RoundManager:
     def update_settings(self, changes: dict[str, Any]) -> RoundSettings:
         """Validated round-setting changes; they apply from the next round on."""
         with self.db.lock:
-            self.round_settings = RoundSettings(**{**self.round_settings.model_dump(), **changes})
+            new = RoundSettings(**{**self.round_settings.model_dump(), **changes})
+            if new.dp_enabled:
+                try:
+                    privacy.require_accountant()
+                except ValueError as exc:
+                    raise Refused(422, f"dp_noise_multiplier: {exc}", "bad_settings") from None
+            self.round_settings = new
         log.info("round settings changed: %s", changes)
         return self.round_settings
 

@@ -90,6 +90,10 @@ class RoundSummary(BaseModel):
     reason: str | None
     result_version: int | None
     strategy: str
+    epsilon: float | None = Field(None, description="DP: epsilon spent after this round (at dp_delta)")
+    dp_delta: float | None = None
+    dp_clip_norm: float | None = Field(None, description="DP: the clip C this round used")
+    dp_sampling_rate: float | None = Field(None, description="DP: q = goal / population")
 
 
 class Participant(BaseModel):
@@ -140,6 +144,20 @@ class SettingsPatch(Strict):
     noise_multiplier: float | None = None
     max_update_norm: float | None = None
     max_sample_count: int | None = None
+    trim_beta: float | None = None
+    krum_f: int | None = None
+    krum_m: int | None = None
+    norm_bound: float | None = None
+    dp_noise_multiplier: float | None = None
+    dp_clip_norm: float | None = None
+    dp_adaptive_clip: bool | None = None
+    dp_target_quantile: float | None = None
+    dp_clip_lr: float | None = None
+    dp_count_stddev: float | None = None
+    dp_delta: float | None = None
+    dp_population: int | None = None
+    dp_epsilon_budget: float | None = None
+    dp_on_budget: Literal["stop", "warn"] | None = None
 
 
 class Health(BaseModel):

@@ -25,6 +25,8 @@ def check_update(body: bytes, *, round_id: int, base_version: int, expected: dic
         update = decode_update(body, expected=expected)
     except ContainerError as exc:
         raise Refused(422, f"update: {exc}", "bad_update") from None
+    except (ValueError, RecursionError) as exc:  # json's own limits (huge integers, deep nesting)
+        raise Refused(422, f"update: header is not acceptable JSON: {exc}", "bad_update") from None
     if update.round_id != round_id:
         raise Refused(422, f"update.round_id {update.round_id} does not match the URL's round {round_id}",
                       "wrong_round")

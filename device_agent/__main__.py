@@ -7,18 +7,25 @@
 
 from __future__ import annotations
 
-import argparse
-import json
-import logging
-import sys
-from collections.abc import Sequence
-from pathlib import Path
+import os
 
-import numpy as np
+# One BLAS thread unless the user says otherwise: a phone stays responsive, and many agents on
+# one machine (the simulation) don't oversubscribe its cores. Must precede numpy's import.
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
 
-from device_agent.client import CoordinatorClient, RejectedError, RetryPolicy
-from device_agent.eligibility import AlwaysEligible, default_probe
-from device_agent.state import AgentState
+import argparse  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import sys  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from device_agent.client import CoordinatorClient, RejectedError, RetryPolicy  # noqa: E402
+from device_agent.eligibility import AlwaysEligible, default_probe  # noqa: E402
+from device_agent.state import AgentState  # noqa: E402
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081  # the normalization engine.data.MnistDataset trains with
 

@@ -35,7 +35,8 @@ class ProgressBar:
 
     def close(self) -> None:
         if self.enabled:
-            self._draw(time.perf_counter())
+            if self.count < self.total or self._last == 0.0:  # the last update already drew the full bar
+                self._draw(time.perf_counter())
             self.stream.write("\n")
             self.stream.flush()
 

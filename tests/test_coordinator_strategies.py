@@ -139,8 +139,8 @@ def test_running_sum_round_trips_and_streams():
     for k in SHAPES:
         np.testing.assert_allclose(running.mean()[k], expected[k], atol=1e-12)
         assert running.sums[k].shape == SHAPES[k]  # O(model size), whatever the number of updates
-    with pytest.raises(ValueError, match="strategy 'krum' is not one of"):
-        make_strategy({"strategy": "krum"})
+    with pytest.raises(ValueError, match="strategy 'bulyan' is not one of"):
+        make_strategy({"strategy": "bulyan"})
 
 
 class CoordinateMedian(Strategy):

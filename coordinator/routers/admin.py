@@ -54,6 +54,6 @@ async def publish_model(request: Request, manager: ManagerDep,
     body = await read_limited(request, settings.max_body_bytes)
     try:
         version = await run_in_threadpool(manager.publish_admin, body)
-    except ContainerError as exc:
+    except (ContainerError, ValueError, RecursionError) as exc:  # ValueError: json's integer-size limit
         raise Refused(422, f"model file: {exc}", "bad_model") from None
     return PublishResponse(version=version, sha256=manager.model(version).info.sha256)

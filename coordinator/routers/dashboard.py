@@ -46,6 +46,14 @@ def accuracy_chart(points: list[tuple[int, float]], width: int = 640, height: in
     return "".join(parts)
 
 
+def privacy_line(rounds: list, budget_note: str | None) -> str:
+    """Differential privacy at a glance: epsilon spent (at its delta) and the budget's state."""
+    spent = next((r for r in rounds if r.epsilon is not None), None)
+    text = "" if spent is None else f" · privacy spent <b>&epsilon; = {spent.epsilon:.3f}</b> at " \
+                                    f"&delta; = {spent.dp_delta:g}"
+    return text + (f" · <b>{html.escape(budget_note)}</b>" if budget_note else "")
+
+
 @router.get("/", response_class=HTMLResponse, include_in_schema=True)
 def dashboard(manager: ManagerDep, db: DbDep) -> HTMLResponse:
     manager.tick()
@@ -59,6 +67,7 @@ def dashboard(manager: ManagerDep, db: DbDep) -> HTMLResponse:
         f"<td>{r.assigned}/{r.max_assignments}</td><td>{r.received}/{r.goal}</td><td>{r.total_samples:g}</td>"
         f"<td>{'' if r.result_version is None else 'v' + str(r.result_version)}</td><td>{e(r.strategy)}</td>"
         f"<td>{e(time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(r.opened_at)))}</td>"
+        f"<td>{'' if r.epsilon is None else f'{r.epsilon:.3f}'}</td>"
         f"<td style='text-align:left'>{e(r.reason or '')}</td></tr>" for r in rounds)
     acc = f"{points[-1][1]:.4f} (v{points[-1][0]})" if points else "n/a"
     page = f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>pocketfed coordinator</title>
@@ -66,9 +75,10 @@ def dashboard(manager: ManagerDep, db: DbDep) -> HTMLResponse:
 <h1>pocketfed coordinator</h1>
 <p>Model version <b>v{manager.latest_version()}</b> · latest accuracy <b>{acc}</b> ·
 {devices} devices enrolled
-{' · <b>paused</b>' if manager.paused else ''}</p>
+{' · <b>paused</b>' if manager.paused else ''}{privacy_line(rounds, manager.dp.budget_note)}</p>
 <h2>Accuracy by model version</h2>{accuracy_chart(points)}
 <h2>Rounds</h2><table id="rounds"><tr><th>round</th><th>status</th><th>base</th><th>assigned</th>
-<th>updates</th><th>samples</th><th>result</th><th>strategy</th><th>opened (UTC)</th><th>reason</th></tr>
+<th>updates</th><th>samples</th><th>result</th><th>strategy</th><th>opened (UTC)</th><th>&epsilon;</th>
+<th>reason</th></tr>
 {rows}</table></body></html>"""
     return HTMLResponse(page)

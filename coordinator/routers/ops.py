@@ -32,6 +32,12 @@ def metrics(manager: ManagerDep, db: DbDep,
               "pf_paused": int(manager.paused)}
     if acc is not None:
         gauges["pf_model_accuracy"] = acc["accuracy"]
+    spent = db.query_one("SELECT epsilon, dp_clip FROM rounds WHERE epsilon IS NOT NULL ORDER BY id DESC LIMIT 1")
+    if spent is not None:
+        gauges["pf_dp_epsilon"] = spent["epsilon"]
+        gauges["pf_dp_clip_norm"] = spent["dp_clip"]
+    if manager.round_settings.dp_enabled:
+        gauges["pf_dp_budget_exhausted"] = int(manager.dp.budget_note is not None)
     from_db = {
         "pf_rounds_total": {(("status", s),): db.query_one("SELECT COUNT(*) AS n FROM rounds WHERE status=?",
                                                            (s,))["n"] for s in ("committed", "abandoned")},

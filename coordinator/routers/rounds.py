@@ -26,8 +26,12 @@ UPLOAD_BODY = {"requestBody": {"required": True,
 
 def summarize(db: Database, row: dict) -> RoundSummary:
     assigned = db.query_one("SELECT COUNT(*) AS n FROM assignments WHERE round_id=?", (row["id"],))["n"]
+    config = json.loads(row["config"])
+    dp = row.get("dp_q") is not None
     return RoundSummary(**{k: row[k] for k in RoundSummary.model_fields if k in row}, assigned=assigned,
-                        total_samples=row["total_weight"], strategy=json.loads(row["config"])["strategy"])
+                        total_samples=row["total_weight"], strategy=config["strategy"],
+                        dp_delta=config.get("dp_delta") if dp else None, dp_clip_norm=row.get("dp_clip"),
+                        dp_sampling_rate=row.get("dp_q"))
 
 
 @router.get("", response_model=list[RoundSummary])
@@ -91,6 +95,7 @@ async def upload(round_id: RoundId, request: Request, device: DeviceDep, manager
     """Upload a weight delta. Replaying the same Idempotency-Key returns the same answer and counts once."""
     if not idempotency_key:
         raise Refused(400, "Idempotency-Key: header is required", "missing_idempotency_key")
-    body = await read_limited(request, settings.max_body_bytes)
-    answer = await run_in_threadpool(manager.submit, device.id, round_id, idempotency_key, body)
+    async with request.app.state.upload_slots:  # bounded memory: waiting bodies stay in the socket buffers
+        body = await read_limited(request, settings.max_body_bytes)
+        answer = await run_in_threadpool(manager.submit, device.id, round_id, idempotency_key, body)
     return JSONResponse(answer, status_code=202)

@@ -13,7 +13,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+ADDED_COLUMNS = {"rounds": {"dp_clip": "REAL", "dp_q": "REAL", "dp_noise": "REAL", "epsilon": "REAL"}}
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (
@@ -51,7 +52,11 @@ CREATE TABLE IF NOT EXISTS rounds (
     received        INTEGER NOT NULL DEFAULT 0,
     total_weight    REAL NOT NULL DEFAULT 0,
     aggregate       BLOB,                   -- container: running weighted sum of deltas (float64)
-    result_version  INTEGER
+    result_version  INTEGER,
+    dp_clip         REAL,                   -- DP: clip norm C used by this round (NULL: DP off)
+    dp_q            REAL,                   -- DP: sampling rate goal / population
+    dp_noise        REAL,                   -- DP: noise multiplier z charged to the accountant
+    epsilon         REAL                    -- DP: epsilon spent after this round committed
 );
 CREATE TABLE IF NOT EXISTS assignments (
     round_id     INTEGER NOT NULL REFERENCES rounds(id),
@@ -97,14 +102,24 @@ class Database:
             for statement in SCHEMA.split(";"):
                 if statement.strip():
                     cur.execute(statement)
-            cur.execute("INSERT OR IGNORE INTO server_state(key, value) VALUES ('schema_version', ?)",
+            for table, columns in ADDED_COLUMNS.items():  # a version-1 database gains the new columns
+                present = {row["name"] for row in cur.execute(f"PRAGMA table_info({table})")}
+                for name, sql_type in columns.items():
+                    if name not in present:
+                        cur.execute(f"ALTER TABLE {table} ADD COLUMN {name} {sql_type}")
+            cur.execute("INSERT OR REPLACE INTO server_state(key, value) VALUES ('schema_version', ?)",
                         (str(SCHEMA_VERSION),))
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Cursor]:
-        """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any exception (including a crash mid-way)."""
+    def transaction(self, durable: bool = True) -> Iterator[sqlite3.Cursor]:
+        """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any exception (including a crash mid-way).
+
+        durable=False skips the fsync (synchronous=NORMAL): still safe against kill -9 and in order
+        with later durable commits, but power loss may drop it. For writes a device can redo
+        (enrollment, check-in assignments); accepted updates and commits stay durable."""
         with self.lock:
             cur = self.conn.cursor()
+            cur.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
             cur.execute("BEGIN IMMEDIATE")
             try:
                 yield cur

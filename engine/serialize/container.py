@@ -133,8 +133,8 @@ def loads(data: bytes | bytearray | memoryview, *, kind: str | None = None) -> C
         raise ContainerError(f"header length {header_len} exceeds the data ({len(data)} bytes)")
     try:
         header = json.loads(bytes(data[_PREFIX.size:_PREFIX.size + header_len]))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ContainerError(f"header is not valid JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # bad UTF-8/JSON, 5000-digit integers, absurd nesting
+        raise ContainerError(f"header is not valid JSON: {str(exc)[:200]}") from None
     if not isinstance(header, dict) or not isinstance(header.get("tensors"), list):
         raise ContainerError("header must be an object with a 'tensors' list")
     file_kind = header.get("kind")

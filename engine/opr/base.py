@@ -73,17 +73,12 @@ class Operator(ABC):
     @classmethod
     def make(cls, *inputs: Any, name: str | None = None, **attrs: Any) -> SymbolVar:
         """Add this operator to the inputs' graph and return its output (MegEngine's `opr::X::make`)."""
-        vars_ = as_vars(inputs)
-        op = cls(**attrs)
-        if op.n_inputs is not None and len(vars_) != op.n_inputs:
-            raise ShapeError(f"{cls.__name__} takes {op.n_inputs} inputs, got {len(vars_)}")
-        shape, dtype = op.infer(*vars_)
-        graph = vars_[0].graph
-        return graph._add(SymbolVar(graph, op, vars_, shape, dtype, name=name))
+        return cls.rebuild(as_vars(inputs), attrs, name=name)
 
     @classmethod
     def rebuild(cls, inputs: Sequence[SymbolVar], attrs: dict[str, Any], name: str | None = None) -> SymbolVar:
-        """Re-add a node from saved attributes (model files), running the shape rule again."""
+        """Add a node from attributes as stored (`make` normalizes user arguments first; model files
+        call this directly), running the shape rule, which raises at build time."""
         op = cls(**attrs)
         if op.n_inputs is not None and len(inputs) != op.n_inputs:
             raise ShapeError(f"{cls.__name__} takes {op.n_inputs} inputs, got {len(inputs)}")

@@ -47,7 +47,7 @@ def _frame(
 
 
 def _x(i: int, n: int) -> float:
-    return PAD + 12 + (i / max(n - 1, 1)) * (W - PAD - 40)
+    return PAD + 30 + (i / max(n - 1, 1)) * (W - PAD - 60)
 
 
 def line_chart(
@@ -80,17 +80,21 @@ def line_chart(
 
 
 def bar_chart(chart_id: str, title: str, series: dict[str, Sequence[float]], x_labels: Sequence[str]) -> str:
-    """Side-by-side bars per round (bytes), y axis from 0 to the largest value."""
-    top = max([max(v, default=0) for v in series.values()] + [1])
-    parts = _frame(chart_id, title, [(t, _human(t * top)) for t in (0, 0.25, 0.5, 0.75, 1.0)], x_labels)
+    """Side-by-side bars per round (bytes); the y axis leaves headroom above the bars for the legend."""
+    largest = max([max(v, default=0) for v in series.values()] + [1])
+    unit, unit_name = next((u, name) for u, name in ((1e9, "GB"), (1e6, "MB"), (1e3, "KB"), (1, "B"))
+                           if largest >= u or u == 1)
+    top = largest * 1.3
+    ticks = [(t, f"{t * top / unit:.2g} {unit_name}") for t in (0, 0.25, 0.5, 0.75, 1.0)]
+    parts = _frame(chart_id, title, ticks, x_labels)
     n, k_count = len(x_labels), len(series)
-    slot = (W - PAD - 40) / max(n, 1)
-    bar = max(1.0, slot * 0.8 / k_count)
+    group = min(56.0, 0.8 * (W - PAD - 60) / max(n - 1, 1))
+    bar = group / k_count
     for k, (name, values) in enumerate(series.items()):
         color = COLORS[k % len(COLORS)]
         for i, v in enumerate(values):
             h = v / top * (H - PAD - 10)
-            x = _x(i, n) - slot * 0.4 + k * bar if n > 1 else PAD + 20 + k * bar
+            x = _x(i, n) - group / 2 + k * bar
             parts.append(
                 f'<rect x="{x:.1f}" y="{H - PAD - h:.1f}" width="{bar:.1f}" height="{h:.1f}" '
                 f'fill="{color}"><title>{html.escape(name)} round {i + 1}: {_human(v)}</title></rect>'

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sqlite3
 import sys
 
 from pydantic import ValidationError
@@ -44,8 +45,8 @@ def main(argv: list[str] | None = None) -> None:
     from coordinator.app import create_app
     try:
         app = create_app(settings)
-    except (OSError, ValueError) as exc:
-        sys.exit(f"pf-coordinator: cannot start: {exc}")
+    except (OSError, ValueError, sqlite3.Error) as exc:
+        sys.exit(f"pf-coordinator: cannot start (database {settings.db}): {exc}")
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
                 access_log=False)
 

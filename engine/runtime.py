@@ -9,6 +9,8 @@ allocating and records every value's shape; from then on kernels write into buff
 arena planned by liveness (engine/compiler/memory.py), views of those buffers are made once,
 and scratch space lives in per-instruction workspaces: a steady-state step allocates only
 the copies of the outputs it returns. A new batch size gets its own plan (a few are cached).
+Update chains grouped by the flat_updates pass run last, one flat kernel per group
+(engine/compiler/updates.py).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -24,6 +26,7 @@ import numpy as np
 
 from .compiler.memory import Instruction, MemoryPlan, plan
 from .compiler.program import Node, Program
+from .compiler.updates import FlatUpdateRunner
 from .graph import GraphError
 from .opr.base import Workspace
 
@@ -39,6 +42,7 @@ class StepPlan:
     template: list[Any]  # slot -> planned buffer or fixed view (None where filled per step)
     steps: list[tuple[str, Any, list[int], int, str]]  # (how, kernel, input slots, output slot, type)
     workspaces: list[Workspace]
+    cache: dict = field(default_factory=dict)  # anything else worked out once for this plan
 
     @property
     def workspace_bytes(self) -> int:
@@ -76,6 +80,8 @@ class CompiledFunction:
                                            node.op.type_name))
         self._outputs = [slot[id(n)] for n in program.outputs]
         self._updates = [(dest, slot[id(n)]) for dest, n in program.updates]
+        self._flat = FlatUpdateRunner(program.flat_updates, slot) if program.flat_updates else None
+        self._unplanned_cache: dict = {}
         self._aliased: dict[tuple, list[bool]] = {}  # input signature -> which update values need a copy
         self._plans: dict[tuple, StepPlan] = {}
         self.last_shapes: dict[int, tuple] = {}  # slot -> shape, from the last unplanned step
@@ -127,6 +133,13 @@ class CompiledFunction:
         self.profiled_steps += bool(self.profile)
         results = [np.array(values[i], copy=True) for i in self._outputs]
         self._write_updates(values, signature)
+        if self._flat is not None:
+            start = time.perf_counter() if self.profile else 0.0
+            self._flat.run(values, self._unplanned_cache if step is None else step.cache,
+                           {} if step is None else step.memory.flat)
+            if self.profile:
+                self.op_seconds["FlatUpdate"] += time.perf_counter() - start
+                self.op_calls["FlatUpdate"] += len(self._flat.groups)
         return results[0] if self.single_output else results
 
     def _write_updates(self, values: list[Any], signature: tuple) -> None:
@@ -184,7 +197,8 @@ class CompiledFunction:
             else:
                 view_of[out] = list(ins)  # of any input, as far as lifetimes go
             instructions.append(Instruction(ins, out, [k for k in node.inplace if ins[k] in buffers]))
-        memory = plan(instructions, buffers, view_of, [*self._outputs, *(i for _, i in self._updates)])
+        kept = [*self._outputs, *(i for _, i in self._updates), *(self._flat_slots())]
+        memory = plan(instructions, buffers, view_of, kept, self._flat.contiguous() if self._flat else ())
 
         template: list[Any] = [None] * self._n_slots
         for s, array in memory.arrays.items():
@@ -216,6 +230,10 @@ class CompiledFunction:
                 steps.append((VIEW, kernel, ins, out, type_name))
         return StepPlan(memory, template, steps, workspaces)
 
+    def _flat_slots(self) -> list[int]:
+        slot = {id(n): i for i, n in enumerate(self.program.nodes)}
+        return [slot[id(n)] for n in self.program.flat_inputs()]
+
     # ----- inspection -----
     @property
     def plans(self) -> list[StepPlan]:
@@ -233,7 +251,8 @@ class CompiledFunction:
 
     def explain(self) -> str:
         """What the compiler did, what runs and how memory is planned, for debugging."""
-        lines = [f"{len(self._instructions)} kernels, {len(self._updates)} updates, "
+        flat = sum(len(g.dests) for g in self.program.flat_updates)
+        lines = [f"{len(self._instructions)} kernels, {len(self._updates) + flat} updates ({flat} in flat kernels), "
                  f"mode={'train' if self.program.training else 'eval'}", *self.program.notes]
         for signature, step in self._plans.items():
             shapes = ", ".join(str(s) for s, _ in signature)

@@ -217,3 +217,93 @@ def test_lowered_convolution_matches_the_plain_one():
         assert "share_im2col: 1" in "\n".join(lowered.program.notes)
         for _ in range(2):
             assert_same(lowered.execute(), plain.execute())
+
+
+# ----- flat updates -----
+
+def test_flat_updates_run_lenet_optimizer_in_place_on_laid_out_tensors():
+    """SGD momentum's 20 update chains become 2 flat kernels that read and write the shared
+    tensors through one view each: no gather copies, no scatter, every weight moved."""
+    results, func = lenet_training(None, batches=((8, 0), (8, 1)))
+    assert "flat_updates: 20 update chains run as 2 flat kernel(s)" in func.explain()
+    assert func.program.updates == []
+    (step,) = func.plans
+    bound, _ = step.cache["flat_updates"]
+    kinds = [[kind for kind, _, _ in inputs] for _, inputs, _, _ in bound]
+    assert all("gather" not in k for k in kinds) and all(scatter == [] for _, _, _, scatter in bound)
+    weights = [n.origin for n in func.program.nodes if n.kind == "shared" and n.origin.op.trainable]
+    assert np.shares_memory(bound[1][2], weights[0].value)  # the second kernel writes the weights
+
+
+def test_flat_updates_survive_a_replaced_shared_value():
+    """Someone replaces a weight's array between steps: the runner notices and still writes it."""
+    model = build_lenet(seed=1)
+    graph = model.graph
+    label = opr.host2device(graph, (None,), "int64", "label")
+    loss = CrossEntropyLoss()(model.output, label)
+    weights = list(model.params.values())
+    func = graph.compile([loss], updates=SGD(0.05, momentum=0.9).make_multiple(weights, grad(loss, weights), graph))
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((4, 1, 28, 28)).astype(np.float32), rng.integers(0, 10, 4)
+    func.execute(x=x, label=y)
+    func.execute(x=x, label=y)
+    reference = [w.value.copy() for w in weights]
+    weights[2].value = weights[2].value.copy()  # no longer laid out with the others
+    func.execute(x=x, label=y)
+    replaced = [w.value.copy() for w in weights]
+
+    model2 = build_lenet(seed=1)
+    g2 = model2.graph
+    label2 = opr.host2device(g2, (None,), "int64", "label")
+    loss2 = CrossEntropyLoss()(model2.output, label2)
+    w2 = list(model2.params.values())
+    plain = g2.compile([loss2], updates=SGD(0.05, momentum=0.9).make_multiple(w2, grad(loss2, w2), g2),
+                       passes=[p for p in DEFAULT_PASSES if p != "flat_updates"])
+    for _ in range(2):
+        plain.execute(x=x, label=y)
+    assert_same([w.value for w in w2], reference)
+    plain.execute(x=x, label=y)
+    assert_same([w.value for w in w2], replaced)
+
+
+def test_shared_tensors_of_one_kind_lie_end_to_end():
+    from engine.compiler.updates import flat_view
+    g = ComputingGraph()
+    a = opr.shared(g, np.ones((2, 3), np.float32), "a")
+    lr = opr.shared(g, np.float32(0.1), "lr", trainable=False)  # scalars live apart
+    b = opr.shared(g, np.full(5, 2, np.float32), "b")
+    m = opr.shared(g, np.zeros(4, np.float32), "a.momentum", trainable=False)
+    flat = flat_view([a.value, b.value])
+    np.testing.assert_array_equal(flat, [1] * 6 + [2] * 5)
+    assert flat_view([b.value, a.value]) is None and flat_view([a.value, m.value]) is None
+    assert lr.value.shape == () and m.value.sum() == 0
+
+
+def test_memory_plan_lays_a_contiguous_group_end_to_end():
+    f4 = np.dtype(np.float32)
+    insts = [Instruction([], 0), Instruction([0], 1), Instruction([1], 2), Instruction([0], 3)]
+    buffers = {0: ((3,), f4), 1: ((2, 2), f4), 2: ((5,), f4), 3: ((1,), f4)}
+    memory = plan(insts, buffers, {}, keep=[3, 1], contiguous=[[3, 1]])
+    flat = memory.flat[(3, 1)]
+    assert flat.shape == (5,)
+    assert np.shares_memory(flat[:1], memory.arrays[3]) and np.shares_memory(flat[1:], memory.arrays[1])
+    for s in (0, 2):  # both are alive while the group is (from slot 1's write to the end)
+        assert not np.shares_memory(memory.arrays[s], flat)
+
+
+@pytest.mark.parametrize("geometry", [dict(), dict(padding=2), dict(dilation=2, padding=1), dict(groups=2),
+                                      dict(stride=(2, 1), padding=1)])
+def test_backward_data_row_kernel_matches_the_tap_kernel(geometry):
+    from engine.opr.base import Workspace
+    from engine.opr.conv import ConvolutionBackwardData
+    rng = np.random.default_rng(7)
+    g = ComputingGraph()
+    w = opr.shared(g, rng.standard_normal((6, 4 // geometry.get("groups", 1), 3, 5)).astype(np.float32), "w")
+    x = opr.shared(g, rng.standard_normal((3, 4, 11, 12)).astype(np.float32), "x")
+    y = opr.convolution(x, w, **geometry)
+    dout = rng.standard_normal((3, 6, *y.shape[2:])).astype(np.float32)
+    node = ConvolutionBackwardData.make(w, opr.shared(g, dout, "dout"), x, **geometry)
+    rows, taps = np.empty(x.shape, np.float32), np.empty(x.shape, np.float32)
+    node.op._rows_backward(Workspace(), rows, w.value, dout, x.value)
+    node.op._taps_backward(Workspace(), taps, w.value, dout, x.value)
+    np.testing.assert_allclose(rows, taps, rtol=1e-5, atol=1e-5)

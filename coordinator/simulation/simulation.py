@@ -130,9 +130,9 @@ class Simulation:
     def run(self) -> dict:
         cfg = self.config
         with tempfile.TemporaryDirectory(prefix="pf-sim-") as tmp:
-            workdir = Path(cfg.workdir or tmp)
+            workdir = Path(cfg.workdir or tmp).resolve()  # children run in other folders
             workdir.mkdir(parents=True, exist_ok=True)
-            self.db_path = Path(cfg.db) if cfg.db else workdir / "coordinator.db"
+            self.db_path = Path(cfg.db).resolve() if cfg.db else workdir / "coordinator.db"
             key = secrets.token_urlsafe(16)
             self.coordinator = CoordinatorProcess(workdir, cfg.coordinator_options(str(self.db_path), key))
             self.pool: WorkerPool | None = None

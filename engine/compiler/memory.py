@@ -34,6 +34,7 @@ class Block:
     end: int
     slots: list[int] = field(default_factory=list)
     offset: int = -1
+    parts: list[tuple[int, tuple]] = field(default_factory=list)  # (slot, shape) laid end to end, if a group
 
     @property
     def nbytes(self) -> int:
@@ -49,11 +50,12 @@ class MemoryPlan:
     blocks: list[Block]
     arena_bytes: int
     inplace: int  # outputs that took over an input's buffer
+    flat: dict[tuple, np.ndarray] = field(default_factory=dict)  # contiguous group's slots -> its flat array
 
     @property
     def unplanned_bytes(self) -> int:
         """What the same buffers would take with no reuse."""
-        return sum(b.nbytes * len(b.slots) for b in self.blocks)
+        return sum(b.nbytes * (1 if b.parts else len(b.slots)) for b in self.blocks)
 
 
 def place(blocks: list[Block]) -> int:
@@ -74,10 +76,12 @@ def place(blocks: list[Block]) -> int:
 
 
 def plan(instructions: Sequence[Instruction], buffers: dict[int, tuple[tuple, np.dtype]],
-         view_of: dict[int, Sequence[int]], keep: Sequence[int]) -> MemoryPlan:
+         view_of: dict[int, Sequence[int]], keep: Sequence[int],
+         contiguous: Sequence[Sequence[int]] = ()) -> MemoryPlan:
     """`buffers`: slot -> (shape, dtype) for values written into planned memory; `view_of`:
     slot -> the slots it may be a view of (its result may alias their memory); `keep`: slots
-    read after the last instruction."""
+    read after the last instruction; `contiguous`: groups of kept slots of one dtype to lay
+    end to end in one block (read as one flat array by the flat update kernels)."""
 
     def roots(slot: int) -> set[int]:
         found, stack = set(), [slot]
@@ -100,9 +104,23 @@ def plan(instructions: Sequence[Instruction], buffers: dict[int, tuple[tuple, np
             last_use[r] = end
 
     block_of: dict[int, Block] = {}
+    group_of: dict[int, tuple] = {}
+    for group in contiguous:
+        group = tuple(group)
+        if len(set(group)) == len(group) and all(s in buffers and s not in group_of for s in group) and \
+                len({buffers[s][1] for s in group}) == 1:
+            size = sum(int(np.prod(buffers[s][0], dtype=np.int64)) for s in group)
+            group_of.update((s, group) for s in group)
+            block_of[group] = Block((size,), buffers[group[0]][1], len(instructions), end,
+                                    parts=[(s, buffers[s][0]) for s in group])
     merged = 0
     for t, inst in enumerate(instructions):
         if inst.out not in buffers:
+            continue
+        if inst.out in group_of:  # the group's block is busy from its first member's write to the end
+            block = block_of[group_of[inst.out]]
+            block.start = min(block.start, t)
+            block.slots.append(inst.out)
             continue
         shape, dtype = buffers[inst.out]
         finish = max(last_use.get(inst.out, t), t)
@@ -119,12 +137,21 @@ def plan(instructions: Sequence[Instruction], buffers: dict[int, tuple[tuple, np
         else:
             block_of[inst.out] = Block(shape, dtype, t, finish, [inst.out])
 
-    blocks = list({id(b): b for b in block_of.values()}.values())
+    blocks = list({id(b): b for b in block_of.values() if b.slots}.values())
     size = place(blocks)
     arena = np.empty(max(size, 1), np.uint8)
     arrays: dict[int, np.ndarray] = {}
+    flat: dict[tuple, np.ndarray] = {}
     for block in blocks:
         array = arena[block.offset:block.offset + block.nbytes].view(block.dtype).reshape(block.shape)
+        if block.parts:
+            flat[tuple(s for s, _ in block.parts)] = array
+            start = 0
+            for s, shape in block.parts:
+                n = int(np.prod(shape, dtype=np.int64))
+                arrays[s] = array[start:start + n].reshape(shape)
+                start += n
+            continue
         for s in block.slots:
             arrays[s] = array
-    return MemoryPlan(arrays, blocks, size, merged)
+    return MemoryPlan(arrays, blocks, size, merged, flat)

@@ -11,6 +11,7 @@ import numpy as np
 from .fusion import fuse_elementwise, softmax_cross_entropy
 from .lowering import share_im2col
 from .program import Node, Program
+from .updates import flat_updates
 
 _NON_DETERMINISTIC = {"DropoutMask", "AddUpdate"}
 _MAX_FOLD_ELEMENTS = 1 << 16  # don't bake large tensors produced from constants into the program
@@ -113,6 +114,7 @@ PASSES: dict[str, Callable[[Program], None]] = {
     "softmax_cross_entropy": softmax_cross_entropy,
     "share_im2col": share_im2col,
     "direct_updates": direct_updates,
+    "flat_updates": flat_updates,
     "fuse_elementwise": fuse_elementwise,
     "dead_code": dead_code,
     "inplace": inplace,

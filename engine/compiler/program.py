@@ -43,6 +43,7 @@ class Program:
     training: bool
     notes: list[str] = field(default_factory=list)  # what each pass did, for `explain()`
     plan_memory: bool = False  # set by the memory_plan pass: the runtime runs in planned buffers
+    flat_updates: list = field(default_factory=list)  # FlatUpdate groups (compiler/updates.py), run after updates
 
     def replace(self, mapping: dict[int, Node]) -> None:
         """Point every use of a replaced node (by id) at its replacement, then drop the unused.
@@ -59,6 +60,9 @@ class Program:
             node.inputs = [final(i) for i in node.inputs]
         self.outputs = [final(n) for n in self.outputs]
         self.updates = [(d, final(n)) for d, n in self.updates]
+        for group in self.flat_updates:
+            group.leaves = [(kind, [final(n) for n in ref] if kind == "member" else final(ref) if kind == "scalar"
+                             else ref) for kind, ref in group.leaves]
         self.reorder()
 
     def readers(self) -> dict[int, list[Node]]:
@@ -74,7 +78,15 @@ class Program:
         return {id(n) for n in self.roots()}
 
     def roots(self) -> list[Node]:
-        return self.outputs + [n for _, n in self.updates]
+        return self.outputs + [n for _, n in self.updates] + self.flat_inputs()
+
+    def flat_inputs(self) -> list[Node]:
+        """Nodes the flat update groups read at the end of the step."""
+        found: list[Node] = []
+        for group in self.flat_updates:
+            for kind, ref in group.leaves:
+                found.extend(ref if kind == "member" else [ref] if kind == "scalar" else [])
+        return found
 
     def reorder(self) -> None:
         """Keep only nodes the roots need, in a valid execution order."""

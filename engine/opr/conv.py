@@ -141,8 +141,47 @@ class ConvolutionBackwardData(_ConvGeometry):
         return _allocating(self, like.shape, dout.dtype, w, dout, like)
 
     def forward_into(self, ws, out, w, dout, like):
-        # Batch-last layout: columns (C, KH, KW, OH, OW, N) come from one matrix product, and
-        # col2im's strided adds then run over long contiguous rows (OW*N), not rows of OW.
+        if self.stride[1] == 1:
+            self._rows_backward(ws, out, w, dout, like)
+        else:
+            self._taps_backward(ws, out, w, dout, like)
+
+    def _rows_backward(self, ws, out, w, dout, like):
+        """Width stride 1: one matrix product does the kernel's columns too, so col2im is one
+        add per kernel row (KH adds of whole contiguous rows instead of KH*KW strided ones).
+
+        Batch-last layout throughout: dout's rows are laid out (O, OH, OWpad, N) with zero
+        borders, the window view over them (O, KW, OH, Wp, N) is copied to one matrix, and
+        (G, Cg*KH, Og*KW) @ (G, Og*KW, OH*Wp*N) gives, per input channel and kernel row, the
+        gradient of every padded input row that kernel row touches."""
+        o, cg, kh, kw = w.shape
+        g, og = self.groups, o // self.groups
+        n, c, h, wd = like.shape
+        oh, ow = dout.shape[2:]
+        (ph, pw), (dh, dw), sh = self.padding, self.dilation, self.stride[0]
+        hp, wp = h + 2 * ph, wd + 2 * pw  # == ow + (kw - 1) * dw for width stride 1
+        span = (kw - 1) * dw
+        dpad = ws.get("dout_rows", (o, oh, ow + 2 * span, n), dout.dtype, zero=True)
+        np.copyto(dpad[:, :, span:span + ow], dout.transpose(1, 2, 3, 0))
+        s_o, s_y, s_x, s_n = dpad.strides
+        # window tap j' = kw-1-j of output column x lands on padded input column x + j*dw
+        view = as_strided(dpad, (o, kw, oh, wp, n), (s_o, s_x * dw, s_y, s_x, s_n), writeable=False)
+        windows_ = ws.get("dout_windows", (o, kw, oh, wp, n), dout.dtype)
+        np.copyto(windows_, view)
+        wm = ws.get("w_rows", (g, cg, kh, og, kw), w.dtype)  # taps reversed to match the view
+        np.copyto(wm, w.reshape(g, og, cg, kh, kw)[..., ::-1].transpose(0, 2, 3, 1, 4))
+        rows = ws.get("dx_rows", (c, kh, oh, wp, n), dout.dtype)
+        np.matmul(wm.reshape(g, cg * kh, og * kw), windows_.reshape(g, og * kw, -1), out=rows.reshape(g, cg * kh, -1))
+        dxp = ws.get("dx_t", (c, hp, wp, n), dout.dtype)
+        dxp.fill(0)
+        for i in range(kh):  # kernel row i adds to padded input rows y*sh + i*dh
+            target = dxp[:, i * dh:i * dh + sh * (oh - 1) + 1:sh]
+            np.add(target, rows[:, i], out=target)
+        np.copyto(out, dxp[:, ph:ph + h, pw:pw + wd].transpose(3, 0, 1, 2))
+
+    def _taps_backward(self, ws, out, w, dout, like):
+        """Any stride: columns (C, KH, KW, OH, OW, N) from one matrix product, then col2im as one
+        strided add per kernel tap over long contiguous rows (OW*N), never per pixel."""
         o, cg, kh, kw = w.shape
         g = self.groups
         n, c, h, wd = like.shape

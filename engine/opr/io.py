@@ -7,6 +7,7 @@ is a constant. Their kernels are never called: the runtime supplies their values
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 
 import numpy as np
@@ -42,9 +43,39 @@ class SharedDeviceTensor(_Source):
 
     @classmethod
     def make(cls, graph: ComputingGraph, value: np.ndarray, name: str, trainable: bool = True) -> SymbolVar:
-        value = np.array(value, copy=True)  # the graph owns its state; dtype is kept as given
+        value = np.asarray(value)
+        kind = "trainable" if trainable else name.rsplit(".", 1)[-1]  # weights; or each kind of state
+        copy = _POOLS.setdefault(graph, _Pool()).take(value.shape, value.dtype, kind)
+        np.copyto(copy, value)  # the graph owns its state; dtype is kept as given
+        value = copy
         op = cls(trainable=bool(trainable))
         return graph._add(SymbolVar(graph, op, (), value.shape, value.dtype, name=name, value=value))
+
+
+class _Pool:
+    """Where a graph's shared tensors live: tensors of one kind and dtype (all weights; all
+    momentum buffers...) end to end in one chunk, in creation order. The arrays are ordinary
+    and separate; being adjacent lets the compiler's flat_updates treat many of them as one
+    flat array, with no copy (engine/compiler/updates.py)."""
+
+    CHUNK = 1 << 20  # elements; untouched pages of a chunk cost no memory
+
+    def __init__(self) -> None:
+        self.lanes: dict[tuple, list] = {}  # (kind, dtype) -> [chunk, used]
+
+    def take(self, shape: tuple, dtype: np.dtype, kind: str) -> np.ndarray:
+        size = int(np.prod(shape, dtype=np.int64))
+        if size < 2 or dtype.hasobject:
+            return np.empty(shape, dtype)
+        lane = self.lanes.get((kind, dtype.str))
+        if lane is None or lane[1] + size > lane[0].size:
+            lane = self.lanes[(kind, dtype.str)] = [np.empty(max(self.CHUNK, size), dtype), 0]
+        array = lane[0][lane[1]:lane[1] + size].reshape(shape)
+        lane[1] += size
+        return array
+
+
+_POOLS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class ImmutableTensor(_Source):

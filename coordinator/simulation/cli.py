@@ -2,6 +2,7 @@
 
     pf-sim --devices 8 --per-round 4 --rounds 6 --epochs 1 --report runs/report.html
     pf-sim --devices 1000 --per-round 100 --rounds 3 --data /usr/share/datasets/fashion-mnist --json
+    pf-sim --chaos-agent-kills 4 --chaos-coordinator-restarts 3 --chaos-proxy --json   (chaos.py, then an audit)
 
 Progress bars go to stderr; with --json, stdout gets one JSON line per round and a last
 summary line {"rounds", "accuracy_by_round", "final_accuracy", "personal_accuracy",
@@ -16,6 +17,7 @@ import sys
 from collections.abc import Sequence
 
 from coordinator.settings import ENCODINGS
+from coordinator.simulation.chaos import ChaosConfig, ChaosSimulation
 from coordinator.simulation.processes import SimulationError
 from coordinator.simulation.report import write_report
 from coordinator.simulation.simulation import SimConfig, Simulation
@@ -73,7 +75,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", default=None, help="write an offline HTML report here")
     p.add_argument("--json", action="store_true", help="JSON lines on stdout")
     p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+    chaos = p.add_argument_group("chaos", "kill agents and the coordinator, put a faulty network in between, "
+                                 "then audit the database (coordinator/simulation/chaos.py)")
+    chaos.add_argument("--chaos-agent-kills", type=int, default=0, help="SIGKILL this many agents mid-task")
+    chaos.add_argument("--chaos-coordinator-restarts", type=int, default=0,
+                       help="SIGKILL and restart the coordinator this many times")
+    chaos.add_argument("--chaos-proxy", action="store_true",
+                       help="route agents through a fault proxy that refuses, delays and cuts connections")
     return p
+
+
+def chaos_from_args(args: argparse.Namespace) -> ChaosConfig | None:
+    """A ChaosConfig when any chaos flag is given (the proxy then always records; faults only with --chaos-proxy)."""
+    if not (args.chaos_agent_kills or args.chaos_coordinator_restarts or args.chaos_proxy):
+        return None
+    return ChaosConfig(agent_kills=args.chaos_agent_kills, coordinator_restarts=args.chaos_coordinator_restarts,
+                       proxy_faults=args.chaos_proxy)
 
 
 def config_from_args(args: argparse.Namespace) -> SimConfig:
@@ -111,6 +128,20 @@ def human_line(record: dict) -> str:
     )
 
 
+def chaos_line(record: dict) -> str:
+    return (f"round {record['round']:>3}: test accuracy {record['accuracy']:.4f}  {record['received']} updates  "
+            f"agent kills so far {record['agent_kills']}  coordinator restarts {record['coordinator_restarts']}  "
+            f"{record['seconds']:.1f} s")
+
+
+def chaos_summary(s: dict) -> str:
+    problems = "".join("\n  - " + p for p in s["audit_problems"])
+    return (f"audit {'OK' if s['audit_ok'] else 'FAILED'}: {s['acknowledged']} acknowledged, lost {s['lost']}, "
+            f"double-counted {s['double_counted']}, {s['versions_recomputed']}/{s['rounds']} versions recomputed; "
+            f"{s['agent_kills']} agent kills, {s['coordinator_restarts']} coordinator restarts; accuracy "
+            f"{s['initial_accuracy']:.4f} -> {s['final_accuracy']:.4f}{problems}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -118,9 +149,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         from engine.data import parse_partition
 
         parse_partition(config.partition)
-        sim = Simulation(
-            config, emit=lambda r: print(json.dumps(r) if args.json else human_line(r), flush=True)
-        )
+        chaos = chaos_from_args(args)
+        if chaos is not None:
+            sim = ChaosSimulation(config, chaos, emit=lambda r: print(json.dumps(r) if args.json else chaos_line(r),
+                                                                    flush=True))
+        else:
+            sim = Simulation(
+                config, emit=lambda r: print(json.dumps(r) if args.json else human_line(r), flush=True)
+            )
     except ValueError as exc:
         print(f"pf-sim: {exc}", file=sys.stderr)
         return 2
@@ -135,6 +171,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SimulationError as exc:
         print(f"pf-sim: {exc}", file=sys.stderr)
         return 1
+    if chaos is not None:
+        print(json.dumps(summary) if args.json else chaos_summary(summary), flush=True)
+        return 0 if summary["audit_ok"] else 1
     if args.report:
         write_report(args.report, sim.records, summary)
     if args.json:

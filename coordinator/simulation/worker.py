@@ -43,6 +43,7 @@ class WorkerConfig:
     samples_per_device: int | None = None
     holdout: float = 0.2
     max_wait: float = 120.0  # a device that gets no task for this long gives up on the round
+    mark_tasks: bool = False  # touch <device state>/task-started when a check-in returns a task (chaos.py)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -56,6 +57,13 @@ class CountingClient(CoordinatorClient):
     """The agent's client, counting model bytes downloaded (the simulation's bytes_down)."""
 
     bytes_down = 0
+    task_marker: Path | None = None
+
+    def checkin(self, num_samples: int | None) -> dict[str, Any]:
+        answer = super().checkin(num_samples)
+        if self.task_marker is not None and answer.get("status") == "task":
+            self.task_marker.touch()  # training starts now: the chaos driver may kill us from here on
+        return answer
 
     def download_model(self, version: int, etag: str | None = None) -> tuple[bytes | None, str | None]:
         data, new_etag = super().download_model(version, etag)
@@ -93,6 +101,7 @@ class DevicePlayer:
             max_wait=1.0,
         )
         state = AgentState(Path(cfg.state_root) / f"device-{device:05d}")
+        self.client.task_marker = state.dir / "task-started" if cfg.mark_tasks else None
         dataset = device_dataset(self.train, self.parts, device)
         agent = Agent(
             agent_config, self.client, state, dataset, AlwaysEligible(), sleep=sleep, emit=lambda line: None

@@ -1,0 +1,340 @@
+"""An after-the-fact audit of a coordinator's books, from its database and model files alone.
+
+    python -m coordinator.audit --db run/coordinator.db [--models DIR] [--uploads DIR] [--json]
+
+It answers a sceptical operator's questions after crashes, restarts and network faults:
+
+- **nothing lost**: every update the coordinator acknowledged (an accepted `updates` row, and
+  with `--uploads` every upload a witness saw answered 2xx) is counted in exactly one committed
+  round or in the open round's running aggregate - not in an abandoned round, not missing;
+- **nothing double-counted**: one row per (round, device) and per Idempotency-Key, each round's
+  stored aggregate counts exactly its rows, and no update body was accepted twice;
+- **every committed version is right**: its file is the registered one (sha256) and its weights
+  equal base + server_lr * the sample-weighted mean of exactly its round's updates.
+
+The coordinator keeps no per-update deltas for streaming strategies (only each round's running
+sum), so the independent recomputation needs the update bodies from elsewhere: `--uploads` is a
+directory written by the fault proxy (coordinator/simulation/faultproxy.py), which saved every
+upload it relayed whole. Without it, versions are checked against the stored running sums only.
+The recomputation covers FedAvg/FedProx rounds without server-side clipping or DP (the strategies
+whose step is stateless); other rounds are reported as `versions_skipped`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sqlite3
+import sys
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from engine.serialize.container import ContainerError, loads
+from engine.serialize.update import decode_update
+
+RECOMPUTABLE = {"fedavg", "fedprox"}
+
+
+@dataclass
+class AuditReport:
+    acknowledged: int = 0  # accepted update rows: the coordinator's own acknowledgements
+    wire_acknowledged: int = 0  # distinct uploads the witness saw answered 2xx
+    ack_replays: int = 0  # further 2xx answers to an already acknowledged upload (idempotent replays)
+    undelivered_acks: int = 0  # 2xx answers the device never received whole
+    in_committed_rounds: int = 0
+    in_open_round: int = 0
+    lost: int = 0
+    double_counted: int = 0
+    committed_rounds: int = 0
+    versions_checked: int = 0  # committed versions compared with base + aggregate
+    versions_recomputed: int = 0  # ... of which from the witnessed update bodies
+    versions_exact: int = 0  # ... bit for bit
+    versions_skipped: int = 0
+    max_abs_diff: float = 0.0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems and self.lost == 0 and self.double_counted == 0
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "ok": self.ok}
+
+
+class Witness:
+    """What the fault proxy recorded: update bodies by Idempotency-Key and the answers to them."""
+
+    def __init__(self, directory: str | Path):
+        self.dir = Path(directory)
+        log = self.dir / "uploads.jsonl"
+        if not log.is_file():
+            raise FileNotFoundError(f"--uploads {directory}: no uploads.jsonl in it")
+        self.bodies: dict[str, set[str]] = {}  # key -> sha256 of bodies relayed whole
+        self.tokens: dict[str, str] = {}  # key -> sha256 of the bearer token that sent it
+        self.acks: Counter[str] = Counter()  # key -> number of 2xx answers
+        self.ack_rounds: dict[str, set[int]] = {}
+        self.undelivered = 0
+        for number, line in enumerate(log.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                event = json.loads(line)
+                key = event["key"]
+            except (ValueError, KeyError, TypeError):
+                raise ValueError(f"{log}:{number}: not an upload event: {line[:80]!r}") from None
+            if event.get("token_sha256"):
+                self.tokens.setdefault(key, event["token_sha256"])
+            if event["event"] == "forwarded":
+                self.bodies.setdefault(key, set()).add(event["sha256"])
+            elif event["event"] == "answered" and 200 <= int(event["status"]) < 300:
+                self.acks[key] += 1
+                self.ack_rounds.setdefault(key, set()).add(int(event["round_id"]))
+                self.undelivered += not event.get("delivered", True)
+
+    def body(self, key: str) -> bytes | None:
+        shas = self.bodies.get(key)
+        if not shas or len(shas) != 1:
+            return None
+        return (self.dir / "bodies" / f"{next(iter(shas))}.bin").read_bytes()
+
+
+def _open_readonly(db: Path) -> sqlite3.Connection:
+    if not db.is_file():
+        raise FileNotFoundError(f"--db {db}: no such database file")
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+    conn.row_factory = sqlite3.Row
+    return conn
+
+
+def _weights(models: Path, row: sqlite3.Row, report: AuditReport) -> dict[str, np.ndarray] | None:
+    """A registered version's tensors, after checking its file against the registry's sha256."""
+    path = models / row["filename"]
+    try:
+        data = path.read_bytes()
+    except OSError:
+        report.problems.append(f"model v{row['version']}: file {path} is missing")
+        return None
+    if hashlib.sha256(data).hexdigest() != row["sha256"]:
+        report.problems.append(f"model v{row['version']}: {path.name} does not match its registered sha256")
+        return None
+    return loads(data, kind="model").tensors
+
+
+def _recompute(rows: list[sqlite3.Row], witness: Witness, report: AuditReport,
+               round_id: int) -> tuple[dict[str, np.ndarray], float] | None:
+    """Sum of sample_count * delta (float64, in acceptance order) from the witnessed bodies."""
+    sums: dict[str, np.ndarray] = {}
+    total = 0.0
+    for row in rows:
+        body = witness.body(row["idempotency_key"])
+        if body is None:
+            report.problems.append(f"round {round_id}: no (or no single) witnessed body for the update of "
+                                   f"device {row['device_id'][:8]} (key {row['idempotency_key'][:12]})")
+            return None
+        update = decode_update(body)
+        if (update.round_id, update.sample_count) != (round_id, row["sample_count"]):
+            report.problems.append(f"round {round_id}: the witnessed body of key {row['idempotency_key'][:12]} "
+                                   f"says round {update.round_id}, {update.sample_count} samples; the database "
+                                   f"says round {round_id}, {row['sample_count']}")
+            return None
+        for name, value in update.delta.items():
+            term = np.asarray(value, np.float64) * float(row["sample_count"])
+            sums[name] = sums[name] + term if name in sums else term
+        total += float(row["sample_count"])
+    return sums, total
+
+
+def _compare(label: str, got: dict[str, np.ndarray], want: dict[str, np.ndarray], report: AuditReport) -> bool:
+    """True when `got` equals `want` up to summation order: one float32 ulp for model weights, a relative
+    1e-12 for float64 sums. A missing or doubled update moves values by its whole delta, far more."""
+    worst, within = 0.0, True
+    for name, value in want.items():
+        if name not in got or got[name].shape != value.shape:
+            report.problems.append(f"{label}: tensor {name!r} missing or of another shape")
+            return False
+        diff = np.abs(got[name].astype(np.float64) - value.astype(np.float64))
+        if value.dtype == np.float32:
+            allowed = np.spacing(np.abs(value)).astype(np.float64)
+        else:
+            allowed = 1e-12 * np.maximum(np.abs(value), 1e-12)
+        worst = max(worst, float(np.max(diff, initial=0.0)))
+        within = within and bool(np.all(diff <= allowed))
+    report.max_abs_diff = max(report.max_abs_diff, worst)
+    if not within:
+        report.problems.append(f"{label}: differs by up to {worst:.3g}")
+    return within
+
+
+def audit(db: str | Path, models: str | Path | None = None, uploads: str | Path | None = None) -> AuditReport:
+    """Check the books; every finding goes into the report (nothing raises for a bad state)."""
+    db = Path(db)
+    models = Path(models) if models else db.with_suffix(".models")
+    witness = Witness(uploads) if uploads else None
+    report = AuditReport()
+    with _open_readonly(db) as conn:
+        rounds = {r["id"]: r for r in conn.execute("SELECT * FROM rounds ORDER BY id")}
+        versions = {r["version"]: r for r in conn.execute("SELECT * FROM model_versions ORDER BY version")}
+        rows = conn.execute("SELECT rowid, * FROM updates ORDER BY rowid").fetchall()
+        devices = {r["id"]: r["token_hash"] for r in conn.execute("SELECT id, token_hash FROM devices")}
+    report.acknowledged = len(rows)
+    by_round: dict[int, list[sqlite3.Row]] = {}
+    excess: dict[int, int] = {}  # round -> updates its aggregate counts beyond its rows
+    for row in rows:
+        by_round.setdefault(row["round_id"], []).append(row)
+    _check_rows(rows, rounds, devices, witness, report)
+    for round_id, r in rounds.items():
+        mine = by_round.get(round_id, [])
+        if r["status"] == "committed":
+            report.committed_rounds += 1
+            report.in_committed_rounds += len(mine)
+        elif r["status"] == "open":
+            report.in_open_round += len(mine)
+        if r["status"] == "open" and round_id != max(i for i, x in rounds.items() if x["status"] == "open"):
+            report.problems.append(f"round {round_id}: open, but a later round is open too")
+        if r["status"] in ("committed", "open"):
+            _check_round(r, mine, versions, models, witness, report, excess)
+    missing: Counter[int] = Counter()
+    if witness is not None:
+        missing = _check_witness(rows, witness, report)
+    report.double_counted += sum(max(0, n - missing[round_id]) for round_id, n in excess.items())
+    return report
+
+
+def _check_rows(rows: list[sqlite3.Row], rounds: dict, devices: dict, witness: Witness | None,
+                report: AuditReport) -> None:
+    """Each accepted row: in a committed or open round, unique, and (with a witness) sent by its device."""
+    keys = Counter((r["device_id"], r["idempotency_key"]) for r in rows)
+    pairs = Counter((r["round_id"], r["device_id"]) for r in rows)
+    extra = sum(n - 1 for n in keys.values()) + sum(n - 1 for n in pairs.values())
+    if extra:
+        report.double_counted += extra
+        report.problems.append(f"{extra} accepted rows repeat an Idempotency-Key or a (round, device) pair")
+    for row in rows:
+        r = rounds.get(row["round_id"])
+        if r is None or r["status"] == "abandoned":
+            report.lost += 1
+            report.problems.append(f"acknowledged update of device {row['device_id'][:8]} (key "
+                                   f"{row['idempotency_key'][:12]}) is in round {row['round_id']}, which is "
+                                   f"{'missing' if r is None else 'abandoned'}")
+        if witness is not None and witness.tokens.get(row["idempotency_key"]) not in (None,
+                                                                                       devices.get(row["device_id"])):
+            report.problems.append(f"key {row['idempotency_key'][:12]} was sent with another device's token "
+                                   f"than the one it is recorded under ({row['device_id'][:8]})")
+    if witness is not None:
+        shas = Counter(next(iter(witness.bodies[r["idempotency_key"]])) for r in rows
+                       if len(witness.bodies.get(r["idempotency_key"], ())) == 1)
+        same = sum(n - 1 for n in shas.values())
+        if same:
+            report.double_counted += same
+            report.problems.append(f"{same} accepted rows carry a body already accepted under another key")
+
+
+def _check_round(r: sqlite3.Row, rows: list[sqlite3.Row], versions: dict, models: Path,
+                 witness: Witness | None, report: AuditReport, excess: dict[int, int]) -> None:
+    """A committed or open round: its counters, its running sum, and (committed) its model version."""
+    label = f"round {r['id']}"
+    config = json.loads(r["config"])
+    if r["received"] != len(rows):
+        report.problems.append(f"{label}: received={r['received']} but {len(rows)} accepted rows")
+    weight = float(sum(row["sample_count"] for row in rows))
+    if r["total_weight"] != weight:
+        report.problems.append(f"{label}: total_weight={r['total_weight']} but the rows hold {weight} samples")
+    stored = None
+    if r["aggregate"] is not None:
+        try:
+            stored = loads(r["aggregate"], kind="aggregate")
+        except ContainerError as exc:
+            report.problems.append(f"{label}: stored aggregate is unreadable: {exc}")
+    if stored is not None and r["dp_clip"] is None:
+        count = int(stored.metadata["count"])
+        if count > len(rows):  # counted more than it acknowledged: double, unless rows went missing
+            excess[r["id"]] = count - len(rows)
+        elif count < len(rows):
+            report.lost += len(rows) - count
+        if count != len(rows) or float(stored.metadata["total_weight"]) != weight:
+            report.problems.append(f"{label}: the stored aggregate counts {count} updates and "
+                                   f"{stored.metadata['total_weight']} samples; the rows: {len(rows)}, {weight}")
+    plain = config["strategy"] in RECOMPUTABLE and r["dp_clip"] is None and config.get("norm_bound") is None
+    witnessed = _recompute(rows, witness, report, r["id"]) if witness is not None and plain and rows else None
+    if witnessed is not None and stored is not None:
+        _compare(f"{label}: stored aggregate vs witnessed bodies", stored.tensors, witnessed[0], report)
+    if r["status"] != "committed":
+        return
+    version = versions.get(r["result_version"])
+    if version is None or version["round_id"] != r["id"]:
+        report.problems.append(f"{label}: committed, but its result version {r['result_version']} is not "
+                               "registered as produced by it")
+        return
+    base_row = versions.get(r["base_version"])
+    if not plain or base_row is None:
+        report.versions_skipped += 1
+        return
+    base, new = _weights(models, base_row, report), _weights(models, version, report)
+    sums, total = witnessed if witnessed is not None else (stored.tensors, weight) if stored else (None, 0.0)
+    if base is None or new is None or sums is None or total <= 0:
+        report.versions_skipped += 1
+        return
+    lr = float(config.get("server_lr", 1.0))
+    expected = {name: (np.asarray(base[name], np.float64) + lr * (s / total)).astype(base[name].dtype)
+                for name, s in sums.items()}
+    report.versions_checked += 1
+    if _compare(f"model v{version['version']} (round {r['id']}) vs base v{r['base_version']} + aggregate",
+                new, expected, report) and witnessed is not None:
+        report.versions_recomputed += 1
+        report.versions_exact += all(np.array_equal(new[n], expected[n]) for n in expected)
+
+
+def _check_witness(rows: list[sqlite3.Row], witness: Witness, report: AuditReport) -> Counter[int]:
+    """Every upload answered 2xx on the wire is an accepted row; returns the rows missing, by round."""
+    missing: Counter[int] = Counter()
+    counted = {r["idempotency_key"]: r for r in rows}
+    report.wire_acknowledged = len(witness.acks)
+    report.ack_replays = sum(n - 1 for n in witness.acks.values())
+    report.undelivered_acks = witness.undelivered
+    for key in witness.acks:
+        row = counted.get(key)
+        if row is None:
+            report.lost += 1
+            missing.update(witness.ack_rounds[key])
+            report.problems.append(f"upload key {key[:12]} was acknowledged on the wire but has no accepted row")
+        elif len(witness.ack_rounds[key]) > 1:
+            report.double_counted += 1
+            report.problems.append(f"upload key {key[:12]} was acknowledged for several rounds "
+                                   f"{sorted(witness.ack_rounds[key])}")
+        if len(witness.bodies.get(key, ())) > 1:
+            report.problems.append(f"upload key {key[:12]} was sent with {len(witness.bodies[key])} "
+                                   "different bodies")
+    return missing
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m coordinator.audit", description=__doc__.split("\n\n")[0])
+    p.add_argument("--db", required=True, help="the coordinator's SQLite file")
+    p.add_argument("--models", default=None, help="model files directory (default: <db>.models)")
+    p.add_argument("--uploads", default=None, help="the fault proxy's record directory (uploads.jsonl, bodies/)")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON line")
+    args = p.parse_args(argv)
+    try:
+        report = audit(args.db, args.models, args.uploads)
+    except (OSError, ValueError) as exc:
+        print(f"audit: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(report.to_dict()))
+    else:
+        print(f"{'OK' if report.ok else 'FAILED'}: {report.acknowledged} acknowledged updates "
+              f"({report.in_committed_rounds} in {report.committed_rounds} committed rounds, "
+              f"{report.in_open_round} in the open round), lost {report.lost}, double-counted "
+              f"{report.double_counted}; {report.versions_checked} versions checked, "
+              f"{report.versions_recomputed} recomputed from witnessed bodies, {report.versions_skipped} skipped")
+        for problem in report.problems:
+            print("  - " + problem)
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""A pool of device workers that chaos runs may SIGKILL at any moment and start again.
+
+Like `WorkerPool` (processes.py) it hands devices out one at a time to whichever worker is
+free, but a worker killed mid-task is replaced by a fresh process and its device goes back to
+the front of the queue: the device "restarts the app" and resumes from its state directory
+(an unacknowledged upload is re-sent with the same Idempotency-Key). Between answers the pool
+calls `tick()` every few milliseconds, which is where the chaos driver decides to kill.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import TextIO
+
+from coordinator.simulation.processes import SimulationError, child_env, stop_process, tail
+
+
+class KillablePool:
+    def __init__(self, size: int, worker_config_json: str, log_dir: Path, ready_timeout: float = 300.0):
+        self.config_json, self.log_dir = worker_config_json, log_dir
+        self.procs: list[subprocess.Popen | None] = [None] * size
+        self.generation = [0] * size  # answers from a killed process's generation are ignored
+        self.ready: set[int] = set()
+        self.busy: dict[int, tuple[int, float]] = {}  # worker -> (device, monotonic start)
+        self.on_start: Callable[[int], None] = lambda device: None  # called as a device's task starts
+        self.kills = 0
+        self._todo: deque[int] = deque()
+        self._answers: queue.Queue[tuple[int, int, dict | None]] = queue.Queue()
+        self._logs: list[TextIO] = []
+        for index in range(size):
+            self._spawn(index)
+        deadline = time.monotonic() + ready_timeout
+        while len(self.ready) < size:
+            self._handle(self._get(deadline - time.monotonic()))
+
+    def _spawn(self, index: int) -> None:
+        self.generation[index] += 1
+        log = open(self.log_dir / f"worker-{index}.log", "a")  # noqa: SIM115 (closed in stop)
+        self._logs.append(log)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "coordinator.simulation.worker", self.config_json],
+            cwd=self.log_dir, env=child_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
+            text=True, bufsize=1, start_new_session=True,
+        )
+        self.procs[index] = proc
+        generation = self.generation[index]
+
+        def read() -> None:
+            for line in proc.stdout:
+                self._answers.put((index, generation, json.loads(line)))
+            self._answers.put((index, generation, None))
+
+        threading.Thread(target=read, daemon=True).start()
+
+    def _get(self, timeout: float) -> tuple[int, int, dict | None]:
+        try:
+            return self._answers.get(timeout=max(timeout, 0.0))
+        except queue.Empty:
+            raise SimulationError(f"no answer from any device worker within {timeout:.0f}s") from None
+
+    def _handle(self, item: tuple[int, int, dict | None]) -> dict | None:
+        """Book-keep one message from a worker; returns a device's answer, if it was one."""
+        index, generation, answer = item
+        if generation != self.generation[index]:
+            return None  # the last words of a process we killed
+        if answer is None:
+            raise SimulationError(f"device worker {index} exited with {self.procs[index].wait()}:\n"
+                                  f"{tail(self.log_dir / f'worker-{index}.log')}")
+        if answer.get("ready"):
+            self.ready.add(index)
+            return None
+        self.busy.pop(index, None)
+        return answer
+
+    def kill(self, index: int) -> int:
+        """SIGKILL worker `index` now; its device is queued again and a new worker started. Returns
+        the device it was playing."""
+        device, _ = self.busy.pop(index)
+        proc = self.procs[index]
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        self.kills += 1
+        self.ready.discard(index)
+        self._todo.appendleft(device)
+        self._spawn(index)
+        return device
+
+    def play(self, devices: Iterable[int], on_answer: Callable[[dict], None] | None = None,
+             tick: Callable[[], None] | None = None, timeout: float = 900.0, poll: float = 0.005) -> list[dict]:
+        """Run each device until it answers (killed devices run again); answers in completion order."""
+        self._todo.extend(devices)
+        answers: list[dict] = []
+        last_progress = time.monotonic()
+        while self._todo or self.busy:
+            for index in sorted(self.ready - set(self.busy)):
+                if not self._todo:
+                    break
+                device = self._todo.popleft()
+                self.on_start(device)
+                self.busy[index] = (device, time.monotonic())
+                self.procs[index].stdin.write(json.dumps({"device": int(device)}) + "\n")
+                self.procs[index].stdin.flush()
+            try:
+                answer = self._handle(self._answers.get(timeout=poll))
+            except queue.Empty:
+                answer = None
+            if answer is not None:
+                last_progress = time.monotonic()
+                answers.append(answer)
+                if on_answer is not None:
+                    on_answer(answer)
+            elif time.monotonic() - last_progress > timeout:
+                raise SimulationError(f"no device finished within {timeout:.0f}s")
+            if tick is not None:
+                tick()
+        return answers
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            try:
+                if proc is not None and proc.poll() is None:
+                    proc.stdin.write("\n")
+                    proc.stdin.close()
+            except (OSError, ValueError):
+                pass
+        for proc in self.procs:
+            if proc is None:
+                continue
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                stop_process(proc, grace=5)
+        for log in self._logs:
+            log.close()

@@ -141,10 +141,10 @@ class AgentState:
             os.replace(staged, self._path("residual.pft"))
         staged.unlink(missing_ok=True)
         info = read_json(self._path("pending.json"))
+        if isinstance(info, dict):  # record the round as done first: a kill after this line loses nothing
+            self.set_last_round(int(info["round_id"]))
         self._path("pending.json").unlink(missing_ok=True)
         self._path("pending.bin").unlink(missing_ok=True)
-        if isinstance(info, dict):
-            self.set_last_round(int(info["round_id"]))
 
     # ------------------------------------------------------------------ progress
 

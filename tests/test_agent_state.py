@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+import pytest
 
 from device_agent.state import AgentState
 
@@ -62,3 +65,20 @@ def test_no_temp_files_left_behind(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
     tensors, meta = state.personal()
     assert meta == {"base_version": 1} and tensors["fc.weight"].shape == (2, 2)
+
+
+def test_a_kill_while_finishing_an_upload_keeps_the_round_recorded(tmp_path, monkeypatch):
+    state = AgentState(tmp_path)
+    state.save_pending(7, b"update bytes", None, {"round": 7})
+    real_unlink = Path.unlink
+
+    def killed_at_the_pending_file(self, *args, **kwargs):
+        if self.name == "pending.json":
+            raise KeyboardInterrupt("killed")  # the process dies here
+        return real_unlink(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "unlink", killed_at_the_pending_file)
+    with pytest.raises(KeyboardInterrupt):
+        state.finish_pending(acknowledged=True)
+    monkeypatch.undo()
+    assert AgentState(tmp_path).last_round() == 7  # after restart the device knows round 7 is done

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -48,6 +49,12 @@ def proc_status(pid: int, field: str) -> float:
         if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (/proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -112,9 +119,17 @@ async def device(i: int, client: httpx.AsyncClient, shapes: dict, stats: Stats, 
     stats.errors["gave up at the time limit"] += 1
 
 
-async def run_devices(url: str, n: int, stats: Stats, time_limit: float) -> tuple[float, float]:
-    limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120) as client:
+async def run_devices(url: str, n: int, stats: Stats, time_limit: float,
+                      per_client: int) -> tuple[float, float]:
+    """`per_client` devices share one httpx client: httpcore scans its whole pool on every request,
+    so one client of 1,000 connections would make the load generator, not the server, the bottleneck."""
+    limits = httpx.Limits(max_connections=per_client, max_keepalive_connections=per_client)
+    tls = httpx.create_ssl_context()  # built once: every client would otherwise load the CA bundle again
+    async with contextlib.AsyncExitStack() as stack:
+        clients = [await stack.enter_async_context(httpx.AsyncClient(base_url=url, limits=limits, timeout=120,
+                                                                     verify=tls))
+                   for _ in range(-(-n // per_client))]
+        client = clients[0]
         latest = (await client.get("/healthz")).json()
         token = (await client.post("/v1/devices", json={"enrollment_key": KEY})).json()["token"]
         model = await client.get(f"/v1/models/{latest['model_version']}",
@@ -123,7 +138,8 @@ async def run_devices(url: str, n: int, stats: Stats, time_limit: float) -> tupl
         names = container.metadata.get("trainable") or list(container.tensors)
         shapes = {k: container.tensors[k].shape for k in names}
         start = asyncio.Event()
-        tasks = [asyncio.create_task(device(i, client, shapes, stats, start, time.monotonic() + time_limit))
+        tasks = [asyncio.create_task(device(i, clients[i // per_client], shapes, stats, start,
+                                            time.monotonic() + time_limit))
                  for i in range(n)]
         while len(stats.latency["enroll"]) + stats.errors["enroll: failed"] < n:
             await asyncio.sleep(0.05)
@@ -140,6 +156,8 @@ def main() -> None:
                         "one round taking every upload at once)")
     parser.add_argument("--model", default="lenet", help="coordinator --model (built-in name or file)")
     parser.add_argument("--time-limit", type=float, default=300, help="seconds before devices give up")
+    parser.add_argument("--devices-per-client", type=int, default=25, help="devices sharing one httpx client "
+                        "(connection pool)")
     parser.add_argument("--py-spy", metavar="FILE", help="profile the coordinator with py-spy (raw format)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -151,7 +169,8 @@ def main() -> None:
            "--model", args.model, "--goal", str(goal), "--over-select", "1.0", "--deadline", "3600",
            "--enrollment-key", KEY, "--min-retry-after", "0", "--max-retry-after", "5",
            "--log-level", "warning"]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
     log = open(workdir / "log", "w")  # noqa: SIM115 (it lives as long as the coordinator)
     server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log)
     spy = None
@@ -180,7 +199,10 @@ def main() -> None:
             spy = subprocess.Popen(["py-spy", "record", "--pid", str(server.pid), "--format", "raw",
                                     "-o", args.py_spy, "--rate", "200"], stdout=subprocess.DEVNULL,
                                    stderr=subprocess.DEVNULL)
-        t0, t1 = asyncio.run(run_devices(url, args.devices, stats, args.time_limit))
+        cpu0, client_cpu0 = cpu_seconds(server.pid), time.process_time()
+        t0, t1 = asyncio.run(run_devices(url, args.devices, stats, args.time_limit,
+                                             args.devices_per_client))
+        cpu1, client_cpu1 = cpu_seconds(server.pid), time.process_time()
         done.set()
         sampler.join()
         if spy is not None:
@@ -211,6 +233,10 @@ def main() -> None:
         "rounds_committed": sum(r["status"] == "committed" for r in rounds),
         "coordinator_rss_idle_mib": round(rss_idle, 1), "coordinator_rss_by_uploads_mib": by_fraction,
         "coordinator_peak_rss_mib": round(peak, 1),
+        # CPU seconds per second of the run (1.0 = one core busy): which side is the bottleneck
+        "coordinator_cpu_load": round((cpu1 - cpu0) / (t1 - t0), 2),
+        "client_cpu_load": round((client_cpu1 - client_cpu0) / (t1 - t0), 2),
+        "coordinator_cpu_ms_per_upload": round(1000 * (cpu1 - cpu0) / max(stats.accepted, 1), 2),
     }
     if args.py_spy and Path(args.py_spy).exists():
         result["hottest"] = hottest(Path(args.py_spy))

@@ -99,6 +99,7 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time,
             yield
         finally:
             task.cancel()
+            await run_in_threadpool(manager.close)
             if evaluator is not None:
                 evaluator.close()
 

@@ -16,6 +16,9 @@ HELP = {
     "pf_model_accuracy": ("gauge", "server-side accuracy of the latest evaluated version"),
     "pf_devices": ("gauge", "enrolled devices"),
     "pf_paused": ("gauge", "1 when round scheduling is paused"),
+    "pf_upload_commits_total": ("counter", "durable transactions (fsyncs) that stored accepted updates"),
+    "pf_upload_commit_updates_total": ("counter", "updates stored by them: this over the commits is the "
+                                       "group-commit batch size"),
     "pf_dp_epsilon": ("gauge", "differential privacy: epsilon spent so far (at the configured delta)"),
     "pf_dp_clip_norm": ("gauge", "differential privacy: clip norm C of the last committed round"),
     "pf_dp_budget_exhausted": ("gauge", "1 when one more round would exceed the privacy budget"),

@@ -7,7 +7,8 @@ are enforced by `tick()`, which a background task calls every few seconds and ev
 calls first (so a stalled timer never lets a stale round take updates).
 
 Every state change is one SQLite transaction, and all of them run under one lock:
-- an accepted update inserts its row AND writes the new running aggregate together;
+- accepted updates insert their rows AND write the new running aggregate together, many uploads
+  per transaction (coordinator/ingest.py: group commit, answered only after the fsync);
 - a commit writes the new model file atomically, then registers it and closes the round in
   one transaction; a crash in between leaves the round open with its full aggregate, and
   startup (which is `tick()` too) commits it again, to the same weights.
@@ -20,6 +21,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,13 +29,14 @@ import numpy as np
 
 from coordinator import privacy
 from coordinator.errors import Refused, crash_point
+from coordinator.ingest import PreparedUpload, UploadWriter
 from coordinator.modelfile import ModelInfo, expected_shapes, model_info, parse_model, with_version
 from coordinator.settings import RoundSettings, Settings
 from coordinator.storage import Database, ModelFiles
 from coordinator.strategies import RunningSum, make_strategy
 from coordinator.strategies.base import state_from_bytes, state_to_bytes
 from coordinator.validation import check_update
-from engine.serialize.container import Container, dumps, loads
+from engine.serialize.container import Container, loads
 
 log = logging.getLogger("pocketfed.coordinator")
 
@@ -59,6 +62,10 @@ class RoundManager:
         self._models: dict[int, LoadedModel] = {}
         self._running: tuple[int, int, RunningSum] | None = None  # (round, received, aggregate) cache
         self.dp = privacy.PrivacyLedger(db)
+        self.writer = UploadWriter(self)
+        # every rounds column but the aggregate blob, which only the writer and a commit need
+        self._round_columns = ", ".join(row["name"] for row in db.query("PRAGMA table_info(rounds)")
+                                        if row["name"] != "aggregate")
         if self.round_settings.dp_enabled:
             privacy.require_accountant()
         row = db.query_one("SELECT value FROM server_state WHERE key = 'paused'")
@@ -88,6 +95,9 @@ class RoundManager:
 
     def model(self, version: int) -> LoadedModel | None:
         """A registered version's bytes and parsed tensors (the latest few stay cached)."""
+        cached = self._models.get(version)  # the common case needs no lock
+        if cached is not None:
+            return cached
         with self.db.lock:
             if version in self._models:
                 return self._models[version]
@@ -136,11 +146,13 @@ class RoundManager:
     # ------------------------------------------------------------------ rounds
 
     def current_round(self) -> dict | None:
-        row = self.db.query_one("SELECT * FROM rounds WHERE status = 'open' ORDER BY id DESC LIMIT 1")
+        row = self.db.query_one(f"SELECT {self._round_columns} FROM rounds WHERE status = 'open' "
+                                "ORDER BY id DESC LIMIT 1")
         return dict(row) if row else None
 
-    def get_round(self, round_id: int) -> dict | None:
-        row = self.db.query_one("SELECT * FROM rounds WHERE id = ?", (round_id,))
+    def get_round(self, round_id: int, with_aggregate: bool = False) -> dict | None:
+        columns = self._round_columns + (", aggregate" if with_aggregate else "")
+        row = self.db.query_one(f"SELECT {columns} FROM rounds WHERE id = ?", (round_id,))
         return dict(row) if row else None
 
     def _open_round(self) -> dict:
@@ -163,6 +175,10 @@ class RoundManager:
 
     def tick(self) -> None:
         """Settle the open round (commit at goal; commit or abandon at deadline); open one if none."""
+        if not self.db.lock.held():  # fast path without the lock: an open round with nothing to settle
+            r = self.current_round()
+            if r is not None and r["received"] < r["goal"] and self.clock() < r["deadline"]:
+                return
         with self.db.lock:
             r = self.current_round()
             if r is not None:
@@ -193,7 +209,7 @@ class RoundManager:
         base = self.model(r["base_version"])
         writes: list[tuple[str, Any]] = []
         if strategy.streaming:
-            running = RunningSum.from_bytes(r["aggregate"])
+            running = self.running_sum(r)
             delta = running.mean()
             if r["dp_clip"] is not None:
                 delta, writes = self.dp.privatize(r, config, delta, running.count)
@@ -233,9 +249,12 @@ class RoundManager:
                 "encoding": config["encoding"], "topk_fraction": config["topk_fraction"]}
 
     def checkin(self, device_id: str, eligible: bool) -> dict:
-        """A task (the same one again for a device already assigned), or when to come back."""
-        self.tick()
-        with self.db.lock:
+        """A task (the same one again for a device already assigned), or when to come back.
+
+        Looks without the lock (committed state); a new assignment goes through the upload writer,
+        grouped with others, which checks the round's room again."""
+        for _ in range(2):  # twice: the round may close between the look and the assignment
+            self.tick()
             r = self.current_round()
             if self.paused or r is None:
                 return self._retry(self.settings.max_retry_after / 4, self.dp.budget_note or "training is paused")
@@ -250,19 +269,19 @@ class RoundManager:
                 return {"status": "task", "task": self.task_for(r)}
             assigned = self.db.query_one("SELECT COUNT(*) AS n FROM assignments WHERE round_id=?",
                                          (r["id"],))["n"]
-            if assigned >= r["max_assignments"]:
-                return self._retry(to_deadline, f"round {r['id']} has all {assigned} devices it needs")
-            with self.db.transaction(durable=False) as cur:  # a lost assignment: the device checks in again
-                cur.execute("INSERT INTO assignments(round_id, device_id, assigned_at) VALUES (?,?,?)",
-                            (r["id"], device_id, self.clock()))
-            return {"status": "task", "task": self.task_for(r)}
+            outcome = "full" if assigned >= r["max_assignments"] else self._wait(self.writer.assign(device_id, r["id"]))
+            if outcome == "assigned":
+                return {"status": "task", "task": self.task_for(r)}
+            if outcome == "full":
+                return self._retry(to_deadline, f"round {r['id']} has all {r['max_assignments']} devices it needs")
+        return self._retry(0, "the round just closed; check in again")
 
     def previous_answer(self, device_id: str, key: str) -> dict | None:
         row = self.db.query_one("SELECT response FROM updates WHERE device_id=? AND idempotency_key=?",
                                 (device_id, key))
         return json.loads(row["response"]) if row else None
 
-    def _check_may_upload(self, r: dict | None, round_id: int, device_id: str) -> dict:
+    def check_may_upload(self, r: dict | None, round_id: int, device_id: str) -> dict:
         if r is None:
             raise Refused(404, f"round {round_id} does not exist", "unknown_round")
         if not self.db.query_one("SELECT 1 FROM assignments WHERE round_id=? AND device_id=?",
@@ -275,61 +294,57 @@ class RoundManager:
             raise Refused(409, f"round {round_id} is {r['status']}; late update refused", "round_closed")
         return r
 
-    def submit(self, device_id: str, round_id: int, key: str, body: bytes) -> dict:
-        """Validate and fold one update into the round; the same key replayed gets the same answer."""
+    def prepare_upload(self, device_id: str, round_id: int, key: str, body: bytes) -> dict | PreparedUpload:
+        """Everything before the write, without the lock: the replayed answer, or the decoded and
+        validated update (the writer checks replay, duplicates and round state again)."""
         answer = self.previous_answer(device_id, key)
         if answer is not None:
             return answer
         self.tick()
-        r = self._check_may_upload(self.get_round(round_id), round_id, device_id)
+        r = self.check_may_upload(self.get_round(round_id), round_id, device_id)
         base = self.model(r["base_version"])
         config = json.loads(r["config"])
         update, norm = check_update(body, round_id=round_id, base_version=r["base_version"],
                                     expected=expected_shapes(base.container),
                                     max_norm=config["max_update_norm"],
                                     max_sample_count=config["max_sample_count"])
-        streaming = make_strategy(config).streaming
         bound = r["dp_clip"] if r["dp_clip"] is not None else config.get("norm_bound")
-        delta = update.delta if bound is None else privacy.clip(update.delta, bound)[0]
-        weight = 1.0 if r["dp_clip"] is not None else float(update.sample_count)  # DP: bounded weights
-        with self.db.lock:
-            answer = self.previous_answer(device_id, key)  # a concurrent retry may have won the race
-            if answer is not None:
-                return answer
-            r = self._check_may_upload(self.get_round(round_id), round_id, device_id)
-            answer = {"accepted": True, "round_id": round_id, "received": r["received"] + 1,
-                      "goal": r["goal"]}
-            with self.db.transaction() as cur:
-                aggregate, running = r["aggregate"], None
-                if streaming:
-                    running = self._running_sum(r)
-                    running.add(delta, weight)
-                    aggregate = running.to_bytes()
-                cur.execute("INSERT INTO updates(round_id, device_id, idempotency_key, sample_count, norm, "
-                            "encoding, metrics, received_at, response, delta) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                            (round_id, device_id, key, update.sample_count, norm,
-                             update.encoding + ("+topk" if update.sparse else ""), json.dumps(update.metrics),
-                             self.clock(), json.dumps(answer),
-                             None if streaming else dumps(delta, kind="delta")))
-                cur.execute("UPDATE rounds SET received=received+1, total_weight=total_weight+?, aggregate=? "
-                            "WHERE id=?", (float(update.sample_count), aggregate, round_id))
-                crash_point("before_update_commit")
-            if running is not None:
-                self._running = (round_id, answer["received"], running)
-            crash_point("after_update_commit")
-            log.info("round %d: update %d/%d accepted from device %s (%d samples, norm %.4g, %s)", round_id,
-                     answer["received"], r["goal"], device_id[:8], update.sample_count, norm, update.encoding)
-            self.on_event("update_accepted")
-            self.tick()
-        return answer
+        return PreparedUpload(
+            device_id=device_id, round_id=round_id, key=key, sample_count=update.sample_count, norm=norm,
+            encoding=update.encoding + ("+topk" if update.sparse else ""), metrics=update.metrics,
+            delta=update.delta if bound is None else privacy.clip(update.delta, bound)[0],
+            weight=1.0 if r["dp_clip"] is not None else float(update.sample_count),  # DP: bounded weights
+            streaming=make_strategy(config).streaming)
 
-    def _running_sum(self, r: dict) -> RunningSum:
+    def submit(self, device_id: str, round_id: int, key: str, body: bytes) -> dict:
+        """Validate and fold one update into the round (blocking until it is durably committed);
+        the same key replayed gets the same answer."""
+        prepared = self.prepare_upload(device_id, round_id, key, body)
+        if isinstance(prepared, dict):
+            return prepared
+        return self._wait(self.writer.submit(prepared))
+
+    def _wait(self, future: Future) -> Any:
+        if self.db.lock.held():  # the writer needs this lock: waiting here would never end
+            raise RuntimeError("waiting for the upload writer while holding the database lock")
+        return future.result()
+
+    def running_sum(self, r: dict) -> RunningSum:
         """A fresh copy of the round's aggregate: from memory when the cache is current (it saves
-        parsing the stored blob on every upload), else from the database."""
+        parsing the stored blob), else from the database."""
         if self._running is not None and self._running[:2] == (r["id"], r["received"]):
             cached = self._running[2]
             return RunningSum(dict(cached.sums), cached.total_weight, cached.count)  # add() makes new arrays
-        return RunningSum.from_bytes(r["aggregate"])
+        blob = r["aggregate"] if "aggregate" in r else self.get_round(r["id"], with_aggregate=True)["aggregate"]
+        return RunningSum.from_bytes(blob)
+
+    def remember_running(self, round_id: int, received: int, running: RunningSum) -> None:
+        """The writer's newly committed aggregate, so the next group need not parse it back."""
+        self._running = (round_id, received, running)
+
+    def close(self) -> None:
+        """Stop the upload writer after what it has queued."""
+        self.writer.close()
 
     # ------------------------------------------------------------------ operator calls
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Header, Path, Response
+from fastapi import APIRouter, Depends, Header, Path, Query, Response
 
-from coordinator.deps import ManagerDep, device_or_admin
+from coordinator.deps import DbDep, ManagerDep, device_or_admin
 from coordinator.errors import Refused
 from coordinator.rounds import RoundManager
-from coordinator.schemas import ModelVersionInfo
+from coordinator.schemas import ModelVersionInfo, ModelVersionListing
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -21,6 +21,18 @@ def _info(manager: RoundManager, version: int) -> ModelVersionInfo:
     i = loaded.info
     return ModelVersionInfo(version=version, sha256=i.sha256, architecture=i.architecture,
                             size_bytes=i.size_bytes, num_parameters=i.num_parameters, created_at=i.created_at)
+
+
+@router.get("", response_model=list[ModelVersionListing])
+def list_versions(db: DbDep, limit: Annotated[int, Query(ge=1, le=1000, description="newest versions to list")] = 100
+                  ) -> list[ModelVersionListing]:
+    """Every model version, newest first, with its sha256, size and server-side evaluation (public, like
+    /v1/models/latest): how the federation's model improved round by round."""
+    rows = db.query("SELECT version, sha256, architecture, size_bytes, num_parameters, created_at, round_id, "
+                    "accuracy, eval_loss, eval_n FROM model_versions ORDER BY version DESC LIMIT ?", (limit,))
+    return [ModelVersionListing(**{k: r[k] for k in ModelVersionInfo.model_fields}, round_id=r["round_id"],
+                                accuracy=r["accuracy"], loss=r["eval_loss"], eval_samples=r["eval_n"])
+            for r in rows]
 
 
 @router.get("/latest", response_model=ModelVersionInfo)

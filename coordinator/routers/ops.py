@@ -42,5 +42,7 @@ def metrics(manager: ManagerDep, db: DbDep,
         "pf_rounds_total": {(("status", s),): db.query_one("SELECT COUNT(*) AS n FROM rounds WHERE status=?",
                                                            (s,))["n"] for s in ("committed", "abandoned")},
         "pf_updates_accepted_total": {(): db.query_one("SELECT COUNT(*) AS n FROM updates")["n"]},
+        "pf_upload_commits_total": {(): manager.writer.groups},
+        "pf_upload_commit_updates_total": {(): manager.writer.applied},
     }
     return PlainTextResponse(counters.render(gauges, from_db), media_type="text/plain; version=0.0.4")

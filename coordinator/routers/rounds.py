@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Annotated
 
@@ -97,5 +98,10 @@ async def upload(round_id: RoundId, request: Request, device: DeviceDep, manager
         raise Refused(400, "Idempotency-Key: header is required", "missing_idempotency_key")
     async with request.app.state.upload_slots:  # bounded memory: waiting bodies stay in the socket buffers
         body = await read_limited(request, settings.max_body_bytes)
-        answer = await run_in_threadpool(manager.submit, device.id, round_id, idempotency_key, body)
+        prepared = await run_in_threadpool(manager.prepare_upload, device.id, round_id, idempotency_key, body)
+        del body
+        if isinstance(prepared, dict):  # a replayed key: the first answer again
+            return JSONResponse(prepared, status_code=202)
+        # the writer answers once the update is durably committed, in a group with others (coordinator/ingest.py)
+        answer = await asyncio.wrap_future(manager.writer.submit(prepared))
     return JSONResponse(answer, status_code=202)

@@ -1,14 +1,20 @@
 """The SQLite database: schema, connection and transactions.
 
-One connection, serialized by a lock: the coordinator's writes are short (one per accepted
-update) and SQLite allows one writer anyway. WAL journal + synchronous=FULL, so a transaction
-that returned is on disk and survives kill -9 (and power loss).
+One writer connection, serialized by a lock (SQLite allows one writer anyway); accepted updates
+reach it in groups through coordinator/ingest.py, so one fsync covers many. WAL journal +
+synchronous=FULL, so a transaction that returned is on disk and survives kill -9 (and power loss).
+
+Reads from a thread that does not hold the lock use that thread's own read-only connection: WAL
+lets them see the last committed state while the writer commits, so authentication, check-in
+pre-checks and status pages never queue behind an fsync. A thread holding the lock reads through
+the writer connection and so sees its own transaction.
 """
 
 from __future__ import annotations
 
 import sqlite3
 import threading
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -85,13 +91,56 @@ CREATE TABLE IF NOT EXISTS server_state (
 """
 
 
+class OwnedLock:
+    """A re-entrant lock that can tell whether the calling thread holds it (reads route on that)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._depth = threading.local()
+
+    def held(self) -> bool:
+        return getattr(self._depth, "n", 0) > 0
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        got = self._lock.acquire(blocking, timeout)
+        if got:
+            self._depth.n = getattr(self._depth, "n", 0) + 1
+        return got
+
+    def release(self) -> None:
+        self._depth.n -= 1
+        self._lock.release()
+
+    def __enter__(self) -> OwnedLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+class _Reader:
+    """A thread's read-only connection, closed when the thread (and so its thread-local) goes away."""
+
+    def __init__(self, path: Path):
+        self.conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None,
+                                    check_same_thread=False, timeout=30.0)
+        self.conn.row_factory = sqlite3.Row
+
+    def __del__(self) -> None:
+        self.conn.close()
+
+
 class Database:
-    """A locked SQLite connection with explicit transactions."""
+    """The locked writer connection with explicit transactions, plus per-thread read connections."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.lock = threading.RLock()
+        self.lock = OwnedLock()
+        self._readers = threading.local()
+        self._reader_conns: weakref.WeakSet[_Reader] = weakref.WeakSet()
+        self._closed = False
         self.conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False,
                                     timeout=30.0)
         self.conn.row_factory = sqlite3.Row
@@ -128,14 +177,40 @@ class Database:
                 raise
             cur.execute("COMMIT")
 
+    def _reader(self) -> sqlite3.Connection | None:
+        """This thread's read-only connection (None: use the writer's, under the lock)."""
+        if self.lock.held() or self._closed:
+            return None
+        reader = getattr(self._readers, "reader", None)
+        if reader is None:
+            reader = self._readers.reader = _Reader(self.path)
+            with self.lock:
+                self._reader_conns.add(reader)
+        return reader.conn
+
     def query(self, sql: str, params: tuple = ()) -> list[sqlite3.Row]:
+        reader = self._reader()
+        if reader is not None:
+            return reader.execute(sql, params).fetchall()
         with self.lock:
             return self.conn.execute(sql, params).fetchall()
 
     def query_one(self, sql: str, params: tuple = ()) -> sqlite3.Row | None:
-        with self.lock:
-            return self.conn.execute(sql, params).fetchone()
+        """One row; the cursor is closed at once so no read snapshot stays open."""
+        reader = self._reader()
+        if reader is not None:
+            cur = reader.execute(sql, params)
+        else:
+            with self.lock:
+                return self.conn.execute(sql, params).fetchone()
+        try:
+            return cur.fetchone()
+        finally:
+            cur.close()
 
     def close(self) -> None:
         with self.lock:
+            self._closed = True
+            for reader in list(self._reader_conns):
+                reader.conn.close()
             self.conn.close()

@@ -47,8 +47,10 @@ def main(argv: list[str] | None = None) -> None:
         app = create_app(settings)
     except (OSError, ValueError, sqlite3.Error) as exc:
         sys.exit(f"pf-coordinator: cannot start (database {settings.db}): {exc}")
+    # h11, not httptools, even when installed: h11 caps a request's headers (a 1 MB header gets a 4xx,
+    # tests/test_hostile_input.py), httptools has no such limit.
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
-                access_log=False)
+                access_log=False, http="h11")
 
 
 if __name__ == "__main__":

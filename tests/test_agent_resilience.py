@@ -48,7 +48,7 @@ def test_killed_after_upload_resends_with_the_same_key_and_counts_once(tmp_path)
 def test_killed_mid_training_restarts_and_finishes_the_round(tmp_path):
     [data], _ = make_shards(tmp_path, 1, 400, partition="iid")
     state = tmp_path / "state"
-    with Coordinator(tmp_path, goal=1, epochs=8) as coordinator:
+    with Coordinator(tmp_path, goal=1, epochs=40) as coordinator:  # seconds of training: the kill lands mid-way
         agent = start_agent(coordinator.url, data, state, "--once")
         wait_until(lambda: (state / "model.pfm").exists(), 120, "the model download")
         time.sleep(0.3)

@@ -5,9 +5,11 @@ with a 4xx naming the problem, and leave the database exactly as it was."""
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import sqlite3
 import struct
+import time
 
 import httpx
 import numpy as np
@@ -204,3 +206,32 @@ def test_admin_calls_need_the_admin_token(env, method, path):
         assert "admin" in answer.json()["detail"]
     assert snapshot(db) == before
     assert client.get("/v1/admin/settings", headers={"Authorization": f"Bearer {ADMIN}"}).status_code == 200
+
+
+def test_a_device_that_hangs_up_mid_body_changes_nothing_and_logs_no_error(env):
+    client, server, db, (a, _, _) = env
+    a.task()
+    before = snapshot(db)
+    body = good_update()
+    errors: list[logging.LogRecord] = []
+    handler = logging.Handler(level=logging.ERROR)
+    handler.emit = errors.append
+    uvicorn_log = logging.getLogger("uvicorn.error")  # uvicorn's loggers don't propagate to the root
+    uvicorn_log.addHandler(handler)
+    try:
+        host, port = server.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(b"POST /v1/rounds/1/updates HTTP/1.1\r\nHost: x\r\nAuthorization: "
+                         + a.headers["Authorization"].encode() + b"\r\nIdempotency-Key: cut\r\n"
+                         + b"Content-Length: %d\r\n\r\n" % len(body) + body[: len(body) // 2])
+            time.sleep(0.2)  # the server is reading the body when the phone loses its connection
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not errors:
+            if client.get("/healthz").status_code == 200:
+                time.sleep(0.2)
+                break
+    finally:
+        uvicorn_log.removeHandler(handler)
+    assert snapshot(db) == before
+    assert not errors, [r.getMessage() for r in errors]
+    assert a.upload(1, body, key="cut").status_code == 202  # the retry with the same key is accepted once

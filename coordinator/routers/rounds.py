@@ -9,6 +9,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
+from starlette.requests import ClientDisconnect
 
 from coordinator.deps import DbDep, DeviceDep, ManagerDep, SettingsDep
 from coordinator.errors import Refused
@@ -77,11 +78,16 @@ async def read_limited(request: Request, limit: int) -> bytes:
             raise Refused(413, f"body: Content-Length {declared} exceeds the limit of {limit} bytes",
                           "too_large")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise Refused(413, f"body: more than the limit of {limit} bytes", "too_large")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise Refused(413, f"body: more than the limit of {limit} bytes", "too_large")
+            chunks.append(chunk)
+    except ClientDisconnect:  # the device went away mid-body: nothing was stored, nobody to answer
+        raise Refused(400, f"body: the client disconnected after {size} bytes", "disconnected") from None
+    if declared is not None and size != int(declared):
+        raise Refused(400, f"body: {size} bytes arrived, Content-Length said {declared}", "bad_request")
     return b"".join(chunks)
 
 

@@ -22,6 +22,7 @@ import os
 import shutil
 import subprocess
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,11 +34,12 @@ class Verdict:
     reason: str
 
 
-class Probe:
+class Probe(ABC):
     """One condition; subclasses implement check()."""
 
+    @abstractmethod
     def check(self) -> Verdict:
-        raise NotImplementedError
+        """Whether the condition holds now, and why (for the log)."""
 
 
 class AlwaysEligible(Probe):

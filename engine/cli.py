@@ -123,10 +123,10 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--model", required=True, help="pocketfed model file or .onnx")
     p.add_argument("--data", help="dataset path (IDX dir uses its test split); default: embedded test subset")
     p.add_argument("--json", action="store_true")
-    return _user_errors("pf-eval", _eval, p.parse_args(argv))
+    return _user_errors("pf-eval", _evaluate, p.parse_args(argv))
 
 
-def _eval(args: argparse.Namespace) -> int:
+def _evaluate(args: argparse.Namespace) -> int:
     from . import load
     from .data import open_dataset
     from .trainer import evaluate_model

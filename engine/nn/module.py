@@ -86,7 +86,7 @@ class Module:
 
     # ----- the computation -----
     def forward(self, x: SymbolVar) -> SymbolVar:
-        raise NotImplementedError(f"{type(self).__name__} must define forward(x)")
+        raise TypeError(f"{type(self).__name__} must define forward(x) to be called")
 
     def __call__(self, x: SymbolVar) -> SymbolVar:
         return self.forward(x)

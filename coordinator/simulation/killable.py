@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TextIO
 
-from coordinator.simulation.processes import SimulationError, child_env, stop_process, tail
+from coordinator.simulation.processes import SimulationError, child_env, stop_workers, tail
 
 
 class KillablePool:
@@ -126,19 +126,4 @@ class KillablePool:
         return answers
 
     def stop(self) -> None:
-        for proc in self.procs:
-            try:
-                if proc is not None and proc.poll() is None:
-                    proc.stdin.write("\n")
-                    proc.stdin.close()
-            except (OSError, ValueError):
-                pass
-        for proc in self.procs:
-            if proc is None:
-                continue
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                stop_process(proc, grace=5)
-        for log in self._logs:
-            log.close()
+        stop_workers(self.procs, self._logs)

@@ -208,17 +208,24 @@ class WorkerPool:
         return [peak_rss_mib(p.pid) if p.poll() is None else None for p in self.procs]
 
     def stop(self) -> None:
-        for proc in self.procs:
-            try:
-                if proc.poll() is None:
-                    proc.stdin.write("\n")
-                    proc.stdin.close()
-            except (OSError, ValueError):
-                pass
-        for proc in self.procs:
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                stop_process(proc, grace=5)
-        for log in self._logs:
-            log.close()
+        stop_workers(self.procs, self._logs)
+
+
+def stop_workers(procs: list, logs: list) -> None:
+    """Ask each live worker to finish (an empty line), then wait, then kill the ones that don't."""
+    for proc in procs:
+        try:
+            if proc is not None and proc.poll() is None:
+                proc.stdin.write("\n")
+                proc.stdin.close()
+        except (OSError, ValueError):
+            pass
+    for proc in procs:
+        if proc is None:
+            continue
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            stop_process(proc, grace=5)
+    for log in logs:
+        log.close()

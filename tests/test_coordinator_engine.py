@@ -7,6 +7,7 @@ import time
 
 import httpx
 import numpy as np
+import pytest
 
 from coordinator.app import create_app
 from coordinator.settings import Settings
@@ -73,3 +74,24 @@ def test_lenet_round_with_real_training_and_server_evaluation(tmp_path):
         page = client.get("/").text
         assert page.count("<circle") == 2 and f"{after:.4f} (v1)" in page
         assert f"pf_model_accuracy {after:g}" in client.get("/metrics").text
+
+
+def test_coordinator_serves_an_onnx_model_as_a_pocketfed_file(tmp_path):
+    pytest.importorskip("onnx")
+    from engine.models import build
+    from engine.onnx import export_onnx
+    from engine.trainer import evaluate_model
+
+    source = build("lenet", seed=3)
+    onnx_path = tmp_path / "lenet.onnx"
+    export_onnx(source, onnx_path)
+    settings = Settings(db=str(tmp_path / "c.db"), model=str(onnx_path), enrollment_key="k", admin_token="a", goal=1)
+    with ServerThread(create_app(settings)) as server, httpx.Client(base_url=server.url, timeout=30) as client:
+        latest = client.get("/v1/models/latest").json()
+        device = TestDevice(client, "k", "phone")
+        served = client.get(f"/v1/models/{latest['version']}", headers=device.headers)
+    assert served.status_code == 200
+    model = load_model_bytes(served.content)  # a device needs no ONNX to train what was imported
+    assert latest["num_parameters"] == model.num_parameters() == source.num_parameters()
+    test = Subset(load_default("test"), np.arange(200))
+    assert evaluate_model(model, test)["accuracy"] == evaluate_model(source, test)["accuracy"]

@@ -85,6 +85,7 @@ class PersonalModel:
         mine = {n: np.asarray(weights[n], np.float32) for n in names}
         self.state.save_personal(mine, {"base_version": int(base_version), "layers": names})
         personal_eval = trainer.evaluate(holdout) if holdout is not None else None
+        trainer.release()  # the personal model is done; its planned memory is not kept between rounds
         return {"personal_layers": names,
                 "global_acc": None if global_eval is None else float(global_eval["accuracy"]),
                 "personal_acc": None if personal_eval is None else float(personal_eval["accuracy"])}

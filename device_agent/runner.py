@@ -143,13 +143,32 @@ class Agent:
         return data
 
     def do_task(self, task: dict[str, Any]) -> dict[str, Any] | None:
-        from engine import load_model_bytes
-        from engine.trainer import Interrupted, Trainer
-
         round_id, version = int(task["round_id"]), int(task["base_version"])
         log.info("round %d: training on %d samples from model version %d", round_id, self.train_set.size(),
                  version)
-        data = self.model_bytes(version)
+        trained = self.train_locally(task, self.model_bytes(version))
+        if trained is None:
+            return None
+        delta, metrics = trained
+        body, residual = self.encode(delta, task, metrics)
+        record = {"round": round_id, "version": version, "samples": self.train_set.size(),
+                  "loss_before": metrics["loss_before"], "loss_after": metrics["loss_after"],
+                  "acc_before": metrics["acc_before"], "acc_after": metrics["acc_after"],
+                  "bytes_sent": len(body), "bytes_raw_float32": 4 * sum(d.size for d in delta.values()),
+                  "encoding": task.get("encoding") or "float32", "topk_fraction": task.get("topk_fraction")}
+        self.state.save_pending(round_id, body, residual, record)
+        return self.personalize(self.send_pending())
+
+    def train_locally(self, task: dict[str, Any],
+                      data: bytes) -> tuple[dict[str, np.ndarray], dict[str, float]] | None:
+        """Train the task's model on the local data: (delta, metrics), or None if stopped mid-way.
+
+        The trainer's planned memory is released before returning, so encoding and the personal
+        model's training do not run on top of it (a phone's peak memory is what counts)."""
+        from engine import load_model_bytes
+        from engine.trainer import Interrupted, Trainer
+
+        round_id = int(task["round_id"])
         model = load_model_bytes(data)
         trainable = trainable_names(model)
         base = {n: np.array(model.params[n].value, np.float32, copy=True) for n in trainable}
@@ -157,7 +176,6 @@ class Agent:
                           trainable=trainable, prox_mu=float(task.get("fedprox_mu") or 0.0),
                           batch_size=min(int(task["batch_size"]), self.train_set.size()),
                           seed=self.config.seed + round_id)
-        before = trainer.evaluate(self.eval_set)
         deadline = float(task.get("deadline") or float("inf"))
         stop_reason: list[str] = []
 
@@ -171,25 +189,21 @@ class Agent:
             return not verdict.ok
 
         try:
+            before = trainer.evaluate(self.eval_set)
             fit = trainer.fit(self.train_set, int(task["epochs"]), should_stop=should_stop)
+            after = trainer.evaluate(self.eval_set)
         except Interrupted:
             log.warning("round %d: stopped mid-training (%s); its work is discarded", round_id,
                         stop_reason[-1] if stop_reason else "interrupted")
             return None
-        after = trainer.evaluate(self.eval_set)
+        finally:
+            trainer.release()
         weights = trainer.get_weights()
         delta = {n: np.asarray(weights[n], np.float32) - base[n] for n in trainable}
         metrics = {"loss_before": before["loss"], "loss_after": after["loss"],
                    "acc_before": before["accuracy"], "acc_after": after["accuracy"],
                    "train_loss": fit["loss"], "steps": fit["steps"]}
-        body, residual = self.encode(delta, task, metrics)
-        record = {"round": round_id, "version": version, "samples": self.train_set.size(),
-                  "loss_before": before["loss"], "loss_after": after["loss"],
-                  "acc_before": before["accuracy"], "acc_after": after["accuracy"],
-                  "bytes_sent": len(body), "bytes_raw_float32": 4 * sum(d.size for d in delta.values()),
-                  "encoding": task.get("encoding") or "float32", "topk_fraction": task.get("topk_fraction")}
-        self.state.save_pending(round_id, body, residual, record)
-        return self.personalize(self.send_pending())
+        return delta, metrics
 
     def personalize(self, record: dict[str, Any] | None) -> dict[str, Any] | None:
         """After an acknowledged upload: refresh the personal layers on that round's base model."""

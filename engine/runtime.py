@@ -234,6 +234,17 @@ class CompiledFunction:
         slot = {id(n): i for i, n in enumerate(self.program.nodes)}
         return [slot[id(n)] for n in self.program.flat_inputs()]
 
+    def release(self) -> None:
+        """Drop every plan (arenas, workspaces, cached views): the memory a finished job held.
+
+        The function stays usable; its next step plans again, as the first one did. The device
+        agent calls this when a round is done, so a phone does not keep a round's buffers.
+        """
+        self._plans.clear()
+        self._aliased.clear()
+        self._unplanned_cache.clear()
+        self.last_shapes = {}
+
     # ----- inspection -----
     @property
     def plans(self) -> list[StepPlan]:

@@ -174,8 +174,17 @@ class Trainer:
         """Class probabilities."""
         return np.exp(_log_softmax(self.logits(np.asarray(x, np.float32))))
 
-    def evaluate(self, dataset: IDataView, batch_size: int = 256) -> dict[str, float]:
-        return evaluate_function(self.eval_fn, self._input_name, dataset, batch_size)
+    def evaluate(self, dataset: IDataView, batch_size: int | None = None) -> dict[str, float]:
+        """Loss and accuracy over `dataset`, in batches of the training batch size by default: as
+        fast per sample as larger ones, and each batch size planned costs memory (runtime.py)."""
+        return evaluate_function(self.eval_fn, self._input_name, dataset, batch_size or self.batch_size)
+
+    def release(self) -> None:
+        """Free the compiled functions' planned memory (arenas, workspaces) once a job is done.
+
+        The trainer stays usable: the next step or evaluation plans again."""
+        self.train_fn.release()
+        self.eval_fn.release()
 
 
 def _dropout_masks(graph: Any) -> list[SymbolVar]:

@@ -114,3 +114,18 @@ def test_tiled_pooling_matches_the_general_path(mode):
     out = np.empty_like(pool.forward(x))
     pool.forward_into(Workspace(), out, x)
     np.testing.assert_array_equal(out, pool.forward(x))
+
+
+def test_release_drops_every_plan_and_the_function_plans_again_with_the_same_results():
+    released, kept = lenet_train_function(), lenet_train_function()
+    feeds = batch(16)
+    for _ in range(2):
+        released.execute(feeds)
+        kept.execute(feeds)
+    assert len(released.plans) == 1
+    released.release()
+    assert released.plans == [] and "plan for inputs" not in released.explain()
+    for _ in range(3):  # an allocating step, then planned ones: the same numbers as never released
+        for a, b in zip(released.execute(feeds), kept.execute(feeds)):
+            np.testing.assert_array_equal(a, b)
+    assert len(released.plans) == 1 and released.plans[0].allocating_kernels == []

@@ -110,3 +110,26 @@ def test_coordinator_command_uses_only_real_flags(tmp_path):
 def test_bad_config_names_the_option(changes, message):
     with pytest.raises(ValueError, match=message):
         SimConfig(devices=8, **changes).check()
+
+
+def test_privacy_flags_reach_the_coordinator_and_the_report(tmp_path):
+    args = build_parser().parse_args(["--dp-noise-multiplier", "1.1", "--dp-clip-norm", "0.5", "--dp-adaptive-clip",
+                                      "--dp-delta", "1e-6", "--norm-bound", "4"])
+    options = config_from_args(args).coordinator_options(str(tmp_path / "c.db"), "key")
+    parsed = coordinator_parser().parse_args(CoordinatorProcess(tmp_path, options, port=1234).command()[3:])
+    assert (parsed.dp_noise_multiplier, parsed.dp_clip_norm, parsed.dp_delta, parsed.norm_bound) == \
+        ("1.1", "0.5", "1e-06", "4.0")
+    assert parsed.dp_adaptive_clip is not None
+    plain = config_from_args(build_parser().parse_args([])).coordinator_options("c.db", "key")
+    assert not any(k.startswith("dp_") or k == "norm_bound" for k in plain)  # DP stays off unless asked
+
+    recs = records(3)
+    for i, r in enumerate(recs):
+        r["epsilon"] = 1.5 * (i + 1)
+    summary = {"rounds": 3, "final_accuracy": 0.5, "initial_accuracy": 0.1, "personal_accuracy": None,
+               "bytes_up": 1, "bytes_down": 1, "seconds": 1.0, "epsilon": 4.5,
+               "privacy": {"noise_multiplier": 1.1, "delta": 1e-6, "epsilon_budget": 8.0}}
+    page = render(recs, summary)
+    assert 'id="privacy"' in page and "<b>4.5000</b>" in page and "δ = 1e-06" in page
+    assert "<th>epsilon</th>" in page and "<td>3.0000</td>" in page
+    assert 'id="privacy"' not in render(records(3), {**summary, "privacy": None})

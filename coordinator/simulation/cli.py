@@ -75,6 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", default=None, help="write an offline HTML report here")
     p.add_argument("--json", action="store_true", help="JSON lines on stdout")
     p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+    privacy = p.add_argument_group("privacy and robustness", "server-side client-level DP (coordinator/privacy.py) "
+                                   "and norm bounding; epsilon per round goes into --json and --report")
+    privacy.add_argument("--dp-noise-multiplier", type=float, default=None, help="DP-FedAvg noise z (0/unset: off)")
+    privacy.add_argument("--dp-clip-norm", type=float, default=None, help="DP clip C (initial C if adaptive)")
+    privacy.add_argument("--dp-adaptive-clip", action="store_true", help="adaptive clipping (Andrew et al.)")
+    privacy.add_argument("--dp-delta", type=float, default=None, help="delta of the (epsilon, delta) guarantee")
+    privacy.add_argument("--dp-epsilon-budget", type=float, default=None, help="stop when epsilon would exceed this")
+    privacy.add_argument("--norm-bound", type=float, default=None, help="server clips each delta to this L2 norm")
     chaos = p.add_argument_group("chaos", "kill agents and the coordinator, put a faulty network in between, "
                                  "then audit the database (coordinator/simulation/chaos.py)")
     chaos.add_argument("--chaos-agent-kills", type=int, default=0, help="SIGKILL this many agents mid-task")
@@ -116,7 +124,19 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         workdir=args.workdir,
         db=args.db,
         progress=not args.no_progress,
+        extra_options=coordinator_extras(args),
     )
+
+
+PASSED_THROUGH = ("dp_noise_multiplier", "dp_clip_norm", "dp_delta", "dp_epsilon_budget", "norm_bound")
+
+
+def coordinator_extras(args: argparse.Namespace) -> dict:
+    """Coordinator settings set from pf-sim's privacy flags (only those given)."""
+    extras = {name: getattr(args, name) for name in PASSED_THROUGH if getattr(args, name) is not None}
+    if args.dp_adaptive_clip:
+        extras["dp_adaptive_clip"] = True
+    return extras
 
 
 def human_line(record: dict) -> str:
@@ -125,6 +145,7 @@ def human_line(record: dict) -> str:
         f"round {record['round']:>3}: test accuracy {record['accuracy']:.4f}  personal "
         f"{'-' if personal is None else f'{personal:.4f}'}  up {record['bytes_up'] / 1e6:.2f} MB  "
         f"down {record['bytes_down'] / 1e6:.2f} MB  {record['seconds']:.1f} s"
+        + ("" if record.get("epsilon") is None else f"  ε {record['epsilon']:.3g}")
     )
 
 

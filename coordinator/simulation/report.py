@@ -163,6 +163,9 @@ def render(records: list[dict], summary: dict) -> str:
         "bytes_down",
         "seconds",
     ]
+    private = any(r.get("epsilon") is not None for r in records)
+    if private:
+        columns.insert(columns.index("bytes_up"), "epsilon")
     rows = "".join(
         "<tr>" + "".join(f"<td>{_cell(r.get(c))}</td>" for c in columns) + "</tr>" for r in records
     )
@@ -174,6 +177,7 @@ def render(records: list[dict], summary: dict) -> str:
 <p>{summary["rounds"]} rounds in {summary["seconds"]:.1f} s · test accuracy {summary["initial_accuracy"]:.4f}
 (initial model) → <b>{final:.4f}</b> · personal accuracy {_cell(summary["personal_accuracy"])} ·
 {_human(summary["bytes_up"])} up, {_human(summary["bytes_down"])} down</p>
+{_privacy(summary) if private else ""}
 <p>Configuration: <code>{config}</code></p>
 <h2>Accuracy by round</h2>{accuracy}
 <h2>Global vs personal accuracy</h2>
@@ -182,6 +186,15 @@ measured on each participant's held-out samples; averaged over the round's parti
 <h2>Bytes per round</h2>{traffic}
 <h2>Rounds</h2><table id="rounds"><tr>{"".join(f"<th>{c}</th>" for c in columns)}</tr>{rows}</table>
 </body></html>"""
+
+
+def _privacy(summary: dict) -> str:
+    """The differential-privacy line: the budget spent so far (the table has it round by round)."""
+    dp = summary.get("privacy") or {}
+    budget = dp.get("epsilon_budget")
+    return (f'<p id="privacy">Client-level differential privacy: ε = <b>{_cell(summary.get("epsilon"))}</b> '
+            f'at δ = {dp.get("delta", 0):g} after {summary["rounds"]} rounds (noise multiplier '
+            f'{_cell(dp.get("noise_multiplier"))}; budget {_cell(budget) if budget else "none"}).</p>')
 
 
 def write_report(path: str | Path, records: list[dict], summary: dict) -> None:

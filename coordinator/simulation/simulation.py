@@ -224,8 +224,16 @@ class Simulation:
             "personal_acc": mean_of(ok, "personal_acc"),
             "bytes_up": int(sum(a["record"]["bytes_sent"] for a in ok)),
             "bytes_down": int(sum(a.get("bytes_down", 0) for a in ok)),
+            "epsilon": detail.get("epsilon"),  # privacy spent so far (None: DP off)
             "seconds": round(time.perf_counter() - started, 3),
         }
+
+    def privacy_settings(self) -> dict | None:
+        options = self.config.extra_options
+        if not options.get("dp_noise_multiplier"):
+            return None
+        return {"noise_multiplier": options["dp_noise_multiplier"], "delta": options.get("dp_delta", 1e-5),
+                "epsilon_budget": options.get("dp_epsilon_budget")}
 
     def round_detail(self, round_id: int) -> dict:
         response = self.http.get(f"/v1/rounds/{round_id}")
@@ -260,6 +268,8 @@ class Simulation:
             "initial_accuracy": initial["accuracy"],
             "bytes_up": sum(r["bytes_up"] for r in self.records),
             "bytes_down": sum(r["bytes_down"] for r in self.records),
+            "epsilon": last.get("epsilon"),
+            "privacy": self.privacy_settings(),
             "seconds": round(seconds, 2),
             "seconds_per_round": round(float(np.mean([r["seconds"] for r in self.records])), 3),
             "coordinator_peak_rss_mib": self.coordinator.peak_rss_mib(),

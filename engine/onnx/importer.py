@@ -3,7 +3,9 @@
 Float initializers become shared tensors named as in the ONNX file (PyTorch exports keep
 "conv1.weight"...), trainable unless they are batch-norm statistics; integer initializers and
 `Constant` nodes stay known at build time, which is what `Reshape` needs for its target shape.
-One converter function per ONNX operator, registered in CONVERTERS: read it like a table.
+Shape chains (`x.view(x.size(0), -1)`) are evaluated at import time in `shapes.py`; Conv and
+pooling padding the engine has no flag for (asymmetric, SAME, ceil_mode) is made explicit in
+`spatial.py`. One converter function per ONNX operator, registered in CONVERTERS: read it like a table.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from .. import opr
 from ..graph import ComputingGraph, GraphError, SymbolVar
 from ..model import Model
 from ..serialize.modelfile import ModelFileError
+from . import shapes, spatial
 
 
 class OnnxError(ModelFileError):
@@ -56,6 +59,9 @@ class _Importer:
             return self.vars[name]
         if name in self.static:
             value = self.static[name]
+            if shapes.is_dynamic(value):
+                raise self.fail(f"shape {list(value)} holds a size fed at run time; it can only feed "
+                                "Reshape (or Gather/Unsqueeze/Concat/Slice/Cast on shapes)")
             if like is not None and like.dtype.kind == "f" and value.dtype.kind in "fiu":
                 value = value.astype(like.dtype)
             return self.graph.constant(value)
@@ -124,54 +130,14 @@ def _binary(fn: Callable[[SymbolVar, SymbolVar], SymbolVar]) -> Callable:
     def convert(im: _Importer, node: Any) -> SymbolVar | np.ndarray:
         a_name, b_name = node.input
         if a_name in im.static and b_name in im.static:  # shape arithmetic on constants
-            return np.asarray(fn(im.static[a_name], im.static[b_name]))
+            try:
+                return np.asarray(fn(im.static[a_name], im.static[b_name]))
+            except TypeError:  # a size fed at run time (shapes.Dim) has no arithmetic
+                raise im.fail(f"{node.op_type} on shapes {im.static[a_name]} and {im.static[b_name]}: "
+                              "arithmetic on a size fed at run time (the batch) is not supported") from None
         a = im.vars.get(a_name)
         b = im.var(b_name, like=a)
         return fn(im.var(a_name, like=b), b)
-    return convert
-
-
-def _symmetric_pads(im: _Importer, pads: list[int] | None, what: str) -> list[int]:
-    pads = list(pads or [0, 0, 0, 0])
-    if len(pads) != 4 or pads[0] != pads[2] or pads[1] != pads[3]:
-        raise im.fail(f"{what}: only symmetric 2-D padding is supported, got pads={pads}")
-    return pads[:2]
-
-
-def _check_auto_pad(im: _Importer, a: dict) -> None:
-    auto_pad = a.get("auto_pad", b"NOTSET")
-    if auto_pad not in (b"NOTSET", b"VALID", "NOTSET", "VALID"):
-        raise im.fail(f"auto_pad={auto_pad!r} is not supported (use explicit pads)")
-
-
-def _conv(im: _Importer, node: Any) -> SymbolVar:
-    a = im.attrs()
-    _check_auto_pad(im, a)
-    x, w = im.var(node.input[0]), im.var(node.input[1])
-    if w.ndim != 4:
-        raise im.fail(f"only 2-D convolution is supported, weight shape {w.shape}")
-    y = opr.convolution(x, w, stride=a.get("strides", 1), padding=_symmetric_pads(im, a.get("pads"), "Conv"),
-                        dilation=a.get("dilations", 1), groups=a.get("group", 1))
-    if len(node.input) > 2 and node.input[2]:
-        y = y + opr.reshape(im.var(node.input[2]), (1, -1, 1, 1))
-    return y
-
-
-def _pool(mode: str) -> Callable:
-    def convert(im: _Importer, node: Any) -> SymbolVar:
-        a = im.attrs()
-        _check_auto_pad(im, a)
-        if a.get("ceil_mode", 0):
-            raise im.fail("ceil_mode=1 is not supported")
-        if any(d != 1 for d in a.get("dilations", [1, 1])):
-            raise im.fail("pooling dilations are not supported")
-        if len(node.output) > 1 and node.output[1]:
-            raise im.fail("the indices output of MaxPool is not supported")
-        kind = mode
-        if mode == "average" and not a.get("count_include_pad", 0):
-            kind = "average_count_exclude_padding"
-        return opr.pooling(im.var(node.input[0]), kind, window=a["kernel_shape"], stride=a.get("strides", 1),
-                           padding=_symmetric_pads(im, a.get("pads"), node.op_type))
     return convert
 
 
@@ -215,23 +181,18 @@ def _flatten(im: _Importer, node: Any) -> SymbolVar:
     return opr.reshape(x, (-1, int(np.prod(rest, dtype=np.int64))))
 
 
-def _reshape(im: _Importer, node: Any) -> SymbolVar:
+def _reshape(im: _Importer, node: Any) -> SymbolVar | np.ndarray:
+    target = im.constant_input(node.input[1], "the Reshape shape")
+    if node.input[0] in im.static:  # shape arithmetic on constants
+        return np.reshape(im.static[node.input[0]], [int(d) for d in target])
     x = im.var(node.input[0])
-    target = [int(d) for d in im.constant_input(node.input[1], "the Reshape shape")]
-    if not im.attrs().get("allowzero", 0):  # 0 means "keep this input size"
-        target = [(-1 if x.shape[i] is None else x.shape[i]) if d == 0 and i < x.ndim else d
-                  for i, d in enumerate(target)]
-    if target.count(-1) > 1:
-        raise im.fail(f"Reshape target {target} leaves more than one size to infer")
-    return opr.reshape(x, target)
+    return opr.reshape(x, shapes.reshape_target(im, x, target, bool(im.attrs().get("allowzero", 0))))
 
 
-def _transpose(im: _Importer, node: Any) -> SymbolVar:
+def _transpose(im: _Importer, node: Any) -> SymbolVar | np.ndarray:
+    if node.input[0] in im.static:  # PyTorch's Pad computes its pads with Slice/Transpose/Reshape
+        return np.transpose(im.static[node.input[0]], im.attrs().get("perm"))
     return opr.transpose(im.var(node.input[0]), im.attrs().get("perm"))
-
-
-def _concat(im: _Importer, node: Any) -> SymbolVar:
-    return opr.concat([im.var(n) for n in node.input], axis=im.attrs()["axis"])
 
 
 def _softmax(fn: Callable) -> Callable:
@@ -294,14 +255,16 @@ def _identity(im: _Importer, node: Any) -> SymbolVar | np.ndarray:
 
 
 CONVERTERS: dict[str, Callable[[_Importer, Any], SymbolVar | np.ndarray]] = {
-    "Conv": _conv, "MaxPool": _pool("max"), "AveragePool": _pool("average"),
-    "GlobalAveragePool": _global_average_pool, "Gemm": _gemm, "MatMul": _matmul,
+    "Conv": spatial.conv, "MaxPool": spatial.pool("max"), "AveragePool": spatial.pool("average"),
+    "Pad": spatial.pad_op, "GlobalAveragePool": _global_average_pool, "Gemm": _gemm, "MatMul": _matmul,
     "Add": _binary(lambda a, b: a + b), "Sub": _binary(lambda a, b: a - b),
     "Mul": _binary(lambda a, b: a * b), "Div": _binary(lambda a, b: a / b),
     "Relu": _unary(opr.relu), "Sigmoid": _unary(opr.sigmoid), "Tanh": _unary(opr.tanh),
     "Exp": _unary(opr.exp), "Log": _unary(opr.log), "Sqrt": _unary(opr.sqrt), "Neg": _unary(opr.neg),
     "Abs": _unary(opr.abs),
-    "Flatten": _flatten, "Reshape": _reshape, "Transpose": _transpose, "Concat": _concat,
+    "Flatten": _flatten, "Reshape": _reshape, "Transpose": _transpose, "Concat": shapes.concat,
+    "Shape": shapes.shape, "Gather": shapes.gather, "Unsqueeze": shapes.unsqueeze, "Squeeze": shapes.squeeze,
+    "Cast": shapes.cast, "Slice": shapes.slice_, "ConstantOfShape": shapes.constant_of_shape,
     "Softmax": _softmax(opr.softmax), "LogSoftmax": _softmax(opr.log_softmax),
     "BatchNormalization": _batch_norm, "Dropout": _dropout, "Constant": _constant, "Identity": _identity,
 }

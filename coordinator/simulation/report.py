@@ -50,6 +50,12 @@ def _x(i: int, n: int) -> float:
     return PAD + 30 + (i / max(n - 1, 1)) * (W - PAD - 60)
 
 
+def _legend_entry(k: int, name: str, color: str) -> str:
+    """The k-th line of a chart's legend, top left inside the frame."""
+    return (f'<rect x="{PAD + 10}" y="{14 + 14 * k}" width="10" height="10" fill="{color}"/>'
+            f'<text x="{PAD + 24}" y="{23 + 14 * k}" font-size="11">{html.escape(name)}</text>')
+
+
 def line_chart(
     chart_id: str, title: str, series: dict[str, Sequence[float | None]], x_labels: Sequence[str]
 ) -> str:
@@ -71,10 +77,7 @@ def line_chart(
                 f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3" fill="{color}"><title>{html.escape(name)}: '
                 f"{v:.4f}</title></circle>"
             )
-        parts.append(
-            f'<rect x="{PAD + 10}" y="{14 + 14 * k}" width="10" height="10" fill="{color}"/>'
-            f'<text x="{PAD + 24}" y="{23 + 14 * k}" font-size="11">{html.escape(name)}</text>'
-        )
+        parts.append(_legend_entry(k, name, color))
     parts.append("</svg>")
     return "".join(parts)
 
@@ -99,10 +102,7 @@ def bar_chart(chart_id: str, title: str, series: dict[str, Sequence[float]], x_l
                 f'<rect x="{x:.1f}" y="{H - PAD - h:.1f}" width="{bar:.1f}" height="{h:.1f}" '
                 f'fill="{color}"><title>{html.escape(name)} round {i + 1}: {_human(v)}</title></rect>'
             )
-        parts.append(
-            f'<rect x="{PAD + 10}" y="{14 + 14 * k}" width="10" height="10" fill="{color}"/>'
-            f'<text x="{PAD + 24}" y="{23 + 14 * k}" font-size="11">{html.escape(name)}</text>'
-        )
+        parts.append(_legend_entry(k, name, color))
     parts.append("</svg>")
     return "".join(parts)
 

@@ -65,25 +65,45 @@ def main() -> None:
     x, y = train.get_batch(np.arange(total))
     dataset = ArrayDataset(x.astype(np.float32), y)
     model = build_model_bytes("lenet", seed=0)
-    task = {"round_id": 1, "base_version": 0, "epochs": args.epochs, "batch_size": args.batch_size,
-            "lr": 0.05, "momentum": 0.9, "deadline": time.time() + 3600, "fedprox_mu": 0.0,
-            "clip_norm": None, "noise_multiplier": 0.0, "encoding": args.encoding, "topk_fraction": None}
+    task = {
+        "round_id": 1,
+        "base_version": 0,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "lr": 0.05,
+        "momentum": 0.9,
+        "deadline": time.time() + 3600,
+        "fedprox_mu": 0.0,
+        "clip_norm": None,
+        "noise_multiplier": 0.0,
+        "encoding": args.encoding,
+        "topk_fraction": None,
+    }
     rss_before = rss_mib()
     with tempfile.TemporaryDirectory() as state_dir:
         client = CoordinatorClient("http://bench", transport=fake_coordinator(model, task))
-        config = AgentConfig(coordinator="http://bench", enrollment_key="k", once=True,
-                             holdout=args.holdout)
+        config = AgentConfig(coordinator="http://bench", enrollment_key="k", once=True, holdout=args.holdout)
         agent = Agent(config, client, AgentState(state_dir), dataset, AlwaysEligible(), emit=lambda s: None)
         wall, cpu = time.perf_counter(), time.process_time()
         [record] = agent.run()
         cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
-    result = {"bench": "agent_round", "samples": args.samples, "train_samples": record["samples"],
-              "epochs": args.epochs, "encoding": args.encoding, "cpu_seconds": round(cpu, 3),
-              "wall_seconds": round(wall, 3), "peak_rss_mib": round(rss_mib(), 1),
-              "rss_before_round_mib": round(rss_before, 1), "bytes_sent": record["bytes_sent"],
-              "bytes_raw_float32": record["bytes_raw_float32"], "acc_before": record["acc_before"],
-              "acc_after": record["acc_after"], "personal_acc": record.get("personal_acc"),
-              "global_acc": record.get("global_acc")}
+    result = {
+        "bench": "agent_round",
+        "samples": args.samples,
+        "train_samples": record["samples"],
+        "epochs": args.epochs,
+        "encoding": args.encoding,
+        "cpu_seconds": round(cpu, 3),
+        "wall_seconds": round(wall, 3),
+        "peak_rss_mib": round(rss_mib(), 1),
+        "rss_before_round_mib": round(rss_before, 1),
+        "bytes_sent": record["bytes_sent"],
+        "bytes_raw_float32": record["bytes_raw_float32"],
+        "acc_before": record["acc_before"],
+        "acc_after": record["acc_after"],
+        "personal_acc": record.get("personal_acc"),
+        "global_acc": record.get("global_acc"),
+    }
     if not args.json:
         for key, value in result.items():
             print(f"{key:>22}: {value}")

@@ -118,8 +118,12 @@ def run(name: str, args) -> dict:
     trainer.set_weights(weights)
     result = trainer.evaluate(Subset(test, np.arange(min(args.test_size, test.size()))))
     finite = all(np.all(np.isfinite(w)) for w in weights.values())
-    return {"run": name, "accuracy": round(float(result["accuracy"]), 4) if finite else 0.0,
-            "diverged_local_trainings": diverged, "finite": finite}
+    return {
+        "run": name,
+        "accuracy": round(float(result["accuracy"]), 4) if finite else 0.0,
+        "diverged_local_trainings": diverged,
+        "finite": finite,
+    }
 
 
 def main() -> None:
@@ -149,14 +153,20 @@ def main() -> None:
         results = list(pool.map(run, names, [args] * len(names)))
     accuracy = {r["run"]: r["accuracy"] for r in results}
     base = accuracy.get("attack_free")
-    out = {"devices": args.devices, "attackers": int(round(args.attacker_fraction * args.devices)),
-           "attacks": list(ATTACKS), "rounds": args.rounds, "per_round": args.per_round,
-           "accuracy": accuracy, "collapsed": [r["run"] for r in results if not r["finite"]
-                                                or r["diverged_local_trainings"]],
-           "seconds": round(time.perf_counter() - start, 1)}
+    out = {
+        "devices": args.devices,
+        "attackers": int(round(args.attacker_fraction * args.devices)),
+        "attacks": list(ATTACKS),
+        "rounds": args.rounds,
+        "per_round": args.per_round,
+        "accuracy": accuracy,
+        "collapsed": [r["run"] for r in results if not r["finite"] or r["diverged_local_trainings"]],
+        "seconds": round(time.perf_counter() - start, 1),
+    }
     if base is not None:
-        out["gap_to_attack_free_points"] = {n: round(100 * (base - a), 2) for n, a in accuracy.items()
-                                            if n != "attack_free"}
+        out["gap_to_attack_free_points"] = {
+            n: round(100 * (base - a), 2) for n, a in accuracy.items() if n != "attack_free"
+        }
         out["within_3_points"] = [n for n, gap in out["gap_to_attack_free_points"].items() if gap <= 3.0]
     if not args.json:
         for name, acc in accuracy.items():

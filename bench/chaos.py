@@ -39,26 +39,52 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--partition", default="iid")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", default=None, help="keep DB, logs, device state and the wire record here")
-    p.add_argument("--baseline", action="store_true",
-                   help="also run the same fleet without any fault and report its final accuracy")
+    p.add_argument(
+        "--baseline",
+        action="store_true",
+        help="also run the same fleet without any fault and report its final accuracy",
+    )
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     try:
         sim = ChaosSimulation(
-            SimConfig(devices=args.devices, per_round=args.per_round, rounds=args.rounds, workers=args.workers,
-                      partition=args.partition, seed=args.seed, workdir=args.workdir, progress=False),
-            ChaosConfig(agent_kills=args.agent_kills, coordinator_restarts=args.coordinator_restarts,
-                        proxy_faults=not args.no_proxy_faults),
-            emit=lambda r: print(json.dumps(r) if args.json else
-                                 f"round {r['round']}: accuracy {r['accuracy']:.4f}, {r['received']} updates, "
-                                 f"{r['agent_kills']} agent kills, {r['coordinator_restarts']} restarts so far",
-                                 flush=True))
+            SimConfig(
+                devices=args.devices,
+                per_round=args.per_round,
+                rounds=args.rounds,
+                workers=args.workers,
+                partition=args.partition,
+                seed=args.seed,
+                workdir=args.workdir,
+                progress=False,
+            ),
+            ChaosConfig(
+                agent_kills=args.agent_kills,
+                coordinator_restarts=args.coordinator_restarts,
+                proxy_faults=not args.no_proxy_faults,
+            ),
+            emit=lambda r: print(
+                json.dumps(r)
+                if args.json
+                else f"round {r['round']}: accuracy {r['accuracy']:.4f}, {r['received']} updates, "
+                f"{r['agent_kills']} agent kills, {r['coordinator_restarts']} restarts so far",
+                flush=True,
+            ),
+        )
         summary = sim.run()
         if args.baseline:
             calm = ChaosSimulation(
-                SimConfig(devices=args.devices, per_round=args.per_round, rounds=args.rounds, workers=args.workers,
-                          partition=args.partition, seed=args.seed, progress=False),
-                ChaosConfig(agent_kills=0, coordinator_restarts=0, proxy_faults=False)).run()
+                SimConfig(
+                    devices=args.devices,
+                    per_round=args.per_round,
+                    rounds=args.rounds,
+                    workers=args.workers,
+                    partition=args.partition,
+                    seed=args.seed,
+                    progress=False,
+                ),
+                ChaosConfig(agent_kills=0, coordinator_restarts=0, proxy_faults=False),
+            ).run()
             summary["baseline_final_accuracy"] = calm["final_accuracy"]
             summary["baseline_seconds"] = calm["seconds"]
             # devices train deterministically: if every round had the same participants, the weights match

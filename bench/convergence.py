@@ -110,9 +110,7 @@ def centralized(args: argparse.Namespace) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=FULL, help="IDX directory with the full Fashion-MNIST")
     parser.add_argument("--rounds", type=int, default=50)
     parser.add_argument("--splits", default="iid,shards:2")

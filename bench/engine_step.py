@@ -38,6 +38,7 @@ LR, MOMENTUM = 0.01, 0.9
 def blas_threads() -> int:
     try:
         from threadpoolctl import threadpool_info
+
         counts = [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
         if counts:
             return counts[0]
@@ -71,9 +72,19 @@ def torch_step(batch: int):
 
     weights = {k: torch.from_numpy(v.copy()) for k, v in build_lenet(seed=0).state_dict().items()}
     net = nn.Sequential(
-        nn.Conv2d(1, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-        nn.Linear(400, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, 10))
+        nn.Conv2d(1, 6, 5, padding=2),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(6, 16, 5),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(400, 120),
+        nn.ReLU(),
+        nn.Linear(120, 84),
+        nn.ReLU(),
+        nn.Linear(84, 10),
+    )
     with torch.no_grad():
         for i, name in ((0, "conv1"), (3, "conv2")):
             net[i].weight.copy_(weights[f"{name}.weight"])
@@ -92,6 +103,7 @@ def torch_step(batch: int):
         loss.backward()
         opt.step()
         return loss
+
     return step
 
 
@@ -114,9 +126,22 @@ def step_flops(func: CompiledFunction) -> int:
 
 def peak_mb(side: str, batch: int, steps: int, threads: int | None) -> float:
     """Run in a child: peak RSS during `steps` steps above the RSS before the first step."""
-    out = subprocess.run([sys.executable, __file__, "--batch", str(batch), "--_peak", side, "--steps", str(steps),
-                          *(["--threads", str(threads)] if threads else [])],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--batch",
+            str(batch),
+            "--_peak",
+            side,
+            "--steps",
+            str(steps),
+            *(["--threads", str(threads)] if threads else []),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return float(out.stdout.strip().splitlines()[-1])
 
 
@@ -154,8 +179,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--passes", default=None, help="'none' or comma-separated compiler passes (default: all)")
     parser.add_argument("--profile", action="store_true", help="print the engine's per-operator profile")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="BLAS and torch threads (default: numpy's BLAS setting; needs threadpoolctl)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="BLAS and torch threads (default: numpy's BLAS setting; needs threadpoolctl)",
+    )
     parser.add_argument("--json", action="store_true", help="end with one JSON line")
     parser.add_argument("--_peak", choices=["engine", "torch"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -163,12 +192,14 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         from threadpoolctl import threadpool_limits
+
         threadpool_limits(args.threads, user_api="blas")
     if args._peak:
         _measure_peak(args._peak, args.batch, min(args.steps, 30), passes)
         return 0
 
     import torch
+
     threads = blas_threads()
     torch.set_num_threads(threads)
     run_engine, func = engine_step(args.batch, passes)
@@ -186,16 +217,22 @@ def main(argv: list[str] | None = None) -> int:
         torch_s.append(time.perf_counter() - mid)
     engine_ms, torch_ms = float(np.median(engine_s) * 1e3), float(np.median(torch_s) * 1e3)
     flops = step_flops(func)
-    print(f"threads: numpy BLAS {threads}, torch {torch.get_num_threads()}; "
-          f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')}")
+    print(
+        f"threads: numpy BLAS {threads}, torch {torch.get_num_threads()}; "
+        f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')}"
+    )
     print(func.explain())
     if args.profile:
         print(profile_table(func, run_engine, max(args.steps // 2, 20)))
-    result = {"batch": args.batch, "engine_ms": round(engine_ms, 3), "torch_ms": round(torch_ms, 3),
-              "ratio": round(engine_ms / torch_ms, 3),
-              "engine_peak_mb": round(peak_mb("engine", args.batch, args.steps, args.threads), 2),
-              "torch_peak_mb": round(peak_mb("torch", args.batch, args.steps, args.threads), 2),
-              "gflops": round(flops / (engine_ms / 1e3) / 1e9, 2)}
+    result = {
+        "batch": args.batch,
+        "engine_ms": round(engine_ms, 3),
+        "torch_ms": round(torch_ms, 3),
+        "ratio": round(engine_ms / torch_ms, 3),
+        "engine_peak_mb": round(peak_mb("engine", args.batch, args.steps, args.threads), 2),
+        "torch_peak_mb": round(peak_mb("torch", args.batch, args.steps, args.threads), 2),
+        "gflops": round(flops / (engine_ms / 1e3) / 1e9, 2),
+    }
     if not args.json:
         print(f"engine {engine_ms:.3f} ms, torch {torch_ms:.3f} ms per step")
     print(json.dumps(result))

@@ -82,10 +82,12 @@ async def timed(stats: Stats, kind: str, send):
     return None
 
 
-async def device(i: int, client: httpx.AsyncClient, shapes: dict, stats: Stats, start: asyncio.Event,
-                 deadline: float) -> None:
-    answer = await timed(stats, "enroll", lambda: client.post("/v1/devices", json={"enrollment_key": KEY,
-                                                                           "name": f"d{i}"}))
+async def device(
+    i: int, client: httpx.AsyncClient, shapes: dict, stats: Stats, start: asyncio.Event, deadline: float
+) -> None:
+    answer = await timed(
+        stats, "enroll", lambda: client.post("/v1/devices", json={"enrollment_key": KEY, "name": f"d{i}"})
+    )
     if answer is None or answer.status_code != 201:
         stats.errors["enroll: failed"] += 1
         return
@@ -94,8 +96,9 @@ async def device(i: int, client: httpx.AsyncClient, shapes: dict, stats: Stats, 
     delta = {k: (rng.standard_normal(s) * 0.01).astype(np.float32) for k, s in shapes.items()}
     await start.wait()  # every device checks in and uploads at once
     while time.monotonic() < deadline:
-        answer = await timed(stats, "checkin", lambda: client.post("/v1/checkin", json={"eligible": True},
-                                                           headers=headers))
+        answer = await timed(
+            stats, "checkin", lambda: client.post("/v1/checkin", json={"eligible": True}, headers=headers)
+        )
         if answer is None or answer.status_code != 200:
             stats.errors[f"checkin: {getattr(answer, 'status_code', 'no answer')}"] += 1
             await asyncio.sleep(1)
@@ -105,13 +108,18 @@ async def device(i: int, client: httpx.AsyncClient, shapes: dict, stats: Stats, 
             await asyncio.sleep(min(body["retry_after"], 1.0))
             continue
         task = body["task"]
-        data = encode_update(delta, sample_count=32, round_id=task["round_id"],
-                             base_version=task["base_version"], metrics={"loss": 1.0})
+        data = encode_update(
+            delta, sample_count=32, round_id=task["round_id"], base_version=task["base_version"], metrics={"loss": 1.0}
+        )
         url = f"/v1/rounds/{task['round_id']}/updates"
-        upload_headers = {**headers, "Idempotency-Key": f"d{i}-r{task['round_id']}",
-                          "Content-Type": "application/octet-stream"}
-        answer = await timed(stats, "upload", lambda u=url, d=data, h=upload_headers: client.post(
-            u, content=d, headers=h))  # retried with the same key
+        upload_headers = {
+            **headers,
+            "Idempotency-Key": f"d{i}-r{task['round_id']}",
+            "Content-Type": "application/octet-stream",
+        }
+        answer = await timed(
+            stats, "upload", lambda u=url, d=data, h=upload_headers: client.post(u, content=d, headers=h)
+        )  # retried with the same key
         if answer is not None and answer.status_code == 202:
             stats.accepted += 1
             return
@@ -119,28 +127,30 @@ async def device(i: int, client: httpx.AsyncClient, shapes: dict, stats: Stats, 
     stats.errors["gave up at the time limit"] += 1
 
 
-async def run_devices(url: str, n: int, stats: Stats, time_limit: float,
-                      per_client: int) -> tuple[float, float]:
+async def run_devices(url: str, n: int, stats: Stats, time_limit: float, per_client: int) -> tuple[float, float]:
     """`per_client` devices share one httpx client: httpcore scans its whole pool on every request,
     so one client of 1,000 connections would make the load generator, not the server, the bottleneck."""
     limits = httpx.Limits(max_connections=per_client, max_keepalive_connections=per_client)
     tls = httpx.create_ssl_context()  # built once: every client would otherwise load the CA bundle again
     async with contextlib.AsyncExitStack() as stack:
-        clients = [await stack.enter_async_context(httpx.AsyncClient(base_url=url, limits=limits, timeout=120,
-                                                                     verify=tls))
-                   for _ in range(-(-n // per_client))]
+        clients = [
+            await stack.enter_async_context(httpx.AsyncClient(base_url=url, limits=limits, timeout=120, verify=tls))
+            for _ in range(-(-n // per_client))
+        ]
         client = clients[0]
         latest = (await client.get("/healthz")).json()
         token = (await client.post("/v1/devices", json={"enrollment_key": KEY})).json()["token"]
-        model = await client.get(f"/v1/models/{latest['model_version']}",
-                                 headers={"Authorization": f"Bearer {token}"})
+        model = await client.get(f"/v1/models/{latest['model_version']}", headers={"Authorization": f"Bearer {token}"})
         container = loads(model.content, kind="model")
         names = container.metadata.get("trainable") or list(container.tensors)
         shapes = {k: container.tensors[k].shape for k in names}
         start = asyncio.Event()
-        tasks = [asyncio.create_task(device(i, clients[i // per_client], shapes, stats, start,
-                                            time.monotonic() + time_limit))
-                 for i in range(n)]
+        tasks = [
+            asyncio.create_task(
+                device(i, clients[i // per_client], shapes, stats, start, time.monotonic() + time_limit)
+            )
+            for i in range(n)
+        ]
         while len(stats.latency["enroll"]) + stats.errors["enroll: failed"] < n:
             await asyncio.sleep(0.05)
         t0 = time.perf_counter()
@@ -152,12 +162,17 @@ async def run_devices(url: str, n: int, stats: Stats, time_limit: float,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--devices", type=int, default=1000)
-    parser.add_argument("--goal", type=int, default=None, help="updates per round (default: --devices, "
-                        "one round taking every upload at once)")
+    parser.add_argument(
+        "--goal",
+        type=int,
+        default=None,
+        help="updates per round (default: --devices, one round taking every upload at once)",
+    )
     parser.add_argument("--model", default="lenet", help="coordinator --model (built-in name or file)")
     parser.add_argument("--time-limit", type=float, default=300, help="seconds before devices give up")
-    parser.add_argument("--devices-per-client", type=int, default=25, help="devices sharing one httpx client "
-                        "(connection pool)")
+    parser.add_argument(
+        "--devices-per-client", type=int, default=25, help="devices sharing one httpx client (connection pool)"
+    )
     parser.add_argument("--py-spy", metavar="FILE", help="profile the coordinator with py-spy (raw format)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -165,10 +180,31 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="pf-load-"))
     port = free_port()
     goal = args.goal or args.devices
-    cmd = [sys.executable, "-m", "coordinator", "--port", str(port), "--db", str(workdir / "c.db"),
-           "--model", args.model, "--goal", str(goal), "--over-select", "1.0", "--deadline", "3600",
-           "--enrollment-key", KEY, "--min-retry-after", "0", "--max-retry-after", "5",
-           "--log-level", "warning"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "coordinator",
+        "--port",
+        str(port),
+        "--db",
+        str(workdir / "c.db"),
+        "--model",
+        args.model,
+        "--goal",
+        str(goal),
+        "--over-select",
+        "1.0",
+        "--deadline",
+        "3600",
+        "--enrollment-key",
+        KEY,
+        "--min-retry-after",
+        "0",
+        "--max-retry-after",
+        "5",
+        "--log-level",
+        "warning",
+    ]
     root = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
     log = open(workdir / "log", "w")  # noqa: SIM115 (it lives as long as the coordinator)
@@ -196,12 +232,13 @@ def main() -> None:
         sampler = threading.Thread(target=sample_memory, daemon=True)
         sampler.start()
         if args.py_spy and shutil.which("py-spy"):
-            spy = subprocess.Popen(["py-spy", "record", "--pid", str(server.pid), "--format", "raw",
-                                    "-o", args.py_spy, "--rate", "200"], stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.DEVNULL)
+            spy = subprocess.Popen(
+                ["py-spy", "record", "--pid", str(server.pid), "--format", "raw", "-o", args.py_spy, "--rate", "200"],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
         cpu0, client_cpu0 = cpu_seconds(server.pid), time.process_time()
-        t0, t1 = asyncio.run(run_devices(url, args.devices, stats, args.time_limit,
-                                             args.devices_per_client))
+        t0, t1 = asyncio.run(run_devices(url, args.devices, stats, args.time_limit, args.devices_per_client))
         cpu1, client_cpu1 = cpu_seconds(server.pid), time.process_time()
         done.set()
         sampler.join()
@@ -219,11 +256,15 @@ def main() -> None:
     by_fraction = {}
     for fraction in (0.1, 0.25, 0.5, 0.75, 1.0):
         want = int(fraction * stats.accepted)
-        by_fraction[f"{int(fraction * 100)}%"] = round(next((rss for n, rss in samples if n >= want),
-                                                            samples[-1][1]), 1)
+        by_fraction[f"{int(fraction * 100)}%"] = round(
+            next((rss for n, rss in samples if n >= want), samples[-1][1]), 1
+        )
     result = {
-        "devices": args.devices, "goal": goal, "uploads_accepted": stats.accepted,
-        "uploads_per_s": round(stats.accepted / (t1 - t0), 1), "wall_s": round(t1 - t0, 2),
+        "devices": args.devices,
+        "goal": goal,
+        "uploads_accepted": stats.accepted,
+        "uploads_per_s": round(stats.accepted / (t1 - t0), 1),
+        "wall_s": round(t1 - t0, 2),
         **{f"{kind}_p50_ms": round(percentile(v, 50), 1) for kind, v in stats.latency.items()},
         **{f"{kind}_p99_ms": round(percentile(v, 99), 1) for kind, v in stats.latency.items()},
         "errors": sum(v for k, v in stats.errors.items() if "retried" not in k),
@@ -231,7 +272,8 @@ def main() -> None:
         "error_kinds": dict(stats.errors),
         "lost_uploads": args.devices - stats.accepted,
         "rounds_committed": sum(r["status"] == "committed" for r in rounds),
-        "coordinator_rss_idle_mib": round(rss_idle, 1), "coordinator_rss_by_uploads_mib": by_fraction,
+        "coordinator_rss_idle_mib": round(rss_idle, 1),
+        "coordinator_rss_by_uploads_mib": by_fraction,
         "coordinator_peak_rss_mib": round(peak, 1),
         # CPU seconds per second of the run (1.0 = one core busy): which side is the bottleneck
         "coordinator_cpu_load": round((cpu1 - cpu0) / (t1 - t0), 2),
@@ -252,8 +294,13 @@ def hottest(raw: Path, top: int = 8) -> list[str]:
     for line in raw.read_text().splitlines():
         stack, _, n = line.rpartition(" ")
         leaf = stack.split(";")[-1]
-        if any(idle in stack for idle in ("select (selectors", "_worker (concurrent", "wait (threading",
-                                          "_run_once", "run_forever")) and "submit" not in stack:
+        if (
+            any(
+                idle in stack
+                for idle in ("select (selectors", "_worker (concurrent", "wait (threading", "_run_once", "run_forever")
+            )
+            and "submit" not in stack
+        ):
             continue
         counts[leaf] += int(n)
     total = sum(counts.values()) or 1

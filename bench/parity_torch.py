@@ -40,9 +40,18 @@ def torch_lenet(torch, weights: dict[str, np.ndarray]):
     """
     nn = torch.nn
     model = nn.Sequential(
-        nn.Conv2d(1, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-        nn.Linear(400, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, 10),
+        nn.Conv2d(1, 6, 5, padding=2),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(6, 16, 5),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(400, 120),
+        nn.ReLU(),
+        nn.Linear(120, 84),
+        nn.ReLU(),
+        nn.Linear(84, 10),
     )
     layers = {"conv1": model[0], "conv2": model[3], "fc1": model[7], "fc2": model[9], "fc3": model[11]}
     with torch.no_grad():
@@ -75,16 +84,17 @@ def run(args: argparse.Namespace, torch) -> dict:
         train_set, test_set = MnistDataset(args.data, split="train"), MnistDataset(args.data, split="test")
     orders = epoch_orders(train_set.size(), args.epochs, args.seed)
     size = args.batch_size
-    batches = [order[i:i + size] for order in orders for i in range(0, len(order), size)]
+    batches = [order[i : i + size] for order in orders for i in range(0, len(order), size)]
     if args.max_steps:
-        batches = batches[:args.max_steps]
+        batches = batches[: args.max_steps]
 
     engine_model = build("lenet", seed=args.seed)
     optimizer = SGD(args.lr, weight_decay=args.weight_decay, momentum=args.momentum)
     trainer = Trainer(engine_model, optimizer=optimizer, batch_size=args.batch_size)
     torch_model = torch_lenet(torch, engine_model.state_dict())
-    torch_opt = torch.optim.SGD(torch_model.parameters(), lr=args.lr, momentum=args.momentum,
-                                weight_decay=args.weight_decay)
+    torch_opt = torch.optim.SGD(
+        torch_model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay
+    )
     loss_fn = torch.nn.CrossEntropyLoss()
 
     rel_diffs, engine_seconds, torch_seconds = [], 0.0, 0.0
@@ -104,8 +114,10 @@ def run(args: argparse.Namespace, torch) -> dict:
         torch_loss = float(torch_loss.detach())
         rel_diffs.append(abs(engine_loss - torch_loss) / max(abs(torch_loss), 1e-12))
         if not args.quiet and (step % 100 == 0 or step == len(batches)):
-            print(f"step {step}/{len(batches)}: engine loss {engine_loss:.5f}  torch loss {torch_loss:.5f}",
-                  file=sys.stderr)
+            print(
+                f"step {step}/{len(batches)}: engine loss {engine_loss:.5f}  torch loss {torch_loss:.5f}",
+                file=sys.stderr,
+            )
 
     engine_acc = trainer.evaluate(test_set)["accuracy"]
     torch_acc = torch_accuracy(torch, torch_model, test_set)
@@ -133,8 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: full epochs)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch intra-op threads (1 keeps sums in one order)")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 keeps sums in one order)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON line, last")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--check", action="store_true", help="exit 1 when the parity bar is missed")
@@ -142,21 +153,25 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import torch
     except ImportError:
-        print("parity_torch: PyTorch is not installed (pip install 'pocketfed[dev]'); skipping.",
-              file=sys.stderr)
+        print("parity_torch: PyTorch is not installed (pip install 'pocketfed[dev]'); skipping.", file=sys.stderr)
         return 2
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     result = run(args, torch)
     result["seconds"] = round(time.perf_counter() - start, 2)
-    ok = (result["max_rel_loss_diff_first10"] <= MAX_REL_LOSS_DIFF
-          and result["accuracy_gap_points"] <= MAX_ACCURACY_GAP_POINTS)
+    ok = (
+        result["max_rel_loss_diff_first10"] <= MAX_REL_LOSS_DIFF
+        and result["accuracy_gap_points"] <= MAX_ACCURACY_GAP_POINTS
+    )
     if not args.quiet or not args.json:
-        print(f"parity {'OK' if ok else 'MISSED'}: first-10 max relative loss diff "
-              f"{result['max_rel_loss_diff_first10']:.2e} (bar {MAX_REL_LOSS_DIFF:g}), accuracy engine "
-              f"{result['engine_test_accuracy']:.4f} vs torch {result['torch_test_accuracy']:.4f} "
-              f"(bar {MAX_ACCURACY_GAP_POINTS} points)", file=sys.stderr if args.json else sys.stdout)
+        print(
+            f"parity {'OK' if ok else 'MISSED'}: first-10 max relative loss diff "
+            f"{result['max_rel_loss_diff_first10']:.2e} (bar {MAX_REL_LOSS_DIFF:g}), accuracy engine "
+            f"{result['engine_test_accuracy']:.4f} vs torch {result['torch_test_accuracy']:.4f} "
+            f"(bar {MAX_ACCURACY_GAP_POINTS} points)",
+            file=sys.stderr if args.json else sys.stdout,
+        )
     if args.json:
         print(json.dumps(result))
     return 1 if args.check and not ok else 0

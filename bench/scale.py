@@ -23,9 +23,7 @@ FULL = "/usr/share/datasets/fashion-mnist"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--devices", type=int, default=1000)
     parser.add_argument("--per-round", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=3)

@@ -49,12 +49,17 @@ class RequestCounter:
             await self.app(scope, receive, send_wrapper)
         finally:
             route = scope.get("route")
-            self.metrics.inc("pf_http_requests_total", method=scope["method"],
-                             route=getattr(route, "path", "unmatched"), status=str(status["code"]))
+            self.metrics.inc(
+                "pf_http_requests_total",
+                method=scope["method"],
+                route=getattr(route, "path", "unmatched"),
+                status=str(status["code"]),
+            )
 
 
-def create_app(settings: Settings, *, clock: Callable[[], float] = time.time,
-               evaluate: EvaluateFn | None = None) -> FastAPI:
+def create_app(
+    settings: Settings, *, clock: Callable[[], float] = time.time, evaluate: EvaluateFn | None = None
+) -> FastAPI:
     """Build the service. `clock` and `evaluate` are injectable for tests; by default the wall clock
     and, with --eval-data, the engine's evaluator."""
     if not settings.enrollment_key:
@@ -67,18 +72,28 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time,
         evaluate = engine_evaluator(settings.eval_data)
     evaluator = None
     if evaluate is not None:
+
         def store(version: int, result: dict) -> None:
             with db.transaction() as cur:
-                cur.execute("UPDATE model_versions SET accuracy=?, eval_loss=?, eval_n=? WHERE version=?",
-                            (float(result["accuracy"]), float(result["loss"]), int(result["n"]), version))
+                cur.execute(
+                    "UPDATE model_versions SET accuracy=?, eval_loss=?, eval_n=? WHERE version=?",
+                    (float(result["accuracy"]), float(result["loss"]), int(result["n"]), version),
+                )
+
         evaluator = Evaluator(evaluate, store)
 
     def on_event(name: str, **labels: str) -> None:
         if name == "round_closed":
             log.debug("round closed: %s", labels)
 
-    manager = RoundManager(settings, db, files, clock=clock, on_event=on_event,
-                           on_new_version=(lambda v, data: evaluator.submit(v, data)) if evaluator else None)
+    manager = RoundManager(
+        settings,
+        db,
+        files,
+        clock=clock,
+        on_event=on_event,
+        on_new_version=(lambda v, data: evaluator.submit(v, data)) if evaluator else None,
+    )
     manager.start(lambda: initial_model_bytes(settings.model, settings.model_seed))
     if evaluator is not None:  # versions a crash left unevaluated
         for row in db.query("SELECT version FROM model_versions WHERE accuracy IS NULL ORDER BY version"):
@@ -103,9 +118,12 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time,
             if evaluator is not None:
                 evaluator.close()
 
-    app = FastAPI(title="pocketfed coordinator", version="1", lifespan=lifespan,
-                  description="Federated rounds over HTTP: enroll, check in, download the model, "
-                              "upload a delta.")
+    app = FastAPI(
+        title="pocketfed coordinator",
+        version="1",
+        lifespan=lifespan,
+        description="Federated rounds over HTTP: enroll, check in, download the model, upload a delta.",
+    )
     app.state.settings, app.state.db, app.state.manager = settings, db, manager
     app.state.metrics, app.state.evaluator = metrics, evaluator
     app.state.upload_slots = asyncio.Semaphore(settings.max_concurrent_uploads)
@@ -116,11 +134,13 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time,
     def openapi() -> dict:
         """FastAPI's schema, with 422 bodies as this service sends them: {"detail": "<field and why>"}."""
         if app.openapi_schema is None:
-            schema = get_openapi(title=app.title, version=app.version, description=app.description,
-                                 routes=app.routes)
+            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
             schema.setdefault("components", {}).setdefault("schemas", {})["HTTPValidationError"] = {
-                "title": "Refusal", "type": "object", "required": ["detail"],
-                "properties": {"detail": {"type": "string", "description": "which field and why"}}}
+                "title": "Refusal",
+                "type": "object",
+                "required": ["detail"],
+                "properties": {"detail": {"type": "string", "description": "which field and why"}},
+            }
             app.openapi_schema = schema
         return app.openapi_schema
 

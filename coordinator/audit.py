@@ -124,22 +124,27 @@ def _weights(models: Path, row: sqlite3.Row, report: AuditReport) -> dict[str, n
     return loads(data, kind="model").tensors
 
 
-def _recompute(rows: list[sqlite3.Row], witness: Witness, report: AuditReport,
-               round_id: int) -> tuple[dict[str, np.ndarray], float] | None:
+def _recompute(
+    rows: list[sqlite3.Row], witness: Witness, report: AuditReport, round_id: int
+) -> tuple[dict[str, np.ndarray], float] | None:
     """Sum of sample_count * delta (float64, in acceptance order) from the witnessed bodies."""
     sums: dict[str, np.ndarray] = {}
     total = 0.0
     for row in rows:
         body = witness.body(row["idempotency_key"])
         if body is None:
-            report.problems.append(f"round {round_id}: no (or no single) witnessed body for the update of "
-                                   f"device {row['device_id'][:8]} (key {row['idempotency_key'][:12]})")
+            report.problems.append(
+                f"round {round_id}: no (or no single) witnessed body for the update of "
+                f"device {row['device_id'][:8]} (key {row['idempotency_key'][:12]})"
+            )
             return None
         update = decode_update(body)
         if (update.round_id, update.sample_count) != (round_id, row["sample_count"]):
-            report.problems.append(f"round {round_id}: the witnessed body of key {row['idempotency_key'][:12]} "
-                                   f"says round {update.round_id}, {update.sample_count} samples; the database "
-                                   f"says round {round_id}, {row['sample_count']}")
+            report.problems.append(
+                f"round {round_id}: the witnessed body of key {row['idempotency_key'][:12]} "
+                f"says round {update.round_id}, {update.sample_count} samples; the database "
+                f"says round {round_id}, {row['sample_count']}"
+            )
             return None
         for name, value in update.delta.items():
             term = np.asarray(value, np.float64) * float(row["sample_count"])
@@ -204,8 +209,9 @@ def audit(db: str | Path, models: str | Path | None = None, uploads: str | Path 
     return report
 
 
-def _check_rows(rows: list[sqlite3.Row], rounds: dict, devices: dict, witness: Witness | None,
-                report: AuditReport) -> None:
+def _check_rows(
+    rows: list[sqlite3.Row], rounds: dict, devices: dict, witness: Witness | None, report: AuditReport
+) -> None:
     """Each accepted row: in a committed or open round, unique, and (with a witness) sent by its device."""
     keys = Counter((r["device_id"], r["idempotency_key"]) for r in rows)
     pairs = Counter((r["round_id"], r["device_id"]) for r in rows)
@@ -217,24 +223,40 @@ def _check_rows(rows: list[sqlite3.Row], rounds: dict, devices: dict, witness: W
         r = rounds.get(row["round_id"])
         if r is None or r["status"] == "abandoned":
             report.lost += 1
-            report.problems.append(f"acknowledged update of device {row['device_id'][:8]} (key "
-                                   f"{row['idempotency_key'][:12]}) is in round {row['round_id']}, which is "
-                                   f"{'missing' if r is None else 'abandoned'}")
-        if witness is not None and witness.tokens.get(row["idempotency_key"]) not in (None,
-                                                                                       devices.get(row["device_id"])):
-            report.problems.append(f"key {row['idempotency_key'][:12]} was sent with another device's token "
-                                   f"than the one it is recorded under ({row['device_id'][:8]})")
+            report.problems.append(
+                f"acknowledged update of device {row['device_id'][:8]} (key "
+                f"{row['idempotency_key'][:12]}) is in round {row['round_id']}, which is "
+                f"{'missing' if r is None else 'abandoned'}"
+            )
+        if witness is not None and witness.tokens.get(row["idempotency_key"]) not in (
+            None,
+            devices.get(row["device_id"]),
+        ):
+            report.problems.append(
+                f"key {row['idempotency_key'][:12]} was sent with another device's token "
+                f"than the one it is recorded under ({row['device_id'][:8]})"
+            )
     if witness is not None:
-        shas = Counter(next(iter(witness.bodies[r["idempotency_key"]])) for r in rows
-                       if len(witness.bodies.get(r["idempotency_key"], ())) == 1)
+        shas = Counter(
+            next(iter(witness.bodies[r["idempotency_key"]]))
+            for r in rows
+            if len(witness.bodies.get(r["idempotency_key"], ())) == 1
+        )
         same = sum(n - 1 for n in shas.values())
         if same:
             report.double_counted += same
             report.problems.append(f"{same} accepted rows carry a body already accepted under another key")
 
 
-def _check_round(r: sqlite3.Row, rows: list[sqlite3.Row], versions: dict, models: Path,
-                 witness: Witness | None, report: AuditReport, excess: dict[int, int]) -> None:
+def _check_round(
+    r: sqlite3.Row,
+    rows: list[sqlite3.Row],
+    versions: dict,
+    models: Path,
+    witness: Witness | None,
+    report: AuditReport,
+    excess: dict[int, int],
+) -> None:
     """A committed or open round: its counters, its running sum, and (committed) its model version."""
     label = f"round {r['id']}"
     config = json.loads(r["config"])
@@ -256,8 +278,10 @@ def _check_round(r: sqlite3.Row, rows: list[sqlite3.Row], versions: dict, models
         elif count < len(rows):
             report.lost += len(rows) - count
         if count != len(rows) or float(stored.metadata["total_weight"]) != weight:
-            report.problems.append(f"{label}: the stored aggregate counts {count} updates and "
-                                   f"{stored.metadata['total_weight']} samples; the rows: {len(rows)}, {weight}")
+            report.problems.append(
+                f"{label}: the stored aggregate counts {count} updates and "
+                f"{stored.metadata['total_weight']} samples; the rows: {len(rows)}, {weight}"
+            )
     plain = config["strategy"] in RECOMPUTABLE and r["dp_clip"] is None and config.get("norm_bound") is None
     witnessed = _recompute(rows, witness, report, r["id"]) if witness is not None and plain and rows else None
     if witnessed is not None and stored is not None:
@@ -266,8 +290,9 @@ def _check_round(r: sqlite3.Row, rows: list[sqlite3.Row], versions: dict, models
         return
     version = versions.get(r["result_version"])
     if version is None or version["round_id"] != r["id"]:
-        report.problems.append(f"{label}: committed, but its result version {r['result_version']} is not "
-                               "registered as produced by it")
+        report.problems.append(
+            f"{label}: committed, but its result version {r['result_version']} is not registered as produced by it"
+        )
         return
     base_row = versions.get(r["base_version"])
     if not plain or base_row is None:
@@ -279,11 +304,20 @@ def _check_round(r: sqlite3.Row, rows: list[sqlite3.Row], versions: dict, models
         report.versions_skipped += 1
         return
     lr = float(config.get("server_lr", 1.0))
-    expected = {name: (np.asarray(base[name], np.float64) + lr * (s / total)).astype(base[name].dtype)
-                for name, s in sums.items()}
+    expected = {
+        name: (np.asarray(base[name], np.float64) + lr * (s / total)).astype(base[name].dtype)
+        for name, s in sums.items()
+    }
     report.versions_checked += 1
-    if _compare(f"model v{version['version']} (round {r['id']}) vs base v{r['base_version']} + aggregate",
-                new, expected, report) and witnessed is not None:
+    if (
+        _compare(
+            f"model v{version['version']} (round {r['id']}) vs base v{r['base_version']} + aggregate",
+            new,
+            expected,
+            report,
+        )
+        and witnessed is not None
+    ):
         report.versions_recomputed += 1
         report.versions_exact += all(np.array_equal(new[n], expected[n]) for n in expected)
 
@@ -303,11 +337,11 @@ def _check_witness(rows: list[sqlite3.Row], witness: Witness, report: AuditRepor
             report.problems.append(f"upload key {key[:12]} was acknowledged on the wire but has no accepted row")
         elif len(witness.ack_rounds[key]) > 1:
             report.double_counted += 1
-            report.problems.append(f"upload key {key[:12]} was acknowledged for several rounds "
-                                   f"{sorted(witness.ack_rounds[key])}")
+            report.problems.append(
+                f"upload key {key[:12]} was acknowledged for several rounds {sorted(witness.ack_rounds[key])}"
+            )
         if len(witness.bodies.get(key, ())) > 1:
-            report.problems.append(f"upload key {key[:12]} was sent with {len(witness.bodies[key])} "
-                                   "different bodies")
+            report.problems.append(f"upload key {key[:12]} was sent with {len(witness.bodies[key])} different bodies")
     return missing
 
 
@@ -326,11 +360,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(report.to_dict()))
     else:
-        print(f"{'OK' if report.ok else 'FAILED'}: {report.acknowledged} acknowledged updates "
-              f"({report.in_committed_rounds} in {report.committed_rounds} committed rounds, "
-              f"{report.in_open_round} in the open round), lost {report.lost}, double-counted "
-              f"{report.double_counted}; {report.versions_checked} versions checked, "
-              f"{report.versions_recomputed} recomputed from witnessed bodies, {report.versions_skipped} skipped")
+        print(
+            f"{'OK' if report.ok else 'FAILED'}: {report.acknowledged} acknowledged updates "
+            f"({report.in_committed_rounds} in {report.committed_rounds} committed rounds, "
+            f"{report.in_open_round} in the open round), lost {report.lost}, double-counted "
+            f"{report.double_counted}; {report.versions_checked} versions checked, "
+            f"{report.versions_recomputed} recomputed from witnessed bodies, {report.versions_skipped} skipped"
+        )
         for problem in report.problems:
             print("  - " + problem)
     return 0 if report.ok else 1

@@ -47,8 +47,9 @@ class Device:
 
 def _token(credentials: HTTPAuthorizationCredentials | None) -> str:
     if credentials is None or not credentials.credentials:
-        raise Refused(401, "Authorization: missing bearer token", "unauthorized",
-                      headers={"WWW-Authenticate": "Bearer"})
+        raise Refused(
+            401, "Authorization: missing bearer token", "unauthorized", headers={"WWW-Authenticate": "Bearer"}
+        )
     return credentials.credentials
 
 
@@ -64,8 +65,12 @@ def device_for(credentials: HTTPAuthorizationCredentials | None, db: Database) -
     hashed = token_hash(_token(credentials))
     row = db.query_one("SELECT id, name FROM devices WHERE token_hash = ?", (hashed,))
     if row is None:
-        raise Refused(401, "Authorization: unknown or revoked device token", "unauthorized",
-                      headers={"WWW-Authenticate": "Bearer"})
+        raise Refused(
+            401,
+            "Authorization: unknown or revoked device token",
+            "unauthorized",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
     return Device(row["id"], row["name"])
 
 
@@ -78,8 +83,9 @@ async def current_device(credentials: Credentials, db: DbDep) -> Device:
 def require_admin(credentials: Credentials, settings: SettingsDep) -> None:
     """Operator calls need the admin token; without one configured the admin API is off."""
     if not settings.admin_token:
-        raise Refused(403, "admin API is disabled: the coordinator was started without an admin token",
-                      "admin_forbidden")
+        raise Refused(
+            403, "admin API is disabled: the coordinator was started without an admin token", "admin_forbidden"
+        )
     presented = credentials.credentials if credentials else ""
     if not secrets.compare_digest(presented.encode(), settings.admin_token.encode()):
         raise Refused(403, "Authorization: admin token required for this call", "admin_forbidden")

@@ -24,6 +24,7 @@ def engine_evaluator(eval_data: str) -> EvaluateFn:
         nonlocal dataset
         from engine.data import open_dataset
         from engine.trainer import evaluate_model_bytes
+
         if dataset is None:  # an IDX directory's test split; other formats have no splits
             dataset = open_dataset(eval_data, split="test")
         return evaluate_model_bytes(model_bytes, dataset)
@@ -60,7 +61,12 @@ class Evaluator:
                     log.warning("evaluation of model v%d failed: %s", version, exc)
                     continue
                 self._store(version, result)
-                log.info("model v%d evaluated: accuracy=%.4f loss=%.4f n=%d", version,
-                         result["accuracy"], result["loss"], result["n"])
+                log.info(
+                    "model v%d evaluated: accuracy=%.4f loss=%.4f n=%d",
+                    version,
+                    result["accuracy"],
+                    result["loss"],
+                    result["n"],
+                )
             finally:
                 self._queue.task_done()

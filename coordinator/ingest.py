@@ -198,10 +198,15 @@ class UploadWriter:
                     outcomes.append((item, answer))
             for round_id, state in rounds.items():
                 if state.added:
-                    cur.execute("UPDATE rounds SET received=received+?, total_weight=total_weight+?, aggregate=? "
-                                "WHERE id=?", (state.added, state.samples,
-                                               state.running.to_bytes() if state.running else
-                                               state.row["aggregate"], round_id))
+                    cur.execute(
+                        "UPDATE rounds SET received=received+?, total_weight=total_weight+?, aggregate=? WHERE id=?",
+                        (
+                            state.added,
+                            state.samples,
+                            state.running.to_bytes() if state.running else state.row["aggregate"],
+                            round_id,
+                        ),
+                    )
             crash_point("before_update_commit")
         for round_id, state in rounds.items():
             if state.added and state.running is not None:
@@ -210,9 +215,16 @@ class UploadWriter:
         self.applied += len(accepted)
         crash_point("after_update_commit")
         for item, answer in accepted:
-            log.info("round %d: update %d/%d accepted from device %s (%d samples, norm %.4g, %s)", item.round_id,
-                     answer["received"], answer["goal"], item.device_id[:8], item.sample_count, item.norm,
-                     item.encoding)
+            log.info(
+                "round %d: update %d/%d accepted from device %s (%d samples, norm %.4g, %s)",
+                item.round_id,
+                answer["received"],
+                answer["goal"],
+                item.device_id[:8],
+                item.sample_count,
+                item.norm,
+                item.encoding,
+            )
             manager.on_event("update_accepted")
         return outcomes, deferred
 
@@ -227,11 +239,22 @@ class UploadWriter:
         if item.streaming and state.running is None:
             state.running = manager.running_sum(r)
         answer = {"accepted": True, "round_id": item.round_id, "received": state.received + 1, "goal": r["goal"]}
-        cur.execute("INSERT INTO updates(round_id, device_id, idempotency_key, sample_count, norm, encoding, "
-                    "metrics, received_at, response, delta) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                    (item.round_id, item.device_id, item.key, item.sample_count, item.norm, item.encoding,
-                     json.dumps(item.metrics), now, json.dumps(answer),
-                     None if item.streaming else dumps(item.delta, kind="delta")))
+        cur.execute(
+            "INSERT INTO updates(round_id, device_id, idempotency_key, sample_count, norm, encoding, "
+            "metrics, received_at, response, delta) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            (
+                item.round_id,
+                item.device_id,
+                item.key,
+                item.sample_count,
+                item.norm,
+                item.encoding,
+                json.dumps(item.metrics),
+                now,
+                json.dumps(answer),
+                None if item.streaming else dumps(item.delta, kind="delta"),
+            ),
+        )
         if state.running is not None:
             state.running.add(item.delta, item.weight)
         state.received += 1
@@ -252,15 +275,19 @@ class UploadWriter:
         state = self._round(item.round_id, rounds)
         if state.row is None or state.row["status"] != "open":
             return "closed"
-        if cur.execute("SELECT 1 FROM assignments WHERE round_id=? AND device_id=?",
-                       (item.round_id, item.device_id)).fetchone():
+        if cur.execute(
+            "SELECT 1 FROM assignments WHERE round_id=? AND device_id=?", (item.round_id, item.device_id)
+        ).fetchone():
             return "assigned"
         if state.assigned is None:
-            state.assigned = cur.execute("SELECT COUNT(*) FROM assignments WHERE round_id=?",
-                                         (item.round_id,)).fetchone()[0]
+            state.assigned = cur.execute(
+                "SELECT COUNT(*) FROM assignments WHERE round_id=?", (item.round_id,)
+            ).fetchone()[0]
         if state.assigned >= state.row["max_assignments"]:
             return "full"
-        cur.execute("INSERT INTO assignments(round_id, device_id, assigned_at) VALUES (?,?,?)",
-                    (item.round_id, item.device_id, now))
+        cur.execute(
+            "INSERT INTO assignments(round_id, device_id, assigned_at) VALUES (?,?,?)",
+            (item.round_id, item.device_id, now),
+        )
         state.assigned += 1
         return "assigned"

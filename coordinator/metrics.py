@@ -17,8 +17,10 @@ HELP = {
     "pf_devices": ("gauge", "enrolled devices"),
     "pf_paused": ("gauge", "1 when round scheduling is paused"),
     "pf_upload_commits_total": ("counter", "durable transactions (fsyncs) that stored accepted updates"),
-    "pf_upload_commit_updates_total": ("counter", "updates stored by them: this over the commits is the "
-                                       "group-commit batch size"),
+    "pf_upload_commit_updates_total": (
+        "counter",
+        "updates stored by them: this over the commits is the group-commit batch size",
+    ),
     "pf_dp_epsilon": ("gauge", "differential privacy: epsilon spent so far (at the configured delta)"),
     "pf_dp_clip_norm": ("gauge", "differential privacy: clip norm C of the last committed round"),
     "pf_dp_budget_exhausted": ("gauge", "1 when one more round would exceed the privacy budget"),
@@ -28,8 +30,7 @@ HELP = {
 def _labels(labels: dict[str, str]) -> str:
     if not labels:
         return ""
-    esc = {k: str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-           for k, v in labels.items()}
+    esc = {k: str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") for k, v in labels.items()}
     return "{" + ",".join(f'{k}="{v}"' for k, v in sorted(esc.items())) + "}"
 
 

@@ -73,8 +73,9 @@ def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def with_version(container: Container, version: int, tensors: dict[str, np.ndarray] | None = None,
-                 **extra_metadata: object) -> bytes:
+def with_version(
+    container: Container, version: int, tensors: dict[str, np.ndarray] | None = None, **extra_metadata: object
+) -> bytes:
     """New model bytes: the same graph and metadata, the given tensors replaced, a new version."""
     new_tensors = dict(container.tensors)
     for name, value in (tensors or {}).items():
@@ -90,6 +91,7 @@ def initial_model_bytes(spec: str, seed: int = 0) -> bytes:
         try:
             from engine import load
             from engine.serialize.modelfile import dumps as model_dumps
+
             return model_dumps(load(path))
         except ImportError as exc:
             raise ContainerError(f"--model {spec}: ONNX import is unavailable ({exc})") from None

@@ -43,8 +43,9 @@ def require_accountant() -> None:
     try:
         import dp_accounting  # noqa: F401
     except ImportError as exc:
-        raise ValueError("dp_noise_multiplier > 0 needs the dp-accounting package: "
-                         f"pip install 'pocketfed[dp]' ({exc})") from None
+        raise ValueError(
+            f"dp_noise_multiplier > 0 needs the dp-accounting package: pip install 'pocketfed[dp]' ({exc})"
+        ) from None
 
 
 def epsilon(rounds: Iterable[tuple[float, float]], delta: float) -> float:
@@ -54,8 +55,7 @@ def epsilon(rounds: Iterable[tuple[float, float]], delta: float) -> float:
 
     accountant = RdpAccountant()
     for q, z in rounds:
-        accountant.compose(dp_accounting.PoissonSampledDpEvent(
-            float(q), dp_accounting.GaussianDpEvent(float(z))))
+        accountant.compose(dp_accounting.PoissonSampledDpEvent(float(q), dp_accounting.GaussianDpEvent(float(z))))
     return float(accountant.get_epsilon(float(delta)))
 
 
@@ -63,8 +63,10 @@ def clip(delta: Mapping[str, np.ndarray], bound: float) -> tuple[Weights, float]
     """`delta` scaled so its global L2 norm is at most `bound`; returns (clipped, original norm)."""
     norm = math.sqrt(sum(float(np.sum(np.square(v, dtype=np.float64))) for v in delta.values()))
     factor = min(1.0, bound / norm) if norm > 0 else 1.0
-    return {k: np.asarray(v, np.float32) * np.float32(factor) if factor < 1.0 else np.asarray(v, np.float32)
-            for k, v in delta.items()}, norm
+    return {
+        k: np.asarray(v, np.float32) * np.float32(factor) if factor < 1.0 else np.asarray(v, np.float32)
+        for k, v in delta.items()
+    }, norm
 
 
 def count_stddev(configured: float | None, goal: int, z: float) -> float:
@@ -77,22 +79,33 @@ def delta_noise_multiplier(z: float, adaptive: bool, sigma_b: float) -> float:
     """The multiplier actually used on the delta: z, or z_delta when the count also spends budget."""
     if not adaptive:
         return z
-    rest = z ** -2 - (2.0 * sigma_b) ** -2
+    rest = z**-2 - (2.0 * sigma_b) ** -2
     if rest <= 0:
-        raise ValueError(f"adaptive clipping: dp_count_stddev {sigma_b:g} must exceed dp_noise_multiplier/2 "
-                         f"= {z / 2:g}, or no budget is left for the delta")
-    return rest ** -0.5
+        raise ValueError(
+            f"adaptive clipping: dp_count_stddev {sigma_b:g} must exceed dp_noise_multiplier/2 "
+            f"= {z / 2:g}, or no budget is left for the delta"
+        )
+    return rest**-0.5
 
 
-def noised_mean(mean: Mapping[str, np.ndarray], n: int, clip_norm: float, multiplier: float,
-                rng: np.random.Generator) -> Weights:
+def noised_mean(
+    mean: Mapping[str, np.ndarray], n: int, clip_norm: float, multiplier: float, rng: np.random.Generator
+) -> Weights:
     """The mean of n clipped deltas plus N(0, (multiplier * clip_norm / n)^2) on every coordinate."""
     std = multiplier * clip_norm / max(n, 1)
     return {k: np.asarray(v, np.float64) + rng.normal(0.0, std, size=np.shape(v)) for k, v in mean.items()}
 
 
-def next_clip(clip_norm: float, unclipped: int, n: int, *, target_quantile: float, lr: float, sigma_b: float,
-              rng: np.random.Generator) -> float:
+def next_clip(
+    clip_norm: float,
+    unclipped: int,
+    n: int,
+    *,
+    target_quantile: float,
+    lr: float,
+    sigma_b: float,
+    rng: np.random.Generator,
+) -> float:
     """Andrew et al.'s geometric update of C from the noised fraction of unclipped updates."""
     fraction = (unclipped + rng.normal(0.0, sigma_b)) / max(n, 1)
     return float(clip_norm * math.exp(-lr * (fraction - target_quantile)))
@@ -122,8 +135,7 @@ class PrivacyLedger:
         row = self.db.query_one("SELECT value FROM server_state WHERE key='dp_seed'")
         if row is None:
             with self.db.transaction() as cur:
-                cur.execute("INSERT INTO server_state(key, value) VALUES ('dp_seed', ?)",
-                            (str(secrets.randbits(63)),))
+                cur.execute("INSERT INTO server_state(key, value) VALUES ('dp_seed', ?)", (str(secrets.randbits(63)),))
             row = self.db.query_one("SELECT value FROM server_state WHERE key='dp_seed'")
         return np.random.default_rng([int(row["value"]), round_id])
 
@@ -134,8 +146,9 @@ class PrivacyLedger:
         return self._epsilon_memo[key]
 
     def events(self) -> list[tuple[float, float]]:
-        rows = self.db.query("SELECT dp_q, dp_noise FROM rounds WHERE status='committed' AND dp_q IS NOT NULL "
-                             "ORDER BY id")
+        rows = self.db.query(
+            "SELECT dp_q, dp_noise FROM rounds WHERE status='committed' AND dp_q IS NOT NULL ORDER BY id"
+        )
         return [(float(r["dp_q"]), float(r["dp_noise"])) for r in rows]
 
     def budget_allows(self, cfg: RoundSettings) -> bool:
@@ -148,8 +161,10 @@ class PrivacyLedger:
         if eps <= cfg.dp_epsilon_budget:
             self.budget_note = None
             return True
-        note = (f"privacy budget: round {len(events)} would bring epsilon to {eps:.4g} > budget "
-                f"{cfg.dp_epsilon_budget:g} (delta {cfg.dp_delta:g})")
+        note = (
+            f"privacy budget: round {len(events)} would bring epsilon to {eps:.4g} > budget "
+            f"{cfg.dp_epsilon_budget:g} (delta {cfg.dp_delta:g})"
+        )
         if cfg.dp_on_budget == "warn":
             log.warning("%s; opening it anyway (dp_on_budget=warn)", note)
             self.budget_note = note + "; going on (dp_on_budget=warn)"
@@ -168,13 +183,19 @@ class PrivacyLedger:
         noised = noised_mean(mean, n, clip_norm, delta_noise_multiplier(z, adaptive, sigma_b), rng)
         writes: list[tuple[str, Any]] = []
         if adaptive:
-            unclipped = self.db.query_one("SELECT COUNT(*) AS n FROM updates WHERE round_id=? AND norm<=?",
-                                          (r["id"], clip_norm))["n"]
-            new_clip = next_clip(clip_norm, unclipped, n, target_quantile=config["dp_target_quantile"],
-                                 lr=config["dp_clip_lr"], sigma_b=sigma_b, rng=rng)
-            writes.append(("INSERT OR REPLACE INTO server_state(key, value) VALUES ('dp_clip', ?)",
-                           (repr(new_clip),)))
+            unclipped = self.db.query_one(
+                "SELECT COUNT(*) AS n FROM updates WHERE round_id=? AND norm<=?", (r["id"], clip_norm)
+            )["n"]
+            new_clip = next_clip(
+                clip_norm,
+                unclipped,
+                n,
+                target_quantile=config["dp_target_quantile"],
+                lr=config["dp_clip_lr"],
+                sigma_b=sigma_b,
+                rng=rng,
+            )
+            writes.append(("INSERT OR REPLACE INTO server_state(key, value) VALUES ('dp_clip', ?)", (repr(new_clip),)))
         eps = self.epsilon(self.events() + [(float(r["dp_q"]), z)], config["dp_delta"])
         writes.append(("UPDATE rounds SET epsilon=? WHERE id=?", (eps, r["id"])))
         return noised, writes
-

@@ -50,10 +50,15 @@ class LoadedModel:
 
 
 class RoundManager:
-    def __init__(self, settings: Settings, db: Database, files: ModelFiles,
-                 clock: Callable[[], float] = time.time,
-                 on_new_version: Callable[[int, bytes], None] | None = None,
-                 on_event: Callable[..., None] | None = None):
+    def __init__(
+        self,
+        settings: Settings,
+        db: Database,
+        files: ModelFiles,
+        clock: Callable[[], float] = time.time,
+        on_new_version: Callable[[int, bytes], None] | None = None,
+        on_event: Callable[..., None] | None = None,
+    ):
         self.settings = settings
         self.round_settings: RoundSettings = settings.round_settings()
         self.db, self.files, self.clock = db, files, clock
@@ -64,8 +69,9 @@ class RoundManager:
         self.dp = privacy.PrivacyLedger(db)
         self.writer = UploadWriter(self)
         # every rounds column but the aggregate blob, which only the writer and a commit need
-        self._round_columns = ", ".join(row["name"] for row in db.query("PRAGMA table_info(rounds)")
-                                        if row["name"] != "aggregate")
+        self._round_columns = ", ".join(
+            row["name"] for row in db.query("PRAGMA table_info(rounds)") if row["name"] != "aggregate"
+        )
         if self.round_settings.dp_enabled:
             privacy.require_accountant()
         row = db.query_one("SELECT value FROM server_state WHERE key = 'paused'")
@@ -82,8 +88,12 @@ class RoundManager:
                 self.publish(initial_model(), reason="initial model")
             open_round = self.current_round()
             if open_round is not None:
-                log.info("startup: round %d is open with %d/%d updates", open_round["id"],
-                         open_round["received"], open_round["goal"])
+                log.info(
+                    "startup: round %d is open with %d/%d updates",
+                    open_round["id"],
+                    open_round["received"],
+                    open_round["goal"],
+                )
             self.tick()
 
     # ------------------------------------------------------------------ model versions
@@ -112,8 +122,14 @@ class RoundManager:
             self._models[version] = loaded
             return loaded
 
-    def publish(self, data: bytes, *, round_id: int | None = None, reason: str = "published",
-                also: Callable[[Any], None] | None = None) -> int:
+    def publish(
+        self,
+        data: bytes,
+        *,
+        round_id: int | None = None,
+        reason: str = "published",
+        also: Callable[[Any], None] | None = None,
+    ) -> int:
         """Register model bytes as the next immutable version (file first, then the DB row).
 
         With `round_id`, the same transaction closes that round as committed and runs `also(cursor)`
@@ -129,25 +145,44 @@ class RoundManager:
             filename = self.files.write(version, data)
             crash_point("before_register_model")
             with self.db.transaction() as cur:
-                cur.execute("INSERT INTO model_versions(version, sha256, filename, architecture, size_bytes, "
-                            "num_parameters, created_at, round_id) VALUES (?,?,?,?,?,?,?,?)",
-                            (version, info.sha256, filename, info.architecture, info.size_bytes,
-                             info.num_parameters, info.created_at, round_id))
+                cur.execute(
+                    "INSERT INTO model_versions(version, sha256, filename, architecture, size_bytes, "
+                    "num_parameters, created_at, round_id) VALUES (?,?,?,?,?,?,?,?)",
+                    (
+                        version,
+                        info.sha256,
+                        filename,
+                        info.architecture,
+                        info.size_bytes,
+                        info.num_parameters,
+                        info.created_at,
+                        round_id,
+                    ),
+                )
                 if round_id is not None:
-                    cur.execute("UPDATE rounds SET status='committed', closed_at=?, result_version=?, "
-                                "reason=? WHERE id=?", (self.clock(), version, reason, round_id))
+                    cur.execute(
+                        "UPDATE rounds SET status='committed', closed_at=?, result_version=?, reason=? WHERE id=?",
+                        (self.clock(), version, reason, round_id),
+                    )
                 if also is not None:
                     also(cur)
-        log.info("model v%d registered (%s, %d parameters, sha256 %s): %s", version, info.architecture,
-                 info.num_parameters, info.sha256[:12], reason)
+        log.info(
+            "model v%d registered (%s, %d parameters, sha256 %s): %s",
+            version,
+            info.architecture,
+            info.num_parameters,
+            info.sha256[:12],
+            reason,
+        )
         self.on_new_version(version, data)
         return version
 
     # ------------------------------------------------------------------ rounds
 
     def current_round(self) -> dict | None:
-        row = self.db.query_one(f"SELECT {self._round_columns} FROM rounds WHERE status = 'open' "
-                                "ORDER BY id DESC LIMIT 1")
+        row = self.db.query_one(
+            f"SELECT {self._round_columns} FROM rounds WHERE status = 'open' ORDER BY id DESC LIMIT 1"
+        )
         return dict(row) if row else None
 
     def get_round(self, round_id: int, with_aggregate: bool = False) -> dict | None:
@@ -160,17 +195,36 @@ class RoundManager:
         now = self.clock()
         base = self.latest_version()
         goal = cfg.goal
-        dp = (self.dp.clip_for(cfg), self.dp.sampling_rate(cfg), cfg.dp_noise_multiplier) if cfg.dp_enabled \
+        dp = (
+            (self.dp.clip_for(cfg), self.dp.sampling_rate(cfg), cfg.dp_noise_multiplier)
+            if cfg.dp_enabled
             else (None, None, None)
+        )
         with self.db.transaction() as cur:
-            cur.execute("INSERT INTO rounds(base_version, status, config, goal, max_assignments, "
-                        "min_updates, opened_at, deadline, dp_clip, dp_q, dp_noise) "
-                        "VALUES (?, 'open', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        (base, cfg.model_dump_json(), goal, math.ceil(goal * cfg.over_select - 1e-9),
-                         max(1, math.ceil(goal * cfg.min_fraction - 1e-9)), now, now + cfg.deadline, *dp))
+            cur.execute(
+                "INSERT INTO rounds(base_version, status, config, goal, max_assignments, "
+                "min_updates, opened_at, deadline, dp_clip, dp_q, dp_noise) "
+                "VALUES (?, 'open', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    base,
+                    cfg.model_dump_json(),
+                    goal,
+                    math.ceil(goal * cfg.over_select - 1e-9),
+                    max(1, math.ceil(goal * cfg.min_fraction - 1e-9)),
+                    now,
+                    now + cfg.deadline,
+                    *dp,
+                ),
+            )
             round_id = cur.lastrowid
-        log.info("round %d opened: base v%d, goal %d, deadline %.0fs, strategy %s", round_id, base, goal,
-                 cfg.deadline, cfg.strategy)
+        log.info(
+            "round %d opened: base v%d, goal %d, deadline %.0fs, strategy %s",
+            round_id,
+            base,
+            goal,
+            cfg.deadline,
+            cfg.strategy,
+        )
         return self.get_round(round_id)
 
     def tick(self) -> None:
@@ -188,8 +242,11 @@ class RoundManager:
                     if r["received"] >= r["min_updates"]:
                         self._commit(r, f"deadline with {r['received']}/{r['goal']} updates")
                     else:
-                        self._abandon(r, f"deadline with {r['received']}/{r['goal']} updates, "
-                                         f"fewer than the minimum {r['min_updates']}")
+                        self._abandon(
+                            r,
+                            f"deadline with {r['received']}/{r['goal']} updates, "
+                            f"fewer than the minimum {r['min_updates']}",
+                        )
                 else:
                     return
             if not self.paused and self.dp.budget_allows(self.round_settings):
@@ -197,9 +254,10 @@ class RoundManager:
 
     def _abandon(self, r: dict, reason: str) -> None:
         with self.db.transaction() as cur:
-            cur.execute("UPDATE rounds SET status='abandoned', closed_at=?, reason=?, aggregate=NULL "
-                        "WHERE id=?",
-                        (self.clock(), reason, r["id"]))
+            cur.execute(
+                "UPDATE rounds SET status='abandoned', closed_at=?, reason=?, aggregate=NULL WHERE id=?",
+                (self.clock(), reason, r["id"]),
+            )
         log.info("round %d abandoned: %s", r["id"], reason)
         self.on_event("round_closed", outcome="abandoned")
 
@@ -223,30 +281,50 @@ class RoundManager:
         if not all(np.all(np.isfinite(w)) for w in new_weights.values()):
             self._abandon(r, "the aggregate produced non-finite weights")
             return
-        data = with_version(base.container, self.latest_version() + 1, new_weights, round_id=r["id"],
-                            parent_version=r["base_version"])
+        data = with_version(
+            base.container, self.latest_version() + 1, new_weights, round_id=r["id"], parent_version=r["base_version"]
+        )
         state_bytes = state_to_bytes(new_state)
         writes.append(("INSERT OR REPLACE INTO server_state(key, value) VALUES (?, ?)", (state_key, state_bytes)))
-        version = self.publish(data, round_id=r["id"], reason=reason,
-                               also=lambda cur: [cur.execute(sql, params) for sql, params in writes])
-        log.info("round %d committed -> model v%d: %s, %d updates, %g samples", r["id"], version, reason,
-                 r["received"], r["total_weight"])
+        version = self.publish(
+            data, round_id=r["id"], reason=reason, also=lambda cur: [cur.execute(sql, params) for sql, params in writes]
+        )
+        log.info(
+            "round %d committed -> model v%d: %s, %d updates, %g samples",
+            r["id"],
+            version,
+            reason,
+            r["received"],
+            r["total_weight"],
+        )
         self.on_event("round_closed", outcome="committed")
 
     # ------------------------------------------------------------------ device calls
 
     def _retry(self, seconds: float, reason: str) -> dict:
         s = self.settings
-        return {"status": "retry", "retry_after": int(math.ceil(min(max(seconds, s.min_retry_after),
-                                                                    s.max_retry_after))), "reason": reason}
+        return {
+            "status": "retry",
+            "retry_after": int(math.ceil(min(max(seconds, s.min_retry_after), s.max_retry_after))),
+            "reason": reason,
+        }
 
     def task_for(self, r: dict) -> dict:
         config = json.loads(r["config"])
-        return {"round_id": r["id"], "base_version": r["base_version"], "epochs": config["epochs"],
-                "batch_size": config["batch_size"], "lr": config["lr"], "momentum": config["momentum"],
-                "deadline": r["deadline"], **make_strategy(config).task_options(),
-                "clip_norm": config["clip_norm"], "noise_multiplier": config["noise_multiplier"],
-                "encoding": config["encoding"], "topk_fraction": config["topk_fraction"]}
+        return {
+            "round_id": r["id"],
+            "base_version": r["base_version"],
+            "epochs": config["epochs"],
+            "batch_size": config["batch_size"],
+            "lr": config["lr"],
+            "momentum": config["momentum"],
+            "deadline": r["deadline"],
+            **make_strategy(config).task_options(),
+            "clip_norm": config["clip_norm"],
+            "noise_multiplier": config["noise_multiplier"],
+            "encoding": config["encoding"],
+            "topk_fraction": config["topk_fraction"],
+        }
 
     def checkin(self, device_id: str, eligible: bool) -> dict:
         """A task (the same one again for a device already assigned), or when to come back.
@@ -261,14 +339,11 @@ class RoundManager:
             to_deadline = r["deadline"] - self.clock()
             if not eligible:
                 return self._retry(to_deadline, "device reported not eligible")
-            if self.db.query_one("SELECT 1 FROM updates WHERE round_id=? AND device_id=?",
-                                 (r["id"], device_id)):
+            if self.db.query_one("SELECT 1 FROM updates WHERE round_id=? AND device_id=?", (r["id"], device_id)):
                 return self._retry(to_deadline, f"already contributed to round {r['id']}")
-            if self.db.query_one("SELECT 1 FROM assignments WHERE round_id=? AND device_id=?",
-                                 (r["id"], device_id)):
+            if self.db.query_one("SELECT 1 FROM assignments WHERE round_id=? AND device_id=?", (r["id"], device_id)):
                 return {"status": "task", "task": self.task_for(r)}
-            assigned = self.db.query_one("SELECT COUNT(*) AS n FROM assignments WHERE round_id=?",
-                                         (r["id"],))["n"]
+            assigned = self.db.query_one("SELECT COUNT(*) AS n FROM assignments WHERE round_id=?", (r["id"],))["n"]
             outcome = "full" if assigned >= r["max_assignments"] else self._wait(self.writer.assign(device_id, r["id"]))
             if outcome == "assigned":
                 return {"status": "task", "task": self.task_for(r)}
@@ -277,19 +352,22 @@ class RoundManager:
         return self._retry(0, "the round just closed; check in again")
 
     def previous_answer(self, device_id: str, key: str) -> dict | None:
-        row = self.db.query_one("SELECT response FROM updates WHERE device_id=? AND idempotency_key=?",
-                                (device_id, key))
+        row = self.db.query_one(
+            "SELECT response FROM updates WHERE device_id=? AND idempotency_key=?", (device_id, key)
+        )
         return json.loads(row["response"]) if row else None
 
     def check_may_upload(self, r: dict | None, round_id: int, device_id: str) -> dict:
         if r is None:
             raise Refused(404, f"round {round_id} does not exist", "unknown_round")
-        if not self.db.query_one("SELECT 1 FROM assignments WHERE round_id=? AND device_id=?",
-                                 (round_id, device_id)):
+        if not self.db.query_one("SELECT 1 FROM assignments WHERE round_id=? AND device_id=?", (round_id, device_id)):
             raise Refused(403, f"device is not assigned to round {round_id}; check in first", "not_assigned")
         if self.db.query_one("SELECT 1 FROM updates WHERE round_id=? AND device_id=?", (round_id, device_id)):
-            raise Refused(409, f"device already uploaded an update to round {round_id} "
-                          "(with another Idempotency-Key)", "duplicate")
+            raise Refused(
+                409,
+                f"device already uploaded an update to round {round_id} (with another Idempotency-Key)",
+                "duplicate",
+            )
         if r["status"] != "open":
             raise Refused(409, f"round {round_id} is {r['status']}; late update refused", "round_closed")
         return r
@@ -304,17 +382,27 @@ class RoundManager:
         r = self.check_may_upload(self.get_round(round_id), round_id, device_id)
         base = self.model(r["base_version"])
         config = json.loads(r["config"])
-        update, norm = check_update(body, round_id=round_id, base_version=r["base_version"],
-                                    expected=expected_shapes(base.container),
-                                    max_norm=config["max_update_norm"],
-                                    max_sample_count=config["max_sample_count"])
+        update, norm = check_update(
+            body,
+            round_id=round_id,
+            base_version=r["base_version"],
+            expected=expected_shapes(base.container),
+            max_norm=config["max_update_norm"],
+            max_sample_count=config["max_sample_count"],
+        )
         bound = r["dp_clip"] if r["dp_clip"] is not None else config.get("norm_bound")
         return PreparedUpload(
-            device_id=device_id, round_id=round_id, key=key, sample_count=update.sample_count, norm=norm,
-            encoding=update.encoding + ("+topk" if update.sparse else ""), metrics=update.metrics,
+            device_id=device_id,
+            round_id=round_id,
+            key=key,
+            sample_count=update.sample_count,
+            norm=norm,
+            encoding=update.encoding + ("+topk" if update.sparse else ""),
+            metrics=update.metrics,
             delta=update.delta if bound is None else privacy.clip(update.delta, bound)[0],
             weight=1.0 if r["dp_clip"] is not None else float(update.sample_count),  # DP: bounded weights
-            streaming=make_strategy(config).streaming)
+            streaming=make_strategy(config).streaming,
+        )
 
     def submit(self, device_id: str, round_id: int, key: str, body: bytes) -> dict:
         """Validate and fold one update into the round (blocking until it is durably committed);
@@ -350,8 +438,9 @@ class RoundManager:
 
     def set_paused(self, paused: bool) -> None:
         with self.db.transaction() as cur:
-            cur.execute("INSERT OR REPLACE INTO server_state(key, value) VALUES ('paused', ?)",
-                        ("1" if paused else "0",))
+            cur.execute(
+                "INSERT OR REPLACE INTO server_state(key, value) VALUES ('paused', ?)", ("1" if paused else "0",)
+            )
         self.paused = paused
         log.info("round scheduling %s", "paused" if paused else "resumed")
         self.tick()

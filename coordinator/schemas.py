@@ -44,8 +44,10 @@ class ModelVersionListing(ModelVersionInfo):
     """One entry of GET /v1/models: the version's file plus how it scored on the server's held-out set."""
 
     round_id: int | None = Field(None, description="the round that produced it; null for a published model")
-    accuracy: float | None = Field(None, description="server-side evaluation; null until evaluated or "
-                                   "when the coordinator runs without --eval-data")
+    accuracy: float | None = Field(
+        None,
+        description="server-side evaluation; null until evaluated or when the coordinator runs without --eval-data",
+    )
     loss: float | None = Field(None, description="server-side evaluation loss (null as for accuracy)")
     eval_samples: int | None = Field(None, description="examples the evaluation used")
 

@@ -47,21 +47,24 @@ class RoundSettings(BaseModel):
     trim_beta: float = Field(0.2, ge=0, lt=0.5, description="trimmed_mean: fraction cut from each end")
     krum_f: int = Field(2, ge=0, le=100_000, description="krum/multikrum: attackers tolerated")
     krum_m: int = Field(5, ge=1, le=100_000, description="multikrum: updates averaged")
-    norm_bound: float | None = Field(None, gt=0, description="server clips each delta to this L2 norm "
-                                     "before aggregation; None = no clipping")
+    norm_bound: float | None = Field(
+        None, gt=0, description="server clips each delta to this L2 norm before aggregation; None = no clipping"
+    )
     # client-level differential privacy on the server (coordinator/privacy.py)
     dp_noise_multiplier: float = Field(0.0, ge=0, le=1000, description="DP-FedAvg noise z; 0 = DP off")
     dp_clip_norm: float = Field(0.1, gt=0, description="DP clip C (the initial C with adaptive clipping)")
     dp_adaptive_clip: bool = Field(False, description="adapt C to a quantile of update norms (Andrew et al.)")
     dp_target_quantile: float = Field(0.5, gt=0, lt=1, description="adaptive clipping: target quantile")
     dp_clip_lr: float = Field(0.2, gt=0, le=10, description="adaptive clipping: geometric learning rate")
-    dp_count_stddev: float | None = Field(None, gt=0, description="noise on the clipped-count; None = "
-                                          "max(goal / 20, z)")
+    dp_count_stddev: float | None = Field(
+        None, gt=0, description="noise on the clipped-count; None = max(goal / 20, z)"
+    )
     dp_delta: float = Field(1e-5, gt=0, lt=1, description="delta of the (epsilon, delta) guarantee")
     dp_population: int | None = Field(None, ge=1, description="devices sampled from; None = enrolled")
     dp_epsilon_budget: float | None = Field(None, gt=0, description="privacy budget; None = unlimited")
-    dp_on_budget: Literal["stop", "warn"] = Field("stop", description="when a round would exceed the "
-                                                  "budget: stop opening rounds, or warn and go on")
+    dp_on_budget: Literal["stop", "warn"] = Field(
+        "stop", description="when a round would exceed the budget: stop opening rounds, or warn and go on"
+    )
 
     @field_validator("strategy")
     @classmethod
@@ -73,8 +76,10 @@ class RoundSettings(BaseModel):
     @model_validator(mode="after")
     def _dp_needs_a_mean(self) -> RoundSettings:
         if self.dp_noise_multiplier > 0 and not STRATEGIES[self.strategy].streaming:
-            raise ValueError(f"dp_noise_multiplier needs a mean-based strategy; {self.strategy!r} is not "
-                             "(DP noise is calibrated to the mean of clipped updates)")
+            raise ValueError(
+                f"dp_noise_multiplier needs a mean-based strategy; {self.strategy!r} is not "
+                "(DP noise is calibrated to the mean of clipped updates)"
+            )
         return self
 
     @property
@@ -92,8 +97,12 @@ class Settings(RoundSettings):
     model_seed: int = 0
     eval_data: str | None = Field(None, description="held-out dataset for server-side evaluation")
     max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024)
-    max_concurrent_uploads: int = Field(16, ge=1, le=10_000, description="uploads read and validated at "
-                                        "once; the rest wait unread, so memory is bounded, not per device")
+    max_concurrent_uploads: int = Field(
+        16,
+        ge=1,
+        le=10_000,
+        description="uploads read and validated at once; the rest wait unread, so memory is bounded, not per device",
+    )
     enrollment_key: str | None = Field(None, description="None: a random key is generated and logged")
     admin_token: str | None = Field(None, description="None: the admin API is disabled")
     tick_interval: float = Field(1.0, gt=0, description="seconds between background deadline checks")

@@ -12,9 +12,18 @@ import uvicorn
 
 from engine.serialize.container import dumps
 
-LENET_SHAPES = {"conv1.weight": (6, 1, 5, 5), "conv1.bias": (6,), "conv2.weight": (16, 6, 5, 5),
-                "conv2.bias": (16,), "fc1.weight": (120, 256), "fc1.bias": (120,), "fc2.weight": (84, 120),
-                "fc2.bias": (84,), "fc3.weight": (10, 84), "fc3.bias": (10,)}
+LENET_SHAPES = {
+    "conv1.weight": (6, 1, 5, 5),
+    "conv1.bias": (6,),
+    "conv2.weight": (16, 6, 5, 5),
+    "conv2.bias": (16,),
+    "fc1.weight": (120, 256),
+    "fc1.bias": (120,),
+    "fc2.weight": (84, 120),
+    "fc2.bias": (84,),
+    "fc3.weight": (10, 84),
+    "fc3.bias": (10,),
+}
 
 
 def stand_in_model_bytes(seed: int = 0, shapes: dict[str, tuple[int, ...]] | None = None) -> bytes:
@@ -22,9 +31,17 @@ def stand_in_model_bytes(seed: int = 0, shapes: dict[str, tuple[int, ...]] | Non
     rng = np.random.default_rng(seed)
     shapes = shapes or LENET_SHAPES
     tensors = {name: (rng.standard_normal(shape) * 0.1).astype(np.float32) for name, shape in shapes.items()}
-    metadata = {"format": "pocketfed-model", "format_version": 1, "architecture": "lenet-standin",
-                "graph": {"nodes": []}, "inputs": ["x"], "outputs": ["logits"], "trainable": list(shapes),
-                "created_at": "2024-01-01T00:00:00+00:00", "version": 0}
+    metadata = {
+        "format": "pocketfed-model",
+        "format_version": 1,
+        "architecture": "lenet-standin",
+        "graph": {"nodes": []},
+        "inputs": ["x"],
+        "outputs": ["logits"],
+        "trainable": list(shapes),
+        "created_at": "2024-01-01T00:00:00+00:00",
+        "version": 0,
+    }
     return dumps(tensors, metadata, kind="model")
 
 
@@ -88,8 +105,7 @@ class TestDevice:
         self.headers = {"Authorization": f"Bearer {self.token}"}
 
     def checkin(self, eligible: bool = True):
-        return self.client.post("/v1/checkin", json={"eligible": eligible, "num_samples": None},
-                                headers=self.headers)
+        return self.client.post("/v1/checkin", json={"eligible": eligible, "num_samples": None}, headers=self.headers)
 
     def task(self) -> dict:
         answer = self.checkin()
@@ -100,6 +116,12 @@ class TestDevice:
         return body["task"]
 
     def upload(self, round_id: int, body: bytes, key: str | None = None):
-        return self.client.post(f"/v1/rounds/{round_id}/updates", content=body,
-                                headers={**self.headers, "Idempotency-Key": key or f"{self.id}-{round_id}",
-                                         "Content-Type": "application/octet-stream"})
+        return self.client.post(
+            f"/v1/rounds/{round_id}/updates",
+            content=body,
+            headers={
+                **self.headers,
+                "Idempotency-Key": key or f"{self.id}-{round_id}",
+                "Content-Type": "application/octet-stream",
+            },
+        )

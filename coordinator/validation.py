@@ -15,12 +15,18 @@ def global_norm(delta: dict[str, np.ndarray]) -> float:
     return math.sqrt(sum(float(np.sum(np.square(v, dtype=np.float64))) for v in delta.values()))
 
 
-def check_update(body: bytes, *, round_id: int, base_version: int, expected: dict[str, tuple[int, ...]],
-                 max_norm: float, max_sample_count: int) -> tuple[Update, float]:
+def check_update(
+    body: bytes,
+    *,
+    round_id: int,
+    base_version: int,
+    expected: dict[str, tuple[int, ...]],
+    max_norm: float,
+    max_sample_count: int,
+) -> tuple[Update, float]:
     """Decode `body` against the base model's shapes; return (update, its L2 norm) or raise 422."""
     if not body:
-        raise Refused(422, "body: empty; expected an update container (application/octet-stream)",
-                      "bad_update")
+        raise Refused(422, "body: empty; expected an update container (application/octet-stream)", "bad_update")
     try:
         update = decode_update(body, expected=expected)
     except ContainerError as exc:
@@ -28,14 +34,19 @@ def check_update(body: bytes, *, round_id: int, base_version: int, expected: dic
     except (ValueError, RecursionError) as exc:  # json's own limits (huge integers, deep nesting)
         raise Refused(422, f"update: header is not acceptable JSON: {exc}", "bad_update") from None
     if update.round_id != round_id:
-        raise Refused(422, f"update.round_id {update.round_id} does not match the URL's round {round_id}",
-                      "wrong_round")
+        raise Refused(
+            422, f"update.round_id {update.round_id} does not match the URL's round {round_id}", "wrong_round"
+        )
     if update.base_version != base_version:
-        raise Refused(422, f"update.base_version {update.base_version} does not match round {round_id}'s "
-                      f"base version {base_version}", "wrong_base_version")
+        raise Refused(
+            422,
+            f"update.base_version {update.base_version} does not match round {round_id}'s base version {base_version}",
+            "wrong_base_version",
+        )
     if update.sample_count > max_sample_count:
-        raise Refused(422, f"update.sample_count {update.sample_count} exceeds the limit {max_sample_count}",
-                      "sample_count")
+        raise Refused(
+            422, f"update.sample_count {update.sample_count} exceeds the limit {max_sample_count}", "sample_count"
+        )
     for name, value in update.delta.items():  # decode_update checks this too; the aggregate depends on it
         if not np.all(np.isfinite(value)):
             raise Refused(422, f"update tensor {name!r}: contains NaN or Inf", "non_finite")

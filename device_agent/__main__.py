@@ -1,8 +1,8 @@
 """pf-agent: the device agent's command line.
 
-    pf-agent run --coordinator URL --data PATH --state-dir DIR --enrollment-key K [--rounds N] [--once]
-                 [--ignore-conditions] [--json] [--personal-layers fc2] [--holdout 0.2] [--seed S]
-    pf-agent predict --state-dir DIR --input FILE(.npy/.npz/.png)
+pf-agent run --coordinator URL --data PATH --state-dir DIR --enrollment-key K [--rounds N] [--once]
+             [--ignore-conditions] [--json] [--personal-layers fc2] [--holdout 0.2] [--seed S]
+pf-agent predict --state-dir DIR --input FILE(.npy/.npz/.png)
 """
 
 from __future__ import annotations
@@ -39,16 +39,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--state-dir", required=True, type=Path)
     run.add_argument("--enrollment-key", required=True)
     run.add_argument("--name", default=None, help="device name shown on the dashboard")
-    run.add_argument("--rounds", type=int, default=None,
-                     help="stop after N rounds (default: run until stopped)")
+    run.add_argument("--rounds", type=int, default=None, help="stop after N rounds (default: run until stopped)")
     run.add_argument("--once", action="store_true", help="do a single task, then exit")
-    run.add_argument("--ignore-conditions", action="store_true",
-                     help="train even when not charging/idle/unmetered (simulation)")
+    run.add_argument(
+        "--ignore-conditions", action="store_true", help="train even when not charging/idle/unmetered (simulation)"
+    )
     run.add_argument("--json", action="store_true", help="print one JSON line per round on stdout")
     run.add_argument("--personal-layers", default="", help="comma-separated layer names (default: the head)")
     run.add_argument("--personal-epochs", type=int, default=1)
-    run.add_argument("--holdout", type=float, default=0.2,
-                     help="fraction of local data held out for evaluation")
+    run.add_argument("--holdout", type=float, default=0.2, help="fraction of local data held out for evaluation")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--timeout", type=float, default=30.0, help="seconds per HTTP request")
     run.add_argument("--retries", type=int, default=6, help="attempts per request on network errors/5xx")
@@ -72,11 +71,19 @@ def cmd_run(args: argparse.Namespace) -> int:
         dataset = open_dataset(args.data)
     except (DataError, ImportError) as exc:
         raise SystemExit(f"pf-agent: cannot read --data: {exc}") from None
-    config = AgentConfig(coordinator=args.coordinator, enrollment_key=args.enrollment_key, name=args.name,
-                         rounds=args.rounds, once=args.once, holdout=args.holdout,
-                         personal_layers=[s for s in args.personal_layers.split(",") if s],
-                         personal_epochs=args.personal_epochs, seed=args.seed, max_wait=args.max_wait,
-                         json_lines=args.json)
+    config = AgentConfig(
+        coordinator=args.coordinator,
+        enrollment_key=args.enrollment_key,
+        name=args.name,
+        rounds=args.rounds,
+        once=args.once,
+        holdout=args.holdout,
+        personal_layers=[s for s in args.personal_layers.split(",") if s],
+        personal_epochs=args.personal_epochs,
+        seed=args.seed,
+        max_wait=args.max_wait,
+        json_lines=args.json,
+    )
     probe = AlwaysEligible() if args.ignore_conditions else default_probe()
     retry = RetryPolicy(attempts=args.retries)
     client = CoordinatorClient(args.coordinator, timeout=args.timeout, retry=retry)
@@ -123,8 +130,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if x.ndim == len(input_shape):
         x = x[None]  # one item -> a batch of one
     if tuple(x.shape[1:]) != input_shape:
-        raise SystemExit(f"pf-agent: --input has items of shape {tuple(x.shape[1:])}, the model expects "
-                         f"{input_shape}")
+        raise SystemExit(f"pf-agent: --input has items of shape {tuple(x.shape[1:])}, the model expects {input_shape}")
     probs = Trainer(model).predict(x)
     for row in probs:
         print(json.dumps({"class": int(np.argmax(row)), "probabilities": [round(float(p), 5) for p in row]}))
@@ -133,8 +139,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
     logging.getLogger("httpx").setLevel(logging.WARNING)
     return cmd_run(args) if args.command == "run" else cmd_predict(args)
 

@@ -48,7 +48,7 @@ class RetryPolicy:
 
     def delay(self, attempt: int, rng: random.Random) -> float:
         """Full jitter: uniform in [0, min(max, base * 2^attempt)] (AWS architecture blog, 2015)."""
-        return rng.uniform(0, min(self.max_delay, self.base_delay * 2 ** attempt))
+        return rng.uniform(0, min(self.max_delay, self.base_delay * 2**attempt))
 
 
 def _detail(response: httpx.Response) -> str:
@@ -62,17 +62,29 @@ def _detail(response: httpx.Response) -> str:
 class CoordinatorClient:
     """Typed calls for each endpoint of /v1; `token` is set after enrollment."""
 
-    def __init__(self, base_url: str, *, token: str | None = None, timeout: float = 30.0,
-                 retry: RetryPolicy | None = None, transport: httpx.BaseTransport | None = None,
-                 event_hooks: dict[str, list[Callable]] | None = None, seed: int | None = None,
-                 sleep: Callable[[float], None] = time.sleep):
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        token: str | None = None,
+        timeout: float = 30.0,
+        retry: RetryPolicy | None = None,
+        transport: httpx.BaseTransport | None = None,
+        event_hooks: dict[str, list[Callable]] | None = None,
+        seed: int | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
         self.token = token
         self.retry = retry or RetryPolicy()
         self._rng = random.Random(seed)
         self._sleep = sleep
-        self._http = httpx.Client(base_url=base_url.rstrip("/"), timeout=httpx.Timeout(timeout),
-                                  transport=transport, event_hooks=event_hooks or {},
-                                  headers={"User-Agent": "pocketfed-agent/0.1"})
+        self._http = httpx.Client(
+            base_url=base_url.rstrip("/"),
+            timeout=httpx.Timeout(timeout),
+            transport=transport,
+            event_hooks=event_hooks or {},
+            headers={"User-Agent": "pocketfed-agent/0.1"},
+        )
 
     def close(self) -> None:
         self._http.close()
@@ -85,8 +97,7 @@ class CoordinatorClient:
 
     # ------------------------------------------------------------------ transport with retries
 
-    def _request(self, method: str, path: str, *, ok: tuple[int, ...] = (200,),
-                 **kwargs: Any) -> httpx.Response:
+    def _request(self, method: str, path: str, *, ok: tuple[int, ...] = (200,), **kwargs: Any) -> httpx.Response:
         headers = dict(kwargs.pop("headers", None) or {})
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
@@ -107,15 +118,18 @@ class CoordinatorClient:
                 last_problem = f"HTTP {response.status_code}: {_detail(response)}"
                 continue
             raise RejectedError(response.status_code, _detail(response), method, path)
-        raise UnavailableError(f"{method} {path}: coordinator unavailable after {self.retry.attempts} "
-                               f"attempts; last problem: {last_problem}")
+        raise UnavailableError(
+            f"{method} {path}: coordinator unavailable after {self.retry.attempts} "
+            f"attempts; last problem: {last_problem}"
+        )
 
     # ------------------------------------------------------------------ endpoints
 
     def enroll(self, enrollment_key: str, name: str | None = None) -> tuple[str, str]:
         """POST /v1/devices -> (device_id, token)."""
-        body = self._request("POST", "/v1/devices", ok=(200, 201),
-                             json={"enrollment_key": enrollment_key, "name": name}).json()
+        body = self._request(
+            "POST", "/v1/devices", ok=(200, 201), json={"enrollment_key": enrollment_key, "name": name}
+        ).json()
         return str(body["device_id"]), str(body["token"])
 
     def latest_model(self) -> dict[str, Any]:
@@ -137,7 +151,11 @@ class CoordinatorClient:
 
     def upload(self, round_id: int, body: bytes, idempotency_key: str) -> dict[str, Any]:
         """POST the update bytes; safe to call again with the same key (counted once)."""
-        response = self._request("POST", f"/v1/rounds/{int(round_id)}/updates", ok=(200, 201, 202),
-                                 content=body, headers={"Content-Type": "application/octet-stream",
-                                                        "Idempotency-Key": idempotency_key})
+        response = self._request(
+            "POST",
+            f"/v1/rounds/{int(round_id)}/updates",
+            ok=(200, 201, 202),
+            content=body,
+            headers={"Content-Type": "application/octet-stream", "Idempotency-Key": idempotency_key},
+        )
         return response.json()

@@ -36,8 +36,7 @@ def personal_names(trainable: Sequence[str], layers: Sequence[str] | None = None
         layers = [trainable[-1].rsplit(".", 1)[0]]
     chosen = [n for n in trainable if any(n == layer or n.startswith(layer + ".") for layer in layers)]
     if not chosen:
-        raise ValueError(f"personal layers {list(layers)} match no parameter; "
-                         f"the model has {list(trainable)}")
+        raise ValueError(f"personal layers {list(layers)} match no parameter; the model has {list(trainable)}")
     return chosen
 
 
@@ -50,13 +49,19 @@ def split_local(dataset: IDataView, holdout: float, seed: int) -> tuple[IDataVie
 class PersonalModel:
     """Fine-tunes the personal layers of each new base model and keeps them in the state dir."""
 
-    def __init__(self, state: AgentState, layers: Sequence[str] | None = None, epochs: int = 1,
-                 lr: float = 0.05, batch_size: int = 32, seed: int = 0):
+    def __init__(
+        self,
+        state: AgentState,
+        layers: Sequence[str] | None = None,
+        epochs: int = 1,
+        lr: float = 0.05,
+        batch_size: int = 32,
+        seed: int = 0,
+    ):
         self.state, self.layers = state, list(layers or [])
         self.epochs, self.lr, self.batch_size, self.seed = epochs, lr, batch_size, seed
 
-    def stored_weights(self, names: Sequence[str],
-                       shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    def stored_weights(self, names: Sequence[str], shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
         """Personal tensors from disk that still fit the model (a changed architecture starts over)."""
         found = self.state.personal()
         if not found:
@@ -64,8 +69,9 @@ class PersonalModel:
         tensors, _ = found
         return {n: tensors[n] for n in names if n in tensors and tensors[n].shape == shapes[n]}
 
-    def update(self, model_bytes: bytes, base_version: int, train: IDataView,
-               holdout: IDataView | None) -> dict[str, Any]:
+    def update(
+        self, model_bytes: bytes, base_version: int, train: IDataView, holdout: IDataView | None
+    ) -> dict[str, Any]:
         """Fine-tune the personal layers on top of `model_bytes`; return accuracies on the held-out data."""
         from device_agent.runner import make_sgd
         from engine import load_model_bytes  # imported late: the CLI's --help should not load the engine
@@ -73,8 +79,13 @@ class PersonalModel:
 
         model = load_model_bytes(model_bytes)
         names = personal_names(trainable_names(model), self.layers)
-        trainer = Trainer(model, optimizer=make_sgd(self.lr, 0.9), trainable=names,
-                          batch_size=min(self.batch_size, train.size()), seed=self.seed + base_version)
+        trainer = Trainer(
+            model,
+            optimizer=make_sgd(self.lr, 0.9),
+            trainable=names,
+            batch_size=min(self.batch_size, train.size()),
+            seed=self.seed + base_version,
+        )
         global_eval = trainer.evaluate(holdout) if holdout is not None else None
         shapes = {n: tuple(model.params[n].value.shape) for n in names}
         previous = self.stored_weights(names, shapes)
@@ -86,9 +97,11 @@ class PersonalModel:
         self.state.save_personal(mine, {"base_version": int(base_version), "layers": names})
         personal_eval = trainer.evaluate(holdout) if holdout is not None else None
         trainer.release()  # the personal model is done; its planned memory is not kept between rounds
-        return {"personal_layers": names,
-                "global_acc": None if global_eval is None else float(global_eval["accuracy"]),
-                "personal_acc": None if personal_eval is None else float(personal_eval["accuracy"])}
+        return {
+            "personal_layers": names,
+            "global_acc": None if global_eval is None else float(global_eval["accuracy"]),
+            "personal_acc": None if personal_eval is None else float(personal_eval["accuracy"]),
+        }
 
 
 def load_personal_model(state: AgentState) -> Any:
@@ -103,7 +116,6 @@ def load_personal_model(state: AgentState) -> Any:
     if found is None:
         log.warning("no personal layers yet; predicting with the global model")
         return model
-    fitting = {n: v for n, v in found[0].items()
-               if n in model.params and model.params[n].value.shape == v.shape}
+    fitting = {n: v for n, v in found[0].items() if n in model.params and model.params[n].value.shape == v.shape}
     model.load_state_dict(fitting, strict=False)
     return model

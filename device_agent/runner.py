@@ -60,16 +60,23 @@ class AgentConfig:
 
 
 class Agent:
-    def __init__(self, config: AgentConfig, client: CoordinatorClient, state: AgentState, dataset: IDataView,
-                 probe: Probe, *, sleep: Callable[[float], None] = time.sleep,
-                 emit: Callable[[str], None] | None = None):
+    def __init__(
+        self,
+        config: AgentConfig,
+        client: CoordinatorClient,
+        state: AgentState,
+        dataset: IDataView,
+        probe: Probe,
+        *,
+        sleep: Callable[[float], None] = time.sleep,
+        emit: Callable[[str], None] | None = None,
+    ):
         self.config, self.client, self.state, self.probe = config, client, state, probe
         self.sleep = sleep
         self.emit = emit or (lambda line: print(line, file=sys.stdout, flush=True))
         self.train_set, self.holdout_set = split_local(dataset, config.holdout, config.seed)
         self.eval_set = self.holdout_set or self.train_set
-        self.personal = PersonalModel(state, config.personal_layers, epochs=config.personal_epochs,
-                                      seed=config.seed)
+        self.personal = PersonalModel(state, config.personal_layers, epochs=config.personal_epochs, seed=config.seed)
 
     # ------------------------------------------------------------------ the loop
 
@@ -144,23 +151,29 @@ class Agent:
 
     def do_task(self, task: dict[str, Any]) -> dict[str, Any] | None:
         round_id, version = int(task["round_id"]), int(task["base_version"])
-        log.info("round %d: training on %d samples from model version %d", round_id, self.train_set.size(),
-                 version)
+        log.info("round %d: training on %d samples from model version %d", round_id, self.train_set.size(), version)
         trained = self.train_locally(task, self.model_bytes(version))
         if trained is None:
             return None
         delta, metrics = trained
         body, residual = self.encode(delta, task, metrics)
-        record = {"round": round_id, "version": version, "samples": self.train_set.size(),
-                  "loss_before": metrics["loss_before"], "loss_after": metrics["loss_after"],
-                  "acc_before": metrics["acc_before"], "acc_after": metrics["acc_after"],
-                  "bytes_sent": len(body), "bytes_raw_float32": 4 * sum(d.size for d in delta.values()),
-                  "encoding": task.get("encoding") or "float32", "topk_fraction": task.get("topk_fraction")}
+        record = {
+            "round": round_id,
+            "version": version,
+            "samples": self.train_set.size(),
+            "loss_before": metrics["loss_before"],
+            "loss_after": metrics["loss_after"],
+            "acc_before": metrics["acc_before"],
+            "acc_after": metrics["acc_after"],
+            "bytes_sent": len(body),
+            "bytes_raw_float32": 4 * sum(d.size for d in delta.values()),
+            "encoding": task.get("encoding") or "float32",
+            "topk_fraction": task.get("topk_fraction"),
+        }
         self.state.save_pending(round_id, body, residual, record)
         return self.personalize(self.send_pending())
 
-    def train_locally(self, task: dict[str, Any],
-                      data: bytes) -> tuple[dict[str, np.ndarray], dict[str, float]] | None:
+    def train_locally(self, task: dict[str, Any], data: bytes) -> tuple[dict[str, np.ndarray], dict[str, float]] | None:
         """Train the task's model on the local data: (delta, metrics), or None if stopped mid-way.
 
         The trainer's planned memory is released before returning, so encoding and the personal
@@ -172,10 +185,14 @@ class Agent:
         model = load_model_bytes(data)
         trainable = trainable_names(model)
         base = {n: np.array(model.params[n].value, np.float32, copy=True) for n in trainable}
-        trainer = Trainer(model, optimizer=make_sgd(float(task["lr"]), float(task.get("momentum") or 0.0)),
-                          trainable=trainable, prox_mu=float(task.get("fedprox_mu") or 0.0),
-                          batch_size=min(int(task["batch_size"]), self.train_set.size()),
-                          seed=self.config.seed + round_id)
+        trainer = Trainer(
+            model,
+            optimizer=make_sgd(float(task["lr"]), float(task.get("momentum") or 0.0)),
+            trainable=trainable,
+            prox_mu=float(task.get("fedprox_mu") or 0.0),
+            batch_size=min(int(task["batch_size"]), self.train_set.size()),
+            seed=self.config.seed + round_id,
+        )
         deadline = float(task.get("deadline") or float("inf"))
         stop_reason: list[str] = []
 
@@ -193,16 +210,24 @@ class Agent:
             fit = trainer.fit(self.train_set, int(task["epochs"]), should_stop=should_stop)
             after = trainer.evaluate(self.eval_set)
         except Interrupted:
-            log.warning("round %d: stopped mid-training (%s); its work is discarded", round_id,
-                        stop_reason[-1] if stop_reason else "interrupted")
+            log.warning(
+                "round %d: stopped mid-training (%s); its work is discarded",
+                round_id,
+                stop_reason[-1] if stop_reason else "interrupted",
+            )
             return None
         finally:
             trainer.release()
         weights = trainer.get_weights()
         delta = {n: np.asarray(weights[n], np.float32) - base[n] for n in trainable}
-        metrics = {"loss_before": before["loss"], "loss_after": after["loss"],
-                   "acc_before": before["accuracy"], "acc_after": after["accuracy"],
-                   "train_loss": fit["loss"], "steps": fit["steps"]}
+        metrics = {
+            "loss_before": before["loss"],
+            "loss_after": after["loss"],
+            "acc_before": before["accuracy"],
+            "acc_after": after["accuracy"],
+            "train_loss": fit["loss"],
+            "steps": fit["steps"],
+        }
         return delta, metrics
 
     def personalize(self, record: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -212,8 +237,9 @@ class Agent:
             record.update(self.personal.update(cached[2], cached[0], self.train_set, self.holdout_set))
         return record
 
-    def encode(self, delta: dict[str, np.ndarray], task: dict[str, Any],
-               metrics: dict[str, float]) -> tuple[bytes, dict[str, np.ndarray] | None]:
+    def encode(
+        self, delta: dict[str, np.ndarray], task: dict[str, Any], metrics: dict[str, float]
+    ) -> tuple[bytes, dict[str, np.ndarray] | None]:
         """Privacy and compression as the task asks: clip, noise, top-k (with error feedback), encode."""
         clip_norm, noise = task.get("clip_norm"), float(task.get("noise_multiplier") or 0.0)
         if clip_norm:
@@ -226,9 +252,15 @@ class Agent:
         residual = None
         if fraction:
             delta, residual = TopK(float(fraction)).compress(delta, self.state.residual())
-        body = encode_update(delta, sample_count=self.train_set.size(), round_id=int(task["round_id"]),
-                             base_version=int(task["base_version"]), metrics=metrics, encoding=encoding,
-                             topk_fraction=float(fraction) if fraction else None)
+        body = encode_update(
+            delta,
+            sample_count=self.train_set.size(),
+            round_id=int(task["round_id"]),
+            base_version=int(task["base_version"]),
+            metrics=metrics,
+            encoding=encoding,
+            topk_fraction=float(fraction) if fraction else None,
+        )
         if residual is not None:  # also feed back the quantization error of what was really sent
             sent = decode_update(body).delta
             residual = {n: residual[n] + delta[n] - sent[n] for n in residual}
@@ -250,8 +282,12 @@ class Agent:
             self.state.finish_pending(acknowledged=False)
             return None
         self.state.finish_pending(acknowledged=True)
-        log.info("round %d: update accepted (%s of %s received)", info["round_id"], answer.get("received"),
-                 answer.get("goal"))
+        log.info(
+            "round %d: update accepted (%s of %s received)",
+            info["round_id"],
+            answer.get("received"),
+            answer.get("goal"),
+        )
         return dict(info["record"])
 
     def resume_pending(self) -> dict[str, Any] | None:
@@ -266,8 +302,14 @@ class Agent:
     def report(self, record: dict[str, Any]) -> dict[str, Any]:
         if self.config.json_lines:
             self.emit(json.dumps(record, sort_keys=True))
-        log.info("round %s done: acc %.3f -> %.3f, personal %s vs global %s, %d bytes sent (%d raw)",
-                 record.get("round"), record.get("acc_before", 0), record.get("acc_after", 0),
-                 record.get("personal_acc"), record.get("global_acc"), record.get("bytes_sent", 0),
-                 record.get("bytes_raw_float32", 0))
+        log.info(
+            "round %s done: acc %.3f -> %.3f, personal %s vs global %s, %d bytes sent (%d raw)",
+            record.get("round"),
+            record.get("acc_before", 0),
+            record.get("acc_after", 0),
+            record.get("personal_acc"),
+            record.get("global_acc"),
+            record.get("bytes_sent", 0),
+            record.get("bytes_raw_float32", 0),
+        )
         return record

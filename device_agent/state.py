@@ -60,8 +60,9 @@ class AgentState:
         return ident
 
     def save_identity(self, coordinator: str, device_id: str, token: str) -> None:
-        write_json_atomic(self._path("identity.json"),
-                          {"coordinator": coordinator, "device_id": device_id, "token": token})
+        write_json_atomic(
+            self._path("identity.json"), {"coordinator": coordinator, "device_id": device_id, "token": token}
+        )
 
     def forget_identity(self) -> None:
         self._path("identity.json").unlink(missing_ok=True)
@@ -83,8 +84,10 @@ class AgentState:
 
     def save_model(self, version: int, etag: str | None, data: bytes) -> None:
         write_atomic(self._path("model.pfm"), data)
-        write_json_atomic(self._path("model.json"), {"version": int(version), "etag": etag,
-                                                     "sha256": hashlib.sha256(data).hexdigest()})
+        write_json_atomic(
+            self._path("model.json"),
+            {"version": int(version), "etag": etag, "sha256": hashlib.sha256(data).hexdigest()},
+        )
 
     # ------------------------------------------------------------------ tensors kept on the device
 
@@ -107,8 +110,9 @@ class AgentState:
 
     # ------------------------------------------------------------------ the pending upload
 
-    def save_pending(self, round_id: int, body: bytes, residual: dict[str, np.ndarray] | None,
-                     record: dict[str, Any]) -> str:
+    def save_pending(
+        self, round_id: int, body: bytes, residual: dict[str, np.ndarray] | None, record: dict[str, Any]
+    ) -> str:
         """Persist an update before sending it; returns its idempotency key (new, random)."""
         key = uuid.uuid4().hex
         if residual is not None:
@@ -116,9 +120,15 @@ class AgentState:
         else:
             self._path("pending-residual.pft").unlink(missing_ok=True)
         write_atomic(self._path("pending.bin"), body)
-        write_json_atomic(self._path("pending.json"), {"round_id": int(round_id), "idempotency_key": key,
-                                                       "sha256": hashlib.sha256(body).hexdigest(),
-                                                       "record": record})
+        write_json_atomic(
+            self._path("pending.json"),
+            {
+                "round_id": int(round_id),
+                "idempotency_key": key,
+                "sha256": hashlib.sha256(body).hexdigest(),
+                "record": record,
+            },
+        )
         return key
 
     def pending(self) -> tuple[dict[str, Any], bytes] | None:

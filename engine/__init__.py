@@ -1,13 +1,13 @@
 """pocketfed's engine: a define-then-run training engine on numpy, after MegEngine's on-device training.
 
-    graph = ComputingGraph()
-    x = opr.host2device(graph, (None, 1, 28, 28), name="x")      # opr::Host2DeviceCopy::make
-    ...build the forward graph from opr.* ...
-    loss = CrossEntropyLoss()(logits, label)                     # ILoss
-    grads = grad(loss, weights)                                  # cg::grad
-    updates = SGD(0.01, momentum=0.9).make_multiple(weights, grads, graph)
-    func = graph.compile([loss], updates=updates)                # graph->compile()
-    func.execute(x=images, label=labels)                         # func->execute()
+graph = ComputingGraph()
+x = opr.host2device(graph, (None, 1, 28, 28), name="x")      # opr::Host2DeviceCopy::make
+...build the forward graph from opr.* ...
+loss = CrossEntropyLoss()(logits, label)                     # ILoss
+grads = grad(loss, weights)                                  # cg::grad
+updates = SGD(0.01, momentum=0.9).make_multiple(weights, grads, graph)
+func = graph.compile([loss], updates=updates)                # graph->compile()
+func.execute(x=images, label=labels)                         # func->execute()
 """
 
 from . import opr
@@ -25,12 +25,30 @@ def load(path) -> Model:
     """Load a pocketfed model file (or an .onnx file, with the `onnx` extra installed)."""
     if str(path).lower().endswith(".onnx"):
         from .onnx import import_onnx
+
         return import_onnx(path)
     return _load_pocketfed(path)
 
 
 __all__ = [
-    "Adam", "BCEWithLogitsLoss", "ComputingGraph", "CrossEntropyLoss", "GraphError", "ILoss", "IOptimizer", "L1Loss",
-    "MSELoss", "Model", "ModelFileError", "Optimizer", "SGD", "ShapeError", "SymbolVar", "grad", "load",
-    "load_model_bytes", "opr", "save",
+    "Adam",
+    "BCEWithLogitsLoss",
+    "ComputingGraph",
+    "CrossEntropyLoss",
+    "GraphError",
+    "ILoss",
+    "IOptimizer",
+    "L1Loss",
+    "MSELoss",
+    "Model",
+    "ModelFileError",
+    "Optimizer",
+    "SGD",
+    "ShapeError",
+    "SymbolVar",
+    "grad",
+    "load",
+    "load_model_bytes",
+    "opr",
+    "save",
 ]

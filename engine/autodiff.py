@@ -19,8 +19,9 @@ def grad(target: SymbolVar, wrt: SymbolVar | Sequence[SymbolVar]) -> SymbolVar |
     single = isinstance(wrt, SymbolVar)
     wrt_list = [wrt] if single else list(wrt)
     if target.shape != ():
-        raise GraphError(f"grad: the target must be a scalar, got shape {target.shape} ({target!r}); "
-                         f"reduce it (sum or mean) first")
+        raise GraphError(
+            f"grad: the target must be a scalar, got shape {target.shape} ({target!r}); reduce it (sum or mean) first"
+        )
     if target.dtype.kind != "f":
         raise GraphError(f"grad: the target must be floating point, got {target.dtype}")
     for w in wrt_list:

@@ -24,11 +24,20 @@ def _datasets(data: str | None):
 
 
 def train_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pf-train", description=(
-        "Train LeNet (or --model FILE) on (Fashion-)MNIST with the static-graph engine. "
-        "Default data: the Fashion-MNIST subset shipped in the package."))
-    p.add_argument("--data", help=("IDX directory (train/test splits), .npz, .csv or image folder "
-                                   "(used for both training and the test score); default: embedded subset"))
+    p = argparse.ArgumentParser(
+        prog="pf-train",
+        description=(
+            "Train LeNet (or --model FILE) on (Fashion-)MNIST with the static-graph engine. "
+            "Default data: the Fashion-MNIST subset shipped in the package."
+        ),
+    )
+    p.add_argument(
+        "--data",
+        help=(
+            "IDX directory (train/test splits), .npz, .csv or image folder "
+            "(used for both training and the test score); default: embedded subset"
+        ),
+    )
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=0.05)
@@ -37,8 +46,12 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", help="train this model file (pocketfed or .onnx) instead of a fresh LeNet")
     p.add_argument("--save", help="write the trained model here (.onnx: ONNX export; else a pocketfed file)")
-    p.add_argument("--train-only", nargs="+", metavar="PREFIX",
-                   help="train only parameters whose names start with one of these (e.g. the head: fc3)")
+    p.add_argument(
+        "--train-only",
+        nargs="+",
+        metavar="PREFIX",
+        help="train only parameters whose names start with one of these (e.g. the head: fc3)",
+    )
     p.add_argument("--inference-only", action="store_true", help="--save without training-only parts")
     p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -51,6 +64,7 @@ def _user_errors(prog: str, run: Callable[[argparse.Namespace], int], args: argp
     from .data import DataError
     from .graph import GraphError
     from .serialize.container import ContainerError
+
     try:
         return run(args)
     except (DataError, ContainerError, GraphError, OSError) as exc:
@@ -69,11 +83,15 @@ def _train(args: argparse.Namespace) -> int:
     if args.train_only:
         trainable = [n for n in model.trainable if n.startswith(tuple(args.train_only))]
         if not trainable:
-            print(f"pf-train: --train-only {args.train_only} matches none of {model.trainable}",
-                  file=sys.stderr)
+            print(f"pf-train: --train-only {args.train_only} matches none of {model.trainable}", file=sys.stderr)
             return 2
-    trainer = Trainer(model, optimizer=SGD(args.lr, weight_decay=args.weight_decay, momentum=args.momentum),
-                      trainable=trainable, batch_size=args.batch_size, seed=args.seed)
+    trainer = Trainer(
+        model,
+        optimizer=SGD(args.lr, weight_decay=args.weight_decay, momentum=args.momentum),
+        trainable=trainable,
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )
     trainer.train_fn.profile = args.profile
     start = time.perf_counter()
     steps = -(-train_set.size() // args.batch_size)
@@ -83,10 +101,17 @@ def _train(args: argparse.Namespace) -> int:
             result = trainer.fit(train_set, 1, progress=lambda s: bar.update(postfix=f"loss {s['loss']:.3f}"))
         metrics = trainer.evaluate(test_set)
         history.append({"epoch": epoch, "train_loss": result["loss"], "test_accuracy": metrics["accuracy"]})
-        print(f"epoch {epoch}: train loss {result['loss']:.4f}  test accuracy {metrics['accuracy']:.4f} "
-              f"(n={metrics['n']})", file=sys.stderr if args.json else sys.stdout)
-    summary = {"epochs": args.epochs, "test_accuracy": history[-1]["test_accuracy"],
-               "final_loss": history[-1]["train_loss"], "seconds": round(time.perf_counter() - start, 3)}
+        print(
+            f"epoch {epoch}: train loss {result['loss']:.4f}  test accuracy {metrics['accuracy']:.4f} "
+            f"(n={metrics['n']})",
+            file=sys.stderr if args.json else sys.stdout,
+        )
+    summary = {
+        "epochs": args.epochs,
+        "test_accuracy": history[-1]["test_accuracy"],
+        "final_loss": history[-1]["train_loss"],
+        "seconds": round(time.perf_counter() - start, 3),
+    }
     if args.profile:
         print(trainer.train_fn.profile_report(), file=sys.stderr)
     if args.save:
@@ -99,6 +124,7 @@ def _train(args: argparse.Namespace) -> int:
 def _load_model(path: str):
     from . import load
     from .serialize.container import ContainerError
+
     try:
         return load(path)
     except FileNotFoundError:
@@ -111,9 +137,11 @@ def _save_model(model, path: str, inference_only: bool) -> str:
     """Write the model; returns where it went."""
     if path.lower().endswith(".onnx"):
         from .onnx import export_onnx
+
         export_onnx(model, path)
     else:
         from .serialize.modelfile import save
+
         save(model, path, inference_only=inference_only)
     return path
 
@@ -130,6 +158,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from . import load
     from .data import open_dataset
     from .trainer import evaluate_model
+
     dataset = load_default("test") if args.data is None else open_dataset(args.data, split="test")
     metrics = evaluate_model(load(args.model), dataset)
     out = {"accuracy": metrics["accuracy"], "n": metrics["n"]}

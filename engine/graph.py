@@ -37,8 +37,16 @@ class SymbolVar:
 
     __array_priority__ = 1000  # make `ndarray + SymbolVar` call our __radd__
 
-    def __init__(self, graph: ComputingGraph, op: Operator, inputs: Sequence[SymbolVar],
-                 shape: Shape, dtype: np.dtype, name: str | None = None, value: np.ndarray | None = None):
+    def __init__(
+        self,
+        graph: ComputingGraph,
+        op: Operator,
+        inputs: Sequence[SymbolVar],
+        shape: Shape,
+        dtype: np.dtype,
+        name: str | None = None,
+        value: np.ndarray | None = None,
+    ):
         self.graph = graph
         self.op = op
         self.inputs = tuple(inputs)
@@ -72,67 +80,83 @@ class SymbolVar:
     # ----- arithmetic builds graph nodes (imports are local: opr depends on graph, not back) -----
     def __add__(self, other: Any) -> SymbolVar:
         from . import opr
+
         return opr.add(self, other)
 
     def __radd__(self, other: Any) -> SymbolVar:
         from . import opr
+
         return opr.add(other, self)
 
     def __sub__(self, other: Any) -> SymbolVar:
         from . import opr
+
         return opr.sub(self, other)
 
     def __rsub__(self, other: Any) -> SymbolVar:
         from . import opr
+
         return opr.sub(other, self)
 
     def __mul__(self, other: Any) -> SymbolVar:
         from . import opr
+
         return opr.mul(self, other)
 
     def __rmul__(self, other: Any) -> SymbolVar:
         from . import opr
+
         return opr.mul(other, self)
 
     def __truediv__(self, other: Any) -> SymbolVar:
         from . import opr
+
         return opr.div(self, other)
 
     def __rtruediv__(self, other: Any) -> SymbolVar:
         from . import opr
+
         return opr.div(other, self)
 
     def __pow__(self, other: Any) -> SymbolVar:
         from . import opr
+
         return opr.pow(self, other)
 
     def __neg__(self) -> SymbolVar:
         from . import opr
+
         return opr.neg(self)
 
     def __matmul__(self, other: SymbolVar) -> SymbolVar:
         from . import opr
+
         return opr.matrix_mul(self, other)
 
     def reshape(self, *shape: int | Sequence[int]) -> SymbolVar:
         from . import opr
+
         target = shape[0] if len(shape) == 1 and not isinstance(shape[0], int) else shape
         return opr.reshape(self, target)
 
     def flatten(self, start_axis: int = 1) -> SymbolVar:
         from . import opr
+
         return opr.flatten(self, start_axis)
 
     def transpose(self, *perm: int) -> SymbolVar:
         from . import opr
+
         return opr.transpose(self, perm or None)
 
     def sum(self, axis: int | Sequence[int] | None = None, keepdims: bool = False) -> SymbolVar:
         from . import opr
+
         return opr.sum(self, axis, keepdims)
 
     def mean(self, axis: int | Sequence[int] | None = None, keepdims: bool = False) -> SymbolVar:
         from . import opr
+
         return opr.mean(self, axis, keepdims)
 
     def make_scalar(self, value: float) -> SymbolVar:
@@ -159,6 +183,7 @@ class ComputingGraph:
 
     def constant(self, value: Any, dtype: Any = None) -> SymbolVar:
         from .opr.io import ImmutableTensor
+
         return ImmutableTensor.make(self, np.asarray(value, dtype=dtype))
 
     def __getitem__(self, name: str) -> SymbolVar:
@@ -178,11 +203,17 @@ class ComputingGraph:
     def shared(self) -> dict[str, SymbolVar]:
         return {n: v for n, v in self._names.items() if v.op.type_name == "SharedDeviceTensor"}
 
-    def compile(self, outputs: SymbolVar | Sequence[SymbolVar] = (), updates: Iterable[SymbolVar] = (),
-                training: bool | None = None, **options: Any) -> CompiledFunction:
+    def compile(
+        self,
+        outputs: SymbolVar | Sequence[SymbolVar] = (),
+        updates: Iterable[SymbolVar] = (),
+        training: bool | None = None,
+        **options: Any,
+    ) -> CompiledFunction:
         """Compile once, execute per batch. `training` defaults to "there are updates"."""
         from .compiler import compile_graph
         from .runtime import CompiledFunction
+
         single = isinstance(outputs, SymbolVar)
         outs = [outputs] if single else list(outputs)
         ups = list(updates)

@@ -26,8 +26,9 @@ def _check_mode(mode: str) -> str:
 
 
 def _same_shape(loss: str, pred: SymbolVar, label: SymbolVar) -> None:
-    if pred.ndim != label.ndim or any(a is not None and b is not None and a != b
-                                      for a, b in zip(pred.shape, label.shape, strict=True)):
+    if pred.ndim != label.ndim or any(
+        a is not None and b is not None and a != b for a, b in zip(pred.shape, label.shape, strict=True)
+    ):
         raise ShapeError(f"{loss}: prediction {pred.shape} and label {label.shape} must have the same shape")
 
 
@@ -40,8 +41,9 @@ class ILoss(ABC):
 class CrossEntropyLoss(ILoss):
     """Cross entropy against integer class labels, from logits (default) or probabilities."""
 
-    def __init__(self, with_logits: bool = True, label_smooth: float = 0.0, reduce_mode: str = "mean",
-                 axis: int = 1) -> None:
+    def __init__(
+        self, with_logits: bool = True, label_smooth: float = 0.0, reduce_mode: str = "mean", axis: int = 1
+    ) -> None:
         if not 0 <= label_smooth < 1:
             raise ValueError(f"label_smooth must be in [0, 1), got {label_smooth}")
         self.with_logits, self.label_smooth, self.axis = with_logits, label_smooth, axis
@@ -89,5 +91,4 @@ class BCEWithLogitsLoss(ILoss):
         return _reduce(values, self.reduce_mode)
 
 
-LOSSES = {"cross_entropy": CrossEntropyLoss, "mse": MSELoss, "l1": L1Loss,
-          "bce_with_logits": BCEWithLogitsLoss}
+LOSSES = {"cross_entropy": CrossEntropyLoss, "mse": MSELoss, "l1": L1Loss, "bce_with_logits": BCEWithLogitsLoss}

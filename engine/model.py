@@ -54,6 +54,5 @@ class Model:
             var = self.params[name]
             value = np.asarray(value)
             if value.shape != var.value.shape:
-                raise GraphError(f"load_state_dict: {name} has shape {value.shape}, the model needs "
-                                 f"{var.value.shape}")
+                raise GraphError(f"load_state_dict: {name} has shape {value.shape}, the model needs {var.value.shape}")
             np.copyto(var.value, value.astype(var.value.dtype, copy=False))

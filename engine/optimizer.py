@@ -19,8 +19,9 @@ from .graph import ComputingGraph, GraphError, SymbolVar
 
 class IOptimizer(ABC):
     @abstractmethod
-    def make_multiple(self, weights: Sequence[SymbolVar], grads: Sequence[SymbolVar],
-                      graph: ComputingGraph) -> list[SymbolVar]:
+    def make_multiple(
+        self, weights: Sequence[SymbolVar], grads: Sequence[SymbolVar], graph: ComputingGraph
+    ) -> list[SymbolVar]:
         """Update nodes for many weights."""
 
     @abstractmethod
@@ -41,8 +42,9 @@ class Optimizer(IOptimizer):
         self._lr_vars: list[SymbolVar] = []
         self.state: dict[str, SymbolVar] = {}  # name -> shared state tensor (saved with checkpoints)
 
-    def make_multiple(self, weights: Sequence[SymbolVar], grads: Sequence[SymbolVar],
-                      graph: ComputingGraph) -> list[SymbolVar]:
+    def make_multiple(
+        self, weights: Sequence[SymbolVar], grads: Sequence[SymbolVar], graph: ComputingGraph
+    ) -> list[SymbolVar]:
         weights, grads = list(weights), list(grads)
         if len(weights) != len(grads):
             raise GraphError(f"make_multiple: {len(weights)} weights but {len(grads)} gradients")
@@ -75,8 +77,7 @@ class Optimizer(IOptimizer):
         if weight.op.type_name != "SharedDeviceTensor":
             raise GraphError(f"optimizer: {weight!r} is not a shared tensor and cannot be updated")
         if grad.shape != weight.shape:
-            raise GraphError(f"optimizer: gradient shape {grad.shape} differs from weight {weight.name} "
-                             f"{weight.shape}")
+            raise GraphError(f"optimizer: gradient shape {grad.shape} differs from weight {weight.name} {weight.shape}")
 
 
 def _attach(anchor: SymbolVar, *updates: SymbolVar) -> SymbolVar:
@@ -87,8 +88,7 @@ def _attach(anchor: SymbolVar, *updates: SymbolVar) -> SymbolVar:
 class SGD(Optimizer):
     """torch.optim.SGD (dampening 0): g += wd*w; buf = m*buf + g; step = g + m*buf (nesterov) or buf."""
 
-    def __init__(self, lr: float, weight_decay: float = 0.0, momentum: float = 0.0,
-                 nesterov: bool = False) -> None:
+    def __init__(self, lr: float, weight_decay: float = 0.0, momentum: float = 0.0, nesterov: bool = False) -> None:
         super().__init__(lr)
         if nesterov and momentum <= 0:
             raise ValueError("nesterov needs momentum > 0")
@@ -108,8 +108,14 @@ class SGD(Optimizer):
 class Adam(Optimizer):
     """torch.optim.Adam (L2 weight decay added to the gradient, optional AMSGrad)."""
 
-    def __init__(self, lr: float = 1e-3, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, amsgrad: bool = False) -> None:
+    def __init__(
+        self,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        amsgrad: bool = False,
+    ) -> None:
         super().__init__(lr)
         self.weight_decay, self.betas, self.eps, self.amsgrad = weight_decay, tuple(betas), eps, amsgrad
 

@@ -8,8 +8,9 @@ from typing import TextIO
 
 
 class ProgressBar:
-    def __init__(self, total: int, label: str = "", stream: TextIO | None = None, enabled: bool = True,
-                 width: int = 28) -> None:
+    def __init__(
+        self, total: int, label: str = "", stream: TextIO | None = None, enabled: bool = True, width: int = 28
+    ) -> None:
         self.total, self.label, self.width = max(int(total), 1), label, width
         self.stream = stream or sys.stderr
         self.enabled = enabled

@@ -76,8 +76,7 @@ class CompiledFunction:
                 self._constants.append((i, node))
             else:
                 self._nodes.append(node)
-                self._instructions.append((node.op.forward, [slot[id(x)] for x in node.inputs], i,
-                                           node.op.type_name))
+                self._instructions.append((node.op.forward, [slot[id(x)] for x in node.inputs], i, node.op.type_name))
         self._outputs = [slot[id(n)] for n in program.outputs]
         self._updates = [(dest, slot[id(n)]) for dest, n in program.updates]
         self._flat = FlatUpdateRunner(program.flat_updates, slot) if program.flat_updates else None
@@ -108,8 +107,9 @@ class CompiledFunction:
         missing = [n for n in self._feeds if n not in given]
         extra = [n for n in given if n not in self._feeds]
         if missing or extra:
-            raise GraphError(f"execute: missing inputs {missing}, unknown inputs {extra}; "
-                             f"this function takes {list(self._feeds)}")
+            raise GraphError(
+                f"execute: missing inputs {missing}, unknown inputs {extra}; this function takes {list(self._feeds)}"
+            )
         fed = [(i, self._check_feed(name, given[name], var)) for name, (i, var) in self._feeds.items()]
         signature = tuple((a.shape, a.dtype.str) for _, a in fed)
         step = self._plans.get(signature) if self.program.plan_memory else None
@@ -135,8 +135,9 @@ class CompiledFunction:
         self._write_updates(values, signature)
         if self._flat is not None:
             start = time.perf_counter() if self.profile else 0.0
-            self._flat.run(values, self._unplanned_cache if step is None else step.cache,
-                           {} if step is None else step.memory.flat)
+            self._flat.run(
+                values, self._unplanned_cache if step is None else step.cache, {} if step is None else step.memory.flat
+            )
             if self.profile:
                 self.op_seconds["FlatUpdate"] += time.perf_counter() - start
                 self.op_calls["FlatUpdate"] += len(self._flat.groups)
@@ -151,8 +152,10 @@ class CompiledFunction:
         aliased = self._aliased.get(signature)
         if aliased is None:
             dests = [d.value for d, _ in self._updates]
-            aliased = [any(np.may_share_memory(values[i], other) for other in dests if other is not dest.value)
-                       for dest, i in self._updates]
+            aliased = [
+                any(np.may_share_memory(values[i], other) for other in dests if other is not dest.value)
+                for dest, i in self._updates
+            ]
             self._aliased[signature] = aliased
         staged = [values[i].copy() if copy else values[i] for (_, i), copy in zip(self._updates, aliased)]
         for (dest, _), value in zip(self._updates, staged):
@@ -215,14 +218,18 @@ class CompiledFunction:
             # (running others could advance state, such as a dropout mask's random generator).
             found = values[out]
             was_view = isinstance(found, np.ndarray) and any(
-                isinstance(values[j], np.ndarray) and np.may_share_memory(found, values[j]) for j in ins)
+                isinstance(values[j], np.ndarray) and np.may_share_memory(found, values[j]) for j in ins
+            )
             if not was_view:
                 steps.append((ALLOC, kernel, ins, out, type_name))
                 continue
             result = kernel(*[template[j] if template[j] is not None else values[j] for j in ins])
-            shares = [template[j] is not None for j in ins
-                      if isinstance(result, np.ndarray) and np.may_share_memory(result, values[j] if
-                                                                                template[j] is None else template[j])]
+            shares = [
+                template[j] is not None
+                for j in ins
+                if isinstance(result, np.ndarray)
+                and np.may_share_memory(result, values[j] if template[j] is None else template[j])
+            ]
             if shares and all(shares):
                 template[out] = result
                 steps.append((FIXED_VIEW, kernel, ins, out, type_name))
@@ -263,14 +270,18 @@ class CompiledFunction:
     def explain(self) -> str:
         """What the compiler did, what runs and how memory is planned, for debugging."""
         flat = sum(len(g.dests) for g in self.program.flat_updates)
-        lines = [f"{len(self._instructions)} kernels, {len(self._updates) + flat} updates ({flat} in flat kernels), "
-                 f"mode={'train' if self.program.training else 'eval'}", *self.program.notes]
+        lines = [
+            f"{len(self._instructions)} kernels, {len(self._updates) + flat} updates ({flat} in flat kernels), "
+            f"mode={'train' if self.program.training else 'eval'}",
+            *self.program.notes,
+        ]
         for signature, step in self._plans.items():
             shapes = ", ".join(str(s) for s, _ in signature)
             m = step.memory
-            lines.append(f"plan for inputs {shapes}: arena {m.arena_bytes / 1e6:.2f} MB for "
-                         f"{m.unplanned_bytes / 1e6:.2f} MB of values ({len(m.blocks)} blocks, {m.inplace} in place), "
-                         f"workspaces {step.workspace_bytes / 1e6:.2f} MB, "
-                         f"allocating kernels: {step.allocating_kernels or 'none'}")
+            lines.append(
+                f"plan for inputs {shapes}: arena {m.arena_bytes / 1e6:.2f} MB for "
+                f"{m.unplanned_bytes / 1e6:.2f} MB of values ({len(m.blocks)} blocks, {m.inplace} in place), "
+                f"workspaces {step.workspace_bytes / 1e6:.2f} MB, "
+                f"allocating kernels: {step.allocating_kernels or 'none'}"
+            )
         return "\n".join(lines)
-

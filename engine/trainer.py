@@ -36,9 +36,16 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 class Trainer:
-    def __init__(self, model: Model, loss: str | ILoss = "cross_entropy", optimizer: IOptimizer | None = None,
-                 trainable: Sequence[str] | None = None, prox_mu: float = 0.0, batch_size: int = 32,
-                 seed: int = 0) -> None:
+    def __init__(
+        self,
+        model: Model,
+        loss: str | ILoss = "cross_entropy",
+        optimizer: IOptimizer | None = None,
+        trainable: Sequence[str] | None = None,
+        prox_mu: float = 0.0,
+        batch_size: int = 32,
+        seed: int = 0,
+    ) -> None:
         self.model, self.batch_size, self.seed = model, batch_size, seed
         self.optimizer = optimizer or SGD(0.01, momentum=0.9)
         names = list(model.trainable if trainable is None else trainable)
@@ -50,8 +57,7 @@ class Trainer:
         self.trainable = names
         graph, logits = model.graph, model.output
         label_name = "label"
-        label = graph[label_name] if label_name in graph else \
-            opr.host2device(graph, (None,), "int64", label_name)
+        label = graph[label_name] if label_name in graph else opr.host2device(graph, (None,), "int64", label_name)
         loss_fn = LOSSES[loss]() if isinstance(loss, str) else loss
         self.loss_var = loss_fn(logits, label)
         objective = self.loss_var
@@ -60,8 +66,10 @@ class Trainer:
         if prox_mu:  # FedProx: mu/2 * ||w - w_global||^2 keeps local training near the global model
             for w in weights:
                 self._anchor[w.name] = opr.shared(graph, w.value, f"{w.name}.prox_anchor", trainable=False)
-            prox = sum((opr.sum((w - self._anchor[w.name]) ** 2.0) for w in weights[1:]),
-                       start=opr.sum((weights[0] - self._anchor[weights[0].name]) ** 2.0))
+            prox = sum(
+                (opr.sum((w - self._anchor[w.name]) ** 2.0) for w in weights[1:]),
+                start=opr.sum((weights[0] - self._anchor[weights[0].name]) ** 2.0),
+            )
             objective = objective + prox * (prox_mu / 2)
         updates = self.optimizer.make_multiple(weights, grad(objective, weights), graph)
         self.train_fn = graph.compile([self.loss_var, logits], updates=updates)
@@ -90,9 +98,14 @@ class Trainer:
         state = getattr(self.optimizer, "state", {})
         tensors.update({f"optimizer/{n}": v.value for n, v in state.items() if v.graph is graph})
         tensors.update({f"prox_anchor/{n}": v.value for n, v in self._anchor.items()})
-        metadata = {"format": "pocketfed-checkpoint", "seed": int(self.seed), "trainable": self.trainable,
-                    "optimizer": type(self.optimizer).__name__, "lr": getattr(self.optimizer, "lr", None),
-                    "dropout_rng": [m.op._rng.bit_generator.state for m in _dropout_masks(graph)]}
+        metadata = {
+            "format": "pocketfed-checkpoint",
+            "seed": int(self.seed),
+            "trainable": self.trainable,
+            "optimizer": type(self.optimizer).__name__,
+            "lr": getattr(self.optimizer, "lr", None),
+            "dropout_rng": [m.op._rng.bit_generator.state for m in _dropout_masks(graph)],
+        }
         return tensors, metadata
 
     def save_checkpoint(self, path: str | os.PathLike) -> None:
@@ -111,17 +124,24 @@ class Trainer:
         mine, _ = self.checkpoint_state()
         unknown, missing = sorted(set(tensors) - set(mine)), sorted(set(mine) - set(tensors))
         if unknown or missing:
-            raise ContainerError(f"checkpoint does not fit this trainer: unknown {unknown}, missing "
-                                 f"{missing} (same model, optimizer and trainable list needed)")
-        bad = [f"{n} {tensors[n].shape} vs {mine[n].shape}" for n in mine
-               if tensors[n].shape != mine[n].shape or tensors[n].dtype != mine[n].dtype]
+            raise ContainerError(
+                f"checkpoint does not fit this trainer: unknown {unknown}, missing "
+                f"{missing} (same model, optimizer and trainable list needed)"
+            )
+        bad = [
+            f"{n} {tensors[n].shape} vs {mine[n].shape}"
+            for n in mine
+            if tensors[n].shape != mine[n].shape or tensors[n].dtype != mine[n].dtype
+        ]
         if bad:
             raise ContainerError(f"checkpoint tensors differ in shape or dtype: {bad}")
         masks = _dropout_masks(self.model.graph)
         rng_states = metadata.get("dropout_rng", [])
         if not isinstance(rng_states, list) or len(rng_states) != len(masks):
-            raise ContainerError(f"checkpoint holds {len(rng_states)} dropout generator states, the model "
-                                 f"has {len(masks)} dropout layers")
+            raise ContainerError(
+                f"checkpoint holds {len(rng_states)} dropout generator states, the model "
+                f"has {len(masks)} dropout layers"
+            )
         seed = metadata.get("seed")
         if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
             raise ContainerError(f"checkpoint seed must be a non-negative integer, got {seed!r}")
@@ -144,10 +164,16 @@ class Trainer:
         loss, logits = self.train_fn.execute({self._input_name: x, "label": y})
         return float(loss), logits
 
-    def fit(self, dataset: IDataView, epochs: int = 1, should_stop: Callable[[], bool] | None = None,
-            progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, float]:
-        loader = DataLoader(dataset, batch_size=min(self.batch_size, dataset.size()), shuffle=True,
-                            drop_last=False, seed=self.seed)
+    def fit(
+        self,
+        dataset: IDataView,
+        epochs: int = 1,
+        should_stop: Callable[[], bool] | None = None,
+        progress: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, float]:
+        loader = DataLoader(
+            dataset, batch_size=min(self.batch_size, dataset.size()), shuffle=True, drop_last=False, seed=self.seed
+        )
         total_loss, correct, seen, steps = 0.0, 0, 0, 0
         for epoch in range(epochs):
             for x, y in loader:
@@ -163,8 +189,7 @@ class Trainer:
                 if progress is not None:
                     progress({"epoch": epoch, "step": steps, "loss": loss})
         self.seed += 1  # a fresh order next time fit is called
-        return {"loss": total_loss / max(seen, 1), "accuracy": correct / max(seen, 1), "steps": steps,
-                "samples": seen}
+        return {"loss": total_loss / max(seen, 1), "accuracy": correct / max(seen, 1), "steps": steps, "samples": seen}
 
     # ----- evaluation -----
     def logits(self, x: np.ndarray) -> np.ndarray:
@@ -191,8 +216,7 @@ def _dropout_masks(graph: Any) -> list[SymbolVar]:
     return [v for v in graph.nodes if v.op.type_name == "DropoutMask"]
 
 
-def evaluate_function(eval_fn: Any, input_name: str, dataset: IDataView,
-                      batch_size: int = 256) -> dict[str, float]:
+def evaluate_function(eval_fn: Any, input_name: str, dataset: IDataView, batch_size: int = 256) -> dict[str, float]:
     total_loss, correct, n = 0.0, 0, dataset.size()
     if n == 0:
         return {"loss": float("nan"), "accuracy": float("nan"), "n": 0}
@@ -206,10 +230,10 @@ def evaluate_function(eval_fn: Any, input_name: str, dataset: IDataView,
 
 
 def evaluate_model(model: Model, dataset: IDataView, batch_size: int = 256) -> dict[str, float]:
-    return evaluate_function(model.graph.compile([model.output], training=False), model.input.name,
-                             dataset, batch_size)
+    return evaluate_function(model.graph.compile([model.output], training=False), model.input.name, dataset, batch_size)
 
 
 def evaluate_model_bytes(model_bytes: bytes, dataset: IDataView, batch_size: int = 256) -> dict[str, float]:
     from .serialize.modelfile import loads
+
     return evaluate_model(loads(model_bytes), dataset, batch_size)

@@ -9,8 +9,14 @@ import numpy as np
 from engine import ComputingGraph, grad, opr
 
 
-def check_gradients(build: Callable[..., object], arrays: Sequence[np.ndarray], eps: float = 1e-6,
-                    rtol: float = 1e-5, atol: float = 1e-7, seed: int = 0) -> None:
+def check_gradients(
+    build: Callable[..., object],
+    arrays: Sequence[np.ndarray],
+    eps: float = 1e-6,
+    rtol: float = 1e-5,
+    atol: float = 1e-7,
+    seed: int = 0,
+) -> None:
     """`build(*vars)` returns a node; we check d sum(node * R)/d each input against finite differences."""
     g = ComputingGraph()
     inputs = [opr.shared(g, np.asarray(a, np.float64), f"in{i}") for i, a in enumerate(arrays)]
@@ -32,5 +38,6 @@ def check_gradients(build: Callable[..., object], arrays: Sequence[np.ndarray], 
             down = func.execute()[0]
             flat[j] = old
             numeric.reshape(-1)[j] = (up - down) / (2 * eps)
-        np.testing.assert_allclose(analytic, numeric, rtol=rtol, atol=atol,
-                                   err_msg=f"gradient of input {var.name} (shape {var.shape})")
+        np.testing.assert_allclose(
+            analytic, numeric, rtol=rtol, atol=atol, err_msg=f"gradient of input {var.name} (shape {var.shape})"
+        )

@@ -16,10 +16,14 @@ def make_client(handler, attempts: int = 4) -> tuple[CoordinatorClient, list[htt
         seen.append(request)
         return handler(request, len(seen))
 
-    client = CoordinatorClient("http://coordinator.test", token="tok",
-                               transport=httpx.MockTransport(recording),
-                               retry=RetryPolicy(attempts=attempts, base_delay=0.5, max_delay=4.0), seed=1,
-                               sleep=sleeps.append)
+    client = CoordinatorClient(
+        "http://coordinator.test",
+        token="tok",
+        transport=httpx.MockTransport(recording),
+        retry=RetryPolicy(attempts=attempts, base_delay=0.5, max_delay=4.0),
+        seed=1,
+        sleep=sleeps.append,
+    )
     return client, seen, sleeps
 
 
@@ -47,7 +51,7 @@ def test_5xx_and_connection_errors_are_retried_with_growing_jittered_backoff():
     assert client.checkin(100) == {"status": "retry", "retry_after": 5}
     assert len(seen) == 4 and len(sleeps) == 3
     for attempt, delay in enumerate(sleeps):
-        assert 0 <= delay <= 0.5 * 2 ** attempt  # full jitter below the exponential cap
+        assert 0 <= delay <= 0.5 * 2**attempt  # full jitter below the exponential cap
 
 
 def test_gives_up_after_the_attempts_with_the_last_problem():
@@ -60,6 +64,7 @@ def test_gives_up_after_the_attempts_with_the_last_problem():
 def test_backoff_is_capped():
     policy = RetryPolicy(attempts=20, base_delay=1.0, max_delay=4.0)
     import random
+
     rng = random.Random(0)
     assert max(policy.delay(a, rng) for a in range(20)) <= 4.0
 

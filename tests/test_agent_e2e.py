@@ -19,8 +19,10 @@ N_DEVICES, ROUNDS = 3, 3
 def test_three_agents_federate_and_personalize(tmp_path):
     shards, _ = make_shards(tmp_path, N_DEVICES, 300, partition="dirichlet:0.3", seed=1)
     with Coordinator(tmp_path, goal=N_DEVICES, epochs=2, encoding="float16") as coordinator:
-        agents = [start_agent(coordinator.url, shard, tmp_path / f"state-{i}", "--rounds", str(ROUNDS),
-                              "--seed", str(i)) for i, shard in enumerate(shards)]
+        agents = [
+            start_agent(coordinator.url, shard, tmp_path / f"state-{i}", "--rounds", str(ROUNDS), "--seed", str(i))
+            for i, shard in enumerate(shards)
+        ]
         outputs = [finish(agent, timeout=400)[0] for agent in agents]
         rounds = coordinator.get("/v1/rounds").json()
         token = device_token(tmp_path / "state-0")
@@ -38,8 +40,12 @@ def test_three_agents_federate_and_personalize(tmp_path):
         for r in recs:
             assert r["bytes_sent"] < 0.6 * r["bytes_raw_float32"]  # float16 halves it (plus a header)
             assert 0 <= r["personal_acc"] <= 1 and 0 <= r["global_acc"] <= 1
-        print(f"device {device}: " + ", ".join(f"round {r['round']}: global {r['global_acc']:.3f} "
-                                               f"personal {r['personal_acc']:.3f}" for r in recs))
+        print(
+            f"device {device}: "
+            + ", ".join(
+                f"round {r['round']}: global {r['global_acc']:.3f} personal {r['personal_acc']:.3f}" for r in recs
+            )
+        )
 
     test = load_default("test")
     before = evaluate_model_bytes(first_model, test)["accuracy"]

@@ -16,13 +16,16 @@ SERVER_PACKAGES = ["fastapi", "uvicorn", "pydantic", "starlette", "torch", "sqla
 
 
 def test_agent_imports_no_server_packages():
-    code = ("import sys, json\n"
-            "import device_agent, device_agent.__main__, device_agent.runner, device_agent.client\n"
-            "import device_agent.personal, device_agent.state, device_agent.eligibility\n"
-            "import engine.trainer, engine.serialize.update, engine.serialize.compression\n"
-            "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env(), capture_output=True, text=True,
-                         check=True).stdout
+    code = (
+        "import sys, json\n"
+        "import device_agent, device_agent.__main__, device_agent.runner, device_agent.client\n"
+        "import device_agent.personal, device_agent.state, device_agent.eligibility\n"
+        "import engine.trainer, engine.serialize.update, engine.serialize.compression\n"
+        "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env(), capture_output=True, text=True, check=True
+    ).stdout
     loaded = set(json.loads(out))
     assert {"numpy", "httpx", "engine", "device_agent"} <= loaded  # the check really ran
     assert not loaded & set(SERVER_PACKAGES), f"the agent pulled in {sorted(loaded & set(SERVER_PACKAGES))}"

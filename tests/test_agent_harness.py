@@ -56,10 +56,21 @@ class Coordinator:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.workdir = workdir
-        self.options = {"goal": 3, "over_select": 1.0, "deadline": 120, "min_retry_after": 0,
-                        "max_retry_after": 2, "tick_interval": 0.2, "batch_size": 16, "lr": 0.05,
-                        "momentum": 0.9, "enrollment_key": ENROLL_KEY, "db": str(workdir / "coord.db"),
-                        "log_level": "warning", **options}
+        self.options = {
+            "goal": 3,
+            "over_select": 1.0,
+            "deadline": 120,
+            "min_retry_after": 0,
+            "max_retry_after": 2,
+            "tick_interval": 0.2,
+            "batch_size": 16,
+            "lr": 0.05,
+            "momentum": 0.9,
+            "enrollment_key": ENROLL_KEY,
+            "db": str(workdir / "coord.db"),
+            "log_level": "warning",
+            **options,
+        }
         self.proc: subprocess.Popen | None = None
 
     def start(self, wait: bool = True) -> Coordinator:
@@ -156,8 +167,7 @@ class TcpRecorder:
             threading.Thread(target=self._pump, args=(client, upstream, stream, holding), daemon=True).start()
             threading.Thread(target=self._pump, args=(upstream, client, None, holding), daemon=True).start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket, record: bytearray | None,
-              holding: threading.Event) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, record: bytearray | None, holding: threading.Event) -> None:
         try:
             while chunk := src.recv(65536):
                 if record is not None:
@@ -188,7 +198,7 @@ class TcpRecorder:
                 headers = {k.strip().lower(): v.strip() for k, v in (h.split(":", 1) for h in head[1:])}
                 assert "transfer-encoding" not in headers, "chunked bodies are not expected from the agent"
                 length = int(headers.get("content-length", 0))
-                body = data[end + 4:end + 4 + length]
+                body = data[end + 4 : end + 4 + length]
                 assert len(body) == length, "a recorded request was cut short"
                 found.append(Request(method, path, headers, body))
                 pos = end + 4 + length
@@ -203,8 +213,9 @@ class TcpRecorder:
 # ---------------------------------------------------------------------- data and agents
 
 
-def make_shards(directory: Path, n_devices: int, per_device: int, partition: str = "dirichlet:0.3",
-                seed: int = 0) -> tuple[list[Path], np.ndarray]:
+def make_shards(
+    directory: Path, n_devices: int, per_device: int, partition: str = "dirichlet:0.3", seed: int = 0
+) -> tuple[list[Path], np.ndarray]:
     """Per-device .npz files cut from the embedded Fashion-MNIST subset; also returns each device's
     indices into the embedded train split (so tests can look for the raw pixels)."""
     from engine.data import load_default, parse_partition
@@ -228,15 +239,36 @@ def device_token(state_dir: Path) -> str:
 
 
 def agent_args(coordinator_url: str, data: Path, state_dir: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "device_agent", "run", "--coordinator", coordinator_url,
-            "--data", str(data),
-            "--state-dir", str(state_dir), "--enrollment-key", ENROLL_KEY, "--ignore-conditions", "--json",
-            "--max-wait", "1", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "device_agent",
+        "run",
+        "--coordinator",
+        coordinator_url,
+        "--data",
+        str(data),
+        "--state-dir",
+        str(state_dir),
+        "--enrollment-key",
+        ENROLL_KEY,
+        "--ignore-conditions",
+        "--json",
+        "--max-wait",
+        "1",
+        *extra,
+    ]
 
 
 def start_agent(coordinator_url: str, data: Path, state_dir: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen(agent_args(coordinator_url, data, state_dir, *extra), cwd=REPO, env=env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        agent_args(coordinator_url, data, state_dir, *extra),
+        cwd=REPO,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def finish(proc: subprocess.Popen, timeout: float) -> tuple[str, str]:

@@ -12,10 +12,18 @@ from engine.data import load_default
 from engine.serialize.container import loads
 from engine.serialize.update import decode_update
 
-ALLOWED_METADATA = {"format", "format_version", "encoding", "sparse", "sample_count", "round_id",
-                    "base_version", "metrics", "tensors"}
-ALLOWED_METRICS = {"loss_before", "loss_after", "acc_before", "acc_after", "train_loss", "steps",
-                   "delta_norm"}
+ALLOWED_METADATA = {
+    "format",
+    "format_version",
+    "encoding",
+    "sparse",
+    "sample_count",
+    "round_id",
+    "base_version",
+    "metrics",
+    "tensors",
+}
+ALLOWED_METRICS = {"loss_before", "loss_after", "acc_before", "acc_after", "train_loss", "steps", "delta_norm"}
 
 
 def test_a_full_round_sends_no_sample_label_or_file_name(tmp_path):
@@ -59,7 +67,7 @@ def test_a_full_round_sends_no_sample_label_or_file_name(tmp_path):
     for i in range(0, len(x), 7):
         assert x[i].tobytes() not in sent, f"sample {i} (float32 pixels) was sent"
         assert x[i, 0, 10].tobytes() not in sent, f"a row of sample {i} was sent"
-        assert train.raw[indices[i]].tobytes()[28 * 10:28 * 12] not in sent, f"raw pixels of {i} were sent"
+        assert train.raw[indices[i]].tobytes()[28 * 10 : 28 * 12] not in sent, f"raw pixels of {i} were sent"
     for dtype in (np.int64, np.int32, np.uint8, np.float32):
         assert y[:12].astype(dtype).tobytes() not in sent, f"the label sequence ({dtype.__name__}) was sent"
     assert json.dumps(y[:12].tolist()).encode() not in sent

@@ -61,17 +61,40 @@ class FakeCoordinator:
 
 
 def task(round_id: int = 1, **options) -> dict:
-    return {"round_id": round_id, "base_version": 0, "epochs": 1, "batch_size": 16, "lr": 0.05,
-            "momentum": 0.9, "deadline": time.time() + 600, "fedprox_mu": 0.0, "clip_norm": None,
-            "noise_multiplier": 0.0, "encoding": "float32", "topk_fraction": None, **options}
+    return {
+        "round_id": round_id,
+        "base_version": 0,
+        "epochs": 1,
+        "batch_size": 16,
+        "lr": 0.05,
+        "momentum": 0.9,
+        "deadline": time.time() + 600,
+        "fedprox_mu": 0.0,
+        "clip_norm": None,
+        "noise_multiplier": 0.0,
+        "encoding": "float32",
+        "topk_fraction": None,
+        **options,
+    }
 
 
 def make_agent(tmp_path, fake: FakeCoordinator, probe: Probe | None = None, **config) -> Agent:
-    client = CoordinatorClient("http://fake", transport=httpx.MockTransport(fake),
-                               retry=RetryPolicy(attempts=2, base_delay=0), sleep=lambda s: None)
+    client = CoordinatorClient(
+        "http://fake",
+        transport=httpx.MockTransport(fake),
+        retry=RetryPolicy(attempts=2, base_delay=0),
+        sleep=lambda s: None,
+    )
     cfg = AgentConfig(coordinator="http://fake", enrollment_key="k", **config)
-    return Agent(cfg, client, AgentState(tmp_path / "state"), local_data(), probe or AlwaysEligible(),
-                 sleep=lambda s: None, emit=lambda line: None)
+    return Agent(
+        cfg,
+        client,
+        AgentState(tmp_path / "state"),
+        local_data(),
+        probe or AlwaysEligible(),
+        sleep=lambda s: None,
+        emit=lambda line: None,
+    )
 
 
 def test_two_rounds_cache_the_model_and_report_every_field(tmp_path):
@@ -80,8 +103,19 @@ def test_two_rounds_cache_the_model_and_report_every_field(tmp_path):
     assert [r["round"] for r in records] == [1, 2]
     assert fake.model_gets == 1  # version unchanged: the second round uses the cached file
     for r in records:
-        for key in ("round", "version", "samples", "loss_before", "loss_after", "acc_before", "acc_after",
-                    "personal_acc", "global_acc", "bytes_sent", "bytes_raw_float32"):
+        for key in (
+            "round",
+            "version",
+            "samples",
+            "loss_before",
+            "loss_after",
+            "acc_before",
+            "acc_after",
+            "personal_acc",
+            "global_acc",
+            "bytes_sent",
+            "bytes_raw_float32",
+        ):
             assert r[key] is not None, key
         assert r["bytes_sent"] < 0.3 * r["bytes_raw_float32"]
         assert r["loss_after"] < r["loss_before"]
@@ -139,8 +173,7 @@ def test_conditions_lost_mid_training_discard_the_round(tmp_path, caplog):
 
 def test_personal_layers_default_to_the_head_and_are_configurable():
     assert personal_names(["c1.weight", "c1.bias", "fc.weight", "fc.bias"]) == ["fc.weight", "fc.bias"]
-    assert personal_names(["c1.weight", "fc2.weight", "fc2.bias", "fc3.weight"], ["fc2"]) == ["fc2.weight",
-                                                                                             "fc2.bias"]
+    assert personal_names(["c1.weight", "fc2.weight", "fc2.bias", "fc3.weight"], ["fc2"]) == ["fc2.weight", "fc2.bias"]
     with pytest.raises(ValueError, match="match no parameter"):
         personal_names(["fc.weight"], ["conv9"])
 

@@ -31,9 +31,13 @@ SAMPLES = {"a": 10, "b": 30, "c": 5}
 
 
 def update(name: str, round_id: int) -> bytes:
-    return encode_update(random_delta(SHAPES, seed=ord(name), scale=0.05), sample_count=SAMPLES[name],
-                         round_id=round_id, base_version=round_id - 1,
-                         encoding="float16" if name == "b" else "float32")
+    return encode_update(
+        random_delta(SHAPES, seed=ord(name), scale=0.05),
+        sample_count=SAMPLES[name],
+        round_id=round_id,
+        base_version=round_id - 1,
+        encoding="float16" if name == "b" else "float32",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -42,11 +46,14 @@ def books(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("books")
     model = tmp / "m.pfmodel"
     model.write_bytes(stand_in_model_bytes(seed=3, shapes=SHAPES))
-    settings = Settings(db=str(tmp / "c.db"), model=str(model), enrollment_key=KEY, goal=2, deadline=3600,
-                        server_lr=0.7)
-    with ServerThread(create_app(settings)) as server, \
-            FaultProxy(int(server.url.rsplit(":", 1)[1]), record_dir=tmp / "wire") as proxy, \
-            httpx.Client(base_url=proxy.url, timeout=10) as client:
+    settings = Settings(
+        db=str(tmp / "c.db"), model=str(model), enrollment_key=KEY, goal=2, deadline=3600, server_lr=0.7
+    )
+    with (
+        ServerThread(create_app(settings)) as server,
+        FaultProxy(int(server.url.rsplit(":", 1)[1]), record_dir=tmp / "wire") as proxy,
+        httpx.Client(base_url=proxy.url, timeout=10) as client,
+    ):
         a, b, c = (TestDevice(client, KEY, n) for n in "abc")
         for device, name in ((a, "a"), (b, "b")):
             device.task()
@@ -152,8 +159,9 @@ def test_without_a_witness_the_stored_sums_are_checked(copy):
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "coordinator.audit", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "coordinator.audit", *args], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
 
 
 def test_cli(copy, tmp_path):

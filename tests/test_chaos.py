@@ -21,10 +21,33 @@ ROUNDS = 4
 def chaos_run(tmp_path_factory):
     work = tmp_path_factory.mktemp("chaos") / "work"
     proc = subprocess.run(
-        [sys.executable, "-m", "coordinator.simulation.cli", "--devices", "6", "--per-round", "3", "--rounds",
-         str(ROUNDS), "--seed", "1", "--chaos-agent-kills", "2", "--chaos-coordinator-restarts", "2",
-         "--chaos-proxy", "--json", "--no-progress", "--workdir", str(work)],
-        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "coordinator.simulation.cli",
+            "--devices",
+            "6",
+            "--per-round",
+            "3",
+            "--rounds",
+            str(ROUNDS),
+            "--seed",
+            "1",
+            "--chaos-agent-kills",
+            "2",
+            "--chaos-coordinator-restarts",
+            "2",
+            "--chaos-proxy",
+            "--json",
+            "--no-progress",
+            "--workdir",
+            str(work),
+        ],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = [json.loads(line) for line in proc.stdout.splitlines()]
@@ -66,9 +89,20 @@ def test_training_still_improved(chaos_run):
 def test_the_audit_cli_agrees_on_the_files_left_behind(chaos_run):
     _, summary, work = chaos_run
     proc = subprocess.run(
-        [sys.executable, "-m", "coordinator.audit", "--db", str(work / "coordinator.db"), "--uploads",
-         str(work / "wire"), "--json"],
-        cwd=REPO, capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "coordinator.audit",
+            "--db",
+            str(work / "coordinator.db"),
+            "--uploads",
+            str(work / "wire"),
+            "--json",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(proc.stdout.splitlines()[-1])

@@ -47,18 +47,29 @@ def events(tmp_path) -> list[dict]:
 
 
 def test_parser_finds_the_same_boundaries_whatever_the_chunking():
-    stream = (b"POST /v1/rounds/3/updates HTTP/1.1\r\nContent-Length: 5\r\nIdempotency-Key: k\r\n\r\nhello"
-              b"GET /v1/models/1 HTTP/1.1\r\nHost: x\r\n\r\n")
-    whole = [(e.kind, e.message.start, e.message.head_end, e.message.end)
-             for e in HttpStream("request", deque()).feed(stream)]
+    stream = (
+        b"POST /v1/rounds/3/updates HTTP/1.1\r\nContent-Length: 5\r\nIdempotency-Key: k\r\n\r\nhello"
+        b"GET /v1/models/1 HTTP/1.1\r\nHost: x\r\n\r\n"
+    )
+    whole = [
+        (e.kind, e.message.start, e.message.head_end, e.message.end)
+        for e in HttpStream("request", deque()).feed(stream)
+    ]
     parser, split = HttpStream("request", deque()), []
     for i in range(len(stream)):
-        split += [(e.kind, e.message.start, e.message.head_end, e.message.end)
-                  for e in parser.feed(stream[i:i + 1])]
+        split += [(e.kind, e.message.start, e.message.head_end, e.message.end) for e in parser.feed(stream[i : i + 1])]
     first_head = stream.index(b"\r\n\r\n") + 4
     second = first_head + 5
-    assert whole == split == [("head", 0, first_head, second), ("end", 0, first_head, second),
-                              ("head", second, len(stream), len(stream)), ("end", second, len(stream), len(stream))]
+    assert (
+        whole
+        == split
+        == [
+            ("head", 0, first_head, second),
+            ("end", 0, first_head, second),
+            ("head", second, len(stream), len(stream)),
+            ("end", second, len(stream), len(stream)),
+        ]
+    )
     requests = deque()
     HttpStream("request", requests).feed(stream)
     assert requests[0].upload_round == 3 and bytes(requests[0].body) == b"hello"
@@ -72,8 +83,10 @@ def test_chunked_bodies_make_the_parser_step_aside():
 
 
 def test_relays_and_records_an_upload_without_faults(server, tmp_path):
-    with FaultProxy(port_of(server.url), record_dir=tmp_path / "wire") as proxy, \
-            httpx.Client(base_url=proxy.url, timeout=10) as client:
+    with (
+        FaultProxy(port_of(server.url), record_dir=tmp_path / "wire") as proxy,
+        httpx.Client(base_url=proxy.url, timeout=10) as client,
+    ):
         device = TestDevice(client, KEY)
         device.task()
         answer = device.upload(1, body(), key="k1")
@@ -82,8 +95,10 @@ def test_relays_and_records_an_upload_without_faults(server, tmp_path):
     assert received(server) == 1
     assert proxy.counters["uploads_forwarded"] == 2 and proxy.counters["uploads_acknowledged"] == 2
     assert proxy.counters["connections"] == 1 and proxy.counters["requests"] == proxy.counters["responses"] == 4
-    forwarded, answered = [e for e in events(tmp_path) if e["event"] == "forwarded"], \
-        [e for e in events(tmp_path) if e["event"] == "answered"]
+    forwarded, answered = (
+        [e for e in events(tmp_path) if e["event"] == "forwarded"],
+        [e for e in events(tmp_path) if e["event"] == "answered"],
+    )
     assert [(e["key"], e["round_id"], e["size"]) for e in forwarded] == [("k1", 1, len(body()))] * 2
     assert [(e["status"], e["delivered"]) for e in answered] == [(202, True)] * 2
     saved = (tmp_path / "wire" / "bodies" / f"{forwarded[0]['sha256']}.bin").read_bytes()
@@ -97,13 +112,19 @@ def test_refuses_connections(server, tmp_path):
 
 
 def test_a_request_cut_mid_body_is_never_counted(server, tmp_path):
-    with FaultProxy(port_of(server.url), Faults(cut_request=1.0), record_dir=tmp_path / "wire") as proxy, \
-            httpx.Client(base_url=server.url, timeout=10) as direct:
+    with (
+        FaultProxy(port_of(server.url), Faults(cut_request=1.0), record_dir=tmp_path / "wire") as proxy,
+        httpx.Client(base_url=server.url, timeout=10) as direct,
+    ):
         device = TestDevice(direct, KEY)
         device.task()
         with pytest.raises(httpx.TransportError):
-            httpx.post(f"{proxy.url}/v1/rounds/1/updates", content=body(),
-                       headers={**device.headers, "Idempotency-Key": "cut"}, timeout=10)
+            httpx.post(
+                f"{proxy.url}/v1/rounds/1/updates",
+                content=body(),
+                headers={**device.headers, "Idempotency-Key": "cut"},
+                timeout=10,
+            )
         assert received(server) == 0
         assert device.upload(1, body(), key="cut").json()["received"] == 1  # the device's retry, direct
     assert proxy.counters["cut_requests"] == 1
@@ -112,8 +133,10 @@ def test_a_request_cut_mid_body_is_never_counted(server, tmp_path):
 
 
 def test_an_answer_cut_mid_body_leaves_the_update_counted_once(server, tmp_path):
-    with FaultProxy(port_of(server.url), Faults(cut_ack=1.0), record_dir=tmp_path / "wire") as proxy, \
-            httpx.Client(base_url=proxy.url, timeout=10) as client:
+    with (
+        FaultProxy(port_of(server.url), Faults(cut_ack=1.0), record_dir=tmp_path / "wire") as proxy,
+        httpx.Client(base_url=proxy.url, timeout=10) as client,
+    ):
         device = TestDevice(client, KEY)
         device.task()
         with pytest.raises(httpx.TransportError):  # counted by the server, the device never heard
@@ -129,8 +152,10 @@ def test_an_answer_cut_mid_body_leaves_the_update_counted_once(server, tmp_path)
 
 
 def test_delays_and_stays_correct(server):
-    with FaultProxy(port_of(server.url), Faults(seed=1, delay=1.0, max_delay=0.02)) as proxy, \
-            httpx.Client(base_url=proxy.url, timeout=10) as client:
+    with (
+        FaultProxy(port_of(server.url), Faults(seed=1, delay=1.0, max_delay=0.02)) as proxy,
+        httpx.Client(base_url=proxy.url, timeout=10) as client,
+    ):
         device = TestDevice(client, KEY)
         model = client.get("/v1/models/0", headers=device.headers)
     assert model.status_code == 200 and len(model.content) > 64 * 32 * 4

@@ -136,9 +136,7 @@ def test_compose_topology_as_processes(tmp_path):
     (paths and the port mapped to this machine), each replica deriving its shard from PF_REPLICA_ID."""
     port = free_port()
     coord_argv = [sys.executable, "-m", "coordinator"] + [
-        {"8000": str(port), "0.0.0.0": "127.0.0.1", "/data/pocketfed.db": str(tmp_path / "pocketfed.db")}.get(
-            a, a
-        )
+        {"8000": str(port), "0.0.0.0": "127.0.0.1", "/data/pocketfed.db": str(tmp_path / "pocketfed.db")}.get(a, a)
         for a in command("coordinator")[1:]
     ]
     coord_env = {
@@ -164,9 +162,7 @@ def test_compose_topology_as_processes(tmp_path):
             except httpx.HTTPError:
                 time.sleep(0.1)
         device_argv = [
-            {"python": sys.executable, "http://coordinator:8000": url, "/state": str(tmp_path / "state")}.get(
-                a, a
-            )
+            {"python": sys.executable, "http://coordinator:8000": url, "/state": str(tmp_path / "state")}.get(a, a)
             for a in command("device", {"PF_FLEET_SIZE": "5"})
         ] + ["--rounds", "1", "--max-wait", "1"]
         for i in range(3):

@@ -16,13 +16,23 @@ def _forge(header: dict | bytes, payload: bytes = b"") -> bytes:
 
 
 def _header(tensors, payload=b"", **extra):
-    return {"kind": "tensors", "metadata": {}, "payload_sha256": hashlib.sha256(payload).hexdigest(),
-            "tensors": tensors, **extra}
+    return {
+        "kind": "tensors",
+        "metadata": {},
+        "payload_sha256": hashlib.sha256(payload).hexdigest(),
+        "tensors": tensors,
+        **extra,
+    }
 
 
 def test_round_trip_keeps_names_dtypes_shapes_values_and_metadata():
-    tensors = {"w": np.arange(12, dtype=np.float32).reshape(3, 4), "i": np.array([1, -2], np.int64),
-               "h": np.ones((2, 2), np.float16), "q": np.array([-127, 5], np.int8), "s": np.float32(3.5)}
+    tensors = {
+        "w": np.arange(12, dtype=np.float32).reshape(3, 4),
+        "i": np.array([1, -2], np.int64),
+        "h": np.ones((2, 2), np.float16),
+        "q": np.array([-127, 5], np.int8),
+        "s": np.float32(3.5),
+    }
     back = loads(dumps(tensors, {"round": 3, "note": "x"}, kind="update"), kind="update")
     assert back.kind == "update" and back.metadata == {"round": 3, "note": "x"}
     for name, value in tensors.items():
@@ -31,14 +41,17 @@ def test_round_trip_keeps_names_dtypes_shapes_values_and_metadata():
     back.tensors["w"][0, 0] = 99  # arrays are writable copies, not views of the input bytes
 
 
-@pytest.mark.parametrize("mangle,message", [
-    (lambda b: b"NOTPOCKT" + b[8:], "wrong magic"),
-    (lambda b: b[:10], "too short"),
-    (lambda b: b[:-3], "checksum"),
-    (lambda b: b[:-1] + bytes([b[-1] ^ 1]), "checksum"),
-    (lambda b: b[:8] + struct.pack("<I", 7) + b[12:], "version 7"),
-    (lambda b: b[:12] + struct.pack("<Q", 1 << 40) + b[20:], "header length"),
-])
+@pytest.mark.parametrize(
+    "mangle,message",
+    [
+        (lambda b: b"NOTPOCKT" + b[8:], "wrong magic"),
+        (lambda b: b[:10], "too short"),
+        (lambda b: b[:-3], "checksum"),
+        (lambda b: b[:-1] + bytes([b[-1] ^ 1]), "checksum"),
+        (lambda b: b[:8] + struct.pack("<I", 7) + b[12:], "version 7"),
+        (lambda b: b[:12] + struct.pack("<Q", 1 << 40) + b[20:], "header length"),
+    ],
+)
 def test_damaged_bytes_are_refused_with_the_reason(mangle, message):
     good = dumps({"w": np.ones((4, 4), np.float32)}, {})
     with pytest.raises(ContainerError, match=message):
@@ -50,15 +63,18 @@ def test_wrong_kind_is_refused():
         loads(dumps({}, {}, kind="update"), kind="model")
 
 
-@pytest.mark.parametrize("entry,message", [
-    ({"name": "w", "dtype": "float32", "shape": [1 << 30, 1 << 30], "offset": 0, "nbytes": 16}, "needs"),
-    ({"name": "w", "dtype": "float32", "shape": [4], "offset": 0, "nbytes": 16}, "past the payload"),
-    ({"name": "w", "dtype": "object", "shape": [1], "offset": 0, "nbytes": 8}, "not allowed"),
-    ({"name": "w", "dtype": "float32", "shape": [-1], "offset": 0, "nbytes": 4}, "shape"),
-    ({"name": "w", "dtype": "float32", "shape": [1] * 9, "offset": 0, "nbytes": 4}, "shape"),
-    ({"name": "", "dtype": "float32", "shape": [1], "offset": 0, "nbytes": 4}, "no name"),
-    ({"name": "w", "dtype": "float32", "shape": [1], "offset": -4, "nbytes": 4}, "non-negative"),
-])
+@pytest.mark.parametrize(
+    "entry,message",
+    [
+        ({"name": "w", "dtype": "float32", "shape": [1 << 30, 1 << 30], "offset": 0, "nbytes": 16}, "needs"),
+        ({"name": "w", "dtype": "float32", "shape": [4], "offset": 0, "nbytes": 16}, "past the payload"),
+        ({"name": "w", "dtype": "object", "shape": [1], "offset": 0, "nbytes": 8}, "not allowed"),
+        ({"name": "w", "dtype": "float32", "shape": [-1], "offset": 0, "nbytes": 4}, "shape"),
+        ({"name": "w", "dtype": "float32", "shape": [1] * 9, "offset": 0, "nbytes": 4}, "shape"),
+        ({"name": "", "dtype": "float32", "shape": [1], "offset": 0, "nbytes": 4}, "no name"),
+        ({"name": "w", "dtype": "float32", "shape": [1], "offset": -4, "nbytes": 4}, "non-negative"),
+    ],
+)
 def test_hostile_headers_are_refused_before_allocating(entry, message):
     with pytest.raises(ContainerError, match=message):
         loads(_forge(_header([entry])))
@@ -87,6 +103,7 @@ def test_save_is_atomic_and_load_reads_it_back(tmp_path, monkeypatch):
 
     def failing_fsync(fd):
         raise Boom
+
     monkeypatch.setattr("os.fsync", failing_fsync)
     with pytest.raises(Boom):
         write_atomic(path, b"half")

@@ -76,9 +76,7 @@ def test_whole_device_flow(service):
     download = service.get("/v1/models/0", headers=a.headers)
     assert download.status_code == 200 and download.headers["content-type"] == "application/octet-stream"
     assert hashlib.sha256(download.content).hexdigest() == latest["sha256"]
-    assert download.headers["etag"] == f'"{latest["sha256"]}"' and latest["size_bytes"] == len(
-        download.content
-    )
+    assert download.headers["etag"] == f'"{latest["sha256"]}"' and latest["size_bytes"] == len(download.content)
     cached = service.get("/v1/models/0", headers={**a.headers, "If-None-Match": download.headers["etag"]})
     assert cached.status_code == 304 and cached.content == b""
 
@@ -100,9 +98,7 @@ def test_whole_device_flow(service):
 
     rounds = service.get("/v1/rounds").json()
     assert [(r["id"], r["status"]) for r in rounds] == [(2, "open"), (1, "committed")]
-    assert (
-        rounds[1]["result_version"] == 1 and rounds[1]["received"] == 2 and rounds[1]["total_samples"] == 40
-    )
+    assert rounds[1]["result_version"] == 1 and rounds[1]["received"] == 2 and rounds[1]["total_samples"] == 40
     detail = service.get("/v1/rounds/1").json()
     assert sorted(p["device_id"] for p in detail["participants"]) == sorted([a.id, b.id])
     assert detail["metrics"] == {"loss": pytest.approx(0.5)}
@@ -123,9 +119,7 @@ def test_authentication_refusals(service):
     assert bad_key.status_code == 401 and "enrollment_key" in bad_key.json()["detail"]
     no_token = service.post("/v1/checkin", json={"eligible": True})
     assert no_token.status_code == 401 and "missing bearer token" in no_token.json()["detail"]
-    bad_token = service.post(
-        "/v1/checkin", json={"eligible": True}, headers={"Authorization": "Bearer forged"}
-    )
+    bad_token = service.post("/v1/checkin", json={"eligible": True}, headers={"Authorization": "Bearer forged"})
     assert bad_token.status_code == 401 and "unknown" in bad_token.json()["detail"]
     assert service.get("/v1/models/0").status_code == 401
     a, b = TestDevice(service, KEY), TestDevice(service, KEY)
@@ -170,9 +164,7 @@ def test_upload_refusals_leave_the_aggregate_untouched(service):
     refused(a, update_bytes(base_version=7), 422, "base_version 7 does not match")
     refused(a, update_bytes(samples=10_001), 422, "sample_count 10001 exceeds")
     big = {k: v * 1000 for k, v in random_delta(LENET_SHAPES, 0).items()}
-    refused(
-        a, encode_update(big, sample_count=5, round_id=1, base_version=0), 422, "L2 norm .* exceeds the bound"
-    )
+    refused(a, encode_update(big, sample_count=5, round_id=1, base_version=0), 422, "L2 norm .* exceeds the bound")
     nan = random_delta(LENET_SHAPES, 0)
     nan["fc2.bias"][3] = np.nan
     container = loads(update_bytes())  # NaN written past the encoder, which refuses to send it
@@ -190,9 +182,7 @@ def test_upload_refusals_leave_the_aggregate_untouched(service):
         for _ in range(10):
             yield b"y" * 100_000
 
-    streamed = service.post(
-        "/v1/rounds/1/updates", content=chunks(), headers={**a.headers, "Idempotency-Key": "s"}
-    )
+    streamed = service.post("/v1/rounds/1/updates", content=chunks(), headers={**a.headers, "Idempotency-Key": "s"})
     assert streamed.status_code == 413 and "more than the limit" in streamed.json()["detail"]
     no_key = service.post("/v1/rounds/1/updates", content=good, headers=a.headers)
     assert no_key.status_code == 400 and "Idempotency-Key" in no_key.json()["detail"]
@@ -217,10 +207,7 @@ def test_late_update_to_a_closed_round_is_refused(service):
     for d in devices:
         assert d.task()["round_id"] == 1  # over-selection: 3 slots for a goal of 2
     fourth = TestDevice(service, KEY).checkin()
-    assert (
-        fourth.json()["status"] == "retry"
-        and int(fourth.headers["retry-after"]) == fourth.json()["retry_after"]
-    )
+    assert fourth.json()["status"] == "retry" and int(fourth.headers["retry-after"]) == fourth.json()["retry_after"]
     assert devices[0].upload(1, update_bytes(seed=1)).status_code == 202
     assert devices[1].upload(1, update_bytes(seed=2)).status_code == 202
     late = devices[2].upload(1, update_bytes(seed=3))

@@ -50,9 +50,7 @@ def test_lenet_round_with_real_training_and_server_evaluation(tmp_path):
             task = device.task()
             model_bytes = client.get(f"/v1/models/{task['base_version']}", headers=device.headers).content
             model = load_model_bytes(model_bytes)
-            trainer = Trainer(
-                model, optimizer=SGD(task["lr"], momentum=0.9), batch_size=task["batch_size"], seed=i
-            )
+            trainer = Trainer(model, optimizer=SGD(task["lr"], momentum=0.9), batch_size=task["batch_size"], seed=i)
             base = {n: model.params[n].value.copy() for n in model.trainable}
             shard = Subset(train, np.arange(i * 600, (i + 1) * 600))
             result = trainer.fit(shard, epochs=task["epochs"])

@@ -30,16 +30,22 @@ SHAPES = {"w": (6, 5), "b": (5,)}
 
 
 def body(seed: int, samples: int, round_id: int = 1) -> bytes:
-    return encode_update(random_delta(SHAPES, seed, scale=0.1), sample_count=samples, round_id=round_id,
-                         base_version=0)
+    return encode_update(random_delta(SHAPES, seed, scale=0.1), sample_count=samples, round_id=round_id, base_version=0)
 
 
 @pytest.fixture
 def service(tmp_path):
     model = tmp_path / "m.pfmodel"
     model.write_bytes(stand_in_model_bytes(seed=2, shapes=SHAPES))
-    settings = Settings(db=str(tmp_path / "c.db"), model=str(model), goal=3, over_select=2.0, deadline=600,
-                        enrollment_key=KEY, strategy="fedavg")
+    settings = Settings(
+        db=str(tmp_path / "c.db"),
+        model=str(model),
+        goal=3,
+        over_select=2.0,
+        deadline=600,
+        enrollment_key=KEY,
+        strategy="fedavg",
+    )
     app = create_app(settings)
     with ServerThread(app) as server, httpx.Client(base_url=server.url, timeout=30) as client:
         client.manager, client.base = app.state.manager, loads(model.read_bytes()).tensors
@@ -70,7 +76,8 @@ def test_a_group_stops_at_the_goal_and_the_rest_are_late(service):
         assert d.task()["round_id"] == 1
     samples = [4, 7, 9, 2, 5]
     outcomes = queued_while_the_writer_waits(
-        manager, [(d, f"key-{i}", body(i, samples[i])) for i, d in enumerate(devices)])
+        manager, [(d, f"key-{i}", body(i, samples[i])) for i, d in enumerate(devices)]
+    )
     assert outcomes[:3] == [{"accepted": True, "round_id": 1, "received": n, "goal": 3} for n in (1, 2, 3)]
     for late in outcomes[3:]:
         assert isinstance(late, Refused) and late.status_code == 409 and "round 1 is committed" in late.detail
@@ -79,8 +86,9 @@ def test_a_group_stops_at_the_goal_and_the_rest_are_late(service):
     assert (r1["status"], r1["received"], r1["total_samples"]) == ("committed", 3, sum(samples[:3]))
     got = loads(service.get("/v1/models/1", headers=devices[0].headers).content).tensors
     for name in SHAPES:  # FedAvg over exactly the first three, in the order they were queued
-        mean = sum(n * random_delta(SHAPES, i, scale=0.1)[name].astype(np.float64)
-                   for i, n in enumerate(samples[:3])) / sum(samples[:3])
+        mean = sum(
+            n * random_delta(SHAPES, i, scale=0.1)[name].astype(np.float64) for i, n in enumerate(samples[:3])
+        ) / sum(samples[:3])
         np.testing.assert_allclose(got[name], service.base[name] + mean, atol=1e-6, err_msg=name)
     assert service.get("/v1/rounds/2").json()["status"] == "open"
     metrics = service.get("/metrics").text
@@ -93,7 +101,8 @@ def test_replays_and_duplicates_inside_one_group(service):
     a, b = TestDevice(service, KEY), TestDevice(service, KEY)
     a.task(), b.task()
     outcomes = queued_while_the_writer_waits(
-        manager, [(a, "a", body(0, 5)), (a, "a", body(0, 5)), (a, "a-other", body(1, 5)), (b, "b", body(2, 6))])
+        manager, [(a, "a", body(0, 5)), (a, "a", body(0, 5)), (a, "a-other", body(1, 5)), (b, "b", body(2, 6))]
+    )
     first = {"accepted": True, "round_id": 1, "received": 1, "goal": 3}
     assert outcomes[0] == outcomes[1] == first  # the same key twice: one update, the same answer
     assert isinstance(outcomes[2], Refused) and outcomes[2].status_code == 409
@@ -131,12 +140,29 @@ def free_port() -> int:
 
 
 def start(tmp_path: Path, model: Path, port: int, n: int) -> subprocess.Popen:
-    args = [sys.executable, "-m", "coordinator", "--port", str(port), "--db", str(tmp_path / "c.db"),
-            "--model", str(model), "--goal", "100", "--deadline", "3600", "--enrollment-key", KEY,
-            "--log-level", "warning"]
+    args = [
+        sys.executable,
+        "-m",
+        "coordinator",
+        "--port",
+        str(port),
+        "--db",
+        str(tmp_path / "c.db"),
+        "--model",
+        str(model),
+        "--goal",
+        "100",
+        "--deadline",
+        "3600",
+        "--enrollment-key",
+        KEY,
+        "--log-level",
+        "warning",
+    ]
     log = open(tmp_path / f"coordinator-{n}.log", "wb")  # noqa: SIM115 (closed with the process)
-    proc = subprocess.Popen(args, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=log,
-                            stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        args, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=log, stderr=subprocess.STDOUT
+    )
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         assert proc.poll() is None, (tmp_path / f"coordinator-{n}.log").read_text()

@@ -35,8 +35,12 @@ def one_round(client: httpx.Client) -> list[TestDevice]:
     devices = [TestDevice(client, KEY) for _ in range(2)]
     for i, device in enumerate(devices):
         task = device.task()
-        body = encode_update(random_delta(SHAPES, seed=i, scale=0.1), sample_count=10 + i,
-                             round_id=task["round_id"], base_version=task["base_version"])
+        body = encode_update(
+            random_delta(SHAPES, seed=i, scale=0.1),
+            sample_count=10 + i,
+            round_id=task["round_id"],
+            base_version=task["base_version"],
+        )
         assert device.upload(task["round_id"], body).status_code == 202
     return devices
 

@@ -41,9 +41,7 @@ def service(tmp_path):
 
 
 def upload(device, round_id, base_version=0, seed=0):
-    body = encode_update(
-        random_delta(SHAPES, seed), sample_count=5, round_id=round_id, base_version=base_version
-    )
+    body = encode_update(random_delta(SHAPES, seed), sample_count=5, round_id=round_id, base_version=base_version)
     return device.upload(round_id, body)
 
 
@@ -116,9 +114,7 @@ def test_goal_commits_at_once(service):
 
 def test_admin_pause_resume_settings_and_publish(service):
     a = TestDevice(service, KEY)
-    changed = service.patch(
-        "/v1/admin/settings", json={"goal": 1, "lr": 0.2, "clip_norm": 1.5}, headers=service.admin
-    )
+    changed = service.patch("/v1/admin/settings", json={"goal": 1, "lr": 0.2, "clip_norm": 1.5}, headers=service.admin)
     assert changed.status_code == 200 and changed.json()["goal"] == 1
     assert a.task()["lr"] == 0.05  # the open round keeps its settings
     bad = service.patch("/v1/admin/settings", json={"min_fraction": 2.0}, headers=service.admin)

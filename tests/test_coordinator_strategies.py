@@ -24,9 +24,7 @@ def serve(tmp_path, **options):
     if not model.exists():
         model.write_bytes(stand_in_model_bytes(seed=3, shapes=SHAPES))
     options = {"goal": 2, **options}
-    settings = Settings(
-        db=str(tmp_path / "c.db"), model=str(model), enrollment_key=KEY, deadline=1000, **options
-    )
+    settings = Settings(db=str(tmp_path / "c.db"), model=str(model), enrollment_key=KEY, deadline=1000, **options)
     return ServerThread(create_app(settings, clock=FakeClock()))
 
 
@@ -51,8 +49,7 @@ def play_round(client, devices, round_no):
 
 def weighted_mean(deltas, counts):
     return {
-        k: sum(n * d[k].astype(np.float64) for d, n in zip(deltas, counts, strict=True)) / sum(counts)
-        for k in SHAPES
+        k: sum(n * d[k].astype(np.float64) for d, n in zip(deltas, counts, strict=True)) / sum(counts) for k in SHAPES
     }
 
 
@@ -115,9 +112,7 @@ def test_fedavgm_follows_server_momentum(tmp_path, restart):
 
 def test_fedadam_follows_reddi_et_al(tmp_path):
     lr, b1, b2, tau = 0.05, 0.9, 0.99, 1e-3
-    w0, w1, w2, d1, d2 = run_two_rounds(
-        tmp_path, strategy="fedadam", server_lr=lr, beta1=b1, beta2=b2, tau=tau
-    )
+    w0, w1, w2, d1, d2 = run_two_rounds(tmp_path, strategy="fedadam", server_lr=lr, beta1=b1, beta2=b2, tau=tau)
     g1, g2 = weighted_mean(d1, SAMPLES[0]), weighted_mean(d2, SAMPLES[1])
     m1 = {k: (1 - b1) * g1[k] for k in SHAPES}
     v1 = {k: (1 - b2) * g1[k] ** 2 for k in SHAPES}

@@ -116,8 +116,9 @@ def test_mnist_options(tmp_path):
     assert np.all(x[:, :2] == 0) and np.all(x[:, :, -2:] == 0)
     np.testing.assert_allclose(x[0, 2:-2, 2:-2], arrays["train"][0][1] / 255.0, rtol=1e-6)
     custom = MnistDataset(tmp_path, mean=0.5, std=0.25)
-    np.testing.assert_allclose(custom.get_item(0)[0][0], (arrays["train"][0][0] / 255.0 - 0.5) / 0.25,
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        custom.get_item(0)[0][0], (arrays["train"][0][0] / 255.0 - 0.5) / 0.25, rtol=1e-5, atol=1e-5
+    )
     for bad in ({"split": "val"}, {"pad": -1}, {"std": 0}, {"limit": 0}):
         with pytest.raises(ValueError):
             MnistDataset(tmp_path, **bad)

@@ -91,8 +91,13 @@ def test_parse_partition():
     assert (spec.name, spec.param) == ("dirichlet", 0.3)
     assert parse_partition("shards:2")(LABELS, 10, seed=4)[3].tolist() == shards(LABELS, 10, 2, 4)[3].tolist()
     assert parse_partition("quantity:1.0").name == "quantity" and str(parse_partition("shards")) == "shards:2"
-    bad_specs = (("random", "unknown partition"), ("dirichlet:abc", "not a number"),
-                 ("dirichlet:-1", "positive"), ("shards:1.5", "whole number"), ("iid:3", "no parameter"))
+    bad_specs = (
+        ("random", "unknown partition"),
+        ("dirichlet:abc", "not a number"),
+        ("dirichlet:-1", "positive"),
+        ("shards:1.5", "whole number"),
+        ("iid:3", "no parameter"),
+    )
     for bad, message in bad_specs:
         with pytest.raises(ValueError, match=message):
             parse_partition(bad)

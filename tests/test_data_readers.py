@@ -165,7 +165,7 @@ def test_random_crop_is_seeded_and_in_bounds():
     assert len({c.tobytes() for c in crops_a}) > 3  # different offsets are drawn
     for crop in crops_a:  # every crop is a window of the zero-padded image
         padded = np.pad(image, ((0, 0), (2, 2), (2, 2)))
-        assert any(np.array_equal(crop, padded[:, t:t + 6, s:s + 6]) for t in range(5) for s in range(5))
+        assert any(np.array_equal(crop, padded[:, t : t + 6, s : s + 6]) for t in range(5) for s in range(5))
     with pytest.raises(ValueError, match="larger than"):
         RandomCrop(7)(image)
 

@@ -40,7 +40,7 @@ def test_adaptive_split_costs_the_same_as_one_query():
     """Andrew et al. eq.: 1/z^2 = 1/z_delta^2 + 1/(2 sigma_b)^2."""
     z, sigma_b = 1.0, 2.0
     z_delta = privacy.delta_noise_multiplier(z, True, sigma_b)
-    assert z_delta ** -2 + (2 * sigma_b) ** -2 == pytest.approx(z ** -2)
+    assert z_delta**-2 + (2 * sigma_b) ** -2 == pytest.approx(z**-2)
     with pytest.raises(ValueError, match="dp_count_stddev"):
         privacy.delta_noise_multiplier(1.0, True, 0.4)
 
@@ -49,8 +49,16 @@ def serve(tmp_path, **options):
     tmp_path.mkdir(parents=True, exist_ok=True)
     model = tmp_path / "m.pfmodel"
     model.write_bytes(stand_in_model_bytes(seed=2, shapes=SHAPES))
-    settings = Settings(db=str(tmp_path / "c.db"), model=str(model), enrollment_key="k", deadline=1000,
-                        goal=2, dp_population=40, dp_delta=1e-5, **options)
+    settings = Settings(
+        db=str(tmp_path / "c.db"),
+        model=str(model),
+        enrollment_key="k",
+        deadline=1000,
+        goal=2,
+        dp_population=40,
+        dp_delta=1e-5,
+        **options,
+    )
     return ServerThread(create_app(settings, clock=FakeClock()))
 
 
@@ -71,8 +79,10 @@ def deltas_for(seed):
 
 
 def test_clipping_and_equal_weights_with_negligible_noise(tmp_path):
-    with serve(tmp_path, dp_noise_multiplier=1e-9, dp_clip_norm=0.5) as server, \
-            httpx.Client(base_url=server.url) as client:
+    with (
+        serve(tmp_path, dp_noise_multiplier=1e-9, dp_clip_norm=0.5) as server,
+        httpx.Client(base_url=server.url) as client,
+    ):
         devices = [TestDevice(client, "k") for _ in range(2)]
         w0 = weights(client, devices[0], 0)
         deltas = deltas_for(0)
@@ -86,8 +96,10 @@ def test_clipping_and_equal_weights_with_negligible_noise(tmp_path):
 
 def test_noise_std_and_epsilon_per_round_everywhere(tmp_path):
     z, clip_norm = 1.0, 1.0
-    with serve(tmp_path, dp_noise_multiplier=z, dp_clip_norm=clip_norm) as server, \
-            httpx.Client(base_url=server.url) as client:
+    with (
+        serve(tmp_path, dp_noise_multiplier=z, dp_clip_norm=clip_norm) as server,
+        httpx.Client(base_url=server.url) as client,
+    ):
         devices = [TestDevice(client, "k") for _ in range(2)]
         for round_id in (1, 2, 3):
             before = weights(client, devices[0], round_id - 1)
@@ -113,8 +125,10 @@ def test_noise_std_and_epsilon_per_round_everywhere(tmp_path):
 def test_budget_stops_rounds_or_warns(tmp_path):
     z, q = 1.0, 2 / 40
     budget = (reference_epsilon(q, z, 2, 1e-5) + reference_epsilon(q, z, 3, 1e-5)) / 2  # room for 2 rounds
-    with serve(tmp_path / "stop", dp_noise_multiplier=z, dp_epsilon_budget=budget) as server, \
-            httpx.Client(base_url=server.url) as client:
+    with (
+        serve(tmp_path / "stop", dp_noise_multiplier=z, dp_epsilon_budget=budget) as server,
+        httpx.Client(base_url=server.url) as client,
+    ):
         devices = [TestDevice(client, "k") for _ in range(2)]
         for seed in (1, 2):
             play_round(client, devices, deltas_for(seed))
@@ -124,8 +138,10 @@ def test_budget_stops_rounds_or_warns(tmp_path):
         assert answer["status"] == "retry" and "privacy budget" in answer["reason"]
         assert "pf_dp_budget_exhausted 1" in client.get("/metrics").text
         assert "privacy budget" in client.get("/").text
-    with serve(tmp_path / "warn", dp_noise_multiplier=z, dp_epsilon_budget=budget,
-               dp_on_budget="warn") as server, httpx.Client(base_url=server.url) as client:
+    with (
+        serve(tmp_path / "warn", dp_noise_multiplier=z, dp_epsilon_budget=budget, dp_on_budget="warn") as server,
+        httpx.Client(base_url=server.url) as client,
+    ):
         devices = [TestDevice(client, "k") for _ in range(2)]
         for seed in (1, 2, 3):
             play_round(client, devices, deltas_for(seed))
@@ -135,8 +151,10 @@ def test_budget_stops_rounds_or_warns(tmp_path):
 
 def test_adaptive_clipping_moves_toward_the_quantile(tmp_path):
     # both updates have norm ~63 > C = 0.1: the unclipped fraction is 0, so C grows by exp(0.2 * 0.5)
-    with serve(tmp_path, dp_noise_multiplier=0.01, dp_count_stddev=0.006, dp_adaptive_clip=True) as server, \
-            httpx.Client(base_url=server.url) as client:
+    with (
+        serve(tmp_path, dp_noise_multiplier=0.01, dp_count_stddev=0.006, dp_adaptive_clip=True) as server,
+        httpx.Client(base_url=server.url) as client,
+    ):
         devices = [TestDevice(client, "k") for _ in range(2)]
         play_round(client, devices, deltas_for(1))
         play_round(client, devices, deltas_for(2))

@@ -53,8 +53,22 @@ def small_idx_dir(tmp_path_factory) -> Path:
 
 
 def test_flags_are_honoured_on_a_data_directory(small_idx_dir):
-    proc = run("-m", "engine", "--data", str(small_idx_dir), "--epochs", "2", "--batch-size", "32",
-               "--lr", "0.02", "--seed", "3", "--json", "--quiet")
+    proc = run(
+        "-m",
+        "engine",
+        "--data",
+        str(small_idx_dir),
+        "--epochs",
+        "2",
+        "--batch-size",
+        "32",
+        "--lr",
+        "0.02",
+        "--seed",
+        "3",
+        "--json",
+        "--quiet",
+    )
     assert proc.returncode == 0, proc.stderr
     summary = last_json_line(proc.stdout)
     assert summary["epochs"] == 2
@@ -65,8 +79,13 @@ def test_flags_are_honoured_on_a_data_directory(small_idx_dir):
 def test_pf_eval_scores_a_model_file(tmp_path):
     model_path = tmp_path / "lenet.pfm"
     model_path.write_bytes(build_model_bytes("lenet", seed=0))
-    proc = run("-c", "import sys; from engine.cli import eval_main; sys.exit(eval_main())",
-               "--model", str(model_path), "--json")
+    proc = run(
+        "-c",
+        "import sys; from engine.cli import eval_main; sys.exit(eval_main())",
+        "--model",
+        str(model_path),
+        "--json",
+    )
     assert proc.returncode == 0, proc.stderr
     result = last_json_line(proc.stdout)
     assert result["n"] == load_default("test").size()
@@ -77,6 +96,7 @@ def test_console_scripts_point_at_real_functions():
     import tomllib
 
     from engine import cli
+
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts["pf-train"] == "engine.cli:train_main" and callable(cli.train_main)
     assert scripts["pf-eval"] == "engine.cli:eval_main" and callable(cli.eval_main)

@@ -146,18 +146,20 @@ def test_eval_function_shares_weights_with_training_function():
 
 # ----- memory plan -----
 
+
 def test_blocks_alive_together_never_share_bytes():
     rng = np.random.default_rng(0)
     for _ in range(50):
         blocks = []
         for _ in range(12):
             start = int(rng.integers(0, 20))
-            blocks.append(Block((int(rng.integers(1, 300)),), np.dtype(np.float32), start,
-                                start + int(rng.integers(0, 6))))
+            blocks.append(
+                Block((int(rng.integers(1, 300)),), np.dtype(np.float32), start, start + int(rng.integers(0, 6)))
+            )
         total = place(blocks)
         for i, a in enumerate(blocks):
             assert a.offset % 64 == 0 and a.offset + a.nbytes <= total
-            for b in blocks[i + 1:]:
+            for b in blocks[i + 1 :]:
                 if a.overlaps(b):
                     assert a.offset + a.nbytes <= b.offset or b.offset + b.nbytes <= a.offset
 
@@ -184,6 +186,7 @@ def test_views_keep_their_base_alive():
 
 # ----- operators the passes introduce -----
 
+
 def test_softmax_cross_entropy_operator_value_and_gradient():
     from gradcheck import check_gradients
 
@@ -193,6 +196,7 @@ def test_softmax_cross_entropy_operator_value_and_gradient():
 
     def fused(a):
         return opr.softmax_cross_entropy(a, a.graph.constant(labels))
+
     check_gradients(fused, [logits])
     g = ComputingGraph()
     x = opr.shared(g, logits, "x")
@@ -220,6 +224,7 @@ def test_lowered_convolution_matches_the_plain_one():
 
 
 # ----- flat updates -----
+
 
 def test_flat_updates_run_lenet_optimizer_in_place_on_laid_out_tensors():
     """SGD momentum's 20 update chains become 2 flat kernels that read and write the shared
@@ -257,8 +262,11 @@ def test_flat_updates_survive_a_replaced_shared_value():
     label2 = opr.host2device(g2, (None,), "int64", "label")
     loss2 = CrossEntropyLoss()(model2.output, label2)
     w2 = list(model2.params.values())
-    plain = g2.compile([loss2], updates=SGD(0.05, momentum=0.9).make_multiple(w2, grad(loss2, w2), g2),
-                       passes=[p for p in DEFAULT_PASSES if p != "flat_updates"])
+    plain = g2.compile(
+        [loss2],
+        updates=SGD(0.05, momentum=0.9).make_multiple(w2, grad(loss2, w2), g2),
+        passes=[p for p in DEFAULT_PASSES if p != "flat_updates"],
+    )
     for _ in range(2):
         plain.execute(x=x, label=y)
     assert_same([w.value for w in w2], reference)
@@ -268,6 +276,7 @@ def test_flat_updates_survive_a_replaced_shared_value():
 
 def test_shared_tensors_of_one_kind_lie_end_to_end():
     from engine.compiler.updates import flat_view
+
     g = ComputingGraph()
     a = opr.shared(g, np.ones((2, 3), np.float32), "a")
     lr = opr.shared(g, np.float32(0.1), "lr", trainable=False)  # scalars live apart
@@ -291,11 +300,13 @@ def test_memory_plan_lays_a_contiguous_group_end_to_end():
         assert not np.shares_memory(memory.arrays[s], flat)
 
 
-@pytest.mark.parametrize("geometry", [dict(), dict(padding=2), dict(dilation=2, padding=1), dict(groups=2),
-                                      dict(stride=(2, 1), padding=1)])
+@pytest.mark.parametrize(
+    "geometry", [dict(), dict(padding=2), dict(dilation=2, padding=1), dict(groups=2), dict(stride=(2, 1), padding=1)]
+)
 def test_backward_data_row_kernel_matches_the_tap_kernel(geometry):
     from engine.opr.base import Workspace
     from engine.opr.conv import ConvolutionBackwardData
+
     rng = np.random.default_rng(7)
     g = ComputingGraph()
     w = opr.shared(g, rng.standard_normal((6, 4 // geometry.get("groups", 1), 3, 5)).astype(np.float32), "w")

@@ -32,11 +32,16 @@ def test_lenet_is_built_from_raw_operators():
     assert {"Convolution", "Pooling", "MatrixMul", "Relu", "Reshape", "Host2DeviceCopy"} <= kinds
     shapes = {name: var.shape for name, var in model.params.items()}
     assert shapes == {
-        "conv1.weight": (6, 1, 5, 5), "conv1.bias": (6, 1, 1),
-        "conv2.weight": (16, 6, 5, 5), "conv2.bias": (16, 1, 1),
-        "fc1.weight": (400, 120), "fc1.bias": (120,),
-        "fc2.weight": (120, 84), "fc2.bias": (84,),
-        "fc3.weight": (84, 10), "fc3.bias": (10,),
+        "conv1.weight": (6, 1, 5, 5),
+        "conv1.bias": (6, 1, 1),
+        "conv2.weight": (16, 6, 5, 5),
+        "conv2.bias": (16, 1, 1),
+        "fc1.weight": (400, 120),
+        "fc1.bias": (120,),
+        "fc2.weight": (120, 84),
+        "fc2.bias": (84,),
+        "fc3.weight": (84, 10),
+        "fc3.bias": (10,),
     }
     assert model.output.shape == (None, 10)
     assert model.num_parameters() == 61706  # the classic LeNet-5 count with a padded first conv
@@ -48,10 +53,10 @@ def test_lenet_is_built_from_raw_operators():
 
 def test_loss_falls_on_the_embedded_subset(train_set):
     trainer = Trainer(build("lenet", seed=0), optimizer=SGD(0.05, momentum=0.9), batch_size=BATCH)
-    order = np.random.default_rng(0).permutation(train_set.size())[:STEPS * BATCH]
+    order = np.random.default_rng(0).permutation(train_set.size())[: STEPS * BATCH]
     losses = []
     for k in range(STEPS):
-        x, y = train_set.get_batch(order[k * BATCH:(k + 1) * BATCH])
+        x, y = train_set.get_batch(order[k * BATCH : (k + 1) * BATCH])
         losses.append(trainer.step(x, y)[0])
     assert np.isfinite(losses).all()
     start, end = np.mean(losses[:5]), np.mean(losses[-10:])
@@ -94,8 +99,10 @@ def test_three_steps_match_torch(train_set):
 
 
 def test_parity_bench_exits_2_without_torch():
-    blocker = ("import runpy, sys; sys.modules['torch'] = None; sys.argv = ['parity_torch.py', '--json']; "
-               f"runpy.run_path({str(PARITY)!r}, run_name='__main__')")
+    blocker = (
+        "import runpy, sys; sys.modules['torch'] = None; sys.argv = ['parity_torch.py', '--json']; "
+        f"runpy.run_path({str(PARITY)!r}, run_name='__main__')"
+    )
     proc = subprocess.run([sys.executable, "-c", blocker], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "PyTorch is not installed" in proc.stderr
@@ -103,8 +110,12 @@ def test_parity_bench_exits_2_without_torch():
 
 def test_parity_bench_prints_the_documented_json_line():
     pytest.importorskip("torch")
-    proc = subprocess.run([sys.executable, str(PARITY), "--json", "--quiet", "--max-steps", "12", "--check"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(PARITY), "--json", "--quiet", "--max-steps", "12", "--check"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert set(result) >= {"steps", "max_rel_loss_diff_first10", "engine_test_accuracy", "torch_test_accuracy"}

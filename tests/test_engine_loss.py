@@ -58,8 +58,7 @@ def test_cross_entropy_from_probabilities(data, mode):
     logits, labels, _, _ = data
     probs = np.exp(log_softmax(logits)).astype(np.float32)
     value = run_loss(CrossEntropyLoss(with_logits=False, reduce_mode=mode), probs, labels)
-    np.testing.assert_allclose(value, reduce(-np.log(probs[np.arange(N), labels].astype(np.float64)), mode),
-                               rtol=1e-5)
+    np.testing.assert_allclose(value, reduce(-np.log(probs[np.arange(N), labels].astype(np.float64)), mode), rtol=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["mean", "sum"])
@@ -91,8 +90,9 @@ def test_cross_entropy_matches_torch(data):
     logits, labels, _, _ = data
     for smooth in (0.0, 0.2):
         for mode in ("mean", "sum"):
-            want = torch.nn.functional.cross_entropy(torch.tensor(logits), torch.tensor(labels),
-                                                     reduction=mode, label_smoothing=smooth)
+            want = torch.nn.functional.cross_entropy(
+                torch.tensor(logits), torch.tensor(labels), reduction=mode, label_smoothing=smooth
+            )
             got = run_loss(CrossEntropyLoss(label_smooth=smooth, reduce_mode=mode), logits, labels)
             np.testing.assert_allclose(got, float(want), rtol=1e-5)
 
@@ -102,7 +102,7 @@ def test_mse(data, mode):
     logits, _, target, _ = data
     value, dpred = run_loss(MSELoss(mode), logits, target, wrt_pred=True)
     diff = logits.astype(np.float64) - target
-    np.testing.assert_allclose(value, reduce(diff ** 2, mode), rtol=1e-5)
+    np.testing.assert_allclose(value, reduce(diff**2, mode), rtol=1e-5)
     np.testing.assert_allclose(dpred, 2 * diff / (diff.size if mode == "mean" else 1), rtol=1e-4, atol=1e-6)
 
 
@@ -147,6 +147,7 @@ def test_bce_matches_torch(data):
 
 
 # ----- errors at build time -----
+
 
 @pytest.mark.parametrize("loss_cls", [MSELoss, L1Loss, BCEWithLogitsLoss])
 def test_shape_mismatch_raises_when_the_loss_is_built(loss_cls):

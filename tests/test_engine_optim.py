@@ -19,6 +19,7 @@ SHAPE = (3, 4)
 
 # ----- references (float64) -----
 
+
 def sgd_reference(w, grads, lr, momentum=0.0, weight_decay=0.0, nesterov=False):
     """torch.optim.SGD with dampening 0: returns the weight after each step."""
     w, buf, out = w.astype(np.float64), None, []
@@ -45,7 +46,7 @@ def adam_reference(w, grads, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
             g = g + weight_decay * w
         m = b1 * m + (1 - b1) * g
         v = b2 * v + (1 - b2) * g * g
-        bc1, bc2 = 1 - b1 ** t, 1 - b2 ** t
+        bc1, bc2 = 1 - b1**t, 1 - b2**t
         if amsgrad:
             v_max = np.maximum(v_max, v)
             denom = np.sqrt(v_max) / np.sqrt(bc2) + eps
@@ -57,6 +58,7 @@ def adam_reference(w, grads, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
 
 
 # ----- engine side -----
+
 
 def problem(seed=0):
     rng = np.random.default_rng(seed)
@@ -121,7 +123,7 @@ def test_references_are_not_trivially_equal():
     finals.update({f"adam_{c}": adam_reference(w0, grads, **kw)[-1] for c, kw in ADAM_CASES.items()})
     names = list(finals)
     for i, a in enumerate(names):
-        for b in names[i + 1:]:
+        for b in names[i + 1 :]:
             assert not np.allclose(finals[a], finals[b], rtol=1e-4), (a, b)
 
 
@@ -143,6 +145,7 @@ def test_amsgrad_state_keeps_running_maximum():
 
 
 # ----- the interface -----
+
 
 def test_make_multiple_length_mismatch_is_a_clear_error():
     graph = ComputingGraph()
@@ -211,6 +214,7 @@ def test_two_weights_keep_separate_state():
 
 
 # ----- against torch.optim directly (skipped when torch is absent) -----
+
 
 def _torch_steps(torch, opt_cls, kwargs, w0, grads):
     p = torch.nn.Parameter(torch.tensor(w0, dtype=torch.float64))

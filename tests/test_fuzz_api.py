@@ -26,8 +26,15 @@ def fuzz_server(tmp_path_factory):
     root = tmp_path_factory.mktemp("fuzz")
     model = root / "m.pfmodel"
     model.write_bytes(stand_in_model_bytes(seed=0, shapes={"w": (8, 4), "b": (4,)}))
-    settings_ = Settings(db=str(root / "c.db"), model=str(model), enrollment_key=KEY, admin_token=ADMIN,
-                         goal=2, deadline=1000, max_body_bytes=100_000)
+    settings_ = Settings(
+        db=str(root / "c.db"),
+        model=str(model),
+        enrollment_key=KEY,
+        admin_token=ADMIN,
+        goal=2,
+        deadline=1000,
+        max_body_bytes=100_000,
+    )
     app = create_app(settings_, clock=FakeClock())
     with ServerThread(app) as server:
         with httpx.Client(base_url=server.url) as client:
@@ -45,8 +52,10 @@ def snapshot(db_path) -> dict:
     """Everything a request could change, read through a separate connection."""
     conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
     try:
-        state = {table: conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
-                 for table in ("devices", "model_versions", "rounds", "assignments", "updates")}
+        state = {
+            table: conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+            for table in ("devices", "model_versions", "rounds", "assignments", "updates")
+        }
         state["server_state"] = conn.execute("SELECT key, value FROM server_state ORDER BY key").fetchall()
         state["rounds_rows"] = conn.execute("SELECT id, status, received FROM rounds").fetchall()
         return state
@@ -73,8 +82,10 @@ def test_api_never_fails_and_refusals_change_nothing(api_schema, fuzz_server):
     operations = [result.ok() for result in api_schema.get_all_operations()]
     assert len(operations) >= 12, [f"{op.method} {op.path}" for op in operations]
     for operation in operations:
+
         @given(case=operation.as_strategy())
         @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
         def fuzz(case):
             check_case(case, fuzz_server)
+
         fuzz()

@@ -29,8 +29,16 @@ SHAPES = {"w": (16, 8), "b": (8,)}
 def env(tmp_path):
     model = tmp_path / "m.pfmodel"
     model.write_bytes(stand_in_model_bytes(seed=0, shapes=SHAPES))
-    settings = Settings(db=str(tmp_path / "c.db"), model=str(model), enrollment_key=KEY, admin_token=ADMIN,
-                        goal=2, over_select=1.0, deadline=1000, max_body_bytes=200_000)
+    settings = Settings(
+        db=str(tmp_path / "c.db"),
+        model=str(model),
+        enrollment_key=KEY,
+        admin_token=ADMIN,
+        goal=2,
+        over_select=1.0,
+        deadline=1000,
+        max_body_bytes=200_000,
+    )
     app = create_app(settings, clock=FakeClock())
     with ServerThread(app) as server, httpx.Client(base_url=server.url, timeout=10) as client:
         a, b, c = (TestDevice(client, KEY, name) for name in "abc")
@@ -40,8 +48,10 @@ def env(tmp_path):
 def snapshot(db_path) -> dict:
     conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
     try:
-        return {t: conn.execute(f"SELECT * FROM {t} ORDER BY 1, 2").fetchall()
-                for t in ("devices", "model_versions", "rounds", "assignments", "updates", "server_state")}
+        return {
+            t: conn.execute(f"SELECT * FROM {t} ORDER BY 1, 2").fetchall()
+            for t in ("devices", "model_versions", "rounds", "assignments", "updates", "server_state")
+        }
     finally:
         conn.close()
 
@@ -57,8 +67,17 @@ def raw_container(header: object, payload: bytes = b"") -> bytes:
 
 
 def update_meta(**tensors):
-    return {"format": "pocketfed-update", "format_version": 1, "encoding": "float32", "sparse": False,
-            "sample_count": 10, "round_id": 1, "base_version": 0, "metrics": {}, "tensors": tensors}
+    return {
+        "format": "pocketfed-update",
+        "format_version": 1,
+        "encoding": "float32",
+        "sparse": False,
+        "sample_count": 10,
+        "round_id": 1,
+        "base_version": 0,
+        "metrics": {},
+        "tensors": tensors,
+    }
 
 
 GOOD = good_update()
@@ -69,32 +88,57 @@ HOSTILE_BODIES = {
     "truncated in the payload": GOOD[:-100],
     "one flipped payload byte": GOOD[:-1] + bytes([GOOD[-1] ^ 1]),
     "a model instead of an update": stand_in_model_bytes(shapes=SHAPES),
-    "unknown encoding": dumps({"w": np.zeros((16, 8), np.float32), "b": np.zeros(8, np.float32)}, update_meta(
-        w={"shape": [16, 8], "encoding": "bfloat7"}, b={"shape": [8], "encoding": "float32"}), kind="update"),
-    "float64 values": dumps({"w": np.zeros((16, 8)), "b": np.zeros(8)}, update_meta(
-        w={"shape": [16, 8], "encoding": "float32"}, b={"shape": [8], "encoding": "float32"}), kind="update"),
-    "int8 without a scale": dumps({"w": np.zeros((16, 8), np.int8), "b": np.zeros(8, np.int8)}, {
-        **update_meta(w={"shape": [16, 8], "encoding": "int8"}, b={"shape": [8], "encoding": "int8"}),
-        "encoding": "int8"}, kind="update"),
-    "wrong shape": encode_update({"w": np.zeros((8, 16), np.float32), "b": np.zeros(8, np.float32)},
-                                 sample_count=1, round_id=1, base_version=0),
-    "missing tensor": encode_update({"w": np.zeros((16, 8), np.float32)}, sample_count=1, round_id=1,
-                                    base_version=0),
-    "huge declared shape in metadata": dumps({"w": np.zeros((16, 8), np.float32), "b": np.zeros(8, np.float32)},
-                                             update_meta(w={"shape": [2**31, 2**31], "encoding": "float32"},
-                                                         b={"shape": [8], "encoding": "float32"}), kind="update"),
-    "huge declared shape in the header": raw_container({"kind": "update", "metadata": update_meta(),
-                                                        "payload_sha256": "0" * 64, "tensors": [
-        {"name": "w", "dtype": "float32", "shape": [2**40, 2**40], "offset": 0, "nbytes": 2**82 * 4}]}),
+    "unknown encoding": dumps(
+        {"w": np.zeros((16, 8), np.float32), "b": np.zeros(8, np.float32)},
+        update_meta(w={"shape": [16, 8], "encoding": "bfloat7"}, b={"shape": [8], "encoding": "float32"}),
+        kind="update",
+    ),
+    "float64 values": dumps(
+        {"w": np.zeros((16, 8)), "b": np.zeros(8)},
+        update_meta(w={"shape": [16, 8], "encoding": "float32"}, b={"shape": [8], "encoding": "float32"}),
+        kind="update",
+    ),
+    "int8 without a scale": dumps(
+        {"w": np.zeros((16, 8), np.int8), "b": np.zeros(8, np.int8)},
+        {
+            **update_meta(w={"shape": [16, 8], "encoding": "int8"}, b={"shape": [8], "encoding": "int8"}),
+            "encoding": "int8",
+        },
+        kind="update",
+    ),
+    "wrong shape": encode_update(
+        {"w": np.zeros((8, 16), np.float32), "b": np.zeros(8, np.float32)}, sample_count=1, round_id=1, base_version=0
+    ),
+    "missing tensor": encode_update({"w": np.zeros((16, 8), np.float32)}, sample_count=1, round_id=1, base_version=0),
+    "huge declared shape in metadata": dumps(
+        {"w": np.zeros((16, 8), np.float32), "b": np.zeros(8, np.float32)},
+        update_meta(w={"shape": [2**31, 2**31], "encoding": "float32"}, b={"shape": [8], "encoding": "float32"}),
+        kind="update",
+    ),
+    "huge declared shape in the header": raw_container(
+        {
+            "kind": "update",
+            "metadata": update_meta(),
+            "payload_sha256": "0" * 64,
+            "tensors": [{"name": "w", "dtype": "float32", "shape": [2**40, 2**40], "offset": 0, "nbytes": 2**82 * 4}],
+        }
+    ),
     "header length larger than the body": struct.pack("<8sIQ", MAGIC, 1, 2**62) + b"{}",
     "deeply nested header": raw_container(b"[" * 100_000 + b"]" * 100_000),
     "integer with 5000 digits": raw_container(b'{"tensors": [], "kind": "update", "x": ' + b"9" * 5000 + b"}"),
-    "NaN in the delta": dumps({"w": np.full((16, 8), np.nan, np.float32), "b": np.zeros(8, np.float32)},
-                              update_meta(w={"shape": [16, 8], "encoding": "float32"},
-                                          b={"shape": [8], "encoding": "float32"}), kind="update"),
-    "zero samples": dumps({"w": np.zeros((16, 8), np.float32), "b": np.zeros(8, np.float32)}, {
-        **update_meta(w={"shape": [16, 8], "encoding": "float32"}, b={"shape": [8], "encoding": "float32"}),
-        "sample_count": 0}, kind="update"),
+    "NaN in the delta": dumps(
+        {"w": np.full((16, 8), np.nan, np.float32), "b": np.zeros(8, np.float32)},
+        update_meta(w={"shape": [16, 8], "encoding": "float32"}, b={"shape": [8], "encoding": "float32"}),
+        kind="update",
+    ),
+    "zero samples": dumps(
+        {"w": np.zeros((16, 8), np.float32), "b": np.zeros(8, np.float32)},
+        {
+            **update_meta(w={"shape": [16, 8], "encoding": "float32"}, b={"shape": [8], "encoding": "float32"}),
+            "sample_count": 0,
+        },
+        kind="update",
+    ),
     "wrong round inside": good_update(round_id=7),
     "empty": b"",
 }
@@ -119,8 +163,15 @@ def test_oversized_bodies_are_refused_before_reading(env):
     big = a.upload(1, b"\0" * 300_000)
     assert big.status_code == 413 and "limit" in big.json()["detail"]
     token = a.headers["Authorization"].encode()
-    lying = raw_request(server, b"POST /v1/rounds/1/updates HTTP/1.1\r\n" + CLOSE + b"Authorization: " + token
-                        + b"\r\nIdempotency-Key: lie\r\nContent-Length: 99999999999\r\n\r\n" + b"x" * 10)
+    lying = raw_request(
+        server,
+        b"POST /v1/rounds/1/updates HTTP/1.1\r\n"
+        + CLOSE
+        + b"Authorization: "
+        + token
+        + b"\r\nIdempotency-Key: lie\r\nContent-Length: 99999999999\r\n\r\n"
+        + b"x" * 10,
+    )
     assert lying.split(b" ")[1] == b"413", lying[:200]
     assert snapshot(db) == before
 
@@ -146,8 +197,16 @@ def test_header_floods(env):
     before = snapshot(db)
     token = a.headers["Authorization"].encode()
     many = b"".join(b"X-Flood-%d: %d\r\n" % (i, i) for i in range(5000))  # ~80 KB of headers
-    answer = raw_request(server, b"POST /v1/checkin HTTP/1.1\r\n" + CLOSE + b"Authorization: " + token +
-                         b"\r\n" + many + b"Content-Length: 2\r\n\r\n{}")
+    answer = raw_request(
+        server,
+        b"POST /v1/checkin HTTP/1.1\r\n"
+        + CLOSE
+        + b"Authorization: "
+        + token
+        + b"\r\n"
+        + many
+        + b"Content-Length: 2\r\n\r\n{}",
+    )
     assert answer == b"" or answer.split(b" ")[1].startswith(b"4"), answer[:100]
     huge = raw_request(server, b"GET /healthz HTTP/1.1\r\n" + CLOSE + b"X-Huge: " + b"a" * 1_000_000 + b"\r\n\r\n")
     assert huge == b"" or huge.split(b" ")[1].startswith(b"4"), huge[:100]
@@ -192,15 +251,27 @@ def test_replayed_uploads_count_once(env):
     assert (late_replay.status_code, late_replay.json()) == (202, first.json())
 
 
-@pytest.mark.parametrize("method, path", [("GET", "/v1/admin/settings"), ("PATCH", "/v1/admin/settings"),
-                                          ("POST", "/v1/admin/pause"), ("POST", "/v1/admin/resume"),
-                                          ("POST", "/v1/admin/models")])
+@pytest.mark.parametrize(
+    "method, path",
+    [
+        ("GET", "/v1/admin/settings"),
+        ("PATCH", "/v1/admin/settings"),
+        ("POST", "/v1/admin/pause"),
+        ("POST", "/v1/admin/resume"),
+        ("POST", "/v1/admin/models"),
+    ],
+)
 def test_admin_calls_need_the_admin_token(env, method, path):
     client, _, db, (a, _, _) = env
     before = snapshot(db)
     body = {"json": {"goal": 1}} if method == "PATCH" else {"content": stand_in_model_bytes(shapes=SHAPES)}
-    for headers in ({}, a.headers, {"Authorization": "Bearer wrong"}, {"Authorization": f"Bearer {ADMIN}x"},
-                    {"Authorization": ADMIN}):
+    for headers in (
+        {},
+        a.headers,
+        {"Authorization": "Bearer wrong"},
+        {"Authorization": f"Bearer {ADMIN}x"},
+        {"Authorization": ADMIN},
+    ):
         answer = client.request(method, path, headers=headers, **body)
         assert answer.status_code in (401, 403), (headers, answer.status_code)
         assert "admin" in answer.json()["detail"]
@@ -221,9 +292,13 @@ def test_a_device_that_hangs_up_mid_body_changes_nothing_and_logs_no_error(env):
     try:
         host, port = server.url.removeprefix("http://").split(":")
         with socket.create_connection((host, int(port)), timeout=10) as sock:
-            sock.sendall(b"POST /v1/rounds/1/updates HTTP/1.1\r\nHost: x\r\nAuthorization: "
-                         + a.headers["Authorization"].encode() + b"\r\nIdempotency-Key: cut\r\n"
-                         + b"Content-Length: %d\r\n\r\n" % len(body) + body[: len(body) // 2])
+            sock.sendall(
+                b"POST /v1/rounds/1/updates HTTP/1.1\r\nHost: x\r\nAuthorization: "
+                + a.headers["Authorization"].encode()
+                + b"\r\nIdempotency-Key: cut\r\n"
+                + b"Content-Length: %d\r\n\r\n" % len(body)
+                + body[: len(body) // 2]
+            )
             time.sleep(0.2)  # the server is reading the body when the phone loses its connection
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline and not errors:

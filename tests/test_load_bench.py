@@ -12,15 +12,37 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_load_bench_small_run_accepts_every_upload():
-    run = subprocess.run([sys.executable, str(ROOT / "bench" / "load.py"), "--devices", "24", "--goal", "10",
-                          "--devices-per-client", "5", "--time-limit", "60", "--json"],
-                         capture_output=True, text=True, timeout=180, cwd=ROOT)
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "load.py"),
+            "--devices",
+            "24",
+            "--goal",
+            "10",
+            "--devices-per-client",
+            "5",
+            "--time-limit",
+            "60",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=ROOT,
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
     # goal 10 with 24 devices: two rounds commit, the last 4 uploads are accepted into the third
     assert (result["uploads_accepted"], result["rounds_committed"]) == (24, 2)
     assert result["errors"] == result["lost_uploads"] == 0
-    for key in ("uploads_per_s", "upload_p50_ms", "upload_p99_ms", "coordinator_peak_rss_mib",
-                "coordinator_cpu_ms_per_upload", "coordinator_rss_by_uploads_mib"):
+    for key in (
+        "uploads_per_s",
+        "upload_p50_ms",
+        "upload_p99_ms",
+        "coordinator_peak_rss_mib",
+        "coordinator_cpu_ms_per_upload",
+        "coordinator_rss_by_uploads_mib",
+    ):
         assert key in result, key
     assert result["upload_p50_ms"] <= result["upload_p99_ms"]

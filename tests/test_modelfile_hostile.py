@@ -17,8 +17,9 @@ from engine.serialize.modelfile import graph_digest, loads
 @pytest.fixture(scope="module")
 def good():
     nn.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU(), nn.Flatten(), nn.Dropout(0.1),
-                        nn.Linear(2 * 4 * 4, 3))
+    net = nn.Sequential(
+        nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU(), nn.Flatten(), nn.Dropout(0.1), nn.Linear(2 * 4 * 4, 3)
+    )
     return engine.serialize.modelfile.dumps(net.build((1, 6, 6)))
 
 
@@ -66,6 +67,7 @@ def test_flipped_payload_byte(good):
 def test_altered_graph_without_rehash(good):
     def edit(meta):
         meta["graph"]["nodes"][-1]["attrs"]["transpose_b"] = False
+
     refused(tamper(good, edit, rehash=False), "graph_sha256")
 
 
@@ -85,12 +87,14 @@ def test_declared_shape_disagrees_with_graph(good):
 
     def edit(meta):
         meta["graph"]["nodes"][i]["shape"] = [None, 2, 5, 5]
+
     refused(tamper(good, edit), f"node {i} (Convolution)", "declares shape (None, 2, 5, 5)")
 
 
 def test_unknown_operator(good):
     def edit(meta):
         meta["graph"]["nodes"][-1]["op"] = "os.system"
+
     refused(tamper(good, edit), "unknown operator 'os.system'")
 
 
@@ -99,21 +103,26 @@ def test_inputs_referring_forward(good):
 
     def edit(meta):
         meta["graph"]["nodes"][i]["inputs"] = [i + 1]
+
     refused(tamper(good, edit), f"node {i} (Relu)", "must name earlier nodes")
 
 
-@pytest.mark.parametrize("attrs,message", [
-    ({"stride": "2"}, "attribute 'stride'"),
-    ({"stride": [1, 1], "padding": [0, 0], "dilation": [1, 1], "groups": 1.5}, "attribute 'groups'"),
-    ({"stride": [1, 1], "padding": [0, 0], "dilation": [1, 1], "groups": True}, "attribute 'groups'"),
-    ({"__class__": 1}, "unknown attribute '__class__'"),
-    ({"stride": [1, 1], "padding": [0, 0], "dilation": [1, 1]}, "cannot be rebuilt"),  # groups missing
-])
+@pytest.mark.parametrize(
+    "attrs,message",
+    [
+        ({"stride": "2"}, "attribute 'stride'"),
+        ({"stride": [1, 1], "padding": [0, 0], "dilation": [1, 1], "groups": 1.5}, "attribute 'groups'"),
+        ({"stride": [1, 1], "padding": [0, 0], "dilation": [1, 1], "groups": True}, "attribute 'groups'"),
+        ({"__class__": 1}, "unknown attribute '__class__'"),
+        ({"stride": [1, 1], "padding": [0, 0], "dilation": [1, 1]}, "cannot be rebuilt"),  # groups missing
+    ],
+)
 def test_bad_attribute_types(good, attrs, message):
     i = node_index(good, "Convolution")
 
     def edit(meta):
         meta["graph"]["nodes"][i]["attrs"] = attrs
+
     refused(tamper(good, edit), f"node {i} (Convolution)", message)
 
 
@@ -123,6 +132,7 @@ def test_huge_sizes_in_the_graph_are_refused_without_allocating(good):
     def edit(meta):
         node = meta["graph"]["nodes"][i]
         node["attrs"]["shape"] = node["shape"] = [None, 1, 1 << 20, 1 << 20]
+
     tracemalloc.start()
     try:
         refused(tamper(good, edit), "larger than the limit")
@@ -134,11 +144,11 @@ def test_huge_sizes_in_the_graph_are_refused_without_allocating(good):
 
 def test_huge_tensor_declared_in_the_header_is_refused_without_allocating(good):
     magic, version, header_len = struct.unpack_from("<8sIQ", good)
-    header = json.loads(good[20:20 + header_len])
+    header = json.loads(good[20 : 20 + header_len])
     header["tensors"][0]["shape"] = [1 << 20, 1 << 20, 1 << 10]
     header["tensors"][0]["nbytes"] = 4 << 50
     raw = json.dumps(header).encode()
-    data = struct.pack("<8sIQ", magic, version, len(raw)) + raw + good[20 + header_len:]
+    data = struct.pack("<8sIQ", magic, version, len(raw)) + raw + good[20 + header_len :]
     tracemalloc.start()
     try:
         refused(data, "past the payload")
@@ -152,17 +162,20 @@ def test_huge_header_length_is_refused(good):
     refused(good[:12] + struct.pack("<Q", 1 << 62) + good[20:], "header length")
 
 
-@pytest.mark.parametrize("edit,message", [
-    (lambda m: m.update(format="something-else"), "not a pocketfed model file"),
-    (lambda m: m.update(format_version=99), "version 99 is not supported"),
-    (lambda m: m["graph"].update(outputs={}), "lists no outputs"),
-    (lambda m: m["graph"].update(outputs={"y": 10_000}), "do not exist"),
-    (lambda m: m["graph"].update(inputs={"x": 1}), "must refer to Host2DeviceCopy"),
-    (lambda m: m["graph"]["nodes"][-1].update(side_updates=7), "side_updates must be a list"),
-    (lambda m: m["graph"]["nodes"][-1].update(side_updates=[0]), "is not an update node"),
-    (lambda m: m["graph"]["nodes"].__setitem__(0, "boom"), "is not an object"),
-    (lambda m: m["graph"].update(nodes={}), "has no graph"),
-])
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (lambda m: m.update(format="something-else"), "not a pocketfed model file"),
+        (lambda m: m.update(format_version=99), "version 99 is not supported"),
+        (lambda m: m["graph"].update(outputs={}), "lists no outputs"),
+        (lambda m: m["graph"].update(outputs={"y": 10_000}), "do not exist"),
+        (lambda m: m["graph"].update(inputs={"x": 1}), "must refer to Host2DeviceCopy"),
+        (lambda m: m["graph"]["nodes"][-1].update(side_updates=7), "side_updates must be a list"),
+        (lambda m: m["graph"]["nodes"][-1].update(side_updates=[0]), "is not an update node"),
+        (lambda m: m["graph"]["nodes"].__setitem__(0, "boom"), "is not an object"),
+        (lambda m: m["graph"].update(nodes={}), "has no graph"),
+    ],
+)
 def test_malformed_graph_sections(good, edit, message):
     refused(tamper(good, edit), message)
 

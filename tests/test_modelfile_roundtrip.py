@@ -15,8 +15,15 @@ rng = np.random.default_rng(1)
 
 def small_net(dropout=0.25):
     nn.manual_seed(3)
-    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
-                         nn.Flatten(), nn.Dropout(dropout, seed=7), nn.Linear(4 * 14 * 14, 10))
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Dropout(dropout, seed=7),
+        nn.Linear(4 * 14 * 14, 10),
+    )
 
 
 def fashion_subset(n=96):
@@ -70,8 +77,11 @@ def test_loaded_model_trains_like_the_original(tmp_path):
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.25], ids=["no-dropout", "dropout"])
-@pytest.mark.parametrize("make_optimizer", [lambda: SGD(0.05, momentum=0.9, weight_decay=1e-4),
-                                            lambda: Adam(1e-3)], ids=["sgd-momentum", "adam"])
+@pytest.mark.parametrize(
+    "make_optimizer",
+    [lambda: SGD(0.05, momentum=0.9, weight_decay=1e-4), lambda: Adam(1e-3)],
+    ids=["sgd-momentum", "adam"],
+)
 def test_checkpoint_resume_is_bit_identical(tmp_path, make_optimizer, dropout):
     data = fashion_subset()
     # uninterrupted: two epochs in one process

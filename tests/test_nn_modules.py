@@ -26,12 +26,33 @@ def op_types(model, training):
 
 
 def test_lenet_in_three_lines_names_and_shapes():
-    lenet = nn.Sequential(nn.Conv2d(1, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 16, 5),
-                          nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(400, 120), nn.ReLU(),
-                          nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, 10))
+    lenet = nn.Sequential(
+        nn.Conv2d(1, 6, 5, padding=2),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(6, 16, 5),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(400, 120),
+        nn.ReLU(),
+        nn.Linear(120, 84),
+        nn.ReLU(),
+        nn.Linear(84, 10),
+    )
     model = lenet.build((1, 28, 28))
-    assert list(model.params) == ["0.weight", "0.bias", "3.weight", "3.bias", "7.weight", "7.bias",
-                                  "9.weight", "9.bias", "11.weight", "11.bias"]
+    assert list(model.params) == [
+        "0.weight",
+        "0.bias",
+        "3.weight",
+        "3.bias",
+        "7.weight",
+        "7.bias",
+        "9.weight",
+        "9.bias",
+        "11.weight",
+        "11.bias",
+    ]
     assert model.params["7.weight"].shape == (120, 400)  # PyTorch layout (out, in)
     assert model.num_parameters() == 61706  # LeNet-5's well-known count
     assert run_eval(model, images(3)).shape == (3, 10)
@@ -49,8 +70,16 @@ def test_nested_module_names_and_state_dict_round_trip():
 
     net = Net()
     names = [n for n, _ in net.named_tensors()]
-    assert names == ["features.0.weight", "features.0.bias", "features.1.weight", "features.1.bias",
-                     "features.1.running_mean", "features.1.running_var", "head.weight", "head.bias"]
+    assert names == [
+        "features.0.weight",
+        "features.0.bias",
+        "features.1.weight",
+        "features.1.bias",
+        "features.1.running_mean",
+        "features.1.running_var",
+        "head.weight",
+        "head.bias",
+    ]
     assert [n for n, _ in net.named_buffers()] == ["features.1.running_mean", "features.1.running_var"]
     model = net.build((1, 8, 8))
     assert "features.1.running_mean" not in model.trainable  # buffers are never trained
@@ -98,7 +127,8 @@ def test_train_mode_builds_both_branches_eval_mode_only_inference():
     net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten(), nn.Dropout(0.5), nn.Linear(8, 2))
     trained = net.build((1, 4, 4))
     assert {"DropoutMask", "AddUpdate"} <= op_types(trained, training=True) | {
-        u.op.type_name for v in trained.graph.nodes for u in v.side_updates}
+        u.op.type_name for v in trained.graph.nodes for u in v.side_updates
+    }
     assert "DropoutMask" not in op_types(trained, training=False)
     inference = net.eval().build((1, 4, 4))
     training_only = ("ModeSelect", "DropoutMask", "AddUpdate")
@@ -109,6 +139,7 @@ def test_train_mode_builds_both_branches_eval_mode_only_inference():
 
 def test_parameter_outside_build_is_a_clear_error():
     from engine import ComputingGraph
+
     g = ComputingGraph()
     with pytest.raises(GraphError, match=r"Module.build"):
         nn.Linear(3, 2)(opr.host2device(g, (None, 3)))
@@ -117,14 +148,31 @@ def test_parameter_outside_build_is_a_clear_error():
 def test_layers_match_pytorch():
     torch = pytest.importorskip("torch")
     tnn = torch.nn
-    ours = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-                         nn.AvgPool2d(2, padding=1), nn.Conv2d(4, 6, 1, bias=False), nn.Tanh(),
-                         nn.MaxPool2d(2), nn.Flatten(), nn.Linear(6 * 2 * 2, 5), nn.Sigmoid())
-    theirs = tnn.Sequential(tnn.Conv2d(3, 4, 3, stride=2, padding=1), tnn.BatchNorm2d(4), tnn.ReLU(),
-                            tnn.AvgPool2d(2, padding=1), tnn.Conv2d(4, 6, 1, bias=False), tnn.Tanh(),
-                            tnn.MaxPool2d(2), tnn.Flatten(), tnn.Linear(6 * 2 * 2, 5), tnn.Sigmoid())
-    state = {k: v + np.float32(0.1) * rng.standard_normal(v.shape, np.float32)
-             for k, v in ours.state_dict().items()}
+    ours = nn.Sequential(
+        nn.Conv2d(3, 4, 3, stride=2, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.AvgPool2d(2, padding=1),
+        nn.Conv2d(4, 6, 1, bias=False),
+        nn.Tanh(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(6 * 2 * 2, 5),
+        nn.Sigmoid(),
+    )
+    theirs = tnn.Sequential(
+        tnn.Conv2d(3, 4, 3, stride=2, padding=1),
+        tnn.BatchNorm2d(4),
+        tnn.ReLU(),
+        tnn.AvgPool2d(2, padding=1),
+        tnn.Conv2d(4, 6, 1, bias=False),
+        tnn.Tanh(),
+        tnn.MaxPool2d(2),
+        tnn.Flatten(),
+        tnn.Linear(6 * 2 * 2, 5),
+        tnn.Sigmoid(),
+    )
+    state = {k: v + np.float32(0.1) * rng.standard_normal(v.shape, np.float32) for k, v in ours.state_dict().items()}
     state["1.running_var"] = np.abs(state["1.running_var"]) + 0.5
     ours.load_state_dict(state)
     theirs.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=False)

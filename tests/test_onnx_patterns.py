@@ -53,8 +53,16 @@ class Net(torch.nn.Module):
 def export(module, path, in_shape=(1, 28, 28), opset=17, dtype=torch.float32):
     module.eval()
     example = torch.zeros(2, *in_shape, dtype=dtype)
-    torch.onnx.export(module, (example,), str(path), dynamo=False, opset_version=opset, input_names=["x"],
-                      output_names=["logits"], dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}})
+    torch.onnx.export(
+        module,
+        (example,),
+        str(path),
+        dynamo=False,
+        opset_version=opset,
+        input_names=["x"],
+        output_names=["logits"],
+        dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}},
+    )
     return path
 
 
@@ -145,8 +153,13 @@ def test_pad_same_conv_and_ceil_mode_average_pool_match_pytorch(tmp_path, opset)
 
 def onnx_model(nodes, in_shape, out_rank, initializers=()):
     out_shape = [f"d{i}" for i in range(out_rank)]  # sizes left to the importer
-    graph = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, in_shape)],
-                         [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, out_shape)], list(initializers))
+    graph = h.make_graph(
+        nodes,
+        "g",
+        [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, in_shape)],
+        [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, out_shape)],
+        list(initializers),
+    )
     return h.make_model(graph, opset_imports=[h.make_opsetid("", 17)]).SerializeToString()
 
 
@@ -160,17 +173,33 @@ SPATIAL_CASES = {
     "conv-asymmetric-pads": (h.make_node("Conv", ["x", "w"], ["y"], pads=[0, 1, 2, 1], strides=[2, 1]), [WEIGHT]),
     "conv-same-upper": (h.make_node("Conv", ["x", "w"], ["y"], auto_pad="SAME_UPPER", strides=[2, 2]), [WEIGHT]),
     "conv-same-lower": (h.make_node("Conv", ["x", "w"], ["y"], auto_pad="SAME_LOWER", strides=[2, 3]), [WEIGHT]),
-    "conv-dilated-asymmetric": (h.make_node("Conv", ["x", "w"], ["y"], dilations=[2, 1], pads=[3, 0, 1, 2]),
-                                [WEIGHT]),
+    "conv-dilated-asymmetric": (h.make_node("Conv", ["x", "w"], ["y"], dilations=[2, 1], pads=[3, 0, 1, 2]), [WEIGHT]),
     "maxpool-asymmetric": (h.make_node("MaxPool", ["x"], ["y"], kernel_shape=[3, 2], pads=[1, 0, 0, 1]), []),
-    "maxpool-ceil-stride3": (h.make_node("MaxPool", ["x"], ["y"], kernel_shape=[2, 2], strides=[3, 3],
-                                         ceil_mode=1), []),
-    "avgpool-asymmetric-include": (h.make_node("AveragePool", ["x"], ["y"], kernel_shape=[3, 3],
-                                               pads=[1, 0, 0, 2], count_include_pad=1), []),
-    "avgpool-ceil-exclude": (h.make_node("AveragePool", ["x"], ["y"], kernel_shape=[2, 3], strides=[2, 2],
-                                         pads=[1, 1, 1, 1], ceil_mode=1), []),
-    "avgpool-ceil-include": (h.make_node("AveragePool", ["x"], ["y"], kernel_shape=[3, 3], strides=[2, 2],
-                                         pads=[1, 1, 1, 1], ceil_mode=1, count_include_pad=1), []),
+    "maxpool-ceil-stride3": (
+        h.make_node("MaxPool", ["x"], ["y"], kernel_shape=[2, 2], strides=[3, 3], ceil_mode=1),
+        [],
+    ),
+    "avgpool-asymmetric-include": (
+        h.make_node("AveragePool", ["x"], ["y"], kernel_shape=[3, 3], pads=[1, 0, 0, 2], count_include_pad=1),
+        [],
+    ),
+    "avgpool-ceil-exclude": (
+        h.make_node("AveragePool", ["x"], ["y"], kernel_shape=[2, 3], strides=[2, 2], pads=[1, 1, 1, 1], ceil_mode=1),
+        [],
+    ),
+    "avgpool-ceil-include": (
+        h.make_node(
+            "AveragePool",
+            ["x"],
+            ["y"],
+            kernel_shape=[3, 3],
+            strides=[2, 2],
+            pads=[1, 1, 1, 1],
+            ceil_mode=1,
+            count_include_pad=1,
+        ),
+        [],
+    ),
 }
 
 
@@ -189,26 +218,35 @@ def test_padding_the_engine_lacks_matches_onnxruntime(case):
 def shape_chain(tail_nodes, tail_inits=(), out_rank=2):
     """x (N, 3, 4) -> Shape -> Gather(0) -> Unsqueeze -> ..., the start of every `x.size(0)` pattern."""
     ints = onnx.numpy_helper.from_array
-    nodes = [h.make_node("Shape", ["x"], ["s"], name="shape"),
-             h.make_node("Gather", ["s", "zero"], ["n"], axis=0, name="gather"),
-             h.make_node("Unsqueeze", ["n", "axes0"], ["n1"], name="unsqueeze"), *tail_nodes]
+    nodes = [
+        h.make_node("Shape", ["x"], ["s"], name="shape"),
+        h.make_node("Gather", ["s", "zero"], ["n"], axis=0, name="gather"),
+        h.make_node("Unsqueeze", ["n", "axes0"], ["n1"], name="unsqueeze"),
+        *tail_nodes,
+    ]
     inits = [ints(np.array(0, np.int64), "zero"), ints(np.array([0], np.int64), "axes0"), *tail_inits]
     return onnx_model(nodes, ["N", 3, 4], out_rank, inits)
 
 
 def test_shape_slice_cast_concat_chain_reshapes_with_the_batch():
     ints = onnx.numpy_helper.from_array
-    data = shape_chain([
-        h.make_node("Shape", ["x"], ["s2"]),
-        h.make_node("Slice", ["s2", "one", "big"], ["tail"]),  # [3, 4]
-        h.make_node("Identity", ["tail"], ["t"]),
-        h.make_node("Cast", ["n1"], ["n1i"], to=onnx.TensorProto.INT64),
-        h.make_node("Concat", ["n1i", "t"], ["target"], axis=0),  # [N, 3, 4]: a no-op reshape, then flatten
-        h.make_node("Reshape", ["x", "target"], ["r"]),
-        h.make_node("Concat", ["n1", "minus1"], ["flat"], axis=0),
-        h.make_node("Reshape", ["r", "flat"], ["y"]),
-    ], [ints(np.array([1], np.int64), "one"), ints(np.array([2**62], np.int64), "big"),
-        ints(np.array([-1], np.int64), "minus1")])
+    data = shape_chain(
+        [
+            h.make_node("Shape", ["x"], ["s2"]),
+            h.make_node("Slice", ["s2", "one", "big"], ["tail"]),  # [3, 4]
+            h.make_node("Identity", ["tail"], ["t"]),
+            h.make_node("Cast", ["n1"], ["n1i"], to=onnx.TensorProto.INT64),
+            h.make_node("Concat", ["n1i", "t"], ["target"], axis=0),  # [N, 3, 4]: a no-op reshape, then flatten
+            h.make_node("Reshape", ["x", "target"], ["r"]),
+            h.make_node("Concat", ["n1", "minus1"], ["flat"], axis=0),
+            h.make_node("Reshape", ["r", "flat"], ["y"]),
+        ],
+        [
+            ints(np.array([1], np.int64), "one"),
+            ints(np.array([2**62], np.int64), "big"),
+            ints(np.array([-1], np.int64), "minus1"),
+        ],
+    )
     model = import_onnx(data)
     assert model.output.shape == (None, 12)
     x = images(3, shape=(3, 4))
@@ -217,17 +255,23 @@ def test_shape_slice_cast_concat_chain_reshapes_with_the_batch():
 
 def test_arithmetic_on_the_batch_size_is_a_clear_error():
     ints = onnx.numpy_helper.from_array
-    data = shape_chain([h.make_node("Mul", ["n1", "two"], ["n2"], name="double_batch"),
-                        h.make_node("Concat", ["n2", "minus1"], ["target"], axis=0),
-                        h.make_node("Reshape", ["x", "target"], ["y"])],
-                       [ints(np.array([2], np.int64), "two"), ints(np.array([-1], np.int64), "minus1")])
+    data = shape_chain(
+        [
+            h.make_node("Mul", ["n1", "two"], ["n2"], name="double_batch"),
+            h.make_node("Concat", ["n2", "minus1"], ["target"], axis=0),
+            h.make_node("Reshape", ["x", "target"], ["y"]),
+        ],
+        [ints(np.array([2], np.int64), "two"), ints(np.array([-1], np.int64), "minus1")],
+    )
     with pytest.raises(OnnxError, match=r"'double_batch' \(Mul\): .*arithmetic on a size fed at run time"):
         import_onnx(data)
 
 
 def test_a_batch_size_used_as_data_is_a_clear_error():
-    data = shape_chain([h.make_node("ConstantOfShape", ["n1"], ["z"], name="zeros_like_batch"),
-                        h.make_node("Add", ["x", "z"], ["y"])], out_rank=3)
+    data = shape_chain(
+        [h.make_node("ConstantOfShape", ["n1"], ["z"], name="zeros_like_batch"), h.make_node("Add", ["x", "z"], ["y"])],
+        out_rank=3,
+    )
     with pytest.raises(OnnxError, match=r"'zeros_like_batch' \(ConstantOfShape\): .*fed at run time"):
         import_onnx(data)
 
@@ -238,8 +282,11 @@ def test_batched_matmul_and_reflect_pad_name_op_and_node():
         import_onnx(onnx_model([h.make_node("MatMul", ["x", "w"], ["y"], name="bmm")], ["N", 3, 4], 3, [w]))
     pads = onnx.numpy_helper.from_array(np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64), "pads")
     with pytest.raises(OnnxError, match=r"'mirror' \(Pad\): .*mode='reflect'"):
-        import_onnx(onnx_model([h.make_node("Pad", ["x", "pads"], ["y"], mode="reflect", name="mirror")],
-                               ["N", 2, 5, 5], 4, [pads]))
+        import_onnx(
+            onnx_model(
+                [h.make_node("Pad", ["x", "pads"], ["y"], mode="reflect", name="mirror")], ["N", 2, 5, 5], 4, [pads]
+            )
+        )
 
 
 def test_embedding_gather_imports_and_matches_pytorch(tmp_path):

@@ -39,9 +39,17 @@ class TorchLeNet(torch.nn.Module):
 
 def export_torch(module, path, in_shape=(1, 28, 28), opset=17, fold=True):
     module.eval()
-    torch.onnx.export(module, (torch.zeros(2, *in_shape),), str(path), dynamo=False, opset_version=opset,
-                      input_names=["x"], output_names=["logits"], do_constant_folding=fold,
-                      dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}})
+    torch.onnx.export(
+        module,
+        (torch.zeros(2, *in_shape),),
+        str(path),
+        dynamo=False,
+        opset_version=opset,
+        input_names=["x"],
+        output_names=["logits"],
+        do_constant_folding=fold,
+        dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}},
+    )
     return path
 
 
@@ -74,8 +82,9 @@ def batch():
 @pytest.mark.parametrize("opset", [13, 17])
 def test_imported_lenet_gives_pytorchs_logits(torch_lenet, tmp_path, batch, opset):
     model = engine.load(export_torch(torch_lenet, tmp_path / "m.onnx", opset=opset))
-    assert list(model.params) == [f"{layer}.{kind}" for layer in ("conv1", "conv2", "fc1", "fc2", "fc3")
-                                  for kind in ("weight", "bias")]
+    assert list(model.params) == [
+        f"{layer}.{kind}" for layer in ("conv1", "conv2", "fc1", "fc2", "fc3") for kind in ("weight", "bias")
+    ]
     assert model.input.shape == (None, 1, 28, 28) and model.metadata["onnx_opset"] == opset
     for x in (batch[0], batch[0][:3]):  # the batch axis stays dynamic
         expected = torch_lenet(torch.from_numpy(x)).detach().numpy()
@@ -117,9 +126,16 @@ def test_fine_tuned_model_exports_and_onnxruntime_agrees(lenet_onnx, tmp_path, b
 @pytest.mark.parametrize("fresh_stats", [True, False], ids=["aliased-initializers", "trained-stats"])
 def test_batchnorm_dropout_avgpool_model_round_trips(tmp_path, fresh_stats):
     torch.manual_seed(1)
-    tm = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
-                             torch.nn.AvgPool2d(2), torch.nn.Flatten(), torch.nn.Dropout(0.3),
-                             torch.nn.Linear(4 * 4 * 4, 5), torch.nn.Softmax(dim=1))
+    tm = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, padding=1),
+        torch.nn.BatchNorm2d(4),
+        torch.nn.ReLU(),
+        torch.nn.AvgPool2d(2),
+        torch.nn.Flatten(),
+        torch.nn.Dropout(0.3),
+        torch.nn.Linear(4 * 4 * 4, 5),
+        torch.nn.Softmax(dim=1),
+    )
     if not fresh_stats:
         with torch.no_grad():
             tm[1].running_mean.uniform_(-0.5, 0.5)
@@ -152,9 +168,12 @@ def test_engine_nn_model_with_embedding_exports(tmp_path):
 
 def test_unsupported_operator_names_op_and_node(tmp_path):
     h = onnx.helper
-    graph = h.make_graph([h.make_node("Elu", ["x"], ["y"], name="my_elu")], "g",
-                         [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 4])],
-                         [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 4])])
+    graph = h.make_graph(
+        [h.make_node("Elu", ["x"], ["y"], name="my_elu")],
+        "g",
+        [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 4])],
+        [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 4])],
+    )
     onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)]), tmp_path / "elu.onnx")
     with pytest.raises(OnnxError, match=r"'my_elu' \(Elu\): unsupported ONNX operator 'Elu'"):
         engine.load(tmp_path / "elu.onnx")
@@ -168,6 +187,7 @@ def test_garbage_onnx_file_is_a_clear_error(tmp_path):
 
 def test_export_of_an_operator_without_onnx_form_is_a_clear_error():
     from engine import ComputingGraph, Model
+
     g = ComputingGraph()
     x = opr.host2device(g, (None, 4), name="x")
     y = opr.one_hot(opr.argmax(x), 4)
@@ -180,8 +200,25 @@ def test_cli_trains_an_onnx_model_and_evaluates_it(lenet_onnx, tmp_path, capsys)
     np.savez(tmp_path / "data.npz", x=np.asarray(x, np.float32), y=np.asarray(y))
     data = str(tmp_path / "data.npz")
     out_onnx, out_pf = str(tmp_path / "tuned.onnx"), str(tmp_path / "tuned.pfm")
-    assert train_main(["--model", str(lenet_onnx), "--data", data, "--save", out_onnx, "--batch-size", "32",
-                       "--train-only", "fc", "--json", "--quiet"]) == 0
+    assert (
+        train_main(
+            [
+                "--model",
+                str(lenet_onnx),
+                "--data",
+                data,
+                "--save",
+                out_onnx,
+                "--batch-size",
+                "32",
+                "--train-only",
+                "fc",
+                "--json",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["saved"] == out_onnx and summary["epochs"] == 1
     tuned = engine.load(out_onnx)

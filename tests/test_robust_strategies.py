@@ -89,8 +89,7 @@ SHAPES = {"w": (3,), "b": (2,)}
 def serve(tmp_path, **options):
     model = tmp_path / "m.pfmodel"
     model.write_bytes(stand_in_model_bytes(seed=5, shapes=SHAPES))
-    settings = Settings(db=str(tmp_path / "c.db"), model=str(model), enrollment_key="k", deadline=1000,
-                        **options)
+    settings = Settings(db=str(tmp_path / "c.db"), model=str(model), enrollment_key="k", deadline=1000, **options)
     return ServerThread(create_app(settings, clock=FakeClock()))
 
 
@@ -112,10 +111,16 @@ def f32(*values):
 def test_server_trimmed_mean_with_norm_bound_end_to_end(tmp_path):
     """Three honest deltas and a huge liar: norm bounding clips the liar to norm 1 first,
     then the trimmed mean (beta 0.25 of 4 -> one cut per end) drops it per coordinate."""
-    deltas = [{"w": f32(0.1, 0.2, 0.3), "b": f32(0.0, 0.1)}, {"w": f32(0.2, 0.1, 0.3), "b": f32(0.1, 0.0)},
-              {"w": f32(0.3, 0.3, 0.1), "b": f32(0.1, 0.1)}, {"w": f32(-900, 900, 0), "b": f32(0, 0)}]
-    with serve(tmp_path, goal=4, strategy="trimmed_mean", trim_beta=0.25, norm_bound=1.0) as server, \
-            httpx.Client(base_url=server.url) as client:
+    deltas = [
+        {"w": f32(0.1, 0.2, 0.3), "b": f32(0.0, 0.1)},
+        {"w": f32(0.2, 0.1, 0.3), "b": f32(0.1, 0.0)},
+        {"w": f32(0.3, 0.3, 0.1), "b": f32(0.1, 0.1)},
+        {"w": f32(-900, 900, 0), "b": f32(0, 0)},
+    ]
+    with (
+        serve(tmp_path, goal=4, strategy="trimmed_mean", trim_beta=0.25, norm_bound=1.0) as server,
+        httpx.Client(base_url=server.url) as client,
+    ):
         w0, w1 = play(client, deltas, [5, 5, 5, 10**5])
         liar = [-900 / math.sqrt(2 * 900**2), 900 / math.sqrt(2 * 900**2), 0]  # clipped to norm 1
         cols = np.sort(np.array([d["w"] for d in deltas[:3]] + [liar], np.float64), axis=0)
@@ -127,11 +132,14 @@ def test_server_trimmed_mean_with_norm_bound_end_to_end(tmp_path):
 
 
 def test_server_krum_picks_the_central_update(tmp_path):
-    deltas = [{"w": f32(0.1, 0.1, 0.1), "b": f32(0, 0)}, {"w": f32(0.12, 0.1, 0.1), "b": f32(0, 0)},
-              {"w": f32(0.1, 0.11, 0.1), "b": f32(0, 0)}, {"w": f32(5, -5, 5), "b": f32(5, 5)},
-              {"w": f32(-5, 5, -5), "b": f32(-5, 5)}]
-    with serve(tmp_path, goal=5, strategy="krum", krum_f=1) as server, \
-            httpx.Client(base_url=server.url) as client:
+    deltas = [
+        {"w": f32(0.1, 0.1, 0.1), "b": f32(0, 0)},
+        {"w": f32(0.12, 0.1, 0.1), "b": f32(0, 0)},
+        {"w": f32(0.1, 0.11, 0.1), "b": f32(0, 0)},
+        {"w": f32(5, -5, 5), "b": f32(5, 5)},
+        {"w": f32(-5, 5, -5), "b": f32(-5, 5)},
+    ]
+    with serve(tmp_path, goal=5, strategy="krum", krum_f=1) as server, httpx.Client(base_url=server.url) as client:
         w0, w1 = play(client, deltas, [1, 1, 1, 1, 1])
         # f = 1 -> two neighbours. Squared distances: d01 = 4e-4, d02 = 1e-4, d12 = 5e-4, so the
         # scores are 5e-4 (update 0), 9e-4 (1), 6e-4 (2) and huge for the liars: update 0 wins

@@ -26,9 +26,7 @@ def test_shards_are_disjoint_deterministic_and_capped():
     assert all(np.array_equal(a, b) for a, b in zip(parts, again))
     capped = device_indices(labels, 20, "shards:2", seed=3, samples_per_device=50)
     assert all(len(c) == 50 and np.isin(c, p).all() for c, p in zip(capped, parts))
-    assert not all(
-        np.array_equal(a, b) for a, b in zip(parts, device_indices(labels, 20, "shards:2", seed=4))
-    )
+    assert not all(np.array_equal(a, b) for a, b in zip(parts, device_indices(labels, 20, "shards:2", seed=4)))
     with pytest.raises(ValueError, match="samples_per_device"):
         device_indices(labels, 20, "iid", seed=0, samples_per_device=0)
 
@@ -113,12 +111,27 @@ def test_bad_config_names_the_option(changes, message):
 
 
 def test_privacy_flags_reach_the_coordinator_and_the_report(tmp_path):
-    args = build_parser().parse_args(["--dp-noise-multiplier", "1.1", "--dp-clip-norm", "0.5", "--dp-adaptive-clip",
-                                      "--dp-delta", "1e-6", "--norm-bound", "4"])
+    args = build_parser().parse_args(
+        [
+            "--dp-noise-multiplier",
+            "1.1",
+            "--dp-clip-norm",
+            "0.5",
+            "--dp-adaptive-clip",
+            "--dp-delta",
+            "1e-6",
+            "--norm-bound",
+            "4",
+        ]
+    )
     options = config_from_args(args).coordinator_options(str(tmp_path / "c.db"), "key")
     parsed = coordinator_parser().parse_args(CoordinatorProcess(tmp_path, options, port=1234).command()[3:])
-    assert (parsed.dp_noise_multiplier, parsed.dp_clip_norm, parsed.dp_delta, parsed.norm_bound) == \
-        ("1.1", "0.5", "1e-06", "4.0")
+    assert (parsed.dp_noise_multiplier, parsed.dp_clip_norm, parsed.dp_delta, parsed.norm_bound) == (
+        "1.1",
+        "0.5",
+        "1e-06",
+        "4.0",
+    )
     assert parsed.dp_adaptive_clip is not None
     plain = config_from_args(build_parser().parse_args([])).coordinator_options("c.db", "key")
     assert not any(k.startswith("dp_") or k == "norm_bound" for k in plain)  # DP stays off unless asked
@@ -126,9 +139,17 @@ def test_privacy_flags_reach_the_coordinator_and_the_report(tmp_path):
     recs = records(3)
     for i, r in enumerate(recs):
         r["epsilon"] = 1.5 * (i + 1)
-    summary = {"rounds": 3, "final_accuracy": 0.5, "initial_accuracy": 0.1, "personal_accuracy": None,
-               "bytes_up": 1, "bytes_down": 1, "seconds": 1.0, "epsilon": 4.5,
-               "privacy": {"noise_multiplier": 1.1, "delta": 1e-6, "epsilon_budget": 8.0}}
+    summary = {
+        "rounds": 3,
+        "final_accuracy": 0.5,
+        "initial_accuracy": 0.1,
+        "personal_accuracy": None,
+        "bytes_up": 1,
+        "bytes_down": 1,
+        "seconds": 1.0,
+        "epsilon": 4.5,
+        "privacy": {"noise_multiplier": 1.1, "delta": 1e-6, "epsilon_budget": 8.0},
+    }
     page = render(recs, summary)
     assert 'id="privacy"' in page and "<b>4.5000</b>" in page and "δ = 1e-06" in page
     assert "<th>epsilon</th>" in page and "<td>3.0000</td>" in page

@@ -52,8 +52,9 @@ def test_error_feedback_sums_to_full_delta_over_rounds():
         full = delta(round_no)
         sparse, residual = topk.compress(full, residual)
         # What the server receives is the decoded wire bytes, not the in-memory array.
-        wire = decode_update(encode_update(sparse, sample_count=10, round_id=round_no, base_version=0,
-                                           topk_fraction=0.05)).delta
+        wire = decode_update(
+            encode_update(sparse, sample_count=10, round_id=round_no, base_version=0, topk_fraction=0.05)
+        ).delta
         for name in full:
             np.testing.assert_array_equal(wire[name], sparse[name])
             total_full[name] += full[name]

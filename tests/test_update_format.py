@@ -117,8 +117,7 @@ HOSTILE = [
     ("dtype lie", lambda m, t: t.__setitem__("fc.bias", np.zeros(10, np.float16)), "fc.bias"),
     ("NaN value", lambda m, t: t["fc.bias"].__setitem__(0, np.nan), "NaN"),
     ("Inf value", lambda m, t: t["conv1.bias"].__setitem__(0, np.inf), "conv1.bias"),
-    ("huge declared shape", lambda m, t: m["tensors"]["fc.bias"].__setitem__("shape", [10**9, 10**6]),
-     "limit"),
+    ("huge declared shape", lambda m, t: m["tensors"]["fc.bias"].__setitem__("shape", [10**9, 10**6]), "limit"),
 ]
 
 
@@ -131,17 +130,17 @@ def test_hostile_dense_bodies(label, edit, needle):
 SPARSE_HOSTILE = [
     ("index out of range", lambda m, t: t["fc.weight/indices"].__setitem__(0, 840), "out of range"),
     ("negative index", lambda m, t: t["fc.weight/indices"].__setitem__(0, -1), "out of range"),
-    ("duplicate index", lambda m, t: t["fc.weight/indices"].__setitem__(1, t["fc.weight/indices"][0]),
-     "duplicate"),
-    ("indices wrong dtype",
-     lambda m, t: t.__setitem__("fc.weight/indices", t["fc.weight/indices"].astype(np.int64)), "int32"),
+    ("duplicate index", lambda m, t: t["fc.weight/indices"].__setitem__(1, t["fc.weight/indices"][0]), "duplicate"),
+    (
+        "indices wrong dtype",
+        lambda m, t: t.__setitem__("fc.weight/indices", t["fc.weight/indices"].astype(np.int64)),
+        "int32",
+    ),
     ("values missing", lambda m, t: t.pop("fc.weight/values"), "fc.weight/values"),
-    ("length mismatch",
-     lambda m, t: t.__setitem__("fc.weight/values", t["fc.weight/values"][:-1]), "indices but"),
+    ("length mismatch", lambda m, t: t.__setitem__("fc.weight/values", t["fc.weight/values"][:-1]), "indices but"),
     ("bad scale", lambda m, t: m["tensors"]["fc.weight"].__setitem__("scale", -1.0), "scale"),
     ("NaN scale", lambda m, t: m["tensors"]["fc.weight"].__setitem__("scale", "nan"), "scale"),
-    ("huge sparse shape",
-     lambda m, t: m["tensors"]["fc.weight"].__setitem__("shape", [2**31, 2**31]), "limit"),
+    ("huge sparse shape", lambda m, t: m["tensors"]["fc.weight"].__setitem__("shape", [2**31, 2**31]), "limit"),
 ]
 
 
@@ -174,9 +173,14 @@ def test_truncated_and_wrong_kind_and_garbage():
         decode_update(b"GET / HTTP/1.1\r\n" * 4)
     # A header that declares a giant tensor but carries no bytes is refused before allocation.
     empty_sha = hashlib.sha256(b"").hexdigest()
-    header = json.dumps({"kind": "update", "metadata": {}, "payload_sha256": empty_sha,
-                         "tensors": [{"name": "w", "dtype": "float32", "shape": [2**40], "offset": 0,
-                                      "nbytes": 4 * 2**40}]}).encode()
+    header = json.dumps(
+        {
+            "kind": "update",
+            "metadata": {},
+            "payload_sha256": empty_sha,
+            "tensors": [{"name": "w", "dtype": "float32", "shape": [2**40], "offset": 0, "nbytes": 4 * 2**40}],
+        }
+    ).encode()
     with pytest.raises(ContainerError, match="past the payload"):
         decode_update(b"PFTENSOR" + struct.pack("<IQ", 1, len(header)) + header)
     assert issubclass(UpdateError, ContainerError)

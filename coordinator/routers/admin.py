@@ -13,8 +13,12 @@ from coordinator.schemas import PauseState, PublishResponse, SettingsPatch
 from coordinator.settings import RoundSettings
 from engine.serialize.container import ContainerError
 
-router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(require_admin)],
-                   responses={403: {"description": "admin token missing or wrong"}})
+router = APIRouter(
+    prefix="/v1/admin",
+    tags=["admin"],
+    dependencies=[Depends(require_admin)],
+    responses={403: {"description": "admin token missing or wrong"}},
+)
 
 
 @router.get("/settings", response_model=RoundSettings)
@@ -45,11 +49,18 @@ def resume(manager: ManagerDep) -> PauseState:
     return PauseState(paused=False)
 
 
-@router.post("/models", response_model=PublishResponse, status_code=201,
-             openapi_extra={"requestBody": {"required": True, "content": {
-                 "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}})
-async def publish_model(request: Request, manager: ManagerDep,
-                        settings: SettingsDep) -> PublishResponse:
+@router.post(
+    "/models",
+    response_model=PublishResponse,
+    status_code=201,
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+        }
+    },
+)
+async def publish_model(request: Request, manager: ManagerDep, settings: SettingsDep) -> PublishResponse:
     """Publish a model file as the next version; the open round is abandoned and one opens on it."""
     body = await read_limited(request, settings.max_body_bytes)
     try:

@@ -12,8 +12,7 @@ router = APIRouter(prefix="/v1", tags=["rounds"])
 
 
 @router.post("/checkin", response_model=CheckinResponse)
-def checkin(body: CheckinRequest, device: DeviceDep,
-            manager: ManagerDep) -> JSONResponse:
+def checkin(body: CheckinRequest, device: DeviceDep, manager: ManagerDep) -> JSONResponse:
     """Returns the current round's task (the same one again if already assigned), or retry_after seconds
     (also as a Retry-After header) when the round has all the devices it needs: pace steering."""
     answer = CheckinResponse(**manager.checkin(device.id, body.eligible))

@@ -19,20 +19,37 @@ def _info(manager: RoundManager, version: int) -> ModelVersionInfo:
     if loaded is None:
         raise Refused(404, f"model version {version} does not exist", "unknown_model")
     i = loaded.info
-    return ModelVersionInfo(version=version, sha256=i.sha256, architecture=i.architecture,
-                            size_bytes=i.size_bytes, num_parameters=i.num_parameters, created_at=i.created_at)
+    return ModelVersionInfo(
+        version=version,
+        sha256=i.sha256,
+        architecture=i.architecture,
+        size_bytes=i.size_bytes,
+        num_parameters=i.num_parameters,
+        created_at=i.created_at,
+    )
 
 
 @router.get("", response_model=list[ModelVersionListing])
-def list_versions(db: DbDep, limit: Annotated[int, Query(ge=1, le=1000, description="newest versions to list")] = 100
-                  ) -> list[ModelVersionListing]:
+def list_versions(
+    db: DbDep, limit: Annotated[int, Query(ge=1, le=1000, description="newest versions to list")] = 100
+) -> list[ModelVersionListing]:
     """Every model version, newest first, with its sha256, size and server-side evaluation (public, like
     /v1/models/latest): how the federation's model improved round by round."""
-    rows = db.query("SELECT version, sha256, architecture, size_bytes, num_parameters, created_at, round_id, "
-                    "accuracy, eval_loss, eval_n FROM model_versions ORDER BY version DESC LIMIT ?", (limit,))
-    return [ModelVersionListing(**{k: r[k] for k in ModelVersionInfo.model_fields}, round_id=r["round_id"],
-                                accuracy=r["accuracy"], loss=r["eval_loss"], eval_samples=r["eval_n"])
-            for r in rows]
+    rows = db.query(
+        "SELECT version, sha256, architecture, size_bytes, num_parameters, created_at, round_id, "
+        "accuracy, eval_loss, eval_n FROM model_versions ORDER BY version DESC LIMIT ?",
+        (limit,),
+    )
+    return [
+        ModelVersionListing(
+            **{k: r[k] for k in ModelVersionInfo.model_fields},
+            round_id=r["round_id"],
+            accuracy=r["accuracy"],
+            loss=r["eval_loss"],
+            eval_samples=r["eval_n"],
+        )
+        for r in rows
+    ]
 
 
 @router.get("/latest", response_model=ModelVersionInfo)
@@ -41,12 +58,21 @@ def latest(manager: ManagerDep) -> ModelVersionInfo:
     return _info(manager, manager.latest_version())
 
 
-@router.get("/{version}", response_class=Response, dependencies=[Depends(device_or_admin)],
-            responses={200: {"content": {"application/octet-stream": {}}, "description": "the model file"},
-                       304: {"description": "If-None-Match matched"},
-                       404: {"description": "no such version"}})
-def download(version: Annotated[int, Path(ge=0, le=2**62)], manager: ManagerDep,
-             if_none_match: Annotated[str | None, Header()] = None) -> Response:
+@router.get(
+    "/{version}",
+    response_class=Response,
+    dependencies=[Depends(device_or_admin)],
+    responses={
+        200: {"content": {"application/octet-stream": {}}, "description": "the model file"},
+        304: {"description": "If-None-Match matched"},
+        404: {"description": "no such version"},
+    },
+)
+def download(
+    version: Annotated[int, Path(ge=0, le=2**62)],
+    manager: ManagerDep,
+    if_none_match: Annotated[str | None, Header()] = None,
+) -> Response:
     """The model file (graph + weights); send If-None-Match with the ETag to skip an unchanged download."""
     loaded = manager.model(version)
     if loaded is None:

@@ -54,8 +54,15 @@ class ChaosConfig:
     def faults(self, seed: int) -> Faults:
         if not self.proxy_faults:
             return Faults(seed=seed)
-        return Faults(seed=seed, refuse=self.refuse, delay=self.delay, max_delay=self.max_delay,
-                      cut_request=self.cut_request, cut_response=self.cut_response, cut_ack=self.cut_ack)
+        return Faults(
+            seed=seed,
+            refuse=self.refuse,
+            delay=self.delay,
+            max_delay=self.max_delay,
+            cut_request=self.cut_request,
+            cut_response=self.cut_response,
+            cut_ack=self.cut_ack,
+        )
 
 
 class ChaosSimulation:
@@ -79,9 +86,13 @@ class ChaosSimulation:
         # agent kills: (round, phase, seconds into training), alternating phases, before the last round
         # (a kill whose moment does not come in its round waits for the next device that offers it)
         self.kill_plan = sorted(
-            (int(plan.integers(1, max(config.rounds, 2))), ("training", "upload")[i % 2],
-             float(plan.uniform(0.05, 0.4)))
-            for i in range(chaos.agent_kills))
+            (
+                int(plan.integers(1, max(config.rounds, 2))),
+                ("training", "upload")[i % 2],
+                float(plan.uniform(0.05, 0.4)),
+            )
+            for i in range(chaos.agent_kills)
+        )
 
     # ------------------------------------------------------------------ the run
 
@@ -93,18 +104,27 @@ class ChaosSimulation:
             self.db_path = Path(cfg.db).resolve() if cfg.db else self.workdir / "coordinator.db"
             key = secrets.token_urlsafe(16)
             self.coordinator = CoordinatorProcess(self.workdir, cfg.coordinator_options(str(self.db_path), key))
-            self.proxy = FaultProxy(self.coordinator.port, self.chaos.faults(cfg.seed),
-                                    record_dir=self.workdir / "wire")
+            self.proxy = FaultProxy(
+                self.coordinator.port, self.chaos.faults(cfg.seed), record_dir=self.workdir / "wire"
+            )
             self.pool: KillablePool | None = None
             started = time.perf_counter()
             try:
                 self.coordinator.start()
                 self.proxy.start()
-                worker = WorkerConfig(coordinator=self.proxy.url, enrollment_key=key,
-                                      state_root=str(self.workdir / "devices"), devices=cfg.devices,
-                                      partition=cfg.partition, seed=cfg.seed, data=cfg.data,
-                                      samples_per_device=cfg.samples_per_device, holdout=cfg.holdout,
-                                      max_wait=30.0, mark_tasks=True)  # a stuck device gives up, the round goes on
+                worker = WorkerConfig(
+                    coordinator=self.proxy.url,
+                    enrollment_key=key,
+                    state_root=str(self.workdir / "devices"),
+                    devices=cfg.devices,
+                    partition=cfg.partition,
+                    seed=cfg.seed,
+                    data=cfg.data,
+                    samples_per_device=cfg.samples_per_device,
+                    holdout=cfg.holdout,
+                    max_wait=30.0,
+                    mark_tasks=True,
+                )  # a stuck device gives up, the round goes on
                 self.pool = KillablePool(cfg.workers, worker.to_json(), self.workdir)
                 self.pool.on_start = self.note_progress
                 initial = self.wait_accuracy(0)
@@ -160,9 +180,14 @@ class ChaosSimulation:
             "restart_seconds": [round(s, 2) for s in self.restart_seconds],
             "device_failures": sum(r["failed"] for r in self.records),
             "seconds": round(seconds, 2),
-            "config": {**{k: v for k, v in asdict(self.config).items()
-                          if k not in ("workdir", "db", "progress", "extra_options")},
-                       "chaos": asdict(self.chaos)},
+            "config": {
+                **{
+                    k: v
+                    for k, v in asdict(self.config).items()
+                    if k not in ("workdir", "db", "progress", "extra_options")
+                },
+                "chaos": asdict(self.chaos),
+            },
         }
 
     # ------------------------------------------------------------------ one round
@@ -187,15 +212,24 @@ class ChaosSimulation:
             r = self.round_row(round_id)
         if r["status"] != "committed":
             errors = "; ".join(a["error"] for a in answers if "error" in a)[:1500]
-            raise SimulationError(f"round {round_id} ended {r['status']}: {r['reason']}; device errors: "
-                                  f"{errors or 'none'}")
+            raise SimulationError(
+                f"round {round_id} ended {r['status']}: {r['reason']}; device errors: {errors or 'none'}"
+            )
         evaluation = self.wait_accuracy(int(r["result_version"]))
         ok = [a for a in answers if "record" in a]
-        return {"round": number, "round_id": round_id, "version": int(r["result_version"]),
-                "accuracy": evaluation["accuracy"], "loss": evaluation["loss"], "devices": len(ok),
-                "failed": len(answers) - len(ok), "received": r["received"],
-                "agent_kills": self.pool.kills, "coordinator_restarts": len(self.restart_seconds),
-                "seconds": round(time.perf_counter() - started, 3)}
+        return {
+            "round": number,
+            "round_id": round_id,
+            "version": int(r["result_version"]),
+            "accuracy": evaluation["accuracy"],
+            "loss": evaluation["loss"],
+            "devices": len(ok),
+            "failed": len(answers) - len(ok),
+            "received": r["received"],
+            "agent_kills": self.pool.kills,
+            "coordinator_restarts": len(self.restart_seconds),
+            "seconds": round(time.perf_counter() - started, 3),
+        }
 
     # ------------------------------------------------------------------ faults
 
@@ -267,8 +301,11 @@ class ChaosSimulation:
         raise SimulationError(f"the coordinator opened no round within {timeout:.0f}s")
 
     def round_row(self, round_id: int) -> dict:
-        return dict(self._query("SELECT id, status, received, goal, reason, result_version FROM rounds "
-                                "WHERE id=?", (round_id,))[0])
+        return dict(
+            self._query(
+                "SELECT id, status, received, goal, reason, result_version FROM rounds WHERE id=?", (round_id,)
+            )[0]
+        )
 
     def wait_accuracy(self, version: int, timeout: float = 300.0) -> dict:
         deadline = time.monotonic() + timeout

@@ -45,9 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="iid | dirichlet:ALPHA | shards:PER_DEVICE | quantity:ALPHA",
     )
     p.add_argument("--strategy", default=DEFAULTS.strategy, choices=sorted(STRATEGIES))
-    p.add_argument(
-        "--server-lr", type=float, default=None, help="server learning rate (fedadam default 0.01)"
-    )
+    p.add_argument("--server-lr", type=float, default=None, help="server learning rate (fedadam default 0.01)")
     p.add_argument("--fedprox-mu", type=float, default=None, help="FedProx proximal weight")
     p.add_argument("--encoding", default=DEFAULTS.encoding, choices=ENCODINGS, help="update encoding")
     p.add_argument("--seed", type=int, default=DEFAULTS.seed)
@@ -75,21 +73,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", default=None, help="write an offline HTML report here")
     p.add_argument("--json", action="store_true", help="JSON lines on stdout")
     p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
-    privacy = p.add_argument_group("privacy and robustness", "server-side client-level DP (coordinator/privacy.py) "
-                                   "and norm bounding; epsilon per round goes into --json and --report")
+    privacy = p.add_argument_group(
+        "privacy and robustness",
+        "server-side client-level DP (coordinator/privacy.py) "
+        "and norm bounding; epsilon per round goes into --json and --report",
+    )
     privacy.add_argument("--dp-noise-multiplier", type=float, default=None, help="DP-FedAvg noise z (0/unset: off)")
     privacy.add_argument("--dp-clip-norm", type=float, default=None, help="DP clip C (initial C if adaptive)")
     privacy.add_argument("--dp-adaptive-clip", action="store_true", help="adaptive clipping (Andrew et al.)")
     privacy.add_argument("--dp-delta", type=float, default=None, help="delta of the (epsilon, delta) guarantee")
     privacy.add_argument("--dp-epsilon-budget", type=float, default=None, help="stop when epsilon would exceed this")
     privacy.add_argument("--norm-bound", type=float, default=None, help="server clips each delta to this L2 norm")
-    chaos = p.add_argument_group("chaos", "kill agents and the coordinator, put a faulty network in between, "
-                                 "then audit the database (coordinator/simulation/chaos.py)")
+    chaos = p.add_argument_group(
+        "chaos",
+        "kill agents and the coordinator, put a faulty network in between, "
+        "then audit the database (coordinator/simulation/chaos.py)",
+    )
     chaos.add_argument("--chaos-agent-kills", type=int, default=0, help="SIGKILL this many agents mid-task")
-    chaos.add_argument("--chaos-coordinator-restarts", type=int, default=0,
-                       help="SIGKILL and restart the coordinator this many times")
-    chaos.add_argument("--chaos-proxy", action="store_true",
-                       help="route agents through a fault proxy that refuses, delays and cuts connections")
+    chaos.add_argument(
+        "--chaos-coordinator-restarts", type=int, default=0, help="SIGKILL and restart the coordinator this many times"
+    )
+    chaos.add_argument(
+        "--chaos-proxy",
+        action="store_true",
+        help="route agents through a fault proxy that refuses, delays and cuts connections",
+    )
     return p
 
 
@@ -97,8 +105,11 @@ def chaos_from_args(args: argparse.Namespace) -> ChaosConfig | None:
     """A ChaosConfig when any chaos flag is given (the proxy then always records; faults only with --chaos-proxy)."""
     if not (args.chaos_agent_kills or args.chaos_coordinator_restarts or args.chaos_proxy):
         return None
-    return ChaosConfig(agent_kills=args.chaos_agent_kills, coordinator_restarts=args.chaos_coordinator_restarts,
-                       proxy_faults=args.chaos_proxy)
+    return ChaosConfig(
+        agent_kills=args.chaos_agent_kills,
+        coordinator_restarts=args.chaos_coordinator_restarts,
+        proxy_faults=args.chaos_proxy,
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> SimConfig:
@@ -150,17 +161,21 @@ def human_line(record: dict) -> str:
 
 
 def chaos_line(record: dict) -> str:
-    return (f"round {record['round']:>3}: test accuracy {record['accuracy']:.4f}  {record['received']} updates  "
-            f"agent kills so far {record['agent_kills']}  coordinator restarts {record['coordinator_restarts']}  "
-            f"{record['seconds']:.1f} s")
+    return (
+        f"round {record['round']:>3}: test accuracy {record['accuracy']:.4f}  {record['received']} updates  "
+        f"agent kills so far {record['agent_kills']}  coordinator restarts {record['coordinator_restarts']}  "
+        f"{record['seconds']:.1f} s"
+    )
 
 
 def chaos_summary(s: dict) -> str:
     problems = "".join("\n  - " + p for p in s["audit_problems"])
-    return (f"audit {'OK' if s['audit_ok'] else 'FAILED'}: {s['acknowledged']} acknowledged, lost {s['lost']}, "
-            f"double-counted {s['double_counted']}, {s['versions_recomputed']}/{s['rounds']} versions recomputed; "
-            f"{s['agent_kills']} agent kills, {s['coordinator_restarts']} coordinator restarts; accuracy "
-            f"{s['initial_accuracy']:.4f} -> {s['final_accuracy']:.4f}{problems}")
+    return (
+        f"audit {'OK' if s['audit_ok'] else 'FAILED'}: {s['acknowledged']} acknowledged, lost {s['lost']}, "
+        f"double-counted {s['double_counted']}, {s['versions_recomputed']}/{s['rounds']} versions recomputed; "
+        f"{s['agent_kills']} agent kills, {s['coordinator_restarts']} coordinator restarts; accuracy "
+        f"{s['initial_accuracy']:.4f} -> {s['final_accuracy']:.4f}{problems}"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -172,12 +187,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parse_partition(config.partition)
         chaos = chaos_from_args(args)
         if chaos is not None:
-            sim = ChaosSimulation(config, chaos, emit=lambda r: print(json.dumps(r) if args.json else chaos_line(r),
-                                                                    flush=True))
-        else:
-            sim = Simulation(
-                config, emit=lambda r: print(json.dumps(r) if args.json else human_line(r), flush=True)
+            sim = ChaosSimulation(
+                config, chaos, emit=lambda r: print(json.dumps(r) if args.json else chaos_line(r), flush=True)
             )
+        else:
+            sim = Simulation(config, emit=lambda r: print(json.dumps(r) if args.json else human_line(r), flush=True))
     except ValueError as exc:
         print(f"pf-sim: {exc}", file=sys.stderr)
         return 2

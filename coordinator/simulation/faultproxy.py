@@ -71,8 +71,11 @@ class UploadRecorder:
     @staticmethod
     def _who(request: Message) -> dict:
         token = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-        return {"key": request.headers.get("idempotency-key"), "round_id": request.upload_round,
-                "token_sha256": hashlib.sha256(token.encode()).hexdigest() if token else None}
+        return {
+            "key": request.headers.get("idempotency-key"),
+            "round_id": request.upload_round,
+            "token_sha256": hashlib.sha256(token.encode()).hexdigest() if token else None,
+        }
 
     def forwarded(self, request: Message) -> None:
         body = bytes(request.body or b"")
@@ -85,8 +88,15 @@ class UploadRecorder:
 
     def answered(self, response: Message, delivered: bool) -> None:
         request = response.request
-        self._write({"event": "answered", **self._who(request), "status": response.status,
-                     "sha256": request.recorded_sha256, "delivered": delivered})
+        self._write(
+            {
+                "event": "answered",
+                **self._who(request),
+                "status": response.status,
+                "sha256": request.recorded_sha256,
+                "delivered": delivered,
+            }
+        )
 
     def close(self) -> None:
         self._log.close()
@@ -95,8 +105,9 @@ class UploadRecorder:
 class FaultProxy:
     """The proxy, on its own asyncio loop in a background thread (so sync drivers can use it)."""
 
-    def __init__(self, upstream_port: int, faults: Faults | None = None, record_dir: str | Path | None = None,
-                 port: int = 0):
+    def __init__(
+        self, upstream_port: int, faults: Faults | None = None, record_dir: str | Path | None = None, port: int = 0
+    ):
         self.upstream_port, self.faults, self.port = upstream_port, faults or Faults(), port
         self.recorder = UploadRecorder(record_dir) if record_dir is not None else None
         self.counters: Counter[str] = Counter()
@@ -113,7 +124,8 @@ class FaultProxy:
     def start(self) -> FaultProxy:
         self._thread.start()
         self._server = asyncio.run_coroutine_threadsafe(
-            asyncio.start_server(self._handle, LOOPBACK, self.port, reuse_address=True), self._loop).result(10)
+            asyncio.start_server(self._handle, LOOPBACK, self.port, reuse_address=True), self._loop
+        ).result(10)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
@@ -158,8 +170,10 @@ class FaultProxy:
                 return
             writers.append(up_w)
             requests: deque[Message] = deque()
-            pumps = [asyncio.create_task(self._pump(client_r, up_w, HttpStream("request", requests), "up")),
-                     asyncio.create_task(self._pump(up_r, client_w, HttpStream("response", requests), "down"))]
+            pumps = [
+                asyncio.create_task(self._pump(client_r, up_w, HttpStream("request", requests), "up")),
+                asyncio.create_task(self._pump(up_r, client_w, HttpStream("response", requests), "down")),
+            ]
             done, _ = await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
             first = done.pop()
             if first.exception() is not None:
@@ -178,8 +192,9 @@ class FaultProxy:
                         writer.close()
             self._tasks.discard(asyncio.current_task())
 
-    async def _pump(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, stream: HttpStream,
-                    direction: str) -> bool:
+    async def _pump(
+        self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, stream: HttpStream, direction: str
+    ) -> bool:
         """Relay src -> dst until EOF (returns False) or a deliberate cut (returns True)."""
         f = self.faults
         cut_at: int | None = None

@@ -78,7 +78,7 @@ class HttpStream:
                 m = self._current
                 take = min(len(data) - i, m.end - (self.offset + i))
                 if m.body is not None:
-                    m.body += view[i:i + take]
+                    m.body += view[i : i + take]
                 i += take
                 if self.offset + i >= m.end:
                     self._finish(events)
@@ -128,8 +128,10 @@ class HttpStream:
                 message.request = self.requests.popleft() if self.requests else None
         length = headers.get("content-length")
         no_body = self.side == "response" and (
-            message.status in NO_BODY_STATUS or message.status < 200
-            or (message.request is not None and message.request.method == "HEAD"))
+            message.status in NO_BODY_STATUS
+            or message.status < 200
+            or (message.request is not None and message.request.method == "HEAD")
+        )
         if no_body:
             return message
         if length is None:

@@ -49,8 +49,14 @@ class KillablePool:
         self._logs.append(log)
         proc = subprocess.Popen(
             [sys.executable, "-m", "coordinator.simulation.worker", self.config_json],
-            cwd=self.log_dir, env=child_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
-            text=True, bufsize=1, start_new_session=True,
+            cwd=self.log_dir,
+            env=child_env(),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+            bufsize=1,
+            start_new_session=True,
         )
         self.procs[index] = proc
         generation = self.generation[index]
@@ -74,8 +80,10 @@ class KillablePool:
         if generation != self.generation[index]:
             return None  # the last words of a process we killed
         if answer is None:
-            raise SimulationError(f"device worker {index} exited with {self.procs[index].wait()}:\n"
-                                  f"{tail(self.log_dir / f'worker-{index}.log')}")
+            raise SimulationError(
+                f"device worker {index} exited with {self.procs[index].wait()}:\n"
+                f"{tail(self.log_dir / f'worker-{index}.log')}"
+            )
         if answer.get("ready"):
             self.ready.add(index)
             return None
@@ -95,8 +103,14 @@ class KillablePool:
         self._spawn(index)
         return device
 
-    def play(self, devices: Iterable[int], on_answer: Callable[[dict], None] | None = None,
-             tick: Callable[[], None] | None = None, timeout: float = 900.0, poll: float = 0.005) -> list[dict]:
+    def play(
+        self,
+        devices: Iterable[int],
+        on_answer: Callable[[dict], None] | None = None,
+        tick: Callable[[], None] | None = None,
+        timeout: float = 900.0,
+        poll: float = 0.005,
+    ) -> list[dict]:
         """Run each device until it answers (killed devices run again); answers in completion order."""
         self._todo.extend(devices)
         answers: list[dict] = []

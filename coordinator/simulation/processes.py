@@ -111,18 +111,14 @@ class CoordinatorProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise SimulationError(
-                    f"the coordinator exited with {self.proc.returncode}:\n{tail(self.log_path)}"
-                )
+                raise SimulationError(f"the coordinator exited with {self.proc.returncode}:\n{tail(self.log_path)}")
             try:
                 if httpx.get(self.url + "/healthz", timeout=2).status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass
             time.sleep(0.1)
-        raise SimulationError(
-            f"the coordinator did not answer /healthz within {timeout:.0f}s:\n{tail(self.log_path)}"
-        )
+        raise SimulationError(f"the coordinator did not answer /healthz within {timeout:.0f}s:\n{tail(self.log_path)}")
 
     def peak_rss_mib(self) -> float | None:
         return peak_rss_mib(self.proc.pid) if self.proc and self.proc.poll() is None else None

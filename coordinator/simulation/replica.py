@@ -52,9 +52,7 @@ def claim_slot(claims: Path, n_slots: int, identity: str, lease: float, now: flo
         held = {i: p.read_text().strip() for i, p in enumerate(paths) if p.exists()}
         mine = [i for i, owner in held.items() if owner == identity]
         free = [i for i in range(n_slots) if i not in held]
-        expired = sorted(
-            (paths[i].stat().st_mtime, i) for i in held if now - paths[i].stat().st_mtime > lease
-        )
+        expired = sorted((paths[i].stat().st_mtime, i) for i in held if now - paths[i].stat().st_mtime > lease)
         if mine:
             index = mine[0]
         elif free:
@@ -95,21 +93,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state-root", type=Path, required=True, help="shared volume: claims/ and device-NNNNN/")
     p.add_argument("--replica", default="auto", help="device index, or 'auto' to claim one (see module doc)")
     p.add_argument("--lease", type=float, default=120.0, help="seconds before a silent slot may be taken")
-    p.add_argument(
-        "--enrollment-key", default=os.environ.get("PF_ENROLLMENT_KEY"), help="default: $PF_ENROLLMENT_KEY"
-    )
-    p.add_argument(
-        "--rounds", type=int, default=None, help="stop after N rounds (default: run until stopped)"
-    )
+    p.add_argument("--enrollment-key", default=os.environ.get("PF_ENROLLMENT_KEY"), help="default: $PF_ENROLLMENT_KEY")
+    p.add_argument("--rounds", type=int, default=None, help="stop after N rounds (default: run until stopped)")
     p.add_argument("--max-wait", type=float, default=30.0, help="longest pause between check-ins (s)")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s"
-    )
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     if not args.enrollment_key:
         sys.exit("replica: --enrollment-key or PF_ENROLLMENT_KEY is required")
@@ -160,9 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         with CoordinatorClient(args.coordinator) as client:
-            Agent(
-                config, client, AgentState(args.state_root / f"device-{index:05d}"), dataset, AlwaysEligible()
-            ).run()
+            Agent(config, client, AgentState(args.state_root / f"device-{index:05d}"), dataset, AlwaysEligible()).run()
     except KeyboardInterrupt:
         return 130
     finally:

@@ -20,9 +20,7 @@ table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;text-
 th{background:#f3f3f3}svg{background:#fafafa;border:1px solid #ddd}code{background:#f3f3f3}"""
 
 
-def _frame(
-    chart_id: str, title: str, y_ticks: Sequence[tuple[float, str]], x_labels: Sequence[str]
-) -> list[str]:
+def _frame(chart_id: str, title: str, y_ticks: Sequence[tuple[float, str]], x_labels: Sequence[str]) -> list[str]:
     parts = [
         f'<svg id="{chart_id}" xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" role="img" '
         f'aria-label="{html.escape(title)}">',
@@ -52,20 +50,18 @@ def _x(i: int, n: int) -> float:
 
 def _legend_entry(k: int, name: str, color: str) -> str:
     """The k-th line of a chart's legend, top left inside the frame."""
-    return (f'<rect x="{PAD + 10}" y="{14 + 14 * k}" width="10" height="10" fill="{color}"/>'
-            f'<text x="{PAD + 24}" y="{23 + 14 * k}" font-size="11">{html.escape(name)}</text>')
+    return (
+        f'<rect x="{PAD + 10}" y="{14 + 14 * k}" width="10" height="10" fill="{color}"/>'
+        f'<text x="{PAD + 24}" y="{23 + 14 * k}" font-size="11">{html.escape(name)}</text>'
+    )
 
 
-def line_chart(
-    chart_id: str, title: str, series: dict[str, Sequence[float | None]], x_labels: Sequence[str]
-) -> str:
+def line_chart(chart_id: str, title: str, series: dict[str, Sequence[float | None]], x_labels: Sequence[str]) -> str:
     """Values in 0..1 (accuracies) by round; None values are gaps."""
     parts = _frame(chart_id, title, [(t, f"{t:.2f}") for t in (0, 0.25, 0.5, 0.75, 1.0)], x_labels)
     for k, (name, values) in enumerate(series.items()):
         color = COLORS[k % len(COLORS)]
-        points = [
-            (_x(i, len(values)), H - PAD - v * (H - PAD - 10)) for i, v in enumerate(values) if v is not None
-        ]
+        points = [(_x(i, len(values)), H - PAD - v * (H - PAD - 10)) for i, v in enumerate(values) if v is not None]
         if len(points) > 1:
             parts.append(
                 f'<polyline fill="none" stroke="{color}" stroke-width="2" points="'
@@ -85,8 +81,9 @@ def line_chart(
 def bar_chart(chart_id: str, title: str, series: dict[str, Sequence[float]], x_labels: Sequence[str]) -> str:
     """Side-by-side bars per round (bytes); the y axis leaves headroom above the bars for the legend."""
     largest = max([max(v, default=0) for v in series.values()] + [1])
-    unit, unit_name = next((u, name) for u, name in ((1e9, "GB"), (1e6, "MB"), (1e3, "KB"), (1, "B"))
-                           if largest >= u or u == 1)
+    unit, unit_name = next(
+        (u, name) for u, name in ((1e9, "GB"), (1e6, "MB"), (1e3, "KB"), (1, "B")) if largest >= u or u == 1
+    )
     top = largest * 1.3
     ticks = [(t, f"{t * top / unit:.2g} {unit_name}") for t in (0, 0.25, 0.5, 0.75, 1.0)]
     parts = _frame(chart_id, title, ticks, x_labels)
@@ -166,9 +163,7 @@ def render(records: list[dict], summary: dict) -> str:
     private = any(r.get("epsilon") is not None for r in records)
     if private:
         columns.insert(columns.index("bytes_up"), "epsilon")
-    rows = "".join(
-        "<tr>" + "".join(f"<td>{_cell(r.get(c))}</td>" for c in columns) + "</tr>" for r in records
-    )
+    rows = "".join("<tr>" + "".join(f"<td>{_cell(r.get(c))}</td>" for c in columns) + "</tr>" for r in records)
     config = html.escape(json.dumps(summary.get("config", {}), sort_keys=True))
     final = summary["final_accuracy"]
     return f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>pocketfed simulation</title>
@@ -192,9 +187,11 @@ def _privacy(summary: dict) -> str:
     """The differential-privacy line: the budget spent so far (the table has it round by round)."""
     dp = summary.get("privacy") or {}
     budget = dp.get("epsilon_budget")
-    return (f'<p id="privacy">Client-level differential privacy: ε = <b>{_cell(summary.get("epsilon"))}</b> '
-            f'at δ = {dp.get("delta", 0):g} after {summary["rounds"]} rounds (noise multiplier '
-            f'{_cell(dp.get("noise_multiplier"))}; budget {_cell(budget) if budget else "none"}).</p>')
+    return (
+        f'<p id="privacy">Client-level differential privacy: ε = <b>{_cell(summary.get("epsilon"))}</b> '
+        f"at δ = {dp.get('delta', 0):g} after {summary['rounds']} rounds (noise multiplier "
+        f"{_cell(dp.get('noise_multiplier'))}; budget {_cell(budget) if budget else 'none'}).</p>"
+    )
 
 
 def write_report(path: str | Path, records: list[dict], summary: dict) -> None:

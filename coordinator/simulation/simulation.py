@@ -70,9 +70,7 @@ class SimConfig:
         if not 0.0 <= self.holdout < 1.0:
             raise ValueError(f"--holdout must be in [0, 1), got {self.holdout}")
         if not resolve_data(self.data).is_dir():
-            raise ValueError(
-                f"--data {self.data}: not a directory (expected an IDX dataset with a test split)"
-            )
+            raise ValueError(f"--data {self.data}: not a directory (expected an IDX dataset with a test split)")
 
     def coordinator_options(self, db: str, enrollment_key: str) -> dict[str, Any]:
         server_lr = self.server_lr
@@ -107,9 +105,7 @@ class SimConfig:
 def mean_of(answers: list[dict], key: str) -> float | None:
     """Sample-weighted mean of a record field over the devices that reported it."""
     pairs = [
-        (a["record"][key], a["record"].get("samples", 1))
-        for a in answers
-        if a.get("record", {}).get(key) is not None
+        (a["record"][key], a["record"].get("samples", 1)) for a in answers if a.get("record", {}).get(key) is not None
     ]
     if not pairs:
         return None
@@ -181,9 +177,7 @@ class Simulation:
         bar = ProgressBar(cfg.per_round, f"round {number}/{cfg.rounds}", enabled=cfg.progress)
 
         def progress(answer: dict) -> None:
-            bar.update(
-                1, "failed" if "error" in answer else f"acc {answer['record'].get('acc_after', 0):.3f}"
-            )
+            bar.update(1, "failed" if "error" in answer else f"acc {answer['record'].get('acc_after', 0):.3f}")
 
         answers = self.pool.play(chosen, progress)
         detail = self.round_detail(round_id)
@@ -203,8 +197,7 @@ class Simulation:
         if detail["status"] != "committed":
             errors = "; ".join(a["error"] for a in answers if "error" in a)[:1500]
             raise SimulationError(
-                f"round {round_id} was {detail['status']}: {detail.get('reason')}; "
-                f"device errors: {errors or 'none'}"
+                f"round {round_id} was {detail['status']}: {detail.get('reason')}; device errors: {errors or 'none'}"
             )
         version = int(detail["result_version"])
         evaluation = self.wait_accuracy(version)
@@ -232,8 +225,11 @@ class Simulation:
         options = self.config.extra_options
         if not options.get("dp_noise_multiplier"):
             return None
-        return {"noise_multiplier": options["dp_noise_multiplier"], "delta": options.get("dp_delta", 1e-5),
-                "epsilon_budget": options.get("dp_epsilon_budget")}
+        return {
+            "noise_multiplier": options["dp_noise_multiplier"],
+            "delta": options.get("dp_delta", 1e-5),
+            "epsilon_budget": options.get("dp_epsilon_budget"),
+        }
 
     def round_detail(self, round_id: int) -> dict:
         response = self.http.get(f"/v1/rounds/{round_id}")
@@ -275,8 +271,6 @@ class Simulation:
             "coordinator_peak_rss_mib": self.coordinator.peak_rss_mib(),
             "worker_peak_rss_mib": max((m for m in self.pool.peak_rss_mib() if m is not None), default=None),
             "config": {
-                k: v
-                for k, v in asdict(self.config).items()
-                if k not in ("workdir", "db", "progress", "extra_options")
+                k: v for k, v in asdict(self.config).items() if k not in ("workdir", "db", "progress", "extra_options")
             },
         }

@@ -103,9 +103,7 @@ class DevicePlayer:
         state = AgentState(Path(cfg.state_root) / f"device-{device:05d}")
         self.client.task_marker = state.dir / "task-started" if cfg.mark_tasks else None
         dataset = device_dataset(self.train, self.parts, device)
-        agent = Agent(
-            agent_config, self.client, state, dataset, AlwaysEligible(), sleep=sleep, emit=lambda line: None
-        )
+        agent = Agent(agent_config, self.client, state, dataset, AlwaysEligible(), sleep=sleep, emit=lambda line: None)
         before = self.client.bytes_down
         started = time.perf_counter()
         records = agent.run()

@@ -123,8 +123,9 @@ class _Reader:
     """A thread's read-only connection, closed when the thread (and so its thread-local) goes away."""
 
     def __init__(self, path: Path):
-        self.conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None,
-                                    check_same_thread=False, timeout=30.0)
+        self.conn = sqlite3.connect(
+            f"{path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None, check_same_thread=False, timeout=30.0
+        )
         self.conn.row_factory = sqlite3.Row
 
     def __del__(self) -> None:
@@ -141,8 +142,7 @@ class Database:
         self._readers = threading.local()
         self._reader_conns: weakref.WeakSet[_Reader] = weakref.WeakSet()
         self._closed = False
-        self.conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False,
-                                    timeout=30.0)
+        self.conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False, timeout=30.0)
         self.conn.row_factory = sqlite3.Row
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute("PRAGMA synchronous=FULL")
@@ -156,8 +156,9 @@ class Database:
                 for name, sql_type in columns.items():
                     if name not in present:
                         cur.execute(f"ALTER TABLE {table} ADD COLUMN {name} {sql_type}")
-            cur.execute("INSERT OR REPLACE INTO server_state(key, value) VALUES ('schema_version', ?)",
-                        (str(SCHEMA_VERSION),))
+            cur.execute(
+                "INSERT OR REPLACE INTO server_state(key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+            )
 
     @contextmanager
     def transaction(self, durable: bool = True) -> Iterator[sqlite3.Cursor]:

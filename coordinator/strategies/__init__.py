@@ -14,8 +14,9 @@ from coordinator.strategies.krum import Krum, MultiKrum
 from coordinator.strategies.median import CoordinateMedian
 from coordinator.strategies.trimmed_mean import TrimmedMean
 
-STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (FedAvg, FedAvgM, FedAdam, FedProx,
-                                                                 CoordinateMedian, TrimmedMean, Krum, MultiKrum)}
+STRATEGIES: dict[str, type[Strategy]] = {
+    cls.name: cls for cls in (FedAvg, FedAvgM, FedAdam, FedProx, CoordinateMedian, TrimmedMean, Krum, MultiKrum)
+}
 
 
 def make_strategy(config: Mapping[str, Any]) -> Strategy:
@@ -23,11 +24,36 @@ def make_strategy(config: Mapping[str, Any]) -> Strategy:
     name = config["strategy"]
     if name not in STRATEGIES:
         raise ValueError(f"strategy {name!r} is not one of {', '.join(STRATEGIES)}")
-    options = {k: config[k] for k in ("server_lr", "server_momentum", "beta1", "beta2", "tau", "fedprox_mu",
-                                         "trim_beta", "krum_f", "krum_m")
-               if k in config}
+    options = {
+        k: config[k]
+        for k in (
+            "server_lr",
+            "server_momentum",
+            "beta1",
+            "beta2",
+            "tau",
+            "fedprox_mu",
+            "trim_beta",
+            "krum_f",
+            "krum_m",
+        )
+        if k in config
+    }
     return STRATEGIES[name](**options)
 
 
-__all__ = ["STRATEGIES", "CoordinateMedian", "FedAdam", "FedAvg", "FedAvgM", "FedProx", "Krum", "MultiKrum",
-           "RunningSum", "Strategy", "TrimmedMean", "Weights", "make_strategy"]
+__all__ = [
+    "STRATEGIES",
+    "CoordinateMedian",
+    "FedAdam",
+    "FedAvg",
+    "FedAvgM",
+    "FedProx",
+    "Krum",
+    "MultiKrum",
+    "RunningSum",
+    "Strategy",
+    "TrimmedMean",
+    "Weights",
+    "make_strategy",
+]

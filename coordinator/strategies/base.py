@@ -76,8 +76,9 @@ class Strategy(ABC):
         return total.mean()
 
     @abstractmethod
-    def step(self, base: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray],
-             state: Weights) -> tuple[Weights, Weights]:
+    def step(
+        self, base: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray], state: Weights
+    ) -> tuple[Weights, Weights]:
         """(base weights, combined delta, optimizer state) -> (new weights, new state), float64."""
 
 

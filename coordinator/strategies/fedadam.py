@@ -17,8 +17,9 @@ from coordinator.strategies.base import Strategy, Weights
 class FedAdam(Strategy):
     name = "fedadam"
 
-    def __init__(self, server_lr: float = 0.01, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3,
-                 **options: float):
+    def __init__(
+        self, server_lr: float = 0.01, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3, **options: float
+    ):
         super().__init__(server_lr, **options)
         self.beta1, self.beta2, self.tau = float(beta1), float(beta2), float(tau)
 

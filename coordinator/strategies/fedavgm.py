@@ -1,7 +1,7 @@
 """FedAvgM (Hsu et al. 2019): server momentum over rounds.
 
-    v   = momentum * v + delta        (v starts at 0)
-    new = base + server_lr * v
+v   = momentum * v + delta        (v starts at 0)
+new = base + server_lr * v
 """
 
 from __future__ import annotations

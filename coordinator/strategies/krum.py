@@ -40,7 +40,7 @@ class MultiKrum(FedAvg):
     def selected(self, updates: list[tuple[Weights, float]]) -> list[int]:
         """Indices of the chosen updates, best first (ties broken by arrival order)."""
         scores = krum_scores([d for d, _ in updates], self.f)
-        return [int(i) for i in np.argsort(scores, kind="stable")[:self.m]]
+        return [int(i) for i in np.argsort(scores, kind="stable")[: self.m]]
 
     def combine(self, updates: list[tuple[Weights, float]]) -> Weights:
         if not updates:

@@ -20,5 +20,6 @@ class CoordinateMedian(FedAvg):
     def combine(self, updates: list[tuple[Weights, float]]) -> Weights:
         if not updates:
             raise ValueError("no updates to combine")
-        return {k: np.median(np.stack([np.asarray(d[k], np.float64) for d, _ in updates]), axis=0)
-                for k in updates[0][0]}
+        return {
+            k: np.median(np.stack([np.asarray(d[k], np.float64) for d, _ in updates]), axis=0) for k in updates[0][0]
+        }

@@ -33,5 +33,5 @@ class TrimmedMean(FedAvg):
         out = {}
         for k in updates[0][0]:
             values = np.sort(np.stack([np.asarray(d[k], np.float64) for d, _ in updates]), axis=0)
-            out[k] = values[cut:n - cut].mean(axis=0)
+            out[k] = values[cut : n - cut].mean(axis=0)
         return out

@@ -9,8 +9,13 @@ from .passes import DEFAULT_PASSES, PASSES
 from .program import Node, Program, build_program
 
 
-def compile_graph(graph: ComputingGraph, outputs: Sequence[SymbolVar], updates: Sequence[SymbolVar],
-                  training: bool, passes: Sequence[str] | None = None) -> Program:
+def compile_graph(
+    graph: ComputingGraph,
+    outputs: Sequence[SymbolVar],
+    updates: Sequence[SymbolVar],
+    training: bool,
+    passes: Sequence[str] | None = None,
+) -> Program:
     chosen = DEFAULT_PASSES if passes is None else tuple(passes)
     unknown = [p for p in chosen if p not in PASSES]
     if unknown:

@@ -33,8 +33,9 @@ def fuse_elementwise(program: Program) -> None:
     program.replace(mapping)
     if mapping:
         sizes = sorted((len(m.op.steps) for m in mapping.values()), reverse=True)
-        program.notes.append(f"fuse_elementwise: {len(mapping)} fused kernels from {sum(sizes)} nodes "
-                             f"(largest {sizes[0]})")
+        program.notes.append(
+            f"fuse_elementwise: {len(mapping)} fused kernels from {sum(sizes)} nodes (largest {sizes[0]})"
+        )
 
 
 def _fused_node(members: list[Node]) -> Node:
@@ -76,15 +77,24 @@ def softmax_cross_entropy(program: Program) -> None:
             continue
         d, label, log_p = g.inputs
         axis = g.op.axis
-        if (e.inputs[0] is not log_p or log_p.op.type_name != "LogSoftmax" or log_p.op.axis % len(log_p.shape) != axis
-                or list(t.op.axes) != [axis] or not t.op.keepdims):
+        if (
+            e.inputs[0] is not log_p
+            or log_p.op.type_name != "LogSoftmax"
+            or log_p.op.axis % len(log_p.shape) != axis
+            or list(t.op.axes) != [axis]
+            or not t.op.keepdims
+        ):
             continue
         private = [g, m, e, t]
-        if any(id(x) in roots for x in private) or len(readers[id(g)]) != 2 or \
-                any(len(readers[id(x)]) != 1 for x in (m, e, t)):
+        if (
+            any(id(x) in roots for x in private)
+            or len(readers[id(g)]) != 2
+            or any(len(readers[id(x)]) != 1 for x in (m, e, t))
+        ):
             continue
-        mapping[id(node)] = Node(SoftmaxCrossEntropyGrad(axis=axis), [log_p, label, d], node.shape, node.dtype,
-                                 origin=node.origin)
+        mapping[id(node)] = Node(
+            SoftmaxCrossEntropyGrad(axis=axis), [log_p, label, d], node.shape, node.dtype, origin=node.origin
+        )
     program.replace(mapping)
     if mapping:
         program.notes.append(f"softmax_cross_entropy: fused {len(mapping)} backward(s) into one kernel")

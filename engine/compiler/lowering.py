@@ -35,14 +35,21 @@ def share_im2col(program: Program) -> None:
         oh, ow = im2col.out_hw(h, w_, kh, kw)
         g = geometry["groups"]
         cols = Node(im2col, [x], (n, g, c // g * kh * kw, oh * ow), x.dtype)
-        mapping[id(forward)] = Node(ConvolutionFromCols(out_hw=[oh, ow], **geometry), [cols, forward.inputs[1]],
-                                    forward.shape, forward.dtype, origin=forward.origin)
-        mapping[id(node)] = Node(FilterGradFromCols(**geometry), [cols, dout, like], node.shape, node.dtype,
-                                 origin=node.origin)
+        mapping[id(forward)] = Node(
+            ConvolutionFromCols(out_hw=[oh, ow], **geometry),
+            [cols, forward.inputs[1]],
+            forward.shape,
+            forward.dtype,
+            origin=forward.origin,
+        )
+        mapping[id(node)] = Node(
+            FilterGradFromCols(**geometry), [cols, dout, like], node.shape, node.dtype, origin=node.origin
+        )
     program.replace(mapping)
     if mapping:
-        program.notes.append(f"share_im2col: {len(mapping) // 2} convolution(s) share columns with their "
-                             f"filter gradient")
+        program.notes.append(
+            f"share_im2col: {len(mapping) // 2} convolution(s) share columns with their filter gradient"
+        )
 
 
 def _key(x: Node, kernel: tuple, op) -> tuple:

@@ -75,9 +75,13 @@ def place(blocks: list[Block]) -> int:
     return total
 
 
-def plan(instructions: Sequence[Instruction], buffers: dict[int, tuple[tuple, np.dtype]],
-         view_of: dict[int, Sequence[int]], keep: Sequence[int],
-         contiguous: Sequence[Sequence[int]] = ()) -> MemoryPlan:
+def plan(
+    instructions: Sequence[Instruction],
+    buffers: dict[int, tuple[tuple, np.dtype]],
+    view_of: dict[int, Sequence[int]],
+    keep: Sequence[int],
+    contiguous: Sequence[Sequence[int]] = (),
+) -> MemoryPlan:
     """`buffers`: slot -> (shape, dtype) for values written into planned memory; `view_of`:
     slot -> the slots it may be a view of (its result may alias their memory); `keep`: slots
     read after the last instruction; `contiguous`: groups of kept slots of one dtype to lay
@@ -107,12 +111,16 @@ def plan(instructions: Sequence[Instruction], buffers: dict[int, tuple[tuple, np
     group_of: dict[int, tuple] = {}
     for group in contiguous:
         group = tuple(group)
-        if len(set(group)) == len(group) and all(s in buffers and s not in group_of for s in group) and \
-                len({buffers[s][1] for s in group}) == 1:
+        if (
+            len(set(group)) == len(group)
+            and all(s in buffers and s not in group_of for s in group)
+            and len({buffers[s][1] for s in group}) == 1
+        ):
             size = sum(int(np.prod(buffers[s][0], dtype=np.int64)) for s in group)
             group_of.update((s, group) for s in group)
-            block_of[group] = Block((size,), buffers[group[0]][1], len(instructions), end,
-                                    parts=[(s, buffers[s][0]) for s in group])
+            block_of[group] = Block(
+                (size,), buffers[group[0]][1], len(instructions), end, parts=[(s, buffers[s][0]) for s in group]
+            )
     merged = 0
     for t, inst in enumerate(instructions):
         if inst.out not in buffers:
@@ -127,8 +135,12 @@ def plan(instructions: Sequence[Instruction], buffers: dict[int, tuple[tuple, np
         for k in inst.inplace:
             source = inst.ins[k]
             block = block_of.get(source)
-            if block is not None and source not in view_of and block.end == t and \
-                    (block.shape, block.dtype) == (shape, dtype):
+            if (
+                block is not None
+                and source not in view_of
+                and block.end == t
+                and (block.shape, block.dtype) == (shape, dtype)
+            ):
                 block.end = finish
                 block.slots.append(inst.out)
                 block_of[inst.out] = block
@@ -143,13 +155,13 @@ def plan(instructions: Sequence[Instruction], buffers: dict[int, tuple[tuple, np
     arrays: dict[int, np.ndarray] = {}
     flat: dict[tuple, np.ndarray] = {}
     for block in blocks:
-        array = arena[block.offset:block.offset + block.nbytes].view(block.dtype).reshape(block.shape)
+        array = arena[block.offset : block.offset + block.nbytes].view(block.dtype).reshape(block.shape)
         if block.parts:
             flat[tuple(s for s, _ in block.parts)] = array
             start = 0
             for s, shape in block.parts:
                 n = int(np.prod(shape, dtype=np.int64))
-                arrays[s] = array[start:start + n].reshape(shape)
+                arrays[s] = array[start : start + n].reshape(shape)
                 start += n
             continue
         for s in block.slots:

@@ -28,6 +28,7 @@ def constant_folding(program: Program) -> None:
             value = np.asarray(node.op.forward(*[i.value for i in inputs]))
             if value.size <= _MAX_FOLD_ELEMENTS:
                 from ..opr.io import ImmutableTensor
+
                 folded[id(node)] = Node(ImmutableTensor(), [], value.shape, value.dtype, value=value)
     program.replace(folded)
     if folded:
@@ -74,8 +75,12 @@ def direct_updates(program: Program) -> None:
         if op.type_name == "AddUpdate" and (op.alpha, op.beta, op.bias) == (0, 1, 0):
             delta = node.inputs[1]
             # (a source would be read after other updates wrote it: keep those copied in the kernel)
-            if delta.kind == "op" and delta.shape == node.shape and None not in delta.shape \
-                    and delta.dtype == node.dtype:
+            if (
+                delta.kind == "op"
+                and delta.shape == node.shape
+                and None not in delta.shape
+                and delta.dtype == node.dtype
+            ):
                 program.updates[k] = (dest, delta)
                 changed += 1
     if changed:
@@ -94,9 +99,15 @@ def inplace(program: Program) -> None:
     for node in program.nodes:
         if node.kind != "op" or not (node.op.elementwise and node.op.writes_into()):
             continue
-        node.inplace = tuple(k for k, x in enumerate(node.inputs)
-                             if x.kind == "op" and id(x) not in roots and len(readers[id(x)]) == 1
-                             and x.dtype == node.dtype and len(x.shape) == len(node.shape))
+        node.inplace = tuple(
+            k
+            for k, x in enumerate(node.inputs)
+            if x.kind == "op"
+            and id(x) not in roots
+            and len(readers[id(x)]) == 1
+            and x.dtype == node.dtype
+            and len(x.shape) == len(node.shape)
+        )
         marked += bool(node.inplace)
     if marked:
         program.notes.append(f"inplace: {marked} nodes may overwrite an input")

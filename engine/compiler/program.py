@@ -28,8 +28,9 @@ class Node:
 
     @property
     def kind(self) -> str:
-        return {"Host2DeviceCopy": "input", "SharedDeviceTensor": "shared",
-                "ImmutableTensor": "const"}.get(self.op.type_name, "op")
+        return {"Host2DeviceCopy": "input", "SharedDeviceTensor": "shared", "ImmutableTensor": "const"}.get(
+            self.op.type_name, "op"
+        )
 
     def __repr__(self) -> str:
         return f"Node({self.op!r}, shape={self.shape})"
@@ -61,8 +62,10 @@ class Program:
         self.outputs = [final(n) for n in self.outputs]
         self.updates = [(d, final(n)) for d, n in self.updates]
         for group in self.flat_updates:
-            group.leaves = [(kind, [final(n) for n in ref] if kind == "member" else final(ref) if kind == "scalar"
-                             else ref) for kind, ref in group.leaves]
+            group.leaves = [
+                (kind, [final(n) for n in ref] if kind == "member" else final(ref) if kind == "scalar" else ref)
+                for kind, ref in group.leaves
+            ]
         self.reorder()
 
     def readers(self) -> dict[int, list[Node]]:
@@ -136,8 +139,14 @@ def build_program(outputs: Sequence[SymbolVar], updates: Sequence[SymbolVar], tr
                 stack.extend(missing)
                 continue
             stack.pop()
-            copies[var.id] = Node(var.op, [copies[resolve(i).id] for i in var.inputs], var.shape, var.dtype,
-                                  origin=var, value=var.value if var.op.type_name == "ImmutableTensor" else None)
+            copies[var.id] = Node(
+                var.op,
+                [copies[resolve(i).id] for i in var.inputs],
+                var.shape,
+                var.dtype,
+                origin=var,
+                value=var.value if var.op.type_name == "ImmutableTensor" else None,
+            )
             pending_updates.extend(u for u in var.side_updates if u.id not in seen_updates)
         return copies[resolve(root).id]
 

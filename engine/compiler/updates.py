@@ -65,8 +65,11 @@ def _chain(root: Node, readers: dict[int, list[Node]], roots: set[int]) -> list[
             continue
         seen.add(id(node))
         members.append(node)
-        stack.extend(x for x in node.inputs if x.kind == "op" and _elementwise(x) and id(x) not in roots
-                     and len(readers[id(x)]) == 1)
+        stack.extend(
+            x
+            for x in node.inputs
+            if x.kind == "op" and _elementwise(x) and id(x) not in roots and len(readers[id(x)]) == 1
+        )
     order = {id(n): k for k, n in enumerate(topological([root]))}
     return sorted(members, key=lambda n: order[id(n)])
 
@@ -139,8 +142,10 @@ def flat_updates(program: Program) -> None:
     program.updates = [(d, n) for d, n in program.updates if id(n) not in removed]
     program.flat_updates = flat
     program.reorder()
-    program.notes.append(f"flat_updates: {len(removed)} update chains run as {len(flat)} flat kernel(s) "
-                         f"over {sum(f.size for f in flat)} values")
+    program.notes.append(
+        f"flat_updates: {len(removed)} update chains run as {len(flat)} flat kernel(s) "
+        f"over {sum(f.size for f in flat)} values"
+    )
 
 
 def _leaves(g: int, groups, readers, update_dests) -> dict | None:
@@ -157,8 +162,12 @@ def _leaves(g: int, groups, readers, update_dests) -> dict | None:
             if first.kind == "shared" and first.origin.id in update_dests:
                 return None  # a scalar some update rewrites
             leaves.append((SCALAR, first))
-        elif None not in owners and len({h for h, _ in owners}) == 1 and [k for _, k in owners] == \
-                list(range(len(nodes))) and all(len(readers[id(n)]) == 1 for n in nodes):
+        elif (
+            None not in owners
+            and len({h for h, _ in owners}) == 1
+            and [k for _, k in owners] == list(range(len(nodes)))
+            and all(len(readers[id(n)]) == 1 for n in nodes)
+        ):
             before.add(owners[0][0])  # the new values another group writes: read them after it ran
             leaves.append((GROUP, owners[0][0]))
         else:
@@ -190,6 +199,7 @@ def _order(plans: Sequence[dict]) -> list[int] | None:
 
 # ----- running the groups (used by engine/runtime.py) -----
 
+
 def flat_view(arrays: Sequence[np.ndarray]) -> np.ndarray | None:
     """One 1-D array covering `arrays` when they lie end to end in one buffer (else None)."""
     first = arrays[0]
@@ -199,19 +209,23 @@ def flat_view(arrays: Sequence[np.ndarray]) -> np.ndarray | None:
     item = first.dtype.itemsize
     start = address = first.__array_interface__["data"][0]
     for a in arrays:
-        if a.dtype != first.dtype or not a.flags.c_contiguous or (a.base if a.base is not None else a) is not base \
-                or a.__array_interface__["data"][0] != address:
+        if (
+            a.dtype != first.dtype
+            or not a.flags.c_contiguous
+            or (a.base if a.base is not None else a) is not base
+            or a.__array_interface__["data"][0] != address
+        ):
             return None
         address += a.nbytes
     offset = (start - base.__array_interface__["data"][0]) // item
-    return base[offset:offset + (address - start) // item]
+    return base[offset : offset + (address - start) // item]
 
 
 def _parts(flat: np.ndarray, shapes: list[tuple]) -> list[np.ndarray]:
     parts, start = [], 0
     for shape in shapes:
         n = int(np.prod(shape, dtype=np.int64))
-        parts.append(flat[start:start + n].reshape(shape))
+        parts.append(flat[start : start + n].reshape(shape))
         start += n
     return parts
 
@@ -229,8 +243,12 @@ class FlatUpdateRunner:
 
     def contiguous(self) -> list[list[int]]:
         """Slot groups the memory plan should lay end to end (values instructions compute)."""
-        return [[self.slot_of[id(n)] for n in ref] for group in self.groups for kind, ref in group.leaves
-                if kind == MEMBER and all(n.kind == "op" for n in ref)]
+        return [
+            [self.slot_of[id(n)] for n in ref]
+            for group in self.groups
+            for kind, ref in group.leaves
+            if kind == MEMBER and all(n.kind == "op" for n in ref)
+        ]
 
     def run(self, values: list, cache: dict, flat: dict[tuple, np.ndarray]) -> None:
         """One step's groups; `cache` keeps the bindings for one memory plan, `flat` its flat arrays."""
@@ -258,6 +276,7 @@ class FlatUpdateRunner:
 
     def _bind(self, flat: dict[tuple, np.ndarray]) -> tuple[list, list]:
         from ..opr.base import Workspace
+
         bound, watched = [], []
         for group in self.groups:
             inputs = []

@@ -1,8 +1,8 @@
 """Data for the engine: IDataView, DataLoader, dataset readers, transforms and device partitions.
 
-    from engine.data import DataLoader, load_default
-    loader = DataLoader(load_default("train"), batch_size=64, shuffle=True, seed=0)
-    images, labels = loader.next()   # float32 (64, 1, 28, 28), int64 (64,)
+from engine.data import DataLoader, load_default
+loader = DataLoader(load_default("train"), batch_size=64, shuffle=True, seed=0)
+images, labels = loader.next()   # float32 (64, 1, 28, 28), int64 (64,)
 """
 
 from __future__ import annotations
@@ -26,8 +26,18 @@ from .partition import (
 from .readers import CsvDataset, ImageFolderDataset, NpzDataset, open_dataset
 from .transforms import Compose, Normalize, RandomCrop, RandomHorizontalFlip
 
-FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
 
 
 def embedded_dir() -> Path:
@@ -41,9 +51,32 @@ def load_default(split: str = "train", **options) -> MnistDataset:
 
 
 __all__ = [
-    "ArrayDataset", "Compose", "CsvDataset", "DataError", "DataLoader", "FASHION_MNIST_CLASSES", "IDataView",
-    "ImageFolderDataset", "MnistDataset", "Normalize", "NpzDataset", "PartitionSpec", "RandomCrop",
-    "RandomHorizontalFlip", "Subset", "TransformedView", "dirichlet", "embedded_dir", "iid", "label_counts",
-    "load_default", "open_dataset", "parse_partition", "quantity_skew", "read_idx", "shards", "split_holdout",
+    "ArrayDataset",
+    "Compose",
+    "CsvDataset",
+    "DataError",
+    "DataLoader",
+    "FASHION_MNIST_CLASSES",
+    "IDataView",
+    "ImageFolderDataset",
+    "MnistDataset",
+    "Normalize",
+    "NpzDataset",
+    "PartitionSpec",
+    "RandomCrop",
+    "RandomHorizontalFlip",
+    "Subset",
+    "TransformedView",
+    "dirichlet",
+    "embedded_dir",
+    "iid",
+    "label_counts",
+    "load_default",
+    "open_dataset",
+    "parse_partition",
+    "quantity_skew",
+    "read_idx",
+    "shards",
+    "split_holdout",
     "write_idx",
 ]

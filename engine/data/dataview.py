@@ -75,8 +75,9 @@ class Subset(IDataView):
         self.indices = np.asarray(indices, dtype=np.int64).reshape(-1)
         n = view.size()
         if self.indices.size and (self.indices.min() < 0 or self.indices.max() >= n):
-            raise IndexError(f"Subset: indices must lie in [0, {n}), got range "
-                             f"[{self.indices.min()}, {self.indices.max()}]")
+            raise IndexError(
+                f"Subset: indices must lie in [0, {n}), got range [{self.indices.min()}, {self.indices.max()}]"
+            )
 
     def get_item(self, idx: int) -> Item:
         return self.view.get_item(int(self.indices[idx]))

@@ -47,12 +47,13 @@ def parse_idx(raw: bytes, name: str = "<bytes>", expected_ndim: int | None = Non
     magic = struct.unpack(">I", raw[:4])[0]
     zeros, code, ndim = magic >> 16, (magic >> 8) & 0xFF, magic & 0xFF
     if zeros != 0 or code != _UBYTE_CODE or not 1 <= ndim <= MAX_NDIM:
-        raise DataError(f"{name}: wrong magic 0x{magic:08x}; expected 0x{LABELS_MAGIC:08x} (labels) "
-                        f"or 0x{IMAGES_MAGIC:08x} (images)")
+        raise DataError(
+            f"{name}: wrong magic 0x{magic:08x}; expected 0x{LABELS_MAGIC:08x} (labels) "
+            f"or 0x{IMAGES_MAGIC:08x} (images)"
+        )
     if expected_ndim is not None and ndim != expected_ndim:
         kind = "images" if expected_ndim == 3 else "labels"
-        raise DataError(f"{name}: has {ndim} dimensions (magic 0x{magic:08x}), "
-                        f"expected {expected_ndim} for {kind}")
+        raise DataError(f"{name}: has {ndim} dimensions (magic 0x{magic:08x}), expected {expected_ndim} for {kind}")
     header_len = 4 + 4 * ndim
     if len(raw) < header_len:
         raise DataError(f"{name}: truncated header, {len(raw)} bytes but {header_len} needed for {ndim} dims")
@@ -86,8 +87,10 @@ def write_idx(path: str | os.PathLike, array: np.ndarray, compresslevel: int = 9
     path = Path(path)
     raw = encode_idx(array)
     if path.suffix == ".gz":
-        with open(path, "wb") as f, gzip.GzipFile(filename="", mode="wb", fileobj=f,
-                                                   compresslevel=compresslevel, mtime=0) as gz:
+        with (
+            open(path, "wb") as f,
+            gzip.GzipFile(filename="", mode="wb", fileobj=f, compresslevel=compresslevel, mtime=0) as gz,
+        ):
             gz.write(raw)
     else:
         path.write_bytes(raw)

@@ -21,16 +21,19 @@ Batch = tuple[np.ndarray, np.ndarray]
 class DataLoader:
     """Batches of (float32 data, int64 or float32 labels) from `dataset`."""
 
-    def __init__(self, dataset: IDataView, batch_size: int = 1, shuffle: bool = False,
-                 drop_last: bool = True, seed: int = 0):
+    def __init__(
+        self, dataset: IDataView, batch_size: int = 1, shuffle: bool = False, drop_last: bool = True, seed: int = 0
+    ):
         if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise ValueError(f"DataLoader: batch_size must be an integer >= 1, got {batch_size!r}")
         n = dataset.size()
         if n == 0:
             raise ValueError("DataLoader: the dataset is empty")
         if drop_last and batch_size > n:
-            raise ValueError(f"DataLoader: batch_size {batch_size} > dataset size {n} with drop_last=True "
-                             "would give no batch at all; lower batch_size or pass drop_last=False")
+            raise ValueError(
+                f"DataLoader: batch_size {batch_size} > dataset size {n} with drop_last=True "
+                "would give no batch at all; lower batch_size or pass drop_last=False"
+            )
         self.dataset, self.batch_size = dataset, int(batch_size)
         self.shuffle, self.drop_last = shuffle, drop_last
         self.rng = np.random.default_rng(seed)  # kept for the loader's life: never re-seeded per epoch
@@ -51,7 +54,7 @@ class DataLoader:
         return self.rng.permutation(n) if self.shuffle else np.arange(n, dtype=np.int64)
 
     def _batch(self, order: np.ndarray, k: int) -> Batch:
-        data, labels = self.dataset.get_batch(order[k * self.batch_size:(k + 1) * self.batch_size])
+        data, labels = self.dataset.get_batch(order[k * self.batch_size : (k + 1) * self.batch_size])
         data = np.asarray(data, dtype=np.float32)
         labels = np.asarray(labels)
         labels = labels.astype(np.int64) if labels.dtype.kind in "iub" else labels.astype(np.float32)

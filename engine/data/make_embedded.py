@@ -81,15 +81,20 @@ def make_subset(source: Path, out: Path, train_per_class: int, test_per_class: i
         keep = balanced_indices(labels, per_class, seed)
         write_idx(out / f"{prefix}-images-idx3-ubyte.gz", images[keep])
         write_idx(out / f"{prefix}-labels-idx1-ubyte.gz", labels[keep])
-    (out / LICENSE_NAME).write_text(LICENSE_TEXT.format(
-        train_n=10 * train_per_class, train_k=train_per_class,
-        test_n=10 * test_per_class, test_k=test_per_class, seed=seed))
+    (out / LICENSE_NAME).write_text(
+        LICENSE_TEXT.format(
+            train_n=10 * train_per_class,
+            train_k=train_per_class,
+            test_n=10 * test_per_class,
+            test_k=test_per_class,
+            seed=seed,
+        )
+    )
     return sum(p.stat().st_size for p in out.iterdir() if p.is_file())
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", type=Path, default=DEBIAN_SOURCE, help="full Fashion-MNIST IDX directory")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory")
     parser.add_argument("--train-per-class", type=int, default=900)

@@ -50,8 +50,16 @@ def is_idx_dir(path: str | os.PathLike) -> bool:
 class MnistDataset(IDataView):
     """Images (1, H, W) float32 and int64 labels from an IDX directory."""
 
-    def __init__(self, dir_name: str | os.PathLike, split: str = "train", normalize: bool = True,
-                 pad: int = 0, limit: int | None = None, mean: float = MNIST_MEAN, std: float = MNIST_STD):
+    def __init__(
+        self,
+        dir_name: str | os.PathLike,
+        split: str = "train",
+        normalize: bool = True,
+        pad: int = 0,
+        limit: int | None = None,
+        mean: float = MNIST_MEAN,
+        std: float = MNIST_STD,
+    ):
         if split not in SPLIT_PREFIX:
             raise ValueError(f"MnistDataset: split must be 'train' or 'test', got {split!r}")
         if pad < 0:
@@ -67,8 +75,9 @@ class MnistDataset(IDataView):
         raw = read_idx(images_path, expected_ndim=3)
         labels = read_idx(labels_path, expected_ndim=1)
         if len(raw) != len(labels):
-            raise DataError(f"{directory}: {images_path.name} has {len(raw)} images "
-                            f"but {labels_path.name} has {len(labels)} labels")
+            raise DataError(
+                f"{directory}: {images_path.name} has {len(raw)} images but {labels_path.name} has {len(labels)} labels"
+            )
         if limit is not None:
             if limit < 1:
                 raise ValueError(f"MnistDataset: limit must be >= 1, got {limit}")

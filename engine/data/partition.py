@@ -120,8 +120,7 @@ def parse_partition(spec: str) -> PartitionSpec:
     """'iid' | 'dirichlet:ALPHA' | 'shards:PER_DEVICE' | 'quantity:ALPHA' (parameter optional)."""
     name, _, raw = spec.strip().partition(":")
     if name not in _DEFAULTS:
-        raise ValueError(f"unknown partition {spec!r}; "
-                         "expected iid, dirichlet:ALPHA, shards:N or quantity:ALPHA")
+        raise ValueError(f"unknown partition {spec!r}; expected iid, dirichlet:ALPHA, shards:N or quantity:ALPHA")
     if name == "iid":
         if raw:
             raise ValueError(f"partition 'iid' takes no parameter, got {spec!r}")

@@ -31,13 +31,13 @@ class NpzDataset(ArrayDataset):
         except (ValueError, OSError, EOFError) as exc:  # pickled content, not a numpy file at all
             raise DataError(f"{self.path}: cannot read as .npz without pickle ({exc})") from None
         if not isinstance(archive, np.lib.npyio.NpzFile):
-            raise DataError(f"{self.path}: is a single .npy array, "
-                            f"expected a .npz holding {x_key!r} and {y_key!r}")
+            raise DataError(f"{self.path}: is a single .npy array, expected a .npz holding {x_key!r} and {y_key!r}")
         with archive:
             missing = [k for k in (x_key, y_key) if k not in archive.files]
             if missing:
-                raise DataError(f"{self.path}: no array named {', '.join(map(repr, missing))}; "
-                                f"the file holds {archive.files}")
+                raise DataError(
+                    f"{self.path}: no array named {', '.join(map(repr, missing))}; the file holds {archive.files}"
+                )
             try:
                 data, labels = archive[x_key], archive[y_key]
             except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:  # object arrays, corrupt zip
@@ -63,8 +63,13 @@ class CsvDataset(ArrayDataset):
     is a header name or a column index (negative counts from the end).
     """
 
-    def __init__(self, path: str | os.PathLike, label_column: str | int = "label",
-                 shape: tuple[int, ...] | None = None, delimiter: str = ","):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        label_column: str | int = "label",
+        shape: tuple[int, ...] | None = None,
+        delimiter: str = ",",
+    ):
         self.path = Path(path)
         try:
             with open(self.path, encoding="utf-8") as f:
@@ -76,8 +81,7 @@ class CsvDataset(ArrayDataset):
         self.header = fields if has_header else None
         column = self._label_index(label_column, fields)
         try:
-            table = np.loadtxt(self.path, delimiter=delimiter, skiprows=int(has_header), ndmin=2,
-                               dtype=np.float64)
+            table = np.loadtxt(self.path, delimiter=delimiter, skiprows=int(has_header), ndmin=2, dtype=np.float64)
         except ValueError as exc:
             raise DataError(f"{self.path}: not a numeric CSV ({exc})") from None
         if table.shape[0] == 0:
@@ -88,22 +92,24 @@ class CsvDataset(ArrayDataset):
         labels = labels.astype(np.int64 if whole else np.float32)
         if shape is not None:
             if int(np.prod(shape)) != features.shape[1]:
-                raise DataError(f"{self.path}: {features.shape[1]} feature columns cannot be reshaped "
-                                f"to {tuple(shape)}")
+                raise DataError(
+                    f"{self.path}: {features.shape[1]} feature columns cannot be reshaped to {tuple(shape)}"
+                )
             features = features.reshape((len(features), *shape))
         super().__init__(features, labels)
 
     def _label_index(self, label_column: str | int, fields: list[str]) -> int:
         if isinstance(label_column, str):
             if self.header is None:
-                raise DataError(f"{self.path}: label column {label_column!r} given by name but the file "
-                                "has no header row; pass a column index instead")
+                raise DataError(
+                    f"{self.path}: label column {label_column!r} given by name but the file "
+                    "has no header row; pass a column index instead"
+                )
             if label_column not in self.header:
                 raise DataError(f"{self.path}: no column {label_column!r}; header is {self.header}")
             return self.header.index(label_column)
         if not -len(fields) <= label_column < len(fields):
-            raise DataError(f"{self.path}: label column {label_column} out of range "
-                            f"for {len(fields)} columns")
+            raise DataError(f"{self.path}: label column {label_column} out of range for {len(fields)} columns")
         return label_column % len(fields)
 
 
@@ -116,8 +122,7 @@ def _require_pillow() -> Any:
 
 
 def _class_dirs(root: Path) -> list[Path]:
-    return sorted((d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")),
-                  key=lambda d: d.name)
+    return sorted((d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")), key=lambda d: d.name)
 
 
 def _images_in(directory: Path) -> list[Path]:
@@ -136,8 +141,7 @@ class ImageFolderDataset(IDataView):
         if not self.classes:
             raise DataError(f"{self.root}: no class sub-folders (expected root/<class>/<image files>)")
         self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
-        self.samples = [(path, i) for i, name in enumerate(self.classes)
-                        for path in _images_in(self.root / name)]
+        self.samples = [(path, i) for i, name in enumerate(self.classes) for path in _images_in(self.root / name)]
         if not self.samples:
             raise DataError(f"{self.root}: class folders hold no images ({', '.join(IMAGE_EXTENSIONS)})")
 
@@ -174,12 +178,16 @@ def open_dataset(path: str | os.PathLike, split: str = "train", **options: Any) 
             return MnistDataset(path, split=split, **options)
         if _is_image_folder(path):
             return ImageFolderDataset(path, **options)
-        raise DataError(f"{path}: directory is neither an IDX dataset (t10k-images-idx3-ubyte[.gz] ...) "
-                        "nor an image folder (root/<class>/<images>)")
+        raise DataError(
+            f"{path}: directory is neither an IDX dataset (t10k-images-idx3-ubyte[.gz] ...) "
+            "nor an image folder (root/<class>/<images>)"
+        )
     suffix = path.suffix.lower()
     if suffix == ".npz":
         return NpzDataset(path, **options)
     if suffix == ".csv":
         return CsvDataset(path, **options)
-    raise DataError(f"{path}: unsupported file type {suffix or '(none)'!r}; expected an IDX directory, "
-                    ".npz, .csv or an image folder")
+    raise DataError(
+        f"{path}: unsupported file type {suffix or '(none)'!r}; expected an IDX directory, "
+        ".npz, .csv or an image folder"
+    )

@@ -63,7 +63,7 @@ class RandomCrop:
             raise ValueError(f"RandomCrop: crop {self.size} larger than padded image {(h, w)}")
         top = int(self.rng.integers(0, h - ch + 1))
         left = int(self.rng.integers(0, w - cw + 1))
-        return x[..., top:top + ch, left:left + cw]
+        return x[..., top : top + ch, left : left + cw]
 
 
 class RandomHorizontalFlip:

@@ -21,6 +21,7 @@ def build(name: str, seed: int = 0) -> Model:
 def build_model_bytes(name: str = "lenet", seed: int = 0) -> bytes:
     """A fresh model file for a built-in architecture."""
     from ..serialize.modelfile import dumps
+
     return dumps(build(name, seed))
 
 

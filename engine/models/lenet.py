@@ -22,8 +22,13 @@ def _uniform(rng: np.random.Generator, shape: tuple, fan_in: int) -> np.ndarray:
 
 def lenet_weights(seed: int = 0, num_classes: int = 10) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    shapes = {"conv1": ((6, 1, 5, 5), 25), "conv2": ((16, 6, 5, 5), 150),
-              "fc1": ((400, 120), 400), "fc2": ((120, 84), 120), "fc3": ((84, num_classes), 84)}
+    shapes = {
+        "conv1": ((6, 1, 5, 5), 25),
+        "conv2": ((16, 6, 5, 5), 150),
+        "fc1": ((400, 120), 400),
+        "fc2": ((120, 84), 120),
+        "fc3": ((84, num_classes), 84),
+    }
     weights = {}
     for name, (shape, fan_in) in shapes.items():
         weights[f"{name}.weight"] = _uniform(rng, shape, fan_in)
@@ -35,13 +40,18 @@ def lenet_weights(seed: int = 0, num_classes: int = 10) -> dict[str, np.ndarray]
 def build_lenet(seed: int = 0, num_classes: int = 10, in_shape: tuple = (1, 28, 28)) -> Model:
     graph = ComputingGraph()
     w = {name: opr.shared(graph, value, name) for name, value in lenet_weights(seed, num_classes).items()}
-    x = opr.host2device(graph, (None, *in_shape), "float32", name="x")           # Host2DeviceCopy
+    x = opr.host2device(graph, (None, *in_shape), "float32", name="x")  # Host2DeviceCopy
     h = opr.relu(opr.convolution(x, w["conv1.weight"], padding=2) + w["conv1.bias"])
     h = opr.pooling(h, "max", window=2)
     h = opr.relu(opr.convolution(h, w["conv2.weight"]) + w["conv2.bias"])
-    h = opr.pooling(h, "max", window=2).flatten()                                 # (N, 400)
+    h = opr.pooling(h, "max", window=2).flatten()  # (N, 400)
     h = opr.relu(opr.matrix_mul(h, w["fc1.weight"]) + w["fc1.bias"])
     h = opr.relu(opr.matrix_mul(h, w["fc2.weight"]) + w["fc2.bias"])
     logits = opr.matrix_mul(h, w["fc3.weight"]) + w["fc3.bias"]
-    return Model(graph, inputs={"x": x}, outputs={"logits": logits}, params=w,
-                 metadata={"architecture": "lenet", "num_classes": num_classes})
+    return Model(
+        graph,
+        inputs={"x": x},
+        outputs={"logits": logits},
+        params=w,
+        metadata={"architecture": "lenet", "num_classes": num_classes},
+    )

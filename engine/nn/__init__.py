@@ -28,12 +28,38 @@ from .module import Buffer, Module, Parameter, Sequential
 
 def lenet(num_classes: int = 10) -> Sequential:
     """LeNet-5 as in the MegEngine article (first conv padded by 2, so 28x28 inputs work)."""
-    return Sequential(Conv2d(1, 6, 5, padding=2), ReLU(), MaxPool2d(2), Conv2d(6, 16, 5), ReLU(),
-                      MaxPool2d(2), Flatten(), Linear(400, 120), ReLU(), Linear(120, 84), ReLU(),
-                      Linear(84, num_classes))
+    return Sequential(
+        Conv2d(1, 6, 5, padding=2),
+        ReLU(),
+        MaxPool2d(2),
+        Conv2d(6, 16, 5),
+        ReLU(),
+        MaxPool2d(2),
+        Flatten(),
+        Linear(400, 120),
+        ReLU(),
+        Linear(120, 84),
+        ReLU(),
+        Linear(84, num_classes),
+    )
 
 
 __all__ = [
-    "AvgPool2d", "BatchNorm2d", "Buffer", "Conv2d", "Dropout", "Embedding", "Flatten", "Linear", "MaxPool2d",
-    "Module", "Parameter", "ReLU", "Sequential", "Sigmoid", "Tanh", "lenet", "manual_seed",
+    "AvgPool2d",
+    "BatchNorm2d",
+    "Buffer",
+    "Conv2d",
+    "Dropout",
+    "Embedding",
+    "Flatten",
+    "Linear",
+    "MaxPool2d",
+    "Module",
+    "Parameter",
+    "ReLU",
+    "Sequential",
+    "Sigmoid",
+    "Tanh",
+    "lenet",
+    "manual_seed",
 ]

@@ -33,13 +33,23 @@ def _pair(v: Any) -> tuple[int, int]:
 
 
 class Conv2d(Module):
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: Any, stride: Any = 1,
-                 padding: Any = 0, dilation: Any = 1, groups: int = 1, bias: bool = True) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: Any,
+        stride: Any = 1,
+        padding: Any = 0,
+        dilation: Any = 1,
+        groups: int = 1,
+        bias: bool = True,
+    ) -> None:
         super().__init__()
         kh, kw = _pair(kernel_size)
         if in_channels % groups or out_channels % groups:
-            raise ValueError(f"Conv2d: groups={groups} must divide in_channels={in_channels} and "
-                             f"out_channels={out_channels}")
+            raise ValueError(
+                f"Conv2d: groups={groups} must divide in_channels={in_channels} and out_channels={out_channels}"
+            )
         fan_in = in_channels // groups * kh * kw
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
         self.weight = Parameter(_uniform((out_channels, in_channels // groups, kh, kw), fan_in))
@@ -54,8 +64,7 @@ class Conv2d(Module):
 
     def extra_repr(self) -> str:
         o, i, kh, kw = self.weight.shape
-        return f"{i * self.groups}, {o}, kernel_size=({kh}, {kw}), stride={self.stride}, " \
-               f"padding={self.padding}"
+        return f"{i * self.groups}, {o}, kernel_size=({kh}, {kw}), stride={self.stride}, padding={self.padding}"
 
 
 class Linear(Module):

@@ -49,8 +49,10 @@ class Parameter:
     def in_graph(self, graph: ComputingGraph) -> SymbolVar:
         """The shared tensor holding this array in `graph` (created by `Module.build`)."""
         if self.var is None or self.var.graph is not graph:
-            raise GraphError("this parameter has no tensor in the graph being built: add modules to a graph "
-                             "through Module.build(...) (or Module.attach(graph))")
+            raise GraphError(
+                "this parameter has no tensor in the graph being built: add modules to a graph "
+                "through Module.build(...) (or Module.attach(graph))"
+            )
         return self.var
 
     def __repr__(self) -> str:
@@ -123,8 +125,7 @@ class Module:
             target = nxt
         else:
             return target
-        raise KeyError(f"no sub-module or parameter {path!r}; this module has "
-                       f"{[n for n, _ in self.named_tensors()]}")
+        raise KeyError(f"no sub-module or parameter {path!r}; this module has {[n for n, _ in self.named_tensors()]}")
 
     # ----- state -----
     def state_dict(self) -> dict[str, np.ndarray]:
@@ -141,8 +142,9 @@ class Module:
                 continue
             value = np.asarray(value)
             if value.shape != tensors[name].shape:
-                raise GraphError(f"load_state_dict: {name} has shape {value.shape}, the module needs "
-                                 f"{tensors[name].shape}")
+                raise GraphError(
+                    f"load_state_dict: {name} has shape {value.shape}, the module needs {tensors[name].shape}"
+                )
             np.copyto(tensors[name].data, value.astype(tensors[name].data.dtype, copy=False))
 
     # ----- modes -----
@@ -180,16 +182,25 @@ class Module:
             params[name] = var
         return params
 
-    def build(self, input_shape: Sequence[int], dtype: str = "float32", input_name: str = "x",
-              output_name: str = "logits") -> Model:
+    def build(
+        self, input_shape: Sequence[int], dtype: str = "float32", input_name: str = "x", output_name: str = "logits"
+    ) -> Model:
         """A `Model` computing this module on inputs of shape (batch, *input_shape)."""
         graph = ComputingGraph()
         params = self.attach(graph)
         x = opr.host2device(graph, (None, *input_shape), dtype, name=input_name)
         out = self(x)
-        return Model(graph, inputs={input_name: x}, outputs={output_name: out}, params=params,
-                     metadata={"built_by": "engine.nn", "module": type(self).__name__,
-                               "mode": "train" if self.training else "eval"})
+        return Model(
+            graph,
+            inputs={input_name: x},
+            outputs={output_name: out},
+            params=params,
+            metadata={
+                "built_by": "engine.nn",
+                "module": type(self).__name__,
+                "mode": "train" if self.training else "eval",
+            },
+        )
 
     # ----- display -----
     def extra_repr(self) -> str:

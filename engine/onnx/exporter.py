@@ -62,8 +62,10 @@ class _Exporter:
             else:
                 emit = EMITTERS.get(kind)
                 if emit is None:
-                    raise OnnxError(f"cannot export operator {kind} to ONNX (node {var!r}); exportable: "
-                                    f"{', '.join(sorted(EMITTERS))}")
+                    raise OnnxError(
+                        f"cannot export operator {kind} to ONNX (node {var!r}); exportable: "
+                        f"{', '.join(sorted(EMITTERS))}"
+                    )
                 out = f"{kind}_{var.id}"
                 emit(self, var, [self.name(i) for i in var.inputs], out)
                 self.names[var.id] = out
@@ -72,8 +74,7 @@ class _Exporter:
             self.add("Identity", [self.name(var)], out_name)
             outputs.append(self.value_info(out_name, var))
         graph = helper.make_graph(self.nodes, "pocketfed", inputs, outputs, self.initializers)
-        proto = helper.make_model(graph, producer_name="pocketfed",
-                                  opset_imports=[helper.make_opsetid("", OPSET)])
+        proto = helper.make_model(graph, producer_name="pocketfed", opset_imports=[helper.make_opsetid("", OPSET)])
         proto.ir_version = min(proto.ir_version, 8)  # readable by onnxruntime releases of the last years
         self.onnx.checker.check_model(proto)
         return proto
@@ -81,14 +82,23 @@ class _Exporter:
 
 # ----- emitters: (exporter, engine node, input names, output name) -----
 
+
 def _same(op_type: str, **fixed: Any) -> Callable:
     return lambda ex, var, ins, out: ex.add(op_type, ins, out, **fixed)
 
 
 def _conv(ex: _Exporter, var: SymbolVar, ins: list[str], out: str) -> None:
     a = var.op.attrs
-    ex.add("Conv", ins, out, kernel_shape=list(var.inputs[1].shape[2:]), strides=a["stride"],
-           pads=a["padding"] * 2, dilations=a["dilation"], group=a["groups"])
+    ex.add(
+        "Conv",
+        ins,
+        out,
+        kernel_shape=list(var.inputs[1].shape[2:]),
+        strides=a["stride"],
+        pads=a["padding"] * 2,
+        dilations=a["dilation"],
+        group=a["groups"],
+    )
 
 
 def _pool(ex: _Exporter, var: SymbolVar, ins: list[str], out: str) -> None:
@@ -123,6 +133,7 @@ def _reduce(op_type: str, axes_as_input: bool) -> Callable:
             ex.add(op_type, [ins[0], ex.constant(np.asarray(axes, np.int64), "axes")], out, keepdims=keep)
         else:
             ex.add(op_type, ins, out, axes=axes, keepdims=keep)
+
     return emit
 
 
@@ -131,25 +142,46 @@ def _cast(ex: _Exporter, var: SymbolVar, ins: list[str], out: str) -> None:
 
 
 EMITTERS: dict[str, Callable[[_Exporter, SymbolVar, list[str], str], None]] = {
-    "Convolution": _conv, "Pooling": _pool, "MatrixMul": _matmul, "Reshape": _reshape,
-    "Add": _same("Add"), "Sub": _same("Sub"), "Mul": _same("Mul"), "Div": _same("Div"), "Pow": _same("Pow"),
-    "Maximum": _same("Max"), "Neg": _same("Neg"), "Exp": _same("Exp"), "Log": _same("Log"),
-    "Sqrt": _same("Sqrt"), "Abs": _same("Abs"), "Sign": _same("Sign"), "Relu": _same("Relu"),
-    "Sigmoid": _same("Sigmoid"), "Tanh": _same("Tanh"), "Equal": _same("Equal"), "Greater": _same("Greater"),
-    "GreaterEqual": _same("GreaterOrEqual"), "LogicalNot": _same("Not"),
+    "Convolution": _conv,
+    "Pooling": _pool,
+    "MatrixMul": _matmul,
+    "Reshape": _reshape,
+    "Add": _same("Add"),
+    "Sub": _same("Sub"),
+    "Mul": _same("Mul"),
+    "Div": _same("Div"),
+    "Pow": _same("Pow"),
+    "Maximum": _same("Max"),
+    "Neg": _same("Neg"),
+    "Exp": _same("Exp"),
+    "Log": _same("Log"),
+    "Sqrt": _same("Sqrt"),
+    "Abs": _same("Abs"),
+    "Sign": _same("Sign"),
+    "Relu": _same("Relu"),
+    "Sigmoid": _same("Sigmoid"),
+    "Tanh": _same("Tanh"),
+    "Equal": _same("Equal"),
+    "Greater": _same("Greater"),
+    "GreaterEqual": _same("GreaterOrEqual"),
+    "LogicalNot": _same("Not"),
     "Transpose": lambda ex, var, ins, out: ex.add("Transpose", ins, out, perm=var.op.attrs["perm"]),
-    "Concat": _axis("Concat"), "Softmax": _axis("Softmax"), "LogSoftmax": _axis("LogSoftmax"),
-    "Argmax": lambda ex, var, ins, out: ex.add("ArgMax", ins, out, axis=int(var.op.attrs["axis"]),
-                                               keepdims=0),
-    "Sum": _reduce("ReduceSum", True), "Mean": _reduce("ReduceMean", False),
+    "Concat": _axis("Concat"),
+    "Softmax": _axis("Softmax"),
+    "LogSoftmax": _axis("LogSoftmax"),
+    "Argmax": lambda ex, var, ins, out: ex.add("ArgMax", ins, out, axis=int(var.op.attrs["axis"]), keepdims=0),
+    "Sum": _reduce("ReduceSum", True),
+    "Mean": _reduce("ReduceMean", False),
     "Max": _reduce("ReduceMax", False),
-    "Astype": _cast, "EmbeddingLookup": _same("Gather", axis=0),
+    "Astype": _cast,
+    "EmbeddingLookup": _same("Gather", axis=0),
 }
 
 
 def export_onnx(model: Model, path: str | os.PathLike | None = None) -> bytes:
     """The model's inference graph as ONNX (opset 17) bytes; also written to `path` when given."""
     from ..serialize.container import write_atomic
+
     data = _Exporter(model).run().SerializeToString()
     if path is not None:
         write_atomic(path, data)

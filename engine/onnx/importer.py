@@ -60,8 +60,10 @@ class _Importer:
         if name in self.static:
             value = self.static[name]
             if shapes.is_dynamic(value):
-                raise self.fail(f"shape {list(value)} holds a size fed at run time; it can only feed "
-                                "Reshape (or Gather/Unsqueeze/Concat/Slice/Cast on shapes)")
+                raise self.fail(
+                    f"shape {list(value)} holds a size fed at run time; it can only feed "
+                    "Reshape (or Gather/Unsqueeze/Concat/Slice/Cast on shapes)"
+                )
             if like is not None and like.dtype.kind == "f" and value.dtype.kind in "fiu":
                 value = value.astype(like.dtype)
             return self.graph.constant(value)
@@ -69,8 +71,7 @@ class _Importer:
 
     def constant_input(self, name: str, what: str) -> np.ndarray:
         if name not in self.static:
-            raise self.fail(f"{what} must be a constant (an initializer or Constant node), got "
-                            f"computed value {name!r}")
+            raise self.fail(f"{what} must be a constant (an initializer or Constant node), got computed value {name!r}")
         return self.static[name]
 
     def attrs(self) -> dict[str, Any]:
@@ -97,9 +98,11 @@ class _Importer:
             self.node = node
             converter = CONVERTERS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
             if converter is None:
-                raise self.fail(f"unsupported ONNX operator {node.op_type!r}"
-                                + (f" in domain {node.domain!r}" if node.domain else "")
-                                + f"; supported: {', '.join(sorted(CONVERTERS))}")
+                raise self.fail(
+                    f"unsupported ONNX operator {node.op_type!r}"
+                    + (f" in domain {node.domain!r}" if node.domain else "")
+                    + f"; supported: {', '.join(sorted(CONVERTERS))}"
+                )
             try:
                 result = converter(self, node)
             except GraphError as exc:
@@ -110,8 +113,13 @@ class _Importer:
                 self.vars[node.output[0]] = result
         outputs = {o.name: self.var(o.name) for o in g.output}
         producer = f"{self.proto.producer_name} {self.proto.producer_version}".strip()
-        return Model(self.graph, inputs=inputs, outputs=outputs, params=self.params,
-                     metadata={"source": "onnx", "onnx_opset": int(self.opset), "onnx_producer": producer})
+        return Model(
+            self.graph,
+            inputs=inputs,
+            outputs=outputs,
+            params=self.params,
+            metadata={"source": "onnx", "onnx_opset": int(self.opset), "onnx_producer": producer},
+        )
 
     def _input(self, value_info: Any) -> SymbolVar:
         tensor_type = value_info.type.tensor_type
@@ -121,6 +129,7 @@ class _Importer:
 
 
 # ----- converters: (importer, node) -> SymbolVar, or an ndarray for a build-time constant -----
+
 
 def _unary(fn: Callable[[SymbolVar], SymbolVar]) -> Callable:
     return lambda im, node: fn(im.var(node.input[0]))
@@ -133,11 +142,14 @@ def _binary(fn: Callable[[SymbolVar, SymbolVar], SymbolVar]) -> Callable:
             try:
                 return np.asarray(fn(im.static[a_name], im.static[b_name]))
             except TypeError:  # a size fed at run time (shapes.Dim) has no arithmetic
-                raise im.fail(f"{node.op_type} on shapes {im.static[a_name]} and {im.static[b_name]}: "
-                              "arithmetic on a size fed at run time (the batch) is not supported") from None
+                raise im.fail(
+                    f"{node.op_type} on shapes {im.static[a_name]} and {im.static[b_name]}: "
+                    "arithmetic on a size fed at run time (the batch) is not supported"
+                ) from None
         a = im.vars.get(a_name)
         b = im.var(b_name, like=a)
         return fn(im.var(a_name, like=b), b)
+
     return convert
 
 
@@ -147,8 +159,12 @@ def _global_average_pool(im: _Importer, node: Any) -> SymbolVar:
 
 def _gemm(im: _Importer, node: Any) -> SymbolVar:
     a = im.attrs()
-    y = opr.matrix_mul(im.var(node.input[0]), im.var(node.input[1]), transpose_a=bool(a.get("transA", 0)),
-                       transpose_b=bool(a.get("transB", 0)))
+    y = opr.matrix_mul(
+        im.var(node.input[0]),
+        im.var(node.input[1]),
+        transpose_a=bool(a.get("transA", 0)),
+        transpose_b=bool(a.get("transB", 0)),
+    )
     if a.get("alpha", 1.0) != 1.0:
         y = y * float(a["alpha"])
     if len(node.input) > 2 and node.input[2]:
@@ -201,9 +217,12 @@ def _softmax(fn: Callable) -> Callable:
         default = -1 if im.opset >= 13 else 1
         axis = im.attrs().get("axis", default) % x.ndim
         if im.opset < 13 and axis != x.ndim - 1:
-            raise im.fail(f"opset {im.opset} {node.op_type} over axes {axis}.. of a {x.ndim}-D input "
-                          "(coerced to 2-D) is not supported")
+            raise im.fail(
+                f"opset {im.opset} {node.op_type} over axes {axis}.. of a {x.ndim}-D input "
+                "(coerced to 2-D) is not supported"
+            )
         return fn(x, axis)
+
     return convert
 
 
@@ -216,8 +235,9 @@ def _batch_norm(im: _Importer, node: Any) -> SymbolVar:
         if stat.op.type_name == "SharedDeviceTensor":
             stat.op.attrs["trainable"] = False  # statistics are buffers, not weights
     # ONNX's momentum weighs the old running value (0.9); the engine's weighs the batch (0.1).
-    return opr.batch_norm(x, scale, bias, mean, var, momentum=1.0 - float(a.get("momentum", 0.9)),
-                          eps=float(a.get("epsilon", 1e-5)))
+    return opr.batch_norm(
+        x, scale, bias, mean, var, momentum=1.0 - float(a.get("momentum", 0.9)), eps=float(a.get("epsilon", 1e-5))
+    )
 
 
 def _dropout(im: _Importer, node: Any) -> SymbolVar:
@@ -233,8 +253,12 @@ def _constant(im: _Importer, node: Any) -> np.ndarray:
     a = im.attrs()
     if "value" in a:
         return im.onnx.numpy_helper.to_array(a["value"])
-    for key, dtype in (("value_float", np.float32), ("value_floats", np.float32), ("value_int", np.int64),
-                       ("value_ints", np.int64)):
+    for key, dtype in (
+        ("value_float", np.float32),
+        ("value_floats", np.float32),
+        ("value_int", np.int64),
+        ("value_ints", np.int64),
+    ):
         if key in a:
             return np.asarray(a[key], dtype)
     raise im.fail(f"Constant with attributes {sorted(a)} is not supported")
@@ -255,18 +279,42 @@ def _identity(im: _Importer, node: Any) -> SymbolVar | np.ndarray:
 
 
 CONVERTERS: dict[str, Callable[[_Importer, Any], SymbolVar | np.ndarray]] = {
-    "Conv": spatial.conv, "MaxPool": spatial.pool("max"), "AveragePool": spatial.pool("average"),
-    "Pad": spatial.pad_op, "GlobalAveragePool": _global_average_pool, "Gemm": _gemm, "MatMul": _matmul,
-    "Add": _binary(lambda a, b: a + b), "Sub": _binary(lambda a, b: a - b),
-    "Mul": _binary(lambda a, b: a * b), "Div": _binary(lambda a, b: a / b),
-    "Relu": _unary(opr.relu), "Sigmoid": _unary(opr.sigmoid), "Tanh": _unary(opr.tanh),
-    "Exp": _unary(opr.exp), "Log": _unary(opr.log), "Sqrt": _unary(opr.sqrt), "Neg": _unary(opr.neg),
+    "Conv": spatial.conv,
+    "MaxPool": spatial.pool("max"),
+    "AveragePool": spatial.pool("average"),
+    "Pad": spatial.pad_op,
+    "GlobalAveragePool": _global_average_pool,
+    "Gemm": _gemm,
+    "MatMul": _matmul,
+    "Add": _binary(lambda a, b: a + b),
+    "Sub": _binary(lambda a, b: a - b),
+    "Mul": _binary(lambda a, b: a * b),
+    "Div": _binary(lambda a, b: a / b),
+    "Relu": _unary(opr.relu),
+    "Sigmoid": _unary(opr.sigmoid),
+    "Tanh": _unary(opr.tanh),
+    "Exp": _unary(opr.exp),
+    "Log": _unary(opr.log),
+    "Sqrt": _unary(opr.sqrt),
+    "Neg": _unary(opr.neg),
     "Abs": _unary(opr.abs),
-    "Flatten": _flatten, "Reshape": _reshape, "Transpose": _transpose, "Concat": shapes.concat,
-    "Shape": shapes.shape, "Gather": shapes.gather, "Unsqueeze": shapes.unsqueeze, "Squeeze": shapes.squeeze,
-    "Cast": shapes.cast, "Slice": shapes.slice_, "ConstantOfShape": shapes.constant_of_shape,
-    "Softmax": _softmax(opr.softmax), "LogSoftmax": _softmax(opr.log_softmax),
-    "BatchNormalization": _batch_norm, "Dropout": _dropout, "Constant": _constant, "Identity": _identity,
+    "Flatten": _flatten,
+    "Reshape": _reshape,
+    "Transpose": _transpose,
+    "Concat": shapes.concat,
+    "Shape": shapes.shape,
+    "Gather": shapes.gather,
+    "Unsqueeze": shapes.unsqueeze,
+    "Squeeze": shapes.squeeze,
+    "Cast": shapes.cast,
+    "Slice": shapes.slice_,
+    "ConstantOfShape": shapes.constant_of_shape,
+    "Softmax": _softmax(opr.softmax),
+    "LogSoftmax": _softmax(opr.log_softmax),
+    "BatchNormalization": _batch_norm,
+    "Dropout": _dropout,
+    "Constant": _constant,
+    "Identity": _identity,
 }
 
 

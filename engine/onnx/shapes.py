@@ -61,11 +61,12 @@ def _static_or_var(im: Any, name: str) -> np.ndarray | SymbolVar:
 
 # ----- converters -----
 
+
 def shape(im: Any, node: Any) -> np.ndarray:
     source = _static_or_var(im, node.input[0])
     value = shape_value(source.shape, None if isinstance(source, np.ndarray) else source)
     a = im.attrs()  # opset 15: Shape(start, end)
-    return value[a.get("start", 0):a.get("end", len(value))]
+    return value[a.get("start", 0) : a.get("end", len(value))]
 
 
 def gather(im: Any, node: Any) -> np.ndarray | SymbolVar:
@@ -77,8 +78,10 @@ def gather(im: Any, node: Any) -> np.ndarray | SymbolVar:
     table = im.var(data)
     if data in im.vars and index not in im.static and axis == 0 and table.ndim == 2:
         return opr.embedding(table, im.var(index))  # nn.Embedding
-    raise im.fail(f"Gather is supported on shape values and as an embedding lookup (2-D table, axis 0, "
-                  f"computed indices), got data {table.shape}, axis {axis}")
+    raise im.fail(
+        f"Gather is supported on shape values and as an embedding lookup (2-D table, axis 0, "
+        f"computed indices), got data {table.shape}, axis {axis}"
+    )
 
 
 def unsqueeze(im: Any, node: Any) -> np.ndarray | SymbolVar:
@@ -160,8 +163,10 @@ def slice_(im: Any, node: Any) -> np.ndarray | SymbolVar:
         if size is not None:  # clamp as numpy does; the largest int64 means "to the end"
             start, end, _ = slice(start, end).indices(size)
         if step != 1 or start < 0 or end < 0:
-            raise im.fail(f"Slice of a computed tensor needs step 1 and non-negative bounds on static axes, "
-                          f"got [{start}:{end}:{step}] on axis {axis} of {x.shape}")
+            raise im.fail(
+                f"Slice of a computed tensor needs step 1 and non-negative bounds on static axes, "
+                f"got [{start}:{end}:{step}] on axis {axis} of {x.shape}"
+            )
         x = Slice.make(x, axis=axis, start=start, stop=end)
     return x
 
@@ -176,6 +181,7 @@ def constant_of_shape(im: Any, node: Any) -> np.ndarray:
 
 
 # ----- Reshape -----
+
 
 def reshape_target(im: Any, x: SymbolVar, target: np.ndarray, allowzero: bool) -> list[int]:
     """The engine's Reshape target for an ONNX one: ints, with -1 where the run-time size goes.

@@ -86,8 +86,7 @@ def conv(im: Any, node: Any) -> SymbolVar:
     if w.ndim != 4 or x.ndim != 4:
         raise im.fail(f"only 2-D convolution is supported, input {x.shape}, weight {w.shape}")
     dilations = list(a.get("dilations", [1, 1]))
-    begin, end = _geometry(im, x, [(k - 1) * d + 1 for k, d in zip(w.shape[2:], dilations)],
-                           {**a, "dilations": [1, 1]})
+    begin, end = _geometry(im, x, [(k - 1) * d + 1 for k, d in zip(w.shape[2:], dilations)], {**a, "dilations": [1, 1]})
     sym, extra_begin, extra_end = _split(begin, end)
     x = pad(x, extra_begin, extra_end, 0.0)
     y = opr.convolution(x, w, stride=a.get("strides", 1), padding=sym, dilation=dilations, groups=a.get("group", 1))
@@ -114,30 +113,46 @@ def pool(mode: str):
             return opr.pooling(x, kind, window=kernel, stride=strides, padding=begin)
         if mode == "max":
             sym, extra_begin, extra_end = _split(begin, end, kernel)
-            return opr.pooling(pad(x, extra_begin, extra_end, -np.inf), "max", window=kernel, stride=strides,
-                               padding=sym)
+            return opr.pooling(
+                pad(x, extra_begin, extra_end, -np.inf), "max", window=kernel, stride=strides, padding=sym
+            )
         y = opr.pooling(pad(x, begin, end, 0.0), "average", window=kernel, stride=strides)
         declared_end = _geometry(im, x, kernel, a)[1]
         scale = _average_scale(im, x, kernel, strides, begin, end, declared_end, include_pad)
         return y if scale is None else y * x.graph.constant(scale)
+
     return convert
 
 
-def _average_scale(im: Any, x: SymbolVar, kernel: list[int], strides: list[int], begin: list[int],
-                   end: list[int], declared_end: list[int], include_pad: bool) -> np.ndarray | None:
+def _average_scale(
+    im: Any,
+    x: SymbolVar,
+    kernel: list[int],
+    strides: list[int],
+    begin: list[int],
+    end: list[int],
+    declared_end: list[int],
+    include_pad: bool,
+) -> np.ndarray | None:
     """window size / counted elements per output: padding counts only with count_include_pad, and
     the ceil-mode extension never does."""
     if None in x.shape[2:]:
         raise im.fail(f"asymmetric or ceil-mode average pooling needs static spatial sizes, input is {x.shape}")
     counted = np.zeros([s + b + e for s, b, e in zip(x.shape[2:], begin, end)], np.float64)
     if include_pad:  # the declared pads count, the ceil-mode extension beyond them does not
-        counted[:begin[0] + x.shape[2] + declared_end[0], :begin[1] + x.shape[3] + declared_end[1]] = 1
+        counted[: begin[0] + x.shape[2] + declared_end[0], : begin[1] + x.shape[3] + declared_end[1]] = 1
     else:
-        counted[begin[0]:begin[0] + x.shape[2], begin[1]:begin[1] + x.shape[3]] = 1
+        counted[begin[0] : begin[0] + x.shape[2], begin[1] : begin[1] + x.shape[3]] = 1
     oh, ow = ((n - k) // s + 1 for n, k, s in zip(counted.shape, kernel, strides))
-    counts = np.array([[counted[i * strides[0]:i * strides[0] + kernel[0],
-                                j * strides[1]:j * strides[1] + kernel[1]].sum() for j in range(ow)]
-                       for i in range(oh)])
+    counts = np.array(
+        [
+            [
+                counted[i * strides[0] : i * strides[0] + kernel[0], j * strides[1] : j * strides[1] + kernel[1]].sum()
+                for j in range(ow)
+            ]
+            for i in range(oh)
+        ]
+    )
     scale = kernel[0] * kernel[1] / counts
     return None if np.all(scale == 1) else scale.astype(x.dtype).reshape(1, 1, oh, ow)
 
@@ -149,14 +164,17 @@ def pad_op(im: Any, node: Any) -> SymbolVar:
     mode = mode.decode() if isinstance(mode, bytes) else mode
     if len(node.input) > 1 and node.input[1]:  # opset >= 11: pads, constant_value, axes as inputs
         pads = [int(p) for p in im.constant_input(node.input[1], "the Pad pads")]
-        value = float(im.constant_input(node.input[2], "the Pad value")) if len(node.input) > 2 and node.input[2] \
-            else 0.0
+        value = (
+            float(im.constant_input(node.input[2], "the Pad value")) if len(node.input) > 2 and node.input[2] else 0.0
+        )
         if len(node.input) > 3 and node.input[3]:
             raise im.fail("Pad with an axes input is not supported")
     else:
         pads, value = list(a.get("pads", [])), float(a.get("value", 0.0))
     x = im.var(node.input[0])
     if mode != "constant" or x.ndim != 4 or len(pads) != 8 or any(pads[i] for i in (0, 1, 4, 5)) or min(pads) < 0:
-        raise im.fail(f"Pad is supported in constant mode with non-negative pads on the spatial axes of a "
-                      f"4-D input, got mode={mode!r}, pads={pads}, input {x.shape}")
+        raise im.fail(
+            f"Pad is supported in constant mode with non-negative pads on the spatial axes of a "
+            f"4-D input, got mode={mode!r}, pads={pads}, input {x.shape}"
+        )
     return pad(x, pads[2:4], pads[6:8], value)

@@ -65,8 +65,10 @@ from .update import AddUpdate
 
 # ----- sources -----
 
-def host2device(graph: ComputingGraph, shape: Sequence[int | None], dtype: Any = "float32",
-                name: str = "input") -> SymbolVar:
+
+def host2device(
+    graph: ComputingGraph, shape: Sequence[int | None], dtype: Any = "float32", name: str = "input"
+) -> SymbolVar:
     """An input fed each step; use None (or -1) for a size known only when fed."""
     return Host2DeviceCopy.make(graph, shape, dtype, name)
 
@@ -78,29 +80,84 @@ def shared(graph: ComputingGraph, value: Any, name: str, trainable: bool = True)
 
 # ----- elementwise -----
 
-def add(a: Any, b: Any) -> SymbolVar: return Add.make(a, b)
-def sub(a: Any, b: Any) -> SymbolVar: return Sub.make(a, b)
-def mul(a: Any, b: Any) -> SymbolVar: return Mul.make(a, b)
-def div(a: Any, b: Any) -> SymbolVar: return Div.make(a, b)
-def pow(a: Any, b: Any) -> SymbolVar: return Pow.make(a, b)  # noqa: A001 - MegEngine's name
-def maximum(a: Any, b: Any) -> SymbolVar: return Maximum.make(a, b)
-def equal(a: Any, b: Any) -> SymbolVar: return Equal.make(a, b)
-def neg(x: SymbolVar) -> SymbolVar: return Neg.make(x)
-def exp(x: SymbolVar) -> SymbolVar: return Exp.make(x)
-def log(x: SymbolVar) -> SymbolVar: return Log.make(x)
-def sqrt(x: SymbolVar) -> SymbolVar: return Sqrt.make(x)
-def abs(x: SymbolVar) -> SymbolVar: return Abs.make(x)  # noqa: A001
-def relu(x: SymbolVar) -> SymbolVar: return Relu.make(x)
-def sigmoid(x: SymbolVar) -> SymbolVar: return Sigmoid.make(x)
-def tanh(x: SymbolVar) -> SymbolVar: return Tanh.make(x)
-def astype(x: SymbolVar, dtype: Any) -> SymbolVar: return Astype.make(x, dtype=np.dtype(dtype).name)
+
+def add(a: Any, b: Any) -> SymbolVar:
+    return Add.make(a, b)
+
+
+def sub(a: Any, b: Any) -> SymbolVar:
+    return Sub.make(a, b)
+
+
+def mul(a: Any, b: Any) -> SymbolVar:
+    return Mul.make(a, b)
+
+
+def div(a: Any, b: Any) -> SymbolVar:
+    return Div.make(a, b)
+
+
+def pow(a: Any, b: Any) -> SymbolVar:
+    return Pow.make(a, b)  # noqa: A001 - MegEngine's name
+
+
+def maximum(a: Any, b: Any) -> SymbolVar:
+    return Maximum.make(a, b)
+
+
+def equal(a: Any, b: Any) -> SymbolVar:
+    return Equal.make(a, b)
+
+
+def neg(x: SymbolVar) -> SymbolVar:
+    return Neg.make(x)
+
+
+def exp(x: SymbolVar) -> SymbolVar:
+    return Exp.make(x)
+
+
+def log(x: SymbolVar) -> SymbolVar:
+    return Log.make(x)
+
+
+def sqrt(x: SymbolVar) -> SymbolVar:
+    return Sqrt.make(x)
+
+
+def abs(x: SymbolVar) -> SymbolVar:
+    return Abs.make(x)  # noqa: A001
+
+
+def relu(x: SymbolVar) -> SymbolVar:
+    return Relu.make(x)
+
+
+def sigmoid(x: SymbolVar) -> SymbolVar:
+    return Sigmoid.make(x)
+
+
+def tanh(x: SymbolVar) -> SymbolVar:
+    return Tanh.make(x)
+
+
+def astype(x: SymbolVar, dtype: Any) -> SymbolVar:
+    return Astype.make(x, dtype=np.dtype(dtype).name)
 
 
 # ----- shape -----
 
-def reshape(x: SymbolVar, shape: Sequence[int]) -> SymbolVar: return Reshape.make(x, shape)
-def transpose(x: SymbolVar, perm: Sequence[int] | None = None) -> SymbolVar: return Transpose.make(x, perm)
-def concat(xs: Sequence[SymbolVar], axis: int = 0) -> SymbolVar: return Concat.make(xs, axis)
+
+def reshape(x: SymbolVar, shape: Sequence[int]) -> SymbolVar:
+    return Reshape.make(x, shape)
+
+
+def transpose(x: SymbolVar, perm: Sequence[int] | None = None) -> SymbolVar:
+    return Transpose.make(x, perm)
+
+
+def concat(xs: Sequence[SymbolVar], axis: int = 0) -> SymbolVar:
+    return Concat.make(xs, axis)
 
 
 def flatten(x: SymbolVar, start_axis: int = 1) -> SymbolVar:
@@ -119,6 +176,7 @@ def flatten(x: SymbolVar, start_axis: int = 1) -> SymbolVar:
 
 # ----- reductions -----
 
+
 def sum(x: SymbolVar, axis: int | Sequence[int] | None = None, keepdims: bool = False) -> SymbolVar:  # noqa: A001
     return Sum.make(x, axis, keepdims)
 
@@ -133,12 +191,14 @@ def max(x: SymbolVar, axis: int | Sequence[int] | None = None, keepdims: bool = 
 
 # ----- neural network -----
 
+
 def matrix_mul(a: SymbolVar, b: SymbolVar, transpose_a: bool = False, transpose_b: bool = False) -> SymbolVar:
     return MatrixMul.make(a, b, transpose_a=transpose_a, transpose_b=transpose_b)
 
 
-def convolution(x: SymbolVar, w: SymbolVar, stride: Any = 1, padding: Any = 0, dilation: Any = 1,
-                groups: int = 1) -> SymbolVar:
+def convolution(
+    x: SymbolVar, w: SymbolVar, stride: Any = 1, padding: Any = 0, dilation: Any = 1, groups: int = 1
+) -> SymbolVar:
     return Convolution.make(x, w, stride=stride, padding=padding, dilation=dilation, groups=groups)
 
 
@@ -146,9 +206,16 @@ def pooling(x: SymbolVar, mode: str = "max", window: Any = 2, stride: Any = None
     return Pooling.make(x, mode=mode, window=window, stride=stride, padding=padding)
 
 
-def softmax(x: SymbolVar, axis: int = -1) -> SymbolVar: return Softmax.make(x, axis=axis)
-def log_softmax(x: SymbolVar, axis: int = -1) -> SymbolVar: return LogSoftmax.make(x, axis=axis)
-def argmax(x: SymbolVar, axis: int = -1) -> SymbolVar: return Argmax.make(x, axis=axis)
+def softmax(x: SymbolVar, axis: int = -1) -> SymbolVar:
+    return Softmax.make(x, axis=axis)
+
+
+def log_softmax(x: SymbolVar, axis: int = -1) -> SymbolVar:
+    return LogSoftmax.make(x, axis=axis)
+
+
+def argmax(x: SymbolVar, axis: int = -1) -> SymbolVar:
+    return Argmax.make(x, axis=axis)
 
 
 def softmax_cross_entropy(logits: SymbolVar, label: SymbolVar, axis: int = 1) -> SymbolVar:
@@ -177,8 +244,15 @@ def dropout(x: SymbolVar, p: float = 0.5, seed: int = 0) -> SymbolVar:
     return ModeSelect.make(Mul.make(x, DropoutMask.make(x, p=float(p), seed=int(seed))), x)
 
 
-def batch_norm(x: SymbolVar, weight: SymbolVar, bias: SymbolVar, running_mean: SymbolVar,
-               running_var: SymbolVar, momentum: float = 0.1, eps: float = 1e-5) -> SymbolVar:
+def batch_norm(
+    x: SymbolVar,
+    weight: SymbolVar,
+    bias: SymbolVar,
+    running_mean: SymbolVar,
+    running_var: SymbolVar,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> SymbolVar:
     """Batch normalization over every axis but 1 (channels), PyTorch's semantics.
 
     Training normalizes with the batch's statistics and moves the running ones (an update
@@ -187,8 +261,9 @@ def batch_norm(x: SymbolVar, weight: SymbolVar, bias: SymbolVar, running_mean: S
     axes = [a for a in range(x.ndim) if a != 1]
     channels = x.shape[1]
     if channels is None or weight.shape != (channels,):
-        raise ShapeError(f"batch_norm: input {x.shape} needs weight/bias/statistics of shape ({channels},), "
-                         f"got {weight.shape}")
+        raise ShapeError(
+            f"batch_norm: input {x.shape} needs weight/bias/statistics of shape ({channels},), got {weight.shape}"
+        )
     view = [1, channels] + [1] * (x.ndim - 2)
 
     def normalize(m: SymbolVar, v: SymbolVar) -> SymbolVar:

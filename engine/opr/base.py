@@ -128,8 +128,14 @@ class Workspace:
         self.arrays: dict[str, np.ndarray] = {}
         self.memo: dict[Any, Any] = {}  # anything else a kernel works out once per shape
 
-    def get(self, name: str, shape: tuple, dtype: np.dtype, zero: bool = False,
-            init: Callable[[np.ndarray], None] | None = None) -> np.ndarray:
+    def get(
+        self,
+        name: str,
+        shape: tuple,
+        dtype: np.dtype,
+        zero: bool = False,
+        init: Callable[[np.ndarray], None] | None = None,
+    ) -> np.ndarray:
         """The scratch array `name`, made (zeroed, or filled by `init`) when missing or reshaped."""
         array = self.arrays.get(name)
         if array is None or array.shape != shape or array.dtype != dtype:
@@ -145,6 +151,7 @@ class Workspace:
 
 
 # ----- helpers shared by operators -----
+
 
 def as_vars(items: Sequence[Any]) -> list[SymbolVar]:
     """Turn python scalars / arrays among SymbolVars into constants of the same graph and dtype."""

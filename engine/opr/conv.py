@@ -29,9 +29,12 @@ def windows(xp: np.ndarray, kernel, stride, dilation, out_hw) -> np.ndarray:
     """A read-only (N, C, OH, OW, KH, KW) view of the sliding windows of padded input `xp`."""
     n, c = xp.shape[:2]
     s0, s1, s2, s3 = xp.strides
-    return as_strided(xp, (n, c, out_hw[0], out_hw[1], kernel[0], kernel[1]),
-                      (s0, s1, s2 * stride[0], s3 * stride[1], s2 * dilation[0], s3 * dilation[1]),
-                      writeable=False)
+    return as_strided(
+        xp,
+        (n, c, out_hw[0], out_hw[1], kernel[0], kernel[1]),
+        (s0, s1, s2 * stride[0], s3 * stride[1], s2 * dilation[0], s3 * dilation[1]),
+        writeable=False,
+    )
 
 
 def pad_hw(x: np.ndarray, pad, value: float = 0.0) -> np.ndarray:
@@ -45,12 +48,20 @@ class _ConvGeometry(Operator):
 
     @classmethod
     def make(cls, *inputs, stride=1, padding=0, dilation=1, groups=1, name=None):
-        return super().make(*inputs, stride=_pair(stride), padding=_pair(padding), dilation=_pair(dilation),
-                            groups=int(groups), name=name)
+        return super().make(
+            *inputs,
+            stride=_pair(stride),
+            padding=_pair(padding),
+            dilation=_pair(dilation),
+            groups=int(groups),
+            name=name,
+        )
 
     def out_hw(self, h, w, kh, kw):
-        return (out_size(h, kh, self.stride[0], self.padding[0], self.dilation[0]),
-                out_size(w, kw, self.stride[1], self.padding[1], self.dilation[1]))
+        return (
+            out_size(h, kh, self.stride[0], self.padding[0], self.dilation[0]),
+            out_size(w, kw, self.stride[1], self.padding[1], self.dilation[1]),
+        )
 
     def _padded(self, ws: Workspace, x: np.ndarray) -> np.ndarray:
         """x with zero borders, in a buffer whose borders are zeroed once and never written."""
@@ -59,7 +70,7 @@ class _ConvGeometry(Operator):
             return x
         n, c, h, w = x.shape
         xp = ws.get("padded", (n, c, h + 2 * ph, w + 2 * pw), x.dtype, zero=True)
-        xp[:, :, ph:ph + h, pw:pw + w] = x
+        xp[:, :, ph : ph + h, pw : pw + w] = x
         return xp
 
     def _cols(self, ws: Workspace, x: np.ndarray, kh: int, kw: int) -> np.ndarray:
@@ -87,23 +98,31 @@ class Convolution(_ConvGeometry):
 
     def infer(self, x, w):
         if x.ndim != 4 or w.ndim != 4:
-            raise ShapeError(f"Convolution: input {shape_str(x.shape)} must be NCHW and weight "
-                             f"{shape_str(w.shape)} must be (out, in/groups, kh, kw)")
+            raise ShapeError(
+                f"Convolution: input {shape_str(x.shape)} must be NCHW and weight "
+                f"{shape_str(w.shape)} must be (out, in/groups, kh, kw)"
+            )
         g = self.groups
         n, c, h, wd = x.shape
         o, cg, kh, kw = w.shape
         if g < 1 or o % g or (c is not None and c % g):
             raise ShapeError(f"Convolution: groups={g} must divide input channels {c} and output channels {o}")
         if c is not None and not same_size(c // g, cg):
-            raise ShapeError(f"Convolution: input {shape_str(x.shape)} has {c} channels but weight "
-                             f"{shape_str(w.shape)} expects {cg * g} (groups={g})")
+            raise ShapeError(
+                f"Convolution: input {shape_str(x.shape)} has {c} channels but weight "
+                f"{shape_str(w.shape)} expects {cg * g} (groups={g})"
+            )
         oh, ow = self.out_hw(h, wd, kh, kw)
         if (oh is not None and oh < 1) or (ow is not None and ow < 1):
-            raise ShapeError(f"Convolution: kernel {kh}x{kw} (dilation {self.dilation}) does not fit input "
-                             f"{shape_str(x.shape)} with padding {self.padding}")
+            raise ShapeError(
+                f"Convolution: kernel {kh}x{kw} (dilation {self.dilation}) does not fit input "
+                f"{shape_str(x.shape)} with padding {self.padding}"
+            )
         if min(self.stride + self.dilation) < 1 or min(self.padding) < 0:
-            raise ShapeError(f"Convolution: stride/dilation must be >= 1 and padding >= 0, got "
-                             f"{self.stride}/{self.dilation}/{self.padding}")
+            raise ShapeError(
+                f"Convolution: stride/dilation must be >= 1 and padding >= 0, got "
+                f"{self.stride}/{self.dilation}/{self.padding}"
+            )
         return (n, o, oh, ow), np.result_type(x.dtype, w.dtype)
 
     def forward(self, x, w):
@@ -116,8 +135,10 @@ class Convolution(_ConvGeometry):
     def grad(self, out, dout):
         x, w = out.inputs
         geometry = dict(stride=self.stride, padding=self.padding, dilation=self.dilation, groups=self.groups)
-        return [ConvolutionBackwardData.make(w, dout, x, **geometry),
-                ConvolutionBackwardFilter.make(x, dout, w, **geometry)]
+        return [
+            ConvolutionBackwardData.make(w, dout, x, **geometry),
+            ConvolutionBackwardFilter.make(x, dout, w, **geometry),
+        ]
 
 
 def _contiguous(ws: Workspace, name: str, a: np.ndarray) -> np.ndarray:
@@ -162,7 +183,7 @@ class ConvolutionBackwardData(_ConvGeometry):
         hp, wp = h + 2 * ph, wd + 2 * pw  # == ow + (kw - 1) * dw for width stride 1
         span = (kw - 1) * dw
         dpad = ws.get("dout_rows", (o, oh, ow + 2 * span, n), dout.dtype, zero=True)
-        np.copyto(dpad[:, :, span:span + ow], dout.transpose(1, 2, 3, 0))
+        np.copyto(dpad[:, :, span : span + ow], dout.transpose(1, 2, 3, 0))
         s_o, s_y, s_x, s_n = dpad.strides
         # window tap j' = kw-1-j of output column x lands on padded input column x + j*dw
         view = as_strided(dpad, (o, kw, oh, wp, n), (s_o, s_x * dw, s_y, s_x, s_n), writeable=False)
@@ -175,9 +196,9 @@ class ConvolutionBackwardData(_ConvGeometry):
         dxp = ws.get("dx_t", (c, hp, wp, n), dout.dtype)
         dxp.fill(0)
         for i in range(kh):  # kernel row i adds to padded input rows y*sh + i*dh
-            target = dxp[:, i * dh:i * dh + sh * (oh - 1) + 1:sh]
+            target = dxp[:, i * dh : i * dh + sh * (oh - 1) + 1 : sh]
             np.add(target, rows[:, i], out=target)
-        np.copyto(out, dxp[:, ph:ph + h, pw:pw + wd].transpose(3, 0, 1, 2))
+        np.copyto(out, dxp[:, ph : ph + h, pw : pw + wd].transpose(3, 0, 1, 2))
 
     def _taps_backward(self, ws, out, w, dout, like):
         """Any stride: columns (C, KH, KW, OH, OW, N) from one matrix product, then col2im as one
@@ -190,17 +211,20 @@ class ConvolutionBackwardData(_ConvGeometry):
         np.copyto(dout_t, dout.transpose(1, 2, 3, 0))
         dcols = ws.get("dcols", (c, kh, kw, oh, ow, n), dout.dtype)
         # (G, K, O/G) @ (G, O/G, OH*OW*N) -> (G, K, OH*OW*N) == (C, KH, KW, OH, OW, N)
-        np.matmul(w.reshape(g, o // g, cg * kh * kw).transpose(0, 2, 1), dout_t.reshape(g, o // g, -1),
-                  out=dcols.reshape(g, cg * kh * kw, -1))
+        np.matmul(
+            w.reshape(g, o // g, cg * kh * kw).transpose(0, 2, 1),
+            dout_t.reshape(g, o // g, -1),
+            out=dcols.reshape(g, cg * kh * kw, -1),
+        )
         ph, pw = self.padding
         dxp = ws.get("dx_t", (c, h + 2 * ph, wd + 2 * pw, n), dout.dtype)
         dxp.fill(0)
         (sh, sw), (dh, dw) = self.stride, self.dilation
         for i in range(kh):  # col2im: one strided add per kernel tap, never per pixel
             for j in range(kw):
-                tap = dxp[:, i * dh:i * dh + sh * (oh - 1) + 1:sh, j * dw:j * dw + sw * (ow - 1) + 1:sw]
+                tap = dxp[:, i * dh : i * dh + sh * (oh - 1) + 1 : sh, j * dw : j * dw + sw * (ow - 1) + 1 : sw]
                 np.add(tap, dcols[:, i, j], out=tap)
-        np.copyto(out, dxp[:, ph:ph + h, pw:pw + wd].transpose(3, 0, 1, 2))
+        np.copyto(out, dxp[:, ph : ph + h, pw : pw + wd].transpose(3, 0, 1, 2))
 
 
 class ConvolutionBackwardFilter(_ConvGeometry):
@@ -234,6 +258,7 @@ def _filter_grad_from_cols(ws: Workspace, out: np.ndarray, cols: np.ndarray, dou
 
 
 # ----- the same kernels split at the column buffer, so forward and filter gradient share it -----
+
 
 class Im2Col(_ConvGeometry):
     """The column buffer of a convolution, (N, G, Cg*KH*KW, OH*OW); made by the compiler's

@@ -59,6 +59,7 @@ def unbroadcast(g: SymbolVar, like: SymbolVar) -> SymbolVar:
 
 # ----- binary arithmetic -----
 
+
 class Add(_Binary):
     ufunc = np.add
 
@@ -99,8 +100,7 @@ class Pow(_Binary):
     def grad(self, out, dout):
         a, b = out.inputs
         da = Mul.make(dout, Mul.make(b, Pow.make(a, Sub.make(b, 1.0))))
-        db = None if b.is_source and b.op.type_name == "ImmutableTensor" else \
-            Mul.make(dout, Mul.make(out, Log.make(a)))
+        db = None if b.is_source and b.op.type_name == "ImmutableTensor" else Mul.make(dout, Mul.make(out, Log.make(a)))
         return [unbroadcast(da, a), None if db is None else unbroadcast(db, b)]
 
 
@@ -133,6 +133,7 @@ class LogicalNot(_Unary):
 
 
 # ----- unary math -----
+
 
 class Neg(_Unary):
     ufunc = np.negative
@@ -239,6 +240,7 @@ class Astype(_Unary):
 
 # ----- broadcasting and its inverse -----
 
+
 class SumToShapeOf(Operator):
     """Sum `x` over the axes where it was broadcast relative to `like`."""
 
@@ -251,8 +253,9 @@ class SumToShapeOf(Operator):
     @staticmethod
     def _axes(x, like) -> tuple[int, ...]:
         lead = x.ndim - like.ndim
-        return tuple(range(lead)) + tuple(lead + i for i, d in enumerate(like.shape)
-                                          if d == 1 and x.shape[lead + i] != 1)
+        return tuple(range(lead)) + tuple(
+            lead + i for i, d in enumerate(like.shape) if d == 1 and x.shape[lead + i] != 1
+        )
 
     def forward(self, x, like):
         axes = self._axes(x, like)

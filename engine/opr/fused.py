@@ -43,8 +43,9 @@ class FusedElemwise(Operator):
         last = len(self.steps) - 1
         # After step k, is any fused input still read? Then step k must not write the output
         # (the planner may have given the output an input's buffer).
-        reads_input_after = [any(kind == "in" for s in self.steps[k + 1:] for kind, _ in s.args)
-                             for k in range(len(self.steps))]
+        reads_input_after = [
+            any(kind == "in" for s in self.steps[k + 1 :] for kind, _ in s.args) for k in range(len(self.steps))
+        ]
         # Step k's result lives until its last reader.
         last_read = {k: k for k in range(len(self.steps))}
         for j, step in enumerate(self.steps):
@@ -53,8 +54,9 @@ class FusedElemwise(Operator):
                     last_read[k] = j
         self._may_use_out = [k == last or not reads_input_after[k] for k in range(len(self.steps))]
         # per step: a ufunc to call directly (most steps), else the operator's own kernel
-        self._calls = [(getattr(s.op, "ufunc", None), getattr(s.op, "extra", ()), s.op.forward_into, s.args)
-                       for s in self.steps]
+        self._calls = [
+            (getattr(s.op, "ufunc", None), getattr(s.op, "extra", ()), s.op.forward_into, s.args) for s in self.steps
+        ]
         self._last_read = last_read
 
     def infer(self, *inputs):

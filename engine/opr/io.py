@@ -31,8 +31,9 @@ class Host2DeviceCopy(_Source):
     """An input fed on every `execute` (shape may hold None for sizes known only then)."""
 
     @classmethod
-    def make(cls, graph: ComputingGraph, shape: Sequence[int | None], dtype: str | np.dtype = "float32",
-             name: str = "input") -> SymbolVar:
+    def make(
+        cls, graph: ComputingGraph, shape: Sequence[int | None], dtype: str | np.dtype = "float32", name: str = "input"
+    ) -> SymbolVar:
         shape = tuple(None if d is None or d < 0 else int(d) for d in shape)
         op = cls(shape=list(shape), dtype=np.dtype(dtype).name)
         return graph._add(SymbolVar(graph, op, (), shape, np.dtype(dtype), name=name))
@@ -70,7 +71,7 @@ class _Pool:
         lane = self.lanes.get((kind, dtype.str))
         if lane is None or lane[1] + size > lane[0].size:
             lane = self.lanes[(kind, dtype.str)] = [np.empty(max(self.CHUNK, size), dtype), 0]
-        array = lane[0][lane[1]:lane[1] + size].reshape(shape)
+        array = lane[0][lane[1] : lane[1] + size].reshape(shape)
         lane[1] += size
         return array
 

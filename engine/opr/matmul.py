@@ -23,8 +23,10 @@ class MatrixMul(Operator):
         m, k = a.shape[::-1] if self.transpose_a else a.shape
         k2, n = b.shape[::-1] if self.transpose_b else b.shape
         if not same_size(k, k2):
-            raise ShapeError(f"MatrixMul: inner sizes differ: {shape_str(a.shape)}{'ᵀ' if self.transpose_a else ''}"
-                             f" @ {shape_str(b.shape)}{'ᵀ' if self.transpose_b else ''} ({k} vs {k2})")
+            raise ShapeError(
+                f"MatrixMul: inner sizes differ: {shape_str(a.shape)}{'ᵀ' if self.transpose_a else ''}"
+                f" @ {shape_str(b.shape)}{'ᵀ' if self.transpose_b else ''} ({k} vs {k2})"
+            )
         return (m, n), result_dtype(a, b)
 
     def forward(self, a, b):
@@ -37,8 +39,14 @@ class MatrixMul(Operator):
         a, b = out.inputs
         ta, tb = self.transpose_a, self.transpose_b
         # C = A B:  dA = dC Bᵀ, dB = Aᵀ dC, with the transposes folded into the flags
-        da = MatrixMul.make(b, dout, transpose_a=tb, transpose_b=True) if ta else \
-            MatrixMul.make(dout, b, transpose_b=not tb)
-        db = MatrixMul.make(dout, a, transpose_a=True, transpose_b=ta) if tb else \
-            MatrixMul.make(a, dout, transpose_a=not ta)
+        da = (
+            MatrixMul.make(b, dout, transpose_a=tb, transpose_b=True)
+            if ta
+            else MatrixMul.make(dout, b, transpose_b=not tb)
+        )
+        db = (
+            MatrixMul.make(dout, a, transpose_a=True, transpose_b=ta)
+            if tb
+            else MatrixMul.make(a, dout, transpose_a=not ta)
+        )
         return [da, db]

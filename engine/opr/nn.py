@@ -46,7 +46,7 @@ class LogSoftmax(Operator):
         return shifted - np.log(np.sum(np.exp(shifted), axis=self.axis, keepdims=True))
 
     def forward_into(self, ws, out, x):
-        reduced = x.shape[:self.axis % x.ndim] + (1,) + x.shape[self.axis % x.ndim + 1:]
+        reduced = x.shape[: self.axis % x.ndim] + (1,) + x.shape[self.axis % x.ndim + 1 :]
         top = ws.get("top", reduced, x.dtype)
         np.max(x, axis=self.axis, keepdims=True, out=top)
         np.subtract(x, top, out=out)
@@ -83,10 +83,12 @@ class IndexingOneHot(Operator):
         axis = _axis(self.axis, x.ndim, "IndexingOneHot")
         if index.dtype.kind not in "iu":
             raise ShapeError(f"IndexingOneHot: index must be integer, got {index.dtype}")
-        expect = x.shape[:axis] + x.shape[axis + 1:]
+        expect = x.shape[:axis] + x.shape[axis + 1 :]
         if index.ndim != len(expect) or not all(same_size(a, b) for a, b in zip(index.shape, expect)):
-            raise ShapeError(f"IndexingOneHot: index shape {shape_str(index.shape)} does not match "
-                             f"{shape_str(x.shape)} without axis {axis}")
+            raise ShapeError(
+                f"IndexingOneHot: index shape {shape_str(index.shape)} does not match "
+                f"{shape_str(x.shape)} without axis {axis}"
+            )
         return expect, x.dtype
 
     def forward(self, x, index):
@@ -115,8 +117,9 @@ class IndexingOneHotGrad(Operator):
 
     def forward(self, dout, index, x):
         out = np.zeros(x.shape, dout.dtype)
-        np.put_along_axis(out, np.expand_dims(index.astype(np.intp), self.axis),
-                          np.expand_dims(dout, self.axis), axis=self.axis)
+        np.put_along_axis(
+            out, np.expand_dims(index.astype(np.intp), self.axis), np.expand_dims(dout, self.axis), axis=self.axis
+        )
         return out
 
     def forward_into(self, ws, out, dout, index, x):
@@ -130,8 +133,9 @@ class IndexingOneHotGrad(Operator):
 def _flat_positions(ws, index: np.ndarray, classes: int) -> np.ndarray:
     """Row-major positions of (i, index[i]) in an (N, classes) array, in a reused buffer."""
     flat = ws.get("flat", index.shape, np.dtype(np.intp))
-    rows = ws.get(f"rows{classes}", index.shape, np.dtype(np.intp),
-                  init=lambda a: np.multiply(np.arange(a.size), classes, out=a))
+    rows = ws.get(
+        f"rows{classes}", index.shape, np.dtype(np.intp), init=lambda a: np.multiply(np.arange(a.size), classes, out=a)
+    )
     np.add(rows, index, out=flat, casting="unsafe")
     return flat
 
@@ -152,8 +156,10 @@ class SoftmaxCrossEntropy(Operator):
     def grad(self, out, dout):
         x, label = out.inputs
         # the loss is -picked, so the picked entries receive -dout
-        return [SoftmaxCrossEntropyGrad.make(LogSoftmax.make(x, axis=self.axis), label, Neg.make(dout),
-                                             axis=self.axis), None]
+        return [
+            SoftmaxCrossEntropyGrad.make(LogSoftmax.make(x, axis=self.axis), label, Neg.make(dout), axis=self.axis),
+            None,
+        ]
 
 
 class SoftmaxCrossEntropyGrad(Operator):
@@ -203,8 +209,7 @@ class OneHot(Operator):
 
     def forward(self, labels):
         if labels.size and (labels.min() < 0 or labels.max() >= self.num_classes):
-            raise ValueError(f"OneHot: labels must lie in [0, {self.num_classes}), got "
-                             f"{labels.min()}..{labels.max()}")
+            raise ValueError(f"OneHot: labels must lie in [0, {self.num_classes}), got {labels.min()}..{labels.max()}")
         return np.eye(self.num_classes, dtype=self.dtype)[labels]
 
     def grad(self, out, dout):
@@ -216,7 +221,7 @@ class Argmax(Operator):
 
     def infer(self, x):
         axis = _axis(self.axis, x.ndim, "Argmax")
-        return x.shape[:axis] + x.shape[axis + 1:], np.dtype(np.int64)
+        return x.shape[:axis] + x.shape[axis + 1 :], np.dtype(np.int64)
 
     def forward(self, x):
         return np.argmax(x, axis=self.axis)
@@ -285,8 +290,9 @@ class EmbeddingLookup(Operator):
 
     def forward(self, weight, index):
         if index.size and (index.min() < 0 or index.max() >= weight.shape[0]):
-            raise ValueError(f"EmbeddingLookup: indices must lie in [0, {weight.shape[0]}), got "
-                             f"{index.min()}..{index.max()}")
+            raise ValueError(
+                f"EmbeddingLookup: indices must lie in [0, {weight.shape[0]}), got {index.min()}..{index.max()}"
+            )
         return weight[index]
 
     def grad(self, out, dout):

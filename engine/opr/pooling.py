@@ -22,20 +22,36 @@ class _PoolGeometry(Operator):
     @classmethod
     def make(cls, *inputs, mode="max", window=2, stride=None, padding=0, name=None):
         window = _pair(window)
-        return super().make(*inputs, mode=str(mode).lower(), window=window,
-                            stride=_pair(window if stride is None else stride), padding=_pair(padding), name=name)
+        return super().make(
+            *inputs,
+            mode=str(mode).lower(),
+            window=window,
+            stride=_pair(window if stride is None else stride),
+            padding=_pair(padding),
+            name=name,
+        )
 
     def out_hw(self, h, w):
-        return (out_size(h, self.window[0], self.stride[0], self.padding[0], 1),
-                out_size(w, self.window[1], self.stride[1], self.padding[1], 1))
+        return (
+            out_size(h, self.window[0], self.stride[0], self.padding[0], 1),
+            out_size(w, self.window[1], self.stride[1], self.padding[1], 1),
+        )
 
     def _taps(self, oh, ow):
         """For each window tap (i, j): the strided slice of the padded input it reads."""
         (kh, kw), (sh, sw) = self.window, self.stride
         for i in range(kh):
             for j in range(kw):
-                yield i, j, (slice(None), slice(None), slice(i, i + sh * (oh - 1) + 1, sh),
-                             slice(j, j + sw * (ow - 1) + 1, sw))
+                yield (
+                    i,
+                    j,
+                    (
+                        slice(None),
+                        slice(None),
+                        slice(i, i + sh * (oh - 1) + 1, sh),
+                        slice(j, j + sw * (ow - 1) + 1, sw),
+                    ),
+                )
 
     @property
     def tiled(self) -> bool:
@@ -57,8 +73,10 @@ class Pooling(_PoolGeometry):
         if self.mode not in MODES:
             raise ShapeError(f"Pooling: mode {self.mode!r} is not one of {MODES}")
         if any(p * 2 > k for p, k in zip(self.padding, self.window)) or min(self.stride) < 1:
-            raise ShapeError(f"Pooling: padding {self.padding} must be at most half the window {self.window}, "
-                             f"stride {self.stride} >= 1")
+            raise ShapeError(
+                f"Pooling: padding {self.padding} must be at most half the window {self.window}, "
+                f"stride {self.stride} >= 1"
+            )
         oh, ow = self.out_hw(*x.shape[2:])
         if (oh is not None and oh < 1) or (ow is not None and ow < 1):
             raise ShapeError(f"Pooling: window {self.window} does not fit input {shape_str(x.shape)}")
@@ -153,17 +171,21 @@ class PoolingBackward(_PoolGeometry):
         rows = np.arange(oh)[:, None] * self.stride[0] + winner // kw
         cols = np.arange(ow)[None, :] * self.stride[1] + winner % kw
         plane = (np.arange(n * c) * hp * wp).reshape(n, c, 1, 1)
-        flat = np.bincount((plane + rows * wp + cols).ravel(), weights=dout.ravel().astype(np.float64),
-                           minlength=n * c * hp * wp)
-        np.copyto(out, flat.reshape(n, c, hp, wp)[:, :, ph:ph + h, pw:pw + w])
+        flat = np.bincount(
+            (plane + rows * wp + cols).ravel(), weights=dout.ravel().astype(np.float64), minlength=n * c * hp * wp
+        )
+        np.copyto(out, flat.reshape(n, c, hp, wp)[:, :, ph : ph + h, pw : pw + w])
 
     def _average_backward(self, out, x, dout):
         n, c, h, w = x.shape
         oh, ow = dout.shape[2:]
         ph, pw = self.padding
         dxp = np.zeros((n, c, h + 2 * ph, w + 2 * pw), dout.dtype)
-        share = dout / (np.asarray(self.window[0] * self.window[1], dout.dtype) if self.mode == "average"
-                        else self._counts(h, w, oh, ow, dout.dtype))
+        share = dout / (
+            np.asarray(self.window[0] * self.window[1], dout.dtype)
+            if self.mode == "average"
+            else self._counts(h, w, oh, ow, dout.dtype)
+        )
         for _, _, idx in self._taps(oh, ow):
             dxp[idx] += share
-        np.copyto(out, dxp[:, :, ph:ph + h, pw:pw + w])
+        np.copyto(out, dxp[:, :, ph : ph + h, pw : pw + w])

@@ -16,8 +16,9 @@ class _Reduce(Operator):
     n_inputs = 1
 
     @classmethod
-    def make(cls, x: SymbolVar, axis: int | Sequence[int] | None = None, keepdims: bool = False,
-             name: str | None = None) -> SymbolVar:
+    def make(
+        cls, x: SymbolVar, axis: int | Sequence[int] | None = None, keepdims: bool = False, name: str | None = None
+    ) -> SymbolVar:
         axes = normalize_axes(axis, x.ndim, cls.__name__)
         return super().make(x, axes=list(axes), keepdims=bool(keepdims), name=name)
 

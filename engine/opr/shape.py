@@ -38,12 +38,16 @@ class Reshape(Operator):
                 out = tuple(size // known if d == -1 else d for d in target)
         else:
             if size is not None and size != known:
-                raise ShapeError(f"Reshape: cannot reshape {shape_str(x.shape)} ({size} elements) to "
-                                 f"{tuple(target)} ({known} elements)")
+                raise ShapeError(
+                    f"Reshape: cannot reshape {shape_str(x.shape)} ({size} elements) to "
+                    f"{tuple(target)} ({known} elements)"
+                )
             static_part = int(np.prod([d for d in x.shape if d is not None], dtype=np.int64))
             if size is None and (static_part == 0 or known % static_part):
-                raise ShapeError(f"Reshape: {shape_str(x.shape)} has a multiple of {static_part} elements, "
-                                 f"which can never be {known} as {tuple(target)} needs")
+                raise ShapeError(
+                    f"Reshape: {shape_str(x.shape)} has a multiple of {static_part} elements, "
+                    f"which can never be {known} as {tuple(target)} needs"
+                )
             out = tuple(target)
         return out, x.dtype
 
@@ -61,8 +65,7 @@ class ReshapeLike(Operator):
     n_inputs = 2
 
     @classmethod
-    def make(cls, x: SymbolVar, like: SymbolVar, keep_axes: Sequence[int] = (),
-             name: str | None = None) -> SymbolVar:
+    def make(cls, x: SymbolVar, like: SymbolVar, keep_axes: Sequence[int] = (), name: str | None = None) -> SymbolVar:
         return super().make(x, like, keep_axes=[int(a) for a in keep_axes], name=name)
 
     def _target(self, shape: Shape) -> tuple:
@@ -92,8 +95,9 @@ class Transpose(Operator):
 
     def infer(self, x):
         if sorted(self.perm) != list(range(x.ndim)):
-            raise ShapeError(f"Transpose: {self.perm} is not a permutation of {x.ndim} axes "
-                             f"(input {shape_str(x.shape)})")
+            raise ShapeError(
+                f"Transpose: {self.perm} is not a permutation of {x.ndim} axes (input {shape_str(x.shape)})"
+            )
         return tuple(x.shape[p] for p in self.perm), x.dtype
 
     def forward(self, x):
@@ -115,10 +119,13 @@ class Concat(Operator):
             raise ShapeError(f"Concat: axis {self.axis} out of range for {nd} dimensions")
         total: int | None = 0
         for x in xs:
-            if x.ndim != nd or any(i != axis and a is not None and b is not None and a != b
-                                   for i, (a, b) in enumerate(zip(x.shape, xs[0].shape))):
-                raise ShapeError("Concat: shapes " + ", ".join(shape_str(v.shape) for v in xs)
-                                 + f" differ outside axis {axis}")
+            if x.ndim != nd or any(
+                i != axis and a is not None and b is not None and a != b
+                for i, (a, b) in enumerate(zip(x.shape, xs[0].shape))
+            ):
+                raise ShapeError(
+                    "Concat: shapes " + ", ".join(shape_str(v.shape) for v in xs) + f" differ outside axis {axis}"
+                )
             total = None if total is None or x.shape[axis] is None else total + x.shape[axis]
         shape = list(xs[0].shape)
         shape[axis] = total
@@ -184,5 +191,7 @@ class PadSlice(Operator):
         return out
 
     def grad(self, out, dout):
-        return [Slice.make(dout, axis=self.axis, start=self.start,
-                           stop=self.start + out.inputs[0].shape[self.axis]), None]
+        return [
+            Slice.make(dout, axis=self.axis, start=self.start, stop=self.start + out.inputs[0].shape[self.axis]),
+            None,
+        ]

@@ -24,8 +24,10 @@ class AddUpdate(Operator):
         if dest.op.type_name != "SharedDeviceTensor":
             raise ShapeError(f"AddUpdate: destination must be a shared tensor, got {dest!r}")
         if broadcast_shapes("AddUpdate", dest.shape, delta.shape) != dest.shape:
-            raise ShapeError(f"AddUpdate: delta {shape_str(delta.shape)} does not fit destination "
-                             f"{shape_str(dest.shape)} ({dest.name})")
+            raise ShapeError(
+                f"AddUpdate: delta {shape_str(delta.shape)} does not fit destination "
+                f"{shape_str(dest.shape)} ({dest.name})"
+            )
         return dest.shape, dest.dtype
 
     def forward(self, dest, delta):
@@ -54,8 +56,7 @@ class AddUpdate(Operator):
                 np.add(dest, delta, out=out)
         else:  # delta goes to scratch first: `out` may share delta's memory inside a fused chain
             scaled = ws.get("scaled", delta.shape, dtype)
-            np.multiply(delta, np.asarray(self.beta, dtype), out=scaled) if self.beta != 1 else \
-                np.copyto(scaled, delta)
+            np.multiply(delta, np.asarray(self.beta, dtype), out=scaled) if self.beta != 1 else np.copyto(scaled, delta)
             np.multiply(dest, np.asarray(self.alpha, dtype), out=out)
             np.add(out, scaled, out=out)
         if self.bias:

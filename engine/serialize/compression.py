@@ -39,8 +39,10 @@ def add_gaussian_noise(delta: Mapping[str, np.ndarray], std: float, rng: np.rand
     """Return delta + N(0, std^2) elementwise (a new dict; the input is not modified)."""
     if std < 0:
         raise ValueError(f"noise std must be >= 0, got {std!r}")
-    return {k: (np.asarray(v, np.float32) + rng.normal(0.0, std, size=np.shape(v))).astype(np.float32)
-            for k, v in delta.items()}
+    return {
+        k: (np.asarray(v, np.float32) + rng.normal(0.0, std, size=np.shape(v))).astype(np.float32)
+        for k, v in delta.items()
+    }
 
 
 class TopK:
@@ -52,8 +54,9 @@ class TopK:
             raise ValueError(f"top-k fraction must be in (0, 1], got {fraction!r}")
         self.fraction = float(fraction)
 
-    def compress(self, delta: Mapping[str, np.ndarray],
-                 residual: Mapping[str, np.ndarray] | None = None) -> tuple[Delta, Delta]:
+    def compress(
+        self, delta: Mapping[str, np.ndarray], residual: Mapping[str, np.ndarray] | None = None
+    ) -> tuple[Delta, Delta]:
         """Return (sparse delta, dense with zeros; new residual), where sparse + new == delta + old."""
         residual = residual or {}
         sparse, new_residual = {}, {}

@@ -70,21 +70,25 @@ def _dtype_name(array: np.ndarray) -> str:
     raise ContainerError(f"dtype {array.dtype} cannot be stored; allowed: {', '.join(DTYPES)}")
 
 
-def dumps(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, Any] | None = None,
-          kind: str = "tensors") -> bytes:
+def dumps(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, Any] | None = None, kind: str = "tensors") -> bytes:
     """Serialize named arrays and JSON-able metadata into container bytes."""
     entries, chunks, offset = [], [], 0
     for name, value in tensors.items():
         array = np.asarray(value)
         dtype_name = _dtype_name(array)
         raw = np.ascontiguousarray(array, dtype=DTYPES[dtype_name]).tobytes()
-        entries.append({"name": str(name), "dtype": dtype_name, "shape": list(array.shape),
-                        "offset": offset, "nbytes": len(raw)})
+        entries.append(
+            {"name": str(name), "dtype": dtype_name, "shape": list(array.shape), "offset": offset, "nbytes": len(raw)}
+        )
         chunks.append(raw)
         offset += len(raw)
     payload = b"".join(chunks)
-    header = {"kind": kind, "metadata": dict(metadata or {}),
-              "payload_sha256": hashlib.sha256(payload).hexdigest(), "tensors": entries}
+    header = {
+        "kind": kind,
+        "metadata": dict(metadata or {}),
+        "payload_sha256": hashlib.sha256(payload).hexdigest(),
+        "tensors": entries,
+    }
     header_bytes = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
     return _PREFIX.pack(MAGIC, FORMAT_VERSION, len(header_bytes)) + header_bytes + payload
 
@@ -102,19 +106,25 @@ def _check_entry(entry: Any, payload_len: int, seen: set[str]) -> tuple[str, np.
     if dtype is None:
         raise ContainerError(f"tensor {name!r}: dtype {entry.get('dtype')!r} is not allowed")
     shape = entry.get("shape")
-    if (not isinstance(shape, list) or len(shape) > MAX_NDIM
-            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+    if (
+        not isinstance(shape, list)
+        or len(shape) > MAX_NDIM
+        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+    ):
         raise ContainerError(f"tensor {name!r}: shape {shape!r} is not a list of <= {MAX_NDIM} sizes")
     offset, nbytes = entry.get("offset"), entry.get("nbytes")
     if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (offset, nbytes)):
         raise ContainerError(f"tensor {name!r}: offset/nbytes must be non-negative integers")
     expected = dtype.itemsize * int(np.prod(shape, dtype=object)) if shape else dtype.itemsize
     if expected != nbytes:
-        raise ContainerError(f"tensor {name!r}: shape {shape} of {entry['dtype']} needs {expected} bytes, "
-                             f"header says {nbytes}")
+        raise ContainerError(
+            f"tensor {name!r}: shape {shape} of {entry['dtype']} needs {expected} bytes, header says {nbytes}"
+        )
     if offset + nbytes > payload_len:
-        raise ContainerError(f"tensor {name!r}: bytes {offset}..{offset + nbytes} lie past the payload "
-                             f"({payload_len} bytes); the file is truncated or lies")
+        raise ContainerError(
+            f"tensor {name!r}: bytes {offset}..{offset + nbytes} lie past the payload "
+            f"({payload_len} bytes); the file is truncated or lies"
+        )
     return name, dtype, tuple(shape), offset
 
 
@@ -127,12 +137,11 @@ def loads(data: bytes | bytearray | memoryview, *, kind: str | None = None) -> C
     if magic != MAGIC:
         raise ContainerError(f"wrong magic {bytes(magic)!r}: not a pocketfed container (expected {MAGIC!r})")
     if version != FORMAT_VERSION:
-        raise ContainerError(f"container format version {version} is not supported (this reader: "
-                             f"{FORMAT_VERSION})")
+        raise ContainerError(f"container format version {version} is not supported (this reader: {FORMAT_VERSION})")
     if header_len > MAX_HEADER_BYTES or _PREFIX.size + header_len > len(data):
         raise ContainerError(f"header length {header_len} exceeds the data ({len(data)} bytes)")
     try:
-        header = json.loads(bytes(data[_PREFIX.size:_PREFIX.size + header_len]))
+        header = json.loads(bytes(data[_PREFIX.size : _PREFIX.size + header_len]))
     except (ValueError, RecursionError) as exc:  # bad UTF-8/JSON, 5000-digit integers, absurd nesting
         raise ContainerError(f"header is not valid JSON: {str(exc)[:200]}") from None
     if not isinstance(header, dict) or not isinstance(header.get("tensors"), list):
@@ -143,7 +152,7 @@ def loads(data: bytes | bytearray | memoryview, *, kind: str | None = None) -> C
     metadata = header.get("metadata", {})
     if not isinstance(metadata, dict):
         raise ContainerError("metadata must be an object")
-    payload = data[_PREFIX.size + header_len:]
+    payload = data[_PREFIX.size + header_len :]
     if hashlib.sha256(payload).hexdigest() != header.get("payload_sha256"):
         raise ContainerError("payload checksum mismatch: the data is corrupt or truncated")
     seen: set[str] = set()
@@ -176,8 +185,12 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> None:
         os.close(dir_fd)
 
 
-def save(path: str | os.PathLike, tensors: Mapping[str, np.ndarray],
-         metadata: Mapping[str, Any] | None = None, kind: str = "tensors") -> None:
+def save(
+    path: str | os.PathLike,
+    tensors: Mapping[str, np.ndarray],
+    metadata: Mapping[str, Any] | None = None,
+    kind: str = "tensors",
+) -> None:
     write_atomic(path, dumps(tensors, metadata, kind))
 
 

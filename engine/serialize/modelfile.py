@@ -41,6 +41,7 @@ class ModelFileError(ContainerError):
 
 # ----- attribute types: every attribute any operator stores, by name -----
 
+
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and -MAX_INT <= v <= MAX_INT
 
@@ -51,21 +52,37 @@ def _is_number(v: Any) -> bool:
 
 def _int_list(max_len: int = 8, none_ok: bool = False):
     def check(v: Any) -> bool:
-        return isinstance(v, list) and len(v) <= max_len and \
-            all(_is_int(d) or (none_ok and d is None) for d in v)
+        return isinstance(v, list) and len(v) <= max_len and all(_is_int(d) or (none_ok and d is None) for d in v)
+
     return check
 
 
 _PAIR = _int_list(2)
 ATTRIBUTES: dict[str, Any] = {
-    "shape": _int_list(none_ok=True), "dtype": lambda v: isinstance(v, str) and v in DTYPES,
+    "shape": _int_list(none_ok=True),
+    "dtype": lambda v: isinstance(v, str) and v in DTYPES,
     "trainable": lambda v: isinstance(v, bool),
-    "stride": _PAIR, "padding": _PAIR, "dilation": _PAIR, "window": _PAIR, "groups": _is_int,
-    "mode": lambda v: isinstance(v, str) and len(v) < 64, "transpose_a": lambda v: isinstance(v, bool),
-    "transpose_b": lambda v: isinstance(v, bool), "keep_axes": _int_list(), "perm": _int_list(),
-    "axes": _int_list(), "keepdims": lambda v: isinstance(v, bool), "axis": _is_int, "start": _is_int,
-    "stop": _is_int, "num_classes": _is_int, "p": _is_number, "seed": lambda v: _is_int(v) and v >= 0,
-    "alpha": _is_number, "beta": _is_number, "bias": _is_number,
+    "stride": _PAIR,
+    "padding": _PAIR,
+    "dilation": _PAIR,
+    "window": _PAIR,
+    "groups": _is_int,
+    "mode": lambda v: isinstance(v, str) and len(v) < 64,
+    "transpose_a": lambda v: isinstance(v, bool),
+    "transpose_b": lambda v: isinstance(v, bool),
+    "keep_axes": _int_list(),
+    "perm": _int_list(),
+    "axes": _int_list(),
+    "keepdims": lambda v: isinstance(v, bool),
+    "axis": _is_int,
+    "start": _is_int,
+    "stop": _is_int,
+    "num_classes": _is_int,
+    "p": _is_number,
+    "seed": lambda v: _is_int(v) and v >= 0,
+    "alpha": _is_number,
+    "beta": _is_number,
+    "bias": _is_number,
 }
 
 
@@ -79,6 +96,7 @@ def _check_attrs(i: int, entry: dict, attrs: dict) -> None:
 
 
 # ----- saving -----
+
 
 def _resolve(var: SymbolVar, inference_only: bool) -> SymbolVar:
     """In inference-only files a train/eval switch is replaced by its eval branch."""
@@ -120,9 +138,13 @@ def to_container(model: Model, inference_only: bool = False) -> tuple[dict[str, 
     entries = []
     for i, var in enumerate(nodes):
         entry: dict[str, Any] = {
-            "op": var.op.type_name, "attrs": var.op.attrs, "inputs": [ref(x) for x in var.inputs],
-            "name": var.name, "shape": [None if d is None else int(d) for d in var.shape],
-            "dtype": var.dtype.name}
+            "op": var.op.type_name,
+            "attrs": var.op.attrs,
+            "inputs": [ref(x) for x in var.inputs],
+            "name": var.name,
+            "shape": [None if d is None else int(d) for d in var.shape],
+            "dtype": var.dtype.name,
+        }
         if var.op.type_name == "SharedDeviceTensor":
             tensors[var.name] = var.value
         elif var.op.type_name == "ImmutableTensor":
@@ -134,14 +156,18 @@ def to_container(model: Model, inference_only: bool = False) -> tuple[dict[str, 
     names = {n: ref(v) for n, v in model.inputs.items()}
     outs = {n: ref(v) for n, v in model.outputs.items()}
     graph_ir = {"nodes": entries, "inputs": names, "outputs": outs}
-    metadata = {**model.metadata, "format": FORMAT, "format_version": FORMAT_VERSION, "graph": graph_ir,
-                "graph_sha256": graph_digest(graph_ir),
-                "inputs": [{"name": n, "shape": entries[i]["shape"], "dtype": entries[i]["dtype"]}
-                           for n, i in names.items()],
-                "outputs": [{"name": n, "shape": entries[i]["shape"]} for n, i in outs.items()],
-                "trainable": [n for n in model.trainable if n in tensors],
-                "inference_only": inference_only,
-                "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    metadata = {
+        **model.metadata,
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "graph": graph_ir,
+        "graph_sha256": graph_digest(graph_ir),
+        "inputs": [{"name": n, "shape": entries[i]["shape"], "dtype": entries[i]["dtype"]} for n, i in names.items()],
+        "outputs": [{"name": n, "shape": entries[i]["shape"]} for n, i in outs.items()],
+        "trainable": [n for n in model.trainable if n in tensors],
+        "inference_only": inference_only,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     return tensors, metadata
 
 
@@ -160,13 +186,15 @@ def save(model: Model, path: str | os.PathLike, inference_only: bool = False) ->
 
 # ----- loading -----
 
+
 def _fail(i: int, entry: Any, why: str) -> ModelFileError:
     op = entry.get("op") if isinstance(entry, dict) else "?"
     return ModelFileError(f"model graph node {i} ({op}): {why}")
 
 
-def _rebuild_node(graph: ComputingGraph, i: int, entry: Any, built: list[SymbolVar],
-                  tensors: dict[str, np.ndarray]) -> SymbolVar:
+def _rebuild_node(
+    graph: ComputingGraph, i: int, entry: Any, built: list[SymbolVar], tensors: dict[str, np.ndarray]
+) -> SymbolVar:
     if not isinstance(entry, dict):
         raise _fail(i, entry, "is not an object")
     op_name, attrs, inputs = entry.get("op"), entry.get("attrs", {}), entry.get("inputs", [])
@@ -187,8 +215,9 @@ def _rebuild_node(graph: ComputingGraph, i: int, entry: Any, built: list[SymbolV
         if cls is Host2DeviceCopy:
             if any(d is not None and d < 0 for d in attrs["shape"]):
                 raise _fail(i, entry, f"input shape {attrs['shape']} has a negative size")
-            return Host2DeviceCopy.make(graph, [(-1 if d is None else d) for d in attrs["shape"]],
-                                        attrs["dtype"], name=name or f"input{i}")
+            return Host2DeviceCopy.make(
+                graph, [(-1 if d is None else d) for d in attrs["shape"]], attrs["dtype"], name=name or f"input{i}"
+            )
         if cls is SharedDeviceTensor:
             if name not in tensors:
                 raise _fail(i, entry, f"weight {name!r} is missing from the file")
@@ -224,8 +253,10 @@ def from_container(tensors: dict[str, np.ndarray], metadata: dict[str, Any]) -> 
     if metadata.get("format") != FORMAT:
         raise ModelFileError(f"not a pocketfed model file (format {metadata.get('format')!r})")
     if metadata.get("format_version") != FORMAT_VERSION:
-        raise ModelFileError(f"model format version {metadata.get('format_version')!r} is not supported "
-                             f"(this engine reads {FORMAT_VERSION})")
+        raise ModelFileError(
+            f"model format version {metadata.get('format_version')!r} is not supported "
+            f"(this engine reads {FORMAT_VERSION})"
+        )
     ir = metadata.get("graph")
     if not isinstance(ir, dict) or not isinstance(ir.get("nodes"), list):
         raise ModelFileError("model file has no graph")
@@ -262,8 +293,9 @@ def from_container(tensors: dict[str, np.ndarray], metadata: dict[str, Any]) -> 
 
     params = {v.name: v for v in built if v.op.type_name == "SharedDeviceTensor"}
     extra = {k: v for k, v in metadata.items() if k not in ("graph",)}
-    return Model(graph, inputs=named("inputs", "Host2DeviceCopy"), outputs=named("outputs"), params=params,
-                 metadata=extra)
+    return Model(
+        graph, inputs=named("inputs", "Host2DeviceCopy"), outputs=named("outputs"), params=params, metadata=extra
+    )
 
 
 def loads(data: bytes) -> Model:

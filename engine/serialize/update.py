@@ -54,6 +54,7 @@ class Update:
 
 # ---------------------------------------------------------------- helpers shared with compression.py
 
+
 def topk_count(size: int, fraction: float) -> int:
     """How many entries a tensor of `size` keeps under top-k: at least one, at most all."""
     return 0 if size == 0 else min(size, max(1, math.ceil(fraction * size)))
@@ -63,7 +64,7 @@ def topk_indices(flat: np.ndarray, k: int) -> np.ndarray:
     """Flat indices of the k largest-magnitude entries, sorted ascending (stable wire order)."""
     if k >= flat.size:
         return np.arange(flat.size, dtype=np.int32)
-    part = np.argpartition(np.abs(flat), flat.size - k)[flat.size - k:]
+    part = np.argpartition(np.abs(flat), flat.size - k)[flat.size - k :]
     return np.sort(part).astype(np.int32)
 
 
@@ -79,21 +80,30 @@ def quantize_int8(x: np.ndarray) -> tuple[np.ndarray, float]:
 
 # ---------------------------------------------------------------- encoding
 
+
 def _encode_values(name: str, values: np.ndarray, encoding: str) -> tuple[np.ndarray, dict]:
     if encoding == "float32":
         return values.astype(np.float32), {}
     if encoding == "float16":
         if values.size and float(np.max(np.abs(values))) > _FLOAT16_MAX:
-            raise UpdateError(f"tensor {name!r}: values exceed the float16 range ({_FLOAT16_MAX}); "
-                              "clip the delta or use float32")
+            raise UpdateError(
+                f"tensor {name!r}: values exceed the float16 range ({_FLOAT16_MAX}); clip the delta or use float32"
+            )
         return values.astype(np.float16), {}
     q, scale = quantize_int8(values)
     return q, {"scale": scale}
 
 
-def encode_update(delta: Mapping[str, np.ndarray], *, sample_count: int, round_id: int, base_version: int,
-                  metrics: Mapping[str, float] | None = None, encoding: str = "float32",
-                  topk_fraction: float | None = None) -> bytes:
+def encode_update(
+    delta: Mapping[str, np.ndarray],
+    *,
+    sample_count: int,
+    round_id: int,
+    base_version: int,
+    metrics: Mapping[str, float] | None = None,
+    encoding: str = "float32",
+    topk_fraction: float | None = None,
+) -> bytes:
     """Encode a weight delta (name -> array) as update-container bytes."""
     if encoding not in VALUE_ENCODINGS:
         raise UpdateError(f"encoding {encoding!r} is not one of {', '.join(VALUE_ENCODINGS)}")
@@ -123,14 +133,22 @@ def encode_update(delta: Mapping[str, np.ndarray], *, sample_count: int, round_i
             tensors[f"{name}/indices"] = indices
             tensors[f"{name}/values"] = stored
             described[name] = {"shape": list(array.shape), "encoding": "sparse", "values": encoding, **extra}
-    metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "encoding": encoding,
-                "sparse": topk_fraction is not None, "sample_count": int(sample_count),
-                "round_id": int(round_id), "base_version": int(base_version),
-                "metrics": clean_metrics, "tensors": described}
+    metadata = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "encoding": encoding,
+        "sparse": topk_fraction is not None,
+        "sample_count": int(sample_count),
+        "round_id": int(round_id),
+        "base_version": int(base_version),
+        "metrics": clean_metrics,
+        "tensors": described,
+    }
     return dumps(tensors, metadata, kind="update")
 
 
 # ---------------------------------------------------------------- decoding
+
 
 def _check_int(field_name: str, value: object, *, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
@@ -145,8 +163,11 @@ def _check_metrics(metrics: object) -> dict[str, float]:
         raise UpdateError("metrics must be an object of name -> number")
     clean = {}
     for key, value in metrics.items():
-        if (not isinstance(key, str) or isinstance(value, bool)
-                or not isinstance(value, (int, float, np.integer, np.floating))):
+        if (
+            not isinstance(key, str)
+            or isinstance(value, bool)
+            or not isinstance(value, (int, float, np.integer, np.floating))
+        ):
             raise UpdateError(f"metric {key!r} must be a number, got {value!r}")
         if not math.isfinite(float(value)):
             raise UpdateError(f"metric {key!r} is not finite ({value})")
@@ -155,19 +176,22 @@ def _check_metrics(metrics: object) -> dict[str, float]:
 
 
 def _check_shape(name: str, shape: object) -> tuple[int, ...]:
-    if (not isinstance(shape, list) or len(shape) > 8
-            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+    if (
+        not isinstance(shape, list)
+        or len(shape) > 8
+        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+    ):
         raise UpdateError(f"tensor {name!r}: shape {shape!r} is not a list of <= 8 non-negative sizes")
     if math.prod(shape) > MAX_ELEMENTS:
-        raise UpdateError(f"tensor {name!r}: shape {shape} declares {math.prod(shape)} elements, "
-                          f"more than the limit {MAX_ELEMENTS}")
+        raise UpdateError(
+            f"tensor {name!r}: shape {shape} declares {math.prod(shape)} elements, more than the limit {MAX_ELEMENTS}"
+        )
     return tuple(shape)
 
 
 def _decode_values(name: str, stored: np.ndarray, encoding: object, spec: dict) -> np.ndarray:
     if encoding not in VALUE_ENCODINGS:
-        raise UpdateError(f"tensor {name!r}: encoding {encoding!r} is not one of "
-                          f"{', '.join(VALUE_ENCODINGS)}")
+        raise UpdateError(f"tensor {name!r}: encoding {encoding!r} is not one of {', '.join(VALUE_ENCODINGS)}")
     if stored.dtype != np.dtype(encoding):
         raise UpdateError(f"tensor {name!r}: stored as {stored.dtype}, but its encoding says {encoding}")
     if encoding == "int8":
@@ -192,8 +216,9 @@ def _decode_tensor(name: str, spec: object, stored: dict[str, np.ndarray], used:
             raise UpdateError(f"tensor {name!r}: described but its data is missing")
         used.add(name)
         if stored[name].shape != shape:
-            raise UpdateError(f"tensor {name!r}: data has shape {list(stored[name].shape)}, "
-                              f"description says {list(shape)}")
+            raise UpdateError(
+                f"tensor {name!r}: data has shape {list(stored[name].shape)}, description says {list(shape)}"
+            )
         return _decode_values(name, stored[name], encoding, spec)
     idx_name, val_name = f"{name}/indices", f"{name}/values"
     for part in (idx_name, val_name):
@@ -209,8 +234,9 @@ def _decode_tensor(name: str, spec: object, stored: dict[str, np.ndarray], used:
         raise UpdateError(f"tensor {name!r}: {len(indices)} indices but {len(raw_values)} values")
     size = math.prod(shape)
     if len(indices) and (int(indices.min()) < 0 or int(indices.max()) >= size):
-        raise UpdateError(f"tensor {name!r}: index out of range [0, {size}) "
-                          f"(min {int(indices.min())}, max {int(indices.max())})")
+        raise UpdateError(
+            f"tensor {name!r}: index out of range [0, {size}) (min {int(indices.min())}, max {int(indices.max())})"
+        )
     if len(np.unique(indices)) != len(indices):
         raise UpdateError(f"tensor {name!r}: duplicate sparse indices")
     values = _decode_values(name, raw_values, spec.get("values"), spec)
@@ -226,8 +252,9 @@ def decode_update(data: bytes, *, expected: Mapping[str, tuple[int, ...]] | None
     if meta.get("format") != FORMAT:
         raise UpdateError(f"format {meta.get('format')!r} is not {FORMAT!r}")
     if meta.get("format_version") != FORMAT_VERSION:
-        raise UpdateError(f"format_version {meta.get('format_version')!r} is not supported "
-                          f"(this reader: {FORMAT_VERSION})")
+        raise UpdateError(
+            f"format_version {meta.get('format_version')!r} is not supported (this reader: {FORMAT_VERSION})"
+        )
     encoding = meta.get("encoding")
     if encoding not in VALUE_ENCODINGS:
         raise UpdateError(f"encoding {encoding!r} is not one of {', '.join(VALUE_ENCODINGS)}")
@@ -243,9 +270,11 @@ def decode_update(data: bytes, *, expected: Mapping[str, tuple[int, ...]] | None
         unknown = sorted(set(described) - set(expected))
         if missing or unknown:
             raise UpdateError(f"tensor names do not match the model: missing {missing}, unknown {unknown}")
-    total = sum(math.prod(s.get("shape")) for s in described.values()
-                if isinstance(s, dict) and isinstance(s.get("shape"), list)
-                and all(isinstance(d, int) for d in s["shape"]))
+    total = sum(
+        math.prod(s.get("shape"))
+        for s in described.values()
+        if isinstance(s, dict) and isinstance(s.get("shape"), list) and all(isinstance(d, int) for d in s["shape"])
+    )
     if total > MAX_ELEMENTS:
         raise UpdateError(f"tensors declare {total} elements in all, more than the limit {MAX_ELEMENTS}")
 
@@ -253,11 +282,19 @@ def decode_update(data: bytes, *, expected: Mapping[str, tuple[int, ...]] | None
     delta = {}
     for name, spec in described.items():
         if expected is not None and isinstance(spec, dict) and spec.get("shape") != list(expected[name]):
-            raise UpdateError(f"tensor {name!r}: shape {spec.get('shape')!r} does not match the model's "
-                              f"{list(expected[name])}")
+            raise UpdateError(
+                f"tensor {name!r}: shape {spec.get('shape')!r} does not match the model's {list(expected[name])}"
+            )
         delta[name] = _decode_tensor(name, spec, container.tensors, used)
     extra = sorted(set(container.tensors) - used)
     if extra:
         raise UpdateError(f"stored tensors not described in metadata: {extra}")
-    return Update(delta=delta, sample_count=sample_count, round_id=round_id, base_version=base_version,
-                  metrics=metrics, encoding=encoding, sparse=bool(meta.get("sparse", False)))
+    return Update(
+        delta=delta,
+        sample_count=sample_count,
+        round_id=round_id,
+        base_version=base_version,
+        metrics=metrics,
+        encoding=encoding,
+        sparse=bool(meta.get("sparse", False)),
+    )

@@ -1,5 +1,5 @@
 # One image for both compose services: the coordinator (pf-coordinator) and the scaled device
-# replicas (python -m coordinator.simulation.replica). Build: docker build -t pocketfed .
+# replicas (python -m simulation.replica). Build: docker build -t pocketfed .
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -12,8 +12,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY engine ./engine
+COPY protocol ./protocol
 COPY device_agent ./device_agent
 COPY coordinator ./coordinator
+COPY simulation ./simulation
 RUN pip install ".[coordinator,agent]" \
     && useradd --create-home --uid 1000 pocketfed \
     && mkdir -p /data /state && chown pocketfed:pocketfed /data /state

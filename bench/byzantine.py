@@ -25,13 +25,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from coordinator.privacy import clip  # noqa: E402
 from coordinator.strategies import make_strategy  # noqa: E402
 from engine.data import MnistDataset, Subset, load_default, parse_partition  # noqa: E402
 from engine.data.dataview import ArrayDataset  # noqa: E402
 from engine.models import build  # noqa: E402
 from engine.optimizer import SGD  # noqa: E402
 from engine.trainer import Trainer  # noqa: E402
+from protocol.deltas import clip_by_l2 as clip  # noqa: E402
 
 ATTACKS = ("sign_flip", "noise", "label_flip")
 RUNS = {  # name -> (strategy config, attackers active, server-side norm bound)

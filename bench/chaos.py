@@ -20,9 +20,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from coordinator.simulation.chaos import ChaosConfig, ChaosSimulation  # noqa: E402
-from coordinator.simulation.processes import SimulationError  # noqa: E402
-from coordinator.simulation.simulation import SimConfig  # noqa: E402
+from simulation.chaos import ChaosConfig, ChaosSimulation  # noqa: E402
+from simulation.processes import SimulationError  # noqa: E402
+from simulation.simulation import SimConfig  # noqa: E402
 
 HEADLINE = ("agent_kills", "coordinator_restarts", "acknowledged", "lost", "double_counted", "final_accuracy")
 

@@ -32,7 +32,7 @@ import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 
 from engine.serialize.container import loads  # noqa: E402
-from engine.serialize.update import encode_update  # noqa: E402
+from protocol.update import encode_update  # noqa: E402
 
 KEY = "load-bench"
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from coordinator.simulation.simulation import SimConfig, Simulation  # noqa: E402
+from simulation.simulation import SimConfig, Simulation  # noqa: E402
 
 FULL = "/usr/share/datasets/fashion-mnist"
 

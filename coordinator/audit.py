@@ -14,7 +14,7 @@ It answers a sceptical operator's questions after crashes, restarts and network 
 
 The coordinator keeps no per-update deltas for streaming strategies (only each round's running
 sum), so the independent recomputation needs the update bodies from elsewhere: `--uploads` is a
-directory written by the fault proxy (coordinator/simulation/faultproxy.py), which saved every
+directory written by the fault proxy (simulation/faultproxy.py), which saved every
 upload it relayed whole. Without it, versions are checked against the stored running sums only.
 The recomputation covers FedAvg/FedProx rounds without server-side clipping or DP (the strategies
 whose step is stateless); other rounds are reported as `versions_skipped`.
@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.serialize.container import ContainerError, loads
-from engine.serialize.update import decode_update
+from protocol.update import decode_update
 
 RECOMPUTABLE = {"fedavg", "fedprox"}
 

@@ -59,16 +59,6 @@ def epsilon(rounds: Iterable[tuple[float, float]], delta: float) -> float:
     return float(accountant.get_epsilon(float(delta)))
 
 
-def clip(delta: Mapping[str, np.ndarray], bound: float) -> tuple[Weights, float]:
-    """`delta` scaled so its global L2 norm is at most `bound`; returns (clipped, original norm)."""
-    norm = math.sqrt(sum(float(np.sum(np.square(v, dtype=np.float64))) for v in delta.values()))
-    factor = min(1.0, bound / norm) if norm > 0 else 1.0
-    return {
-        k: np.asarray(v, np.float32) * np.float32(factor) if factor < 1.0 else np.asarray(v, np.float32)
-        for k, v in delta.items()
-    }, norm
-
-
 def count_stddev(configured: float | None, goal: int, z: float) -> float:
     """sigma_b: as configured, else the paper's expected-cohort / 20, raised to z so that the
     split of the privacy cost between count and delta stays possible."""

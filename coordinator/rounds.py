@@ -37,6 +37,8 @@ from coordinator.strategies import RunningSum, make_strategy
 from coordinator.strategies.base import state_from_bytes, state_to_bytes
 from coordinator.validation import check_update
 from engine.serialize.container import Container, loads
+from protocol.deltas import clip_by_l2
+from protocol.messages import CheckinAnswer, Task
 
 log = logging.getLogger("pocketfed.coordinator")
 
@@ -301,32 +303,29 @@ class RoundManager:
 
     # ------------------------------------------------------------------ device calls
 
-    def _retry(self, seconds: float, reason: str) -> dict:
+    def _retry(self, seconds: float, reason: str) -> CheckinAnswer:
         s = self.settings
-        return {
-            "status": "retry",
-            "retry_after": int(math.ceil(min(max(seconds, s.min_retry_after), s.max_retry_after))),
-            "reason": reason,
-        }
+        wait = int(math.ceil(min(max(seconds, s.min_retry_after), s.max_retry_after)))
+        return CheckinAnswer("retry", retry_after=wait, reason=reason)
 
-    def task_for(self, r: dict) -> dict:
+    def task_for(self, r: dict) -> Task:
         config = json.loads(r["config"])
-        return {
-            "round_id": r["id"],
-            "base_version": r["base_version"],
-            "epochs": config["epochs"],
-            "batch_size": config["batch_size"],
-            "lr": config["lr"],
-            "momentum": config["momentum"],
-            "deadline": r["deadline"],
+        return Task(
+            round_id=r["id"],
+            base_version=r["base_version"],
+            epochs=config["epochs"],
+            batch_size=config["batch_size"],
+            lr=config["lr"],
+            momentum=config["momentum"],
+            deadline=r["deadline"],
             **make_strategy(config).task_options(),
-            "clip_norm": config["clip_norm"],
-            "noise_multiplier": config["noise_multiplier"],
-            "encoding": config["encoding"],
-            "topk_fraction": config["topk_fraction"],
-        }
+            clip_norm=config["clip_norm"],
+            noise_multiplier=config["noise_multiplier"],
+            encoding=config["encoding"],
+            topk_fraction=config["topk_fraction"],
+        )
 
-    def checkin(self, device_id: str, eligible: bool) -> dict:
+    def checkin(self, device_id: str, eligible: bool) -> CheckinAnswer:
         """A task (the same one again for a device already assigned), or when to come back.
 
         Looks without the lock (committed state); a new assignment goes through the upload writer,
@@ -342,11 +341,11 @@ class RoundManager:
             if self.db.query_one("SELECT 1 FROM updates WHERE round_id=? AND device_id=?", (r["id"], device_id)):
                 return self._retry(to_deadline, f"already contributed to round {r['id']}")
             if self.db.query_one("SELECT 1 FROM assignments WHERE round_id=? AND device_id=?", (r["id"], device_id)):
-                return {"status": "task", "task": self.task_for(r)}
+                return CheckinAnswer("task", task=self.task_for(r))
             assigned = self.db.query_one("SELECT COUNT(*) AS n FROM assignments WHERE round_id=?", (r["id"],))["n"]
             outcome = "full" if assigned >= r["max_assignments"] else self._wait(self.writer.assign(device_id, r["id"]))
             if outcome == "assigned":
-                return {"status": "task", "task": self.task_for(r)}
+                return CheckinAnswer("task", task=self.task_for(r))
             if outcome == "full":
                 return self._retry(to_deadline, f"round {r['id']} has all {r['max_assignments']} devices it needs")
         return self._retry(0, "the round just closed; check in again")
@@ -399,7 +398,7 @@ class RoundManager:
             norm=norm,
             encoding=update.encoding + ("+topk" if update.sparse else ""),
             metrics=update.metrics,
-            delta=update.delta if bound is None else privacy.clip(update.delta, bound)[0],
+            delta=update.delta if bound is None else clip_by_l2(update.delta, bound)[0],
             weight=1.0 if r["dp_clip"] is not None else float(update.sample_count),  # DP: bounded weights
             streaming=make_strategy(config).streaming,
         )

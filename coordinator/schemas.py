@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from coordinator.settings import RoundSettings
+from protocol.messages import Task
 
 
 class Strict(BaseModel):
@@ -55,21 +56,6 @@ class ModelVersionListing(ModelVersionInfo):
 class CheckinRequest(Strict):
     eligible: bool = True
     num_samples: int | None = Field(None, ge=0, le=10**9)
-
-
-class Task(BaseModel):
-    round_id: int
-    base_version: int
-    epochs: int
-    batch_size: int
-    lr: float
-    momentum: float
-    deadline: float = Field(..., description="unix seconds; updates after it are refused")
-    fedprox_mu: float
-    clip_norm: float | None
-    noise_multiplier: float
-    encoding: Literal["float32", "float16", "int8"]
-    topk_fraction: float | None
 
 
 class CheckinResponse(BaseModel):

@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from coordinator.errors import Refused
 from engine.serialize.container import ContainerError
-from engine.serialize.update import Update, decode_update
-
-
-def global_norm(delta: dict[str, np.ndarray]) -> float:
-    return math.sqrt(sum(float(np.sum(np.square(v, dtype=np.float64))) for v in delta.values()))
+from protocol.deltas import global_l2_norm
+from protocol.update import Update, decode_update
 
 
 def check_update(
@@ -50,7 +45,7 @@ def check_update(
     for name, value in update.delta.items():  # decode_update checks this too; the aggregate depends on it
         if not np.all(np.isfinite(value)):
             raise Refused(422, f"update tensor {name!r}: contains NaN or Inf", "non_finite")
-    norm = global_norm(update.delta)
+    norm = global_l2_norm(update.delta)
     if norm > max_norm:
         raise Refused(422, f"update: L2 norm {norm:.6g} of the delta exceeds the bound {max_norm:g}", "norm")
     return update, norm

@@ -21,6 +21,8 @@ from typing import Any
 
 import httpx
 
+from protocol.messages import CheckinAnswer, UploadReceipt
+
 log = logging.getLogger("pocketfed.agent.client")
 
 
@@ -144,12 +146,12 @@ class CoordinatorClient:
             return None, new_etag
         return response.content, new_etag
 
-    def checkin(self, num_samples: int | None) -> dict[str, Any]:
-        """POST /v1/checkin -> {"status": "task", "task": {...}} or {"status": "retry", "retry_after": s}."""
+    def checkin(self, num_samples: int | None) -> CheckinAnswer:
+        """POST /v1/checkin -> a task, or when to come back (a malformed answer raises ProtocolError)."""
         body = {"eligible": True, "num_samples": num_samples}
-        return self._request("POST", "/v1/checkin", json=body).json()
+        return CheckinAnswer.from_dict(self._request("POST", "/v1/checkin", json=body).json())
 
-    def upload(self, round_id: int, body: bytes, idempotency_key: str) -> dict[str, Any]:
+    def upload(self, round_id: int, body: bytes, idempotency_key: str) -> UploadReceipt:
         """POST the update bytes; safe to call again with the same key (counted once)."""
         response = self._request(
             "POST",
@@ -158,4 +160,4 @@ class CoordinatorClient:
             content=body,
             headers={"Content-Type": "application/octet-stream", "Idempotency-Key": idempotency_key},
         )
-        return response.json()
+        return UploadReceipt.from_dict(response.json())

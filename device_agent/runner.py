@@ -32,8 +32,9 @@ from device_agent.eligibility import Probe
 from device_agent.personal import PersonalModel, split_local, trainable_names
 from device_agent.state import AgentState
 from engine.data import IDataView
-from engine.serialize.compression import TopK, add_gaussian_noise, clip_by_l2
-from engine.serialize.update import decode_update, encode_update
+from protocol.deltas import TopK, add_gaussian_noise, clip_by_l2
+from protocol.messages import Task
+from protocol.update import decode_update, encode_update
 
 log = logging.getLogger("pocketfed.agent")
 
@@ -127,9 +128,9 @@ class Agent:
             self.sleep(self.config.max_wait)
             return None
         answer = self.client.checkin(self.train_set.size())
-        task = answer.get("task") if answer.get("status") == "task" else None
-        if task is None or task["round_id"] == self.state.last_round():
-            wait = min(float(answer.get("retry_after") or 1.0), self.config.max_wait)
+        task = answer.task
+        if task is None or task.round_id == self.state.last_round():
+            wait = min(float(answer.retry_after or 1.0), self.config.max_wait)
             log.info("no task for us now; checking in again in %.1fs", wait)
             self.sleep(wait)
             return None
@@ -149,8 +150,8 @@ class Agent:
         log.info("downloaded model version %d (%d bytes)", version, len(data))
         return data
 
-    def do_task(self, task: dict[str, Any]) -> dict[str, Any] | None:
-        round_id, version = int(task["round_id"]), int(task["base_version"])
+    def do_task(self, task: Task) -> dict[str, Any] | None:
+        round_id, version = task.round_id, task.base_version
         log.info("round %d: training on %d samples from model version %d", round_id, self.train_set.size(), version)
         trained = self.train_locally(task, self.model_bytes(version))
         if trained is None:
@@ -167,13 +168,13 @@ class Agent:
             "acc_after": metrics["acc_after"],
             "bytes_sent": len(body),
             "bytes_raw_float32": 4 * sum(d.size for d in delta.values()),
-            "encoding": task.get("encoding") or "float32",
-            "topk_fraction": task.get("topk_fraction"),
+            "encoding": task.encoding,
+            "topk_fraction": task.topk_fraction,
         }
         self.state.save_pending(round_id, body, residual, record)
         return self.personalize(self.send_pending())
 
-    def train_locally(self, task: dict[str, Any], data: bytes) -> tuple[dict[str, np.ndarray], dict[str, float]] | None:
+    def train_locally(self, task: Task, data: bytes) -> tuple[dict[str, np.ndarray], dict[str, float]] | None:
         """Train the task's model on the local data: (delta, metrics), or None if stopped mid-way.
 
         The trainer's planned memory is released before returning, so encoding and the personal
@@ -181,19 +182,19 @@ class Agent:
         from engine import load_model_bytes
         from engine.trainer import Interrupted, Trainer
 
-        round_id = int(task["round_id"])
+        round_id = task.round_id
         model = load_model_bytes(data)
         trainable = trainable_names(model)
         base = {n: np.array(model.params[n].value, np.float32, copy=True) for n in trainable}
         trainer = Trainer(
             model,
-            optimizer=make_sgd(float(task["lr"]), float(task.get("momentum") or 0.0)),
+            optimizer=make_sgd(task.lr, task.momentum),
             trainable=trainable,
-            prox_mu=float(task.get("fedprox_mu") or 0.0),
-            batch_size=min(int(task["batch_size"]), self.train_set.size()),
+            prox_mu=task.fedprox_mu,
+            batch_size=min(task.batch_size, self.train_set.size()),
             seed=self.config.seed + round_id,
         )
-        deadline = float(task.get("deadline") or float("inf"))
+        deadline = task.deadline
         stop_reason: list[str] = []
 
         def should_stop() -> bool:
@@ -207,7 +208,7 @@ class Agent:
 
         try:
             before = trainer.evaluate(self.eval_set)
-            fit = trainer.fit(self.train_set, int(task["epochs"]), should_stop=should_stop)
+            fit = trainer.fit(self.train_set, task.epochs, should_stop=should_stop)
             after = trainer.evaluate(self.eval_set)
         except Interrupted:
             log.warning(
@@ -238,28 +239,28 @@ class Agent:
         return record
 
     def encode(
-        self, delta: dict[str, np.ndarray], task: dict[str, Any], metrics: dict[str, float]
+        self, delta: dict[str, np.ndarray], task: Task, metrics: dict[str, float]
     ) -> tuple[bytes, dict[str, np.ndarray] | None]:
         """Privacy and compression as the task asks: clip, noise, top-k (with error feedback), encode."""
-        clip_norm, noise = task.get("clip_norm"), float(task.get("noise_multiplier") or 0.0)
+        clip_norm, noise = task.clip_norm, task.noise_multiplier
         if clip_norm:
-            delta, norm = clip_by_l2(delta, float(clip_norm))
+            delta, norm = clip_by_l2(delta, clip_norm)
             metrics["delta_norm"] = norm
         if noise > 0:
-            std = noise * float(clip_norm) if clip_norm else noise
+            std = noise * clip_norm if clip_norm else noise
             delta = add_gaussian_noise(delta, std, np.random.default_rng())  # fresh OS entropy: never seeded
-        fraction, encoding = task.get("topk_fraction"), task.get("encoding") or "float32"
+        fraction, encoding = task.topk_fraction, task.encoding
         residual = None
         if fraction:
             delta, residual = TopK(float(fraction)).compress(delta, self.state.residual())
         body = encode_update(
             delta,
             sample_count=self.train_set.size(),
-            round_id=int(task["round_id"]),
-            base_version=int(task["base_version"]),
+            round_id=task.round_id,
+            base_version=task.base_version,
             metrics=metrics,
             encoding=encoding,
-            topk_fraction=float(fraction) if fraction else None,
+            topk_fraction=fraction,
         )
         if residual is not None:  # also feed back the quantization error of what was really sent
             sent = decode_update(body).delta
@@ -283,10 +284,10 @@ class Agent:
             return None
         self.state.finish_pending(acknowledged=True)
         log.info(
-            "round %d: update accepted (%s of %s received)",
+            "round %d: update accepted (%d of %d received)",
             info["round_id"],
-            answer.get("received"),
-            answer.get("goal"),
+            answer.received,
+            answer.goal,
         )
         return dict(info["record"])
 

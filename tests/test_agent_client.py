@@ -6,6 +6,7 @@ import httpx
 import pytest
 
 from device_agent.client import CoordinatorClient, RejectedError, RetryPolicy, UnavailableError
+from protocol.messages import CheckinAnswer
 
 
 def make_client(handler, attempts: int = 4) -> tuple[CoordinatorClient, list[httpx.Request], list[float]]:
@@ -48,7 +49,7 @@ def test_5xx_and_connection_errors_are_retried_with_growing_jittered_backoff():
         return httpx.Response(200, json={"status": "retry", "retry_after": 5})
 
     client, seen, sleeps = make_client(flaky)
-    assert client.checkin(100) == {"status": "retry", "retry_after": 5}
+    assert client.checkin(100) == CheckinAnswer("retry", retry_after=5)
     assert len(seen) == 4 and len(sleeps) == 3
     for attempt, delay in enumerate(sleeps):
         assert 0 <= delay <= 0.5 * 2**attempt  # full jitter below the exponential cap
@@ -76,7 +77,7 @@ def test_upload_carries_key_token_and_raw_bytes_and_retries_with_the_same_key():
         return httpx.Response(202, json={"accepted": True, "round_id": 3, "received": 1, "goal": 2})
 
     client, seen, _ = make_client(handler)
-    assert client.upload(3, b"\x00update", "abc123")["accepted"] is True
+    assert client.upload(3, b"\x00update", "abc123").accepted is True
     assert [r.headers["Idempotency-Key"] for r in seen] == ["abc123", "abc123"]
     assert all(r.headers["Authorization"] == "Bearer tok" for r in seen)
     assert seen[0].url.path == "/v1/rounds/3/updates" and seen[0].content == b"\x00update"

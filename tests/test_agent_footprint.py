@@ -20,7 +20,7 @@ def test_agent_imports_no_server_packages():
         "import sys, json\n"
         "import device_agent, device_agent.__main__, device_agent.runner, device_agent.client\n"
         "import device_agent.personal, device_agent.state, device_agent.eligibility\n"
-        "import engine.trainer, engine.serialize.update, engine.serialize.compression\n"
+        "import engine.trainer, protocol.update, protocol.deltas\n"
         "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))"
     )
     out = subprocess.run(

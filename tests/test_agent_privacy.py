@@ -10,7 +10,7 @@ from test_agent_harness import Coordinator, device_token, finish, make_shards, r
 
 from engine.data import load_default
 from engine.serialize.container import loads
-from engine.serialize.update import decode_update
+from protocol.update import decode_update
 
 ALLOWED_METADATA = {
     "format",

@@ -19,7 +19,8 @@ from device_agent.state import AgentState
 from engine.data import ArrayDataset, load_default
 from engine.models import build_model_bytes
 from engine.serialize.container import loads
-from engine.serialize.update import decode_update
+from protocol.messages import Task
+from protocol.update import decode_update
 
 MODEL = build_model_bytes("lenet", seed=0)
 TRAINABLE = loads(MODEL).metadata["trainable"]
@@ -166,7 +167,7 @@ def test_conditions_lost_mid_training_discard_the_round(tmp_path, caplog):
     fake = FakeCoordinator(task(1, epochs=3))
     agent = make_agent(tmp_path, fake, probe=StopsAfter(4))
     with caplog.at_level("WARNING"):
-        assert agent.do_task(task(1, epochs=3)) is None
+        assert agent.do_task(Task.from_dict(task(1, epochs=3))) is None
     assert "power: unplugged" in caplog.text and "discarded" in caplog.text
     assert fake.uploads == [] and agent.state.pending() is None
 

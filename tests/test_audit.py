@@ -18,11 +18,11 @@ import pytest
 from coordinator.app import create_app
 from coordinator.audit import audit
 from coordinator.settings import Settings
-from coordinator.simulation.faultproxy import FaultProxy
 from coordinator.strategies import RunningSum
 from coordinator.testing import ServerThread, TestDevice, random_delta, stand_in_model_bytes
 from engine.serialize.container import dumps, loads
-from engine.serialize.update import encode_update
+from protocol.update import encode_update
+from simulation.faultproxy import FaultProxy
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "audit-key"

@@ -24,7 +24,7 @@ def chaos_run(tmp_path_factory):
         [
             sys.executable,
             "-m",
-            "coordinator.simulation.cli",
+            "simulation.cli",
             "--devices",
             "6",
             "--per-round",

@@ -12,10 +12,10 @@ import pytest
 
 from coordinator.app import create_app
 from coordinator.settings import Settings
-from coordinator.simulation.faultproxy import FaultProxy, Faults
-from coordinator.simulation.httpwire import HttpStream
 from coordinator.testing import ServerThread, TestDevice, random_delta, stand_in_model_bytes
-from engine.serialize.update import encode_update
+from protocol.update import encode_update
+from simulation.faultproxy import FaultProxy, Faults
+from simulation.httpwire import HttpStream
 
 KEY = "proxy-key"
 SHAPES = {"w": (64, 32), "b": (32,)}

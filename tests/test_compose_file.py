@@ -19,9 +19,9 @@ yaml = pytest.importorskip("yaml")
 
 from coordinator.__main__ import build_parser as coordinator_parser  # noqa: E402
 from coordinator.settings import Settings, env_name, settings_from_env  # noqa: E402
-from coordinator.simulation.processes import free_port  # noqa: E402
-from coordinator.simulation.replica import build_parser as replica_parser  # noqa: E402
-from coordinator.simulation.replica import claim_slot  # noqa: E402
+from simulation.processes import free_port  # noqa: E402
+from simulation.replica import build_parser as replica_parser  # noqa: E402
+from simulation.replica import claim_slot  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE = yaml.safe_load((REPO / "docker-compose.yml").read_text())
@@ -92,7 +92,7 @@ def test_coordinator_environment_names_are_settings_and_validate():
 
 def test_device_command_flags_exist_and_point_at_the_coordinator():
     argv = command("device", {"PF_FLEET_SIZE": "7"})
-    assert argv[:3] == ["python", "-m", "coordinator.simulation.replica"]
+    assert argv[:3] == ["python", "-m", "simulation.replica"]
     args = replica_parser().parse_args(argv[3:])
     assert args.devices == 7 and args.replica == "auto"
     coordinator_port = command("coordinator")[command("coordinator").index("--port") + 1]

@@ -20,7 +20,7 @@ from coordinator.testing import (
     stand_in_model_bytes,
 )
 from engine.serialize.container import dumps, loads
-from engine.serialize.update import encode_update
+from protocol.update import encode_update
 
 KEY, ADMIN = "enroll-secret", "admin-secret"
 

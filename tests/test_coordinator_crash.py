@@ -19,7 +19,7 @@ from coordinator.app import create_app
 from coordinator.settings import Settings
 from coordinator.testing import LENET_SHAPES, ServerThread, TestDevice, random_delta, stand_in_model_bytes
 from engine.serialize.container import loads
-from engine.serialize.update import encode_update
+from protocol.update import encode_update
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "crash-key"

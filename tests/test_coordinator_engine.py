@@ -14,8 +14,8 @@ from coordinator.settings import Settings
 from coordinator.testing import ServerThread, TestDevice
 from engine import SGD, load_model_bytes
 from engine.data import Subset, embedded_dir, load_default
-from engine.serialize.update import encode_update
 from engine.trainer import Trainer
+from protocol.update import encode_update
 
 KEY = "k"
 

@@ -11,7 +11,7 @@ from coordinator.app import create_app
 from coordinator.settings import Settings
 from coordinator.testing import ServerThread, TestDevice, random_delta, stand_in_model_bytes
 from engine.serialize.container import loads
-from engine.serialize.update import encode_update
+from protocol.update import encode_update
 
 KEY = "k"
 SHAPES = {"w": (4, 3), "b": (3,)}

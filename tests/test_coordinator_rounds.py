@@ -10,7 +10,7 @@ import pytest
 from coordinator.app import create_app
 from coordinator.settings import Settings, settings_from_env
 from coordinator.testing import FakeClock, ServerThread, TestDevice, random_delta, stand_in_model_bytes
-from engine.serialize.update import encode_update
+from protocol.update import encode_update
 
 KEY, ADMIN = "k", "admin"
 SHAPES = {"w": (3, 3), "b": (3,)}

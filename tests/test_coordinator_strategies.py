@@ -11,7 +11,7 @@ from coordinator.settings import Settings
 from coordinator.strategies import STRATEGIES, RunningSum, Strategy, make_strategy
 from coordinator.testing import FakeClock, ServerThread, TestDevice, random_delta, stand_in_model_bytes
 from engine.serialize.container import loads
-from engine.serialize.update import encode_update
+from protocol.update import encode_update
 
 KEY = "k"
 SHAPES = {"w": (4, 3), "b": (3,), "head": (3, 2)}

@@ -16,7 +16,8 @@ from coordinator.app import create_app  # noqa: E402
 from coordinator.settings import Settings  # noqa: E402
 from coordinator.testing import FakeClock, ServerThread, TestDevice, stand_in_model_bytes  # noqa: E402
 from engine.serialize.container import loads  # noqa: E402
-from engine.serialize.update import encode_update  # noqa: E402
+from protocol.deltas import clip_by_l2  # noqa: E402
+from protocol.update import encode_update  # noqa: E402
 
 SHAPES = {"w": (4000,), "b": (4,)}
 
@@ -87,7 +88,7 @@ def test_clipping_and_equal_weights_with_negligible_noise(tmp_path):
         w0 = weights(client, devices[0], 0)
         deltas = deltas_for(0)
         play_round(client, devices, deltas)
-        clipped = [privacy.clip(d, 0.5)[0] for d in deltas]
+        clipped = [clip_by_l2(d, 0.5)[0] for d in deltas]
         expected = {k: w0[k] + (clipped[0][k] + clipped[1][k]) / 2 for k in SHAPES}  # 5 vs 500 samples ignored
         w1 = weights(client, devices[0], 1)
         for k in SHAPES:
@@ -106,7 +107,7 @@ def test_noise_std_and_epsilon_per_round_everywhere(tmp_path):
             deltas = deltas_for(round_id)
             play_round(client, devices, deltas)
             after = weights(client, devices[0], round_id)
-            clipped = [privacy.clip(d, clip_norm)[0] for d in deltas]
+            clipped = [clip_by_l2(d, clip_norm)[0] for d in deltas]
             noise = after["w"] - before["w"] - (clipped[0]["w"] + clipped[1]["w"]) / 2
             assert np.std(noise) == pytest.approx(z * clip_norm / 2, rel=0.06)  # 4000 samples: ~1.1% s.e.
         rounds = {r["id"]: r for r in client.get("/v1/rounds").json()}

@@ -19,7 +19,7 @@ from coordinator.app import create_app
 from coordinator.settings import Settings
 from coordinator.testing import FakeClock, ServerThread, TestDevice, random_delta, stand_in_model_bytes
 from engine.serialize.container import MAGIC, dumps
-from engine.serialize.update import encode_update
+from protocol.update import encode_update
 
 KEY, ADMIN = "k", "admin"
 SHAPES = {"w": (16, 8), "b": (8,)}

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 
 from coordinator.app import create_app
-from coordinator.privacy import clip
 from coordinator.settings import Settings
 from coordinator.strategies import CoordinateMedian, Krum, MultiKrum, TrimmedMean, make_strategy
 from coordinator.strategies.krum import krum_scores
 from coordinator.testing import FakeClock, ServerThread, TestDevice, stand_in_model_bytes
 from engine.serialize.container import loads
-from engine.serialize.update import encode_update
+from protocol.deltas import clip_by_l2 as clip
+from protocol.update import encode_update
 
 
 def ups(*rows, weights=None):

@@ -42,7 +42,7 @@ SUMMARY_KEYS = {
 
 
 def pf_sim(*args: str) -> list[str]:
-    return [sys.executable, "-m", "coordinator.simulation.cli", *args]
+    return [sys.executable, "-m", "simulation.cli", *args]
 
 
 def env() -> dict[str, str]:

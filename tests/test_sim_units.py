@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from coordinator.__main__ import build_parser as coordinator_parser
-from coordinator.simulation.cli import build_parser, config_from_args
-from coordinator.simulation.processes import CoordinatorProcess
-from coordinator.simulation.report import render
-from coordinator.simulation.shards import device_indices, labels_of, load_split
-from coordinator.simulation.simulation import SimConfig, mean_of
+from simulation.cli import build_parser, config_from_args
+from simulation.processes import CoordinatorProcess
+from simulation.report import render
+from simulation.shards import device_indices, labels_of, load_split
+from simulation.simulation import SimConfig, mean_of
 
 
 def test_shards_are_disjoint_deterministic_and_capped():

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine.serialize.compression import TopK, add_gaussian_noise, clip_by_l2, global_l2_norm
-from engine.serialize.update import decode_update, encode_update
+from protocol.deltas import TopK, add_gaussian_noise, clip_by_l2, global_l2_norm
+from protocol.update import decode_update, encode_update
 
 
 def delta(seed: int) -> dict[str, np.ndarray]:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from engine.serialize.container import ContainerError, dumps, loads
-from engine.serialize.update import UpdateError, decode_update, encode_update
+from protocol.update import UpdateError, decode_update, encode_update
 
 SHAPES = {"conv1.weight": (6, 1, 5, 5), "conv1.bias": (6,), "fc.weight": (10, 84), "fc.bias": (10,)}
 

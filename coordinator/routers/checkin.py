@@ -15,6 +15,6 @@ router = APIRouter(prefix="/v1", tags=["rounds"])
 def checkin(body: CheckinRequest, device: DeviceDep, manager: ManagerDep) -> JSONResponse:
     """Returns the current round's task (the same one again if already assigned), or retry_after seconds
     (also as a Retry-After header) when the round has all the devices it needs: pace steering."""
-    answer = CheckinResponse(**manager.checkin(device.id, body.eligible))
+    answer = CheckinResponse.model_validate(manager.checkin(device.id, body.eligible), from_attributes=True)
     headers = {"Retry-After": str(answer.retry_after)} if answer.status == "retry" else None
     return JSONResponse(answer.model_dump(exclude_none=answer.status == "retry"), headers=headers)

@@ -1,6 +1,6 @@
 """A worker process that plays many simulated devices, one at a time, each a real `Agent`.
 
-    python -m coordinator.simulation.worker '<json WorkerConfig>'
+    python -m simulation.worker '<json WorkerConfig>'
 
 Protocol (JSON lines): the orchestrator writes {"device": i} to stdin; the worker runs device i
 for one federated task (enroll if new, check in, download, train, upload, personalize) and
@@ -22,11 +22,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from coordinator.simulation.shards import device_dataset, device_indices, labels_of, load_split
 from device_agent.client import CoordinatorClient, RetryPolicy
 from device_agent.eligibility import AlwaysEligible
 from device_agent.runner import Agent, AgentConfig
 from device_agent.state import AgentState
+from protocol.messages import CheckinAnswer
+from simulation.shards import device_dataset, device_indices, labels_of, load_split
 
 log = logging.getLogger("pocketfed.sim.worker")
 
@@ -59,9 +60,9 @@ class CountingClient(CoordinatorClient):
     bytes_down = 0
     task_marker: Path | None = None
 
-    def checkin(self, num_samples: int | None) -> dict[str, Any]:
+    def checkin(self, num_samples: int | None) -> CheckinAnswer:
         answer = super().checkin(num_samples)
-        if self.task_marker is not None and answer.get("status") == "task":
+        if self.task_marker is not None and answer.task is not None:
             self.task_marker.touch()  # training starts now: the chaos driver may kill us from here on
         return answer
 
@@ -137,7 +138,7 @@ def serve(config: WorkerConfig, stdin: Any = sys.stdin, stdout: Any = sys.stdout
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        sys.exit("usage: python -m coordinator.simulation.worker '<json config>'")
+        sys.exit("usage: python -m simulation.worker '<json config>'")
     logging.basicConfig(
         level=logging.WARNING,
         stream=sys.stderr,

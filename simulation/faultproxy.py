@@ -29,8 +29,8 @@ from collections import Counter, deque
 from dataclasses import dataclass
 from pathlib import Path
 
-from coordinator.simulation.httpwire import HttpStream, Message
 from engine.serialize.container import write_atomic
+from simulation.httpwire import HttpStream, Message
 
 LOOPBACK = "127.0.0.1"
 

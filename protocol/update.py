@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from engine.serialize.container import ContainerError, dumps, loads
+from protocol.deltas import quantize_int8, topk_count, topk_indices
 
 FORMAT = "pocketfed-update"
 FORMAT_VERSION = 1
@@ -50,32 +51,6 @@ class Update:
     metrics: dict[str, float] = field(default_factory=dict)
     encoding: str = "float32"
     sparse: bool = False
-
-
-# ---------------------------------------------------------------- helpers shared with compression.py
-
-
-def topk_count(size: int, fraction: float) -> int:
-    """How many entries a tensor of `size` keeps under top-k: at least one, at most all."""
-    return 0 if size == 0 else min(size, max(1, math.ceil(fraction * size)))
-
-
-def topk_indices(flat: np.ndarray, k: int) -> np.ndarray:
-    """Flat indices of the k largest-magnitude entries, sorted ascending (stable wire order)."""
-    if k >= flat.size:
-        return np.arange(flat.size, dtype=np.int32)
-    part = np.argpartition(np.abs(flat), flat.size - k)[flat.size - k :]
-    return np.sort(part).astype(np.int32)
-
-
-def quantize_int8(x: np.ndarray) -> tuple[np.ndarray, float]:
-    """Symmetric per-tensor int8: returns (q, scale) with |x - q * scale| <= scale / 2."""
-    peak = float(np.max(np.abs(x))) if x.size else 0.0
-    scale = peak / 127.0
-    if scale == 0.0:
-        return np.zeros(x.shape, np.int8), 0.0
-    q = np.clip(np.rint(x / scale), -127, 127).astype(np.int8)
-    return q, scale
 
 
 # ---------------------------------------------------------------- encoding

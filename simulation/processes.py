@@ -1,5 +1,5 @@
 """The simulation's processes: one real coordinator (`python -m coordinator`) and a pool of
-device workers (`python -m coordinator.simulation.worker`), all started in their own session
+device workers (`python -m simulation.worker`), all started in their own session
 so a Ctrl-C reaches only pf-sim, which then stops them in order."""
 
 from __future__ import annotations
@@ -142,7 +142,7 @@ class WorkerPool:
         for i in range(size):
             log = open(log_dir / f"worker-{i}.log", "a")  # noqa: SIM115 (closed in stop)
             proc = subprocess.Popen(
-                [sys.executable, "-m", "coordinator.simulation.worker", worker_config_json],
+                [sys.executable, "-m", "simulation.worker", worker_config_json],
                 cwd=log_dir,
                 env=child_env(),
                 stdin=subprocess.PIPE,

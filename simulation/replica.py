@@ -1,6 +1,6 @@
 """The device entrypoint of docker-compose: one replica of a scaled service finds its own shard.
 
-    python -m coordinator.simulation.replica --coordinator http://coordinator:8000 --devices 20 \
+    python -m simulation.replica --coordinator http://coordinator:8000 --devices 20 \
         --partition dirichlet:0.3 --state-root /state
 
 `docker compose up --scale device=20` starts identical containers; each needs a different,
@@ -80,7 +80,7 @@ def keep_lease(path: Path, lease: float, stop: threading.Event) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m coordinator.simulation.replica",
+        prog="python -m simulation.replica",
         description="Run one device of a scaled compose service on its own shard.",
     )
     p.add_argument("--coordinator", required=True, help="base URL, e.g. http://coordinator:8000")
@@ -107,11 +107,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.exit("replica: --enrollment-key or PF_ENROLLMENT_KEY is required")
     if args.devices < 1:
         sys.exit(f"replica: --devices must be >= 1, got {args.devices}")
-    from coordinator.simulation.shards import device_dataset, device_indices, labels_of, load_split
     from device_agent.client import CoordinatorClient
     from device_agent.eligibility import AlwaysEligible
     from device_agent.runner import Agent, AgentConfig
     from device_agent.state import AgentState
+    from simulation.shards import device_dataset, device_indices, labels_of, load_split
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `docker stop`: exit at once, state is atomic
     stop = threading.Event()

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TextIO
 
-from coordinator.simulation.processes import SimulationError, child_env, stop_workers, tail
+from simulation.processes import SimulationError, child_env, stop_workers, tail
 
 
 class KillablePool:
@@ -48,7 +48,7 @@ class KillablePool:
         log = open(self.log_dir / f"worker-{index}.log", "a")  # noqa: SIM115 (closed in stop)
         self._logs.append(log)
         proc = subprocess.Popen(
-            [sys.executable, "-m", "coordinator.simulation.worker", self.config_json],
+            [sys.executable, "-m", "simulation.worker", self.config_json],
             cwd=self.log_dir,
             env=child_env(),
             stdin=subprocess.PIPE,

@@ -30,13 +30,13 @@ from pathlib import Path
 import numpy as np
 
 from coordinator.audit import audit
-from coordinator.simulation.faultproxy import FaultProxy, Faults
-from coordinator.simulation.killable import KillablePool
-from coordinator.simulation.processes import CoordinatorProcess, SimulationError
-from coordinator.simulation.simulation import SimConfig
-from coordinator.simulation.worker import WorkerConfig
 from coordinator.storage import ModelFiles
 from engine.serialize.container import loads
+from simulation.faultproxy import FaultProxy, Faults
+from simulation.killable import KillablePool
+from simulation.processes import CoordinatorProcess, SimulationError
+from simulation.simulation import SimConfig
+from simulation.worker import WorkerConfig
 
 
 @dataclass

@@ -26,10 +26,10 @@ from typing import Any
 import httpx
 import numpy as np
 
-from coordinator.simulation.processes import CoordinatorProcess, SimulationError, WorkerPool
-from coordinator.simulation.shards import resolve_data
-from coordinator.simulation.worker import WorkerConfig
 from engine.progress import ProgressBar
+from simulation.processes import CoordinatorProcess, SimulationError, WorkerPool
+from simulation.shards import resolve_data
+from simulation.worker import WorkerConfig
 
 
 @dataclass

@@ -17,11 +17,11 @@ import sys
 from collections.abc import Sequence
 
 from coordinator.settings import ENCODINGS
-from coordinator.simulation.chaos import ChaosConfig, ChaosSimulation
-from coordinator.simulation.processes import SimulationError
-from coordinator.simulation.report import write_report
-from coordinator.simulation.simulation import SimConfig, Simulation
 from coordinator.strategies import STRATEGIES
+from simulation.chaos import ChaosConfig, ChaosSimulation
+from simulation.processes import SimulationError
+from simulation.report import write_report
+from simulation.simulation import SimConfig, Simulation
 
 DEFAULTS = SimConfig()
 
@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     chaos = p.add_argument_group(
         "chaos",
         "kill agents and the coordinator, put a faulty network in between, "
-        "then audit the database (coordinator/simulation/chaos.py)",
+        "then audit the database (simulation/chaos.py)",
     )
     chaos.add_argument("--chaos-agent-kills", type=int, default=0, help="SIGKILL this many agents mid-task")
     chaos.add_argument(

@@ -1,0 +1,10 @@
+"""The device contract: what a device and the coordinator must agree on, and nothing else.
+
+- `protocol.messages`: the JSON messages (Task, CheckinAnswer, UploadReceipt) as plain dataclasses
+  that a device can parse without pydantic;
+- `protocol.update`: the update wire format (a checked tensor container holding the encoded delta);
+- `protocol.deltas`: the math a delta goes through on either side (norm, clip, noise, top-k, int8).
+
+It sits between the engine (whose tensor container it uses) and both the device agent and the
+coordinator; it imports neither of them.
+"""

@@ -1,0 +1,103 @@
+"""The one home of the math a delta goes through: norm, clip, noise, top-k, quantization.
+
+Pure numpy over `dict[str, np.ndarray]` deltas. The device agent uses it before a delta leaves the
+phone; the coordinator uses the same functions to check and bound what arrives, so both sides
+agree on every number by construction.
+
+- `global_l2_norm`: the norm over all tensors at once (what clipping, DP and validation mean by "norm").
+- `clip_by_l2`: scale the whole delta so its global norm is at most a bound (bounds any one
+  device's influence; the first half of DP-FedAvg).
+- `add_gaussian_noise`: N(0, std^2) on every element (the second half).
+- `TopK`: keep each tensor's largest-magnitude fraction and carry the rest to the next round
+  (error feedback), so nothing is lost, only delayed.
+- `quantize_int8`: symmetric per-tensor int8, the update format's smallest dense encoding.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import numpy as np
+
+Delta = dict[str, np.ndarray]
+
+
+def global_l2_norm(delta: Mapping[str, np.ndarray]) -> float:
+    """sqrt(sum of squares over every tensor), accumulated in float64."""
+    return math.sqrt(sum(float(np.sum(np.square(v, dtype=np.float64))) for v in delta.values()))
+
+
+def clip_by_l2(delta: Mapping[str, np.ndarray], max_norm: float) -> tuple[Delta, float]:
+    """(delta scaled to global norm <= max_norm, as float32; the norm before clipping).
+
+    Tensors already within the bound are returned as float32 views of the input, not copies."""
+    if not max_norm > 0:
+        raise ValueError(f"max_norm must be > 0, got {max_norm!r}")
+    norm = global_l2_norm(delta)
+    factor = min(1.0, max_norm / norm) if norm > 0 else 1.0
+    if factor >= 1.0:
+        return {k: np.asarray(v, np.float32) for k, v in delta.items()}, norm
+    return {k: np.asarray(v, np.float32) * np.float32(factor) for k, v in delta.items()}, norm
+
+
+def add_gaussian_noise(delta: Mapping[str, np.ndarray], std: float, rng: np.random.Generator) -> Delta:
+    """delta + N(0, std^2) elementwise (a new dict; the input is not modified)."""
+    if std < 0:
+        raise ValueError(f"noise std must be >= 0, got {std!r}")
+    return {
+        k: (np.asarray(v, np.float32) + rng.normal(0.0, std, size=np.shape(v))).astype(np.float32)
+        for k, v in delta.items()
+    }
+
+
+def topk_count(size: int, fraction: float) -> int:
+    """How many entries a tensor of `size` keeps under top-k: at least one, at most all."""
+    return 0 if size == 0 else min(size, max(1, math.ceil(fraction * size)))
+
+
+def topk_indices(flat: np.ndarray, k: int) -> np.ndarray:
+    """Flat indices of the k largest-magnitude entries, sorted ascending (stable wire order)."""
+    if k >= flat.size:
+        return np.arange(flat.size, dtype=np.int32)
+    part = np.argpartition(np.abs(flat), flat.size - k)[flat.size - k :]
+    return np.sort(part).astype(np.int32)
+
+
+def quantize_int8(x: np.ndarray) -> tuple[np.ndarray, float]:
+    """Symmetric per-tensor int8: returns (q, scale) with |x - q * scale| <= scale / 2."""
+    peak = float(np.max(np.abs(x))) if x.size else 0.0
+    scale = peak / 127.0
+    if scale == 0.0:
+        return np.zeros(x.shape, np.int8), 0.0
+    q = np.clip(np.rint(x / scale), -127, 127).astype(np.int8)
+    return q, scale
+
+
+class TopK:
+    """Top-k sparsification with error feedback (Stich et al. 2018; Lin et al. 2018, "Deep Gradient
+    Compression"): each round sends the largest entries of (delta + residual) and keeps the rest."""
+
+    def __init__(self, fraction: float):
+        if not 0.0 < fraction <= 1.0:
+            raise ValueError(f"top-k fraction must be in (0, 1], got {fraction!r}")
+        self.fraction = float(fraction)
+
+    def compress(
+        self, delta: Mapping[str, np.ndarray], residual: Mapping[str, np.ndarray] | None = None
+    ) -> tuple[Delta, Delta]:
+        """Return (sparse delta, dense with zeros; new residual), where sparse + new == delta + old."""
+        residual = residual or {}
+        sparse, new_residual = {}, {}
+        for name, value in delta.items():
+            carried = residual.get(name)
+            if carried is not None and np.shape(carried) != np.shape(value):
+                carried = None  # the model changed shape: an old residual no longer applies
+            total = np.asarray(value, np.float32) + (carried if carried is not None else 0.0)
+            flat = total.reshape(-1)
+            keep = topk_indices(flat, topk_count(flat.size, self.fraction))
+            sent = np.zeros_like(flat)
+            sent[keep] = flat[keep]
+            sparse[name] = sent.reshape(total.shape)
+            new_residual[name] = (flat - sent).reshape(total.shape)
+        return sparse, new_residual

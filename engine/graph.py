@@ -7,6 +7,7 @@ operator that produces it and that operator's inputs. Building the graph runs no
 
 from __future__ import annotations
 
+import enum
 import itertools
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -26,6 +27,14 @@ class GraphError(ValueError):
 
 class ShapeError(GraphError):
     """An operator's inputs have shapes or dtypes it cannot take; raised when the node is added."""
+
+
+class SourceKind(enum.Enum):
+    """What a source node (an operator without inputs) holds; `Operator.source_kind` says it."""
+
+    INPUT = "input"  # fed on every execute (Host2DeviceCopy)
+    SHARED = "shared"  # state kept across steps: weights, optimizer buffers (SharedDeviceTensor)
+    CONST = "const"  # a constant (ImmutableTensor)
 
 
 class SymbolVar:
@@ -197,11 +206,11 @@ class ComputingGraph:
 
     @property
     def inputs(self) -> dict[str, SymbolVar]:
-        return {n: v for n, v in self._names.items() if v.op.type_name == "Host2DeviceCopy"}
+        return {n: v for n, v in self._names.items() if v.op.source_kind is SourceKind.INPUT}
 
     @property
     def shared(self) -> dict[str, SymbolVar]:
-        return {n: v for n, v in self._names.items() if v.op.type_name == "SharedDeviceTensor"}
+        return {n: v for n, v in self._names.items() if v.op.source_kind is SourceKind.SHARED}
 
     def compile(
         self,

@@ -74,7 +74,7 @@ class Optimizer(IOptimizer):
 
     @staticmethod
     def _check(weight: SymbolVar, grad: SymbolVar) -> None:
-        if weight.op.type_name != "SharedDeviceTensor":
+        if not isinstance(weight.op, opr.SharedDeviceTensor):
             raise GraphError(f"optimizer: {weight!r} is not a shared tensor and cannot be updated")
         if grad.shape != weight.shape:
             raise GraphError(f"optimizer: gradient shape {grad.shape} differs from weight {weight.name} {weight.shape}")

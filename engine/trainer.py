@@ -213,7 +213,7 @@ class Trainer:
 
 
 def _dropout_masks(graph: Any) -> list[SymbolVar]:
-    return [v for v in graph.nodes if v.op.type_name == "DropoutMask"]
+    return [v for v in graph.nodes if isinstance(v.op, opr.DropoutMask)]
 
 
 def evaluate_function(eval_fn: Any, input_name: str, dataset: IDataView, batch_size: int = 256) -> dict[str, float]:

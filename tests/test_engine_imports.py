@@ -115,3 +115,17 @@ def test_operator_namespace_exports_operators_and_functions_only():
     submodules = {n for n in public if type(getattr(opr, n)).__name__ == "module"}
     assert public - submodules == set(opr.__all__)
 
+
+def test_engine_layers_contract_holds():
+    """pyproject.toml's "engine layers" import contract (what `lint-imports` checks)."""
+    run = "from importlinter.cli import lint_imports_command; lint_imports_command()"
+    options = ["--contract", "engine-layers", "--no-cache", "--no-logo", str(ROOT / "pyproject.toml")]
+    done = subprocess.run(
+        [sys.executable, "-c", run, *options],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "engine layers KEPT" in done.stdout

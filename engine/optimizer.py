@@ -142,6 +142,3 @@ class Adam(Optimizer):
         bias2 = 1.0 - opr.pow(new_step.make_scalar(b2), new_step)
         denom = opr.sqrt(second) / opr.sqrt(bias2) + self.eps
         return opr.add_update(weight, -(self._lr(graph) / bias1) * new_m / denom)
-
-
-OPTIMIZERS = {"sgd": SGD, "adam": Adam}

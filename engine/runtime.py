@@ -100,10 +100,6 @@ class CompiledFunction:
         self._plans: dict[tuple, StepPlan] = {}
         self.last_shapes: dict[int, tuple] = {}  # slot -> shape, from the last unplanned step
 
-    @property
-    def input_names(self) -> list[str]:
-        return list(self._feeds)
-
     def _check_feed(self, name: str, value: Any, var: Any) -> np.ndarray:
         array = np.asarray(value)
         if array.dtype != var.dtype:

@@ -4,7 +4,7 @@
         ^
         |  FaultProxy: refuses, delays, cuts requests/responses mid-body; records uploads
         v
-    KillablePool workers (devices SIGKILLed mid-training or mid-upload, then resumed)
+    worker pool (devices SIGKILLed mid-training or mid-upload, then resumed)
 
 Rounds run as in `Simulation` (seeded choice of K devices, replacements if some fail), but the
 driver reads round status from the database (the coordinator may be down when it looks), and
@@ -33,7 +33,7 @@ from coordinator.audit import audit
 from coordinator.storage import ModelFiles
 from engine.serialize.container import loads
 from simulation.faultproxy import FaultProxy, Faults
-from simulation.killable import KillablePool
+from simulation.pool import WorkerPool
 from simulation.processes import CoordinatorProcess, SimulationError
 from simulation.simulation import SimConfig
 from simulation.worker import WorkerConfig
@@ -107,7 +107,7 @@ class ChaosSimulation:
             self.proxy = FaultProxy(
                 self.coordinator.port, self.chaos.faults(cfg.seed), record_dir=self.workdir / "wire"
             )
-            self.pool: KillablePool | None = None
+            self.pool: WorkerPool | None = None
             started = time.perf_counter()
             try:
                 self.coordinator.start()
@@ -125,8 +125,7 @@ class ChaosSimulation:
                     max_wait=30.0,
                     mark_tasks=True,
                 )  # a stuck device gives up, the round goes on
-                self.pool = KillablePool(cfg.workers, worker.to_json(), self.workdir)
-                self.pool.on_start = self.note_progress
+                self.pool = WorkerPool(cfg.workers, worker.to_json(), self.workdir)
                 initial = self.wait_accuracy(0)
                 for number in range(1, cfg.rounds + 1):
                     self.round_number = number
@@ -197,13 +196,13 @@ class ChaosSimulation:
         started = time.perf_counter()
         round_id = self.open_round_id()
         chosen = [int(d) for d in self.rng.choice(cfg.devices, size=cfg.per_round, replace=False)]
-        answers = self.pool.play(chosen, tick=self.inject)
+        answers = self.pool.play(chosen, on_start=self.note_progress, tick=self.inject)
         spare = [d for d in self.rng.permutation(cfg.devices).tolist() if d not in chosen]
         r = self.round_row(round_id)
         while r["status"] == "open" and r["received"] < r["goal"] and spare:
             missing = r["goal"] - r["received"]
             replacements, spare = spare[:missing], spare[missing:]
-            answers += self.pool.play(replacements, tick=self.inject)
+            answers += self.pool.play(replacements, on_start=self.note_progress, tick=self.inject)
             r = self.round_row(round_id)
         deadline = time.monotonic() + cfg.round_timeout + 30
         while r["status"] == "open" and time.monotonic() < deadline:
@@ -277,11 +276,7 @@ class ChaosSimulation:
     def restart_coordinator(self) -> None:
         """SIGKILL, then the same command on the same database and port."""
         started = time.perf_counter()
-        proc = self.coordinator.proc
-        proc.kill()
-        proc.wait()
-        self.coordinator.stop()  # closes its log handle; the process is already gone
-        self.coordinator.start()
+        self.coordinator.crash_and_restart()
         self.restart_seconds.append(time.perf_counter() - started)
 
     # ------------------------------------------------------------------ reading the database

@@ -27,7 +27,8 @@ import httpx
 import numpy as np
 
 from engine.progress import ProgressBar
-from simulation.processes import CoordinatorProcess, SimulationError, WorkerPool
+from simulation.pool import WorkerPool
+from simulation.processes import CoordinatorProcess, SimulationError
 from simulation.shards import resolve_data
 from simulation.worker import WorkerConfig
 

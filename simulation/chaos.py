@@ -118,6 +118,9 @@ class FaultyNetwork(SimulationHook):
 
 
 class CoordinatorRestarts(SimulationHook):
+    """SIGKILLs the coordinator once the proxy has seen a planned number of upload acknowledgements (so
+    the crash lands mid-round), then restarts it on the same database and port."""
+
     def __init__(self, restart_at: list[int], acknowledged_uploads: Callable[[], int]):
         self.restart_at, self.acknowledged_uploads = list(restart_at), acknowledged_uploads
         self.seconds: list[float] = []

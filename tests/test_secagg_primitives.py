@@ -9,7 +9,7 @@ import random
 
 import numpy as np
 import pytest
-from secagg_data import entropy, lenet_deltas
+from secagg_helpers import entropy, lenet_deltas
 
 from protocol.secagg import SecAggConfig, SecAggError, crypto, flatten, graph, noise, shamir, unflatten
 from protocol.secagg.quantize import SIGNED_LIMIT, Quantizer, from_field, to_field

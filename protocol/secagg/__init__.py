@@ -66,8 +66,23 @@ Messages (JSON objects; bytes in base64; "round_id" and the sender's or recipien
     abandoned          server -> all      {reason}
 """
 
+from protocol.secagg.client import ClientSession
+from protocol.secagg.local import RoundTrace, run_round
 from protocol.secagg.params import SecAggConfig
 from protocol.secagg.quantize import Quantizer, flatten, unflatten
+from protocol.secagg.server import AggregateResult, ServerSession
 from protocol.secagg.wire import RoundAbandoned, SecAggError
 
-__all__ = ["Quantizer", "RoundAbandoned", "SecAggConfig", "SecAggError", "flatten", "unflatten"]
+__all__ = [
+    "AggregateResult",
+    "ClientSession",
+    "Quantizer",
+    "RoundAbandoned",
+    "RoundTrace",
+    "SecAggConfig",
+    "SecAggError",
+    "ServerSession",
+    "flatten",
+    "run_round",
+    "unflatten",
+]

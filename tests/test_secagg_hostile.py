@@ -132,6 +132,9 @@ def test_the_server_refuses_malformed_and_out_of_place_messages():
             server.receive_advertise(message)
     for i in range(1, 6):  # device 6 never advertises
         server.receive_advertise(clients[i].advertise())
+    copied = {**clients[6].advertise(), "mask_key": advert["mask_key"]}
+    with pytest.raises(SecAggError, match="advertise from device 6: a public key device 1 already advertised"):
+        server.receive_advertise(copied)
     keys = server.close_advertise()
     with pytest.raises(SecAggError, match="phase 'share_keys', not 'advertise'"):
         server.receive_advertise(clients[6].advertise())

@@ -87,6 +87,9 @@ class ServerSession:
         share_key = unb64(msg.get("share_key"), "advertise share_key", 32)
         if mask_key == share_key:
             raise SecAggError(f"advertise from device {i}: the mask and share keys must differ")
+        for j, pair in self.keys.items():
+            if {mask_key, share_key} & set(pair):
+                raise SecAggError(f"advertise from device {i}: a public key device {j} already advertised")
         self.keys[i] = (mask_key, share_key)
         return self._record("advertise", i, message)
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from coordinator.audit import audit
-from coordinator.storage import ModelFiles
+from coordinator.store import ModelFiles
 from engine.serialize.container import loads
 from simulation.faultproxy import FaultProxy, Faults
 from simulation.killable import KillablePool

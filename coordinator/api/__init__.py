@@ -2,6 +2,6 @@
 the dependencies (services, store, settings, who is calling), errors.py how refusals look, and
 middleware.py the request metrics. Routers talk to services and the store, never to SQL."""
 
-from coordinator.api.app import create_app, services_of
+from coordinator.api.app import create_app
 
-__all__ = ["create_app", "services_of"]
+__all__ = ["create_app"]

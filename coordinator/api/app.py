@@ -13,7 +13,7 @@ from fastapi.concurrency import run_in_threadpool
 from coordinator.api.errors import document_refusals, install_error_handlers
 from coordinator.api.middleware import RequestMetrics
 from coordinator.api.routers import admin, checkin, dashboard, devices, models, ops, rounds, uploads
-from coordinator.service import Services, open_services
+from coordinator.service import open_services
 from coordinator.service.evaluation import EvaluateFn
 from coordinator.settings import Settings
 
@@ -48,7 +48,3 @@ def create_app(
     install_error_handlers(app, services.metrics)
     document_refusals(app)
     return app
-
-
-def services_of(app: FastAPI) -> Services:
-    return app.state.services

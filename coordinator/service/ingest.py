@@ -7,7 +7,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Any
 
 from coordinator.service.modelfile import expected_shapes
 from coordinator.service.rounds import RoundLifecycle
@@ -68,11 +67,3 @@ class Ingest:
     def submit(self, prepared: PreparedUpload) -> Future:
         """Queue a prepared upload; the future resolves with the 202 body once it is on disk."""
         return self.writer.submit(prepared)
-
-    def upload(self, device_id: str, round_id: int, key: str, body: bytes) -> dict[str, Any]:
-        """Validate and fold one update into its round, blocking until it is durably committed;
-        the same key replayed gets the same answer."""
-        prepared = self.prepare(device_id, round_id, key, body)
-        if isinstance(prepared, dict):
-            return prepared
-        return self.submit(prepared).result()

@@ -21,6 +21,7 @@ class Ticker:
     def start(self) -> None:
         if self._thread is None:
             self._stop.clear()
+            self._wake.clear()
             self._thread = threading.Thread(target=self._run, name="pf-ticker", daemon=True)
             self._thread.start()
 

@@ -161,6 +161,7 @@ class UploadWriter:
                 return
 
     def _write(self, group: list[Item]) -> None:
+        uploads = any(isinstance(item, PreparedUpload) for item in group)
         with self.store.lock:
             pending = group
             while pending:
@@ -171,7 +172,8 @@ class UploadWriter:
                     outcomes = [self._apply_alone(item) for item in pending]
                     pending = []
                 try:
-                    self.lifecycle.tick()  # commit a round that reached its goal before answering anyone
+                    if uploads:  # commit a round that reached its goal before answering anyone
+                        self.lifecycle.tick()
                 except Exception:
                     log.exception("settling the round after a group of uploads failed")
                 for item, outcome in outcomes:

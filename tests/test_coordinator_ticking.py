@@ -1,5 +1,6 @@
 """Rounds settle in the background, never in a GET; an upload after its round's deadline is refused
-even before the background tick has closed the round; /metrics has histograms and bounded labels."""
+even before the background tick has closed the round; check-ins keep devices.last_seen; /metrics
+has histograms and bounded labels."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import httpx
 import pytest
 
 from coordinator.api import create_app
+from coordinator.api.deps import token_hash
 from coordinator.settings import Settings
 from coordinator.testing import FakeClock, ServerThread, TestDevice, random_delta, stand_in_model_bytes, tick
 from protocol.update import encode_update
@@ -91,6 +93,23 @@ def test_a_late_upload_is_refused_by_the_deadline_before_the_tick(tmp_path):
         assert again.status_code == 409 and "late update refused" in again.json()["detail"]
         wait_for(lambda: store.round(1).status == "abandoned", "the tick the late upload woke")
         assert store.round(1).received == 0
+
+
+def test_check_ins_keep_last_seen_to_the_minute(tmp_path):
+    clock = FakeClock()
+    with serve(tmp_path, clock, tick_interval=3600, deadline=3600) as server, httpx.Client(base_url=server.url) as c:
+        store = server.server.config.app.state.services.store
+        device = TestDevice(c, KEY)
+        assert store.device_by_token(token_hash(device.token)).last_seen is None  # enrolled, never seen
+        first = clock()
+        device.task()
+        assert store.device_by_token(token_hash(device.token)).last_seen == first  # written before the answer
+        clock.advance(30)
+        device.task()  # within the minute: no write
+        assert store.device_by_token(token_hash(device.token)).last_seen == first
+        clock.advance(30)
+        assert device.checkin(eligible=False).json()["status"] == "retry"  # any check-in counts
+        assert store.device_by_token(token_hash(device.token)).last_seen == first + 60
 
 
 def test_metrics_histograms_and_bounded_labels(tmp_path):

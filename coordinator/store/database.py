@@ -146,7 +146,6 @@ class Database:
 
     def __init__(self, db: str, *, readonly: bool = False):
         self.lock = OwnedLock()
-        self.readonly = readonly
         self._readers = threading.local()
         self._thread_readers: weakref.WeakSet[_ThreadReader] = weakref.WeakSet()
         self._readers_lock = threading.Lock()  # not `lock`: a new reader must not wait for the writer

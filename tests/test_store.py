@@ -12,7 +12,6 @@ import httpx
 import numpy as np
 import pytest
 import sqlalchemy as sa
-from postgres_helpers import pg_database, pg_databases  # noqa: F401 (fixtures)
 
 from coordinator.api import create_app
 from coordinator.settings import RoundSettings, Settings
@@ -22,6 +21,8 @@ from coordinator.strategies import RunningSum
 from coordinator.testing import ServerThread, TestDevice, random_delta, stand_in_model_bytes
 from engine.serialize.container import loads
 from protocol.update import encode_update
+
+pytest_plugins = ["postgres_helpers"]  # pg_url, pg_database: throwaway PostgreSQL databases
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -25,11 +25,11 @@ def no_server(reason: str) -> None:
 class Databases:
     """CREATE DATABASE pf_test_<random> on the local server, and DROP DATABASE when done."""
 
-    def __init__(self):
+    def __init__(self, server: str = SERVER):
         pytest.importorskip("psycopg", reason="psycopg (the coordinator extra) is not installed")
         import sqlalchemy as sa
 
-        self.engine = sa.create_engine(SERVER, isolation_level="AUTOCOMMIT")
+        self.engine = sa.create_engine(server, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 5})
         try:
             with self.engine.connect() as conn:
                 conn.exec_driver_sql("SELECT 1")

@@ -21,6 +21,7 @@ from coordinator.strategies import RunningSum
 from coordinator.testing import ServerThread, TestDevice, random_delta, stand_in_model_bytes
 from engine.serialize.container import loads
 from protocol.update import encode_update
+from simulation.processes import free_port
 
 pytest_plugins = ["postgres_helpers"]  # pg_url, pg_database: throwaway PostgreSQL databases
 
@@ -284,3 +285,15 @@ def test_one_open_round_blobs_leases_and_counters(store):
     assert [store.hit("enroll:1.2.3.4", 60, 1000.0) for _ in range(3)] == [1, 2, 3]
     assert store.hit("enroll:1.2.3.4", 60, 1080.0) == 1  # the next window
     assert store.hit("enroll:5.6.7.8", 60, 1000.0) == 1
+
+
+def test_a_missing_server_skips_outside_ci_and_fails_in_ci(monkeypatch):
+    from postgres_helpers import Databases
+
+    nowhere = f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/postgres"  # nothing listens there
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="no PostgreSQL server"):
+        Databases(nowhere)
+    monkeypatch.setenv("CI", "1")
+    with pytest.raises(pytest.fail.Exception, match="CI=1, so this fails instead of skipping"):
+        Databases(nowhere)

@@ -1,0 +1,335 @@
+"""Scale-out: coordinator replicas on PostgreSQL behind a load balancer, under a device load, with one
+replica SIGKILLed mid-run and restarted; then the books are audited.
+
+    python bench/scaleout.py --json          # last line: {"replicas", "devices", "acknowledged", "lost",
+                                             #   "double_counted", "killed", "uploads_per_s",
+                                             #   "single_replica_uploads_per_s", "sqlite_uploads_per_s", ...}
+
+Three phases on the same load, each on a fresh database: one coordinator on SQLite (the embedded
+default, no balancer), one PostgreSQL replica behind the balancer, then `--replicas` PostgreSQL
+replicas behind it, where the replica holding the background lease is SIGKILLed at 40% of the
+phase and started again at 55%. Devices (async httpx, `--devices` of them) loop: check in, upload
+a LeNet-sized float32 delta when given a task (retrying a failed upload with the same
+Idempotency-Key, as agents do), come back when told. Rounds take `--goal` updates.
+
+`lost`: uploads a device saw acknowledged (202) that are not among the database's accepted updates
+of a committed or open round; `double_counted`: the audit's count (coordinator/audit.py: a repeated
+key or (round, device), an aggregate or partial counting more than its rows). Exit status 1 if
+either is not 0 or the audit found anything.
+
+Needs the PostgreSQL server at --pg (default 127.0.0.1:5432, user postgres); a database
+pf_bench_<random> is created and dropped per phase.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import httpx  # noqa: E402
+import numpy as np  # noqa: E402
+import sqlalchemy as sa  # noqa: E402
+
+from coordinator.audit import audit  # noqa: E402
+from engine.models import build_model_bytes  # noqa: E402
+from engine.serialize.container import loads  # noqa: E402
+from protocol.update import encode_update  # noqa: E402
+from simulation.balancer import Balancer  # noqa: E402
+from simulation.processes import CoordinatorProcess  # noqa: E402
+
+KEY = "scaleout-bench"
+
+
+def cpu_seconds(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def backend_pids(db: str) -> list[int]:
+    """The PostgreSQL server processes serving this database's connections (other databases on the
+    same server, and the server's shared background work, are not counted)."""
+    return [pid for (pid,) in sa_rows(db, "SELECT pid FROM pg_stat_activity WHERE datname = current_database()")]
+
+
+class Load:
+    """Devices checking in and uploading until told to stop; what was acknowledged, by key."""
+
+    def __init__(self, url: str, devices: int, shapes: dict, per_client: int):
+        self.url, self.n, self.shapes, self.per_client = url, devices, shapes, per_client
+        self.acked: dict[str, dict] = {}
+        self.latency: list[float] = []
+        self.retries: Counter[str] = Counter()
+        self.refused: Counter[int] = Counter()
+        self.stop = asyncio.Event()
+        self.enrolled = 0
+
+    async def call(self, send):
+        """A request, retried (same body, same key) through transport errors and 5xx, as agents do."""
+        for _ in range(60):
+            try:
+                answer = await send()
+            except httpx.TransportError as exc:
+                self.retries[type(exc).__name__] += 1
+            else:
+                if answer.status_code < 500:
+                    return answer
+                self.retries[f"http_{answer.status_code}"] += 1
+            await asyncio.sleep(0.1)
+        return None
+
+    async def device(self, i: int, client: httpx.AsyncClient, started: asyncio.Event) -> None:
+        enrolled = await self.call(lambda: client.post("/v1/devices", json={"enrollment_key": KEY}))
+        headers = {"Authorization": f"Bearer {enrolled.json()['token']}"}
+        self.enrolled += 1
+        rng = np.random.default_rng(i)
+        delta = {k: (rng.standard_normal(s) * 0.01).astype(np.float32) for k, s in self.shapes.items()}
+        await started.wait()
+        while not self.stop.is_set():
+            answer = await self.call(lambda: client.post("/v1/checkin", json={"eligible": True}, headers=headers))
+            body = answer.json() if answer is not None else {"status": "retry", "retry_after": 1}
+            if body["status"] != "task":  # pace steering: come back when told (at most 1 s here)
+                await asyncio.sleep(min(body["retry_after"], 1.0))
+                continue
+            t0 = time.perf_counter()
+            key, answer = await self.upload(i, headers, delta, body["task"], client)
+            if answer is not None and answer.status_code == 202:
+                self.latency.append(time.perf_counter() - t0)
+                self.acked[key] = answer.json()
+            elif answer is not None:
+                self.refused[answer.status_code] += 1
+
+    async def upload(self, i: int, headers: dict, delta: dict, task: dict, client: httpx.AsyncClient):
+        """(its Idempotency-Key, the answer) of one device's update for its task."""
+        round_id, base = task["round_id"], task["base_version"]
+        data = encode_update(delta, sample_count=1 + i % 50, round_id=round_id, base_version=base)
+        key = f"d{i}-r{round_id}"
+        headers = {**headers, "Idempotency-Key": key, "Content-Type": "application/octet-stream"}
+        return key, await self.call(
+            lambda: client.post(f"/v1/rounds/{round_id}/updates", content=data, headers=headers)
+        )
+
+    async def run(self, seconds: float, at: list[tuple[float, callable]]) -> tuple[float, float]:
+        limits = httpx.Limits(max_connections=self.per_client, max_keepalive_connections=self.per_client)
+        clients = [
+            httpx.AsyncClient(base_url=self.url, limits=limits, timeout=60)
+            for _ in range(-(-self.n // self.per_client))
+        ]
+        started = asyncio.Event()
+        tasks = [asyncio.create_task(self.device(i, clients[i // self.per_client], started)) for i in range(self.n)]
+        while self.enrolled < self.n and not any(t.done() for t in tasks):  # a device that failed ends early
+            await asyncio.sleep(0.05)
+        t0 = time.perf_counter()
+        started.set()
+        for when, action in at:  # events at fractions of the phase (the kill, the restart)
+            await asyncio.sleep(max(0.0, t0 + when * seconds - time.perf_counter()))
+            await asyncio.to_thread(action)
+        await asyncio.sleep(max(0.0, t0 + seconds - time.perf_counter()))
+        acked_at_end, t1 = len(self.acked), time.perf_counter()
+        self.stop.set()
+        await asyncio.wait(tasks, timeout=120)  # uploads in flight finish (and count) before the audit
+        for client in clients:
+            await client.aclose()
+        self.acked_in_time = acked_at_end
+        return t0, t1
+
+
+def run_phase(args, name: str, db: str, replicas: int, workdir: Path, kill: bool) -> dict:
+    """Start the coordinators (and a balancer for PostgreSQL), drive the load, audit."""
+    options = {
+        "db": db,
+        "model": "lenet",
+        "enrollment_key": KEY,
+        "goal": args.goal,
+        "over_select": 1.0,
+        "deadline": 600,
+        "min_retry_after": 0,
+        "max_retry_after": 1,
+        "tick_interval": 0.5,
+        "lease_seconds": 3,
+        "log_level": "warning",
+    }
+    procs = []
+    for i in range(replicas):
+        (workdir / f"{name}-{i}").mkdir()
+        procs.append(CoordinatorProcess(workdir / f"{name}-{i}", options))
+    balancer = None
+    try:
+        for proc in procs:
+            proc.start(timeout=120)
+        if db.startswith("postgresql"):
+            balancer = Balancer([("127.0.0.1", p.port) for p in procs]).start()
+        url = balancer.url if balancer else procs[0].url
+        model = loads(build_model_bytes("lenet"), kind="model")
+        names = model.metadata.get("trainable") or list(model.tensors)
+        load = Load(url, args.devices, {k: model.tensors[k].shape for k in names}, args.devices_per_client)
+        killed: list[str] = []
+
+        def kill_leader() -> None:
+            holder = sa_scalar(db, "SELECT holder FROM leases WHERE name = 'background'") or ""
+            victim = next((p for p in procs if f"-{p.proc.pid}-" in holder), procs[-1])
+            victim.proc.kill()
+            victim.proc.wait()
+            killed.append(f"replica {procs.index(victim)} (pid {victim.proc.pid}, {'lease holder' if holder else ''})")
+
+        def restart() -> None:
+            for proc in procs:
+                if not proc.running:
+                    proc.stop()
+                    proc.start(timeout=120)
+
+        events = [(0.4, kill_leader), (0.55, restart)] if kill else []
+        postgres = db.startswith("postgresql")
+        cpu0 = {pid: cpu_seconds(pid) for pid in [p.proc.pid for p in procs] + (backend_pids(db) if postgres else [])}
+        client0 = time.process_time()
+        t0, t1 = asyncio.run(load.run(args.seconds, events))
+        client_cpu = time.process_time() - client0
+        coordinator_cpu = sum(cpu_seconds(p.proc.pid) - cpu0.get(p.proc.pid, 0.0) for p in procs if p.running)
+        pg_cpu = sum(cpu_seconds(pid) - cpu0.get(pid, 0.0) for pid in backend_pids(db)) if postgres else 0.0
+    finally:
+        if balancer is not None:
+            balancer.stop()
+        for proc in procs:
+            proc.stop()
+    report = audit(db)
+    counted = counted_keys(db)
+    lost = sorted(set(load.acked) - counted)
+    acked = len(load.acked)
+    result = {
+        "acknowledged": acked,
+        "lost": len(lost) + report.lost,
+        "double_counted": report.double_counted,
+        "uploads_per_s": round(load.acked_in_time / (t1 - t0), 1),
+        "audit_ok": report.ok,
+        "audit_problems": report.problems[:5],
+        "rounds_committed": report.committed_rounds,
+        "upload_p50_ms": round(float(np.percentile(load.latency, 50)) * 1000, 1) if load.latency else None,
+        "upload_p99_ms": round(float(np.percentile(load.latency, 99)) * 1000, 1) if load.latency else None,
+        "transport_retries": dict(load.retries),
+        "refused": {str(k): v for k, v in load.refused.items()},
+        # CPU seconds per second of the phase (1.0 = one core busy): who was short of CPU
+        "coordinator_cpu_load": round(coordinator_cpu / (t1 - t0), 2),
+        "client_cpu_load": round(client_cpu / (t1 - t0), 2),
+        "coordinator_cpu_ms_per_upload": round(1000 * coordinator_cpu / max(acked, 1), 2),
+        "killed": killed,
+    }
+    if postgres:
+        result["postgres_backend_cpu_load"] = round(pg_cpu / (t1 - t0), 2)
+        result["postgres_backend_cpu_ms_per_upload"] = round(1000 * pg_cpu / max(acked, 1), 2)
+        result["acknowledged_by_replica"] = sorted(
+            n for (n,) in sa_rows(db, "SELECT COUNT(*) FROM updates GROUP BY replica")
+        )
+        result["balancer"] = dict(balancer.counters) if balancer else {}
+    return result
+
+
+def sa_rows(url: str, sql: str) -> list[tuple]:
+    engine = sa.create_engine(url.replace("postgresql://", "postgresql+psycopg://"))
+    try:
+        with engine.connect() as conn:
+            return [tuple(r) for r in conn.exec_driver_sql(sql)]
+    finally:
+        engine.dispose()
+
+
+def sa_scalar(url: str, sql: str):
+    rows = sa_rows(url, sql)
+    return rows[0][0] if rows else None
+
+
+def counted_keys(db: str) -> set[str]:
+    """Idempotency keys of accepted updates in committed or open rounds (an abandoned round's are lost)."""
+    sql = "SELECT u.idempotency_key FROM updates u JOIN rounds r ON r.id = u.round_id WHERE r.status <> 'abandoned'"
+    if db.startswith("postgresql"):
+        return {k for (k,) in sa_rows(db, sql)}
+    import sqlite3
+
+    with sqlite3.connect(db) as conn:
+        return {k for (k,) in conn.execute(sql)}
+
+
+class Databases:
+    def __init__(self, server: str):
+        self.server = server
+        self.admin = sa.create_engine(f"postgresql+psycopg://{server}/postgres", isolation_level="AUTOCOMMIT")
+
+    def __enter__(self) -> Databases:
+        self.names: list[str] = []
+        return self
+
+    def create(self) -> str:
+        name = f"pf_bench_{secrets.token_hex(5)}"
+        with self.admin.connect() as conn:
+            conn.exec_driver_sql(f"CREATE DATABASE {name}")
+        self.names.append(name)
+        return f"postgresql://{self.server}/{name}"
+
+    def __exit__(self, *exc) -> None:
+        with self.admin.connect() as conn:
+            for name in self.names:
+                conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        self.admin.dispose()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--replicas", type=int, default=3)
+    p.add_argument("--devices", type=int, default=120)
+    p.add_argument("--goal", type=int, default=None, help="updates per round (default: half the devices)")
+    p.add_argument("--seconds", type=float, default=20.0, help="length of each phase's measured load")
+    p.add_argument("--devices-per-client", type=int, default=10, help="devices sharing one connection pool")
+    p.add_argument("--pg", default="postgres@127.0.0.1:5432", help="PostgreSQL server: user@host:port")
+    p.add_argument("--skip-baselines", action="store_true", help="only the replicated phase")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    args.goal = args.goal or max(1, args.devices // 2)
+    say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json else print
+    workdir = Path(tempfile.mkdtemp(prefix="pf-scaleout-"))
+    phases = {}
+    with Databases(args.pg) as databases:
+        if not args.skip_baselines:
+            say("phase 1/3: one coordinator on SQLite")
+            phases["sqlite"] = run_phase(args, "sqlite", str(workdir / "sqlite.db"), 1, workdir, kill=False)
+            say(f"  {phases['sqlite']['uploads_per_s']} uploads/s")
+            say("phase 2/3: one PostgreSQL replica behind the balancer")
+            phases["single"] = run_phase(args, "single", databases.create(), 1, workdir, kill=False)
+            say(f"  {phases['single']['uploads_per_s']} uploads/s")
+        say(f"phase 3/3: {args.replicas} PostgreSQL replicas behind the balancer, one SIGKILLed and restarted")
+        phases["replicas"] = main_phase = run_phase(
+            args, "replicas", databases.create(), args.replicas, workdir, kill=True
+        )
+        say(f"  {main_phase['uploads_per_s']} uploads/s, killed {main_phase['killed']}")
+    result = {
+        "replicas": args.replicas,
+        "devices": args.devices,
+        "acknowledged": main_phase["acknowledged"],
+        "lost": main_phase["lost"],
+        "double_counted": main_phase["double_counted"],
+        "killed": len(main_phase["killed"]),
+        "uploads_per_s": main_phase["uploads_per_s"],
+        "single_replica_uploads_per_s": phases.get("single", {}).get("uploads_per_s"),
+        "sqlite_uploads_per_s": phases.get("sqlite", {}).get("uploads_per_s"),
+        "goal": args.goal,
+        "seconds": args.seconds,
+        "cpus": os.cpu_count(),
+        "phases": phases,
+    }
+    print(json.dumps(result), flush=True)
+    bad = any(phase["lost"] or phase["double_counted"] or not phase["audit_ok"] for phase in phases.values())
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -172,7 +172,9 @@ class _StepExporter:
     def _interface(self, inputs: list, outputs: list) -> dict[str, Any]:
         """What the file's metadata says about its interface (docs/training-step.md)."""
         opt = self.training.optimizer
-        settings = {k: v for k, v in vars(opt).items() if not k.startswith("_") and k != "state"}
+        settings = {k: v for k, v in vars(opt).items() if not k.startswith("_") and k not in ("state", "lr")}
+        if isinstance(opt, Optimizer):  # the `lr` input is what counts; this is only the export's default
+            settings["default_lr"] = opt.lr
         return {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,

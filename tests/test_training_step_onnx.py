@@ -69,7 +69,7 @@ def parity(model: Model, optimizer, loss="cross_entropy", feeds=images, steps=20
     check_file(data)
     start = model.state_dict()
     step = models.OnnxStep(data, start, optimizer.lr)
-    trainer = Trainer(model, loss=loss, optimizer=optimizer, prox_mu=options.get("prox_mu", 0.0))
+    trainer = Trainer(model, loss, optimizer, options.get("trainable"), options.get("prox_mu", 0.0))
     worst = 0.0
     for x, y in models.batches(steps):
         feed = feeds(x, y)
@@ -119,6 +119,25 @@ def test_mlp_optimizer_variants_match_the_engine(optimizer):
 
 def test_fedprox_term_matches_the_engine():
     assert parity(models.mlp(), SGD(0.05, momentum=0.9), prox_mu=0.5) < RTOL
+
+
+def test_personalization_trains_only_the_head():
+    """Frozen weights are inputs with no new/ output and no optimizer state."""
+    head = ["fc3.weight", "fc3.bias"]
+    assert parity(build("lenet"), SGD(0.05, momentum=0.9), trainable=head) < RTOL
+    inputs, outputs, meta = interface(export_training_step(build("lenet"), optimizer="sgd-momentum", trainable=head))
+    assert "conv1.weight" in [i[0] for i in inputs] and meta["weights"] == head
+    assert [o[0] for o in outputs] == ["loss", *[f"new/{n}" for n in head], *[f"new_state/{n}/momentum" for n in head]]
+
+
+def test_the_batch_size_may_change_between_steps():
+    model = build("lenet")
+    step = models.OnnxStep(export_training_step(model, optimizer="sgd-momentum"), model.state_dict(), 0.05)
+    trainer = Trainer(model, optimizer=SGD(0.05, momentum=0.9))
+    for batch in (32, 7, 1, 64):
+        x, y = next(models.batches(1, batch=batch, start=batch))
+        assert relative(step.step({"x": x, "label": y}), trainer.step(x, y)[0]) < RTOL
+    assert all(relative(step.tensors[n], v) < RTOL for n, v in model.state_dict().items())
 
 
 @pytest.mark.parametrize("name", ["sgd-momentum", "adam"])

@@ -156,6 +156,39 @@ def test_embedding_matches_the_engine():
     assert parity(models.embedding_bag(), SGD(0.5, momentum=0.9), feeds=tokens) < RTOL
 
 
+def test_a_model_imported_from_pytorch_matches_the_engine(tmp_path):
+    """PyTorch's ONNX export with ceil-mode pooling and asymmetric padding, which the importer
+    turns into explicit pad blocks (concat, slice, broadcast) in front of the engine's operators."""
+    torch = pytest.importorskip("torch")
+    from engine.onnx import import_onnx
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 6, 5, padding=2),
+        torch.nn.ReLU(),
+        torch.nn.MaxPool2d(3, 2, ceil_mode=True),  # 28 -> 14
+        torch.nn.ZeroPad2d((1, 0, 1, 0)),
+        torch.nn.Conv2d(6, 8, 3, stride=2),  # 15 -> 7
+        torch.nn.ReLU(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8 * 7 * 7, 10),
+    ).eval()
+    path = tmp_path / "net.onnx"
+    dynamic = {"x": {0: "batch"}, "logits": {0: "batch"}}
+    example = (torch.zeros(2, 1, 28, 28),)
+    torch.onnx.export(
+        net,
+        example,
+        str(path),
+        dynamo=False,
+        input_names=["x"],
+        output_names=["logits"],
+        dynamic_axes=dynamic,
+        opset_version=17,
+    )
+    assert parity(import_onnx(path), SGD(0.05, momentum=0.9)) < RTOL
+
+
 def test_the_test_models_exercise_every_lowering(monkeypatch):
     """Every operator with a lowering (or an inference emitter) appears in some model above."""
     seen: set[type] = set()

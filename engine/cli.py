@@ -46,9 +46,7 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--model", help="train this model file (pocketfed or .onnx) or built-in architecture (lenet) instead of LeNet"
-    )
+    p.add_argument("--model", help="a model file (pocketfed or .onnx) or a built-in architecture (default: lenet)")
     p.add_argument(
         "--optimizer",
         choices=OPTIMIZERS,

@@ -25,11 +25,13 @@ def _check_mode(mode: str) -> str:
     return mode
 
 
-def _same_shape(loss: str, pred: SymbolVar, label: SymbolVar) -> None:
+def _same_shape(loss: str, pred: SymbolVar, label: SymbolVar) -> SymbolVar:
+    """`label`, checked now against the static sizes and at run time against the fed ones."""
     if pred.ndim != label.ndim or any(
         a is not None and b is not None and a != b for a, b in zip(pred.shape, label.shape, strict=True)
     ):
         raise ShapeError(f"{loss}: prediction {pred.shape} and label {label.shape} must have the same shape")
+    return opr.MatchShape.make(label, pred)
 
 
 class ILoss(ABC):
@@ -65,7 +67,7 @@ class MSELoss(ILoss):
         self.reduce_mode = _check_mode(reduce_mode)
 
     def __call__(self, pred: SymbolVar, label: SymbolVar) -> SymbolVar:
-        _same_shape("MSELoss", pred, label)
+        label = _same_shape("MSELoss", pred, label)
         diff = pred - label
         return _reduce(diff * diff, self.reduce_mode)
 
@@ -75,7 +77,7 @@ class L1Loss(ILoss):
         self.reduce_mode = _check_mode(reduce_mode)
 
     def __call__(self, pred: SymbolVar, label: SymbolVar) -> SymbolVar:
-        _same_shape("L1Loss", pred, label)
+        label = _same_shape("L1Loss", pred, label)
         return _reduce(opr.abs(pred - label), self.reduce_mode)
 
 
@@ -86,7 +88,7 @@ class BCEWithLogitsLoss(ILoss):
         self.reduce_mode = _check_mode(reduce_mode)
 
     def __call__(self, pred: SymbolVar, label: SymbolVar) -> SymbolVar:
-        _same_shape("BCEWithLogitsLoss", pred, label)
+        label = _same_shape("BCEWithLogitsLoss", pred, label)
         values = opr.relu(pred) - pred * label + opr.log(1.0 + opr.exp(-opr.abs(pred)))
         return _reduce(values, self.reduce_mode)
 

@@ -161,6 +161,13 @@ class Trainer:
 
     # ----- training -----
     def step(self, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
+        x, y = np.asarray(x), np.asarray(y)
+        if x.ndim == 0 or y.ndim == 0 or len(x) != len(y) or len(x) == 0:
+            raise ValueError(
+                f"training batch: input {self._input_name!r} has shape {x.shape} and 'label' has shape "
+                f"{y.shape}; they need the same batch size, at least 1"
+                + (" (the batch is empty)" if x.ndim and len(x) == 0 else "")
+            )
         loss, logits = self.train_fn.execute({self._input_name: x, "label": y})
         return float(loss), logits
 

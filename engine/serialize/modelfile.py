@@ -86,6 +86,14 @@ ATTRIBUTES: dict[str, Any] = {
     "alpha": _is_number,
     "beta": _is_number,
     "bias": _is_number,
+    "low": lambda v: v is None or _is_number(v),
+    "high": lambda v: v is None or _is_number(v),
+    "swish": lambda v: isinstance(v, bool),
+    "eps": lambda v: _is_number(v) and v > 0,
+    "ref_axes": _int_list(none_ok=True),
+    "size": _int_list(2),
+    "coordinate": lambda v: isinstance(v, str) and len(v) < 64,
+    "nearest": lambda v: isinstance(v, str) and len(v) < 64,
 }
 
 

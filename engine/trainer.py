@@ -20,7 +20,7 @@ from .data import DataLoader, IDataView
 from .graph import GraphError, SymbolVar
 from .loss import LOSSES, ILoss
 from .model import Model
-from .optimizer import SGD, IOptimizer
+from .optimizer import SGD, IOptimizer, Schedule, clip_by_global_norm
 from .serialize.container import ContainerError, write_atomic
 from .serialize.container import dumps as dump_container
 from .serialize.container import loads as load_container
@@ -45,8 +45,11 @@ class Trainer:
         prox_mu: float = 0.0,
         batch_size: int = 32,
         seed: int = 0,
+        clip_grad_norm: float | None = None,
+        schedule: Schedule | None = None,
     ) -> None:
         self.model, self.batch_size, self.seed = model, batch_size, seed
+        self.schedule, self.global_step = schedule, 0
         self.optimizer = optimizer or SGD(0.01, momentum=0.9)
         names = list(model.trainable if trainable is None else trainable)
         unknown = [n for n in names if n not in model.params]
@@ -71,7 +74,10 @@ class Trainer:
                 start=opr.sum((weights[0] - self._anchor[weights[0].name]) ** 2.0),
             )
             objective = objective + prox * (prox_mu / 2)
-        updates = self.optimizer.make_multiple(weights, grad(objective, weights), graph)
+        grads = grad(objective, weights)
+        if clip_grad_norm is not None:
+            grads = clip_by_global_norm(grads, clip_grad_norm)
+        updates = self.optimizer.make_multiple(weights, grads, graph)
         self.train_fn = graph.compile([self.loss_var, logits], updates=updates)
         self.eval_fn = graph.compile([logits], training=False)
         self._input_name = model.input.name
@@ -105,6 +111,7 @@ class Trainer:
             "optimizer": type(self.optimizer).__name__,
             "lr": getattr(self.optimizer, "lr", None),
             "dropout_rng": [m.op.rng_state() for m in _dropout_masks(graph)],
+            "global_step": int(self.global_step),
         }
         return tensors, metadata
 
@@ -158,6 +165,8 @@ class Trainer:
         if isinstance(lr, (int, float)) and lr > 0 and hasattr(self.optimizer, "set_lr"):
             self.optimizer.set_lr(float(lr))
         self.seed = seed
+        step = metadata.get("global_step", 0)
+        self.global_step = step if isinstance(step, int) and not isinstance(step, bool) and step >= 0 else 0
 
     # ----- training -----
     def step(self, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
@@ -168,6 +177,9 @@ class Trainer:
                 f"{y.shape}; they need the same batch size, at least 1"
                 + (" (the batch is empty)" if x.ndim and len(x) == 0 else "")
             )
+        if self.schedule is not None:
+            self.optimizer.set_lr(self.schedule(self.global_step))
+        self.global_step += 1
         loss, logits = self.train_fn.execute({self._input_name: x, "label": y})
         return float(loss), logits
 

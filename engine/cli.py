@@ -10,9 +10,9 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
-from .data import load_default, open_dataset
+from .data import load_default, open_dataset, record_preprocessing
 from .models import build
-from .optimizer import SGD
+from .optimizer import SGD, AdamW
 from .progress import ProgressBar
 from .trainer import Trainer
 
@@ -53,10 +53,39 @@ def train_parser() -> argparse.ArgumentParser:
         help="train only parameters whose names start with one of these (e.g. the head: fc3)",
     )
     p.add_argument("--inference-only", action="store_true", help="--save without training-only parts")
+    _normalize_option(p)
+    p.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd", help="sgd (with --momentum) or adamw")
+    p.add_argument("--clip-grad-norm", type=float, help="scale gradients down to this global norm")
     p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--profile", action="store_true", help="print where a training step's time goes, per operator")
     return p
+
+
+def _normalize_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--normalize",
+        metavar="none|mnist|MEAN,STD",
+        help=(
+            "input preprocessing, on pixels scaled to [0, 1]: none, mnist (0.1307, 0.3081) or MEAN,STD "
+            "(per channel M1:M2:M3,S1:S2:S3); default: what the model file records "
+            "(an imported ONNX file: none)"
+        ),
+    )
+
+
+def _preprocessing(prog: str, model, spec: str | None, quiet: bool = False):
+    """The model's preprocessing (or the override), said on stderr so nobody is surprised."""
+    from .data import preprocessing_for
+
+    try:
+        prep = preprocessing_for(model, spec)
+    except ValueError as exc:
+        raise SystemExit(f"{prog}: error: {exc}") from None
+    if not quiet:
+        where = "--normalize" if spec is not None else "the model"
+        print(f"{prog}: preprocessing {prep.describe()} (from {where})", file=sys.stderr)
+    return prep
 
 
 def _user_errors(prog: str, run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
@@ -79,15 +108,22 @@ def train_main(argv: Sequence[str] | None = None) -> int:
 def _train(args: argparse.Namespace) -> int:
     train_set, test_set = _datasets(args.data)
     model = build("lenet", seed=args.seed) if args.model is None else _load_model(args.model)
+    prep = _preprocessing("pf-train", model, args.normalize, args.quiet)
+    train_set, test_set = prep.view(train_set, model), prep.view(test_set, model)
     trainable = None
     if args.train_only:
         trainable = [n for n in model.trainable if n.startswith(tuple(args.train_only))]
         if not trainable:
             print(f"pf-train: --train-only {args.train_only} matches none of {model.trainable}", file=sys.stderr)
             return 2
+    if args.optimizer == "adamw":
+        optimizer = AdamW(args.lr, weight_decay=args.weight_decay)
+    else:
+        optimizer = SGD(args.lr, weight_decay=args.weight_decay, momentum=args.momentum)
     trainer = Trainer(
         model,
-        optimizer=SGD(args.lr, weight_decay=args.weight_decay, momentum=args.momentum),
+        optimizer=optimizer,
+        clip_grad_norm=args.clip_grad_norm,
         trainable=trainable,
         batch_size=args.batch_size,
         seed=args.seed,
@@ -115,6 +151,7 @@ def _train(args: argparse.Namespace) -> int:
     if args.profile:
         print(trainer.train_fn.profile_report(), file=sys.stderr)
     if args.save:
+        record_preprocessing(model, prep)  # the file says what it was trained on
         summary["saved"] = _save_model(model, args.save, args.inference_only)
     if args.json:
         print(json.dumps(summary))
@@ -151,6 +188,7 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--model", required=True, help="pocketfed model file or .onnx")
     p.add_argument("--data", help="dataset path (IDX dir uses its test split); default: embedded test subset")
     p.add_argument("--json", action="store_true")
+    _normalize_option(p)
     return _user_errors("pf-eval", _evaluate, p.parse_args(argv))
 
 
@@ -160,7 +198,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .trainer import evaluate_model
 
     dataset = load_default("test") if args.data is None else open_dataset(args.data, split="test")
-    metrics = evaluate_model(load(args.model), dataset)
+    model = load(args.model)
+    prep = _preprocessing("pf-eval", model, args.normalize)
+    metrics = evaluate_model(model, prep.view(dataset, model))
     out = {"accuracy": metrics["accuracy"], "n": metrics["n"]}
     print(json.dumps(out) if args.json else f"accuracy {out['accuracy']:.4f} on {out['n']} samples")
     return 0

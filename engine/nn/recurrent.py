@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from .. import opr
 from ..graph import ShapeError, SymbolVar
+from ..opr.recurrent import gru, lstm
 from .layers import _uniform
 from .module import Module, Parameter
 
@@ -54,7 +55,7 @@ class GRU(_Recurrent):
     def forward(self, x: SymbolVar) -> tuple[SymbolVar, SymbolVar]:
         seq, last = self._sequence(x), []
         for layer in range(self.num_layers):
-            seq, h = opr.gru(seq, *self._params(x, layer), order="rzh", linear_before_reset=True)
+            seq, h = gru(seq, *self._params(x, layer), order="rzh", linear_before_reset=True)
             last.append(h)
         return self._output(seq), self._stack_last(last)
 
@@ -65,7 +66,7 @@ class LSTM(_Recurrent):
     def forward(self, x: SymbolVar) -> tuple[SymbolVar, tuple[SymbolVar, SymbolVar]]:
         seq, hs, cs = self._sequence(x), [], []
         for layer in range(self.num_layers):
-            seq, h, c = opr.lstm(seq, *self._params(x, layer), order="ifco")
+            seq, h, c = lstm(seq, *self._params(x, layer), order="ifco")
             hs.append(h)
             cs.append(c)
         return self._output(seq), (self._stack_last(hs), self._stack_last(cs))

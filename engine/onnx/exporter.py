@@ -6,6 +6,7 @@ The batch size stays dynamic ("N") wherever the engine graph has it fed late.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from .. import opr
+from ..data.preprocessing import METADATA_KEY as PREPROCESSING_KEY
 from ..graph import SourceKind, SymbolVar
 from ..model import Model
 from ..opr.base import Operator
@@ -20,6 +22,7 @@ from ..serialize.modelfile import collect_nodes
 from .importer import OnnxError, require_onnx
 
 OPSET = 17
+ONNX_PREPROCESSING = "pocketfed.preprocessing"  # metadata_props key
 
 
 class _Exporter:
@@ -78,6 +81,8 @@ class _Exporter:
             outputs.append(self.value_info(out_name, var))
         graph = helper.make_graph(self.nodes, "pocketfed", inputs, outputs, self.initializers)
         proto = helper.make_model(graph, producer_name="pocketfed", opset_imports=[helper.make_opsetid("", OPSET)])
+        if PREPROCESSING_KEY in self.model.metadata:  # what the model is fed travels inside the ONNX file too
+            helper.set_model_props(proto, {ONNX_PREPROCESSING: json.dumps(self.model.metadata[PREPROCESSING_KEY])})
         proto.ir_version = min(proto.ir_version, 8)  # readable by onnxruntime releases of the last years
         self.onnx.checker.check_model(proto)
         return proto

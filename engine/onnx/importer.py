@@ -10,6 +10,7 @@ pooling padding the engine has no flag for (asymmetric, SAME, ceil_mode) is made
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from typing import Any
@@ -17,6 +18,8 @@ from typing import Any
 import numpy as np
 
 from .. import opr
+from ..data.preprocessing import METADATA_KEY as PREPROCESSING_KEY
+from ..data.preprocessing import NONE, Preprocessing
 from ..graph import ComputingGraph, GraphError, SymbolVar
 from ..model import Model
 from ..serialize.modelfile import ModelFileError
@@ -118,8 +121,23 @@ class _Importer:
             inputs=inputs,
             outputs=outputs,
             params=self.params,
-            metadata={"source": "onnx", "onnx_opset": int(self.opset), "onnx_producer": producer},
+            metadata={
+                "source": "onnx",
+                "onnx_opset": int(self.opset),
+                "onnx_producer": producer,
+                PREPROCESSING_KEY: self._preprocessing().to_metadata(),
+            },
         )
+
+    def _preprocessing(self) -> Preprocessing:
+        """What a pocketfed export recorded; else none: an ONNX file says nothing of its inputs' scale."""
+        props = {p.key: p.value for p in self.proto.metadata_props}
+        if "pocketfed.preprocessing" not in props:
+            return NONE
+        try:
+            return Preprocessing.from_metadata(json.loads(props["pocketfed.preprocessing"]))
+        except ValueError as exc:
+            raise OnnxError(f"ONNX metadata pocketfed.preprocessing: {exc}") from None
 
     def _input(self, value_info: Any) -> SymbolVar:
         tensor_type = value_info.type.tensor_type

@@ -119,7 +119,6 @@ from .nn import (
 )
 from .normalization import LayerNorm, LayerNormGrad
 from .pooling import Pooling, PoolingBackward
-from .recurrent import gru, lstm
 from .reduce import BesselCorrection, CountRatio, Max, Mean, Sum
 from .resize import ResizeNearest, ResizeNearestGrad
 from .shape import Concat, MatchShape, PadSlice, Reshape, ReshapeLike, Slice, Transpose
@@ -214,8 +213,6 @@ __all__ = [
     "abs",
     "add",
     "add_update",
-    "gru",
-    "lstm",
     "argmax",
     "astype",
     "batch_norm",

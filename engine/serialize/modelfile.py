@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from ..data.preprocessing import METADATA_KEY as PREPROCESSING_KEY
+from ..data.preprocessing import Preprocessing
 from ..graph import ComputingGraph, GraphError, SymbolVar
 from ..model import Model
 from ..opr.base import OPERATORS, Operator
@@ -304,6 +306,11 @@ def from_container(tensors: dict[str, np.ndarray], metadata: dict[str, Any]) -> 
 
     params = {v.name: v for v in built if isinstance(v.op, SharedDeviceTensor)}
     extra = {k: v for k, v in metadata.items() if k not in ("graph",)}
+    if PREPROCESSING_KEY in extra:
+        try:
+            Preprocessing.from_metadata(extra[PREPROCESSING_KEY])
+        except ValueError as exc:
+            raise ModelFileError(str(exc)) from None
     return Model(
         graph, inputs=named("inputs", Host2DeviceCopy), outputs=named("outputs"), params=params, metadata=extra
     )

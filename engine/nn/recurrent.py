@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from .. import opr
 from ..graph import ShapeError, SymbolVar
-from ..opr.recurrent import gru, lstm
+from ..opr.recurrent import gru, lstm, stack
 from .layers import _uniform
 from .module import Module, Parameter
 
@@ -54,10 +54,10 @@ class GRU(_Recurrent):
 
     def forward(self, x: SymbolVar) -> tuple[SymbolVar, SymbolVar]:
         seq, last = self._sequence(x), []
-        for layer in range(self.num_layers):
+        for layer in range(self.num_layers):  # each layer reads the one below step by step
             seq, h = gru(seq, *self._params(x, layer), order="rzh", linear_before_reset=True)
             last.append(h)
-        return self._output(seq), self._stack_last(last)
+        return self._output(stack(seq)), self._stack_last(last)
 
 
 class LSTM(_Recurrent):
@@ -69,4 +69,4 @@ class LSTM(_Recurrent):
             seq, h, c = lstm(seq, *self._params(x, layer), order="ifco")
             hs.append(h)
             cs.append(c)
-        return self._output(seq), (self._stack_last(hs), self._stack_last(cs))
+        return self._output(stack(seq)), (self._stack_last(hs), self._stack_last(cs))

@@ -5,7 +5,8 @@ channel o // m (m, the depth multiplier, is 1 in MobileNetV2).
 A depthwise convolution has K*K multiply-adds per output and no reduction over channels, so
 im2col + BLAS (conv.py) would copy K*K times the input for a product of inner size K*K. These
 kernels instead loop over the K*K window taps (9 for 3x3), each one vectorized multiply-add
-over the whole batch through a strided view of the padded input. Both gradients are taps too.
+over the whole batch. They work batch-last, (C, H, W, N): a tap's view then runs over rows of
+W*N contiguous values (N at least), where NCHW would give short rows of W.
 """
 
 from __future__ import annotations
@@ -29,19 +30,22 @@ class _DepthwiseGeometry(Operator):
         )
 
     def _tap(self, xp: np.ndarray, i: int, j: int, oh: int, ow: int) -> np.ndarray:
-        """The (N, C, OH, OW) view of padded input `xp` that window tap (i, j) reads."""
+        """The (C, OH, OW, N) view of the batch-last padded input `xp` that window tap (i, j) reads."""
         (sh, sw), (dh, dw) = self.stride, self.dilation
-        return xp[:, :, i * dh : i * dh + sh * (oh - 1) + 1 : sh, j * dw : j * dw + sw * (ow - 1) + 1 : sw]
+        return xp[:, i * dh : i * dh + sh * (oh - 1) + 1 : sh, j * dw : j * dw + sw * (ow - 1) + 1 : sw]
 
     def _padded(self, ws: Workspace, x: np.ndarray, multiplier: int) -> np.ndarray:
-        """x zero-padded, its channels repeated `multiplier` times (output channel order)."""
+        """x batch-last (C*m, H + 2ph, W + 2pw, N), zero borders, channels repeated m times."""
         ph, pw = self.padding
         n, c, h, w = x.shape
-        if not (ph or pw) and multiplier == 1:
-            return x
-        xp = ws.get("padded", (n, c * multiplier, h + 2 * ph, w + 2 * pw), x.dtype, zero=True)
-        xp[:, :, ph : ph + h, pw : pw + w] = np.repeat(x, multiplier, axis=1) if multiplier > 1 else x
+        xp = ws.get("padded", (c * multiplier, h + 2 * ph, w + 2 * pw, n), x.dtype, zero=True)
+        source = x.transpose(1, 2, 3, 0)
+        xp[:, ph : ph + h, pw : pw + w] = np.repeat(source, multiplier, axis=0) if multiplier > 1 else source
         return xp
+
+
+def _column(w: np.ndarray, i: int, j: int) -> np.ndarray:
+    return w[:, 0, i, j].reshape(-1, 1, 1, 1)
 
 
 class DepthwiseConvolution(_DepthwiseGeometry):
@@ -79,13 +83,17 @@ class DepthwiseConvolution(_DepthwiseGeometry):
     def forward_into(self, ws, out, x, w):
         o, _, kh, kw = w.shape
         xp = self._padded(ws, x, o // x.shape[1])
-        oh, ow = out.shape[2:]
-        product = ws.get("product", out.shape, out.dtype)
-        out.fill(0)
-        for i in range(kh):
-            for j in range(kw):
-                np.multiply(self._tap(xp, i, j, oh, ow), w[:, 0, i, j].reshape(1, o, 1, 1), out=product)
-                np.add(out, product, out=out)
+        n, _, oh, ow = out.shape
+        acc = ws.get("acc", (o, oh, ow, n), out.dtype)
+        product = ws.get("product", (o, oh, ow, n), out.dtype)
+        for k in range(kh * kw):
+            i, j = divmod(k, kw)
+            if k == 0:
+                np.multiply(self._tap(xp, i, j, oh, ow), _column(w, i, j), out=acc)
+            else:
+                np.multiply(self._tap(xp, i, j, oh, ow), _column(w, i, j), out=product)
+                np.add(acc, product, out=acc)
+        np.copyto(out, acc.transpose(3, 0, 1, 2))
 
     def grad(self, out, dout):
         x, w = out.inputs
@@ -113,19 +121,20 @@ class DepthwiseBackwardData(_DepthwiseGeometry):
         n, c, h, wd = like.shape
         o, _, kh, kw = w.shape
         (ph, pw), (oh, ow) = self.padding, dout.shape[2:]
-        dxp = ws.get("dx_padded", (n, o, h + 2 * ph, wd + 2 * pw), dout.dtype)
+        d = ws.get("dout", (o, oh, ow, n), dout.dtype)
+        np.copyto(d, dout.transpose(1, 2, 3, 0))
+        dxp = ws.get("dx_padded", (o, h + 2 * ph, wd + 2 * pw, n), dout.dtype)
         dxp.fill(0)
-        product = ws.get("product", dout.shape, dout.dtype)
+        product = ws.get("product", d.shape, dout.dtype)
         for i in range(kh):
             for j in range(kw):
                 tap = self._tap(dxp, i, j, oh, ow)
-                np.multiply(dout, w[:, 0, i, j].reshape(1, o, 1, 1), out=product)
+                np.multiply(d, _column(w, i, j), out=product)
                 np.add(tap, product, out=tap)
-        inner = dxp[:, :, ph : ph + h, pw : pw + wd]
-        if o == c:
-            np.copyto(out, inner)
-        else:  # output channels c*m .. c*m+m-1 all read input channel c
-            np.sum(inner.reshape(n, c, o // c, h, wd), axis=2, out=out)
+        inner = dxp[:, ph : ph + h, pw : pw + wd]  # (O, H, W, N)
+        if o != c:  # output channels c*m .. c*m+m-1 all read input channel c
+            inner = inner.reshape(c, o // c, h, wd, n).sum(axis=1)
+        np.copyto(out, inner.transpose(3, 0, 1, 2))
 
 
 class DepthwiseBackwardFilter(_DepthwiseGeometry):
@@ -144,9 +153,11 @@ class DepthwiseBackwardFilter(_DepthwiseGeometry):
     def forward_into(self, ws, out, x, dout, like):
         o, _, kh, kw = like.shape
         xp = self._padded(ws, x, o // x.shape[1])
-        oh, ow = dout.shape[2:]
-        product = ws.get("product", dout.shape, dout.dtype)
+        n, _, oh, ow = dout.shape
+        d = ws.get("dout", (o, oh, ow, n), dout.dtype)
+        np.copyto(d, dout.transpose(1, 2, 3, 0))
+        product = ws.get("product", d.shape, dout.dtype)
         for i in range(kh):
             for j in range(kw):
-                np.multiply(self._tap(xp, i, j, oh, ow), dout, out=product)
-                np.sum(product, axis=(0, 2, 3), out=out[:, 0, i, j])
+                np.multiply(self._tap(xp, i, j, oh, ow), d, out=product)
+                np.sum(product.reshape(o, -1), axis=1, out=out[:, 0, i, j])

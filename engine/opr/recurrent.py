@@ -20,27 +20,32 @@ def _gates(v: SymbolVar, order: str, hidden: int, axis: int) -> dict[str, Symbol
     return {g: Slice.make(v, axis=axis, start=k * hidden, stop=(k + 1) * hidden) for k, g in enumerate(order)}
 
 
-def _check(kind: str, x: SymbolVar, w: SymbolVar, r: SymbolVar, n_gates: int) -> tuple[int, int]:
-    if x.ndim != 3 or x.shape[0] is None:
-        raise ShapeError(f"{kind}: input must be (steps, batch, features) with a static number of steps, got {x.shape}")
-    hidden = r.shape[1]
-    if w.shape != (n_gates * hidden, x.shape[2]) or r.shape != (n_gates * hidden, hidden):
+def _check(kind: str, xs: list[SymbolVar], w: SymbolVar, r: SymbolVar, n_gates: int) -> int:
+    hidden, features = r.shape[1], xs[0].shape[1]
+    if w.shape != (n_gates * hidden, features) or r.shape != (n_gates * hidden, hidden):
         raise ShapeError(
-            f"{kind}: weights {w.shape} and {r.shape} must be ({n_gates}*hidden, {x.shape[2]}) and "
-            f"({n_gates}*hidden, hidden) for input {x.shape}"
+            f"{kind}: weights {w.shape} and {r.shape} must be ({n_gates}*hidden, {features}) and "
+            f"({n_gates}*hidden, hidden) for steps of {xs[0].shape}"
         )
-    return x.shape[0], hidden
+    return hidden
 
 
-def _projected_inputs(x: SymbolVar, w: SymbolVar, bias: SymbolVar | None, reverse: bool) -> list[SymbolVar]:
+def steps_of(x: SymbolVar | list[SymbolVar]) -> list[SymbolVar]:
+    """A (steps, batch, features) tensor as its per-step (batch, features) slices; a list of
+    steps (a lower layer's states) is used as it is, so no gradient is scattered back through
+    slices of one big tensor (that would cost steps x the sequence per step)."""
+    if isinstance(x, list):
+        return x
+    if x.ndim != 3 or x.shape[0] is None:
+        raise ShapeError(f"recurrent: input must be (steps, batch, features) with static steps, got {x.shape}")
+    return [Reshape.make(Slice.make(x, axis=0, start=t, stop=t + 1), [-1, x.shape[2]]) for t in range(x.shape[0])]
+
+
+def _projected_inputs(xs: list[SymbolVar], w: SymbolVar, bias: SymbolVar | None, reverse: bool) -> list[SymbolVar]:
     """x_t @ wᵀ (+ bias) for every step, in processing order, each (batch, gates*hidden)."""
-    steps, features = x.shape[0], x.shape[2]
-    flat = MatrixMul.make(Reshape.make(x, [-1, features]), w, transpose_b=True)
-    if bias is not None:
-        flat = Add.make(flat, bias)
-    seq = Reshape.make(flat, [steps, -1, w.shape[0]])
-    order = range(steps - 1, -1, -1) if reverse else range(steps)
-    return [Reshape.make(Slice.make(seq, axis=0, start=t, stop=t + 1), [-1, w.shape[0]]) for t in order]
+    order = xs[::-1] if reverse else xs
+    projected = [MatrixMul.make(x, w, transpose_b=True) for x in order]
+    return projected if bias is None else [Add.make(p, bias) for p in projected]
 
 
 def _sum(*terms: SymbolVar | None) -> SymbolVar:
@@ -51,15 +56,13 @@ def _sum(*terms: SymbolVar | None) -> SymbolVar:
     return total
 
 
-def _stack(states: list[SymbolVar], reverse: bool) -> SymbolVar:
-    """The per-step states (batch, hidden) as one (steps, batch, hidden), in time order."""
-    hidden = states[0].shape[1]
-    ordered = states[::-1] if reverse else states
-    return Concat.make([Reshape.make(h, [1, -1, hidden]) for h in ordered], axis=0)
+def stack(states: list[SymbolVar]) -> SymbolVar:
+    """Per-step states (batch, hidden) as one (steps, batch, hidden) tensor."""
+    return Concat.make([Reshape.make(h, [1, -1, h.shape[1]]) for h in states], axis=0)
 
 
 def gru(
-    x: SymbolVar,
+    x: SymbolVar | list[SymbolVar],
     w: SymbolVar,
     r: SymbolVar,
     w_bias: SymbolVar | None = None,
@@ -68,24 +71,29 @@ def gru(
     order: str = "zrh",
     linear_before_reset: bool = True,
     reverse: bool = False,
-) -> tuple[SymbolVar, SymbolVar]:
-    """(all states (steps, batch, hidden), last state (batch, hidden)) of a GRU over x.
+) -> tuple[list[SymbolVar], SymbolVar]:
+    """(the states of every step in time order, the last state) of a GRU over x, (steps, batch,
+    features) or a list of steps; each state is (batch, hidden).
 
     z = σ(x Wz + h Rz + bz), r = σ(x Wr + h Rr + br); the candidate is tanh(x Wh + r ⊙ (h Rh + Rbh)
     + Wbh) with linear_before_reset (PyTorch's GRU), else tanh(x Wh + (r ⊙ h) Rh + bh);
     h' = (1 - z) ⊙ candidate + z ⊙ h. A missing h0 is zeros.
     """
-    _, hidden = _check("gru", x, w, r, 3)
+    xs = steps_of(x)
+    hidden = _check("gru", xs, w, r, 3)
     if sorted(order) != sorted("zrh"):
         raise ShapeError(f"gru: gate order {order!r} must name z, r and h once each")
     recurrent = _gates(r, order, hidden, axis=0) if not linear_before_reset else {}
     rb = None if r_bias is None else _gates(r_bias, order, hidden, axis=0)
+    bias = w_bias
+    if rb is not None:  # the z and r gates' recurrent biases join the input projection's, once
+        zr = Concat.make([rb[g] if g != "h" else Mul.make(rb[g], 0.0) for g in order], axis=0)
+        bias = zr if bias is None else Add.make(bias, zr)
     h, states = h0, []
-    for xw in _projected_inputs(x, w, w_bias, reverse):
+    for xw in _projected_inputs(xs, w, bias, reverse):
         xg = _gates(xw, order, hidden, axis=1)
         hr = {} if h is None else _gates(MatrixMul.make(h, r, transpose_b=True), order, hidden, axis=1)
-
-        z, reset = (Sigmoid.make(_sum(xg[g], hr.get(g), None if rb is None else rb[g])) for g in "zr")
+        z, reset = (Sigmoid.make(_sum(xg[g], hr.get(g))) for g in "zr")
         if linear_before_reset or h is None:
             inner = hr.get("h")
             if rb is not None:
@@ -101,11 +109,11 @@ def gru(
             else Add.make(candidate, Mul.make(z, Sub.make(h, candidate)))
         )
         states.append(h)
-    return _stack(states, reverse), h
+    return (states[::-1] if reverse else states), h
 
 
 def lstm(
-    x: SymbolVar,
+    x: SymbolVar | list[SymbolVar],
     w: SymbolVar,
     r: SymbolVar,
     w_bias: SymbolVar | None = None,
@@ -114,15 +122,16 @@ def lstm(
     c0: SymbolVar | None = None,
     order: str = "iofc",
     reverse: bool = False,
-) -> tuple[SymbolVar, SymbolVar, SymbolVar]:
-    """(all states, last hidden state, last cell state) of an LSTM over x:
+) -> tuple[list[SymbolVar], SymbolVar, SymbolVar]:
+    """(every step's hidden state in time order, last hidden state, last cell state) of an LSTM:
     i, f, o = σ(x W + h R + b), c' = f ⊙ c + i ⊙ tanh(x Wc + h Rc + bc), h' = o ⊙ tanh(c')."""
-    _, hidden = _check("lstm", x, w, r, 4)
+    xs = steps_of(x)
+    hidden = _check("lstm", xs, w, r, 4)
     if sorted(order) != sorted("iofc"):
         raise ShapeError(f"lstm: gate order {order!r} must name i, o, f and c once each")
     bias = w_bias if r_bias is None else r_bias if w_bias is None else Add.make(w_bias, r_bias)
     h, c, states = h0, c0, []
-    for xw in _projected_inputs(x, w, bias, reverse):
+    for xw in _projected_inputs(xs, w, bias, reverse):
         pre = xw if h is None else Add.make(xw, MatrixMul.make(h, r, transpose_b=True))
         g = _gates(pre, order, hidden, axis=1)
         i, f, o = Sigmoid.make(g["i"]), Sigmoid.make(g["f"]), Sigmoid.make(g["o"])
@@ -130,4 +139,4 @@ def lstm(
         c = new if c is None else Add.make(Mul.make(f, c), new)
         h = Mul.make(o, Tanh.make(c))
         states.append(h)
-    return _stack(states, reverse), h, c
+    return (states[::-1] if reverse else states), h, c

@@ -248,11 +248,24 @@ def evaluate_function(eval_fn: Any, input_name: str, dataset: IDataView, batch_s
     return {"loss": total_loss / n, "accuracy": correct / n, "n": n}
 
 
-def evaluate_model(model: Model, dataset: IDataView, batch_size: int = 256) -> dict[str, float]:
+def evaluate_model(
+    model: Model, dataset: IDataView, batch_size: int = 256, preprocessing: Any = None
+) -> dict[str, float]:
+    """Loss and accuracy of `model` on `dataset`. `preprocessing`: None feeds the dataset as it
+    is; "model" applies what the model records (engine.data.preprocessing_for); a
+    `Preprocessing` or a spec ("none", "mnist", "MEAN,STD") applies that."""
+    if preprocessing is not None:
+        from .data import preprocessing_for
+
+        prep = preprocessing_for(model, None if preprocessing == "model" else preprocessing)
+        dataset = prep.view(dataset, model)
     return evaluate_function(model.graph.compile([model.output], training=False), model.input.name, dataset, batch_size)
 
 
-def evaluate_model_bytes(model_bytes: bytes, dataset: IDataView, batch_size: int = 256) -> dict[str, float]:
+def evaluate_model_bytes(
+    model_bytes: bytes, dataset: IDataView, batch_size: int = 256, preprocessing: Any = None
+) -> dict[str, float]:
+    """`evaluate_model` of a model file's bytes (the coordinator's server-side evaluation)."""
     from .serialize.modelfile import loads
 
-    return evaluate_model(loads(model_bytes), dataset, batch_size)
+    return evaluate_model(loads(model_bytes), dataset, batch_size, preprocessing)

@@ -120,3 +120,18 @@ def test_a_malformed_preprocessing_record_is_refused_at_load(tmp_path, record):
     (tmp_path / "bad.pf").write_bytes(dump_container(container.tensors, metadata, kind="model"))
     with pytest.raises(ModelFileError, match="preprocessing"):
         load(tmp_path / "bad.pf")
+
+
+def test_evaluate_model_bytes_applies_the_models_record_when_asked(tmp_path):
+    """The coordinator's evaluation: `preprocessing="model"` feeds what the file records."""
+    from engine.serialize.modelfile import dumps
+    from engine.trainer import evaluate_model_bytes
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 10)).build((1, 28, 28))
+    record_preprocessing(model, Preprocessing((0.5,), (0.25,)))
+    test = load_default("test", limit=64)  # an IDX dataset: MNIST-normalized unless told otherwise
+    recorded = evaluate_model_bytes(dumps(model), test, preprocessing="model")
+    explicit = evaluate_model_bytes(dumps(model), test, preprocessing="0.5,0.25")
+    as_is = evaluate_model_bytes(dumps(model), test)
+    assert recorded == explicit
+    assert recorded["loss"] != as_is["loss"]

@@ -22,6 +22,8 @@ from torch_families import FAMILIES, export  # noqa: E402
 from engine.cli import eval_main, train_main  # noqa: E402
 from engine.data import NONE, NpzDataset, load_default  # noqa: E402
 from engine.onnx import OnnxError, export_onnx, import_onnx  # noqa: E402
+from engine.serialize.modelfile import dumps  # noqa: E402
+from engine.serialize.modelfile import loads as load_model_bytes  # noqa: E402
 from engine.trainer import evaluate_model  # noqa: E402
 
 TOL = 1e-4
@@ -74,10 +76,14 @@ def _ours(model, x):
     return model.graph.compile(model.output, training=False).execute({model.input.name: x})
 
 
-CASES = [(f, e, o) for f, exports in EXPORTS.items() for e, o in exports]
+CASES = [  # the dynamo exporter alone takes seconds per model: marked slow
+    pytest.param(f, e, o, id=f"{f}-{e}-{o}", marks=[pytest.mark.slow] if e == "dynamo" else [])
+    for f, exports in EXPORTS.items()
+    for e, o in exports
+]
 
 
-@pytest.mark.parametrize("family,exporter,opset", CASES, ids=[f"{f}-{e}-{o}" for f, e, o in CASES])
+@pytest.mark.parametrize("family,exporter,opset", CASES)
 def test_imports_with_onnxruntimes_logits_and_exports_back(family, exporter, opset, pretrained, pixels, tmp_path):
     path = tmp_path / f"{family}.onnx"
     export(pretrained[family], FAMILIES[family][1], path, dynamo=exporter == "dynamo", opset=opset)
@@ -86,6 +92,8 @@ def test_imports_with_onnxruntimes_logits_and_exports_back(family, exporter, ops
     assert model.metadata["preprocessing"] == NONE.to_metadata()
     reference = _ort_logits(path, x)
     np.testing.assert_allclose(_ours(model, x), reference, rtol=TOL, atol=TOL)
+    again = load_model_bytes(dumps(model))  # a pocketfed model file holds the new operators too
+    np.testing.assert_allclose(_ours(again, x), reference, rtol=TOL, atol=TOL)
     back = tmp_path / "back.onnx"
     export_onnx(model, back)
     np.testing.assert_allclose(_ort_logits(back, x), reference, rtol=TOL, atol=TOL)
@@ -138,3 +146,27 @@ def test_unsupported_gru_variants_are_refused_naming_the_node(pretrained, tmp_pa
     gru.attribute.append(onnx.helper.make_attribute("clip", 5.0))
     with pytest.raises(OnnxError, match=rf"{gru.name!r} \(GRU\): GRU with clip is not supported"):
         import_onnx(proto)
+
+
+class _Recurrent(torch.nn.Module):
+    def __init__(self, kind, bidirectional):
+        super().__init__()
+        self.rnn = getattr(torch.nn, kind)(6, 5, num_layers=2, batch_first=True, bidirectional=bidirectional)
+        self.head = torch.nn.Linear(5 * (2 if bidirectional else 1), 3)
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[0][:, -1])
+
+
+@pytest.mark.parametrize("kind,bidirectional", [("LSTM", False), ("LSTM", True), ("GRU", True)])
+def test_lstm_and_bidirectional_recurrences_import(kind, bidirectional, tmp_path):
+    torch.manual_seed(4)
+    module = _Recurrent(kind, bidirectional).eval()
+    path = tmp_path / "rnn.onnx"
+    export(module, (7, 6), path, opset=17)
+    x = np.random.default_rng(0).standard_normal((4, 7, 6)).astype(np.float32)
+    model = import_onnx(path)
+    np.testing.assert_allclose(_ours(model, x), _ort_logits(path, x), rtol=TOL, atol=TOL)
+    back = tmp_path / "back.onnx"
+    export_onnx(model, back)
+    np.testing.assert_allclose(_ort_logits(back, x), _ort_logits(path, x), rtol=TOL, atol=TOL)

@@ -1,18 +1,20 @@
 """`pf-train` (also `python -m engine`): the seed's example for real — LeNet on Fashion-MNIST — or,
 with `--model FILE`, further training of a model you already have (pocketfed file or .onnx);
-`--save FILE` writes the result (.onnx exports the inference graph). `pf-eval` scores a model file."""
+`--save FILE` writes the result (.onnx exports the inference graph); `--export-training-step OUT.onnx`
+writes one training step as plain ONNX instead of training. `pf-eval` scores a model file."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
 
-from .data import load_default, open_dataset
-from .models import build
-from .optimizer import SGD
+from .data import load_default, open_dataset, record_preprocessing
+from .models import ARCHITECTURES, build
+from .optimizer import OPTIMIZERS, make_optimizer
 from .progress import ProgressBar
 from .trainer import Trainer
 
@@ -44,7 +46,24 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--model", help="train this model file (pocketfed or .onnx) instead of a fresh LeNet")
+    p.add_argument("--model", help="a model file (pocketfed or .onnx) or a built-in architecture (default: lenet)")
+    p.add_argument(
+        "--optimizer",
+        choices=OPTIMIZERS,
+        default="sgd-momentum",
+        help="sgd (with --weight-decay), sgd-momentum (with --momentum), adam or adamw (default: %(default)s)",
+    )
+    p.add_argument(
+        "--export-training-step",
+        metavar="OUT.onnx",
+        help="write one training step (loss, gradients, optimizer) as a plain ONNX graph and exit "
+        "(docs/training-step.md)",
+    )
+    p.add_argument(
+        "--initial-values",
+        action="store_true",
+        help="with --export-training-step: store the weights, zero optimizer state and --lr as the inputs' defaults",
+    )
     p.add_argument("--save", help="write the trained model here (.onnx: ONNX export; else a pocketfed file)")
     p.add_argument(
         "--train-only",
@@ -53,10 +72,38 @@ def train_parser() -> argparse.ArgumentParser:
         help="train only parameters whose names start with one of these (e.g. the head: fc3)",
     )
     p.add_argument("--inference-only", action="store_true", help="--save without training-only parts")
+    _normalize_option(p)
+    p.add_argument("--clip-grad-norm", type=float, help="scale gradients down to this global norm")
     p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--profile", action="store_true", help="print where a training step's time goes, per operator")
     return p
+
+
+def _normalize_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--normalize",
+        metavar="none|mnist|MEAN,STD",
+        help=(
+            "input preprocessing, on pixels scaled to [0, 1]: none, mnist (0.1307, 0.3081) or MEAN,STD "
+            "(per channel M1:M2:M3,S1:S2:S3); default: what the model file records "
+            "(an imported ONNX file: none)"
+        ),
+    )
+
+
+def _preprocessing(prog: str, model, spec: str | None, quiet: bool = False):
+    """The model's preprocessing (or the override), said on stderr so nobody is surprised."""
+    from .data import preprocessing_for
+
+    try:
+        prep = preprocessing_for(model, spec)
+    except ValueError as exc:
+        raise SystemExit(f"{prog}: error: {exc}") from None
+    if not quiet:
+        where = "--normalize" if spec is not None else "the model"
+        print(f"{prog}: preprocessing {prep.describe()} (from {where})", file=sys.stderr)
+    return prep
 
 
 def _user_errors(prog: str, run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
@@ -77,17 +124,26 @@ def train_main(argv: Sequence[str] | None = None) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    train_set, test_set = _datasets(args.data)
-    model = build("lenet", seed=args.seed) if args.model is None else _load_model(args.model)
+    if args.model is None or (args.model in ARCHITECTURES and not os.path.exists(args.model)):
+        model = build(args.model or "lenet", seed=args.seed)
+    else:
+        model = _load_model(args.model)
+    prep = _preprocessing("pf-train", model, args.normalize, args.quiet)
     trainable = None
     if args.train_only:
         trainable = [n for n in model.trainable if n.startswith(tuple(args.train_only))]
         if not trainable:
             print(f"pf-train: --train-only {args.train_only} matches none of {model.trainable}", file=sys.stderr)
             return 2
+    optimizer = make_optimizer(args.optimizer, args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    if args.export_training_step:
+        return _export_step(args, model, optimizer, trainable)
+    train_set, test_set = _datasets(args.data)
+    train_set, test_set = prep.view(train_set, model), prep.view(test_set, model)
     trainer = Trainer(
         model,
-        optimizer=SGD(args.lr, weight_decay=args.weight_decay, momentum=args.momentum),
+        optimizer=optimizer,
+        clip_grad_norm=args.clip_grad_norm,
         trainable=trainable,
         batch_size=args.batch_size,
         seed=args.seed,
@@ -115,9 +171,27 @@ def _train(args: argparse.Namespace) -> int:
     if args.profile:
         print(trainer.train_fn.profile_report(), file=sys.stderr)
     if args.save:
+        record_preprocessing(model, prep)  # the file says what it was trained on
         summary["saved"] = _save_model(model, args.save, args.inference_only)
     if args.json:
         print(json.dumps(summary))
+    return 0
+
+
+def _export_step(args: argparse.Namespace, model, optimizer, trainable) -> int:
+    from .onnx import OnnxError, export_training_step
+
+    try:
+        data = export_training_step(
+            model, args.export_training_step, optimizer, trainable=trainable, initial_values=args.initial_values
+        )
+    except OnnxError as exc:
+        print(f"pf-train: cannot export the training step: {exc}", file=sys.stderr)
+        return 2
+    summary = {"training_step": args.export_training_step, "bytes": len(data), "optimizer": args.optimizer}
+    print(
+        json.dumps(summary) if args.json else f"wrote {args.export_training_step} ({len(data)} bytes, {args.optimizer})"
+    )
     return 0
 
 
@@ -151,6 +225,7 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--model", required=True, help="pocketfed model file or .onnx")
     p.add_argument("--data", help="dataset path (IDX dir uses its test split); default: embedded test subset")
     p.add_argument("--json", action="store_true")
+    _normalize_option(p)
     return _user_errors("pf-eval", _evaluate, p.parse_args(argv))
 
 
@@ -160,7 +235,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .trainer import evaluate_model
 
     dataset = load_default("test") if args.data is None else open_dataset(args.data, split="test")
-    metrics = evaluate_model(load(args.model), dataset)
+    model = load(args.model)
+    prep = _preprocessing("pf-eval", model, args.normalize)
+    metrics = evaluate_model(model, prep.view(dataset, model))
     out = {"accuracy": metrics["accuracy"], "n": metrics["n"]}
     print(json.dumps(out) if args.json else f"accuracy {out['accuracy']:.4f} on {out['n']} samples")
     return 0

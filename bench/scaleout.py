@@ -48,6 +48,7 @@ from simulation.balancer import Balancer  # noqa: E402
 from simulation.processes import CoordinatorProcess  # noqa: E402
 
 KEY = "scaleout-bench"
+KINDS = ("coordinator", "postgres", "client")  # whose CPU is counted
 
 
 def cpu_seconds(pid: int) -> float:
@@ -73,8 +74,7 @@ class Load:
         self.latency: list[float] = []
         self.retries: Counter[str] = Counter()
         self.refused: Counter[int] = Counter()
-        self.stop = asyncio.Event()
-        self.enrolled = 0
+        self.enrolled = self.checkins = 0
 
     async def call(self, send):
         """A request, retried (same body, same key) through transport errors and 5xx, as agents do."""
@@ -90,21 +90,32 @@ class Load:
             await asyncio.sleep(0.1)
         return None
 
-    async def device(self, i: int, client: httpx.AsyncClient, started: asyncio.Event) -> None:
+    async def device(self, i: int, client: httpx.AsyncClient) -> None:
         enrolled = await self.call(lambda: client.post("/v1/devices", json={"enrollment_key": KEY}))
         headers = {"Authorization": f"Bearer {enrolled.json()['token']}"}
         self.enrolled += 1
         rng = np.random.default_rng(i)
         delta = {k: (rng.standard_normal(s) * 0.01).astype(np.float32) for k, s in self.shapes.items()}
-        await started.wait()
+        checkin = lambda: client.post("/v1/checkin", json={"eligible": True}, headers=headers)  # noqa: E731
+        held = None  # round 1's only place, taken during the check-in burst
+        await self.burst.wait()
+        while not self.burst_over.is_set() and held is None:  # as fast as answers come
+            answer = await self.call(checkin)
+            self.checkins += 1
+            if answer is not None and answer.json()["status"] == "task":
+                held = answer.json()["task"]
+        await self.started.wait()
         while not self.stop.is_set():
-            answer = await self.call(lambda: client.post("/v1/checkin", json={"eligible": True}, headers=headers))
-            body = answer.json() if answer is not None else {"status": "retry", "retry_after": 1}
-            if body["status"] != "task":  # pace steering: come back when told (at most 1 s here)
-                await asyncio.sleep(min(body["retry_after"], 1.0))
-                continue
+            if held is None:
+                answer = await self.call(checkin)
+                body = answer.json() if answer is not None else {"status": "retry", "retry_after": 1}
+                if body["status"] != "task":  # pace steering: come back when told (at most 1 s here)
+                    await asyncio.sleep(min(body["retry_after"], 1.0))
+                    continue
+                held = body["task"]
             t0 = time.perf_counter()
-            key, answer = await self.upload(i, headers, delta, body["task"], client)
+            key, answer = await self.upload(i, headers, delta, held, client)
+            held = None
             if answer is not None and answer.status_code == 202:
                 self.latency.append(time.perf_counter() - t0)
                 self.acked[key] = answer.json()
@@ -121,29 +132,38 @@ class Load:
             lambda: client.post(f"/v1/rounds/{round_id}/updates", content=data, headers=headers)
         )
 
-    async def run(self, seconds: float, at: list[tuple[float, callable]]) -> tuple[float, float]:
+    async def run(self, burst: float, seconds: float, between, at: list, cpu) -> dict:
+        """Enroll every device; a check-in burst of `burst` seconds (round 1 has one place, so nearly
+        every check-in is told to come back); `between()`; then `seconds` of rounds, with `at`'s
+        actions at fractions of them. `cpu()` is sampled at each boundary."""
+        self.burst, self.burst_over, self.started, self.stop = (asyncio.Event() for _ in range(4))
         limits = httpx.Limits(max_connections=self.per_client, max_keepalive_connections=self.per_client)
-        clients = [
-            httpx.AsyncClient(base_url=self.url, limits=limits, timeout=60)
-            for _ in range(-(-self.n // self.per_client))
-        ]
-        started = asyncio.Event()
-        tasks = [asyncio.create_task(self.device(i, clients[i // self.per_client], started)) for i in range(self.n)]
+        n_clients = -(-self.n // self.per_client)
+        clients = [httpx.AsyncClient(base_url=self.url, limits=limits, timeout=60) for _ in range(n_clients)]
+        tasks = [asyncio.create_task(self.device(i, clients[i // self.per_client])) for i in range(self.n)]
         while self.enrolled < self.n and not any(t.done() for t in tasks):  # a device that failed ends early
             await asyncio.sleep(0.05)
-        t0 = time.perf_counter()
-        started.set()
+        marks = {"burst": (time.perf_counter(), await asyncio.to_thread(cpu))}
+        self.burst.set()
+        await asyncio.sleep(burst)
+        self.burst_over.set()
+        marks["burst_end"] = (time.perf_counter(), await asyncio.to_thread(cpu))
+        checkins = self.checkins
+        await asyncio.to_thread(between)
+        marks["rounds"] = (time.perf_counter(), await asyncio.to_thread(cpu))
+        t0 = marks["rounds"][0]
+        self.started.set()
         for when, action in at:  # events at fractions of the phase (the kill, the restart)
             await asyncio.sleep(max(0.0, t0 + when * seconds - time.perf_counter()))
             await asyncio.to_thread(action)
         await asyncio.sleep(max(0.0, t0 + seconds - time.perf_counter()))
-        acked_at_end, t1 = len(self.acked), time.perf_counter()
+        acked = len(self.acked)
+        marks["end"] = (time.perf_counter(), await asyncio.to_thread(cpu))
         self.stop.set()
         await asyncio.wait(tasks, timeout=120)  # uploads in flight finish (and count) before the audit
         for client in clients:
             await client.aclose()
-        self.acked_in_time = acked_at_end
-        return t0, t1
+        return {"marks": marks, "checkins": checkins, "acked_in_time": acked}
 
 
 def run_phase(args, name: str, db: str, replicas: int, workdir: Path, kill: bool) -> dict:
@@ -152,7 +172,8 @@ def run_phase(args, name: str, db: str, replicas: int, workdir: Path, kill: bool
         "db": db,
         "model": "lenet",
         "enrollment_key": KEY,
-        "goal": args.goal,
+        "admin_token": KEY,
+        "goal": 1,  # round 1, during the check-in burst; then args.goal (PATCH /v1/admin/settings)
         "over_select": 1.0,
         "deadline": 600,
         "min_retry_after": 0,
@@ -161,57 +182,73 @@ def run_phase(args, name: str, db: str, replicas: int, workdir: Path, kill: bool
         "lease_seconds": 3,
         "log_level": "warning",
     }
+    postgres = db.startswith("postgresql")
     procs = []
     for i in range(replicas):
         (workdir / f"{name}-{i}").mkdir()
         procs.append(CoordinatorProcess(workdir / f"{name}-{i}", options))
-    balancer = None
+    balancer, killed = None, []
+
+    def cpu() -> dict[str, dict[int, float]]:
+        """CPU seconds so far of each coordinator, each of this database's backends, and this process."""
+        return {
+            "coordinator": {p.proc.pid: cpu_seconds(p.proc.pid) for p in procs if p.running},
+            "postgres": {pid: cpu_seconds(pid) for pid in backend_pids(db)} if postgres else {},
+            "client": {0: time.process_time()},
+        }
+
+    def goal() -> None:
+        answer = httpx.patch(
+            url + "/v1/admin/settings", json={"goal": args.goal}, headers={"Authorization": f"Bearer {KEY}"}
+        )
+        answer.raise_for_status()
+
+    def kill_leader() -> None:
+        holder = sa_scalar(db, "SELECT holder FROM leases WHERE name = 'background'") or ""
+        victim = next((p for p in procs if f"-{p.proc.pid}-" in holder), procs[-1])
+        victim.proc.kill()
+        victim.proc.wait()
+        killed.append(f"replica {procs.index(victim)} (pid {victim.proc.pid}{', lease holder' if holder else ''})")
+
+    def restart() -> None:
+        for proc in procs:
+            if not proc.running:
+                proc.stop()
+                proc.start(timeout=120)
+
     try:
         for proc in procs:
             proc.start(timeout=120)
-        if db.startswith("postgresql"):
+        if postgres:
             balancer = Balancer([("127.0.0.1", p.port) for p in procs]).start()
         url = balancer.url if balancer else procs[0].url
         model = loads(build_model_bytes("lenet"), kind="model")
         names = model.metadata.get("trainable") or list(model.tensors)
         load = Load(url, args.devices, {k: model.tensors[k].shape for k in names}, args.devices_per_client)
-        killed: list[str] = []
-
-        def kill_leader() -> None:
-            holder = sa_scalar(db, "SELECT holder FROM leases WHERE name = 'background'") or ""
-            victim = next((p for p in procs if f"-{p.proc.pid}-" in holder), procs[-1])
-            victim.proc.kill()
-            victim.proc.wait()
-            killed.append(f"replica {procs.index(victim)} (pid {victim.proc.pid}, {'lease holder' if holder else ''})")
-
-        def restart() -> None:
-            for proc in procs:
-                if not proc.running:
-                    proc.stop()
-                    proc.start(timeout=120)
-
         events = [(0.4, kill_leader), (0.55, restart)] if kill else []
-        postgres = db.startswith("postgresql")
-        cpu0 = {pid: cpu_seconds(pid) for pid in [p.proc.pid for p in procs] + (backend_pids(db) if postgres else [])}
-        client0 = time.process_time()
-        t0, t1 = asyncio.run(load.run(args.seconds, events))
-        client_cpu = time.process_time() - client0
-        coordinator_cpu = sum(cpu_seconds(p.proc.pid) - cpu0.get(p.proc.pid, 0.0) for p in procs if p.running)
-        pg_cpu = sum(cpu_seconds(pid) - cpu0.get(pid, 0.0) for pid in backend_pids(db)) if postgres else 0.0
+        run = asyncio.run(load.run(args.checkin_seconds, args.seconds, goal, events, cpu))
     finally:
         if balancer is not None:
             balancer.stop()
         for proc in procs:
             proc.stop()
+    marks = run["marks"]
+
+    def spent(kind: str, since: str, until: str) -> float:
+        before, after = marks[since][1][kind], marks[until][1][kind]
+        return sum(value - before.get(pid, 0.0) for pid, value in after.items())
+
+    def load_of(kind: str, since: str, until: str) -> float:
+        return round(spent(kind, since, until) / (marks[until][0] - marks[since][0]), 2)
+
     report = audit(db)
-    counted = counted_keys(db)
-    lost = sorted(set(load.acked) - counted)
-    acked = len(load.acked)
+    lost = sorted(set(load.acked) - counted_keys(db))
+    acked, checkins = len(load.acked), run["checkins"]
     result = {
         "acknowledged": acked,
         "lost": len(lost) + report.lost,
         "double_counted": report.double_counted,
-        "uploads_per_s": round(load.acked_in_time / (t1 - t0), 1),
+        "uploads_per_s": round(run["acked_in_time"] / (marks["end"][0] - marks["rounds"][0]), 1),
         "audit_ok": report.ok,
         "audit_problems": report.problems[:5],
         "rounds_committed": report.committed_rounds,
@@ -219,19 +256,28 @@ def run_phase(args, name: str, db: str, replicas: int, workdir: Path, kill: bool
         "upload_p99_ms": round(float(np.percentile(load.latency, 99)) * 1000, 1) if load.latency else None,
         "transport_retries": dict(load.retries),
         "refused": {str(k): v for k, v in load.refused.items()},
-        # CPU seconds per second of the phase (1.0 = one core busy): who was short of CPU
-        "coordinator_cpu_load": round(coordinator_cpu / (t1 - t0), 2),
-        "client_cpu_load": round(client_cpu / (t1 - t0), 2),
-        "coordinator_cpu_ms_per_upload": round(1000 * coordinator_cpu / max(acked, 1), 2),
         "killed": killed,
+        # the check-in burst: every device asks as fast as it is answered and is told to come back
+        "checkins_per_s": round(checkins / (marks["burst_end"][0] - marks["burst"][0]), 1),
+        "coordinator_cpu_ms_per_checkin": round(1000 * spent("coordinator", "burst", "burst_end") / checkins, 3),
+        # CPU seconds per second (1.0 = one core busy): who was short of CPU
+        "checkin_cpu_load": {
+            kind: load_of(kind, "burst", "burst_end") for kind in ("coordinator", "postgres", "client")
+        },
+        "upload_cpu_load": {kind: load_of(kind, "rounds", "end") for kind in ("coordinator", "postgres", "client")},
+        # the rounds (uploads and the check-ins between them): CPU per acknowledged upload
+        "coordinator_cpu_ms_per_upload": round(1000 * spent("coordinator", "rounds", "end") / max(acked, 1), 2),
     }
     if postgres:
-        result["postgres_backend_cpu_load"] = round(pg_cpu / (t1 - t0), 2)
-        result["postgres_backend_cpu_ms_per_upload"] = round(1000 * pg_cpu / max(acked, 1), 2)
-        result["acknowledged_by_replica"] = sorted(
-            n for (n,) in sa_rows(db, "SELECT COUNT(*) FROM updates GROUP BY replica")
+        result["postgres_backend_cpu_ms_per_checkin"] = round(
+            1000 * spent("postgres", "burst", "burst_end") / checkins, 3
         )
-        result["balancer"] = dict(balancer.counters) if balancer else {}
+        result["postgres_backend_cpu_ms_per_upload"] = round(
+            1000 * spent("postgres", "rounds", "end") / max(acked, 1), 2
+        )
+        by_replica = sa_rows(db, "SELECT COUNT(*) FROM updates GROUP BY replica")
+        result["acknowledged_by_replica"] = sorted(n for (n,) in by_replica)
+        result["balancer"] = dict(balancer.counters)
     return result
 
 
@@ -288,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--replicas", type=int, default=3)
     p.add_argument("--devices", type=int, default=120)
     p.add_argument("--goal", type=int, default=None, help="updates per round (default: half the devices)")
-    p.add_argument("--seconds", type=float, default=20.0, help="length of each phase's measured load")
+    p.add_argument("--seconds", type=float, default=20.0, help="length of each phase's rounds of uploads")
+    p.add_argument("--checkin-seconds", type=float, default=5.0, help="length of each phase's check-in burst")
     p.add_argument("--devices-per-client", type=int, default=10, help="devices sharing one connection pool")
     p.add_argument("--pg", default="postgres@127.0.0.1:5432", help="PostgreSQL server: user@host:port")
     p.add_argument("--skip-baselines", action="store_true", help="only the replicated phase")

@@ -44,7 +44,7 @@ from coordinator.audit import audit  # noqa: E402
 from engine.models import build_model_bytes  # noqa: E402
 from engine.serialize.container import loads  # noqa: E402
 from protocol.update import encode_update  # noqa: E402
-from simulation.balancer import Balancer  # noqa: E402
+from simulation.balancer import BalancerProcess  # noqa: E402
 from simulation.processes import CoordinatorProcess  # noqa: E402
 
 KEY = "scaleout-bench"
@@ -220,7 +220,7 @@ def run_phase(args, name: str, db: str, replicas: int, workdir: Path, kill: bool
         for proc in procs:
             proc.start(timeout=120)
         if postgres:
-            balancer = Balancer([("127.0.0.1", p.port) for p in procs]).start()
+            balancer = BalancerProcess([("127.0.0.1", p.port) for p in procs]).start()
         url = balancer.url if balancer else procs[0].url
         model = loads(build_model_bytes("lenet"), kind="model")
         names = model.metadata.get("trainable") or list(model.tensors)
@@ -228,8 +228,7 @@ def run_phase(args, name: str, db: str, replicas: int, workdir: Path, kill: bool
         events = [(0.4, kill_leader), (0.55, restart)] if kill else []
         run = asyncio.run(load.run(args.checkin_seconds, args.seconds, goal, events, cpu))
     finally:
-        if balancer is not None:
-            balancer.stop()
+        counters = balancer.stop() if balancer is not None else {}
         for proc in procs:
             proc.stop()
     marks = run["marks"]
@@ -277,7 +276,7 @@ def run_phase(args, name: str, db: str, replicas: int, workdir: Path, kill: bool
         )
         by_replica = sa_rows(db, "SELECT COUNT(*) FROM updates GROUP BY replica")
         result["acknowledged_by_replica"] = sorted(n for (n,) in by_replica)
-        result["balancer"] = dict(balancer.counters)
+        result["balancer"] = counters
     return result
 
 

@@ -15,11 +15,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import signal
+import subprocess
 import sys
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 
 LOOPBACK = "127.0.0.1"
 
@@ -102,6 +105,8 @@ class Balancer:
                 await asyncio.gather(self._pipe(client_r, upstream_w), self._pipe(upstream_r, client_w))
                 return
             self.counters["no_upstream"] += 1
+        except asyncio.CancelledError:  # stop(): the connection ends with the balancer
+            pass
         finally:
             for writer in (client_w, upstream_w):
                 if writer is not None:
@@ -128,15 +133,44 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--upstream", type=parse_upstream, action="append", required=True, help="HOST:PORT, repeatable")
     args = p.parse_args(argv)
     balancer = Balancer(args.upstream, port=args.port, host=args.host).start()
-    print(f"balancing {balancer.url} over {len(args.upstream)} upstreams", flush=True)
+    print(json.dumps({"url": balancer.url, "upstreams": len(args.upstream)}), flush=True)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     stop.wait()
     balancer.stop()
     with contextlib.suppress(BrokenPipeError):
-        print(f"stopped: {dict(balancer.counters)}", flush=True)
+        print(json.dumps({"counters": dict(balancer.counters)}), flush=True)
     sys.exit(0)
+
+
+class BalancerProcess:
+    """`python -m simulation.balancer` as a child process (its own CPU and GIL, apart from the load it
+    relays): start() returns once it listens; stop() returns its counters."""
+
+    def __init__(self, upstreams: list[tuple[str, int]]):
+        self.upstreams = upstreams
+        self.proc: subprocess.Popen | None = None
+        self.url = ""
+
+    def start(self) -> BalancerProcess:
+        args = [sys.executable, "-m", "simulation.balancer"]
+        for host, port in self.upstreams:
+            args += ["--upstream", f"{host}:{port}"]
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the balancer exited with {self.proc.wait()}")
+        self.url = json.loads(line)["url"]
+        return self
+
+    def stop(self) -> dict[str, int]:
+        if self.proc is None or self.proc.poll() is not None:
+            return {}
+        self.proc.send_signal(signal.SIGTERM)
+        out, _ = self.proc.communicate(timeout=30)
+        lines = [json.loads(x) for x in out.splitlines() if x.startswith("{")]
+        return lines[-1]["counters"] if lines else {}
 
 
 if __name__ == "__main__":

@@ -33,17 +33,20 @@ from coordinator.store.writes import Writes, hit_statement, lease_statements
 
 _b = sa.bindparam
 _count = sa.func.count
+# Statuses as SQL literals, not bound parameters: SQLite re-prepares a statement on every run when a
+# bound value decides whether a partial index (one_open_round) applies (measured: 0.3 ms vs 0.03 ms).
+OPEN, COMMITTED = sa.literal_column("'open'"), sa.literal_column("'committed'")
 
 
 def _with_partials(column: sa.Column) -> sa.ColumnElement:
     """An open round's count (or weight) is its row's plus its replicas' partials (the commit merges
     them into the row, so a closed round's row holds the whole of it)."""
     partials = (
-        sa.select(sa.func.coalesce(sa.func.sum(round_partials.c[column.name]), 0))
+        sa.select(sa.func.coalesce(sa.func.sum(round_partials.c[column.name]), sa.literal_column("0")))
         .where(round_partials.c.round_id == rounds.c.id)
         .scalar_subquery()
     )
-    return sa.case((rounds.c.status == "open", column + partials), else_=column).label(column.name)
+    return sa.case((rounds.c.status == OPEN, column + partials), else_=column).label(column.name)
 
 
 ROUND = [  # in RoundRow's field order
@@ -82,7 +85,7 @@ LATEST_ACCURACY = (
     .limit(1)
 )
 
-OPEN_ROUND = sa.select(*ROUND).where(rounds.c.status == "open").order_by(rounds.c.id.desc()).limit(1)
+OPEN_ROUND = sa.select(*ROUND).where(rounds.c.status == OPEN).order_by(rounds.c.id.desc()).limit(1)
 ROUND_BY_ID = sa.select(*ROUND).where(rounds.c.id == _b("id"))
 ROUND_WITH_AGGREGATE = sa.select(*ROUND, rounds.c.aggregate).where(rounds.c.id == _b("id"))
 ALL_ROUNDS_WITH_AGGREGATE = sa.select(*ROUND, rounds.c.aggregate).order_by(rounds.c.id)
@@ -90,7 +93,7 @@ RECENT_ROUNDS = sa.select(*ROUND).order_by(rounds.c.id.desc()).limit(_b("limit")
 ROUNDS_BY_STATUS = sa.select(rounds.c.status, _count()).group_by(rounds.c.status)
 DP_EVENTS = (
     sa.select(rounds.c.dp_q, rounds.c.dp_noise)
-    .where(rounds.c.status == "committed", rounds.c.dp_q.is_not(None))
+    .where(rounds.c.status == COMMITTED, rounds.c.dp_q.is_not(None))
     .order_by(rounds.c.id)
 )
 LAST_EPSILON = (

@@ -63,6 +63,16 @@ def check_may_upload(store: Store, r: RoundRow | None, round_id: int, device_id:
     return r
 
 
+def answered_meanwhile(store: Store, device_id: str, key: str, refusal: Refused) -> dict | Refused:
+    """A "duplicate" refusal may be this very upload, acknowledged by another replica between the
+    replay check and the duplicate check: then its first answer, else the refusal."""
+    if refusal.reason == "duplicate":
+        answer = store.answer_for_key(device_id, key)
+        if answer is not None:
+            return answer
+    return refusal
+
+
 @dataclass
 class PreparedUpload:
     """A decoded, validated update waiting for the writer; `future` gets the 202 body or a Refused."""
@@ -242,7 +252,7 @@ class UploadWriter:
                         if answer is not None:
                             accepted.append((item, answer))
                 except Refused as exc:
-                    answer = exc
+                    answer = answered_meanwhile(self.store, item.device_id, item.key, exc)
                 except _Answered as replay:
                     answer = replay.answer
                 if answer is None:

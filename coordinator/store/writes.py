@@ -85,6 +85,11 @@ def _add_partial(dialect: str) -> sa.Insert:
 
 
 @cache
+def _add_assignment(dialect: str) -> sa.Insert:
+    return _insert(dialect)(assignments).on_conflict_do_nothing()
+
+
+@cache
 def _add_update(dialect: str) -> sa.Insert:
     """An update's row, or nothing when its (round, device) or (device, key) is already taken: by
     another replica's acknowledgement, committed meanwhile (PostgreSQL waits for it to commit).
@@ -131,7 +136,6 @@ SET_ROUND_TOTALS = (
     .where(rounds.c.id == _b("round_id"))
     .values(received=_b("received"), total_weight=_b("weight"), aggregate=_b("aggregate"))
 )
-ADD_ASSIGNMENT = sa.insert(assignments)
 
 _this_partial = (round_partials.c.round_id == _b("r"), round_partials.c.replica == _b("rep"))
 GROW_PARTIAL = (  # only from the count this replica last wrote: a stale view changes nothing
@@ -254,7 +258,9 @@ class Writes:
     # ------------------------------------------------------------------ assignments and updates
 
     def add_assignment(self, round_id: int, device_id: str, assigned_at: float) -> None:
-        self.conn.execute(ADD_ASSIGNMENT, {"round_id": round_id, "device_id": device_id, "assigned_at": assigned_at})
+        """Assign the device (already assigned by another replica meanwhile: nothing to do)."""
+        params = {"round_id": round_id, "device_id": device_id, "assigned_at": assigned_at}
+        self.conn.execute(_add_assignment(self.dialect), params)
 
     def add_update(self, row: UpdateRow) -> bool:
         """Insert an accepted update; False when its (round, device) or (device, key) already has one."""

@@ -332,3 +332,30 @@ def test_kill_9_a_replica_between_acknowledging_and_committing_and_during_a_comm
     assert report.ok, report.problems
     assert (report.acknowledged, report.lost, report.double_counted, report.versions_checked) == (3, 0, 0, 0)
     assert os.environ.get("PF_TEST_CRASH_POINT") is None
+
+
+def test_operator_changes_on_one_replica_hold_on_every_replica(pg_url, model):
+    """Round settings patched through one replica, and pausing, reach the others (they live in the
+    database); a replica restarted with the same options keeps the patched settings."""
+    admin = {"Authorization": "Bearer admin-token"}
+    with replicas(pg_url, model, 2, admin_token="admin-token") as (a, b):
+        assert a.patch("/v1/admin/settings", json={"goal": 7, "lr": 0.01}, headers=admin).status_code == 200
+        assert (b.get("/v1/admin/settings", headers=admin).json()["goal"], b.services.rounds.round_settings.lr) == (
+            7,
+            0.01,
+        )
+        assert a.post("/v1/admin/pause", headers=admin).json() == {"paused": True}
+        device = enroll(b)
+        for _ in range(40):  # b looks again within a second
+            answer = checkin(b, device)
+            if answer["status"] == "retry" and "paused" in answer["reason"]:
+                break
+            threading.Event().wait(0.1)
+        assert answer["status"] == "retry" and "paused" in answer["reason"], answer
+        assert b.get("/healthz").json()["paused"] is True
+        assert b.post("/v1/admin/resume", headers=admin).json() == {"paused": False}
+        assert checkin(b, device)["status"] == "task"
+    with replicas(pg_url, model, 1, admin_token="admin-token") as (again,):
+        assert again.get("/v1/admin/settings", headers=admin).json()["goal"] == 7
+    with replicas(pg_url, model, 1, admin_token="admin-token", goal=4) as (changed,):  # other options win
+        assert changed.get("/v1/admin/settings", headers=admin).json()["goal"] == 4

@@ -28,6 +28,7 @@ import asyncio
 import json
 import os
 import secrets
+import shutil
 import sys
 import tempfile
 import time
@@ -74,7 +75,7 @@ class Load:
         self.latency: list[float] = []
         self.retries: Counter[str] = Counter()
         self.refused: Counter[int] = Counter()
-        self.enrolled = self.checkins = 0
+        self.enrolled = self.checkins = self.round_checkins = 0
 
     async def call(self, send):
         """A request, retried (same body, same key) through transport errors and 5xx, as agents do."""
@@ -108,6 +109,7 @@ class Load:
         while not self.stop.is_set():
             if held is None:
                 answer = await self.call(checkin)
+                self.round_checkins += 1
                 body = answer.json() if answer is not None else {"status": "retry", "retry_after": 1}
                 if body["status"] != "task":  # pace steering: come back when told (at most 1 s here)
                     await asyncio.sleep(min(body["retry_after"], 1.0))
@@ -157,13 +159,13 @@ class Load:
             await asyncio.sleep(max(0.0, t0 + when * seconds - time.perf_counter()))
             await asyncio.to_thread(action)
         await asyncio.sleep(max(0.0, t0 + seconds - time.perf_counter()))
-        acked = len(self.acked)
+        acked, round_checkins = len(self.acked), self.round_checkins
         marks["end"] = (time.perf_counter(), await asyncio.to_thread(cpu))
         self.stop.set()
         await asyncio.wait(tasks, timeout=120)  # uploads in flight finish (and count) before the audit
         for client in clients:
             await client.aclose()
-        return {"marks": marks, "checkins": checkins, "acked_in_time": acked}
+        return {"marks": marks, "checkins": checkins, "acked_in_time": acked, "round_checkins": round_checkins}
 
 
 def run_phase(args, name: str, db: str, replicas: int, workdir: Path, kill: bool) -> dict:
@@ -264,9 +266,14 @@ def run_phase(args, name: str, db: str, replicas: int, workdir: Path, kill: bool
             kind: load_of(kind, "burst", "burst_end") for kind in ("coordinator", "postgres", "client")
         },
         "upload_cpu_load": {kind: load_of(kind, "rounds", "end") for kind in ("coordinator", "postgres", "client")},
-        # the rounds (uploads and the check-ins between them): CPU per acknowledged upload
+        # the rounds (uploads and the check-ins between them): CPU per acknowledged upload, and without
+        # those check-ins (each costed as one of the burst's)
+        "checkins_per_upload": round(run["round_checkins"] / max(run["acked_in_time"], 1), 2),
         "coordinator_cpu_ms_per_upload": round(1000 * spent("coordinator", "rounds", "end") / max(acked, 1), 2),
     }
+    per_checkin = spent("coordinator", "burst", "burst_end") / checkins
+    alone = spent("coordinator", "rounds", "end") - run["round_checkins"] * per_checkin
+    result["coordinator_cpu_ms_per_upload_alone"] = round(1000 * alone / max(run["acked_in_time"], 1), 2)
     if postgres:
         result["postgres_backend_cpu_ms_per_checkin"] = round(
             1000 * spent("postgres", "burst", "burst_end") / checkins, 3
@@ -274,6 +281,11 @@ def run_phase(args, name: str, db: str, replicas: int, workdir: Path, kill: bool
         result["postgres_backend_cpu_ms_per_upload"] = round(
             1000 * spent("postgres", "rounds", "end") / max(acked, 1), 2
         )
+        pg_alone = (
+            spent("postgres", "rounds", "end")
+            - run["round_checkins"] * spent("postgres", "burst", "burst_end") / checkins
+        )
+        result["postgres_backend_cpu_ms_per_upload_alone"] = round(1000 * pg_alone / max(run["acked_in_time"], 1), 2)
         by_replica = sa_rows(db, "SELECT COUNT(*) FROM updates GROUP BY replica")
         result["acknowledged_by_replica"] = sorted(n for (n,) in by_replica)
         result["balancer"] = counters
@@ -357,6 +369,7 @@ def main(argv: list[str] | None = None) -> int:
             args, "replicas", databases.create(), args.replicas, workdir, kill=True
         )
         say(f"  {main_phase['uploads_per_s']} uploads/s, killed {main_phase['killed']}")
+    shutil.rmtree(workdir, ignore_errors=True)
     result = {
         "replicas": args.replicas,
         "devices": args.devices,

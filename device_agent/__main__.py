@@ -20,14 +20,13 @@ import logging  # noqa: E402
 import sys  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 
 from device_agent.client import CoordinatorClient, RejectedError, RetryPolicy  # noqa: E402
 from device_agent.eligibility import AlwaysEligible, default_probe  # noqa: E402
 from device_agent.state import AgentState  # noqa: E402
-
-MNIST_MEAN, MNIST_STD = 0.1307, 0.3081  # the normalization engine.data.MnistDataset trains with
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,8 +96,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_input(path: Path, hw: tuple[int, int]) -> np.ndarray:
-    """A batch of model inputs from .npy/.npz (already preprocessed) or a .png (preprocessed here)."""
+def load_input(path: Path, hw: tuple[int, int], prep: Any) -> np.ndarray:
+    """A batch of model inputs from .npy/.npz (already preprocessed) or a .png (scaled to [0, 1],
+    then preprocessed as the model records)."""
     suffix = path.suffix.lower()
     if suffix == ".npy":
         return np.load(path, allow_pickle=False).astype(np.float32)
@@ -113,12 +113,13 @@ def load_input(path: Path, hw: tuple[int, int]) -> np.ndarray:
             raise SystemExit("pf-agent: reading .png needs Pillow: pip install 'pocketfed[images]'") from None
         with Image.open(path) as img:
             pixels = np.asarray(img.convert("L").resize((hw[1], hw[0])), dtype=np.float32) / 255.0
-        return ((pixels - MNIST_MEAN) / MNIST_STD)[None, None]
+        return prep.apply(pixels[None, None])
     raise SystemExit(f"pf-agent: --input {path}: expected .npy, .npz or .png, got {suffix or 'no suffix'!r}")
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from device_agent.personal import load_personal_model
+    from engine.data import preprocessing_for
     from engine.trainer import Trainer
 
     try:
@@ -126,7 +127,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     except FileNotFoundError as exc:
         raise SystemExit(f"pf-agent: {exc}") from None
     input_shape = tuple(model.input.shape)[1:]
-    x = load_input(args.input, input_shape[-2:])
+    x = load_input(args.input, input_shape[-2:], preprocessing_for(model))
     if x.ndim == len(input_shape):
         x = x[None]  # one item -> a batch of one
     if tuple(x.shape[1:]) != input_shape:

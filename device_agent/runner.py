@@ -39,6 +39,14 @@ from protocol.update import decode_update, encode_update
 log = logging.getLogger("pocketfed.agent")
 
 
+def model_view(model: Any, dataset: IDataView) -> IDataView:
+    """The local data as `model` is fed: the preprocessing its file records (scale, mean/std,
+    padding), items reshaped to its input."""
+    from engine.data import preprocessing_for
+
+    return preprocessing_for(model).view(dataset, model)
+
+
 def make_sgd(lr: float, momentum: float) -> Any:
     from engine.optimizer import SGD
 
@@ -184,6 +192,7 @@ class Agent:
 
         round_id = task.round_id
         model = load_model_bytes(data)
+        train_set, eval_set = model_view(model, self.train_set), model_view(model, self.eval_set)
         trainable = trainable_names(model)
         base = {n: np.array(model.params[n].value, np.float32, copy=True) for n in trainable}
         trainer = Trainer(
@@ -191,7 +200,7 @@ class Agent:
             optimizer=make_sgd(task.lr, task.momentum),
             trainable=trainable,
             prox_mu=task.fedprox_mu,
-            batch_size=min(task.batch_size, self.train_set.size()),
+            batch_size=min(task.batch_size, train_set.size()),
             seed=self.config.seed + round_id,
         )
         deadline = task.deadline
@@ -207,9 +216,9 @@ class Agent:
             return not verdict.ok
 
         try:
-            before = trainer.evaluate(self.eval_set)
-            fit = trainer.fit(self.train_set, task.epochs, should_stop=should_stop)
-            after = trainer.evaluate(self.eval_set)
+            before = trainer.evaluate(eval_set)
+            fit = trainer.fit(train_set, task.epochs, should_stop=should_stop)
+            after = trainer.evaluate(eval_set)
         except Interrupted:
             log.warning(
                 "round %d: stopped mid-training (%s); its work is discarded",

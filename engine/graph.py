@@ -3,10 +3,15 @@
 A `SymbolVar` is both MegEngine's VarNode and its handle: one value in the graph, the
 operator that produces it and that operator's inputs. Building the graph runs no kernel;
 `ComputingGraph.compile` turns a set of outputs and updates into a function you execute.
+
+This is the engine's bottom layer: it knows no operator. The operator layer gives SymbolVar
+its arithmetic (`a + b`, `x.reshape(...)`) and the graph its constants, in one table
+(engine/opr/methods.py), as MegEngine's opr library defines `operator+` for SymbolVar.
 """
 
 from __future__ import annotations
 
+import enum
 import itertools
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -28,14 +33,20 @@ class ShapeError(GraphError):
     """An operator's inputs have shapes or dtypes it cannot take; raised when the node is added."""
 
 
+class SourceKind(enum.Enum):
+    """What a source node (an operator without inputs) holds; `Operator.source_kind` says it."""
+
+    INPUT = "input"  # fed on every execute (Host2DeviceCopy)
+    SHARED = "shared"  # state kept across steps: weights, optimizer buffers (SharedDeviceTensor)
+    CONST = "const"  # a constant (ImmutableTensor)
+
+
 class SymbolVar:
     """One value in a graph: produced by `op` from `inputs`, with a static shape and dtype.
 
     Source values (fed inputs, shared tensors, constants) have an operator with no inputs;
     shared tensors and constants hold their array in `value`.
     """
-
-    __array_priority__ = 1000  # make `ndarray + SymbolVar` call our __radd__
 
     def __init__(
         self,
@@ -77,88 +88,6 @@ class SymbolVar:
     def __eq__(self, other: object) -> bool:  # identity: SymbolVars are dict keys
         return self is other
 
-    # ----- arithmetic builds graph nodes (imports are local: opr depends on graph, not back) -----
-    def __add__(self, other: Any) -> SymbolVar:
-        from . import opr
-
-        return opr.add(self, other)
-
-    def __radd__(self, other: Any) -> SymbolVar:
-        from . import opr
-
-        return opr.add(other, self)
-
-    def __sub__(self, other: Any) -> SymbolVar:
-        from . import opr
-
-        return opr.sub(self, other)
-
-    def __rsub__(self, other: Any) -> SymbolVar:
-        from . import opr
-
-        return opr.sub(other, self)
-
-    def __mul__(self, other: Any) -> SymbolVar:
-        from . import opr
-
-        return opr.mul(self, other)
-
-    def __rmul__(self, other: Any) -> SymbolVar:
-        from . import opr
-
-        return opr.mul(other, self)
-
-    def __truediv__(self, other: Any) -> SymbolVar:
-        from . import opr
-
-        return opr.div(self, other)
-
-    def __rtruediv__(self, other: Any) -> SymbolVar:
-        from . import opr
-
-        return opr.div(other, self)
-
-    def __pow__(self, other: Any) -> SymbolVar:
-        from . import opr
-
-        return opr.pow(self, other)
-
-    def __neg__(self) -> SymbolVar:
-        from . import opr
-
-        return opr.neg(self)
-
-    def __matmul__(self, other: SymbolVar) -> SymbolVar:
-        from . import opr
-
-        return opr.matrix_mul(self, other)
-
-    def reshape(self, *shape: int | Sequence[int]) -> SymbolVar:
-        from . import opr
-
-        target = shape[0] if len(shape) == 1 and not isinstance(shape[0], int) else shape
-        return opr.reshape(self, target)
-
-    def flatten(self, start_axis: int = 1) -> SymbolVar:
-        from . import opr
-
-        return opr.flatten(self, start_axis)
-
-    def transpose(self, *perm: int) -> SymbolVar:
-        from . import opr
-
-        return opr.transpose(self, perm or None)
-
-    def sum(self, axis: int | Sequence[int] | None = None, keepdims: bool = False) -> SymbolVar:
-        from . import opr
-
-        return opr.sum(self, axis, keepdims)
-
-    def mean(self, axis: int | Sequence[int] | None = None, keepdims: bool = False) -> SymbolVar:
-        from . import opr
-
-        return opr.mean(self, axis, keepdims)
-
     def make_scalar(self, value: float) -> SymbolVar:
         """A constant scalar of this var's dtype (MegEngine's `SymbolVar::make_scalar`)."""
         return self.graph.constant(np.asarray(value, dtype=self.dtype))
@@ -182,9 +111,8 @@ class ComputingGraph:
         return var
 
     def constant(self, value: Any, dtype: Any = None) -> SymbolVar:
-        from .opr.io import ImmutableTensor
-
-        return ImmutableTensor.make(self, np.asarray(value, dtype=dtype))
+        """A constant node. engine.opr replaces this with its ImmutableTensor (engine/opr/methods.py)."""
+        raise GraphError("graph.constant needs the operators: import engine.opr first")
 
     def __getitem__(self, name: str) -> SymbolVar:
         try:
@@ -197,11 +125,11 @@ class ComputingGraph:
 
     @property
     def inputs(self) -> dict[str, SymbolVar]:
-        return {n: v for n, v in self._names.items() if v.op.type_name == "Host2DeviceCopy"}
+        return {n: v for n, v in self._names.items() if v.op.source_kind is SourceKind.INPUT}
 
     @property
     def shared(self) -> dict[str, SymbolVar]:
-        return {n: v for n, v in self._names.items() if v.op.type_name == "SharedDeviceTensor"}
+        return {n: v for n, v in self._names.items() if v.op.source_kind is SourceKind.SHARED}
 
     def compile(
         self,
@@ -211,8 +139,10 @@ class ComputingGraph:
         **options: Any,
     ) -> CompiledFunction:
         """Compile once, execute per batch. `training` defaults to "there are updates"."""
-        from .compiler import compile_graph
-        from .runtime import CompiledFunction
+        # Compiling belongs to the top layer (engine/runtime.py). This deferred import is the
+        # engine's one upward edge, kept so that MegEngine's `graph.compile()` works on any graph
+        # (declared in pyproject.toml's "engine layers" contract).
+        from .runtime import compile_function
 
         single = isinstance(outputs, SymbolVar)
         outs = [outputs] if single else list(outputs)
@@ -221,9 +151,7 @@ class ComputingGraph:
             if not isinstance(var, SymbolVar) or var.graph is not self:
                 raise GraphError(f"{var!r} is not a SymbolVar of this graph")
         mode = bool(ups) if training is None else training
-        profile = options.pop("profile", False)
-        program = compile_graph(self, outs, ups, training=mode, **options)
-        return CompiledFunction(program, single_output=single, profile=profile)
+        return compile_function(self, outs, ups, training=mode, single_output=single, **options)
 
 
 def ancestors(roots: Iterable[SymbolVar]) -> list[SymbolVar]:

@@ -74,7 +74,7 @@ class Optimizer(IOptimizer):
 
     @staticmethod
     def _check(weight: SymbolVar, grad: SymbolVar) -> None:
-        if weight.op.type_name != "SharedDeviceTensor":
+        if not isinstance(weight.op, opr.SharedDeviceTensor):
             raise GraphError(f"optimizer: {weight!r} is not a shared tensor and cannot be updated")
         if grad.shape != weight.shape:
             raise GraphError(f"optimizer: gradient shape {grad.shape} differs from weight {weight.name} {weight.shape}")
@@ -142,6 +142,3 @@ class Adam(Optimizer):
         bias2 = 1.0 - opr.pow(new_step.make_scalar(b2), new_step)
         denom = opr.sqrt(second) / opr.sqrt(bias2) + self.eps
         return opr.add_update(weight, -(self._lr(graph) / bias1) * new_m / denom)
-
-
-OPTIMIZERS = {"sgd": SGD, "adam": Adam}

@@ -24,10 +24,11 @@ from typing import Any
 
 import numpy as np
 
+from .compiler import compile_graph
 from .compiler.memory import Instruction, MemoryPlan, plan
 from .compiler.program import Node, Program
 from .compiler.updates import FlatUpdateRunner
-from .graph import GraphError
+from .graph import ComputingGraph, GraphError, SymbolVar
 from .opr.base import Workspace
 
 MAX_PLANS = 4  # shape signatures kept (e.g. full batches and the last, smaller one)
@@ -51,6 +52,20 @@ class StepPlan:
     @property
     def allocating_kernels(self) -> list[str]:
         return [type_name for how, _, _, _, type_name in self.steps if how == ALLOC]
+
+
+def compile_function(
+    graph: ComputingGraph,
+    outputs: list[SymbolVar],
+    updates: list[SymbolVar],
+    training: bool,
+    single_output: bool = False,
+    profile: bool = False,
+    **options: Any,
+) -> CompiledFunction:
+    """What `graph.compile` does once it has checked its arguments: passes, then a function."""
+    program = compile_graph(graph, outputs, updates, training=training, **options)
+    return CompiledFunction(program, single_output=single_output, profile=profile)
 
 
 class CompiledFunction:
@@ -84,10 +99,6 @@ class CompiledFunction:
         self._aliased: dict[tuple, list[bool]] = {}  # input signature -> which update values need a copy
         self._plans: dict[tuple, StepPlan] = {}
         self.last_shapes: dict[int, tuple] = {}  # slot -> shape, from the last unplanned step
-
-    @property
-    def input_names(self) -> list[str]:
-        return list(self._feeds)
 
     def _check_feed(self, name: str, value: Any, var: Any) -> np.ndarray:
         array = np.asarray(value)

@@ -104,7 +104,7 @@ class Trainer:
             "trainable": self.trainable,
             "optimizer": type(self.optimizer).__name__,
             "lr": getattr(self.optimizer, "lr", None),
-            "dropout_rng": [m.op._rng.bit_generator.state for m in _dropout_masks(graph)],
+            "dropout_rng": [m.op.rng_state() for m in _dropout_masks(graph)],
         }
         return tensors, metadata
 
@@ -146,14 +146,14 @@ class Trainer:
         if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
             raise ContainerError(f"checkpoint seed must be a non-negative integer, got {seed!r}")
         for mask, rng_state in zip(masks, rng_states, strict=True):
-            try:  # validate on a scratch generator first: a bad file must leave the trainer untouched
-                type(mask.op._rng.bit_generator)().state = rng_state
+            try:  # check them all first: a bad file must leave the trainer untouched
+                mask.op.check_rng_state(rng_state)
             except (TypeError, ValueError, KeyError) as exc:
                 raise ContainerError(f"checkpoint dropout generator state is invalid: {exc}") from None
         for name, value in tensors.items():
             np.copyto(mine[name], value)
         for mask, rng_state in zip(masks, rng_states, strict=True):
-            mask.op._rng.bit_generator.state = rng_state
+            mask.op.set_rng_state(rng_state)
         lr = metadata.get("lr")
         if isinstance(lr, (int, float)) and lr > 0 and hasattr(self.optimizer, "set_lr"):
             self.optimizer.set_lr(float(lr))
@@ -213,7 +213,7 @@ class Trainer:
 
 
 def _dropout_masks(graph: Any) -> list[SymbolVar]:
-    return [v for v in graph.nodes if v.op.type_name == "DropoutMask"]
+    return [v for v in graph.nodes if isinstance(v.op, opr.DropoutMask)]
 
 
 def evaluate_function(eval_fn: Any, input_name: str, dataset: IDataView, batch_size: int = 256) -> dict[str, float]:

@@ -122,6 +122,33 @@ def test_checkpoint_that_does_not_fit_is_refused_and_changes_nothing(tmp_path):
         np.testing.assert_array_equal(other.params[name].value, value)
 
 
+def test_checkpoint_with_a_bad_dropout_generator_state_changes_nothing():
+    model = small_net().build((1, 28, 28))
+    trainer = Trainer(model, optimizer=SGD(0.1, momentum=0.9), batch_size=32)
+    tensors, metadata = trainer.checkpoint_state()
+    tensors = {n: np.full_like(v, 0.5) for n, v in tensors.items()}
+    (mask,) = [v.op for v in model.graph.nodes if isinstance(v.op, engine.opr.DropoutMask)]
+    state = mask.rng_state()
+    bad = {**metadata, "dropout_rng": [{**state, "bit_generator": "NoSuchGenerator"}]}
+    before = model.state_dict()
+    with pytest.raises(ContainerError, match="dropout generator state is invalid"):
+        trainer.load_checkpoint_state(tensors, bad)
+    assert mask.rng_state() == state
+    for name, value in before.items():
+        np.testing.assert_array_equal(model.params[name].value, value)
+
+
+def test_dropout_mask_resumes_its_sequence_from_a_saved_state():
+    model = small_net(0.5).build((1, 28, 28))
+    (var,) = [v for v in model.graph.nodes if isinstance(v.op, engine.opr.DropoutMask)]
+    x = np.ones([2 if d is None else d for d in var.inputs[0].shape], np.float32)
+    saved = var.op.rng_state()
+    first = [var.op.forward(x) for _ in range(3)]
+    assert not np.array_equal(first[0], first[1])  # a fresh mask each step
+    var.op.set_rng_state(saved)
+    np.testing.assert_array_equal(np.stack([var.op.forward(x) for _ in range(3)]), np.stack(first))
+
+
 def test_frozen_flags_survive_the_file(tmp_path):
     net = small_net()
     model = net.build((1, 28, 28))

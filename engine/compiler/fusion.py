@@ -3,8 +3,11 @@ of softmax cross-entropy. Both keep results bit for bit (see tests/test_engine_c
 
 from __future__ import annotations
 
+from ..opr.elemwise import Mul, Sub
 from ..opr.fused import FusedElemwise, Step
-from ..opr.nn import SoftmaxCrossEntropyGrad
+from ..opr.nn import ExpOf, IndexingOneHotGrad, LogSoftmax, SoftmaxCrossEntropyGrad
+from ..opr.reduce import Sum
+from ..opr.update import AddUpdate
 from .program import Node, Program
 
 
@@ -21,7 +24,7 @@ def fuse_elementwise(program: Program) -> None:
     order = {id(n): k for k, n in enumerate(program.nodes)}
     group: dict[int, list[Node]] = {}  # id(node) -> members of the fused group it ends (topological order)
     for node in program.nodes:
-        if not (_fusable(node) or node.op.type_name == "AddUpdate"):
+        if not (_fusable(node) or isinstance(node.op, AddUpdate)):
             continue
         members: list[Node] = []
         for inp in {id(i): i for i in node.inputs}.values():
@@ -67,19 +70,19 @@ def softmax_cross_entropy(program: Program) -> None:
     roots = program.root_ids()
     mapping: dict[int, Node] = {}
     for node in program.nodes:
-        if node.op.type_name != "Sub":
+        if not isinstance(node.op, Sub):
             continue
         g, m = node.inputs
-        if g.op.type_name != "IndexingOneHotGrad" or m.op.type_name != "Mul":
+        if not isinstance(g.op, IndexingOneHotGrad) or not isinstance(m.op, Mul):
             continue
         e, t = m.inputs
-        if e.op.type_name != "ExpOf" or t.op.type_name != "Sum" or t.inputs[0] is not g:
+        if not isinstance(e.op, ExpOf) or not isinstance(t.op, Sum) or t.inputs[0] is not g:
             continue
         d, label, log_p = g.inputs
         axis = g.op.axis
         if (
             e.inputs[0] is not log_p
-            or log_p.op.type_name != "LogSoftmax"
+            or not isinstance(log_p.op, LogSoftmax)
             or log_p.op.axis % len(log_p.shape) != axis
             or list(t.op.axes) != [axis]
             or not t.op.keepdims

@@ -8,7 +8,7 @@ are the very ones the unsplit operators run, so results are bit for bit the same
 
 from __future__ import annotations
 
-from ..opr.conv import ConvolutionFromCols, FilterGradFromCols, Im2Col
+from ..opr.conv import Convolution, ConvolutionBackwardFilter, ConvolutionFromCols, FilterGradFromCols, Im2Col
 from .program import Node, Program
 
 _GEOMETRY = ("stride", "padding", "dilation", "groups")
@@ -17,12 +17,12 @@ _GEOMETRY = ("stride", "padding", "dilation", "groups")
 def share_im2col(program: Program) -> None:
     forwards: dict[tuple, Node] = {}
     for node in program.nodes:
-        if node.op.type_name == "Convolution":
+        if isinstance(node.op, Convolution):
             x, w = node.inputs
             forwards[_key(x, w.shape[2:], node.op)] = node
     mapping: dict[int, Node] = {}
     for node in program.nodes:
-        if node.op.type_name != "ConvolutionBackwardFilter":
+        if not isinstance(node.op, ConvolutionBackwardFilter):
             continue
         x, dout, like = node.inputs
         forward = forwards.get(_key(x, like.shape[2:], node.op))

@@ -8,12 +8,15 @@ from collections.abc import Callable
 
 import numpy as np
 
+from ..opr.io import ImmutableTensor
+from ..opr.nn import DropoutMask
+from ..opr.update import AddUpdate
 from .fusion import fuse_elementwise, softmax_cross_entropy
 from .lowering import share_im2col
 from .program import Node, Program
 from .updates import flat_updates
 
-_NON_DETERMINISTIC = {"DropoutMask", "AddUpdate"}
+_NON_DETERMINISTIC = (DropoutMask, AddUpdate)  # never folded or merged
 _MAX_FOLD_ELEMENTS = 1 << 16  # don't bake large tensors produced from constants into the program
 
 
@@ -22,13 +25,11 @@ def constant_folding(program: Program) -> None:
     folded: dict[int, Node] = {}
     for node in program.nodes:
         inputs = [folded.get(id(i), i) for i in node.inputs]
-        if node.kind != "op" or node.op.type_name in _NON_DETERMINISTIC or not inputs:
+        if node.kind != "op" or isinstance(node.op, _NON_DETERMINISTIC) or not inputs:
             continue
         if all(i.kind == "const" for i in inputs):
             value = np.asarray(node.op.forward(*[i.value for i in inputs]))
             if value.size <= _MAX_FOLD_ELEMENTS:
-                from ..opr.io import ImmutableTensor
-
                 folded[id(node)] = Node(ImmutableTensor(), [], value.shape, value.dtype, value=value)
     program.replace(folded)
     if folded:
@@ -53,7 +54,7 @@ def common_subexpressions(program: Program) -> None:
             if node.value.size > 64:
                 continue
             key = ("const", node.value.dtype.str, node.value.shape, node.value.tobytes())
-        elif node.kind == "op" and node.op.type_name not in _NON_DETERMINISTIC:
+        elif node.kind == "op" and not isinstance(node.op, _NON_DETERMINISTIC):
             key = (node.op.key(), tuple(id(i) for i in node.inputs))
         else:
             continue
@@ -72,7 +73,7 @@ def direct_updates(program: Program) -> None:
     changed = 0
     for k, (dest, node) in enumerate(program.updates):
         op = node.op
-        if op.type_name == "AddUpdate" and (op.alpha, op.beta, op.bias) == (0, 1, 0):
+        if isinstance(op, AddUpdate) and (op.alpha, op.beta, op.bias) == (0, 1, 0):
             delta = node.inputs[1]
             # (a source would be read after other updates wrote it: keep those copied in the kernel)
             if (

@@ -14,6 +14,9 @@ import numpy as np
 
 from ..graph import GraphError, SymbolVar
 from ..opr.base import Operator
+from ..opr.io import ImmutableTensor
+from ..opr.nn import ModeSelect
+from ..opr.update import AddUpdate
 
 
 @dataclass(eq=False)
@@ -28,9 +31,9 @@ class Node:
 
     @property
     def kind(self) -> str:
-        return {"Host2DeviceCopy": "input", "SharedDeviceTensor": "shared", "ImmutableTensor": "const"}.get(
-            self.op.type_name, "op"
-        )
+        """ "input", "shared" or "const" for a source (its `SourceKind`), else "op"."""
+        source = self.op.source_kind
+        return "op" if source is None else source.value
 
     def __repr__(self) -> str:
         return f"Node({self.op!r}, shape={self.shape})"
@@ -120,7 +123,7 @@ def build_program(outputs: Sequence[SymbolVar], updates: Sequence[SymbolVar], tr
     copies: dict[int, Node] = {}
 
     def resolve(var: SymbolVar) -> SymbolVar:
-        while var.op.type_name == "ModeSelect":
+        while isinstance(var.op, ModeSelect):
             var = var.inputs[0] if training else var.inputs[1]
         return var
 
@@ -145,7 +148,7 @@ def build_program(outputs: Sequence[SymbolVar], updates: Sequence[SymbolVar], tr
                 var.shape,
                 var.dtype,
                 origin=var,
-                value=var.value if var.op.type_name == "ImmutableTensor" else None,
+                value=var.value if isinstance(var.op, ImmutableTensor) else None,
             )
             pending_updates.extend(u for u in var.side_updates if u.id not in seen_updates)
         return copies[resolve(root).id]
@@ -157,7 +160,7 @@ def build_program(outputs: Sequence[SymbolVar], updates: Sequence[SymbolVar], tr
         if up.id in seen_updates:
             continue
         seen_updates.add(up.id)
-        if up.op.type_name != "AddUpdate":
+        if not isinstance(up.op, AddUpdate):
             raise GraphError(f"updates must be AddUpdate nodes (from an optimizer or opr.add_update), got {up!r}")
         update_pairs.append((up.inputs[0], copy(up)))
     dests = [d.id for d, _ in update_pairs]

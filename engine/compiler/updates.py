@@ -26,7 +26,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..graph import SymbolVar
+from ..opr.base import Workspace
 from ..opr.fused import FusedElemwise, Step
+from ..opr.update import AddUpdate
 from .program import Node, Program, topological
 
 MEMBER, SCALAR, GROUP = "member", "scalar", "group"
@@ -49,8 +51,8 @@ class FlatUpdate:
 
 
 def _structural_key(op) -> tuple:
-    if op.type_name == "AddUpdate":  # its key() is per node; here only the arithmetic matters
-        return (op.type_name, op.alpha, op.beta, op.bias)
+    if isinstance(op, AddUpdate):  # its key() is per node; here only the arithmetic matters
+        return (AddUpdate, op.alpha, op.beta, op.bias)
     return op.key()
 
 
@@ -75,7 +77,7 @@ def _chain(root: Node, readers: dict[int, list[Node]], roots: set[int]) -> list[
 
 
 def _elementwise(node: Node) -> bool:
-    return node.op.type_name == "AddUpdate" or (node.op.elementwise and node.op.writes_into())
+    return isinstance(node.op, AddUpdate) or (node.op.elementwise and node.op.writes_into())
 
 
 def _describe(dest: SymbolVar, root: Node, chain: list[Node]):
@@ -275,8 +277,6 @@ class FlatUpdateRunner:
             results.append(out)
 
     def _bind(self, flat: dict[tuple, np.ndarray]) -> tuple[list, list]:
-        from ..opr.base import Workspace
-
         bound, watched = [], []
         for group in self.groups:
             inputs = []

@@ -22,7 +22,6 @@ from .idx import DataError, read_idx
 
 SPLIT_PREFIX = {"train": "train", "test": "t10k"}
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081  # MegEngine LeNet example defaults
-FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.2860, 0.3530  # the Fashion-MNIST training set's own
 
 
 def find_idx_file(directory: Path, stem: str) -> Path:

@@ -12,8 +12,10 @@ from typing import Any
 
 import numpy as np
 
-from ..graph import SymbolVar
+from .. import opr
+from ..graph import SourceKind, SymbolVar
 from ..model import Model
+from ..opr.base import Operator
 from ..serialize.modelfile import collect_nodes
 from .importer import OnnxError, require_onnx
 
@@ -29,7 +31,7 @@ class _Exporter:
         self.names: dict[int, str] = {}
 
     def name(self, var: SymbolVar) -> str:
-        while var.op.type_name == "ModeSelect":
+        while isinstance(var.op, opr.ModeSelect):
             var = var.inputs[1]
         return self.names[var.id]
 
@@ -50,21 +52,22 @@ class _Exporter:
         helper = self.onnx.helper
         inputs = []
         for var in collect_nodes(self.model, inference_only=True):
-            kind = var.op.type_name
-            if kind == "Host2DeviceCopy":
+            source = var.op.source_kind
+            if source is SourceKind.INPUT:
                 self.names[var.id] = var.name
                 inputs.append(self.value_info(var.name, var))
-            elif kind == "SharedDeviceTensor":
+            elif source is SourceKind.SHARED:
                 self.names[var.id] = var.name
                 self.initializers.append(self.onnx.numpy_helper.from_array(np.asarray(var.value), var.name))
-            elif kind == "ImmutableTensor":
+            elif source is SourceKind.CONST:
                 self.names[var.id] = self.constant(var.value, "c")
             else:
-                emit = EMITTERS.get(kind)
+                kind = var.op.type_name
+                emit = EMITTERS.get(type(var.op))
                 if emit is None:
                     raise OnnxError(
                         f"cannot export operator {kind} to ONNX (node {var!r}); exportable: "
-                        f"{', '.join(sorted(EMITTERS))}"
+                        f"{', '.join(sorted(op.type_name for op in EMITTERS))}"
                     )
                 out = f"{kind}_{var.id}"
                 emit(self, var, [self.name(i) for i in var.inputs], out)
@@ -141,40 +144,40 @@ def _cast(ex: _Exporter, var: SymbolVar, ins: list[str], out: str) -> None:
     ex.add("Cast", ins, out, to=ex.onnx.helper.np_dtype_to_tensor_dtype(var.dtype))
 
 
-EMITTERS: dict[str, Callable[[_Exporter, SymbolVar, list[str], str], None]] = {
-    "Convolution": _conv,
-    "Pooling": _pool,
-    "MatrixMul": _matmul,
-    "Reshape": _reshape,
-    "Add": _same("Add"),
-    "Sub": _same("Sub"),
-    "Mul": _same("Mul"),
-    "Div": _same("Div"),
-    "Pow": _same("Pow"),
-    "Maximum": _same("Max"),
-    "Neg": _same("Neg"),
-    "Exp": _same("Exp"),
-    "Log": _same("Log"),
-    "Sqrt": _same("Sqrt"),
-    "Abs": _same("Abs"),
-    "Sign": _same("Sign"),
-    "Relu": _same("Relu"),
-    "Sigmoid": _same("Sigmoid"),
-    "Tanh": _same("Tanh"),
-    "Equal": _same("Equal"),
-    "Greater": _same("Greater"),
-    "GreaterEqual": _same("GreaterOrEqual"),
-    "LogicalNot": _same("Not"),
-    "Transpose": lambda ex, var, ins, out: ex.add("Transpose", ins, out, perm=var.op.attrs["perm"]),
-    "Concat": _axis("Concat"),
-    "Softmax": _axis("Softmax"),
-    "LogSoftmax": _axis("LogSoftmax"),
-    "Argmax": lambda ex, var, ins, out: ex.add("ArgMax", ins, out, axis=int(var.op.attrs["axis"]), keepdims=0),
-    "Sum": _reduce("ReduceSum", True),
-    "Mean": _reduce("ReduceMean", False),
-    "Max": _reduce("ReduceMax", False),
-    "Astype": _cast,
-    "EmbeddingLookup": _same("Gather", axis=0),
+EMITTERS: dict[type[Operator], Callable[[_Exporter, SymbolVar, list[str], str], None]] = {
+    opr.Convolution: _conv,
+    opr.Pooling: _pool,
+    opr.MatrixMul: _matmul,
+    opr.Reshape: _reshape,
+    opr.Add: _same("Add"),
+    opr.Sub: _same("Sub"),
+    opr.Mul: _same("Mul"),
+    opr.Div: _same("Div"),
+    opr.Pow: _same("Pow"),
+    opr.Maximum: _same("Max"),
+    opr.Neg: _same("Neg"),
+    opr.Exp: _same("Exp"),
+    opr.Log: _same("Log"),
+    opr.Sqrt: _same("Sqrt"),
+    opr.Abs: _same("Abs"),
+    opr.Sign: _same("Sign"),
+    opr.Relu: _same("Relu"),
+    opr.Sigmoid: _same("Sigmoid"),
+    opr.Tanh: _same("Tanh"),
+    opr.Equal: _same("Equal"),
+    opr.Greater: _same("Greater"),
+    opr.GreaterEqual: _same("GreaterOrEqual"),
+    opr.LogicalNot: _same("Not"),
+    opr.Transpose: lambda ex, var, ins, out: ex.add("Transpose", ins, out, perm=var.op.attrs["perm"]),
+    opr.Concat: _axis("Concat"),
+    opr.Softmax: _axis("Softmax"),
+    opr.LogSoftmax: _axis("LogSoftmax"),
+    opr.Argmax: lambda ex, var, ins, out: ex.add("ArgMax", ins, out, axis=int(var.op.attrs["axis"]), keepdims=0),
+    opr.Sum: _reduce("ReduceSum", True),
+    opr.Mean: _reduce("ReduceMean", False),
+    opr.Max: _reduce("ReduceMax", False),
+    opr.Astype: _cast,
+    opr.EmbeddingLookup: _same("Gather", axis=0),
 }
 
 

@@ -232,7 +232,7 @@ def _batch_norm(im: _Importer, node: Any) -> SymbolVar:
         raise im.fail("BatchNormalization in training mode (running-stat outputs) is not supported")
     x, scale, bias, mean, var = (im.var(n) for n in node.input[:5])
     for stat in (mean, var):
-        if stat.op.type_name == "SharedDeviceTensor":
+        if isinstance(stat.op, opr.SharedDeviceTensor):
             stat.op.attrs["trainable"] = False  # statistics are buffers, not weights
     # ONNX's momentum weighs the old running value (0.9); the engine's weighs the batch (0.1).
     return opr.batch_norm(
@@ -269,7 +269,7 @@ def _identity(im: _Importer, node: Any) -> SymbolVar | np.ndarray:
     if name in im.static:
         return im.static[name]
     source = im.var(name)
-    if source.op.type_name == "SharedDeviceTensor":
+    if isinstance(source.op, opr.SharedDeviceTensor):
         # PyTorch's exporter shares one initializer between equal tensors (BN weight == running_var at
         # init) through Identity; give the alias its own tensor, so training one does not move the other.
         copy = opr.shared(im.graph, source.value, node.output[0])

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ..graph import ComputingGraph, GraphError, Shape, ShapeError, SymbolVar
+from ..graph import ComputingGraph, GraphError, Shape, ShapeError, SourceKind, SymbolVar
 
 OPERATORS: dict[str, type[Operator]] = {}  # type name -> class, for model files
 
@@ -23,6 +23,7 @@ OPERATORS: dict[str, type[Operator]] = {}  # type name -> class, for model files
 class Operator(ABC):
     type_name: ClassVar[str] = "Operator"
     is_source: ClassVar[bool] = False  # fed input, shared tensor or constant
+    source_kind: ClassVar[SourceKind | None] = None  # which of the three, for a source
     n_inputs: ClassVar[int | None] = None  # None: any number
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -88,7 +89,7 @@ class Operator(ABC):
 
     def key(self) -> tuple:
         """Identity of the computation for common-subexpression merging."""
-        return (self.type_name, repr(sorted(self.attrs.items())))
+        return (type(self), repr(sorted(self.attrs.items())))
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.attrs.items())

@@ -11,7 +11,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from ..graph import Shape, SymbolVar
+from ..graph import Shape, SourceKind, SymbolVar
 from .base import Operator, broadcast_shapes, result_dtype
 
 
@@ -100,7 +100,7 @@ class Pow(_Binary):
     def grad(self, out, dout):
         a, b = out.inputs
         da = Mul.make(dout, Mul.make(b, Pow.make(a, Sub.make(b, 1.0))))
-        db = None if b.is_source and b.op.type_name == "ImmutableTensor" else Mul.make(dout, Mul.make(out, Log.make(a)))
+        db = None if b.op.source_kind is SourceKind.CONST else Mul.make(dout, Mul.make(out, Log.make(a)))
         return [unbroadcast(da, a), None if db is None else unbroadcast(db, b)]
 
 

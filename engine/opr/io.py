@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..graph import ComputingGraph, GraphError, Shape, SymbolVar
+from ..graph import ComputingGraph, GraphError, Shape, SourceKind, SymbolVar
 from .base import Operator
 
 
@@ -30,6 +30,8 @@ class _Source(Operator):
 class Host2DeviceCopy(_Source):
     """An input fed on every `execute` (shape may hold None for sizes known only then)."""
 
+    source_kind = SourceKind.INPUT
+
     @classmethod
     def make(
         cls, graph: ComputingGraph, shape: Sequence[int | None], dtype: str | np.dtype = "float32", name: str = "input"
@@ -41,6 +43,8 @@ class Host2DeviceCopy(_Source):
 
 class SharedDeviceTensor(_Source):
     """State kept across steps; updates write it in place, so every function sees one copy."""
+
+    source_kind = SourceKind.SHARED
 
     @classmethod
     def make(cls, graph: ComputingGraph, value: np.ndarray, name: str, trainable: bool = True) -> SymbolVar:
@@ -81,6 +85,8 @@ _POOLS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 class ImmutableTensor(_Source):
     """A constant folded into the graph."""
+
+    source_kind = SourceKind.CONST
 
     @classmethod
     def make(cls, graph: ComputingGraph, value: np.ndarray, name: str | None = None) -> SymbolVar:

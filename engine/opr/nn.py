@@ -248,6 +248,20 @@ class DropoutMask(Operator):
         keep = self._rng.random(x.shape, dtype=np.float32) >= self.p
         return keep.astype(x.dtype) * np.asarray(1 / (1 - self.p), x.dtype)
 
+    # ----- the generator's state, which checkpoints save so a resumed run draws the same masks -----
+    def rng_state(self) -> dict:
+        return self._rng.bit_generator.state
+
+    def check_rng_state(self, state: dict) -> None:
+        """Raise (TypeError, ValueError or KeyError) unless `state` is one `set_rng_state` takes;
+        tried on a scratch generator, so this mask's own sequence is untouched."""
+        type(self._rng.bit_generator)().state = state
+
+    def set_rng_state(self, state: dict) -> None:
+        """Continue the mask sequence from `state` (a `rng_state()`)."""
+        self.check_rng_state(state)
+        self._rng.bit_generator.state = state
+
     def grad(self, out, dout):
         return [None]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..graph import ShapeError
+from ..graph import ShapeError, SourceKind
 from .base import Operator, broadcast_shapes, shape_str
 
 
@@ -21,7 +21,7 @@ class AddUpdate(Operator):
         return super().make(dest, delta, alpha=float(alpha), beta=float(beta), bias=float(bias), name=name)
 
     def infer(self, dest, delta):
-        if dest.op.type_name != "SharedDeviceTensor":
+        if dest.op.source_kind is not SourceKind.SHARED:
             raise ShapeError(f"AddUpdate: destination must be a shared tensor, got {dest!r}")
         if broadcast_shapes("AddUpdate", dest.shape, delta.shape) != dest.shape:
             raise ShapeError(

@@ -22,7 +22,10 @@ import numpy as np
 
 from ..graph import ComputingGraph, GraphError, SymbolVar
 from ..model import Model
-from ..opr import OPERATORS, Host2DeviceCopy, ImmutableTensor, SharedDeviceTensor
+from ..opr.base import OPERATORS, Operator
+from ..opr.io import Host2DeviceCopy, ImmutableTensor, SharedDeviceTensor
+from ..opr.nn import ModeSelect
+from ..opr.update import AddUpdate
 from .container import DTYPES, ContainerError, write_atomic
 from .container import dumps as dump_container
 from .container import loads as load_container
@@ -100,7 +103,7 @@ def _check_attrs(i: int, entry: dict, attrs: dict) -> None:
 
 def _resolve(var: SymbolVar, inference_only: bool) -> SymbolVar:
     """In inference-only files a train/eval switch is replaced by its eval branch."""
-    while inference_only and var.op.type_name == "ModeSelect":
+    while inference_only and isinstance(var.op, ModeSelect):
         var = var.inputs[1]
     return var
 
@@ -138,16 +141,16 @@ def to_container(model: Model, inference_only: bool = False) -> tuple[dict[str, 
     entries = []
     for i, var in enumerate(nodes):
         entry: dict[str, Any] = {
-            "op": var.op.type_name,
+            "op": var.op.type_name,  # the operator's name in the file
             "attrs": var.op.attrs,
             "inputs": [ref(x) for x in var.inputs],
             "name": var.name,
             "shape": [None if d is None else int(d) for d in var.shape],
             "dtype": var.dtype.name,
         }
-        if var.op.type_name == "SharedDeviceTensor":
+        if isinstance(var.op, SharedDeviceTensor):
             tensors[var.name] = var.value
-        elif var.op.type_name == "ImmutableTensor":
+        elif isinstance(var.op, ImmutableTensor):
             tensors[f"{_CONST_PREFIX}{i}"] = np.asarray(var.value)
         ups = [] if inference_only else [index[u.id] for u in var.side_updates if u.id in index]
         if ups:
@@ -277,24 +280,24 @@ def from_container(tensors: dict[str, np.ndarray], metadata: dict[str, Any]) -> 
         if not isinstance(ups, list):
             raise _fail(i, entry, "side_updates must be a list")
         for j in ups:
-            if not (_is_int(j) and 0 <= j < len(built)) or built[j].op.type_name != "AddUpdate":
+            if not (_is_int(j) and 0 <= j < len(built)) or not isinstance(built[j].op, AddUpdate):
                 raise _fail(i, entry, f"side update {j!r} is not an update node")
             built[i].side_updates.append(built[j])
 
-    def named(section: str, kind: str | None = None) -> dict[str, SymbolVar]:
+    def named(section: str, kind: type[Operator] | None = None) -> dict[str, SymbolVar]:
         table = ir.get(section)
         if not isinstance(table, dict) or not table:
             raise ModelFileError(f"model graph lists no {section}")
         if not all(_is_int(j) and 0 <= j < len(built) for j in table.values()):
             raise ModelFileError(f"model graph {section} refer to nodes that do not exist")
-        if kind and any(built[j].op.type_name != kind for j in table.values()):
-            raise ModelFileError(f"model graph {section} must refer to {kind} nodes")
+        if kind and not all(isinstance(built[j].op, kind) for j in table.values()):
+            raise ModelFileError(f"model graph {section} must refer to {kind.type_name} nodes")
         return {str(n): built[j] for n, j in table.items()}
 
-    params = {v.name: v for v in built if v.op.type_name == "SharedDeviceTensor"}
+    params = {v.name: v for v in built if isinstance(v.op, SharedDeviceTensor)}
     extra = {k: v for k, v in metadata.items() if k not in ("graph",)}
     return Model(
-        graph, inputs=named("inputs", "Host2DeviceCopy"), outputs=named("outputs"), params=params, metadata=extra
+        graph, inputs=named("inputs", Host2DeviceCopy), outputs=named("outputs"), params=params, metadata=extra
     )
 
 

@@ -1,0 +1,254 @@
+"""The everyday spelling of the operators: `opr.add(a, b)` is `Add.make(a, b)`, plus a few
+compositions (flatten, dropout, batch_norm) built from several operators."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from ..graph import ComputingGraph, ShapeError, SymbolVar
+from .conv import Convolution
+from .elemwise import Abs, Add, Astype, Div, Equal, Exp, Log, Maximum, Mul, Neg, Pow, Relu, Sigmoid, Sqrt, Sub, Tanh
+from .io import Host2DeviceCopy, SharedDeviceTensor
+from .matmul import MatrixMul
+from .nn import (
+    Argmax,
+    DropoutMask,
+    EmbeddingLookup,
+    IndexingOneHot,
+    LogSoftmax,
+    ModeSelect,
+    OneHot,
+    Softmax,
+    SoftmaxCrossEntropy,
+)
+from .pooling import Pooling
+from .reduce import CountRatio, Max, Mean, Sum
+from .shape import Concat, Reshape, Transpose
+from .update import AddUpdate
+
+# ----- sources -----
+
+
+def host2device(
+    graph: ComputingGraph, shape: Sequence[int | None], dtype: Any = "float32", name: str = "input"
+) -> SymbolVar:
+    """An input fed each step; use None (or -1) for a size known only when fed."""
+    return Host2DeviceCopy.make(graph, shape, dtype, name)
+
+
+def shared(graph: ComputingGraph, value: Any, name: str, trainable: bool = True) -> SymbolVar:
+    """A tensor that lives across steps (a weight, a buffer)."""
+    return SharedDeviceTensor.make(graph, value, name, trainable)
+
+
+# ----- elementwise -----
+
+
+def add(a: Any, b: Any) -> SymbolVar:
+    return Add.make(a, b)
+
+
+def sub(a: Any, b: Any) -> SymbolVar:
+    return Sub.make(a, b)
+
+
+def mul(a: Any, b: Any) -> SymbolVar:
+    return Mul.make(a, b)
+
+
+def div(a: Any, b: Any) -> SymbolVar:
+    return Div.make(a, b)
+
+
+def pow(a: Any, b: Any) -> SymbolVar:
+    return Pow.make(a, b)  # noqa: A001 - MegEngine's name
+
+
+def maximum(a: Any, b: Any) -> SymbolVar:
+    return Maximum.make(a, b)
+
+
+def equal(a: Any, b: Any) -> SymbolVar:
+    return Equal.make(a, b)
+
+
+def neg(x: SymbolVar) -> SymbolVar:
+    return Neg.make(x)
+
+
+def exp(x: SymbolVar) -> SymbolVar:
+    return Exp.make(x)
+
+
+def log(x: SymbolVar) -> SymbolVar:
+    return Log.make(x)
+
+
+def sqrt(x: SymbolVar) -> SymbolVar:
+    return Sqrt.make(x)
+
+
+def abs(x: SymbolVar) -> SymbolVar:
+    return Abs.make(x)  # noqa: A001
+
+
+def relu(x: SymbolVar) -> SymbolVar:
+    return Relu.make(x)
+
+
+def sigmoid(x: SymbolVar) -> SymbolVar:
+    return Sigmoid.make(x)
+
+
+def tanh(x: SymbolVar) -> SymbolVar:
+    return Tanh.make(x)
+
+
+def astype(x: SymbolVar, dtype: Any) -> SymbolVar:
+    return Astype.make(x, dtype=np.dtype(dtype).name)
+
+
+# ----- shape -----
+
+
+def reshape(x: SymbolVar, shape: Sequence[int]) -> SymbolVar:
+    return Reshape.make(x, shape)
+
+
+def transpose(x: SymbolVar, perm: Sequence[int] | None = None) -> SymbolVar:
+    return Transpose.make(x, perm)
+
+
+def concat(xs: Sequence[SymbolVar], axis: int = 0) -> SymbolVar:
+    return Concat.make(xs, axis)
+
+
+def flatten(x: SymbolVar, start_axis: int = 1) -> SymbolVar:
+    """Keep the axes before `start_axis`, merge the rest (the batch size may be fed late)."""
+    if not 0 <= start_axis < x.ndim:
+        raise ShapeError(f"flatten: start_axis {start_axis} out of range for {x.ndim} dimensions")
+    rest = x.shape[start_axis:]
+    if None in rest:
+        raise ShapeError(f"flatten: the merged axes {rest} must have static sizes")
+    merged = int(np.prod(rest, dtype=np.int64))
+    lead = [(-1 if d is None else d) for d in x.shape[:start_axis]]
+    if lead.count(-1) > 1:
+        raise ShapeError(f"flatten: at most one leading size may be fed late, got {x.shape}")
+    return Reshape.make(x, [*lead, merged])
+
+
+# ----- reductions -----
+
+
+def sum(x: SymbolVar, axis: int | Sequence[int] | None = None, keepdims: bool = False) -> SymbolVar:  # noqa: A001
+    return Sum.make(x, axis, keepdims)
+
+
+def mean(x: SymbolVar, axis: int | Sequence[int] | None = None, keepdims: bool = False) -> SymbolVar:
+    return Mean.make(x, axis, keepdims)
+
+
+def max(x: SymbolVar, axis: int | Sequence[int] | None = None, keepdims: bool = False) -> SymbolVar:  # noqa: A001
+    return Max.make(x, axis, keepdims)
+
+
+# ----- neural network -----
+
+
+def matrix_mul(a: SymbolVar, b: SymbolVar, transpose_a: bool = False, transpose_b: bool = False) -> SymbolVar:
+    return MatrixMul.make(a, b, transpose_a=transpose_a, transpose_b=transpose_b)
+
+
+def convolution(
+    x: SymbolVar, w: SymbolVar, stride: Any = 1, padding: Any = 0, dilation: Any = 1, groups: int = 1
+) -> SymbolVar:
+    return Convolution.make(x, w, stride=stride, padding=padding, dilation=dilation, groups=groups)
+
+
+def pooling(x: SymbolVar, mode: str = "max", window: Any = 2, stride: Any = None, padding: Any = 0) -> SymbolVar:
+    return Pooling.make(x, mode=mode, window=window, stride=stride, padding=padding)
+
+
+def softmax(x: SymbolVar, axis: int = -1) -> SymbolVar:
+    return Softmax.make(x, axis=axis)
+
+
+def log_softmax(x: SymbolVar, axis: int = -1) -> SymbolVar:
+    return LogSoftmax.make(x, axis=axis)
+
+
+def argmax(x: SymbolVar, axis: int = -1) -> SymbolVar:
+    return Argmax.make(x, axis=axis)
+
+
+def softmax_cross_entropy(logits: SymbolVar, label: SymbolVar, axis: int = 1) -> SymbolVar:
+    """Per-sample -log softmax(logits)[label], forward and gradient each one kernel."""
+    return SoftmaxCrossEntropy.make(logits, label, axis=axis % logits.ndim)
+
+
+def indexing_one_hot(x: SymbolVar, index: SymbolVar, axis: int = 1) -> SymbolVar:
+    """x[i, index[i]] along `axis`."""
+    return IndexingOneHot.make(x, index, axis=axis % x.ndim)
+
+
+def embedding(weight: SymbolVar, index: SymbolVar) -> SymbolVar:
+    """weight[index]: one row of the (rows, dim) table per integer index."""
+    return EmbeddingLookup.make(weight, index)
+
+
+def one_hot(labels: SymbolVar, num_classes: int, dtype: Any = "float32") -> SymbolVar:
+    return OneHot.make(labels, num_classes=int(num_classes), dtype=np.dtype(dtype).name)
+
+
+def dropout(x: SymbolVar, p: float = 0.5, seed: int = 0) -> SymbolVar:
+    """Random zeroing with 1/(1-p) scaling while training; identity in evaluation."""
+    if p == 0:
+        return x
+    return ModeSelect.make(Mul.make(x, DropoutMask.make(x, p=float(p), seed=int(seed))), x)
+
+
+def batch_norm(
+    x: SymbolVar,
+    weight: SymbolVar,
+    bias: SymbolVar,
+    running_mean: SymbolVar,
+    running_var: SymbolVar,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> SymbolVar:
+    """Batch normalization over every axis but 1 (channels), PyTorch's semantics.
+
+    Training normalizes with the batch's statistics and moves the running ones (an update
+    attached to the result); evaluation uses the running statistics.
+    """
+    axes = [a for a in range(x.ndim) if a != 1]
+    channels = x.shape[1]
+    if channels is None or weight.shape != (channels,):
+        raise ShapeError(
+            f"batch_norm: input {x.shape} needs weight/bias/statistics of shape ({channels},), got {weight.shape}"
+        )
+    view = [1, channels] + [1] * (x.ndim - 2)
+
+    def normalize(m: SymbolVar, v: SymbolVar) -> SymbolVar:
+        scale = Div.make(Reshape.make(weight, view), Sqrt.make(Add.make(v, eps)))
+        return Add.make(Mul.make(Sub.make(x, m), scale), Reshape.make(bias, view))
+
+    batch_mean = Mean.make(x, axes, keepdims=True)
+    centered = Sub.make(x, batch_mean)
+    batch_var = Mean.make(Mul.make(centered, centered), axes, keepdims=True)
+    train = normalize(batch_mean, batch_var)
+    unbiased = Div.make(batch_var, Sub.make(1.0, CountRatio.make(batch_mean, x)))
+    train.side_updates += [
+        AddUpdate.make(running_mean, Reshape.make(batch_mean, [channels]), alpha=1 - momentum, beta=momentum),
+        AddUpdate.make(running_var, Reshape.make(unbiased, [channels]), alpha=1 - momentum, beta=momentum),
+    ]
+    evaluate = normalize(Reshape.make(running_mean, view), Reshape.make(running_var, view))
+    return ModeSelect.make(train, evaluate)
+
+
+def add_update(dest: SymbolVar, delta: Any, alpha: float = 1.0, beta: float = 1.0, bias: float = 0.0) -> SymbolVar:
+    """dest <- dest*alpha + delta*beta + bias when the compiled function runs."""
+    return AddUpdate.make(dest, delta, alpha=alpha, beta=beta, bias=bias)

@@ -1,8 +1,10 @@
 /**
  * Local training with the served training step (docs/protocol.md, "Training-step download"): one ONNX
- * graph computes a step, inputs = the model's inputs, `label`, every trainable weight by name, the
- * optimizer state and `lr`; outputs = `loss`, `new/<name>`, `new_state/<name>`. The trainer feeds a
- * batch with the current weights and state and keeps what comes out, batch after batch.
+ * graph computes one step. Inputs: the model's inputs, `label`, every model tensor the step reads (by its
+ * model name), the optimizer state `state/<weight>/<slot>`, `prox_anchor/<weight>` (FedProx: the base
+ * weights) and `lr`. Outputs: `loss`, `new/<name>` for every tensor the step changes, and
+ * `new_state/<weight>/<slot>`. The trainer feeds a batch with the current tensors and state and keeps what
+ * comes out, batch after batch.
  */
 
 import type { Dataset } from "./data.js";
@@ -27,7 +29,7 @@ export interface FitOptions {
 }
 
 export interface FitResult {
-  weights: Map<string, Float32Array>;
+  weights: Map<string, Float32Array>; // every tensor the step changed, after the last step
   firstLoss: number;
   meanLoss: number;
   lastEpochLoss: number;
@@ -35,11 +37,61 @@ export interface FitResult {
 }
 
 const size = (dims: readonly number[]): number => dims.reduce((a, b) => a * b, 1);
+const ANCHOR = "prox_anchor/";
+const STATE = "state/";
 
 function floats(tensor: TensorLike | undefined, name: string): Float32Array {
-  if (!tensor || !(tensor.data instanceof Float32Array))
+  if (!tensor || !(tensor.data instanceof Float32Array)) {
     throw new TrainingStepError(`output ${name} is missing or not float32`);
+  }
   return tensor.data;
+}
+
+/** How each input of the step graph is fed. */
+interface Plan {
+  carried: string[]; // model tensors the step changes: fed, then replaced by new/<name>
+  constant: Map<string, string>; // input -> model tensor fed unchanged (read-only tensors, FedProx anchors)
+  state: Map<string, number[]>; // state/<weight>/<slot> -> static shape, zeros at the start
+  labelType: "int64" | "int32";
+}
+
+function plan(session: SessionLike, model: ModelFile): Plan {
+  const inputs = new Set(session.inputNames);
+  const outputs = new Set(session.outputNames);
+  const dataInputs = model.inputs.map((i) => i.name);
+  const missing = [...dataInputs, "label", "lr", ...model.trainable].filter((n) => !inputs.has(n));
+  missing.push(...["loss", ...model.trainable.map((n) => `new/${n}`)].filter((n) => !outputs.has(n)));
+  if (missing.length) {
+    throw new TrainingStepError(`the training step does not fit the model: missing ${missing.join(", ")}`);
+  }
+  const metadata = new Map((session.inputMetadata ?? []).map((m) => [m.name, m]));
+  const result: Plan = {
+    carried: [],
+    constant: new Map(),
+    state: new Map(),
+    labelType: metadata.get("label")?.type === "int32" ? "int32" : "int64",
+  };
+  for (const name of session.inputNames) {
+    if (dataInputs.includes(name) || name === "label" || name === "lr") continue;
+    if (model.weights.has(name)) {
+      if (outputs.has(`new/${name}`)) result.carried.push(name);
+      else result.constant.set(name, name);
+    } else if (name.startsWith(ANCHOR) && model.weights.has(name.slice(ANCHOR.length))) {
+      result.constant.set(name, name.slice(ANCHOR.length));
+    } else if (name.startsWith(STATE)) {
+      const shape = metadata.get(name)?.shape;
+      if (!shape || !shape.every((d) => typeof d === "number")) {
+        throw new TrainingStepError(`optimizer state ${name}: its shape is not static (${JSON.stringify(shape)})`);
+      }
+      if (!outputs.has(`new_${name}`)) throw new TrainingStepError(`optimizer state ${name} has no output new_${name}`);
+      result.state.set(name, shape as number[]);
+    } else {
+      throw new TrainingStepError(
+        `the training step reads ${name}, which this agent cannot feed (dropout masks are not supported yet)`,
+      );
+    }
+  }
+  return result;
 }
 
 export class StepTrainer {
@@ -47,39 +99,37 @@ export class StepTrainer {
     private readonly runtime: Runtime,
     private readonly session: SessionLike,
     private readonly model: ModelFile,
-    private readonly stateShapes: Map<string, number[]>,
-    private readonly labelType: "int64" | "int32",
+    private readonly plan: Plan,
   ) {}
 
   /** Load the step graph and check it fits the model: every name the interface promises must be there. */
   static async create(runtime: Runtime, stepBytes: Uint8Array, model: ModelFile): Promise<StepTrainer> {
     const session = await runtime.createSession(stepBytes);
-    const inputs = new Set(session.inputNames);
-    const outputs = new Set(session.outputNames);
-    const dataInputs = model.inputs.map((i) => i.name);
-    const missing = [...dataInputs, "label", "lr", ...model.trainable].filter((n) => !inputs.has(n));
-    missing.push(...["loss", ...model.trainable.map((n) => `new/${n}`)].filter((n) => !outputs.has(n)));
-    if (missing.length)
-      throw new TrainingStepError(`the training step does not fit the model: missing ${missing.join(", ")}`);
-    const known = new Set([...dataInputs, "label", "lr", ...model.weights.keys()]);
-    const metadata = new Map((session.inputMetadata ?? []).map((m) => [m.name, m]));
-    const stateShapes = new Map<string, number[]>();
-    for (const name of session.inputNames.filter((n) => !known.has(n))) {
-      const shape = metadata.get(name)?.shape;
-      if (!shape || !shape.every((d) => typeof d === "number")) {
-        throw new TrainingStepError(
-          `optimizer state input ${name}: its shape is not static (${JSON.stringify(shape)})`,
-        );
-      }
-      if (!outputs.has(`new_state/${name}`))
-        throw new TrainingStepError(`optimizer state ${name} has no output new_state/${name}`);
-      stateShapes.set(name, shape as number[]);
+    try {
+      return new StepTrainer(runtime, session, model, plan(session, model));
+    } catch (error) {
+      await session.release?.();
+      throw error;
     }
-    const labelType = metadata.get("label")?.type === "int32" ? "int32" : "int64";
-    return new StepTrainer(runtime, session, model, stateShapes, labelType);
   }
 
-  /** Train from the model's weights for `epochs` over `data`; state starts at zeros (a fresh optimizer). */
+  private labels(picked: Int32Array, data: Dataset): TensorLike {
+    const n = [picked.length];
+    if (this.plan.labelType === "int32") {
+      return this.runtime.tensor(
+        "int32",
+        Int32Array.from(picked, (i) => data.y[i]!),
+        n,
+      );
+    }
+    return this.runtime.tensor(
+      "int64",
+      BigInt64Array.from(picked, (i) => BigInt(data.y[i]!)),
+      n,
+    );
+  }
+
+  /** Train from the model's weights for `epochs` over `data`; the state starts at zeros (a fresh optimizer). */
   async fit(data: Dataset, options: FitOptions): Promise<FitResult> {
     const { runtime, model } = this;
     const input = model.inputs[0]!;
@@ -89,14 +139,13 @@ export class StepTrainer {
         `data items have shape [${data.itemShape}], the model's input ${input.name} expects [${expected}]`,
       );
     }
-    const weights = new Map(model.trainable.map((n) => [n, model.weights.get(n)!.slice()]));
-    const state = new Map([...this.stateShapes].map(([n, dims]) => [n, new Float32Array(size(dims))]));
-    const constants: Record<string, TensorLike> = {};
-    for (const name of this.session.inputNames) {
-      if (!weights.has(name) && model.weights.has(name))
-        constants[name] = runtime.tensor("float32", model.weights.get(name)!, model.shapes.get(name)!);
-    }
-    const lr = runtime.tensor("float32", Float32Array.of(options.lr), []);
+    const tensor = (name: string, values: Float32Array) => runtime.tensor("float32", values, model.shapes.get(name)!);
+    const weights = new Map(this.plan.carried.map((n) => [n, model.weights.get(n)!.slice()]));
+    const state = new Map([...this.plan.state].map(([n, dims]) => [n, new Float32Array(size(dims))]));
+    const constants: Record<string, TensorLike> = {
+      lr: runtime.tensor("float32", Float32Array.of(options.lr), []),
+    };
+    for (const [name, source] of this.plan.constant) constants[name] = tensor(source, model.weights.get(source)!);
     const item = size(data.itemShape);
     const batch = Math.max(1, Math.min(options.batchSize, data.size));
     const random = seeded(options.seed);
@@ -106,42 +155,29 @@ export class StepTrainer {
     let epochLoss = 0;
     for (let epoch = 0; epoch < options.epochs; epoch++) {
       const order = shuffled(data.size, random);
-      epochLoss = 0;
+      let epochTotal = 0;
       let epochSteps = 0;
       for (let start = 0; start < data.size; start += batch) {
         if (options.shouldStop?.()) throw new Interrupted(`stopped after ${steps} steps`);
         const picked = order.subarray(start, start + batch);
         const x = new Float32Array(picked.length * item);
         picked.forEach((idx, row) => x.set(data.x.subarray(idx * item, (idx + 1) * item), row * item));
-        const feeds: Record<string, TensorLike> = { ...constants, lr };
+        const feeds: Record<string, TensorLike> = { ...constants, label: this.labels(picked, data) };
         feeds[input.name] = runtime.tensor("float32", x, [picked.length, ...data.itemShape]);
-        feeds.label =
-          this.labelType === "int64"
-            ? runtime.tensor(
-                "int64",
-                BigInt64Array.from(picked, (i) => BigInt(data.y[i]!)),
-                [picked.length],
-              )
-            : runtime.tensor(
-                "int32",
-                Int32Array.from(picked, (i) => data.y[i]!),
-                [picked.length],
-              );
-        for (const [name, values] of weights) feeds[name] = runtime.tensor("float32", values, model.shapes.get(name)!);
-        for (const [name, values] of state)
-          feeds[name] = runtime.tensor("float32", values, this.stateShapes.get(name)!);
+        for (const [name, values] of weights) feeds[name] = tensor(name, values);
+        for (const [name, values] of state) feeds[name] = runtime.tensor("float32", values, this.plan.state.get(name)!);
         const out = await this.session.run(feeds);
         const loss = floats(out.loss, "loss")[0]!;
         if (!Number.isFinite(loss)) throw new TrainingStepError(`training diverged: loss ${loss} at step ${steps}`);
         for (const name of weights.keys()) weights.set(name, floats(out[`new/${name}`], `new/${name}`).slice());
-        for (const name of state.keys()) state.set(name, floats(out[`new_state/${name}`], `new_state/${name}`).slice());
+        for (const name of state.keys()) state.set(name, floats(out[`new_${name}`], `new_${name}`).slice());
         if (steps === 0) firstLoss = loss;
         total += loss;
-        epochLoss += loss;
+        epochTotal += loss;
         steps += 1;
         epochSteps += 1;
       }
-      epochLoss /= Math.max(1, epochSteps);
+      epochLoss = epochTotal / Math.max(1, epochSteps);
     }
     return { weights, firstLoss, meanLoss: total / Math.max(1, steps), lastEpochLoss: epochLoss, steps };
   }

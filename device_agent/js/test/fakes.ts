@@ -1,7 +1,7 @@
 /**
  * Test doubles for the agent loop: a tiny model file (softmax regression) and a runtime whose "session"
  * runs one real SGD step of that model in plain TypeScript, with the training-step interface of
- * docs/protocol.md (inputs x, label, lr, weights, state; outputs loss, new/<w>, new_state/<s>).
+ * docs/protocol.md (inputs x, label, lr, weights, state/<w>/<slot>; outputs loss, new/<w>, new_state/<w>/<slot>).
  * They exist only to test the loop; the agent itself trains with the ONNX step the coordinator serves.
  */
 
@@ -43,19 +43,27 @@ export function tinyData(n = 24): Dataset {
 export const STEP_BYTES = new TextEncoder().encode("softmax-regression step (test double)");
 
 class SoftmaxStep implements SessionLike {
-  readonly inputNames = ["x", "label", "lr", "fc.weight", "fc.bias", "velocity/fc.weight", "velocity/fc.bias"];
+  readonly inputNames = [
+    "x",
+    "label",
+    "lr",
+    "fc.weight",
+    "fc.bias",
+    "state/fc.weight/velocity",
+    "state/fc.bias/velocity",
+  ];
   readonly outputNames = [
     "loss",
     "new/fc.weight",
     "new/fc.bias",
-    "new_state/velocity/fc.weight",
-    "new_state/velocity/fc.bias",
+    "new_state/fc.weight/velocity",
+    "new_state/fc.bias/velocity",
   ];
   readonly inputMetadata = this.inputNames.map((name) => ({
     name,
     isTensor: true,
     type: name === "label" ? "int64" : "float32",
-    shape: name.endsWith("fc.weight") ? [FEATURES, CLASSES] : name.endsWith("fc.bias") ? [CLASSES] : ["batch"],
+    shape: name.includes("fc.weight") ? [FEATURES, CLASSES] : name.includes("fc.bias") ? [CLASSES] : ["batch"],
   }));
   runs = 0;
 
@@ -68,8 +76,8 @@ class SoftmaxStep implements SessionLike {
     const lr = (feeds.lr!.data as Float32Array)[0]!;
     const w = feeds["fc.weight"]!.data as Float32Array;
     const b = feeds["fc.bias"]!.data as Float32Array;
-    const vw = (feeds["velocity/fc.weight"]!.data as Float32Array).slice();
-    const vb = (feeds["velocity/fc.bias"]!.data as Float32Array).slice();
+    const vw = (feeds["state/fc.weight/velocity"]!.data as Float32Array).slice();
+    const vb = (feeds["state/fc.bias/velocity"]!.data as Float32Array).slice();
     const n = label.length;
     const gw = new Float64Array(w.length);
     const gb = new Float64Array(b.length);
@@ -104,8 +112,8 @@ class SoftmaxStep implements SessionLike {
       loss: tensor(Float32Array.of(loss), []),
       "new/fc.weight": tensor(step(w, vw, gw), [FEATURES, CLASSES]),
       "new/fc.bias": tensor(step(b, vb, gb), [CLASSES]),
-      "new_state/velocity/fc.weight": tensor(vw, [FEATURES, CLASSES]),
-      "new_state/velocity/fc.bias": tensor(vb, [CLASSES]),
+      "new_state/fc.weight/velocity": tensor(vw, [FEATURES, CLASSES]),
+      "new_state/fc.bias/velocity": tensor(vb, [CLASSES]),
     };
   }
 }

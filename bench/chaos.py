@@ -14,15 +14,17 @@ not recompute), 2 on bad options.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from simulation.chaos import ChaosConfig, ChaosSimulation  # noqa: E402
+from simulation.chaos import ChaosConfig, chaos_hooks  # noqa: E402
+from simulation.config import SimConfig  # noqa: E402
 from simulation.processes import SimulationError  # noqa: E402
-from simulation.simulation import SimConfig  # noqa: E402
+from simulation.simulation import Simulation  # noqa: E402
 
 HEADLINE = ("agent_kills", "coordinator_restarts", "acknowledged", "lost", "double_counted", "final_accuracy")
 
@@ -47,22 +49,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     try:
-        sim = ChaosSimulation(
-            SimConfig(
-                devices=args.devices,
-                per_round=args.per_round,
-                rounds=args.rounds,
-                workers=args.workers,
-                partition=args.partition,
-                seed=args.seed,
-                workdir=args.workdir,
-                progress=False,
-            ),
-            ChaosConfig(
-                agent_kills=args.agent_kills,
-                coordinator_restarts=args.coordinator_restarts,
-                proxy_faults=not args.no_proxy_faults,
-            ),
+        config = SimConfig(
+            devices=args.devices,
+            per_round=args.per_round,
+            rounds=args.rounds,
+            workers=args.workers,
+            partition=args.partition,
+            seed=args.seed,
+            workdir=args.workdir,
+            progress=False,
+        )
+        chaos = ChaosConfig(
+            agent_kills=args.agent_kills,
+            coordinator_restarts=args.coordinator_restarts,
+            proxy_faults=not args.no_proxy_faults,
+        )
+        sim = Simulation(
+            config,
+            hooks=chaos_hooks(config, chaos),
             emit=lambda r: print(
                 json.dumps(r)
                 if args.json
@@ -73,18 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         summary = sim.run()
         if args.baseline:
-            calm = ChaosSimulation(
-                SimConfig(
-                    devices=args.devices,
-                    per_round=args.per_round,
-                    rounds=args.rounds,
-                    workers=args.workers,
-                    partition=args.partition,
-                    seed=args.seed,
-                    progress=False,
-                ),
-                ChaosConfig(agent_kills=0, coordinator_restarts=0, proxy_faults=False),
-            ).run()
+            calm_config = dataclasses.replace(config, workdir=None)  # the same fleet, in a temporary directory
+            calm_chaos = ChaosConfig(agent_kills=0, coordinator_restarts=0, proxy_faults=False)
+            calm = Simulation(calm_config, hooks=chaos_hooks(calm_config, calm_chaos)).run()
             summary["baseline_final_accuracy"] = calm["final_accuracy"]
             summary["baseline_seconds"] = calm["seconds"]
             # devices train deterministically: if every round had the same participants, the weights match

@@ -28,7 +28,8 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import numpy as np  # noqa: E402
 
-from simulation.simulation import SimConfig, Simulation  # noqa: E402
+from simulation.config import SimConfig  # noqa: E402
+from simulation.simulation import Simulation  # noqa: E402
 
 FULL = "/usr/share/datasets/fashion-mnist"
 TARGETS = (0.75, 0.85)

@@ -17,7 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from simulation.simulation import SimConfig, Simulation  # noqa: E402
+from simulation.config import SimConfig  # noqa: E402
+from simulation.simulation import Simulation  # noqa: E402
 
 FULL = "/usr/share/datasets/fashion-mnist"
 

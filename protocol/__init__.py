@@ -4,6 +4,8 @@
   that a device can parse without pydantic;
 - `protocol.update`: the update wire format (a checked tensor container holding the encoded delta);
 - `protocol.deltas`: the math a delta goes through on either side (norm, clip, noise, top-k, int8).
+- `protocol.secagg`: secure aggregation (SecAgg+ sessions for device and coordinator, distributed
+  DP noise); it needs the `secagg` extra (`cryptography`) and nothing else here imports it.
 
 It sits between the engine (whose tensor container it uses) and both the device agent and the
 coordinator; it imports neither of them.

@@ -2,7 +2,7 @@
 
     pf-sim --devices 8 --per-round 4 --rounds 6 --epochs 1 --report runs/report.html
     pf-sim --devices 1000 --per-round 100 --rounds 3 --data /usr/share/datasets/fashion-mnist --json
-    pf-sim --chaos-agent-kills 4 --chaos-coordinator-restarts 3 --chaos-proxy --json   (chaos.py, then an audit)
+    pf-sim --chaos-agent-kills 4 --chaos-coordinator-restarts 3 --chaos-proxy --json   (chaos hooks, then an audit)
 
 Progress bars go to stderr; with --json, stdout gets one JSON line per round and a last
 summary line {"rounds", "accuracy_by_round", "final_accuracy", "personal_accuracy",
@@ -18,10 +18,11 @@ from collections.abc import Sequence
 
 from coordinator.settings import ENCODINGS
 from coordinator.strategies import STRATEGIES
-from simulation.chaos import ChaosConfig, ChaosSimulation
+from simulation.chaos import ChaosConfig, chaos_hooks
+from simulation.config import SimConfig
 from simulation.processes import SimulationError
 from simulation.report import write_report
-from simulation.simulation import SimConfig, Simulation
+from simulation.simulation import Simulation
 
 DEFAULTS = SimConfig()
 
@@ -87,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     chaos = p.add_argument_group(
         "chaos",
         "kill agents and the coordinator, put a faulty network in between, "
-        "then audit the database (simulation/chaos.py)",
+        "then audit the database (simulation/chaos.py; --report works here too)",
     )
     chaos.add_argument("--chaos-agent-kills", type=int, default=0, help="SIGKILL this many agents mid-task")
     chaos.add_argument(
@@ -186,12 +187,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         parse_partition(config.partition)
         chaos = chaos_from_args(args)
-        if chaos is not None:
-            sim = ChaosSimulation(
-                config, chaos, emit=lambda r: print(json.dumps(r) if args.json else chaos_line(r), flush=True)
-            )
-        else:
-            sim = Simulation(config, emit=lambda r: print(json.dumps(r) if args.json else human_line(r), flush=True))
+        line = human_line if chaos is None else chaos_line
+
+        def emit(record: dict) -> None:
+            print(json.dumps(record) if args.json else line(record), flush=True)
+
+        sim = Simulation(config, emit, hooks=[] if chaos is None else chaos_hooks(config, chaos))
     except ValueError as exc:
         print(f"pf-sim: {exc}", file=sys.stderr)
         return 2
@@ -206,11 +207,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SimulationError as exc:
         print(f"pf-sim: {exc}", file=sys.stderr)
         return 1
+    if args.report:
+        write_report(args.report, sim.records, summary)
     if chaos is not None:
         print(json.dumps(summary) if args.json else chaos_summary(summary), flush=True)
         return 0 if summary["audit_ok"] else 1
-    if args.report:
-        write_report(args.report, sim.records, summary)
     if args.json:
         print(json.dumps(summary), flush=True)
     else:

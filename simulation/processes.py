@@ -1,27 +1,21 @@
-"""The simulation's processes: one real coordinator (`python -m coordinator`) and a pool of
-device workers (`python -m simulation.worker`), all started in their own session
-so a Ctrl-C reaches only pf-sim, which then stops them in order."""
+"""The simulation's child processes: one real coordinator (`python -m coordinator`) here, the device
+workers in pool.py. Each starts in its own session so a Ctrl-C reaches only pf-sim, which then
+stops them in order."""
 
 from __future__ import annotations
 
-import json
 import os
-import queue
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TextIO
 
 import httpx
 
-import coordinator
-
-PROJECT_ROOT = Path(coordinator.__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[1]  # the folder holding the packages, for the children
 
 
 class SimulationError(RuntimeError):
@@ -120,8 +114,23 @@ class CoordinatorProcess:
             time.sleep(0.1)
         raise SimulationError(f"the coordinator did not answer /healthz within {timeout:.0f}s:\n{tail(self.log_path)}")
 
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_tail(self) -> str:
+        return tail(self.log_path)
+
     def peak_rss_mib(self) -> float | None:
-        return peak_rss_mib(self.proc.pid) if self.proc and self.proc.poll() is None else None
+        return peak_rss_mib(self.proc.pid) if self.running else None
+
+    def crash_and_restart(self) -> None:
+        """SIGKILL (no shutdown code runs, as in a power cut), then the same command on the same
+        database and port."""
+        self.proc.kill()
+        self.proc.wait()
+        self.stop()  # closes the log handle; the process is already gone
+        self.start()
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -129,99 +138,3 @@ class CoordinatorProcess:
         if self._log is not None:
             self._log.close()
             self._log = None
-
-
-class WorkerPool:
-    """N worker processes; `play(devices)` hands devices out one at a time to whichever worker is free."""
-
-    def __init__(self, size: int, worker_config_json: str, log_dir: Path):
-        self.log_dir = log_dir
-        self.procs: list[subprocess.Popen] = []
-        self._logs: list[TextIO] = []
-        self._answers: queue.Queue[tuple[int, dict | None]] = queue.Queue()
-        for i in range(size):
-            log = open(log_dir / f"worker-{i}.log", "a")  # noqa: SIM115 (closed in stop)
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "simulation.worker", worker_config_json],
-                cwd=log_dir,
-                env=child_env(),
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=log,
-                text=True,
-                bufsize=1,
-                start_new_session=True,
-            )
-            self.procs.append(proc)
-            self._logs.append(log)
-            threading.Thread(target=self._read, args=(i, proc), daemon=True).start()
-        for _ in range(size):  # every worker has loaded its data and partition
-            self._next_answer(timeout=300)
-
-    def _read(self, index: int, proc: subprocess.Popen) -> None:
-        for line in proc.stdout:
-            self._answers.put((index, json.loads(line)))
-        self._answers.put((index, None))  # EOF: the worker is gone
-
-    def _next_answer(self, timeout: float) -> tuple[int, dict]:
-        try:
-            index, answer = self._answers.get(timeout=timeout)
-        except queue.Empty:
-            raise SimulationError(f"no answer from any device worker within {timeout:.0f}s") from None
-        if answer is None:
-            raise SimulationError(
-                f"device worker {index} exited with {self.procs[index].wait()}:\n"
-                f"{tail(self.log_dir / f'worker-{index}.log')}"
-            )
-        return index, answer
-
-    def play(
-        self, devices: Iterable[int], on_answer: Callable[[dict], None] | None = None, timeout: float = 900.0
-    ) -> list[dict]:
-        """Run each device once; answers come back in completion order."""
-        todo, answers = list(devices), []
-        busy = 0
-        for worker in range(len(self.procs)):
-            if todo:
-                self._send(worker, todo.pop(0))
-                busy += 1
-        while busy:
-            worker, answer = self._next_answer(timeout)
-            busy -= 1
-            answers.append(answer)
-            if on_answer is not None:
-                on_answer(answer)
-            if todo:
-                self._send(worker, todo.pop(0))
-                busy += 1
-        return answers
-
-    def _send(self, worker: int, device: int) -> None:
-        self.procs[worker].stdin.write(json.dumps({"device": int(device)}) + "\n")
-        self.procs[worker].stdin.flush()
-
-    def peak_rss_mib(self) -> list[float | None]:
-        return [peak_rss_mib(p.pid) if p.poll() is None else None for p in self.procs]
-
-    def stop(self) -> None:
-        stop_workers(self.procs, self._logs)
-
-
-def stop_workers(procs: list, logs: list) -> None:
-    """Ask each live worker to finish (an empty line), then wait, then kill the ones that don't."""
-    for proc in procs:
-        try:
-            if proc is not None and proc.poll() is None:
-                proc.stdin.write("\n")
-                proc.stdin.close()
-        except (OSError, ValueError):
-            pass
-    for proc in procs:
-        if proc is None:
-            continue
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            stop_process(proc, grace=5)
-    for log in logs:
-        log.close()

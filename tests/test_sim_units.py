@@ -10,10 +10,11 @@ import pytest
 
 from coordinator.__main__ import build_parser as coordinator_parser
 from simulation.cli import build_parser, config_from_args
+from simulation.config import SimConfig
 from simulation.processes import CoordinatorProcess
 from simulation.report import render
 from simulation.shards import device_indices, labels_of, load_split
-from simulation.simulation import SimConfig, mean_of
+from simulation.simulation import mean_of
 
 
 def test_shards_are_disjoint_deterministic_and_capped():
@@ -154,3 +155,20 @@ def test_privacy_flags_reach_the_coordinator_and_the_report(tmp_path):
     assert 'id="privacy"' in page and "<b>4.5000</b>" in page and "δ = 1e-06" in page
     assert "<th>epsilon</th>" in page and "<td>3.0000</td>" in page
     assert 'id="privacy"' not in render(records(3), {**summary, "privacy": None})
+
+
+def test_the_simulation_reads_the_coordinator_only_over_http_and_through_its_audit():
+    """No SQL of its own: the driver uses the HTTP API, the chaos audit goes through coordinator.audit."""
+    import ast
+    from pathlib import Path
+
+    allowed = {"coordinator.audit", "coordinator.settings", "coordinator.strategies"}
+    for path in sorted((Path(__file__).resolve().parents[1] / "simulation").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            for name in names:
+                assert name.split(".")[0] != "sqlite3", f"{path.name} imports sqlite3"
+                if name.split(".")[0] == "coordinator":
+                    assert name in allowed, f"{path.name} imports {name}"

@@ -1,10 +1,11 @@
-"""A pool of device workers that chaos runs may SIGKILL at any moment and start again.
+"""The device worker pool: N `python -m simulation.worker` processes playing devices one at a time.
 
-Like `WorkerPool` (processes.py) it hands devices out one at a time to whichever worker is
-free, but a worker killed mid-task is replaced by a fresh process and its device goes back to
-the front of the queue: the device "restarts the app" and resumes from its state directory
-(an unacknowledged upload is re-sent with the same Idempotency-Key). Between answers the pool
-calls `tick()` every few milliseconds, which is where the chaos driver decides to kill.
+`play(devices)` hands each device to whichever worker is free and returns the answers in completion
+order. Any worker may be SIGKILLed mid-task (`kill`, used by chaos runs): a fresh process replaces
+it and its device goes back to the front of the queue, so the device "restarts the app" and resumes
+from its state directory (an unacknowledged upload is re-sent with the same Idempotency-Key).
+Answers from a killed process's generation are ignored. Between answers, `play` calls `tick()`
+every few milliseconds when given one: that is where a chaos hook decides to kill.
 """
 
 from __future__ import annotations
@@ -22,25 +23,26 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TextIO
 
-from simulation.processes import SimulationError, child_env, stop_workers, tail
+from simulation.processes import SimulationError, child_env, peak_rss_mib, stop_process, tail
+
+Message = tuple[int, int, dict | None]  # (worker index, its generation, a JSON line or None at EOF)
 
 
-class KillablePool:
+class WorkerPool:
     def __init__(self, size: int, worker_config_json: str, log_dir: Path, ready_timeout: float = 300.0):
         self.config_json, self.log_dir = worker_config_json, log_dir
         self.procs: list[subprocess.Popen | None] = [None] * size
-        self.generation = [0] * size  # answers from a killed process's generation are ignored
+        self.generation = [0] * size
         self.ready: set[int] = set()
         self.busy: dict[int, tuple[int, float]] = {}  # worker -> (device, monotonic start)
-        self.on_start: Callable[[int], None] = lambda device: None  # called as a device's task starts
         self.kills = 0
         self._todo: deque[int] = deque()
-        self._answers: queue.Queue[tuple[int, int, dict | None]] = queue.Queue()
+        self._messages: queue.Queue[Message] = queue.Queue()
         self._logs: list[TextIO] = []
         for index in range(size):
             self._spawn(index)
         deadline = time.monotonic() + ready_timeout
-        while len(self.ready) < size:
+        while len(self.ready) < size:  # every worker has loaded its data and partition
             self._handle(self._get(deadline - time.monotonic()))
 
     def _spawn(self, index: int) -> None:
@@ -63,20 +65,20 @@ class KillablePool:
 
         def read() -> None:
             for line in proc.stdout:
-                self._answers.put((index, generation, json.loads(line)))
-            self._answers.put((index, generation, None))
+                self._messages.put((index, generation, json.loads(line)))
+            self._messages.put((index, generation, None))
 
         threading.Thread(target=read, daemon=True).start()
 
-    def _get(self, timeout: float) -> tuple[int, int, dict | None]:
+    def _get(self, timeout: float) -> Message:
         try:
-            return self._answers.get(timeout=max(timeout, 0.0))
+            return self._messages.get(timeout=max(timeout, 0.0))
         except queue.Empty:
             raise SimulationError(f"no answer from any device worker within {timeout:.0f}s") from None
 
-    def _handle(self, item: tuple[int, int, dict | None]) -> dict | None:
+    def _handle(self, message: Message) -> dict | None:
         """Book-keep one message from a worker; returns a device's answer, if it was one."""
-        index, generation, answer = item
+        index, generation, answer = message
         if generation != self.generation[index]:
             return None  # the last words of a process we killed
         if answer is None:
@@ -91,8 +93,8 @@ class KillablePool:
         return answer
 
     def kill(self, index: int) -> int:
-        """SIGKILL worker `index` now; its device is queued again and a new worker started. Returns
-        the device it was playing."""
+        """SIGKILL worker `index` now; its device is queued again and a new worker started. Returns the
+        device it was playing."""
         device, _ = self.busy.pop(index)
         proc = self.procs[index]
         os.kill(proc.pid, signal.SIGKILL)
@@ -107,11 +109,14 @@ class KillablePool:
         self,
         devices: Iterable[int],
         on_answer: Callable[[dict], None] | None = None,
+        on_start: Callable[[int], None] | None = None,
         tick: Callable[[], None] | None = None,
         timeout: float = 900.0,
-        poll: float = 0.005,
     ) -> list[dict]:
-        """Run each device until it answers (killed devices run again); answers in completion order."""
+        """Run each device until it answers (killed devices run again); answers in completion order.
+
+        `on_start(device)` runs just before a device's task is sent, `tick()` between messages."""
+        poll = 0.005 if tick is not None else 0.5  # without a tick there is nothing to do between messages
         self._todo.extend(devices)
         answers: list[dict] = []
         last_progress = time.monotonic()
@@ -120,12 +125,13 @@ class KillablePool:
                 if not self._todo:
                     break
                 device = self._todo.popleft()
-                self.on_start(device)
+                if on_start is not None:
+                    on_start(device)
                 self.busy[index] = (device, time.monotonic())
                 self.procs[index].stdin.write(json.dumps({"device": int(device)}) + "\n")
                 self.procs[index].stdin.flush()
             try:
-                answer = self._handle(self._answers.get(timeout=poll))
+                answer = self._handle(self._messages.get(timeout=poll))
             except queue.Empty:
                 answer = None
             if answer is not None:
@@ -139,5 +145,24 @@ class KillablePool:
                 tick()
         return answers
 
+    def peak_rss_mib(self) -> list[float | None]:
+        return [peak_rss_mib(p.pid) if p is not None and p.poll() is None else None for p in self.procs]
+
     def stop(self) -> None:
-        stop_workers(self.procs, self._logs)
+        """Ask each live worker to finish (an empty line), then wait, then kill the ones that don't."""
+        for proc in self.procs:
+            try:
+                if proc is not None and proc.poll() is None:
+                    proc.stdin.write("\n")
+                    proc.stdin.close()
+            except (OSError, ValueError):
+                pass
+        for proc in self.procs:
+            if proc is None:
+                continue
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                stop_process(proc, grace=5)
+        for log in self._logs:
+            log.close()

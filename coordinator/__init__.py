@@ -1,7 +1,12 @@
 """pocketfed's coordinator: a FastAPI service that runs federated rounds and serves the model.
 
-Map: settings.py (options) -> app.py (create_app) -> routers/ (HTTP, one file per area) ->
-rounds.py (the round state machine) -> strategies/ (one class per algorithm) and storage/
-(SQLite + immutable model files). validation.py guards uploads; metrics.py and
-routers/dashboard.py show what happens.
+Map (imports run downwards only):
+    __main__.py     pf-coordinator: flags generated from settings.py (pydantic-settings, PF_* variables)
+    api/            FastAPI: app factory, one router per resource, dependencies, error handlers, middleware
+    service/        round lifecycle, model versions, check-in, ingest (validation + group-commit writer),
+                    admin, privacy ledger, evaluation, background ticking
+    strategies/     one class per aggregation algorithm; norm bounding and DP wrap any of them
+    store/          every SQL statement (SQLAlchemy Core, SQLite or PostgreSQL), typed rows, migrations,
+                    and the immutable model files
+    metrics.py      prometheus-client registry per app; audit.py checks the books from the database
 """

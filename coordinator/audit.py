@@ -1,8 +1,10 @@
 """An after-the-fact audit of a coordinator's books, from its database and model files alone.
 
     python -m coordinator.audit --db run/coordinator.db [--models DIR] [--uploads DIR] [--json]
+    python -m coordinator.audit --db postgresql://user@host/dbname --models DIR ...
 
-It answers a sceptical operator's questions after crashes, restarts and network faults:
+It reads the database through the store (read-only: no migration, no write), so it works on
+SQLite and PostgreSQL alike. It answers a sceptical operator's questions after crashes, restarts and network faults:
 
 - **nothing lost**: every update the coordinator acknowledged (an accepted `updates` row, and
   with `--uploads` every upload a witness saw answered 2xx) is counted in exactly one committed
@@ -25,14 +27,15 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import sqlite3
 import sys
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from sqlalchemy.exc import SQLAlchemyError
 
+from coordinator.store import ModelVersionRow, RoundRow, Store, UpdateRow, models_dir_for
 from engine.serialize.container import ContainerError, loads
 from protocol.update import decode_update
 
@@ -102,54 +105,46 @@ class Witness:
         return (self.dir / "bodies" / f"{next(iter(shas))}.bin").read_bytes()
 
 
-def _open_readonly(db: Path) -> sqlite3.Connection:
-    if not db.is_file():
-        raise FileNotFoundError(f"--db {db}: no such database file")
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
-    conn.row_factory = sqlite3.Row
-    return conn
-
-
-def _weights(models: Path, row: sqlite3.Row, report: AuditReport) -> dict[str, np.ndarray] | None:
+def _weights(models: Path, row: ModelVersionRow, report: AuditReport) -> dict[str, np.ndarray] | None:
     """A registered version's tensors, after checking its file against the registry's sha256."""
-    path = models / row["filename"]
+    path = models / row.filename
     try:
         data = path.read_bytes()
     except OSError:
-        report.problems.append(f"model v{row['version']}: file {path} is missing")
+        report.problems.append(f"model v{row.version}: file {path} is missing")
         return None
-    if hashlib.sha256(data).hexdigest() != row["sha256"]:
-        report.problems.append(f"model v{row['version']}: {path.name} does not match its registered sha256")
+    if hashlib.sha256(data).hexdigest() != row.sha256:
+        report.problems.append(f"model v{row.version}: {path.name} does not match its registered sha256")
         return None
     return loads(data, kind="model").tensors
 
 
 def _recompute(
-    rows: list[sqlite3.Row], witness: Witness, report: AuditReport, round_id: int
+    rows: list[UpdateRow], witness: Witness, report: AuditReport, round_id: int
 ) -> tuple[dict[str, np.ndarray], float] | None:
     """Sum of sample_count * delta (float64, in acceptance order) from the witnessed bodies."""
     sums: dict[str, np.ndarray] = {}
     total = 0.0
     for row in rows:
-        body = witness.body(row["idempotency_key"])
+        body = witness.body(row.idempotency_key)
         if body is None:
             report.problems.append(
                 f"round {round_id}: no (or no single) witnessed body for the update of "
-                f"device {row['device_id'][:8]} (key {row['idempotency_key'][:12]})"
+                f"device {row.device_id[:8]} (key {row.idempotency_key[:12]})"
             )
             return None
         update = decode_update(body)
-        if (update.round_id, update.sample_count) != (round_id, row["sample_count"]):
+        if (update.round_id, update.sample_count) != (round_id, row.sample_count):
             report.problems.append(
-                f"round {round_id}: the witnessed body of key {row['idempotency_key'][:12]} "
+                f"round {round_id}: the witnessed body of key {row.idempotency_key[:12]} "
                 f"says round {update.round_id}, {update.sample_count} samples; the database "
-                f"says round {round_id}, {row['sample_count']}"
+                f"says round {round_id}, {row.sample_count}"
             )
             return None
         for name, value in update.delta.items():
-            term = np.asarray(value, np.float64) * float(row["sample_count"])
+            term = np.asarray(value, np.float64) * float(row.sample_count)
             sums[name] = sums[name] + term if name in sums else term
-        total += float(row["sample_count"])
+        total += float(row.sample_count)
     return sums, total
 
 
@@ -174,33 +169,39 @@ def _compare(label: str, got: dict[str, np.ndarray], want: dict[str, np.ndarray]
     return within
 
 
+def _read_books(db: str) -> tuple[dict, dict, list[UpdateRow], dict[str, str]]:
+    """(rounds by id, versions by number, updates in acceptance order, device token hashes)."""
+    store = Store(db, readonly=True)
+    try:
+        rounds = {r.id: r for r in store.rounds()}
+        versions = {v.version: v for v in store.versions()}
+        return rounds, versions, store.updates_in_acceptance_order(), store.device_tokens()
+    finally:
+        store.close()
+
+
 def audit(db: str | Path, models: str | Path | None = None, uploads: str | Path | None = None) -> AuditReport:
     """Check the books; every finding goes into the report (nothing raises for a bad state)."""
-    db = Path(db)
-    models = Path(models) if models else db.with_suffix(".models")
+    models = Path(models) if models else models_dir_for(str(db))
     witness = Witness(uploads) if uploads else None
     report = AuditReport()
-    with _open_readonly(db) as conn:
-        rounds = {r["id"]: r for r in conn.execute("SELECT * FROM rounds ORDER BY id")}
-        versions = {r["version"]: r for r in conn.execute("SELECT * FROM model_versions ORDER BY version")}
-        rows = conn.execute("SELECT rowid, * FROM updates ORDER BY rowid").fetchall()
-        devices = {r["id"]: r["token_hash"] for r in conn.execute("SELECT id, token_hash FROM devices")}
+    rounds, versions, rows, devices = _read_books(str(db))
     report.acknowledged = len(rows)
-    by_round: dict[int, list[sqlite3.Row]] = {}
+    by_round: dict[int, list[UpdateRow]] = {}
     excess: dict[int, int] = {}  # round -> updates its aggregate counts beyond its rows
     for row in rows:
-        by_round.setdefault(row["round_id"], []).append(row)
+        by_round.setdefault(row.round_id, []).append(row)
     _check_rows(rows, rounds, devices, witness, report)
     for round_id, r in rounds.items():
         mine = by_round.get(round_id, [])
-        if r["status"] == "committed":
+        if r.status == "committed":
             report.committed_rounds += 1
             report.in_committed_rounds += len(mine)
-        elif r["status"] == "open":
+        elif r.status == "open":
             report.in_open_round += len(mine)
-        if r["status"] == "open" and round_id != max(i for i, x in rounds.items() if x["status"] == "open"):
+        if r.status == "open" and round_id != max(i for i, x in rounds.items() if x.status == "open"):
             report.problems.append(f"round {round_id}: open, but a later round is open too")
-        if r["status"] in ("committed", "open"):
+        if r.status in ("committed", "open"):
             _check_round(r, mine, versions, models, witness, report, excess)
     missing: Counter[int] = Counter()
     if witness is not None:
@@ -210,37 +211,34 @@ def audit(db: str | Path, models: str | Path | None = None, uploads: str | Path 
 
 
 def _check_rows(
-    rows: list[sqlite3.Row], rounds: dict, devices: dict, witness: Witness | None, report: AuditReport
+    rows: list[UpdateRow], rounds: dict[int, RoundRow], devices: dict, witness: Witness | None, report: AuditReport
 ) -> None:
     """Each accepted row: in a committed or open round, unique, and (with a witness) sent by its device."""
-    keys = Counter((r["device_id"], r["idempotency_key"]) for r in rows)
-    pairs = Counter((r["round_id"], r["device_id"]) for r in rows)
+    keys = Counter((r.device_id, r.idempotency_key) for r in rows)
+    pairs = Counter((r.round_id, r.device_id) for r in rows)
     extra = sum(n - 1 for n in keys.values()) + sum(n - 1 for n in pairs.values())
     if extra:
         report.double_counted += extra
         report.problems.append(f"{extra} accepted rows repeat an Idempotency-Key or a (round, device) pair")
     for row in rows:
-        r = rounds.get(row["round_id"])
-        if r is None or r["status"] == "abandoned":
+        r = rounds.get(row.round_id)
+        if r is None or r.status == "abandoned":
             report.lost += 1
             report.problems.append(
-                f"acknowledged update of device {row['device_id'][:8]} (key "
-                f"{row['idempotency_key'][:12]}) is in round {row['round_id']}, which is "
+                f"acknowledged update of device {row.device_id[:8]} (key "
+                f"{row.idempotency_key[:12]}) is in round {row.round_id}, which is "
                 f"{'missing' if r is None else 'abandoned'}"
             )
-        if witness is not None and witness.tokens.get(row["idempotency_key"]) not in (
-            None,
-            devices.get(row["device_id"]),
-        ):
+        if witness is not None and witness.tokens.get(row.idempotency_key) not in (None, devices.get(row.device_id)):
             report.problems.append(
-                f"key {row['idempotency_key'][:12]} was sent with another device's token "
-                f"than the one it is recorded under ({row['device_id'][:8]})"
+                f"key {row.idempotency_key[:12]} was sent with another device's token "
+                f"than the one it is recorded under ({row.device_id[:8]})"
             )
     if witness is not None:
         shas = Counter(
-            next(iter(witness.bodies[r["idempotency_key"]]))
+            next(iter(witness.bodies[r.idempotency_key]))
             for r in rows
-            if len(witness.bodies.get(r["idempotency_key"], ())) == 1
+            if len(witness.bodies.get(r.idempotency_key, ())) == 1
         )
         same = sum(n - 1 for n in shas.values())
         if same:
@@ -249,8 +247,8 @@ def _check_rows(
 
 
 def _check_round(
-    r: sqlite3.Row,
-    rows: list[sqlite3.Row],
+    r: RoundRow,
+    rows: list[UpdateRow],
     versions: dict,
     models: Path,
     witness: Witness | None,
@@ -258,23 +256,22 @@ def _check_round(
     excess: dict[int, int],
 ) -> None:
     """A committed or open round: its counters, its running sum, and (committed) its model version."""
-    label = f"round {r['id']}"
-    config = json.loads(r["config"])
-    if r["received"] != len(rows):
-        report.problems.append(f"{label}: received={r['received']} but {len(rows)} accepted rows")
-    weight = float(sum(row["sample_count"] for row in rows))
-    if r["total_weight"] != weight:
-        report.problems.append(f"{label}: total_weight={r['total_weight']} but the rows hold {weight} samples")
+    label, config = f"round {r.id}", r.config
+    if r.received != len(rows):
+        report.problems.append(f"{label}: received={r.received} but {len(rows)} accepted rows")
+    weight = float(sum(row.sample_count for row in rows))
+    if r.total_weight != weight:
+        report.problems.append(f"{label}: total_weight={r.total_weight} but the rows hold {weight} samples")
     stored = None
-    if r["aggregate"] is not None:
+    if r.aggregate is not None:
         try:
-            stored = loads(r["aggregate"], kind="aggregate")
+            stored = loads(r.aggregate, kind="aggregate")
         except ContainerError as exc:
             report.problems.append(f"{label}: stored aggregate is unreadable: {exc}")
-    if stored is not None and r["dp_clip"] is None:
+    if stored is not None and r.dp_clip is None:
         count = int(stored.metadata["count"])
         if count > len(rows):  # counted more than it acknowledged: double, unless rows went missing
-            excess[r["id"]] = count - len(rows)
+            excess[r.id] = count - len(rows)
         elif count < len(rows):
             report.lost += len(rows) - count
         if count != len(rows) or float(stored.metadata["total_weight"]) != weight:
@@ -282,19 +279,19 @@ def _check_round(
                 f"{label}: the stored aggregate counts {count} updates and "
                 f"{stored.metadata['total_weight']} samples; the rows: {len(rows)}, {weight}"
             )
-    plain = config["strategy"] in RECOMPUTABLE and r["dp_clip"] is None and config.get("norm_bound") is None
-    witnessed = _recompute(rows, witness, report, r["id"]) if witness is not None and plain and rows else None
+    plain = config.strategy in RECOMPUTABLE and r.dp_clip is None and config.norm_bound is None
+    witnessed = _recompute(rows, witness, report, r.id) if witness is not None and plain and rows else None
     if witnessed is not None and stored is not None:
         _compare(f"{label}: stored aggregate vs witnessed bodies", stored.tensors, witnessed[0], report)
-    if r["status"] != "committed":
+    if r.status != "committed":
         return
-    version = versions.get(r["result_version"])
-    if version is None or version["round_id"] != r["id"]:
+    version = versions.get(r.result_version)
+    if version is None or version.round_id != r.id:
         report.problems.append(
-            f"{label}: committed, but its result version {r['result_version']} is not registered as produced by it"
+            f"{label}: committed, but its result version {r.result_version} is not registered as produced by it"
         )
         return
-    base_row = versions.get(r["base_version"])
+    base_row = versions.get(r.base_version)
     if not plain or base_row is None:
         report.versions_skipped += 1
         return
@@ -303,7 +300,7 @@ def _check_round(
     if base is None or new is None or sums is None or total <= 0:
         report.versions_skipped += 1
         return
-    lr = float(config.get("server_lr", 1.0))
+    lr = float(config.server_lr)
     expected = {
         name: (np.asarray(base[name], np.float64) + lr * (s / total)).astype(base[name].dtype)
         for name, s in sums.items()
@@ -311,7 +308,7 @@ def _check_round(
     report.versions_checked += 1
     if (
         _compare(
-            f"model v{version['version']} (round {r['id']}) vs base v{r['base_version']} + aggregate",
+            f"model v{version.version} (round {r.id}) vs base v{r.base_version} + aggregate",
             new,
             expected,
             report,
@@ -322,10 +319,10 @@ def _check_round(
         report.versions_exact += all(np.array_equal(new[n], expected[n]) for n in expected)
 
 
-def _check_witness(rows: list[sqlite3.Row], witness: Witness, report: AuditReport) -> Counter[int]:
+def _check_witness(rows: list[UpdateRow], witness: Witness, report: AuditReport) -> Counter[int]:
     """Every upload answered 2xx on the wire is an accepted row; returns the rows missing, by round."""
     missing: Counter[int] = Counter()
-    counted = {r["idempotency_key"]: r for r in rows}
+    counted = {r.idempotency_key: r for r in rows}
     report.wire_acknowledged = len(witness.acks)
     report.ack_replays = sum(n - 1 for n in witness.acks.values())
     report.undelivered_acks = witness.undelivered
@@ -347,14 +344,14 @@ def _check_witness(rows: list[sqlite3.Row], witness: Witness, report: AuditRepor
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m coordinator.audit", description=__doc__.split("\n\n")[0])
-    p.add_argument("--db", required=True, help="the coordinator's SQLite file")
+    p.add_argument("--db", required=True, help="the coordinator's SQLite file, or its postgresql:// URL")
     p.add_argument("--models", default=None, help="model files directory (default: <db>.models)")
     p.add_argument("--uploads", default=None, help="the fault proxy's record directory (uploads.jsonl, bodies/)")
     p.add_argument("--json", action="store_true", help="print the report as one JSON line")
     args = p.parse_args(argv)
     try:
         report = audit(args.db, args.models, args.uploads)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, SQLAlchemyError) as exc:
         print(f"audit: {exc}", file=sys.stderr)
         return 2
     if args.json:

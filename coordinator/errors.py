@@ -1,18 +1,21 @@
-"""Refusals: every 4xx the coordinator answers carries {"detail": "<which field and why>"}."""
+"""Refusals: every 4xx the coordinator answers carries {"detail": "<which field and why>"}.
+
+`Refused` is raised by services as well as routers, so it is a plain exception, not FastAPI's:
+coordinator/api/errors.py turns it into the HTTP answer.
+"""
 
 from __future__ import annotations
 
 import os
 
-from fastapi import HTTPException
 
-
-class Refused(HTTPException):
-    """An HTTPException with a short machine-readable `reason` (the /metrics label)."""
+class Refused(Exception):
+    """A request refused: its HTTP status, what was wrong (`detail`) and a short machine-readable
+    `reason` (the /metrics label)."""
 
     def __init__(self, status_code: int, detail: str, reason: str, headers: dict[str, str] | None = None):
-        super().__init__(status_code=status_code, detail=detail, headers=headers)
-        self.reason = reason
+        super().__init__(detail)
+        self.status_code, self.detail, self.reason, self.headers = status_code, detail, reason, headers
 
 
 def crash_point(name: str) -> None:

@@ -1,60 +1,112 @@
-"""Counters and gauges rendered in the Prometheus text exposition format (no client library)."""
+"""Prometheus metrics (prometheus-client), one registry per app so that several apps in one process
+(tests) never share counters.
+
+Counters and histograms are kept in memory (they restart at 0, as Prometheus counters may);
+the state of rounds, versions and devices is read from the services at scrape time through
+`watch(read_state)`, so /metrics always agrees with the database. Label values are bounded: HTTP
+methods outside the standard set and paths matching no route collapse to one value each.
+"""
 
 from __future__ import annotations
 
-import threading
-from collections import defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
-HELP = {
-    "pf_http_requests_total": ("counter", "HTTP requests by method, route and status"),
-    "pf_updates_accepted_total": ("counter", "updates accepted into a round's aggregate"),
-    "pf_updates_refused_total": ("counter", "requests refused, by reason"),
-    "pf_rounds_total": ("counter", "rounds closed, by outcome"),
-    "pf_current_round": ("gauge", "id of the open round (0 when none)"),
-    "pf_current_round_received": ("gauge", "updates received by the open round"),
-    "pf_model_version": ("gauge", "latest model version"),
-    "pf_model_accuracy": ("gauge", "server-side accuracy of the latest evaluated version"),
-    "pf_devices": ("gauge", "enrolled devices"),
-    "pf_paused": ("gauge", "1 when round scheduling is paused"),
-    "pf_upload_commits_total": ("counter", "durable transactions (fsyncs) that stored accepted updates"),
-    "pf_upload_commit_updates_total": (
-        "counter",
-        "updates stored by them: this over the commits is the group-commit batch size",
-    ),
-    "pf_dp_epsilon": ("gauge", "differential privacy: epsilon spent so far (at the configured delta)"),
-    "pf_dp_clip_norm": ("gauge", "differential privacy: clip norm C of the last committed round"),
-    "pf_dp_budget_exhausted": ("gauge", "1 when one more round would exceed the privacy budget"),
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+OTHER_METHOD, UNMATCHED_ROUTE = "other", "unmatched"
+
+disable_created_metrics()  # no pf_*_created series beside every counter: they doubled the output for nothing
+
+GAUGES = {
+    "pf_current_round": "id of the open round (0 when none)",
+    "pf_current_round_received": "updates received by the open round",
+    "pf_model_version": "latest model version",
+    "pf_model_accuracy": "server-side accuracy of the latest evaluated version",
+    "pf_devices": "enrolled devices",
+    "pf_paused": "1 when round scheduling is paused",
+    "pf_dp_epsilon": "differential privacy: epsilon spent so far (at the configured delta)",
+    "pf_dp_clip_norm": "differential privacy: clip norm C of the last committed round",
+    "pf_dp_budget_exhausted": "1 when one more round would exceed the privacy budget",
+}
+STATE_COUNTERS = {  # counted in the database (or by the upload writer), read at scrape time
+    "pf_rounds": "rounds closed, by outcome",
+    "pf_updates_accepted": "updates accepted into a round's aggregate",
+    "pf_upload_commits": "durable transactions (fsyncs) that stored accepted updates",
+    "pf_upload_commit_updates": "updates stored by them: this over the commits is the group-commit batch size",
 }
 
 
-def _labels(labels: dict[str, str]) -> str:
-    if not labels:
-        return ""
-    esc = {k: str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") for k, v in labels.items()}
-    return "{" + ",".join(f'{k}="{v}"' for k, v in sorted(esc.items())) + "}"
+@dataclass
+class State:
+    """What the services report at scrape time: gauge values, and counters by label tuple."""
+
+    gauges: dict[str, float] = field(default_factory=dict)
+    counters: dict[str, dict[tuple[tuple[str, str], ...], float]] = field(default_factory=dict)
+
+
+class _StateCollector(Collector):
+    def __init__(self, read: Callable[[], State]):
+        self.read = read
+
+    def collect(self) -> Iterator[Metric]:
+        state = self.read()
+        for name, value in state.gauges.items():
+            family = GaugeMetricFamily(name, GAUGES[name])
+            family.add_metric([], float(value))
+            yield family
+        for name, series in state.counters.items():
+            labels = [k for k, _ in next(iter(series))] if series else []
+            family = CounterMetricFamily(name, STATE_COUNTERS[name], labels=labels)
+            for key, value in series.items():
+                family.add_metric([v for _, v in key], float(value))
+            yield family
 
 
 class Metrics:
-    """Process-local counters (they restart at 0, as Prometheus counters may)."""
-
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._counters: dict[str, dict[tuple, float]] = defaultdict(lambda: defaultdict(float))
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.http_requests = Counter(
+            "pf_http_requests", "HTTP requests by method, route and status", ["method", "route", "status"], registry=r
+        )
+        self.refused = Counter("pf_updates_refused", "requests refused, by reason", ["reason"], registry=r)
+        self.upload_seconds = Histogram(
+            "pf_upload_seconds",
+            "upload latency: request start to answer (waiting for a slot and the group commit included)",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            registry=r,
+        )
+        self.upload_bytes = Histogram(
+            "pf_upload_bytes",
+            "size of upload bodies read",
+            buckets=tuple(4.0**k * 1024 for k in range(10)),  # 1 KiB .. 256 MiB
+            registry=r,
+        )
+        self.round_duration = Histogram(
+            "pf_round_duration_seconds",
+            "seconds from a round's opening to its close, by outcome",
+            ["outcome"],
+            buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 3 * 3600, 12 * 3600, 86400),
+            registry=r,
+        )
 
-    def inc(self, name: str, value: float = 1.0, **labels: str) -> None:
-        with self._lock:
-            self._counters[name][tuple(sorted(labels.items()))] += value
+    def watch(self, read_state: Callable[[], State]) -> None:
+        """Report the services' state at every scrape."""
+        self.registry.register(_StateCollector(read_state))
 
-    def render(self, gauges: dict[str, float], counters_from_db: dict[str, dict[tuple, float]]) -> str:
-        with self._lock:
-            series = {name: dict(values) for name, values in self._counters.items()}
-        series.update(counters_from_db)
-        for name, value in gauges.items():
-            series[name] = {(): value}
-        lines = []
-        for name in sorted(series):
-            kind, text = HELP.get(name, ("untyped", name))
-            lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
-            for labels, value in sorted(series[name].items()):
-                lines.append(f"{name}{_labels(dict(labels))} {float(value):g}")
-        return "\n".join(lines) + "\n"
+    def request(self, method: str, route: str | None, status: int) -> None:
+        method = method if method in METHODS else OTHER_METHOD
+        self.http_requests.labels(method, route or UNMATCHED_ROUTE, str(status)).inc()
+
+    def refusal(self, reason: str) -> None:
+        self.refused.labels(reason).inc()
+
+    def round_closed(self, outcome: str, seconds: float) -> None:
+        self.round_duration.labels(outcome).observe(max(0.0, seconds))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,5 +1,7 @@
-"""Every coordinator option in one pydantic model: defaults here, `PF_*` environment variables over
-them, command-line flags over those (see __main__.py).
+"""Every coordinator option in one pydantic-settings model: defaults here, `PF_*` environment
+variables over them, command-line flags (generated from these fields, __main__.py) over those.
+In the environment and on the command line, "none" or "null" (and an empty variable) clear an
+optional setting.
 
 Round options (the `RoundSettings` part) can also be changed at run time through
 `PATCH /v1/admin/settings`; such changes apply from the next round on and last until restart.
@@ -8,9 +10,13 @@ Round options (the `RoundSettings` part) can also be changed at run time through
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
+from contextvars import ContextVar
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings.sources.types import EnvNoneType
 
 from coordinator.strategies import STRATEGIES
 
@@ -50,7 +56,7 @@ class RoundSettings(BaseModel):
     norm_bound: float | None = Field(
         None, gt=0, description="server clips each delta to this L2 norm before aggregation; None = no clipping"
     )
-    # client-level differential privacy on the server (coordinator/privacy.py)
+    # client-level differential privacy on the server (strategies/dp.py, service/privacy.py)
     dp_noise_multiplier: float = Field(0.0, ge=0, le=1000, description="DP-FedAvg noise z; 0 = DP off")
     dp_clip_norm: float = Field(0.1, gt=0, description="DP clip C (the initial C with adaptive clipping)")
     dp_adaptive_clip: bool = Field(False, description="adapt C to a quantile of update norms (Andrew et al.)")
@@ -87,12 +93,38 @@ class RoundSettings(BaseModel):
         return self.dp_noise_multiplier > 0
 
 
-class Settings(RoundSettings):
+ENV_PREFIX = "PF_"
+NONE_WORDS = ("", "none", "null")
+_environ: ContextVar[Mapping[str, str] | None] = ContextVar("pf_environ", default=None)
+
+
+class _PfEnvironment(EnvSettingsSource):
+    """PF_* variables (from os.environ, or the mapping settings_from_env was given), where
+    "none", "null" and "" (any case) mean None."""
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        environ = _environ.get()
+        environ = os.environ if environ is None else environ
+        return {k.lower(): EnvNoneType(v) if v.lower() in NONE_WORDS else v for k, v in environ.items()}
+
+
+class Settings(BaseSettings, RoundSettings):
     """Process-level options plus the round defaults."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_parse_none_str="none",  # what turns EnvNoneType into None (see _PfEnvironment)
+        extra="forbid",
+        validate_assignment=True,
+        allow_inf_nan=False,
+    )
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
-    db: str = Field("pocketfed.db", description="SQLite file; model versions live beside it")
+    db: str = Field(
+        "pocketfed.db",
+        description="SQLite file (model versions live beside it), or postgresql://user@host:port/dbname",
+    )
     model: str = Field("lenet", description="built-in architecture name or a pocketfed model file")
     model_seed: int = 0
     eval_data: str | None = Field(None, description="held-out dataset for server-side evaluation")
@@ -110,23 +142,30 @@ class Settings(RoundSettings):
     max_retry_after: float = Field(600.0, gt=0, description="longest retry-after told to devices")
     log_level: str = "info"
 
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource, *_sources: Any, **_: Any
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, _PfEnvironment(settings_cls)  # arguments over PF_* variables; no .env files
+
     def round_settings(self) -> RoundSettings:
         return RoundSettings(**{name: getattr(self, name) for name in RoundSettings.model_fields})
 
 
 def env_name(field_name: str) -> str:
-    return "PF_" + field_name.upper()
+    return ENV_PREFIX + field_name.upper()
 
 
-def settings_from_env(environ: dict[str, str] | None = None, **overrides: Any) -> Settings:
-    """Settings from `PF_<FIELD>` variables, then explicit overrides (None means 'not given')."""
-    environ = dict(os.environ if environ is None else environ)
-    values: dict[str, Any] = {}
-    for name in Settings.model_fields:
-        raw = environ.get(env_name(name))
-        if raw is not None:
-            values[name] = None if raw.lower() in ("", "none", "null") else raw
-    for name, value in overrides.items():
-        if value is not None:  # None: not given; the text "none" clears an optional setting
-            values[name] = None if isinstance(value, str) and value.lower() in ("none", "null") else value
-    return Settings.model_validate(values)
+def settings_from_env(environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    """Settings from `PF_<FIELD>` variables (os.environ, or `environ`), then explicit overrides
+    (the command line: None means 'not given', the text "none" clears an optional setting)."""
+    given = {
+        name: None if isinstance(value, str) and value.lower() in NONE_WORDS[1:] else value
+        for name, value in overrides.items()
+        if value is not None
+    }
+    token = _environ.set(environ)
+    try:
+        return Settings(**given)
+    finally:
+        _environ.reset(token)

@@ -1,5 +1,6 @@
-"""Helpers for tests, simulations and benchmarks: a stand-in model file, a fake clock, and a real
-uvicorn server on a free loopback port in a background thread."""
+"""Helpers for tests, simulations and benchmarks: a stand-in model file, a fake clock, a real
+uvicorn server on a free loopback port in a background thread, and `tick(app)` to settle rounds
+at once (what the background ticker does every tick_interval) after moving a fake clock."""
 
 from __future__ import annotations
 
@@ -59,6 +60,11 @@ class FakeClock:
     def advance(self, seconds: float) -> None:
         with self._lock:
             self.now += seconds
+
+
+def tick(app) -> None:
+    """Settle the app's rounds now, on this thread: deadlines passed on a FakeClock, goals reached."""
+    app.state.services.tick()
 
 
 class ServerThread:

@@ -15,7 +15,7 @@ import httpx
 import numpy as np
 import pytest
 
-from coordinator.app import create_app
+from coordinator.api import create_app
 from coordinator.audit import audit
 from coordinator.settings import Settings
 from coordinator.strategies import RunningSum

@@ -60,7 +60,8 @@ def test_faults_really_happened(chaos_run):
     assert summary["agent_kill_phases"] == {"training": 1, "upload": 1}
     assert summary["coordinator_restarts"] == 2
     proxy = summary["proxy"]
-    assert proxy["cut_requests"] + proxy["cut_responses"] > 0 and proxy["delayed"] > 0
+    # the proxy's counters hold only faults that happened: a run may cut no request (p = 0.95 per body)
+    assert proxy.get("cut_requests", 0) + proxy.get("cut_responses", 0) > 0 and proxy["delayed"] > 0
     assert proxy["uploads_forwarded"] >= summary["acknowledged"]
 
 

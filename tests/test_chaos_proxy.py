@@ -10,7 +10,7 @@ import httpx
 import numpy as np
 import pytest
 
-from coordinator.app import create_app
+from coordinator.api import create_app
 from coordinator.settings import Settings
 from coordinator.testing import ServerThread, TestDevice, random_delta, stand_in_model_bytes
 from protocol.update import encode_update

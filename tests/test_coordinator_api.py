@@ -9,7 +9,7 @@ import httpx
 import numpy as np
 import pytest
 
-from coordinator.app import create_app
+from coordinator.api import create_app
 from coordinator.settings import Settings
 from coordinator.testing import (
     LENET_SHAPES,
@@ -221,19 +221,22 @@ def parse_prometheus(text: str) -> dict[str, dict[tuple, float]]:
         r'(?:,[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\]|\\.)*")*)\})? (-?[0-9.e+-]+|NaN|[+-]Inf)$'
     )
     series: dict[str, dict[tuple, float]] = {}
-    typed = set()
+    typed, histograms = set(), set()
     for line in text.splitlines():
         if line.startswith("# TYPE "):
             name, kind = line.split()[2:4]
-            assert kind in ("counter", "gauge", "untyped") and name not in typed
+            assert kind in ("counter", "gauge", "histogram", "untyped") and name not in typed
             typed.add(name)
+            if kind == "histogram":
+                histograms.add(name)
             continue
         if line.startswith("# HELP ") or not line:
             continue
         match = sample.match(line)
         assert match, f"not a Prometheus sample line: {line!r}"
         labels = tuple(re.findall(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"', match.group(3) or ""))
-        assert match.group(1) in typed, f"{match.group(1)} has no TYPE line"
+        family = re.sub(r"_(bucket|sum|count)$", "", match.group(1))  # a histogram's samples
+        assert match.group(1) in typed or family in histograms, f"{match.group(1)} has no TYPE line"
         series.setdefault(match.group(1), {})[labels] = float(match.group(4))
     return series
 
@@ -242,7 +245,7 @@ def test_metrics_and_dashboard(service):
     a, b = TestDevice(service, KEY), TestDevice(service, KEY)
     a.task(), b.task()
     a.upload(1, update_bytes(seed=1)), b.upload(1, update_bytes(seed=2)), b.upload(9, update_bytes())
-    service.app.state.evaluator.wait_idle()
+    service.app.state.services.evaluator.wait_idle()
     metrics = service.get("/metrics")
     assert metrics.headers["content-type"].startswith("text/plain")
     series = parse_prometheus(metrics.text)

@@ -9,7 +9,7 @@ import httpx
 import numpy as np
 import pytest
 
-from coordinator.app import create_app
+from coordinator.api import create_app
 from coordinator.settings import Settings
 from coordinator.testing import ServerThread, TestDevice
 from engine import SGD, load_model_bytes
@@ -20,12 +20,12 @@ from protocol.update import encode_update
 KEY = "k"
 
 
-def accuracy_of(db, version, timeout=60.0):
+def accuracy_of(store, version, timeout=60.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        row = db.query_one("SELECT accuracy FROM model_versions WHERE version=?", (version,))
-        if row is not None and row["accuracy"] is not None:
-            return row["accuracy"]
+        row = store.version(version)
+        if row is not None and row.accuracy is not None:
+            return row.accuracy
         time.sleep(0.05)
     raise AssertionError(f"model v{version} was not evaluated")
 
@@ -44,7 +44,7 @@ def test_lenet_round_with_real_training_and_server_evaluation(tmp_path):
     app = create_app(settings)
     train = load_default("train")
     with ServerThread(app) as server, httpx.Client(base_url=server.url, timeout=60) as client:
-        before = accuracy_of(app.state.db, 0)
+        before = accuracy_of(app.state.services.store, 0)
         devices = [TestDevice(client, KEY, f"phone-{i}") for i in range(2)]
         for i, device in enumerate(devices):
             task = device.task()
@@ -67,7 +67,7 @@ def test_lenet_round_with_real_training_and_server_evaluation(tmp_path):
         assert client.get("/v1/rounds/1").json()["result_version"] == 1
         new_model = load_model_bytes(client.get("/v1/models/1", headers=devices[0].headers).content)
         assert set(new_model.trainable) == set(model.trainable)  # the engine reads what the server published
-        after = accuracy_of(app.state.db, 1)
+        after = accuracy_of(app.state.services.store, 1)
         assert after > before + 0.15, (before, after)
         page = client.get("/").text
         assert page.count("<circle") == 2 and f"{after:.4f} (v1)" in page

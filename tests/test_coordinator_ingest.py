@@ -1,4 +1,4 @@
-"""Group commit (coordinator/ingest.py): many uploads per transaction, answered only once on disk,
+"""Group commit (coordinator/service/writer.py): many uploads per transaction, answered only once on disk,
 with the same outcomes as one at a time -- goal reached mid-group, replays, duplicates, kill -9."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import httpx
 import numpy as np
 import pytest
 
-from coordinator.app import create_app
+from coordinator.api import create_app
 from coordinator.errors import Refused
 from coordinator.settings import Settings
 from coordinator.testing import ServerThread, TestDevice, random_delta, stand_in_model_bytes
@@ -48,18 +48,18 @@ def service(tmp_path):
     )
     app = create_app(settings)
     with ServerThread(app) as server, httpx.Client(base_url=server.url, timeout=30) as client:
-        client.manager, client.base = app.state.manager, loads(model.read_bytes()).tensors
+        client.services, client.base = app.state.services, loads(model.read_bytes()).tensors
         yield client
 
 
-def queued_while_the_writer_waits(manager, uploads):
+def queued_while_the_writer_waits(services, uploads):
     """Prepare and queue every (device, key, body) while this thread holds the database lock, so
     the writer finds them all waiting together; then let it go and collect the outcomes."""
-    with manager.db.lock:
+    with services.store.lock:
         futures = []
         for device, key, data in uploads:
-            prepared = manager.prepare_upload(device.id, 1, key, data)
-            futures.append(manager.writer.submit(prepared))
+            prepared = services.ingest.prepare(device.id, 1, key, data)
+            futures.append(services.writer.submit(prepared))
     outcomes = []
     for future in futures:
         try:
@@ -70,18 +70,18 @@ def queued_while_the_writer_waits(manager, uploads):
 
 
 def test_a_group_stops_at_the_goal_and_the_rest_are_late(service):
-    manager = service.manager
+    services = service.services
     devices = [TestDevice(service, KEY) for _ in range(5)]
     for d in devices:
         assert d.task()["round_id"] == 1
     samples = [4, 7, 9, 2, 5]
     outcomes = queued_while_the_writer_waits(
-        manager, [(d, f"key-{i}", body(i, samples[i])) for i, d in enumerate(devices)]
+        services, [(d, f"key-{i}", body(i, samples[i])) for i, d in enumerate(devices)]
     )
     assert outcomes[:3] == [{"accepted": True, "round_id": 1, "received": n, "goal": 3} for n in (1, 2, 3)]
     for late in outcomes[3:]:
         assert isinstance(late, Refused) and late.status_code == 409 and "round 1 is committed" in late.detail
-    assert manager.writer.applied == 3 and manager.writer.groups <= 3  # fewer transactions than uploads
+    assert services.writer.applied == 3 and services.writer.groups <= 3  # fewer transactions than uploads
     r1 = service.get("/v1/rounds/1").json()
     assert (r1["status"], r1["received"], r1["total_samples"]) == ("committed", 3, sum(samples[:3]))
     got = loads(service.get("/v1/models/1", headers=devices[0].headers).content).tensors
@@ -93,15 +93,15 @@ def test_a_group_stops_at_the_goal_and_the_rest_are_late(service):
     assert service.get("/v1/rounds/2").json()["status"] == "open"
     metrics = service.get("/metrics").text
     assert "pf_upload_commit_updates_total 3" in metrics
-    assert f"pf_upload_commits_total {manager.writer.groups}" in metrics
+    assert f"pf_upload_commits_total {services.writer.groups}" in metrics
 
 
 def test_replays_and_duplicates_inside_one_group(service):
-    manager = service.manager
+    services = service.services
     a, b = TestDevice(service, KEY), TestDevice(service, KEY)
     a.task(), b.task()
     outcomes = queued_while_the_writer_waits(
-        manager, [(a, "a", body(0, 5)), (a, "a", body(0, 5)), (a, "a-other", body(1, 5)), (b, "b", body(2, 6))]
+        services, [(a, "a", body(0, 5)), (a, "a", body(0, 5)), (a, "a-other", body(1, 5)), (b, "b", body(2, 6))]
     )
     first = {"accepted": True, "round_id": 1, "received": 1, "goal": 3}
     assert outcomes[0] == outcomes[1] == first  # the same key twice: one update, the same answer
@@ -114,19 +114,19 @@ def test_replays_and_duplicates_inside_one_group(service):
 
 
 def test_a_request_that_went_away_before_its_turn_is_not_applied(service):
-    manager = service.manager
+    services = service.services
     w, x, y = (TestDevice(service, KEY) for _ in range(3))
     for d in (w, x, y):
         d.task()
-    with manager.db.lock:
-        first = manager.writer.submit(manager.prepare_upload(w.id, 1, "w", body(0, 3)))
+    with services.store.lock:
+        first = services.writer.submit(services.ingest.prepare(w.id, 1, "w", body(0, 3)))
         deadline = time.monotonic() + 10
         while not first.running():  # the writer took it and now waits for the lock
             assert time.monotonic() < deadline
             time.sleep(0.005)
-        gone = manager.writer.submit(manager.prepare_upload(x.id, 1, "x", body(1, 3)))
+        gone = services.writer.submit(services.ingest.prepare(x.id, 1, "x", body(1, 3)))
         assert gone.cancel()  # still queued: cancellable, as when the client disconnects
-        last = manager.writer.submit(manager.prepare_upload(y.id, 1, "y", body(2, 3)))
+        last = services.writer.submit(services.ingest.prepare(y.id, 1, "y", body(2, 3)))
     assert first.result(timeout=30)["received"] == 1
     assert last.result(timeout=30)["received"] == 2
     assert service.get("/v1/rounds/1").json()["received"] == 2

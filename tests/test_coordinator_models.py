@@ -7,7 +7,7 @@ import hashlib
 import httpx
 import pytest
 
-from coordinator.app import create_app
+from coordinator.api import create_app
 from coordinator.settings import Settings
 from coordinator.testing import ServerThread, TestDevice, random_delta, stand_in_model_bytes
 from engine.serialize.container import loads
@@ -49,7 +49,7 @@ def test_lists_versions_newest_first_with_their_evaluation(tmp_path):
     app, server = serve(tmp_path, evaluate=score)
     with server, httpx.Client(base_url=server.url, timeout=30) as client:
         devices = one_round(client)
-        app.state.evaluator.wait_idle()
+        app.state.services.evaluator.wait_idle()
         listing = client.get("/v1/models")  # public: no token
         assert listing.status_code == 200
         versions = listing.json()

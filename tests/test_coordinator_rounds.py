@@ -7,9 +7,9 @@ import time
 import httpx
 import pytest
 
-from coordinator.app import create_app
+from coordinator.api import create_app
 from coordinator.settings import Settings, settings_from_env
-from coordinator.testing import FakeClock, ServerThread, TestDevice, random_delta, stand_in_model_bytes
+from coordinator.testing import FakeClock, ServerThread, TestDevice, random_delta, stand_in_model_bytes, tick
 from protocol.update import encode_update
 
 KEY, ADMIN = "k", "admin"
@@ -57,7 +57,8 @@ def test_deadline_commits_with_enough_updates_and_opens_the_next_round(service):
     service.clock.advance(59)
     assert round_status(service, 1)["status"] == "open"
     service.clock.advance(1)
-    r1 = round_status(service, 1)  # enforced lazily by this request
+    tick(service.app)  # what the background ticker does within tick_interval
+    r1 = round_status(service, 1)
     assert r1["status"] == "committed" and r1["result_version"] == 1 and "deadline with 2/4" in r1["reason"]
     r2 = round_status(service, 2)
     assert r2["status"] == "open" and r2["base_version"] == 1 and r2["deadline"] == service.clock() + 60
@@ -68,6 +69,7 @@ def test_deadline_abandons_below_the_minimum(service):
     a.task(), b.task()
     assert upload(a, 1).status_code == 202
     service.clock.advance(61)
+    tick(service.app)
     r1 = round_status(service, 1)
     assert r1["status"] == "abandoned" and "fewer than the minimum 2" in r1["reason"]
     assert r1["result_version"] is None
@@ -79,14 +81,14 @@ def test_deadline_abandons_below_the_minimum(service):
 
 
 def test_background_task_enforces_deadlines_without_requests(service):
-    manager = service.app.state.manager
+    store = service.app.state.services.store
     service.clock.advance(61)  # no device did anything: abandoned with 0 updates
     for _ in range(200):
-        if manager.get_round(1)["status"] != "open":
+        if store.round(1).status != "open" and store.open_round() is not None:  # closed, and the next opened
             break
         time.sleep(0.02)
-    assert manager.get_round(1)["status"] == "abandoned"
-    assert manager.current_round()["id"] == 2
+    assert store.round(1).status == "abandoned"
+    assert store.open_round().id == 2
 
 
 def test_over_selection_and_pace_steering(service):

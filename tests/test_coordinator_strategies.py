@@ -6,7 +6,7 @@ import httpx
 import numpy as np
 import pytest
 
-from coordinator.app import create_app
+from coordinator.api import create_app
 from coordinator.settings import Settings
 from coordinator.strategies import STRATEGIES, RunningSum, Strategy, make_strategy
 from coordinator.testing import FakeClock, ServerThread, TestDevice, random_delta, stand_in_model_bytes

@@ -11,9 +11,10 @@ import pytest
 
 dp_accounting = pytest.importorskip("dp_accounting", reason="the dp extra (dp-accounting) is not installed")
 
-from coordinator import privacy  # noqa: E402
-from coordinator.app import create_app  # noqa: E402
+from coordinator.api import create_app  # noqa: E402
+from coordinator.service import privacy  # noqa: E402
 from coordinator.settings import Settings  # noqa: E402
+from coordinator.strategies import dp  # noqa: E402
 from coordinator.testing import FakeClock, ServerThread, TestDevice, stand_in_model_bytes  # noqa: E402
 from engine.serialize.container import loads  # noqa: E402
 from protocol.deltas import clip_by_l2  # noqa: E402
@@ -40,10 +41,10 @@ def test_epsilon_equals_dp_accounting(q, z, steps, delta):
 def test_adaptive_split_costs_the_same_as_one_query():
     """Andrew et al. eq.: 1/z^2 = 1/z_delta^2 + 1/(2 sigma_b)^2."""
     z, sigma_b = 1.0, 2.0
-    z_delta = privacy.delta_noise_multiplier(z, True, sigma_b)
+    z_delta = dp.delta_noise_multiplier(z, True, sigma_b)
     assert z_delta**-2 + (2 * sigma_b) ** -2 == pytest.approx(z**-2)
     with pytest.raises(ValueError, match="dp_count_stddev"):
-        privacy.delta_noise_multiplier(1.0, True, 0.4)
+        dp.delta_noise_multiplier(1.0, True, 0.4)
 
 
 def serve(tmp_path, **options):

@@ -13,7 +13,7 @@ import httpx  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from schemathesis.checks import not_a_server_error, response_schema_conformance  # noqa: E402
 
-from coordinator.app import create_app  # noqa: E402
+from coordinator.api import create_app  # noqa: E402
 from coordinator.settings import Settings  # noqa: E402
 from coordinator.testing import FakeClock, ServerThread, TestDevice, stand_in_model_bytes  # noqa: E402
 
@@ -39,7 +39,7 @@ def fuzz_server(tmp_path_factory):
     with ServerThread(app) as server:
         with httpx.Client(base_url=server.url) as client:
             device = TestDevice(client, KEY, "fuzzer")
-        server.token, server.db_path, server.manager = device.token, root / "c.db", app.state.manager
+        server.token, server.db_path, server.services = device.token, root / "c.db", app.state.services
         yield server
 
 
@@ -66,14 +66,14 @@ def snapshot(db_path) -> dict:
 def check_case(case, server) -> None:
     token = ADMIN if case.path.startswith("/v1/admin") else server.token
     before = snapshot(server.db_path)
-    settings_before = server.manager.round_settings.model_dump()
+    settings_before = server.services.rounds.round_settings.model_dump()
     response = case.call(base_url=server.url, headers={"Authorization": f"Bearer {token}"}, timeout=30)
     case.validate_response(response, checks=[not_a_server_error, response_schema_conformance])
     assert response.status_code < 500, response.text
     if 400 <= response.status_code < 500:
         assert "detail" in response.json(), response.text  # every refusal says which field and why
         assert snapshot(server.db_path) == before, f"{case.method} {case.path} refused but changed state"
-        assert server.manager.round_settings.model_dump() == settings_before
+        assert server.services.rounds.round_settings.model_dump() == settings_before
 
 
 def test_api_never_fails_and_refusals_change_nothing(api_schema, fuzz_server):

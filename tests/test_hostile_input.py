@@ -15,7 +15,7 @@ import httpx
 import numpy as np
 import pytest
 
-from coordinator.app import create_app
+from coordinator.api import create_app
 from coordinator.settings import Settings
 from coordinator.testing import FakeClock, ServerThread, TestDevice, random_delta, stand_in_model_bytes
 from engine.serialize.container import MAGIC, dumps

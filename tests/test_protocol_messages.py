@@ -69,7 +69,7 @@ def test_upload_receipt_requires_acceptance():
 
 def test_the_coordinators_api_schema_is_built_from_the_protocol_task():
     pytest.importorskip("fastapi")
-    from coordinator.schemas import CheckinResponse
+    from coordinator.api.schemas import CheckinResponse
 
     schema = CheckinResponse.model_json_schema()
     task_schema = schema["$defs"]["Task"]

@@ -8,7 +8,7 @@ import httpx
 import numpy as np
 import pytest
 
-from coordinator.app import create_app
+from coordinator.api import create_app
 from coordinator.settings import Settings
 from coordinator.strategies import CoordinateMedian, Krum, MultiKrum, TrimmedMean, make_strategy
 from coordinator.strategies.krum import krum_scores

@@ -1,13 +1,16 @@
 """The strategy interface: how a round's updates become the next model.
 
-A strategy does two things, kept apart so most of them stream:
+A strategy does three things, kept apart so most of them stream:
 
-1. **combine** the round's deltas into one. Streaming strategies (`streaming = True`) use the
-   sample-weighted mean, kept as a `RunningSum` (weighted sum + total weight, O(model size))
-   that the server updates once per accepted update and stores in the database. Robust
-   strategies that need every update at once (median, trimmed mean, Krum) set
-   `streaming = False` and override `combine`; the server then keeps each delta of the round.
-2. **step**: apply the combined delta to the base weights, with optional server optimizer
+1. **accept** each update as it arrives: the delta to keep and its weight (by default the delta
+   as sent, weighted by its sample count). Wrappers change this: norm bounding clips, DP clips
+   and weighs every device 1 (strategies/norm_bound.py, strategies/dp.py).
+2. **aggregate** the round's deltas into one. Streaming strategies (`streaming = True`) use the
+   weighted mean, kept as a `RunningSum` (weighted sum + total weight, O(model size)) that the
+   server updates once per accepted update and stores in the database. Robust strategies that
+   need every update at once (median, trimmed mean, Krum) set `streaming = False` and override
+   `combine`; the server then keeps each delta of the round.
+3. **step**: apply the combined delta to the base weights, with optional server optimizer
    state (momentum, Adam moments) that the server persists across rounds.
 """
 
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import numpy as np
@@ -55,6 +59,20 @@ class RunningSum:
         return cls(c.tensors, c.metadata["total_weight"], c.metadata["count"])
 
 
+@dataclass
+class RoundUpdates:
+    """What a round collected, for `Strategy.aggregate`: the running sum (streaming strategies) or
+    every (delta, sample count) pair (the others), and each update's L2 norm as it arrived."""
+
+    running: RunningSum | None = None
+    pairs: list[tuple[Weights, float]] | None = None
+    norms: list[float] = field(default_factory=list)
+
+    @property
+    def count(self) -> int:
+        return self.running.count if self.running is not None else len(self.pairs or ())
+
+
 class Strategy(ABC):
     """One federated optimization algorithm; subclasses are one small class each."""
 
@@ -67,6 +85,16 @@ class Strategy(ABC):
     def task_options(self) -> dict[str, float]:
         """Extra task fields sent to devices (FedProx's mu)."""
         return {"fedprox_mu": 0.0}
+
+    def accept(self, delta: Weights, sample_count: int) -> tuple[Weights, float]:
+        """One arriving update: (the delta to keep, its weight in the mean)."""
+        return delta, float(sample_count)
+
+    def aggregate(self, updates: RoundUpdates) -> Weights:
+        """The round's combined delta: the running mean, or `combine` over every update."""
+        if self.streaming:
+            return updates.running.mean()
+        return self.combine(updates.pairs or [])
 
     def combine(self, updates: list[tuple[Weights, float]]) -> Weights:
         """Non-streaming strategies: all (delta, sample_count) pairs of a round -> one delta."""

@@ -1,41 +1,57 @@
 """Group commit for accepted updates: one writer thread, one transaction and one fsync for many.
 
-An upload is decoded and validated by its request, without the database lock
-(`RoundManager.prepare_upload`). What is left -- the replay and duplicate checks against the
-current state, the update's row, and the round's running aggregate -- is queued here. The writer
-drains the queue, applies every waiting upload in ONE transaction (so the aggregate is serialized
-and fsynced once per group, not once per upload), commits durably, and only then answers the
-waiting requests. A 202 therefore still means "on disk": kill -9 right after it loses nothing,
-and a crash before the COMMIT loses the whole group, none of which was acknowledged.
+An upload is decoded and validated by its request, without the lock (service/ingest.py). What is
+left -- the replay and duplicate checks against the current state, the update's row, and the
+round's running aggregate -- is queued here. The writer drains the queue, applies every waiting
+item in ONE transaction (so the aggregate is serialized and fsynced once per group, not once per
+upload), commits durably, and only then answers the waiting requests. A 202 therefore still means
+"on disk": kill -9 right after it loses nothing, and a crash before the COMMIT loses the whole
+group, none of which was acknowledged.
 
-Check-ins that need a new assignment ride in the same groups (`assign`): their insert and the
-round's "room left" check cost no lock round-trip of their own.
+Check-ins ride in the same groups: a new assignment (`Assignment`) and a device's last_seen
+(`Seen`) cost no transaction of their own.
 
-A round that reaches its goal mid-group stops there: the writer settles it (`tick`, which
-commits the model) and the rest of the group goes round again, where they find the round closed
-(409), exactly as if they had arrived one at a time.
+A round that reaches its goal mid-group stops there: the writer settles it (the lifecycle's
+`tick`, which commits the model) and the rest of the group goes round again, where they find the
+round closed (409), exactly as if they had arrived one at a time.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from coordinator.errors import Refused, crash_point
+from coordinator.service.rounds import RoundLifecycle
+from coordinator.store import RoundRow, Store, UpdateRow, Writes
 from coordinator.strategies import RunningSum
 from engine.serialize.container import dumps
 
-if TYPE_CHECKING:
-    from coordinator.rounds import RoundManager
-
 log = logging.getLogger("pocketfed.coordinator")
+
+
+def check_may_upload(store: Store, r: RoundRow | None, round_id: int, device_id: str, now: float) -> RoundRow:
+    """The round exists, the device was assigned to it and has not uploaded, and it is still open
+    and before its deadline (checked here too: the background tick may not have closed it yet)."""
+    if r is None:
+        raise Refused(404, f"round {round_id} does not exist", "unknown_round")
+    if not store.is_assigned(round_id, device_id):
+        raise Refused(403, f"device is not assigned to round {round_id}; check in first", "not_assigned")
+    if store.has_update(round_id, device_id):
+        raise Refused(
+            409, f"device already uploaded an update to round {round_id} (with another Idempotency-Key)", "duplicate"
+        )
+    if not r.is_open:
+        raise Refused(409, f"round {round_id} is {r.status}; late update refused", "round_closed")
+    if now >= r.deadline:
+        raise Refused(409, f"round {round_id} passed its deadline; late update refused", "round_closed")
+    return r
 
 
 @dataclass
@@ -49,8 +65,8 @@ class PreparedUpload:
     norm: float
     encoding: str  # as recorded: "float32", "int8+topk", ...
     metrics: dict[str, float]
-    delta: dict[str, np.ndarray]  # clipped already when the round bounds norms
-    weight: float  # the sample count, or 1 under DP
+    delta: dict[str, np.ndarray]  # as the round's strategy accepted it (clipped under DP or a norm bound)
+    weight: float  # in the running mean: the sample count, or 1 under DP
     streaming: bool
     future: Future = field(default_factory=Future)
 
@@ -61,14 +77,27 @@ class Assignment:
 
     device_id: str
     round_id: int
+    seen_at: float | None = None  # also record the device's last_seen
     future: Future = field(default_factory=Future)
+
+
+@dataclass
+class Seen:
+    """A check-in recording when the device was last seen; `future` gets None."""
+
+    device_id: str
+    at: float
+    future: Future = field(default_factory=Future)
+
+
+Item = PreparedUpload | Assignment | Seen
 
 
 @dataclass
 class _RoundInGroup:
     """One round's state while a group is applied: its row as of the group's start, plus the group."""
 
-    row: dict | None
+    row: RoundRow | None
     received: int
     running: RunningSum | None = None
     added: int = 0
@@ -77,22 +106,18 @@ class _RoundInGroup:
 
 
 class UploadWriter:
-    """The single writer of accepted updates (started on the first upload, stopped by close())."""
+    """The single writer of accepted updates and assignments (started on first use, stopped by close())."""
 
-    def __init__(self, manager: RoundManager, max_group: int = 512):
-        self.manager, self.max_group = manager, max_group
-        self._queue: queue.SimpleQueue[PreparedUpload | Assignment | None] = queue.SimpleQueue()
+    def __init__(self, store: Store, lifecycle: RoundLifecycle, max_group: int = 512):
+        self.store, self.lifecycle, self.max_group = store, lifecycle, max_group
+        self._queue: queue.SimpleQueue[Item | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
         self._closed = False
         self.groups = self.applied = 0  # upload transactions and uploads applied: uploads per fsync
 
-    def assign(self, device_id: str, round_id: int) -> Future:
-        """Queue a check-in's assignment to an open round (see `Assignment`)."""
-        return self.submit(Assignment(device_id, round_id))
-
-    def submit(self, item: PreparedUpload | Assignment) -> Future:
-        """Queue a validated upload; its future resolves once it is durably committed (or refused)."""
+    def submit(self, item: Item) -> Future:
+        """Queue an item; its future resolves once it is committed (durably, for an upload) or refused."""
         with self._start_lock:
             if self._closed:
                 item.future.set_exception(Refused(503, "coordinator is shutting down; retry later", "shutdown"))
@@ -119,8 +144,7 @@ class UploadWriter:
             first = self._queue.get()
             if first is None:
                 return
-            group = [first]
-            stop = False
+            group, stop = [first], False
             while len(group) < self.max_group:  # whatever queued up during the last fsync
                 try:
                     item = self._queue.get_nowait()
@@ -136,19 +160,20 @@ class UploadWriter:
             if stop:
                 return
 
-    def _write(self, group: list[PreparedUpload | Assignment]) -> None:
-        manager = self.manager
-        with manager.db.lock:
+    def _write(self, group: list[Item]) -> None:
+        uploads = any(isinstance(item, PreparedUpload) for item in group)
+        with self.store.lock:
             pending = group
             while pending:
                 try:
                     outcomes, pending = self._apply(pending)
-                except Exception as exc:  # a broken group: apply its uploads one at a time
+                except Exception as exc:  # a broken group: apply its items one at a time
                     log.warning("group of %d uploads failed (%s); applying them one by one", len(pending), exc)
                     outcomes = [self._apply_alone(item) for item in pending]
                     pending = []
                 try:
-                    manager.tick()  # commit a round that reached its goal before answering anyone
+                    if uploads:  # commit a round that reached its goal before answering anyone
+                        self.lifecycle.tick()
                 except Exception:
                     log.exception("settling the round after a group of uploads failed")
                 for item, outcome in outcomes:
@@ -157,37 +182,43 @@ class UploadWriter:
                     else:
                         item.future.set_result(outcome)
 
-    def _apply_alone(self, item: PreparedUpload | Assignment) -> tuple[PreparedUpload | Assignment, Any]:
+    def _apply_alone(self, item: Item) -> tuple[Item, Any]:
         try:
             for _ in range(2):
-                outcomes, deferred = self._apply([item])
+                outcomes, _deferred = self._apply([item])
                 if outcomes:
                     return outcomes[0]
-                self.manager.tick()  # its round was full: settle it, then the upload is late
+                self.lifecycle.tick()  # its round was full: settle it, then the upload is late
             raise RuntimeError(f"round {item.round_id} stayed full after settling it")
         except Exception as exc:
             log.exception("%s from device %s failed", type(item).__name__, item.device_id[:8])
             return item, exc
 
-    def _apply(self, group: list) -> tuple[list[tuple[Any, Any]], list[PreparedUpload]]:
+    def _apply(self, group: list[Item]) -> tuple[list[tuple[Item, Any]], list[PreparedUpload]]:
         """One transaction for the group: (outcome per item, uploads deferred past a goal). Durable
-        (fsync) when it holds an upload; assignments alone a device can redo, as before."""
-        manager = self.manager
-        outcomes: list[tuple[PreparedUpload, Any]] = []
+        (fsync) when it holds an upload; assignments and last_seen alone a device can redo."""
+        outcomes: list[tuple[Item, Any]] = []
         deferred: list[PreparedUpload] = []
         accepted: list[tuple[PreparedUpload, dict]] = []
         rounds: dict[int, _RoundInGroup] = {}
-        now = manager.clock()
+        seen: dict[str, float] = {}
+        now = self.lifecycle.clock()
         durable = any(isinstance(item, PreparedUpload) for item in group)
-        with manager.db.transaction(durable=durable) as cur:
+        with self.store.transaction(durable=durable) as tx:
             for item in group:
+                if isinstance(item, Seen):
+                    seen[item.device_id] = item.at
+                    outcomes.append((item, None))
+                    continue
                 if isinstance(item, Assignment):
-                    outcomes.append((item, self._assign(item, rounds, cur, now)))
+                    if item.seen_at is not None:
+                        seen[item.device_id] = item.seen_at
+                    outcomes.append((item, self._assign(item, rounds, tx, now)))
                     continue
                 try:
-                    answer = manager.previous_answer(item.device_id, item.key)  # sees this group's rows too
+                    answer = self.store.answer_for_key(item.device_id, item.key)  # sees this group's rows too
                     if answer is None:
-                        answer = self._add(item, rounds, cur, now)
+                        answer = self._add(item, rounds, tx, now)
                         if answer is not None:
                             accepted.append((item, answer))
                 except Refused as exc:
@@ -198,19 +229,13 @@ class UploadWriter:
                     outcomes.append((item, answer))
             for round_id, state in rounds.items():
                 if state.added:
-                    cur.execute(
-                        "UPDATE rounds SET received=received+?, total_weight=total_weight+?, aggregate=? WHERE id=?",
-                        (
-                            state.added,
-                            state.samples,
-                            state.running.to_bytes() if state.running else state.row["aggregate"],
-                            round_id,
-                        ),
-                    )
+                    blob = state.running.to_bytes() if state.running else None
+                    tx.fold_into_round(round_id, added=state.added, samples=state.samples, aggregate=blob)
+            tx.touch_devices(seen.items())
             crash_point("before_update_commit")
         for round_id, state in rounds.items():
             if state.added and state.running is not None:
-                manager.remember_running(round_id, state.received, state.running)
+                self.lifecycle.aggregates.remember(round_id, state.received, state.running)
         self.groups += durable  # transactions that held uploads
         self.applied += len(accepted)
         crash_point("after_update_commit")
@@ -225,35 +250,31 @@ class UploadWriter:
                 item.norm,
                 item.encoding,
             )
-            manager.on_event("update_accepted")
         return outcomes, deferred
 
-    def _add(self, item: PreparedUpload, rounds: dict[int, _RoundInGroup], cur, now: float) -> dict | None:
+    def _add(self, item: PreparedUpload, rounds: dict[int, _RoundInGroup], tx: Writes, now: float) -> dict | None:
         """Insert one upload's row and fold it into its round; None: the round is full, defer it."""
-        manager = self.manager
         state = self._round(item.round_id, rounds)
         r = state.row
-        if r is not None and r["status"] == "open" and state.received >= r["goal"]:
+        if r is not None and r.is_open and state.received >= r.goal:
             return None  # settle the round first (tick); it will then refuse this one as late
-        manager.check_may_upload(r, item.round_id, item.device_id)
+        check_may_upload(self.store, r, item.round_id, item.device_id, now)
         if item.streaming and state.running is None:
-            state.running = manager.running_sum(r)
-        answer = {"accepted": True, "round_id": item.round_id, "received": state.received + 1, "goal": r["goal"]}
-        cur.execute(
-            "INSERT INTO updates(round_id, device_id, idempotency_key, sample_count, norm, encoding, "
-            "metrics, received_at, response, delta) VALUES (?,?,?,?,?,?,?,?,?,?)",
-            (
-                item.round_id,
-                item.device_id,
-                item.key,
-                item.sample_count,
-                item.norm,
-                item.encoding,
-                json.dumps(item.metrics),
-                now,
-                json.dumps(answer),
-                None if item.streaming else dumps(item.delta, kind="delta"),
-            ),
+            state.running = self.lifecycle.aggregates.current(r)
+        answer = {"accepted": True, "round_id": item.round_id, "received": state.received + 1, "goal": r.goal}
+        tx.add_update(
+            UpdateRow(
+                round_id=item.round_id,
+                device_id=item.device_id,
+                idempotency_key=item.key,
+                sample_count=item.sample_count,
+                norm=item.norm,
+                encoding=item.encoding,
+                metrics=item.metrics,
+                received_at=now,
+                response=answer,
+                delta=None if item.streaming else dumps(item.delta, kind="delta"),
+            )
         )
         if state.running is not None:
             state.running.add(item.delta, item.weight)
@@ -265,29 +286,22 @@ class UploadWriter:
     def _round(self, round_id: int, rounds: dict[int, _RoundInGroup]) -> _RoundInGroup:
         state = rounds.get(round_id)
         if state is None:
-            row = self.manager.get_round(round_id, with_aggregate=True)
-            state = rounds[round_id] = _RoundInGroup(row, row["received"] if row else 0)
+            row = self.store.round(round_id)  # its aggregate comes from memory, or is read when first needed
+            state = rounds[round_id] = _RoundInGroup(row, row.received if row else 0)
         return state
 
-    def _assign(self, item: Assignment, rounds: dict[int, _RoundInGroup], cur, now: float) -> str:
+    def _assign(self, item: Assignment, rounds: dict[int, _RoundInGroup], tx: Writes, now: float) -> str:
         """Give the device a place in the round if it is open and has room (checked again here: the
         check-in's own look was without the lock)."""
         state = self._round(item.round_id, rounds)
-        if state.row is None or state.row["status"] != "open":
+        if state.row is None or not state.row.is_open or now >= state.row.deadline:
             return "closed"
-        if cur.execute(
-            "SELECT 1 FROM assignments WHERE round_id=? AND device_id=?", (item.round_id, item.device_id)
-        ).fetchone():
+        if self.store.is_assigned(item.round_id, item.device_id):
             return "assigned"
         if state.assigned is None:
-            state.assigned = cur.execute(
-                "SELECT COUNT(*) FROM assignments WHERE round_id=?", (item.round_id,)
-            ).fetchone()[0]
-        if state.assigned >= state.row["max_assignments"]:
+            state.assigned = self.store.count_assigned(item.round_id)
+        if state.assigned >= state.row.max_assignments:
             return "full"
-        cur.execute(
-            "INSERT INTO assignments(round_id, device_id, assigned_at) VALUES (?,?,?)",
-            (item.round_id, item.device_id, now),
-        )
+        tx.add_assignment(item.round_id, item.device_id, now)
         state.assigned += 1
         return "assigned"

@@ -60,7 +60,11 @@ class Evaluator:
                 except Exception as exc:  # an evaluation failure must not stop the service
                     log.warning("evaluation of model v%d failed: %s", version, exc)
                     continue
-                self._store(version, result)
+                try:
+                    self._store(version, result)
+                except Exception as exc:  # e.g. the store closed at shutdown: startup evaluates it again
+                    log.warning("evaluation of model v%d could not be stored: %s", version, exc)
+                    continue
                 log.info(
                     "model v%d evaluated: accuracy=%.4f loss=%.4f n=%d",
                     version,

@@ -8,8 +8,8 @@ import time
 from fastapi import APIRouter
 from fastapi.responses import HTMLResponse
 
-from coordinator.deps import DbDep, ManagerDep
-from coordinator.routers.rounds import summarize
+from coordinator.api.deps import ServicesDep
+from coordinator.api.routers.rounds import recent_rounds
 
 router = APIRouter(tags=["ops"])
 
@@ -67,12 +67,11 @@ def privacy_line(rounds: list, budget_note: str | None) -> str:
 
 
 @router.get("/", response_class=HTMLResponse, include_in_schema=True)
-def dashboard(manager: ManagerDep, db: DbDep) -> HTMLResponse:
-    manager.tick()
-    versions = db.query("SELECT version, accuracy, round_id, created_at FROM model_versions ORDER BY version")
-    points = [(r["version"], float(r["accuracy"])) for r in versions if r["accuracy"] is not None]
-    rounds = [summarize(db, dict(r)) for r in db.query("SELECT * FROM rounds ORDER BY id DESC LIMIT 100")]
-    devices = db.query_one("SELECT COUNT(*) AS n FROM devices")["n"]
+def dashboard(services: ServicesDep) -> HTMLResponse:
+    store = services.store
+    points = [(v.version, float(v.accuracy)) for v in store.versions() if v.accuracy is not None]
+    rounds = recent_rounds(store, 100)
+    devices = store.count_devices()
     e = html.escape
     rows = "".join(
         f'<tr><td>{r.id}</td><td class="{r.status}">{r.status}</td><td>v{r.base_version}</td>'
@@ -87,9 +86,9 @@ def dashboard(manager: ManagerDep, db: DbDep) -> HTMLResponse:
     page = f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>pocketfed coordinator</title>
 <meta http-equiv="refresh" content="30"><style>{STYLE}</style></head><body>
 <h1>pocketfed coordinator</h1>
-<p>Model version <b>v{manager.latest_version()}</b> · latest accuracy <b>{acc}</b> ·
+<p>Model version <b>v{services.versions.latest()}</b> · latest accuracy <b>{acc}</b> ·
 {devices} devices enrolled
-{" · <b>paused</b>" if manager.paused else ""}{privacy_line(rounds, manager.dp.budget_note)}</p>
+{" · <b>paused</b>" if services.rounds.paused else ""}{privacy_line(rounds, services.privacy.budget_note)}</p>
 <h2>Accuracy by model version</h2>{accuracy_chart(points)}
 <h2>Rounds</h2><table id="rounds"><tr><th>round</th><th>status</th><th>base</th><th>assigned</th>
 <th>updates</th><th>samples</th><th>result</th><th>strategy</th><th>opened (UTC)</th><th>&epsilon;</th>

@@ -1,10 +1,9 @@
-"""FastAPI dependencies: the service's components and who is calling."""
+"""FastAPI dependencies: the services and the store, the settings, and who is calling."""
 
 from __future__ import annotations
 
 import hashlib
 import secrets
-from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -12,9 +11,9 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from coordinator.errors import Refused
 from coordinator.metrics import Metrics
-from coordinator.rounds import RoundManager
+from coordinator.service import Services
 from coordinator.settings import Settings
-from coordinator.storage import Database
+from coordinator.store import DeviceRow, Store
 
 bearer = HTTPBearer(auto_error=False, description="device token from POST /v1/devices, or the admin token")
 
@@ -23,26 +22,27 @@ def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def get_manager(request: Request) -> RoundManager:
-    return request.app.state.manager
+def get_services(request: Request) -> Services:
+    return request.app.state.services
 
 
-def get_db(request: Request) -> Database:
-    return request.app.state.db
+def get_store(request: Request) -> Store:
+    return request.app.state.services.store
 
 
 def get_settings(request: Request) -> Settings:
-    return request.app.state.settings
+    return request.app.state.services.settings
 
 
 def get_metrics(request: Request) -> Metrics:
-    return request.app.state.metrics
+    return request.app.state.services.metrics
 
 
-@dataclass(frozen=True)
-class Device:
-    id: str
-    name: str | None
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+ServicesDep = Annotated[Services, Depends(get_services)]
+StoreDep = Annotated[Store, Depends(get_store)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 
 
 def _token(credentials: HTTPAuthorizationCredentials | None) -> str:
@@ -53,31 +53,23 @@ def _token(credentials: HTTPAuthorizationCredentials | None) -> str:
     return credentials.credentials
 
 
-Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
-ManagerDep = Annotated[RoundManager, Depends(get_manager)]
-DbDep = Annotated[Database, Depends(get_db)]
-SettingsDep = Annotated[Settings, Depends(get_settings)]
-MetricsDep = Annotated[Metrics, Depends(get_metrics)]
-
-
-def device_for(credentials: HTTPAuthorizationCredentials | None, db: Database) -> Device:
+def device_for(credentials: HTTPAuthorizationCredentials | None, store: Store) -> DeviceRow:
     """The enrolled device whose token is presented (401 otherwise)."""
-    hashed = token_hash(_token(credentials))
-    row = db.query_one("SELECT id, name FROM devices WHERE token_hash = ?", (hashed,))
-    if row is None:
+    device = store.device_by_token(token_hash(_token(credentials)))
+    if device is None:
         raise Refused(
             401,
             "Authorization: unknown or revoked device token",
             "unauthorized",
             headers={"WWW-Authenticate": "Bearer"},
         )
-    return Device(row["id"], row["name"])
+    return device
 
 
-async def current_device(credentials: Credentials, db: DbDep) -> Device:
-    """`device_for` on the event loop: one indexed read on this thread's WAL read connection, which
+async def current_device(credentials: Credentials, store: StoreDep) -> DeviceRow:
+    """`device_for` on the event loop: one indexed read on this thread's own read connection, which
     never waits for the writer, is cheaper than a hop to the threadpool on every device call."""
-    return device_for(credentials, db)
+    return device_for(credentials, store)
 
 
 def require_admin(credentials: Credentials, settings: SettingsDep) -> None:
@@ -91,12 +83,12 @@ def require_admin(credentials: Credentials, settings: SettingsDep) -> None:
         raise Refused(403, "Authorization: admin token required for this call", "admin_forbidden")
 
 
-def device_or_admin(credentials: Credentials, db: DbDep, settings: SettingsDep) -> None:
+def device_or_admin(credentials: Credentials, store: StoreDep, settings: SettingsDep) -> None:
     """Model downloads: any enrolled device, or the operator."""
     token = _token(credentials)
     if settings.admin_token and secrets.compare_digest(token.encode(), settings.admin_token.encode()):
         return
-    device_for(credentials, db)
+    device_for(credentials, store)
 
 
-DeviceDep = Annotated[Device, Depends(current_device)]
+DeviceDep = Annotated[DeviceRow, Depends(current_device)]

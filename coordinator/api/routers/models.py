@@ -6,19 +6,50 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Path, Query, Response
 
-from coordinator.deps import DbDep, ManagerDep, device_or_admin
+from coordinator.api.deps import ServicesDep, StoreDep, device_or_admin
+from coordinator.api.schemas import ModelVersionInfo, ModelVersionListing
 from coordinator.errors import Refused
-from coordinator.rounds import RoundManager
-from coordinator.schemas import ModelVersionInfo, ModelVersionListing
+from coordinator.service import Services
+from coordinator.service.versions import LoadedModel
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
 
-def _info(manager: RoundManager, version: int) -> ModelVersionInfo:
-    loaded = manager.model(version)
+def _loaded(services: Services, version: int) -> LoadedModel:
+    loaded = services.versions.get(version)
     if loaded is None:
         raise Refused(404, f"model version {version} does not exist", "unknown_model")
-    i = loaded.info
+    return loaded
+
+
+@router.get("", response_model=list[ModelVersionListing])
+def list_versions(
+    store: StoreDep, limit: Annotated[int, Query(ge=1, le=1000, description="newest versions to list")] = 100
+) -> list[ModelVersionListing]:
+    """Every model version, newest first, with its sha256, size and server-side evaluation (public, like
+    /v1/models/latest): how the federation's model improved round by round."""
+    return [
+        ModelVersionListing(
+            version=v.version,
+            sha256=v.sha256,
+            architecture=v.architecture,
+            size_bytes=v.size_bytes,
+            num_parameters=v.num_parameters,
+            created_at=v.created_at,
+            round_id=v.round_id,
+            accuracy=v.accuracy,
+            loss=v.eval_loss,
+            eval_samples=v.eval_n,
+        )
+        for v in store.versions(limit)
+    ]
+
+
+@router.get("/latest", response_model=ModelVersionInfo)
+def latest(services: ServicesDep) -> ModelVersionInfo:
+    """What the current base model is (public, like the dashboard); downloading it needs a token."""
+    version = services.versions.latest()
+    i = _loaded(services, version).info
     return ModelVersionInfo(
         version=version,
         sha256=i.sha256,
@@ -27,35 +58,6 @@ def _info(manager: RoundManager, version: int) -> ModelVersionInfo:
         num_parameters=i.num_parameters,
         created_at=i.created_at,
     )
-
-
-@router.get("", response_model=list[ModelVersionListing])
-def list_versions(
-    db: DbDep, limit: Annotated[int, Query(ge=1, le=1000, description="newest versions to list")] = 100
-) -> list[ModelVersionListing]:
-    """Every model version, newest first, with its sha256, size and server-side evaluation (public, like
-    /v1/models/latest): how the federation's model improved round by round."""
-    rows = db.query(
-        "SELECT version, sha256, architecture, size_bytes, num_parameters, created_at, round_id, "
-        "accuracy, eval_loss, eval_n FROM model_versions ORDER BY version DESC LIMIT ?",
-        (limit,),
-    )
-    return [
-        ModelVersionListing(
-            **{k: r[k] for k in ModelVersionInfo.model_fields},
-            round_id=r["round_id"],
-            accuracy=r["accuracy"],
-            loss=r["eval_loss"],
-            eval_samples=r["eval_n"],
-        )
-        for r in rows
-    ]
-
-
-@router.get("/latest", response_model=ModelVersionInfo)
-def latest(manager: ManagerDep) -> ModelVersionInfo:
-    """What the current base model is (public, like the dashboard); downloading it needs a token."""
-    return _info(manager, manager.latest_version())
 
 
 @router.get(
@@ -70,13 +72,11 @@ def latest(manager: ManagerDep) -> ModelVersionInfo:
 )
 def download(
     version: Annotated[int, Path(ge=0, le=2**62)],
-    manager: ManagerDep,
+    services: ServicesDep,
     if_none_match: Annotated[str | None, Header()] = None,
 ) -> Response:
     """The model file (graph + weights); send If-None-Match with the ETag to skip an unchanged download."""
-    loaded = manager.model(version)
-    if loaded is None:
-        raise Refused(404, f"model version {version} does not exist", "unknown_model")
+    loaded = _loaded(services, version)
     etag = f'"{loaded.info.sha256}"'
     headers = {"ETag": etag, "Cache-Control": "public, max-age=31536000, immutable"}
     if if_none_match:

@@ -8,9 +8,9 @@ import uuid
 
 from fastapi import APIRouter
 
-from coordinator.deps import DbDep, DeviceDep, SettingsDep, token_hash
+from coordinator.api.deps import DeviceDep, SettingsDep, StoreDep, token_hash
+from coordinator.api.schemas import DeviceInfo, EnrollRequest, EnrollResponse
 from coordinator.errors import Refused
-from coordinator.schemas import DeviceInfo, EnrollRequest, EnrollResponse
 
 router = APIRouter(prefix="/v1/devices", tags=["devices"])
 
@@ -18,34 +18,26 @@ router = APIRouter(prefix="/v1/devices", tags=["devices"])
 @router.post(
     "", status_code=201, response_model=EnrollResponse, responses={401: {"description": "wrong enrollment key"}}
 )
-def enroll(body: EnrollRequest, db: DbDep, settings: SettingsDep) -> EnrollResponse:
+def enroll(body: EnrollRequest, store: StoreDep, settings: SettingsDep) -> EnrollResponse:
     """Enroll a device; the token is returned once and stored only as its sha256."""
     if not secrets.compare_digest(body.enrollment_key.encode(), (settings.enrollment_key or "").encode()):
         raise Refused(401, "enrollment_key: wrong enrollment key", "bad_enrollment_key")
     device_id, token = uuid.uuid4().hex, secrets.token_urlsafe(32)
-    with db.transaction(durable=False) as cur:  # lost only on power loss; the device enrolls again
-        cur.execute(
-            "INSERT INTO devices(id, token_hash, name, created_at) VALUES (?,?,?,?)",
-            (device_id, token_hash(token), body.name, time.time()),
-        )
+    with store.transaction(durable=False) as tx:  # lost only on power loss; the device enrolls again
+        tx.add_device(device_id, token_hash(token), body.name, time.time())
     return EnrollResponse(device_id=device_id, token=token)
 
 
 @router.get("/{device_id}", response_model=DeviceInfo, responses={403: {"description": "another device"}})
-def device_info(device_id: str, device: DeviceDep, db: DbDep) -> DeviceInfo:
+def device_info(device_id: str, device: DeviceDep, store: StoreDep) -> DeviceInfo:
     """A device's own record; a token never reads another device's."""
     if device_id != device.id:
         raise Refused(403, f"device_id: this token belongs to another device, not {device_id}", "other_device")
-    row = db.query_one(
-        "SELECT created_at, "
-        "(SELECT COUNT(*) FROM assignments WHERE device_id=?) AS a, "
-        "(SELECT COUNT(*) FROM updates WHERE device_id=?) AS u FROM devices WHERE id=?",
-        (device.id, device.id, device.id),
-    )
+    created_at, assigned, accepted = store.device_activity(device.id)
     return DeviceInfo(
         device_id=device.id,
         name=device.name,
-        created_at=row["created_at"],
-        rounds_assigned=row["a"],
-        updates_accepted=row["u"],
+        created_at=created_at,
+        rounds_assigned=assigned,
+        updates_accepted=accepted,
     )

@@ -1,0 +1,50 @@
+"""`create_app(settings)`: the services (coordinator/service/), the routers, the middleware."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+
+from fastapi import FastAPI
+from fastapi.concurrency import run_in_threadpool
+
+from coordinator.api.errors import document_refusals, install_error_handlers
+from coordinator.api.middleware import RequestMetrics
+from coordinator.api.routers import admin, checkin, dashboard, devices, models, ops, rounds, uploads
+from coordinator.service import open_services
+from coordinator.service.evaluation import EvaluateFn
+from coordinator.settings import Settings
+
+
+def create_app(
+    settings: Settings, *, clock: Callable[[], float] = time.time, evaluate: EvaluateFn | None = None
+) -> FastAPI:
+    """Build the service. `clock` and `evaluate` are injectable for tests; by default the wall clock
+    and, with --eval-data, the engine's evaluator. The database is opened (and migrated) here; the
+    background ticker runs while the app is served."""
+    services = open_services(settings, clock=clock, evaluate=evaluate)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        services.ticker.start()
+        try:
+            yield
+        finally:
+            await run_in_threadpool(services.close)
+
+    app = FastAPI(
+        title="pocketfed coordinator",
+        version="1",
+        lifespan=lifespan,
+        description="Federated rounds over HTTP: enroll, check in, download the model, upload a delta.",
+    )
+    app.state.services = services
+    app.state.upload_slots = asyncio.Semaphore(settings.max_concurrent_uploads)
+    for module in (devices, models, checkin, rounds, uploads, admin, ops, dashboard):
+        app.include_router(module.router)
+    app.add_middleware(RequestMetrics, metrics=services.metrics)
+    install_error_handlers(app, services.metrics)
+    document_refusals(app)
+    return app

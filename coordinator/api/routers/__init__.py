@@ -1,0 +1,1 @@
+"""One router per resource; coordinator/api/app.py includes them all."""

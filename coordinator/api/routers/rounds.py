@@ -1,0 +1,84 @@
+"""Rounds: their status, participants and metrics (uploads are routers/uploads.py)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Query
+
+from coordinator.api.deps import StoreDep
+from coordinator.api.schemas import Participant, RoundDetail, RoundSummary
+from coordinator.errors import Refused
+from coordinator.store import RoundRow
+
+router = APIRouter(prefix="/v1/rounds", tags=["rounds"])
+
+RoundId = Annotated[int, Path(ge=0, le=2**62, description="round number")]
+
+
+def summarize(r: RoundRow, assigned: int) -> RoundSummary:
+    dp = r.dp_q is not None
+    return RoundSummary(
+        id=r.id,
+        status=r.status,
+        base_version=r.base_version,
+        goal=r.goal,
+        max_assignments=r.max_assignments,
+        min_updates=r.min_updates,
+        assigned=assigned,
+        received=r.received,
+        total_samples=r.total_weight,
+        opened_at=r.opened_at,
+        deadline=r.deadline,
+        closed_at=r.closed_at,
+        reason=r.reason,
+        result_version=r.result_version,
+        strategy=r.config.strategy,
+        epsilon=r.epsilon,
+        dp_delta=r.config.dp_delta if dp else None,
+        dp_clip_norm=r.dp_clip,
+        dp_sampling_rate=r.dp_q,
+    )
+
+
+def recent_rounds(store, limit: int) -> list[RoundSummary]:
+    """The newest `limit` rounds, newest first."""
+    rows = store.rounds(limit)
+    assigned = store.assigned_per_round([r.id for r in rows])
+    return [summarize(r, assigned.get(r.id, 0)) for r in rows]
+
+
+@router.get("", response_model=list[RoundSummary])
+def list_rounds(store: StoreDep, limit: Annotated[int, Query(ge=1, le=1000)] = 50) -> list[RoundSummary]:
+    """Most recent rounds first."""
+    return recent_rounds(store, limit)
+
+
+@router.get("/{round_id}", response_model=RoundDetail)
+def round_detail(round_id: RoundId, store: StoreDep) -> RoundDetail:
+    r = store.round(round_id)
+    if r is None:
+        raise Refused(404, f"round {round_id} does not exist", "unknown_round")
+    participants = [
+        Participant(
+            device_id=u.device_id,
+            sample_count=u.sample_count,
+            norm=u.norm,
+            encoding=u.encoding,
+            received_at=u.received_at,
+            metrics=u.metrics,
+        )
+        for u in store.round_updates(round_id)
+    ]
+    sums: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    for p in participants:
+        for name, value in p.metrics.items():
+            sums[name] = sums.get(name, 0.0) + value * p.sample_count
+            weights[name] = weights.get(name, 0.0) + p.sample_count
+    return RoundDetail(
+        **summarize(r, store.count_assigned(round_id)).model_dump(),
+        config=r.config,
+        metrics={k: sums[k] / weights[k] for k in sums if weights[k] > 0},
+        participants=participants,
+    )

@@ -1,0 +1,53 @@
+"""Operator calls: pause and resume round scheduling, change round settings, publish a model."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from coordinator.errors import Refused
+from coordinator.service import privacy
+from coordinator.service.rounds import RoundLifecycle
+from coordinator.service.versions import ModelVersions
+from coordinator.settings import RoundSettings
+from coordinator.store import Store
+
+log = logging.getLogger("pocketfed.coordinator")
+
+
+class Admin:
+    def __init__(self, store: Store, versions: ModelVersions, lifecycle: RoundLifecycle):
+        self.store, self.versions, self.lifecycle = store, versions, lifecycle
+
+    def set_paused(self, paused: bool) -> None:
+        """Stop (or resume) opening rounds; the open one still settles. Resuming opens one at once."""
+        with self.store.lock:
+            with self.store.transaction() as tx:
+                tx.set_state("paused", "1" if paused else "0")
+            self.lifecycle.paused = paused
+            log.info("round scheduling %s", "paused" if paused else "resumed")
+            self.lifecycle.tick()
+
+    def update_settings(self, changes: dict[str, Any]) -> RoundSettings:
+        """Validated round-setting changes (pydantic's ValidationError otherwise); they apply from
+        the next round on and last until restart."""
+        with self.store.lock:
+            new = RoundSettings(**{**self.lifecycle.round_settings.model_dump(), **changes})
+            if new.dp_enabled:
+                try:
+                    privacy.require_accountant()
+                except ValueError as exc:
+                    raise Refused(422, f"dp_noise_multiplier: {exc}", "bad_settings") from None
+            self.lifecycle.round_settings = new
+        log.info("round settings changed: %s", changes)
+        return new
+
+    def publish(self, data: bytes) -> int:
+        """An operator's model replaces the base: the open round is abandoned, a new one opens on it."""
+        with self.store.lock:
+            version = self.versions.publish(data, reason="published by the operator")
+            r = self.lifecycle.current()
+            if r is not None:
+                self.lifecycle.abandon(r, f"superseded by published model v{version}")
+            self.lifecycle.tick()
+        return version

@@ -1,0 +1,69 @@
+"""Uploads: everything before the write, on the request's own thread and without the lock (the
+replayed answer, the round and assignment checks, decoding and validating the update, the round
+strategy's view of it), then the group-commit writer (service/writer.py) for the rest."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+
+from coordinator.service.modelfile import expected_shapes
+from coordinator.service.rounds import RoundLifecycle
+from coordinator.service.validation import check_update
+from coordinator.service.versions import ModelVersions
+from coordinator.service.writer import PreparedUpload, UploadWriter, check_may_upload
+from coordinator.store import Store
+
+
+class Ingest:
+    def __init__(
+        self,
+        store: Store,
+        versions: ModelVersions,
+        lifecycle: RoundLifecycle,
+        writer: UploadWriter,
+        clock: Callable[[], float] = time.time,
+        on_late: Callable[[], None] | None = None,
+    ):
+        self.store, self.versions, self.lifecycle, self.writer, self.clock = store, versions, lifecycle, writer, clock
+        self.on_late = on_late or (lambda: None)  # wakes the background tick when a deadline has passed
+
+    def prepare(self, device_id: str, round_id: int, key: str, body: bytes) -> dict | PreparedUpload:
+        """The replayed answer for a known Idempotency-Key, or the decoded and validated update (the
+        writer checks replay, duplicates and round state again, under the lock)."""
+        answer = self.store.answer_for_key(device_id, key)
+        if answer is not None:
+            return answer
+        now = self.clock()
+        r = self.store.round(round_id)
+        if r is not None and r.is_open and now >= r.deadline:
+            self.on_late()
+        r = check_may_upload(self.store, r, round_id, device_id, now)
+        cfg = r.config
+        update, norm = check_update(
+            body,
+            round_id=round_id,
+            base_version=r.base_version,
+            expected=expected_shapes(self.versions.get(r.base_version).container),
+            max_norm=cfg.max_update_norm,
+            max_sample_count=cfg.max_sample_count,
+        )
+        strategy = self.lifecycle.strategy_for(r)
+        delta, weight = strategy.accept(update.delta, update.sample_count)
+        return PreparedUpload(
+            device_id=device_id,
+            round_id=round_id,
+            key=key,
+            sample_count=update.sample_count,
+            norm=norm,
+            encoding=update.encoding + ("+topk" if update.sparse else ""),
+            metrics=update.metrics,
+            delta=delta,
+            weight=weight,
+            streaming=strategy.streaming,
+        )
+
+    def submit(self, prepared: PreparedUpload) -> Future:
+        """Queue a prepared upload; the future resolves with the 202 body once it is on disk."""
+        return self.writer.submit(prepared)

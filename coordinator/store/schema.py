@@ -1,0 +1,112 @@
+"""The tables, defined once for SQLite and PostgreSQL (SQLAlchemy Core; migrations/ creates them).
+
+On SQLite the column types render exactly as the pre-migration schema wrote them (TEXT, REAL,
+INTEGER, BLOB), so a database made by earlier versions and one made now are the same.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import sqlite
+
+# a float64 everywhere: REAL on SQLite (8 bytes there), DOUBLE PRECISION on PostgreSQL (REAL is 4 bytes)
+Real = sa.Double().with_variant(sqlite.REAL(), "sqlite")
+# a 64-bit integer where a count or a size may pass 2**31 (INTEGER on SQLite is 64-bit already)
+BigInt = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+
+class StateValue(sa.TypeDecorator):
+    """server_state values: bytes. Text written by earlier versions ('1', a seed) reads back as UTF-8."""
+
+    impl = sa.LargeBinary
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        return value.encode() if isinstance(value, str) else value
+
+    def process_result_value(self, value, dialect):
+        return value.encode() if isinstance(value, str) else value
+
+
+metadata = sa.MetaData()
+
+devices = sa.Table(
+    "devices",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("token_hash", sa.Text, nullable=False, unique=True),  # sha256 of the bearer token, never the token
+    sa.Column("name", sa.Text),
+    sa.Column("created_at", Real, nullable=False),
+    sa.Column("last_seen", Real),  # last check-in (kept to the minute: see service/checkin.py)
+)
+
+model_versions = sa.Table(
+    "model_versions",
+    metadata,
+    sa.Column("version", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("sha256", sa.Text, nullable=False),
+    sa.Column("filename", sa.Text, nullable=False),  # relative to the models directory
+    sa.Column("architecture", sa.Text, nullable=False),
+    sa.Column("size_bytes", BigInt, nullable=False),
+    sa.Column("num_parameters", BigInt, nullable=False),
+    sa.Column("created_at", sa.Text, nullable=False),
+    sa.Column("round_id", sa.Integer),  # the round that produced it (NULL for published models)
+    sa.Column("accuracy", Real),  # server-side evaluation, filled in after publication
+    sa.Column("eval_loss", Real),
+    sa.Column("eval_n", sa.Integer),
+)
+
+rounds = sa.Table(
+    "rounds",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("base_version", sa.Integer, sa.ForeignKey("model_versions.version"), nullable=False),
+    sa.Column("status", sa.Text, sa.CheckConstraint("status IN ('open', 'committed', 'abandoned')"), nullable=False),
+    sa.Column("config", sa.Text, nullable=False),  # JSON snapshot of RoundSettings at opening
+    sa.Column("goal", sa.Integer, nullable=False),
+    sa.Column("max_assignments", sa.Integer, nullable=False),
+    sa.Column("min_updates", sa.Integer, nullable=False),
+    sa.Column("opened_at", Real, nullable=False),
+    sa.Column("deadline", Real, nullable=False),
+    sa.Column("closed_at", Real),
+    sa.Column("reason", sa.Text),
+    sa.Column("received", sa.Integer, nullable=False, server_default=sa.text("0")),
+    sa.Column("total_weight", Real, nullable=False, server_default=sa.text("0")),
+    sa.Column("aggregate", sa.LargeBinary),  # container: running weighted sum of deltas (float64)
+    sa.Column("result_version", sa.Integer),
+    sa.Column("dp_clip", Real),  # DP: clip norm C used by this round (NULL: DP off)
+    sa.Column("dp_q", Real),  # DP: sampling rate goal / population
+    sa.Column("dp_noise", Real),  # DP: noise multiplier z charged to the accountant
+    sa.Column("epsilon", Real),  # DP: epsilon spent after this round committed
+)
+
+assignments = sa.Table(
+    "assignments",
+    metadata,
+    sa.Column("round_id", sa.Integer, sa.ForeignKey("rounds.id"), primary_key=True),
+    sa.Column("device_id", sa.Text, sa.ForeignKey("devices.id"), primary_key=True),
+    sa.Column("assigned_at", Real, nullable=False),
+)
+
+updates = sa.Table(
+    "updates",
+    metadata,
+    sa.Column("round_id", sa.Integer, sa.ForeignKey("rounds.id"), primary_key=True),
+    sa.Column("device_id", sa.Text, sa.ForeignKey("devices.id"), primary_key=True),
+    sa.Column("idempotency_key", sa.Text, nullable=False),
+    sa.Column("sample_count", BigInt, nullable=False),
+    sa.Column("norm", Real, nullable=False),
+    sa.Column("encoding", sa.Text, nullable=False),
+    sa.Column("metrics", sa.Text, nullable=False),  # JSON
+    sa.Column("received_at", Real, nullable=False),
+    sa.Column("response", sa.Text, nullable=False),  # JSON answer replayed for the same Idempotency-Key
+    sa.Column("delta", sa.LargeBinary),  # kept only for non-streaming (robust) strategies
+    sa.UniqueConstraint("device_id", "idempotency_key"),
+)
+
+server_state = sa.Table(
+    "server_state",
+    metadata,
+    sa.Column("key", sa.Text, primary_key=True),
+    sa.Column("value", StateValue, nullable=False),
+)

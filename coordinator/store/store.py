@@ -1,0 +1,255 @@
+"""The store: every SQL statement the coordinator runs, behind typed methods.
+
+This class is the interface a storage backend offers the services. It is written once over
+SQLAlchemy Core and runs unchanged on SQLite and PostgreSQL; what differs between them (pragmas,
+BEGIN IMMEDIATE, read connections) lives in database.py. Reads are methods here; writes are
+methods of the `Writes` that `transaction()` yields. Every statement is built once at import
+(and a read compiled once per database: database.py's `fetch`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import sqlalchemy as sa
+
+from coordinator.store import migrate
+from coordinator.store.database import Database
+from coordinator.store.rows import DeviceRow, ModelVersionRow, RoundRow, UpdateRow
+from coordinator.store.schema import assignments, devices, model_versions, rounds, server_state, updates
+from coordinator.store.writes import Writes
+
+_b = sa.bindparam
+_count = sa.func.count
+ROUND = [c for c in rounds.c if c.name != "aggregate"]  # in RoundRow's field order
+VERSION = list(model_versions.c)
+UPDATE = [c for c in updates.c if c.name != "delta"]
+
+DEVICE_BY_TOKEN = sa.select(devices.c.id, devices.c.name, devices.c.created_at, devices.c.last_seen).where(
+    devices.c.token_hash == _b("token_hash")
+)
+DEVICE_ACTIVITY = sa.select(
+    devices.c.created_at,
+    sa.select(_count()).where(assignments.c.device_id == _b("d")).scalar_subquery(),
+    sa.select(_count()).where(updates.c.device_id == _b("d")).scalar_subquery(),
+).where(devices.c.id == _b("d"))
+COUNT_DEVICES = sa.select(_count()).select_from(devices)
+DEVICE_TOKENS = sa.select(devices.c.id, devices.c.token_hash)
+
+LATEST_VERSION = sa.select(sa.func.max(model_versions.c.version))
+VERSION_BY_NUMBER = sa.select(*VERSION).where(model_versions.c.version == _b("v"))
+VERSIONS_NEWEST_FIRST = sa.select(*VERSION).order_by(model_versions.c.version.desc()).limit(_b("limit"))
+ALL_VERSIONS = sa.select(*VERSION).order_by(model_versions.c.version)
+VERSION_FILENAMES = sa.select(model_versions.c.filename)
+UNEVALUATED = sa.select(model_versions.c.version).where(model_versions.c.accuracy.is_(None)).order_by("version")
+LATEST_ACCURACY = (
+    sa.select(model_versions.c.accuracy)
+    .where(model_versions.c.accuracy.is_not(None))
+    .order_by(model_versions.c.version.desc())
+    .limit(1)
+)
+
+OPEN_ROUND = sa.select(*ROUND).where(rounds.c.status == "open").order_by(rounds.c.id.desc()).limit(1)
+ROUND_BY_ID = sa.select(*ROUND).where(rounds.c.id == _b("id"))
+ROUND_WITH_AGGREGATE = sa.select(*ROUND, rounds.c.aggregate).where(rounds.c.id == _b("id"))
+ALL_ROUNDS_WITH_AGGREGATE = sa.select(*ROUND, rounds.c.aggregate).order_by(rounds.c.id)
+RECENT_ROUNDS = sa.select(*ROUND).order_by(rounds.c.id.desc()).limit(_b("limit"))
+ROUNDS_BY_STATUS = sa.select(rounds.c.status, _count()).group_by(rounds.c.status)
+DP_EVENTS = (
+    sa.select(rounds.c.dp_q, rounds.c.dp_noise)
+    .where(rounds.c.status == "committed", rounds.c.dp_q.is_not(None))
+    .order_by(rounds.c.id)
+)
+LAST_EPSILON = (
+    sa.select(rounds.c.epsilon, rounds.c.dp_clip)
+    .where(rounds.c.epsilon.is_not(None))
+    .order_by(rounds.c.id.desc())
+    .limit(1)
+)
+
+IS_ASSIGNED = sa.select(1).where(assignments.c.round_id == _b("r"), assignments.c.device_id == _b("d"))
+COUNT_ASSIGNED = sa.select(_count()).where(assignments.c.round_id == _b("r"))
+ASSIGNED_PER_ROUND = (
+    sa.select(assignments.c.round_id, _count())
+    .where(assignments.c.round_id.between(_b("lo"), _b("hi")))
+    .group_by(assignments.c.round_id)
+)
+
+ANSWER_FOR_KEY = sa.select(updates.c.response).where(
+    updates.c.device_id == _b("d"), updates.c.idempotency_key == _b("k")
+)
+HAS_UPDATE = sa.select(1).where(updates.c.round_id == _b("r"), updates.c.device_id == _b("d"))
+ROUND_UPDATES = sa.select(*UPDATE).where(updates.c.round_id == _b("r")).order_by(updates.c.received_at)
+ROUND_DELTAS = sa.select(updates.c.delta, updates.c.sample_count).where(updates.c.round_id == _b("r"))
+ROUND_NORMS = sa.select(updates.c.norm).where(updates.c.round_id == _b("r"))
+COUNT_UPDATES = sa.select(_count()).select_from(updates)
+UPDATES_BY_ACCEPTANCE = {  # SQLite: rowid, the insertion order; PostgreSQL: arrival time
+    "sqlite": sa.select(*UPDATE).order_by(sa.literal_column("rowid")),
+    "postgresql": sa.select(*UPDATE).order_by(updates.c.received_at),
+}
+
+STATE = sa.select(server_state.c.value).where(server_state.c.key == _b("key"))
+STATE_ITEMS = sa.select(server_state.c.key, server_state.c.value).order_by(server_state.c.key)
+
+
+class Store:
+    """The coordinator's durable state (devices, model versions, rounds, assignments, updates,
+    server state). `readonly=True` opens an existing database without migrating it (the audit)."""
+
+    def __init__(self, db: str, *, readonly: bool = False):
+        self.db = Database(db, readonly=readonly)
+        self.lock = self.db.lock
+        self.dialect = self.db.dialect
+        self.label = self.db.label
+        self.revision: str | None = None
+        if not readonly:
+            with self.db.transaction() as conn:
+                self.revision = migrate.upgrade(conn)
+
+    @contextmanager
+    def transaction(self, durable: bool = True) -> Iterator[Writes]:
+        with self.db.transaction(durable) as conn:
+            yield Writes(conn, self.dialect)
+
+    def close(self) -> None:
+        self.db.close()
+
+    def _first(self, statement: sa.Executable, params: dict[str, Any] | None = None) -> tuple | None:
+        rows = self.db.fetch(statement, params)
+        return rows[0] if rows else None
+
+    def _scalar(self, statement: sa.Executable, params: dict[str, Any] | None = None) -> Any:
+        rows = self.db.fetch(statement, params)
+        return rows[0][0] if rows else None
+
+    def _all(self, statement: sa.Executable, params: dict[str, Any] | None = None) -> list[tuple]:
+        return self.db.fetch(statement, params)
+
+    # ------------------------------------------------------------------ devices
+
+    def device_by_token(self, token_hash: str) -> DeviceRow | None:
+        row = self._first(DEVICE_BY_TOKEN, {"token_hash": token_hash})
+        return DeviceRow(*row) if row else None
+
+    def device_activity(self, device_id: str) -> tuple[float, int, int] | None:
+        """(created_at, rounds assigned, updates accepted) of one device."""
+        row = self._first(DEVICE_ACTIVITY, {"d": device_id})
+        return tuple(row) if row else None
+
+    def count_devices(self) -> int:
+        return int(self._scalar(COUNT_DEVICES))
+
+    def device_tokens(self) -> dict[str, str]:
+        return dict(self._all(DEVICE_TOKENS))
+
+    # ------------------------------------------------------------------ model versions
+
+    def latest_version(self) -> int:
+        """The newest registered version, or -1 when there is none."""
+        value = self._scalar(LATEST_VERSION)
+        return -1 if value is None else int(value)
+
+    def version(self, version: int) -> ModelVersionRow | None:
+        row = self._first(VERSION_BY_NUMBER, {"v": version})
+        return ModelVersionRow(*row) if row else None
+
+    def versions(self, limit: int | None = None) -> list[ModelVersionRow]:
+        """Newest first (`limit` of them), or every version oldest first without a limit."""
+        if limit is None:
+            return [ModelVersionRow(*r) for r in self._all(ALL_VERSIONS)]
+        return [ModelVersionRow(*r) for r in self._all(VERSIONS_NEWEST_FIRST, {"limit": limit})]
+
+    def version_filenames(self) -> set[str]:
+        return {r[0] for r in self._all(VERSION_FILENAMES)}
+
+    def unevaluated_versions(self) -> list[int]:
+        return [r[0] for r in self._all(UNEVALUATED)]
+
+    def latest_accuracy(self) -> float | None:
+        return self._scalar(LATEST_ACCURACY)
+
+    # ------------------------------------------------------------------ rounds
+
+    def open_round(self) -> RoundRow | None:
+        row = self._first(OPEN_ROUND)
+        return RoundRow.from_row(row) if row else None
+
+    def round(self, round_id: int, *, with_aggregate: bool = False) -> RoundRow | None:
+        row = self._first(ROUND_WITH_AGGREGATE if with_aggregate else ROUND_BY_ID, {"id": round_id})
+        return RoundRow.from_row(row) if row else None
+
+    def rounds(self, limit: int | None = None) -> list[RoundRow]:
+        """Newest first (`limit` of them), or every round oldest first with its aggregate."""
+        if limit is None:
+            return [RoundRow.from_row(r) for r in self._all(ALL_ROUNDS_WITH_AGGREGATE)]
+        return [RoundRow.from_row(r) for r in self._all(RECENT_ROUNDS, {"limit": limit})]
+
+    def rounds_by_status(self) -> dict[str, int]:
+        return dict(self._all(ROUNDS_BY_STATUS))
+
+    def dp_events(self) -> list[tuple[float, float]]:
+        """(sampling rate q, noise multiplier z) of every committed DP round, in order."""
+        return [(float(q), float(z)) for q, z in self._all(DP_EVENTS)]
+
+    def last_epsilon(self) -> tuple[float, float] | None:
+        """(epsilon, clip norm) of the last round that spent privacy budget."""
+        row = self._first(LAST_EPSILON)
+        return (row[0], row[1]) if row else None
+
+    # ------------------------------------------------------------------ assignments and updates
+
+    def is_assigned(self, round_id: int, device_id: str) -> bool:
+        return self._first(IS_ASSIGNED, {"r": round_id, "d": device_id}) is not None
+
+    def count_assigned(self, round_id: int) -> int:
+        return int(self._scalar(COUNT_ASSIGNED, {"r": round_id}))
+
+    def assigned_per_round(self, round_ids: list[int]) -> dict[int, int]:
+        if not round_ids:
+            return {}
+        counts = dict(self._all(ASSIGNED_PER_ROUND, {"lo": min(round_ids), "hi": max(round_ids)}))
+        return {i: counts[i] for i in round_ids if i in counts}
+
+    def answer_for_key(self, device_id: str, key: str) -> dict | None:
+        """The 202 an update with this Idempotency-Key already got, if any."""
+        text = self._scalar(ANSWER_FOR_KEY, {"d": device_id, "k": key})
+        return json.loads(text) if text is not None else None
+
+    def has_update(self, round_id: int, device_id: str) -> bool:
+        return self._first(HAS_UPDATE, {"r": round_id, "d": device_id}) is not None
+
+    def round_updates(self, round_id: int) -> list[UpdateRow]:
+        """A round's accepted updates (without deltas), in the order received."""
+        return [UpdateRow.from_row(r) for r in self._all(ROUND_UPDATES, {"r": round_id})]
+
+    def round_deltas(self, round_id: int) -> list[tuple[bytes, int]]:
+        """(stored delta, sample count) of a non-streaming round's updates."""
+        return [(r[0], int(r[1])) for r in self._all(ROUND_DELTAS, {"r": round_id})]
+
+    def round_norms(self, round_id: int) -> list[float]:
+        """Each accepted update's L2 norm as it arrived (before any clipping)."""
+        return [float(r[0]) for r in self._all(ROUND_NORMS, {"r": round_id})]
+
+    def count_updates(self) -> int:
+        return int(self._scalar(COUNT_UPDATES))
+
+    def updates_in_acceptance_order(self) -> list[UpdateRow]:
+        """Every accepted update (the audit). SQLite orders by rowid, the insertion order; PostgreSQL
+        by arrival time, which leaves updates of one group commit in no particular order."""
+        return [UpdateRow.from_row(r) for r in self._all(UPDATES_BY_ACCEPTANCE[self.dialect])]
+
+    # ------------------------------------------------------------------ server state
+
+    def state(self, key: str) -> bytes | None:
+        return _as_bytes(self._scalar(STATE, {"key": key}))
+
+    def state_items(self) -> list[tuple[str, bytes]]:
+        return [(key, _as_bytes(value)) for key, value in self._all(STATE_ITEMS)]
+
+
+def _as_bytes(value: Any) -> bytes | None:
+    """server_state values: text written by earlier versions ('1', a seed) reads back as UTF-8 bytes."""
+    return value.encode() if isinstance(value, str) else None if value is None else bytes(value)

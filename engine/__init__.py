@@ -60,6 +60,7 @@ _SUBMODULES = {
     "runtime",
     "serialize",
     "trainer",
+    "training_graph",
 }
 
 if TYPE_CHECKING:

@@ -1,18 +1,20 @@
 """`pf-train` (also `python -m engine`): the seed's example for real — LeNet on Fashion-MNIST — or,
 with `--model FILE`, further training of a model you already have (pocketfed file or .onnx);
-`--save FILE` writes the result (.onnx exports the inference graph). `pf-eval` scores a model file."""
+`--save FILE` writes the result (.onnx exports the inference graph); `--export-training-step OUT.onnx`
+writes one training step as plain ONNX instead of training. `pf-eval` scores a model file."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
 
 from .data import load_default, open_dataset
-from .models import build
-from .optimizer import SGD
+from .models import ARCHITECTURES, build
+from .optimizer import OPTIMIZERS, make_optimizer
 from .progress import ProgressBar
 from .trainer import Trainer
 
@@ -44,7 +46,24 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--model", help="train this model file (pocketfed or .onnx) instead of a fresh LeNet")
+    p.add_argument("--model", help="a model file (pocketfed or .onnx) or a built-in architecture (default: lenet)")
+    p.add_argument(
+        "--optimizer",
+        choices=OPTIMIZERS,
+        default="sgd-momentum",
+        help="sgd (with --weight-decay), sgd-momentum (with --momentum) or adam (default: %(default)s)",
+    )
+    p.add_argument(
+        "--export-training-step",
+        metavar="OUT.onnx",
+        help="write one training step (loss, gradients, optimizer) as a plain ONNX graph and exit "
+        "(docs/training-step.md)",
+    )
+    p.add_argument(
+        "--initial-values",
+        action="store_true",
+        help="with --export-training-step: store the weights, zero optimizer state and --lr as the inputs' defaults",
+    )
     p.add_argument("--save", help="write the trained model here (.onnx: ONNX export; else a pocketfed file)")
     p.add_argument(
         "--train-only",
@@ -77,21 +96,21 @@ def train_main(argv: Sequence[str] | None = None) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    train_set, test_set = _datasets(args.data)
-    model = build("lenet", seed=args.seed) if args.model is None else _load_model(args.model)
+    if args.model is None or (args.model in ARCHITECTURES and not os.path.exists(args.model)):
+        model = build(args.model or "lenet", seed=args.seed)
+    else:
+        model = _load_model(args.model)
     trainable = None
     if args.train_only:
         trainable = [n for n in model.trainable if n.startswith(tuple(args.train_only))]
         if not trainable:
             print(f"pf-train: --train-only {args.train_only} matches none of {model.trainable}", file=sys.stderr)
             return 2
-    trainer = Trainer(
-        model,
-        optimizer=SGD(args.lr, weight_decay=args.weight_decay, momentum=args.momentum),
-        trainable=trainable,
-        batch_size=args.batch_size,
-        seed=args.seed,
-    )
+    optimizer = make_optimizer(args.optimizer, args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    if args.export_training_step:
+        return _export_step(args, model, optimizer, trainable)
+    train_set, test_set = _datasets(args.data)
+    trainer = Trainer(model, optimizer=optimizer, trainable=trainable, batch_size=args.batch_size, seed=args.seed)
     trainer.train_fn.profile = args.profile
     start = time.perf_counter()
     steps = -(-train_set.size() // args.batch_size)
@@ -118,6 +137,23 @@ def _train(args: argparse.Namespace) -> int:
         summary["saved"] = _save_model(model, args.save, args.inference_only)
     if args.json:
         print(json.dumps(summary))
+    return 0
+
+
+def _export_step(args: argparse.Namespace, model, optimizer, trainable) -> int:
+    from .onnx import OnnxError, export_training_step
+
+    try:
+        data = export_training_step(
+            model, args.export_training_step, optimizer, trainable=trainable, initial_values=args.initial_values
+        )
+    except OnnxError as exc:
+        print(f"pf-train: cannot export the training step: {exc}", file=sys.stderr)
+        return 2
+    summary = {"training_step": args.export_training_step, "bytes": len(data), "optimizer": args.optimizer}
+    print(
+        json.dumps(summary) if args.json else f"wrote {args.export_training_step} ({len(data)} bytes, {args.optimizer})"
+    )
     return 0
 
 

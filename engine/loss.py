@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
+import numpy as np
+
 from . import opr
 from .graph import ShapeError, SymbolVar
 
@@ -37,6 +39,10 @@ class ILoss(ABC):
     def __call__(self, pred: SymbolVar, label: SymbolVar) -> SymbolVar:
         """Add the loss of `pred` against `label` to the graph; return a scalar node."""
 
+    def label_input(self, pred: SymbolVar) -> tuple[tuple, np.dtype]:
+        """Shape and dtype of the label input a training graph feeds: class indices by default."""
+        return (None,), np.dtype(np.int64)
+
 
 class CrossEntropyLoss(ILoss):
     """Cross entropy against integer class labels, from logits (default) or probabilities."""
@@ -49,6 +55,10 @@ class CrossEntropyLoss(ILoss):
         self.with_logits, self.label_smooth, self.axis = with_logits, label_smooth, axis
         self.reduce_mode = _check_mode(reduce_mode)
 
+    def label_input(self, pred: SymbolVar) -> tuple[tuple, np.dtype]:
+        axis = self.axis % pred.ndim
+        return tuple(d for i, d in enumerate(pred.shape) if i != axis), np.dtype(np.int64)
+
     def __call__(self, pred: SymbolVar, label: SymbolVar) -> SymbolVar:
         if label.dtype.kind not in "iu":
             raise ShapeError(f"CrossEntropyLoss: labels must be integer class indices, got {label.dtype}")
@@ -60,7 +70,14 @@ class CrossEntropyLoss(ILoss):
         return _reduce(nll, self.reduce_mode)
 
 
-class MSELoss(ILoss):
+class _Regression(ILoss):
+    """A loss whose label has the prediction's shape and dtype."""
+
+    def label_input(self, pred: SymbolVar) -> tuple[tuple, np.dtype]:
+        return pred.shape, pred.dtype
+
+
+class MSELoss(_Regression):
     def __init__(self, reduce_mode: str = "mean") -> None:
         self.reduce_mode = _check_mode(reduce_mode)
 
@@ -70,7 +87,7 @@ class MSELoss(ILoss):
         return _reduce(diff * diff, self.reduce_mode)
 
 
-class L1Loss(ILoss):
+class L1Loss(_Regression):
     def __init__(self, reduce_mode: str = "mean") -> None:
         self.reduce_mode = _check_mode(reduce_mode)
 
@@ -79,7 +96,7 @@ class L1Loss(ILoss):
         return _reduce(opr.abs(pred - label), self.reduce_mode)
 
 
-class BCEWithLogitsLoss(ILoss):
+class BCEWithLogitsLoss(_Regression):
     """Binary cross entropy on logits, in the overflow-free form max(x,0) - x*y + log(1 + exp(-|x|))."""
 
     def __init__(self, reduce_mode: str = "mean") -> None:

@@ -8,6 +8,7 @@ The rules match PyTorch's `torch.optim.SGD` and `torch.optim.Adam` step for step
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
@@ -50,10 +51,20 @@ class Optimizer(IOptimizer):
             raise GraphError(f"make_multiple: {len(weights)} weights but {len(grads)} gradients")
         return [self.make(w, g, graph) for w, g in zip(weights, grads, strict=True)]
 
+    def fresh(self) -> Optimizer:
+        """The same optimizer (settings and learning rate) with no state in any graph yet."""
+        other = copy.copy(self)
+        other._lr_vars, other.state = [], {}
+        return other
+
     def set_lr(self, lr: float) -> None:
         self.lr = float(lr)
         for var in self._lr_vars:
             var.value[...] = lr
+
+    def lr_var(self, graph: ComputingGraph) -> SymbolVar:
+        """The shared scalar that holds the learning rate in `graph` (the ONNX step's `lr` input)."""
+        return self._lr(graph)
 
     def _lr(self, graph: ComputingGraph) -> SymbolVar:
         for var in self._lr_vars:  # one lr per optimizer and graph; another optimizer keeps its own
@@ -142,3 +153,17 @@ class Adam(Optimizer):
         bias2 = 1.0 - opr.pow(new_step.make_scalar(b2), new_step)
         denom = opr.sqrt(second) / opr.sqrt(bias2) + self.eps
         return opr.add_update(weight, -(self._lr(graph) / bias1) * new_m / denom)
+
+
+OPTIMIZERS = ("sgd", "sgd-momentum", "adam")
+
+
+def make_optimizer(name: str, lr: float, momentum: float = 0.9, weight_decay: float = 0.0) -> Optimizer:
+    """An optimizer by its command-line name: sgd, sgd-momentum or adam."""
+    if name == "sgd":
+        return SGD(lr, weight_decay=weight_decay)
+    if name == "sgd-momentum":
+        return SGD(lr, weight_decay=weight_decay, momentum=momentum)
+    if name == "adam":
+        return Adam(lr, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}; known: {', '.join(OPTIMIZERS)}")

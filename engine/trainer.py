@@ -15,15 +15,15 @@ from typing import Any
 import numpy as np
 
 from . import opr
-from .autodiff import grad
 from .data import DataLoader, IDataView
 from .graph import GraphError, SymbolVar
-from .loss import LOSSES, ILoss
+from .loss import ILoss
 from .model import Model
-from .optimizer import SGD, IOptimizer
+from .optimizer import IOptimizer
 from .serialize.container import ContainerError, write_atomic
 from .serialize.container import dumps as dump_container
 from .serialize.container import loads as load_container
+from .training_graph import build_training_graph
 
 
 class Interrupted(RuntimeError):
@@ -47,31 +47,13 @@ class Trainer:
         seed: int = 0,
     ) -> None:
         self.model, self.batch_size, self.seed = model, batch_size, seed
-        self.optimizer = optimizer or SGD(0.01, momentum=0.9)
-        names = list(model.trainable if trainable is None else trainable)
-        unknown = [n for n in names if n not in model.params]
-        if unknown:
-            raise GraphError(f"Trainer: unknown parameters {unknown}; the model has {list(model.params)}")
-        if not names:
-            raise GraphError("Trainer: nothing to train")
-        self.trainable = names
-        graph, logits = model.graph, model.output
-        label_name = "label"
-        label = graph[label_name] if label_name in graph else opr.host2device(graph, (None,), "int64", label_name)
-        loss_fn = LOSSES[loss]() if isinstance(loss, str) else loss
-        self.loss_var = loss_fn(logits, label)
-        objective = self.loss_var
-        weights = [model.params[n] for n in names]
-        self._anchor: dict[str, SymbolVar] = {}
-        if prox_mu:  # FedProx: mu/2 * ||w - w_global||^2 keeps local training near the global model
-            for w in weights:
-                self._anchor[w.name] = opr.shared(graph, w.value, f"{w.name}.prox_anchor", trainable=False)
-            prox = sum(
-                (opr.sum((w - self._anchor[w.name]) ** 2.0) for w in weights[1:]),
-                start=opr.sum((weights[0] - self._anchor[weights[0].name]) ** 2.0),
-            )
-            objective = objective + prox * (prox_mu / 2)
-        updates = self.optimizer.make_multiple(weights, grad(objective, weights), graph)
+        try:
+            training = build_training_graph(model, loss, optimizer, trainable, prox_mu)
+        except GraphError as exc:
+            raise type(exc)(f"Trainer: {exc}") from None
+        self.optimizer, self.trainable = training.optimizer, [w.name for w in training.weights]
+        self.loss_var, self._anchor = training.loss, training.anchors
+        graph, logits, updates = model.graph, model.output, training.updates
         self.train_fn = graph.compile([self.loss_var, logits], updates=updates)
         self.eval_fn = graph.compile([logits], training=False)
         self._input_name = model.input.name

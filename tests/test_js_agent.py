@@ -133,6 +133,65 @@ def test_onnxruntime_node_runs_after_npm_ci_ignore_scripts(built, tmp_path):
     assert np.allclose(out["data"], np.maximum(x @ w, 0).reshape(-1), rtol=1e-6)
 
 
+@pytest.mark.parametrize("optimizer", ["sgd-momentum", "adam"])
+def test_ts_training_with_the_onnx_step_matches_the_engine(built, tmp_path, optimizer):
+    """The TS trainer (onnxruntime-node running the exported step) and the engine's Trainer take the
+    same 12 steps on the same Fashion-MNIST batches: losses and weights agree to float32 rounding."""
+    pytest.importorskip("onnx")
+    from engine import load_model_bytes
+    from engine.data import load_default
+    from engine.onnx import export_training_step
+    from engine.optimizer import make_optimizer
+    from engine.trainer import Trainer
+
+    model_bytes = build_model_bytes("lenet", seed=3)
+    (tmp_path / "model.pfm").write_bytes(model_bytes)
+    lr, batch, epochs = 0.05, 16, 2
+    export_training_step(load_model_bytes(model_bytes), tmp_path / "step.onnx", optimizer=optimizer, lr=lr)
+    x, y = load_default("train").get_batch(np.arange(96))
+    np.savez(tmp_path / "data.npz", x=x.astype(np.float32), y=y.astype(np.int64))
+    interop("train", *(str(tmp_path / n) for n in ("model.pfm", "step.onnx", "data.npz", "out.pft")), "2", "16", "0.05")
+    ts = loads((tmp_path / "out.pft").read_bytes())
+
+    trainer = Trainer(load_model_bytes(model_bytes), optimizer=make_optimizer(optimizer, lr), batch_size=batch)
+    losses = [trainer.step(x[i : i + batch], y[i : i + batch])[0] for _ in range(epochs) for i in range(0, 96, batch)]
+    assert np.allclose(ts.metadata["losses"], losses, rtol=1e-5, atol=1e-6)
+    weights = trainer.get_weights()
+    base = loads(model_bytes).tensors
+    for name, value in ts.tensors.items():
+        change_ts, change_engine = value - base[name], weights[name] - base[name]
+        # relative in norm, as tests/test_training_step_onnx.py measures engine vs onnxruntime: Adam divides
+        # by sqrt(v), so single elements with a near-zero gradient amplify float32 summation-order noise
+        assert np.linalg.norm(value - weights[name]) <= 1e-5 * np.linalg.norm(weights[name]), name
+        assert np.linalg.norm(change_ts - change_engine) <= 1e-4 * np.linalg.norm(change_engine), name
+
+
+def test_ts_training_feeds_dropout_masks_and_carries_batch_norm_statistics(built, tmp_path):
+    """A model with batch norm and dropout (tests/training_step_models.py): the TS trainer reads the masks'
+    probability from the step's ONNX metadata, draws them per step, carries the running statistics, and
+    the loss falls over three epochs of real data."""
+    pytest.importorskip("onnx")
+    from training_step_models import conv_net
+
+    from engine.data import load_default
+    from engine.onnx import export_training_step
+    from engine.serialize.modelfile import dumps
+
+    model = conv_net(seed=1)
+    (tmp_path / "model.pfm").write_bytes(dumps(model))
+    export_training_step(model, tmp_path / "step.onnx", optimizer="sgd-momentum", lr=0.05)
+    x, y = load_default("train").get_batch(np.arange(256))
+    np.savez(tmp_path / "data.npz", x=x.astype(np.float32), y=y.astype(np.int64))
+    interop("train", *(str(tmp_path / n) for n in ("model.pfm", "step.onnx", "data.npz", "out.pft")), "3", "32", "0.05")
+    out = loads((tmp_path / "out.pft").read_bytes())
+    losses = np.asarray(out.metadata["losses"])
+    assert len(losses) == 24 and np.all(np.isfinite(losses))
+    assert losses[-8:].mean() < losses[:8].mean() - 0.1, losses
+    base = loads(dumps(model)).tensors
+    stats = [n for n in out.tensors if "running" in n]
+    assert stats and all(not np.array_equal(out.tensors[n], base[n]) for n in stats), stats
+
+
 def test_the_js_agent_passes_the_conformance_suite(built):
     from protocol.conformance import SCENARIOS
     from protocol.conformance.world import World

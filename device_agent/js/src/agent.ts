@@ -222,10 +222,9 @@ export class Agent {
         return this.drop(task.roundId, error.message);
       throw error;
     }
-    if (task.fedproxMu > 0)
-      log(
-        `round ${task.roundId}: fedprox_mu ${task.fedproxMu} asked; the training step has no proximal term, training plain`,
-      );
+    if (task.fedproxMu > 0 && !trainer.proximal) {
+      log(`round ${task.roundId}: fedprox_mu ${task.fedproxMu} asked, but the served step has no proximal term`);
+    }
     let fit;
     try {
       fit = await trainer.fit(data, {

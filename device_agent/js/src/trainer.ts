@@ -10,6 +10,7 @@
 import type { Dataset } from "./data.js";
 import { seeded, shuffled } from "./data.js";
 import type { ModelFile } from "./model.js";
+import { onnxMetadata } from "./onnxMetadata.js";
 import type { Runtime, SessionLike, TensorLike } from "./runtime.js";
 
 export class TrainingStepError extends Error {
@@ -25,7 +26,9 @@ export interface FitOptions {
   batchSize: number;
   lr: number;
   seed: number;
+  shuffle?: boolean; // default true; false keeps the data order (parity tests)
   shouldStop?: () => boolean;
+  onStep?: (loss: number) => void;
 }
 
 export interface FitResult {
@@ -52,10 +55,26 @@ interface Plan {
   carried: string[]; // model tensors the step changes: fed, then replaced by new/<name>
   constant: Map<string, string>; // input -> model tensor fed unchanged (read-only tensors, FedProx anchors)
   state: Map<string, number[]>; // state/<weight>/<slot> -> static shape, zeros at the start
+  masks: Map<string, { p: number; shape: (number | "N")[] }>; // dropout_mask/<k>: drop probability, shape
   labelType: "int64" | "int32";
 }
 
-function plan(session: SessionLike, model: ModelFile): Plan {
+/** The dropout probabilities the step's metadata lists (docs/training-step.md, "Metadata"). */
+function dropoutProbabilities(stepBytes: Uint8Array): Map<string, number> {
+  const found = new Map<string, number>();
+  try {
+    const text = onnxMetadata(stepBytes).get("pocketfed.training_step");
+    const masks = text ? (JSON.parse(text) as { dropout_masks?: { name?: unknown; p?: unknown }[] }).dropout_masks : [];
+    for (const mask of masks ?? []) {
+      if (typeof mask.name === "string" && typeof mask.p === "number") found.set(mask.name, mask.p);
+    }
+  } catch {
+    // unreadable metadata: a step that needs masks is refused below, naming the mask
+  }
+  return found;
+}
+
+function plan(session: SessionLike, model: ModelFile, dropout: Map<string, number>): Plan {
   const inputs = new Set(session.inputNames);
   const outputs = new Set(session.outputNames);
   const dataInputs = model.inputs.map((i) => i.name);
@@ -69,8 +88,15 @@ function plan(session: SessionLike, model: ModelFile): Plan {
     carried: [],
     constant: new Map(),
     state: new Map(),
+    masks: new Map(),
     labelType: metadata.get("label")?.type === "int32" ? "int32" : "int64",
   };
+  const labelType = metadata.get("label")?.type;
+  if (labelType !== undefined && labelType !== "int64" && labelType !== "int32") {
+    throw new TrainingStepError(
+      `label of type ${labelType}: only class labels (int64) are supported, not regression targets`,
+    );
+  }
   for (const name of session.inputNames) {
     if (dataInputs.includes(name) || name === "label" || name === "lr") continue;
     if (model.weights.has(name)) {
@@ -85,10 +111,18 @@ function plan(session: SessionLike, model: ModelFile): Plan {
       }
       if (!outputs.has(`new_${name}`)) throw new TrainingStepError(`optimizer state ${name} has no output new_${name}`);
       result.state.set(name, shape as number[]);
+    } else if (name.startsWith("dropout_mask/")) {
+      const p = dropout.get(name);
+      const shape = metadata.get(name)?.shape;
+      if (p === undefined || !(p >= 0 && p < 1)) {
+        throw new TrainingStepError(`dropout mask ${name}: the step's metadata gives no probability p in [0, 1)`);
+      }
+      if (!shape || !shape.every((d, i) => typeof d === "number" || (i === 0 && d === "N"))) {
+        throw new TrainingStepError(`dropout mask ${name}: shape ${JSON.stringify(shape)} is not [N, static sizes]`);
+      }
+      result.masks.set(name, { p, shape: shape as (number | "N")[] });
     } else {
-      throw new TrainingStepError(
-        `the training step reads ${name}, which this agent cannot feed (dropout masks are not supported yet)`,
-      );
+      throw new TrainingStepError(`the training step reads ${name}, which this agent does not know how to feed`);
     }
   }
   return result;
@@ -104,13 +138,23 @@ export class StepTrainer {
 
   /** Load the step graph and check it fits the model: every name the interface promises must be there. */
   static async create(runtime: Runtime, stepBytes: Uint8Array, model: ModelFile): Promise<StepTrainer> {
-    const session = await runtime.createSession(stepBytes);
+    let session: SessionLike;
     try {
-      return new StepTrainer(runtime, session, model, plan(session, model));
+      session = await runtime.createSession(stepBytes);
+    } catch (error) {
+      throw new TrainingStepError(`the training step does not load: ${(error as Error).message}`);
+    }
+    try {
+      return new StepTrainer(runtime, session, model, plan(session, model, dropoutProbabilities(stepBytes)));
     } catch (error) {
       await session.release?.();
       throw error;
     }
+  }
+
+  /** Whether the step has a FedProx proximal term (it reads `prox_anchor/<weight>` inputs). */
+  get proximal(): boolean {
+    return [...this.plan.constant.keys()].some((name) => name.startsWith(ANCHOR));
   }
 
   private labels(picked: Int32Array, data: Dataset): TensorLike {
@@ -140,8 +184,10 @@ export class StepTrainer {
       );
     }
     const tensor = (name: string, values: Float32Array) => runtime.tensor("float32", values, model.shapes.get(name)!);
-    const weights = new Map(this.plan.carried.map((n) => [n, model.weights.get(n)!.slice()]));
-    const state = new Map([...this.plan.state].map(([n, dims]) => [n, new Float32Array(size(dims))]));
+    const weights = new Map<string, Float32Array>(this.plan.carried.map((n) => [n, model.weights.get(n)!.slice()]));
+    const state = new Map<string, Float32Array>(
+      [...this.plan.state].map(([n, dims]) => [n, new Float32Array(size(dims))]),
+    );
     const constants: Record<string, TensorLike> = {
       lr: runtime.tensor("float32", Float32Array.of(options.lr), []),
     };
@@ -154,7 +200,8 @@ export class StepTrainer {
     let firstLoss = Number.NaN;
     let epochLoss = 0;
     for (let epoch = 0; epoch < options.epochs; epoch++) {
-      const order = shuffled(data.size, random);
+      const order =
+        options.shuffle === false ? Int32Array.from({ length: data.size }, (_, i) => i) : shuffled(data.size, random);
       let epochTotal = 0;
       let epochSteps = 0;
       for (let start = 0; start < data.size; start += batch) {
@@ -166,11 +213,18 @@ export class StepTrainer {
         feeds[input.name] = runtime.tensor("float32", x, [picked.length, ...data.itemShape]);
         for (const [name, values] of weights) feeds[name] = tensor(name, values);
         for (const [name, values] of state) feeds[name] = runtime.tensor("float32", values, this.plan.state.get(name)!);
+        for (const [name, { p, shape }] of this.plan.masks) {
+          const dims = shape.map((d) => (d === "N" ? picked.length : d));
+          const keep = Float32Array.from({ length: size(dims) }, () => (random() >= p ? 1 : 0)); // Bernoulli(1 - p)
+          feeds[name] = runtime.tensor("float32", keep, dims);
+        }
         const out = await this.session.run(feeds);
         const loss = floats(out.loss, "loss")[0]!;
         if (!Number.isFinite(loss)) throw new TrainingStepError(`training diverged: loss ${loss} at step ${steps}`);
-        for (const name of weights.keys()) weights.set(name, floats(out[`new/${name}`], `new/${name}`).slice());
-        for (const name of state.keys()) state.set(name, floats(out[`new_${name}`], `new_${name}`).slice());
+        // each run returns fresh output buffers: keep them as the next step's inputs, no copies
+        for (const name of weights.keys()) weights.set(name, floats(out[`new/${name}`], `new/${name}`));
+        for (const name of state.keys()) state.set(name, floats(out[`new_${name}`], `new_${name}`));
+        options.onStep?.(loss);
         if (steps === 0) firstLoss = loss;
         total += loss;
         epochTotal += loss;

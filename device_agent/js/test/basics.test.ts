@@ -6,6 +6,7 @@ import { ContainerError, dumps, loads, toFloat32 } from "../src/container.js";
 import { clipByL2, globalL2Norm, quantizeInt8, rint, topkCompress, topkCount } from "../src/deltas.js";
 import { fromFloat16Bits, toFloat16Bits } from "../src/float16.js";
 import { parseCheckinAnswer, parseTask, ProtocolError } from "../src/messages.js";
+import { onnxMetadata } from "../src/onnxMetadata.js";
 import { backoff, DEFAULT_RETRY, MAX_RETRY_AFTER, paced, parseRetryAfter } from "../src/retry.js";
 import { sha256Hex } from "../src/sha256.js";
 import { decodeUpdate, encodeUpdate } from "../src/update.js";
@@ -193,4 +194,33 @@ test("Retry-After: seconds, HTTP-dates, garbage; paced waits never undercut it",
   }
   for (let attempt = 0; attempt < 10; attempt++)
     assert.ok(backoff(DEFAULT_RETRY, attempt, () => 0.999) <= Math.min(30, 0.5 * 2 ** attempt));
+});
+
+test("ONNX metadata_props are read from the protobuf bytes, other fields skipped", () => {
+  const text = (s: string) => Array.from(new TextEncoder().encode(s));
+  const lengthDelimited = (field: number, body: number[]) => [(field << 3) | 2, ...varint(body.length), ...body];
+  const varint = (n: number) => {
+    const out: number[] = [];
+    while (n >= 0x80) {
+      out.push((n & 0x7f) | 0x80);
+      n = Math.floor(n / 128);
+    }
+    return [...out, n];
+  };
+  const entry = (key: string, value: string) => [...lengthDelimited(1, text(key)), ...lengthDelimited(2, text(value))];
+  const model = Uint8Array.from([
+    ...[1 << 3, ...varint(8)], // ir_version: a varint field
+    ...lengthDelimited(7, new Array(300).fill(7)), // a "graph" longer than one length byte
+    ...lengthDelimited(14, entry("pocketfed.training_step", '{"dropout_masks": []}')),
+    ...[(9 << 3) | 5, 1, 2, 3, 4], // a fixed32 field
+    ...lengthDelimited(14, entry("other", "x")),
+  ]);
+  assert.deepEqual(
+    [...onnxMetadata(model)],
+    [
+      ["pocketfed.training_step", '{"dropout_masks": []}'],
+      ["other", "x"],
+    ],
+  );
+  assert.throws(() => onnxMetadata(model.subarray(0, 20)), RangeError);
 });

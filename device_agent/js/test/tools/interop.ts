@@ -5,14 +5,17 @@
  *                                                             tensors) in every encoding, dense and top-k
  *   node dist/test/tools/interop.js npz FILE.npz              print what the .npz reader sees, as JSON
  *   node dist/test/tools/interop.js ort MODEL.onnx            run a model on onnxruntime-node (input x = 1..n)
+ *   node dist/test/tools/interop.js train MODEL STEP DATA OUT EPOCHS BATCH LR   train with the step, data in order
  */
 
 import { readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 
-import { loads, toFloat32 } from "../../src/container.js";
+import { bytesOf, dumps, loads, type RawTensor, toFloat32 } from "../../src/container.js";
+import { readModel } from "../../src/model.js";
 import { readNpz } from "../../src/node/npz.js";
 import { ortRuntime, type OrtModule } from "../../src/runtime.js";
+import { StepTrainer } from "../../src/trainer.js";
 import { encodeUpdate } from "../../src/update.js";
 
 async function main([command, input, out]: string[]): Promise<void> {
@@ -33,6 +36,30 @@ async function main([command, input, out]: string[]): Promise<void> {
         writeFileSync(join(out!, `${encoding}${topkFraction ? "-topk" : ""}.pfu`), body);
       }
     }
+  } else if (command === "train") {
+    // train MODEL.pfm STEP.onnx DATA.npz OUT.pft EPOCHS BATCH LR: the data in order, no shuffling
+    const [stepPath, dataPath, outPath, epochs, batch, lr] = process.argv.slice(4);
+    const ort = (await import("onnxruntime-node")).default as unknown as OrtModule;
+    const model = readModel(new Uint8Array(readFileSync(input!)));
+    const trainer = await StepTrainer.create(
+      ortRuntime(ort, { intraOpNumThreads: 1 }),
+      new Uint8Array(readFileSync(stepPath!)),
+      model,
+    );
+    const losses: number[] = [];
+    const result = await trainer.fit(readNpz(dataPath!), {
+      epochs: Number(epochs),
+      batchSize: Number(batch),
+      lr: Number(lr),
+      seed: 0,
+      shuffle: false,
+      onStep: (loss) => losses.push(loss),
+    });
+    const tensors: [string, RawTensor][] = [...result.weights].map(([name, values]) => [
+      name,
+      { dtype: "float32", shape: model.shapes.get(name)!, bytes: bytesOf(values) },
+    ]);
+    writeFileSync(outPath!, dumps(tensors, { losses }, "tensors"));
   } else if (command === "npz") {
     const data = readNpz(input!);
     let sum = 0;

@@ -78,7 +78,7 @@ def main() -> None:
         world = World(Path(tmp), samples=args.samples)
         for name in args.agents.split(","):
             if name == "js" and world.training_step is None:
-                results.append({"agent": name, "skipped": "no training-step exporter in this engine"})
+                results.append({"agent": name, "skipped": "no training step: the onnx package is not installed"})
                 continue
             results.append(one_round(name, AGENTS[name], world, server, args))
     summary = {"bench": "agent_protocol_round", "samples": args.samples, "epochs": args.epochs}

@@ -34,6 +34,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "Model": ("engine.model", "Model"),
     "SGD": ("engine.optimizer", "SGD"),
     "Adam": ("engine.optimizer", "Adam"),
+    "AdamW": ("engine.optimizer", "AdamW"),
     "IOptimizer": ("engine.optimizer", "IOptimizer"),
     "Optimizer": ("engine.optimizer", "Optimizer"),
     "ModelFileError": ("engine.serialize.modelfile", "ModelFileError"),
@@ -69,7 +70,7 @@ if TYPE_CHECKING:
     from .graph import ComputingGraph, GraphError, ShapeError, SymbolVar
     from .loss import BCEWithLogitsLoss, CrossEntropyLoss, ILoss, L1Loss, MSELoss
     from .model import Model
-    from .optimizer import SGD, Adam, IOptimizer, Optimizer
+    from .optimizer import SGD, Adam, AdamW, IOptimizer, Optimizer
     from .serialize.modelfile import ModelFileError, save
     from .serialize.modelfile import loads as load_model_bytes
 
@@ -105,6 +106,7 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "Adam",
+    "AdamW",
     "BCEWithLogitsLoss",
     "ComputingGraph",
     "CrossEntropyLoss",

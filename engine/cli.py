@@ -12,7 +12,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
-from .data import load_default, open_dataset
+from .data import load_default, open_dataset, record_preprocessing
 from .models import ARCHITECTURES, build
 from .optimizer import OPTIMIZERS, make_optimizer
 from .progress import ProgressBar
@@ -51,7 +51,7 @@ def train_parser() -> argparse.ArgumentParser:
         "--optimizer",
         choices=OPTIMIZERS,
         default="sgd-momentum",
-        help="sgd (with --weight-decay), sgd-momentum (with --momentum) or adam (default: %(default)s)",
+        help="sgd (with --weight-decay), sgd-momentum (with --momentum), adam or adamw (default: %(default)s)",
     )
     p.add_argument(
         "--export-training-step",
@@ -72,10 +72,38 @@ def train_parser() -> argparse.ArgumentParser:
         help="train only parameters whose names start with one of these (e.g. the head: fc3)",
     )
     p.add_argument("--inference-only", action="store_true", help="--save without training-only parts")
+    _normalize_option(p)
+    p.add_argument("--clip-grad-norm", type=float, help="scale gradients down to this global norm")
     p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--profile", action="store_true", help="print where a training step's time goes, per operator")
     return p
+
+
+def _normalize_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--normalize",
+        metavar="none|mnist|MEAN,STD",
+        help=(
+            "input preprocessing, on pixels scaled to [0, 1]: none, mnist (0.1307, 0.3081) or MEAN,STD "
+            "(per channel M1:M2:M3,S1:S2:S3); default: what the model file records "
+            "(an imported ONNX file: none)"
+        ),
+    )
+
+
+def _preprocessing(prog: str, model, spec: str | None, quiet: bool = False):
+    """The model's preprocessing (or the override), said on stderr so nobody is surprised."""
+    from .data import preprocessing_for
+
+    try:
+        prep = preprocessing_for(model, spec)
+    except ValueError as exc:
+        raise SystemExit(f"{prog}: error: {exc}") from None
+    if not quiet:
+        where = "--normalize" if spec is not None else "the model"
+        print(f"{prog}: preprocessing {prep.describe()} (from {where})", file=sys.stderr)
+    return prep
 
 
 def _user_errors(prog: str, run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
@@ -100,6 +128,7 @@ def _train(args: argparse.Namespace) -> int:
         model = build(args.model or "lenet", seed=args.seed)
     else:
         model = _load_model(args.model)
+    prep = _preprocessing("pf-train", model, args.normalize, args.quiet)
     trainable = None
     if args.train_only:
         trainable = [n for n in model.trainable if n.startswith(tuple(args.train_only))]
@@ -110,7 +139,15 @@ def _train(args: argparse.Namespace) -> int:
     if args.export_training_step:
         return _export_step(args, model, optimizer, trainable)
     train_set, test_set = _datasets(args.data)
-    trainer = Trainer(model, optimizer=optimizer, trainable=trainable, batch_size=args.batch_size, seed=args.seed)
+    train_set, test_set = prep.view(train_set, model), prep.view(test_set, model)
+    trainer = Trainer(
+        model,
+        optimizer=optimizer,
+        clip_grad_norm=args.clip_grad_norm,
+        trainable=trainable,
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )
     trainer.train_fn.profile = args.profile
     start = time.perf_counter()
     steps = -(-train_set.size() // args.batch_size)
@@ -134,6 +171,7 @@ def _train(args: argparse.Namespace) -> int:
     if args.profile:
         print(trainer.train_fn.profile_report(), file=sys.stderr)
     if args.save:
+        record_preprocessing(model, prep)  # the file says what it was trained on
         summary["saved"] = _save_model(model, args.save, args.inference_only)
     if args.json:
         print(json.dumps(summary))
@@ -187,6 +225,7 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--model", required=True, help="pocketfed model file or .onnx")
     p.add_argument("--data", help="dataset path (IDX dir uses its test split); default: embedded test subset")
     p.add_argument("--json", action="store_true")
+    _normalize_option(p)
     return _user_errors("pf-eval", _evaluate, p.parse_args(argv))
 
 
@@ -196,7 +235,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .trainer import evaluate_model
 
     dataset = load_default("test") if args.data is None else open_dataset(args.data, split="test")
-    metrics = evaluate_model(load(args.model), dataset)
+    model = load(args.model)
+    prep = _preprocessing("pf-eval", model, args.normalize)
+    metrics = evaluate_model(model, prep.view(dataset, model))
     out = {"accuracy": metrics["accuracy"], "n": metrics["n"]}
     print(json.dumps(out) if args.json else f"accuracy {out['accuracy']:.4f} on {out['n']} samples")
     return 0

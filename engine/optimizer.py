@@ -129,6 +129,7 @@ class Adam(Optimizer):
     ) -> None:
         super().__init__(lr)
         self.weight_decay, self.betas, self.eps, self.amsgrad = weight_decay, tuple(betas), eps, amsgrad
+        self.decoupled_decay = 0.0
 
     def make(self, weight: SymbolVar, grad: SymbolVar, graph: ComputingGraph) -> SymbolVar:
         self._check(weight, grad)
@@ -152,18 +153,99 @@ class Adam(Optimizer):
         bias1 = 1.0 - opr.pow(new_step.make_scalar(b1), new_step)
         bias2 = 1.0 - opr.pow(new_step.make_scalar(b2), new_step)
         denom = opr.sqrt(second) / opr.sqrt(bias2) + self.eps
-        return opr.add_update(weight, -(self._lr(graph) / bias1) * new_m / denom)
+        lr = self._lr(graph)
+        step_ = -(lr / bias1) * new_m / denom
+        if self.decoupled_decay:  # AdamW: w <- w - lr*wd*w, then the Adam step (from the old w's gradient)
+            step_ = step_ - (lr * self.decoupled_decay) * weight
+        return opr.add_update(weight, step_)
 
 
-OPTIMIZERS = ("sgd", "sgd-momentum", "adam")
+class AdamW(Adam):
+    """torch.optim.AdamW: weight decay applied to the weight, not added to the gradient."""
+
+    def __init__(
+        self,
+        lr: float = 1e-3,
+        weight_decay: float = 0.01,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        amsgrad: bool = False,
+    ) -> None:
+        super().__init__(lr, 0.0, betas, eps, amsgrad)
+        self.decoupled_decay = float(weight_decay)
+
+
+OPTIMIZERS = ("sgd", "sgd-momentum", "adam", "adamw")
 
 
 def make_optimizer(name: str, lr: float, momentum: float = 0.9, weight_decay: float = 0.0) -> Optimizer:
-    """An optimizer by its command-line name: sgd, sgd-momentum or adam."""
+    """An optimizer by its command-line name: sgd, sgd-momentum, adam or adamw."""
     if name == "sgd":
         return SGD(lr, weight_decay=weight_decay)
     if name == "sgd-momentum":
         return SGD(lr, weight_decay=weight_decay, momentum=momentum)
     if name == "adam":
         return Adam(lr, weight_decay=weight_decay)
+    if name == "adamw":
+        return AdamW(lr, weight_decay=weight_decay)
     raise ValueError(f"unknown optimizer {name!r}; known: {', '.join(OPTIMIZERS)}")
+
+
+def clip_by_global_norm(grads: Sequence[SymbolVar], max_norm: float, eps: float = 1e-6) -> list[SymbolVar]:
+    """The gradients scaled by min(1, max_norm / (norm + eps)), norm over all of them together
+    (torch.nn.utils.clip_grad_norm_): one large gradient cannot blow up a step."""
+    if not max_norm > 0:
+        raise ValueError(f"max_norm must be positive, got {max_norm}")
+    grads = list(grads)
+    total = opr.sum(grads[0] * grads[0])
+    for g in grads[1:]:
+        total = total + opr.sum(g * g)
+    norm = opr.sqrt(total) + eps
+    coefficient = opr.clip(norm.make_scalar(max_norm) / norm, high=1.0)
+    return [g * coefficient for g in grads]
+
+
+# ----- learning-rate schedules: lr as a function of the training step (Trainer calls set_lr) -----
+
+
+class Schedule(ABC):
+    @abstractmethod
+    def __call__(self, step: int) -> float:
+        """The learning rate for training step `step` (0 first)."""
+
+
+class StepLR(Schedule):
+    """lr * gamma ** (step // step_size) (torch.optim.lr_scheduler.StepLR, counted in steps)."""
+
+    def __init__(self, lr: float, step_size: int, gamma: float = 0.1) -> None:
+        if step_size < 1 or not gamma > 0:
+            raise ValueError(f"StepLR: step_size must be >= 1 and gamma > 0, got {step_size}, {gamma}")
+        self.lr, self.step_size, self.gamma = lr, step_size, gamma
+
+    def __call__(self, step: int) -> float:
+        return self.lr * self.gamma ** (step // self.step_size)
+
+
+class CosineLR(Schedule):
+    """Cosine from lr down to min_lr over total_steps, then min_lr (CosineAnnealingLR)."""
+
+    def __init__(self, lr: float, total_steps: int, min_lr: float = 0.0) -> None:
+        if total_steps < 1:
+            raise ValueError(f"CosineLR: total_steps must be >= 1, got {total_steps}")
+        self.lr, self.total_steps, self.min_lr = lr, total_steps, min_lr
+
+    def __call__(self, step: int) -> float:
+        t = min(step, self.total_steps) / self.total_steps
+        return self.min_lr + (self.lr - self.min_lr) * 0.5 * (1 + np.cos(np.pi * t))
+
+
+class Warmup(Schedule):
+    """Linear warm-up over the first `steps` steps (from lr/steps up), then `after`."""
+
+    def __init__(self, after: Schedule, steps: int) -> None:
+        if steps < 1:
+            raise ValueError(f"Warmup: steps must be >= 1, got {steps}")
+        self.after, self.steps = after, steps
+
+    def __call__(self, step: int) -> float:
+        return self.after(step) * min(1.0, (step + 1) / self.steps)

@@ -19,7 +19,7 @@ from .data import DataLoader, IDataView
 from .graph import GraphError, SymbolVar
 from .loss import ILoss
 from .model import Model
-from .optimizer import IOptimizer
+from .optimizer import IOptimizer, Schedule
 from .serialize.container import ContainerError, write_atomic
 from .serialize.container import dumps as dump_container
 from .serialize.container import loads as load_container
@@ -45,15 +45,18 @@ class Trainer:
         prox_mu: float = 0.0,
         batch_size: int = 32,
         seed: int = 0,
+        clip_grad_norm: float | None = None,
+        schedule: Schedule | None = None,
     ) -> None:
         self.model, self.batch_size, self.seed = model, batch_size, seed
         try:
-            training = build_training_graph(model, loss, optimizer, trainable, prox_mu)
+            training = build_training_graph(model, loss, optimizer, trainable, prox_mu, clip_grad_norm)
         except GraphError as exc:
             raise type(exc)(f"Trainer: {exc}") from None
         self.optimizer, self.trainable = training.optimizer, [w.name for w in training.weights]
         self.loss_var, self._anchor = training.loss, training.anchors
         graph, logits, updates = model.graph, model.output, training.updates
+        self.schedule, self.global_step = schedule, 0
         self.train_fn = graph.compile([self.loss_var, logits], updates=updates)
         self.eval_fn = graph.compile([logits], training=False)
         self._input_name = model.input.name
@@ -87,6 +90,7 @@ class Trainer:
             "optimizer": type(self.optimizer).__name__,
             "lr": getattr(self.optimizer, "lr", None),
             "dropout_rng": [m.op.rng_state() for m in _dropout_masks(graph)],
+            "global_step": int(self.global_step),
         }
         return tensors, metadata
 
@@ -140,9 +144,21 @@ class Trainer:
         if isinstance(lr, (int, float)) and lr > 0 and hasattr(self.optimizer, "set_lr"):
             self.optimizer.set_lr(float(lr))
         self.seed = seed
+        step = metadata.get("global_step", 0)
+        self.global_step = step if isinstance(step, int) and not isinstance(step, bool) and step >= 0 else 0
 
     # ----- training -----
     def step(self, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
+        x, y = np.asarray(x), np.asarray(y)
+        if x.ndim == 0 or y.ndim == 0 or len(x) != len(y) or len(x) == 0:
+            raise ValueError(
+                f"training batch: input {self._input_name!r} has shape {x.shape} and 'label' has shape "
+                f"{y.shape}; they need the same batch size, at least 1"
+                + (" (the batch is empty)" if x.ndim and len(x) == 0 else "")
+            )
+        if self.schedule is not None:
+            self.optimizer.set_lr(self.schedule(self.global_step))
+        self.global_step += 1
         loss, logits = self.train_fn.execute({self._input_name: x, "label": y})
         return float(loss), logits
 
@@ -211,11 +227,24 @@ def evaluate_function(eval_fn: Any, input_name: str, dataset: IDataView, batch_s
     return {"loss": total_loss / n, "accuracy": correct / n, "n": n}
 
 
-def evaluate_model(model: Model, dataset: IDataView, batch_size: int = 256) -> dict[str, float]:
+def evaluate_model(
+    model: Model, dataset: IDataView, batch_size: int = 256, preprocessing: Any = None
+) -> dict[str, float]:
+    """Loss and accuracy of `model` on `dataset`. `preprocessing`: None feeds the dataset as it
+    is; "model" applies what the model records (engine.data.preprocessing_for); a
+    `Preprocessing` or a spec ("none", "mnist", "MEAN,STD") applies that."""
+    if preprocessing is not None:
+        from .data import preprocessing_for
+
+        prep = preprocessing_for(model, None if preprocessing == "model" else preprocessing)
+        dataset = prep.view(dataset, model)
     return evaluate_function(model.graph.compile([model.output], training=False), model.input.name, dataset, batch_size)
 
 
-def evaluate_model_bytes(model_bytes: bytes, dataset: IDataView, batch_size: int = 256) -> dict[str, float]:
+def evaluate_model_bytes(
+    model_bytes: bytes, dataset: IDataView, batch_size: int = 256, preprocessing: Any = None
+) -> dict[str, float]:
+    """`evaluate_model` of a model file's bytes (the coordinator's server-side evaluation)."""
     from .serialize.modelfile import loads
 
-    return evaluate_model(loads(model_bytes), dataset, batch_size)
+    return evaluate_model(loads(model_bytes), dataset, batch_size, preprocessing)

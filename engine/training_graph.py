@@ -14,7 +14,7 @@ from .autodiff import grad
 from .graph import GraphError, SymbolVar
 from .loss import LOSSES, ILoss
 from .model import Model
-from .optimizer import SGD, IOptimizer
+from .optimizer import SGD, IOptimizer, clip_by_global_norm
 
 LABEL = "label"  # the name of the label input every training graph feeds
 
@@ -36,6 +36,7 @@ def build_training_graph(
     optimizer: IOptimizer | None = None,
     trainable: Sequence[str] | None = None,
     prox_mu: float = 0.0,
+    clip_grad_norm: float | None = None,
 ) -> TrainingGraph:
     """Add label, loss, gradients and updates for `trainable` (default: `model.trainable`) to the model's graph."""
     optimizer = optimizer or SGD(0.01, momentum=0.9)
@@ -67,5 +68,8 @@ def build_training_graph(
             start=opr.sum((weights[0] - anchors[weights[0].name]) ** 2.0),
         )
         objective = objective + prox * (prox_mu / 2)
-    updates = optimizer.make_multiple(weights, grad(objective, weights), graph)
+    grads = grad(objective, weights)
+    if clip_grad_norm is not None:  # one global norm over every gradient (clip_grad_norm_)
+        grads = clip_by_global_norm(grads, clip_grad_norm)
+    updates = optimizer.make_multiple(weights, grads, graph)
     return TrainingGraph(model, label, loss_var, weights, updates, optimizer, anchors)

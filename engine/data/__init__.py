@@ -23,6 +23,7 @@ from .partition import (
     shards,
     split_holdout,
 )
+from .preprocessing import MNIST, NONE, PreprocessedView, Preprocessing, preprocessing_for, record_preprocessing
 from .readers import CsvDataset, ImageFolderDataset, NpzDataset, open_dataset
 from .transforms import Compose, Normalize, RandomCrop, RandomHorizontalFlip
 
@@ -59,10 +60,14 @@ __all__ = [
     "FASHION_MNIST_CLASSES",
     "IDataView",
     "ImageFolderDataset",
+    "MNIST",
     "MnistDataset",
+    "NONE",
     "Normalize",
     "NpzDataset",
     "PartitionSpec",
+    "PreprocessedView",
+    "Preprocessing",
     "RandomCrop",
     "RandomHorizontalFlip",
     "Subset",
@@ -74,8 +79,10 @@ __all__ = [
     "load_default",
     "open_dataset",
     "parse_partition",
+    "preprocessing_for",
     "quantity_skew",
     "read_idx",
+    "record_preprocessing",
     "shards",
     "split_holdout",
     "write_idx",

@@ -9,21 +9,30 @@ Freeze what personalization must not touch (`lenet.freeze("0", "3")`): frozen we
 gradient nodes and no optimizer state, because `Model.trainable` (what `Trainer` trains) follows them.
 """
 
+from .attention import LayerNorm, MultiheadAttention
 from .layers import (
+    GELU,
+    AdaptiveAvgPool2d,
     AvgPool2d,
     BatchNorm2d,
+    Conv1d,
     Conv2d,
     Dropout,
     Embedding,
     Flatten,
+    Hardsigmoid,
+    Hardswish,
     Linear,
     MaxPool2d,
     ReLU,
+    ReLU6,
     Sigmoid,
+    SiLU,
     Tanh,
     manual_seed,
 )
 from .module import Buffer, Module, Parameter, Sequential
+from .recurrent import GRU, LSTM
 
 
 def lenet(num_classes: int = 10) -> Sequential:
@@ -45,19 +54,30 @@ def lenet(num_classes: int = 10) -> Sequential:
 
 
 __all__ = [
+    "AdaptiveAvgPool2d",
     "AvgPool2d",
     "BatchNorm2d",
     "Buffer",
+    "Conv1d",
     "Conv2d",
     "Dropout",
     "Embedding",
     "Flatten",
+    "GELU",
+    "GRU",
+    "Hardsigmoid",
+    "Hardswish",
+    "LSTM",
+    "LayerNorm",
     "Linear",
     "MaxPool2d",
     "Module",
+    "MultiheadAttention",
     "Parameter",
     "ReLU",
+    "ReLU6",
     "Sequential",
+    "SiLU",
     "Sigmoid",
     "Tanh",
     "lenet",

@@ -74,8 +74,16 @@ class Linear(Module):
         self.bias = Parameter(_uniform((out_features,), in_features)) if bias else None
 
     def forward(self, x: SymbolVar) -> SymbolVar:
-        y = opr.matrix_mul(x, self.weight.in_graph(x.graph), transpose_b=True)
-        return y if self.bias is None else y + self.bias.in_graph(x.graph)
+        """(..., in) -> (..., out): leading axes are folded into one for the matrix product."""
+        lead = [-1 if d is None else d for d in x.shape[:-1]]
+        flat = x if x.ndim == 2 else opr.reshape(x, (-1, x.shape[-1]))
+        y = opr.matrix_mul(flat, self.weight.in_graph(x.graph), transpose_b=True)
+        y = y if self.bias is None else y + self.bias.in_graph(x.graph)
+        if x.ndim == 2:
+            return y
+        if lead.count(-1) > 1:
+            raise ShapeError(f"Linear: at most one leading size of {x.shape} may be fed late")
+        return opr.reshape(y, (*lead, y.shape[1]))
 
     def extra_repr(self) -> str:
         return f"in_features={self.weight.shape[1]}, out_features={self.weight.shape[0]}"
@@ -119,6 +127,61 @@ class Sigmoid(Module):
 class Tanh(Module):
     def forward(self, x: SymbolVar) -> SymbolVar:
         return opr.tanh(x)
+
+
+class ReLU6(Module):
+    def forward(self, x: SymbolVar) -> SymbolVar:
+        return opr.relu6(x)
+
+
+class GELU(Module):
+    """Exact GELU (x * Phi(x)), PyTorch's default."""
+
+    def forward(self, x: SymbolVar) -> SymbolVar:
+        return opr.gelu(x)
+
+
+class SiLU(Module):
+    def forward(self, x: SymbolVar) -> SymbolVar:
+        return opr.silu(x)
+
+
+class Hardswish(Module):
+    def forward(self, x: SymbolVar) -> SymbolVar:
+        return opr.hard_swish(x)
+
+
+class Hardsigmoid(Module):
+    def forward(self, x: SymbolVar) -> SymbolVar:
+        return opr.hard_sigmoid(x)
+
+
+class AdaptiveAvgPool2d(Module):
+    """Global average pooling: only output size 1 (what classifiers use) is supported."""
+
+    def __init__(self, output_size: Any = 1) -> None:
+        super().__init__()
+        if _pair(output_size) != (1, 1):
+            raise ValueError(f"AdaptiveAvgPool2d: only output_size=1 is supported, got {output_size}")
+
+    def forward(self, x: SymbolVar) -> SymbolVar:
+        return opr.global_avg_pool(x)
+
+
+class Conv1d(Module):
+    """(N, C, L) convolution; weight (out, in/groups, k) as in PyTorch."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0,
+                 dilation: int = 1, groups: int = 1, bias: bool = True) -> None:  # fmt: skip
+        super().__init__()
+        fan_in = in_channels // groups * kernel_size
+        self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
+        self.weight = Parameter(_uniform((out_channels, in_channels // groups, kernel_size), fan_in))
+        self.bias = Parameter(_uniform((out_channels,), fan_in)) if bias else None
+
+    def forward(self, x: SymbolVar) -> SymbolVar:
+        y = opr.conv1d(x, self.weight.in_graph(x.graph), self.stride, self.padding, self.dilation, self.groups)
+        return y if self.bias is None else y + opr.reshape(self.bias.in_graph(x.graph), (1, -1, 1))
 
 
 class Flatten(Module):

@@ -10,6 +10,7 @@ pooling padding the engine has no flag for (asymmetric, SAME, ceil_mode) is made
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from typing import Any
@@ -17,10 +18,12 @@ from typing import Any
 import numpy as np
 
 from .. import opr
+from ..data.preprocessing import METADATA_KEY as PREPROCESSING_KEY
+from ..data.preprocessing import NONE, Preprocessing
 from ..graph import ComputingGraph, GraphError, SymbolVar
 from ..model import Model
 from ..serialize.modelfile import ModelFileError
-from . import shapes, spatial
+from . import modern, recurrent, shapes, spatial
 
 
 class OnnxError(ModelFileError):
@@ -70,6 +73,8 @@ class _Importer:
         raise self.fail(f"input {name!r} is not produced by any earlier node")
 
     def constant_input(self, name: str, what: str) -> np.ndarray:
+        if name in self.params:  # a float initializer used as an attribute (dynamo's Clip bounds)
+            return np.asarray(self.params[name].value)
         if name not in self.static:
             raise self.fail(f"{what} must be a constant (an initializer or Constant node), got computed value {name!r}")
         return self.static[name]
@@ -107,19 +112,40 @@ class _Importer:
                 result = converter(self, node)
             except GraphError as exc:
                 raise self.fail(str(exc)) from None
-            if isinstance(result, np.ndarray):
-                self.static[node.output[0]] = result
-            else:
-                self.vars[node.output[0]] = result
+            results = result if isinstance(result, list) else [result]  # Split, GRU, LSTM: several outputs
+            if len(results) < len([o for o in node.output if o]):
+                raise self.fail(f"{len(node.output)} outputs, of which {len(results)} are supported")
+            for name, value in zip(node.output, results):
+                if isinstance(value, np.ndarray):
+                    self.static[name] = value
+                elif name:
+                    self.vars[name] = value
         outputs = {o.name: self.var(o.name) for o in g.output}
+        read = {id(i) for v in self.graph.nodes for i in v.inputs}
+        self.params = {n: v for n, v in self.params.items() if id(v) in read}  # not initializers read as constants
         producer = f"{self.proto.producer_name} {self.proto.producer_version}".strip()
         return Model(
             self.graph,
             inputs=inputs,
             outputs=outputs,
             params=self.params,
-            metadata={"source": "onnx", "onnx_opset": int(self.opset), "onnx_producer": producer},
+            metadata={
+                "source": "onnx",
+                "onnx_opset": int(self.opset),
+                "onnx_producer": producer,
+                PREPROCESSING_KEY: self._preprocessing().to_metadata(),
+            },
         )
+
+    def _preprocessing(self) -> Preprocessing:
+        """What a pocketfed export recorded; else none: an ONNX file says nothing of its inputs' scale."""
+        props = {p.key: p.value for p in self.proto.metadata_props}
+        if "pocketfed.preprocessing" not in props:
+            return NONE
+        try:
+            return Preprocessing.from_metadata(json.loads(props["pocketfed.preprocessing"]))
+        except ValueError as exc:
+            raise OnnxError(f"ONNX metadata pocketfed.preprocessing: {exc}") from None
 
     def _input(self, value_info: Any) -> SymbolVar:
         tensor_type = value_info.type.tensor_type
@@ -171,19 +197,6 @@ def _gemm(im: _Importer, node: Any) -> SymbolVar:
         c = im.var(node.input[2], like=y)
         y = y + (c * float(a["beta"]) if a.get("beta", 1.0) != 1.0 else c)
     return y
-
-
-def _matmul(im: _Importer, node: Any) -> SymbolVar:
-    x, w = im.var(node.input[0]), im.var(node.input[1])
-    if w.ndim != 2 or x.ndim < 2:
-        raise im.fail(f"MatMul is supported for (..., K) @ (K, N), got {x.shape} @ {w.shape}")
-    if x.ndim == 2:
-        return opr.matrix_mul(x, w)
-    lead = [-1 if d is None else d for d in x.shape[:-1]]
-    if lead.count(-1) > 1:
-        raise im.fail(f"MatMul: at most one leading size may be dynamic, got {x.shape}")
-    y = opr.matrix_mul(opr.reshape(x, (-1, x.shape[-1])), w)
-    return opr.reshape(y, (*lead, w.shape[1]))
 
 
 def _flatten(im: _Importer, node: Any) -> SymbolVar:
@@ -285,7 +298,6 @@ CONVERTERS: dict[str, Callable[[_Importer, Any], SymbolVar | np.ndarray]] = {
     "Pad": spatial.pad_op,
     "GlobalAveragePool": _global_average_pool,
     "Gemm": _gemm,
-    "MatMul": _matmul,
     "Add": _binary(lambda a, b: a + b),
     "Sub": _binary(lambda a, b: a - b),
     "Mul": _binary(lambda a, b: a * b),
@@ -303,18 +315,44 @@ CONVERTERS: dict[str, Callable[[_Importer, Any], SymbolVar | np.ndarray]] = {
     "Transpose": _transpose,
     "Concat": shapes.concat,
     "Shape": shapes.shape,
-    "Gather": shapes.gather,
     "Unsqueeze": shapes.unsqueeze,
     "Squeeze": shapes.squeeze,
     "Cast": shapes.cast,
     "Slice": shapes.slice_,
-    "ConstantOfShape": shapes.constant_of_shape,
     "Softmax": _softmax(opr.softmax),
     "LogSoftmax": _softmax(opr.log_softmax),
     "BatchNormalization": _batch_norm,
     "Dropout": _dropout,
     "Constant": _constant,
     "Identity": _identity,
+    # transformers, mobile CNNs, recurrent networks (modern.py, recurrent.py)
+    "MatMul": modern.matmul,
+    "LayerNormalization": modern.layer_normalization,
+    "Erf": _unary(opr.erf),
+    "Pow": _binary(lambda a, b: a**b),
+    "Where": modern.where,
+    "Expand": modern.expand,
+    "ConstantOfShape": modern.constant_of_shape,
+    "Split": modern.split,
+    "Gather": modern.gather,
+    "ReduceMean": modern.reduce("mean"),
+    "ReduceSum": modern.reduce("sum"),
+    "ReduceMax": modern.reduce("max"),
+    "Equal": _binary(lambda a, b: np.equal(a, b).astype(bool) if isinstance(a, np.ndarray) else opr.equal(a, b)),
+    "Less": _binary(lambda a, b: np.less(a, b) if isinstance(a, np.ndarray) else opr.less(a, b)),
+    "Greater": _binary(lambda a, b: np.greater(a, b) if isinstance(a, np.ndarray) else opr.greater(a, b)),
+    "LessOrEqual": _binary(lambda a, b: np.less_equal(a, b) if isinstance(a, np.ndarray) else opr.LessEqual.make(a, b)),
+    "GreaterOrEqual": _binary(
+        lambda a, b: np.greater_equal(a, b) if isinstance(a, np.ndarray) else opr.GreaterEqual.make(a, b)
+    ),
+    "Not": modern.logical_not,
+    "Mod": modern.static_only("Mod", np.mod),
+    "Clip": modern.clip,
+    "HardSigmoid": modern.hard_sigmoid,
+    "HardSwish": _unary(opr.hard_swish),
+    "Resize": modern.resize,
+    "GRU": recurrent.gru,
+    "LSTM": recurrent.lstm,
 }
 
 

@@ -191,6 +191,28 @@ def _count_ratio(lw: Lowerer, node: Node, ins: list[str], out: str) -> None:
     lw.add("Cast", [lw.op("Div", sizes)], out, to=lw.onnx.helper.np_dtype_to_tensor_dtype(node.dtype))
 
 
+@lowering(opr.BesselCorrection)
+def _bessel_correction(lw: Lowerer, node: Node, ins: list[str], out: str) -> None:
+    """n / (n - 1) with n = size(x) / size(reduced), computed in double as the engine does. The
+    engine's error for n < 2 has no ONNX form: the runtime computes inf there instead."""
+    reduced, x = node.inputs
+    if None not in reduced.shape and None not in x.shape:
+        n = int(np.prod(x.shape, dtype=np.int64)) // max(int(np.prod(reduced.shape, dtype=np.int64)), 1)
+        lw.add("Identity", [lw.constant(np.asarray(n / (n - 1) if n > 1 else np.inf, node.dtype))], out)
+        return
+    sizes = [lw.cast(lw.op("Size", [name]), np.dtype(np.float64)) for name in (ins[1], ins[0])]
+    n = lw.op("Floor", [lw.op("Div", sizes)])
+    ratio = lw.op("Div", [n, lw.op("Sub", [n, lw.constant(np.asarray(1.0))])])
+    lw.add("Cast", [ratio], out, to=lw.onnx.helper.np_dtype_to_tensor_dtype(node.dtype))
+
+
+@lowering(opr.MatchShape)
+def _match_shape(lw: Lowerer, node: Node, ins: list[str], out: str) -> None:
+    """The value itself: the step's inputs declare the label with the prediction's shape, so the
+    engine's run-time check has nothing left to catch that the runtime's input check does not."""
+    lw.add("Identity", [ins[0]], out)
+
+
 @lowering(opr.Slice)
 def _slice(lw: Lowerer, node: Node, ins: list[str], out: str) -> None:
     a = node.op.attrs

@@ -21,19 +21,37 @@ from ..opr.shape import Slice
 
 
 class Dim:
-    """The run-time size of `axis` of tensor `var` (None in its static shape)."""
+    """The run-time size of `axis` of tensor `var` (None in its static shape), times `factor`:
+    attention's reshapes multiply the batch by the number of heads."""
 
-    def __init__(self, var: SymbolVar, axis: int) -> None:
-        self.var, self.axis = var, axis
+    def __init__(self, var: SymbolVar, axis: int, factor: int = 1) -> None:
+        self.var, self.axis, self.factor = var, axis, factor
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Dim) and other.var is self.var and other.axis == self.axis
+        return (
+            isinstance(other, Dim) and other.var is self.var and other.axis == self.axis and other.factor == self.factor
+        )
 
     def __hash__(self) -> int:
-        return hash((self.var.id, self.axis))
+        return hash((self.var.id, self.axis, self.factor))
+
+    def __mul__(self, other: object) -> Dim:
+        if isinstance(other, (int, np.integer)) and not isinstance(other, bool) and other > 0:
+            return Dim(self.var, self.axis, self.factor * int(other))
+        raise TypeError(f"cannot multiply {self!r} by {other!r}")
+
+    __rmul__ = __mul__
+
+    def __floordiv__(self, other: object) -> Dim:
+        if isinstance(other, (int, np.integer)) and other > 0 and self.factor % int(other) == 0:
+            return Dim(self.var, self.axis, self.factor // int(other))
+        raise TypeError(f"cannot divide {self!r} by {other!r}")
+
+    __truediv__ = __floordiv__
 
     def __repr__(self) -> str:
-        return f"size({self.var.name or f'#{self.var.id}'}, axis {self.axis})"
+        times = f" * {self.factor}" if self.factor != 1 else ""
+        return f"size({self.var.name or f'#{self.var.id}'}, axis {self.axis}){times}"
 
 
 def is_dynamic(value: np.ndarray) -> bool:
@@ -204,6 +222,7 @@ def reshape_target(im: Any, x: SymbolVar, target: np.ndarray, allowzero: bool) -
         if len(fed) == 1 and len(inferred) == 1 and _only_fed_size_of(dims[fed[0]], fed[0], x):
             static = int(np.prod([d for d in x.shape if d is not None], dtype=np.int64))
             known = int(np.prod([d for i, d in enumerate(dims) if i not in (fed[0], inferred[0])], dtype=np.int64))
+            known *= dims[fed[0]].factor
             if known == 0 or static % known:
                 raise im.fail(f"cannot reshape {x.shape} to {dims}")
             dims[inferred[0]] = static // known

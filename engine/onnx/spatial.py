@@ -83,8 +83,15 @@ def _split(begin: list[int], end: list[int], limit: list[int] | None = None) -> 
 def conv(im: Any, node: Any) -> SymbolVar:
     a = im.attrs()
     x, w = im.var(node.input[0]), im.var(node.input[1])
+    if x.ndim == 3 and w.ndim == 3:  # 1-D: the 2-D convolution over (N, C, 1, L)
+        pads = list(a.get("pads", [0, 0]))
+        if pads[0] != pads[-1] or a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+            raise im.fail(f"1-D convolution with asymmetric or automatic padding is not supported, pads={pads}")
+        y = opr.conv1d(x, w, int(a.get("strides", [1])[0]), int(pads[0]), int(a.get("dilations", [1])[0]),
+                       int(a.get("group", 1)))  # fmt: skip
+        return y if len(node.input) < 3 or not node.input[2] else y + opr.reshape(im.var(node.input[2]), (1, -1, 1))
     if w.ndim != 4 or x.ndim != 4:
-        raise im.fail(f"only 2-D convolution is supported, input {x.shape}, weight {w.shape}")
+        raise im.fail(f"only 1-D and 2-D convolution are supported, input {x.shape}, weight {w.shape}")
     dilations = list(a.get("dilations", [1, 1]))
     begin, end = _geometry(im, x, [(k - 1) * d + 1 for k, d in zip(w.shape[2:], dilations)], {**a, "dilations": [1, 1]})
     sym, extra_begin, extra_end = _split(begin, end)

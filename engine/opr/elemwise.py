@@ -11,8 +11,8 @@ from typing import ClassVar
 
 import numpy as np
 
-from ..graph import Shape, SourceKind, SymbolVar
-from .base import Operator, broadcast_shapes, result_dtype
+from ..graph import Shape, ShapeError, SourceKind, SymbolVar
+from .base import Operator, broadcast_shapes, result_dtype, shape_str
 
 
 class _Ufunc(Operator):
@@ -95,22 +95,66 @@ class Div(_Binary):
 
 
 class Pow(_Binary):
+    """a ** b. At a = 0 the gradients follow PyTorch: d/da is 0 where b == 0 (not 0 * inf), and
+    d/db is 0 where b >= 0 (not 0 * log 0)."""
+
     ufunc = np.power
 
     def grad(self, out, dout):
         a, b = out.inputs
-        da = Mul.make(dout, Mul.make(b, Pow.make(a, Sub.make(b, 1.0))))
-        db = None if b.op.source_kind is SourceKind.CONST else Mul.make(dout, Mul.make(out, Log.make(a)))
+        b_is_zero = Equal.make(b, 0.0)
+        # b * a ** (b - 1), with the exponent moved off -1 where b == 0 (that term is 0 anyway)
+        safe_exponent = Where.make(b_is_zero, b.make_scalar(1.0), Sub.make(b, 1.0))
+        da = Mul.make(dout, Mul.make(b, Pow.make(a, safe_exponent)))
+        db = None
+        if b.op.source_kind is not SourceKind.CONST:
+            zero_base = LogicalAnd.make(Equal.make(a, 0.0), GreaterEqual.make(b, 0.0))
+            db = Mul.make(dout, Mul.make(out, Log.make(Where.make(zero_base, a.make_scalar(1.0), a))))
         return [unbroadcast(da, a), None if db is None else unbroadcast(db, b)]
 
 
 class Maximum(_Binary):
+    """max(a, b); a tie sends half the gradient to each side, as PyTorch does."""
+
     ufunc = np.maximum
 
     def grad(self, out, dout):
         a, b = out.inputs
-        a_wins = GreaterEqual.make(a, b)
-        return [unbroadcast(Mul.make(dout, a_wins), a), unbroadcast(Mul.make(dout, LogicalNot.make(a_wins)), b)]
+        tie = Mul.make(Mul.make(dout, 0.5), Equal.make(a, b))
+        da = Add.make(Mul.make(dout, Greater.make(a, b)), tie)
+        db = Add.make(Mul.make(dout, Greater.make(b, a)), tie)
+        return [unbroadcast(da, a), unbroadcast(db, b)]
+
+
+class Where(Operator):
+    """cond ? a : b with numpy broadcasting; gradients go to the chosen side only."""
+
+    n_inputs = 3
+    elementwise = True
+
+    def infer(self, cond, a, b):
+        if cond.dtype != np.dtype(bool):
+            raise ShapeError(f"Where: the condition must be boolean, got {cond.dtype} {shape_str(cond.shape)}")
+        return broadcast_shapes("Where", cond.shape, a.shape, b.shape), np.result_type(a.dtype, b.dtype)
+
+    def forward(self, cond, a, b):
+        return np.where(cond, a, b)
+
+    def grad(self, out, dout):
+        cond, a, b = out.inputs
+        da = None if a.dtype.kind != "f" else unbroadcast(Mul.make(dout, cond), a)
+        db = None if b.dtype.kind != "f" else unbroadcast(Mul.make(dout, LogicalNot.make(cond)), b)
+        return [None, da, db]
+
+
+class LogicalAnd(_Binary):
+    ufunc = np.logical_and
+
+    def infer(self, a, b):
+        return broadcast_shapes(self.type_name, a.shape, b.shape), np.dtype(bool)
+
+    def grad(self, out, dout):
+        return [None, None]
 
 
 class GreaterEqual(_Compare):
@@ -123,6 +167,14 @@ class Greater(_Compare):
 
 class Equal(_Compare):
     ufunc = np.equal
+
+
+class Less(_Compare):
+    ufunc = np.less
+
+
+class LessEqual(_Compare):
+    ufunc = np.less_equal
 
 
 class LogicalNot(_Unary):

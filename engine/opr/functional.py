@@ -3,16 +3,40 @@ compositions (flatten, dropout, batch_norm) built from several operators."""
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from ..graph import ComputingGraph, ShapeError, SymbolVar
+from .activation import Clip, Erf, Gelu, HardSigmoid, HardSwish, Silu
+from .broadcast import BroadcastTo
 from .conv import Convolution
-from .elemwise import Abs, Add, Astype, Div, Equal, Exp, Log, Maximum, Mul, Neg, Pow, Relu, Sigmoid, Sqrt, Sub, Tanh
+from .depthwise import DepthwiseConvolution
+from .elemwise import (
+    Abs,
+    Add,
+    Astype,
+    Div,
+    Equal,
+    Exp,
+    Greater,
+    Less,
+    Log,
+    Maximum,
+    Mul,
+    Neg,
+    Pow,
+    Relu,
+    Sigmoid,
+    Sqrt,
+    Sub,
+    Tanh,
+    Where,
+)
 from .io import Host2DeviceCopy, SharedDeviceTensor
-from .matmul import MatrixMul
+from .matmul import BatchedMatrixMul, MatrixMul
 from .nn import (
     Argmax,
     DropoutMask,
@@ -24,9 +48,11 @@ from .nn import (
     Softmax,
     SoftmaxCrossEntropy,
 )
+from .normalization import LayerNorm
 from .pooling import Pooling
-from .reduce import CountRatio, Max, Mean, Sum
-from .shape import Concat, Reshape, Transpose
+from .reduce import BesselCorrection, Max, Mean, Sum
+from .resize import ResizeNearest
+from .shape import Concat, Reshape, Slice, Transpose
 from .update import AddUpdate
 
 # ----- sources -----
@@ -165,6 +191,9 @@ def matrix_mul(a: SymbolVar, b: SymbolVar, transpose_a: bool = False, transpose_
 def convolution(
     x: SymbolVar, w: SymbolVar, stride: Any = 1, padding: Any = 0, dilation: Any = 1, groups: int = 1
 ) -> SymbolVar:
+    """2-D convolution; one group per input channel (depthwise) runs its own operator."""
+    if groups > 1 and x.ndim == 4 and groups == x.shape[1] and w.ndim == 4 and w.shape[1] == 1:
+        return DepthwiseConvolution.make(x, w, stride=stride, padding=padding, dilation=dilation)
     return Convolution.make(x, w, stride=stride, padding=padding, dilation=dilation, groups=groups)
 
 
@@ -240,7 +269,7 @@ def batch_norm(
     centered = Sub.make(x, batch_mean)
     batch_var = Mean.make(Mul.make(centered, centered), axes, keepdims=True)
     train = normalize(batch_mean, batch_var)
-    unbiased = Div.make(batch_var, Sub.make(1.0, CountRatio.make(batch_mean, x)))
+    unbiased = Mul.make(batch_var, BesselCorrection.make(batch_mean, x))
     train.side_updates += [
         AddUpdate.make(running_mean, Reshape.make(batch_mean, [channels]), alpha=1 - momentum, beta=momentum),
         AddUpdate.make(running_var, Reshape.make(unbiased, [channels]), alpha=1 - momentum, beta=momentum),
@@ -252,3 +281,112 @@ def batch_norm(
 def add_update(dest: SymbolVar, delta: Any, alpha: float = 1.0, beta: float = 1.0, bias: float = 0.0) -> SymbolVar:
     """dest <- dest*alpha + delta*beta + bias when the compiled function runs."""
     return AddUpdate.make(dest, delta, alpha=alpha, beta=beta, bias=bias)
+
+
+# ----- today's small models: attention, normalization, activations, depthwise and 1-D convolution -----
+
+
+def erf(x: SymbolVar) -> SymbolVar:
+    return Erf.make(x)
+
+
+def gelu(x: SymbolVar) -> SymbolVar:
+    """Exact GELU, x * Phi(x) (PyTorch's default)."""
+    return Gelu.make(x)
+
+
+def silu(x: SymbolVar) -> SymbolVar:
+    return Silu.make(x)
+
+
+def clip(x: SymbolVar, low: float | None = None, high: float | None = None) -> SymbolVar:
+    return Clip.make(x, low=None if low is None else float(low), high=None if high is None else float(high))
+
+
+def relu6(x: SymbolVar) -> SymbolVar:
+    return clip(x, 0.0, 6.0)
+
+
+def hard_sigmoid(x: SymbolVar, alpha: float = 1 / 6, beta: float = 0.5) -> SymbolVar:
+    return HardSigmoid.make(x, alpha=float(alpha), beta=float(beta))
+
+
+def hard_swish(x: SymbolVar) -> SymbolVar:
+    return HardSwish.make(x)
+
+
+def where(cond: SymbolVar, a: Any, b: Any) -> SymbolVar:
+    return Where.make(cond, a, b)
+
+
+def less(a: Any, b: Any) -> SymbolVar:
+    return Less.make(a, b)
+
+
+def greater(a: Any, b: Any) -> SymbolVar:
+    return Greater.make(a, b)
+
+
+def broadcast_to(x: SymbolVar, shape: Sequence[int | None], ref: SymbolVar | None = None, ref_axes=None) -> SymbolVar:
+    """x broadcast to `shape`; None sizes are read at run time from `ref`'s axes `ref_axes`."""
+    return BroadcastTo.make(x, shape, ref, ref_axes)
+
+
+def matmul(a: SymbolVar, b: SymbolVar, transpose_a: bool = False, transpose_b: bool = False) -> SymbolVar:
+    """numpy's matmul: 2-D is MatrixMul, stacks of matrices (broadcast leading axes) BatchedMatrixMul."""
+    if a.ndim == 2 and b.ndim == 2:
+        return MatrixMul.make(a, b, transpose_a=transpose_a, transpose_b=transpose_b)
+    return BatchedMatrixMul.make(a, b, transpose_a=transpose_a, transpose_b=transpose_b)
+
+
+def layer_norm(
+    x: SymbolVar, weight: SymbolVar | None = None, bias: SymbolVar | None = None, axis: int = -1, eps: float = 1e-5
+) -> SymbolVar:
+    """Normalize over the axes from `axis` on; then scale and shift (shaped like those axes)."""
+    y = LayerNorm.make(x, axis=int(axis) % x.ndim, eps=float(eps))
+    y = y if weight is None else y * weight
+    return y if bias is None else y + bias
+
+
+def split(x: SymbolVar, sizes: Sequence[int], axis: int = 0) -> list[SymbolVar]:
+    """Consecutive pieces of `sizes` along `axis` (ONNX's Split; q, k, v from one projection)."""
+    axis %= x.ndim
+    if x.shape[axis] is not None and builtins.sum(sizes) != x.shape[axis]:
+        raise ShapeError(f"split: sizes {list(sizes)} do not add up to axis {axis} of {x.shape}")
+    starts = np.cumsum([0, *sizes])
+    return [Slice.make(x, axis=axis, start=int(a), stop=int(b)) for a, b in zip(starts[:-1], starts[1:])]
+
+
+def depthwise_convolution(
+    x: SymbolVar, w: SymbolVar, stride: Any = 1, padding: Any = 0, dilation: Any = 1
+) -> SymbolVar:
+    return DepthwiseConvolution.make(x, w, stride=stride, padding=padding, dilation=dilation)
+
+
+def conv1d(
+    x: SymbolVar, w: SymbolVar, stride: int = 1, padding: int = 0, dilation: int = 1, groups: int = 1
+) -> SymbolVar:
+    """(N, C, L) * (O, C/groups, K): the 2-D convolution on (N, C, 1, L), reshaped back."""
+    if x.ndim != 3 or w.ndim != 3:
+        raise ShapeError(f"conv1d: input {x.shape} must be (N, C, L) and weight {w.shape} (O, C/groups, K)")
+    lead = -1 if x.shape[0] is None else x.shape[0]
+    y = convolution(
+        Reshape.make(x, [lead, x.shape[1], 1, x.shape[2]]),
+        Reshape.make(w, [w.shape[0], w.shape[1], 1, w.shape[2]]),
+        stride=(1, stride),
+        padding=(0, padding),
+        dilation=(1, dilation),
+        groups=groups,
+    )
+    return Reshape.make(y, [lead, y.shape[1], y.shape[3]])
+
+
+def global_avg_pool(x: SymbolVar) -> SymbolVar:
+    """Mean over every axis after channels, kept as size 1 (ONNX's GlobalAveragePool)."""
+    return Mean.make(x, list(range(2, x.ndim)), keepdims=True)
+
+
+def resize_nearest(
+    x: SymbolVar, size: Sequence[int], coordinate: str = "asymmetric", nearest: str = "floor"
+) -> SymbolVar:
+    return ResizeNearest.make(x, size=[int(s) for s in size], coordinate=coordinate, nearest=nearest)

@@ -1,11 +1,13 @@
-"""Matrix multiplication (MegEngine's `opr::MatrixMul`), 2-D with optional transposes."""
+"""Matrix multiplication (MegEngine's `opr::MatrixMul`), 2-D with optional transposes, and its
+batched form over stacks of matrices (attention)."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from ..graph import ShapeError
-from .base import Operator, result_dtype, same_size, shape_str
+from .base import Operator, broadcast_shapes, result_dtype, same_size, shape_str
+from .elemwise import unbroadcast
 
 
 class MatrixMul(Operator):
@@ -50,3 +52,53 @@ class MatrixMul(Operator):
             else MatrixMul.make(a, dout, transpose_a=not ta)
         )
         return [da, db]
+
+
+def _t(x: np.ndarray, flag: bool) -> np.ndarray:
+    return np.swapaxes(x, -1, -2) if flag else x
+
+
+class BatchedMatrixMul(Operator):
+    """numpy's matmul over stacks of matrices: (..., M, K) @ (..., K, N), leading axes broadcast
+    (attention's Q Kᵀ and its weighted sum of V). Transposes act on the last two axes."""
+
+    n_inputs = 2
+
+    @classmethod
+    def make(cls, a, b, transpose_a: bool = False, transpose_b: bool = False, name=None):
+        return super().make(a, b, transpose_a=bool(transpose_a), transpose_b=bool(transpose_b), name=name)
+
+    def infer(self, a, b):
+        if a.ndim < 2 or b.ndim < 2:
+            raise ShapeError(
+                f"BatchedMatrixMul: needs inputs of at least 2-D, got {shape_str(a.shape)} and {shape_str(b.shape)}"
+            )
+        m, k = a.shape[-2:][::-1] if self.transpose_a else a.shape[-2:]
+        k2, n = b.shape[-2:][::-1] if self.transpose_b else b.shape[-2:]
+        if not same_size(k, k2):
+            raise ShapeError(
+                f"BatchedMatrixMul: inner sizes differ: {shape_str(a.shape)} @ {shape_str(b.shape)} ({k} vs {k2})"
+            )
+        lead = broadcast_shapes("BatchedMatrixMul", a.shape[:-2], b.shape[:-2])
+        return (*lead, m, n), result_dtype(a, b)
+
+    def forward(self, a, b):
+        return np.matmul(_t(a, self.transpose_a), _t(b, self.transpose_b))
+
+    def forward_into(self, ws, out, a, b):
+        np.matmul(_t(a, self.transpose_a), _t(b, self.transpose_b), out=out)
+
+    def grad(self, out, dout):
+        a, b = out.inputs
+        ta, tb = self.transpose_a, self.transpose_b
+        da = (
+            BatchedMatrixMul.make(b, dout, transpose_a=tb, transpose_b=True)
+            if ta
+            else BatchedMatrixMul.make(dout, b, transpose_b=not tb)
+        )
+        db = (
+            BatchedMatrixMul.make(dout, a, transpose_a=True, transpose_b=ta)
+            if tb
+            else BatchedMatrixMul.make(a, dout, transpose_a=not ta)
+        )
+        return [unbroadcast(da, a), unbroadcast(db, b)]

@@ -89,9 +89,28 @@ class IndexingOneHot(Operator):
                 f"IndexingOneHot: index shape {shape_str(index.shape)} does not match "
                 f"{shape_str(x.shape)} without axis {axis}"
             )
+        self.index_name = index.name or "index"  # for run-time errors; not an attribute of the node
         return expect, x.dtype
 
+    def check(self, x: np.ndarray, index: np.ndarray) -> None:
+        """Run-time sizes and values: a label of another batch size or out of range would
+        otherwise read (and send gradient to) another row's entry."""
+        axis = self.axis % x.ndim
+        name = getattr(self, "index_name", "index")
+        if index.shape != x.shape[:axis] + x.shape[axis + 1 :]:
+            raise ValueError(
+                f"{name!r} has shape {index.shape} but the values it indexes have shape {x.shape} "
+                f"(axis {axis}): do the batch sizes of input and {name!r} differ?"
+            )
+        if index.size and (index.min() < 0 or index.max() >= x.shape[axis]):
+            bad = np.flatnonzero((index < 0) | (index >= x.shape[axis]))
+            raise ValueError(
+                f"{name!r} values must lie in [0, {x.shape[axis]}) for values of shape {x.shape}; "
+                f"got {index.reshape(-1)[bad[0]]} at position {int(bad[0])} ({bad.size} out of range)"
+            )
+
     def forward(self, x, index):
+        self.check(x, index)
         picked = np.take_along_axis(x, np.expand_dims(index.astype(np.intp), self.axis), axis=self.axis)
         return np.squeeze(picked, axis=self.axis)
 
@@ -99,6 +118,7 @@ class IndexingOneHot(Operator):
         if x.ndim != 2 or self.axis != 1 or not x.flags.c_contiguous:
             np.copyto(out, self.forward(x, index))
             return
+        self.check(x, index)
         flat = _flat_positions(ws, index, x.shape[1])
         np.take(x.reshape(-1), flat, out=out)
 
@@ -147,11 +167,12 @@ class SoftmaxCrossEntropy(Operator):
     n_inputs = 2
 
     def infer(self, x, label):
-        return IndexingOneHot(axis=self.axis).infer(x, label)
+        self._picker = IndexingOneHot(axis=self.axis)
+        return self._picker.infer(x, label)
 
     def forward(self, x, label):
         log_p = LogSoftmax(axis=self.axis).forward(x)
-        return -IndexingOneHot(axis=self.axis).forward(log_p, label)
+        return -self._picker.forward(log_p, label)
 
     def grad(self, out, dout):
         x, label = out.inputs

@@ -85,10 +85,37 @@ class CountRatio(Operator):
         return (), x.dtype
 
     def forward(self, reduced, x):
-        return np.asarray(reduced.size / x.size, dtype=x.dtype)
+        return np.asarray(self._ratio(reduced, x), dtype=x.dtype)
 
     def forward_into(self, ws, out, reduced, x):
-        out[...] = reduced.size / x.size
+        out[...] = self._ratio(reduced, x)
+
+    @staticmethod
+    def _ratio(reduced: np.ndarray, x: np.ndarray) -> float:
+        if x.size == 0:
+            raise ValueError(f"mean over an empty tensor of shape {x.shape}: is the batch empty?")
+        return reduced.size / x.size
+
+    def grad(self, out, dout):
+        return [None, None]
+
+
+class BesselCorrection(Operator):
+    """n / (n - 1) for a variance over n = size(x) / size(reduced) values (the unbiased running
+    variance of batch norm). One value per channel has no variance: an error, as in PyTorch."""
+
+    n_inputs = 2
+
+    def infer(self, reduced, x):
+        return (), x.dtype
+
+    def forward(self, reduced, x):
+        n = x.size // max(reduced.size, 1)
+        if n < 2:
+            raise ValueError(
+                f"batch_norm: training needs more than one value per channel, got input of shape {x.shape}"
+            )
+        return np.asarray(n / (n - 1), dtype=x.dtype)
 
     def grad(self, out, dout):
         return [None, None]

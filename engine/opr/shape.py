@@ -163,7 +163,8 @@ class Slice(Operator):
         stop = self.stop if size is None else min(self.stop, size)
         if not 0 <= self.start <= stop:
             raise ShapeError(f"Slice: [{self.start}:{self.stop}] is empty or out of range for {shape_str(x.shape)}")
-        shape[self.axis] = stop - self.start
+        # a size fed at run time may end before `stop`: then the length is known only at run time
+        shape[self.axis] = None if size is None else stop - self.start
         return tuple(shape), x.dtype
 
     def forward(self, x):
@@ -195,3 +196,27 @@ class PadSlice(Operator):
             Slice.make(dout, axis=self.axis, start=self.start, stop=self.start + out.inputs[0].shape[self.axis]),
             None,
         ]
+
+
+class MatchShape(Operator):
+    """`x` itself, checked at run time to have exactly `like`'s shape: losses that compare a
+    prediction with a label use it, so a label of another batch size is an error, not a broadcast."""
+
+    n_inputs = 2
+
+    def infer(self, x, like):
+        if x.ndim != like.ndim or any(a is not None and b is not None and a != b for a, b in zip(x.shape, like.shape)):
+            raise ShapeError(f"{x.name or 'label'!r} {shape_str(x.shape)} must have the shape {shape_str(like.shape)}")
+        self.names = (x.name or "label", like.name or "prediction")
+        return x.shape, x.dtype
+
+    def forward(self, x, like):
+        if x.shape != like.shape:
+            names = getattr(self, "names", ("label", "prediction"))
+            raise ValueError(
+                f"{names[0]!r} has shape {x.shape} but {names[1]!r} has shape {like.shape}: do the batch sizes differ?"
+            )
+        return x
+
+    def grad(self, out, dout):
+        return [dout, None]

@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from ..data.preprocessing import METADATA_KEY as PREPROCESSING_KEY
+from ..data.preprocessing import Preprocessing
 from ..graph import ComputingGraph, GraphError, SymbolVar
 from ..model import Model
 from ..opr.base import OPERATORS, Operator
@@ -86,6 +88,14 @@ ATTRIBUTES: dict[str, Any] = {
     "alpha": _is_number,
     "beta": _is_number,
     "bias": _is_number,
+    "low": lambda v: v is None or _is_number(v),
+    "high": lambda v: v is None or _is_number(v),
+    "swish": lambda v: isinstance(v, bool),
+    "eps": lambda v: _is_number(v) and v > 0,
+    "ref_axes": _int_list(none_ok=True),
+    "size": _int_list(2),
+    "coordinate": lambda v: isinstance(v, str) and len(v) < 64,
+    "nearest": lambda v: isinstance(v, str) and len(v) < 64,
 }
 
 
@@ -296,6 +306,11 @@ def from_container(tensors: dict[str, np.ndarray], metadata: dict[str, Any]) -> 
 
     params = {v.name: v for v in built if isinstance(v.op, SharedDeviceTensor)}
     extra = {k: v for k, v in metadata.items() if k not in ("graph",)}
+    if PREPROCESSING_KEY in extra:
+        try:
+            Preprocessing.from_metadata(extra[PREPROCESSING_KEY])
+        except ValueError as exc:
+            raise ModelFileError(str(exc)) from None
     return Model(
         graph, inputs=named("inputs", Host2DeviceCopy), outputs=named("outputs"), params=params, metadata=extra
     )

@@ -49,8 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--holdout", type=float, default=0.2, help="fraction of local data held out for evaluation")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--timeout", type=float, default=30.0, help="seconds per HTTP request")
-    run.add_argument("--retries", type=int, default=6, help="attempts per request on network errors/5xx")
-    run.add_argument("--max-wait", type=float, default=30.0, help="longest pause between check-ins (s)")
+    run.add_argument("--retries", type=int, default=6, help="tries per request on network errors, 5xx, 408, 429, 503")
+    run.add_argument(
+        "--max-wait",
+        type=float,
+        default=30.0,
+        help="our own idle interval (s, plus jitter): while not eligible, after a network failure that outlasted "
+        "the retries, after a task for a finished round; never shortens a wait the server asks for",
+    )
     run.add_argument("-v", "--verbose", action="store_true")
     predict = sub.add_parser("predict", help="classify with the personal model")
     predict.add_argument("--state-dir", required=True, type=Path)

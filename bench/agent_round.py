@@ -10,6 +10,7 @@ agent's own work, with the real code path (client, state dir, encoding) and no n
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import resource
 import sys
@@ -42,7 +43,7 @@ def fake_coordinator(model: bytes, task: dict) -> httpx.MockTransport:
         if path == "/v1/checkin":
             return httpx.Response(200, json={"status": "task", "task": task})
         if path.startswith("/v1/models/"):
-            return httpx.Response(200, content=model, headers={"ETag": '"m"'})
+            return httpx.Response(200, content=model, headers={"ETag": f'"{hashlib.sha256(model).hexdigest()}"'})
         if path.endswith("/updates"):
             return httpx.Response(202, json={"accepted": True, "round_id": 1, "received": 1, "goal": 1})
         return httpx.Response(404, json={"detail": path})

@@ -20,14 +20,13 @@ import logging  # noqa: E402
 import sys  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 
 from device_agent.client import CoordinatorClient, RejectedError, RetryPolicy  # noqa: E402
 from device_agent.eligibility import AlwaysEligible, default_probe  # noqa: E402
 from device_agent.state import AgentState  # noqa: E402
-
-MNIST_MEAN, MNIST_STD = 0.1307, 0.3081  # the normalization engine.data.MnistDataset trains with
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,8 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--holdout", type=float, default=0.2, help="fraction of local data held out for evaluation")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--timeout", type=float, default=30.0, help="seconds per HTTP request")
-    run.add_argument("--retries", type=int, default=6, help="attempts per request on network errors/5xx")
-    run.add_argument("--max-wait", type=float, default=30.0, help="longest pause between check-ins (s)")
+    run.add_argument("--retries", type=int, default=6, help="tries per request on network errors, 5xx, 408, 429, 503")
+    run.add_argument(
+        "--max-wait",
+        type=float,
+        default=30.0,
+        help="our own idle interval (s, plus jitter): while not eligible, after a network failure that outlasted "
+        "the retries, after a task for a finished round; never shortens a wait the server asks for",
+    )
     run.add_argument("-v", "--verbose", action="store_true")
     predict = sub.add_parser("predict", help="classify with the personal model")
     predict.add_argument("--state-dir", required=True, type=Path)
@@ -97,8 +102,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_input(path: Path, hw: tuple[int, int]) -> np.ndarray:
-    """A batch of model inputs from .npy/.npz (already preprocessed) or a .png (preprocessed here)."""
+def load_input(path: Path, hw: tuple[int, int], prep: Any) -> np.ndarray:
+    """A batch of model inputs from .npy/.npz (already preprocessed) or a .png (scaled to [0, 1],
+    then preprocessed as the model records)."""
     suffix = path.suffix.lower()
     if suffix == ".npy":
         return np.load(path, allow_pickle=False).astype(np.float32)
@@ -113,12 +119,13 @@ def load_input(path: Path, hw: tuple[int, int]) -> np.ndarray:
             raise SystemExit("pf-agent: reading .png needs Pillow: pip install 'pocketfed[images]'") from None
         with Image.open(path) as img:
             pixels = np.asarray(img.convert("L").resize((hw[1], hw[0])), dtype=np.float32) / 255.0
-        return ((pixels - MNIST_MEAN) / MNIST_STD)[None, None]
+        return prep.apply(pixels[None, None])
     raise SystemExit(f"pf-agent: --input {path}: expected .npy, .npz or .png, got {suffix or 'no suffix'!r}")
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from device_agent.personal import load_personal_model
+    from engine.data import preprocessing_for
     from engine.trainer import Trainer
 
     try:
@@ -126,7 +133,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     except FileNotFoundError as exc:
         raise SystemExit(f"pf-agent: {exc}") from None
     input_shape = tuple(model.input.shape)[1:]
-    x = load_input(args.input, input_shape[-2:])
+    x = load_input(args.input, input_shape[-2:], preprocessing_for(model))
     if x.ndim == len(input_shape):
         x = x[None]  # one item -> a batch of one
     if tuple(x.shape[1:]) != input_shape:

@@ -73,11 +73,12 @@ class PersonalModel:
         self, model_bytes: bytes, base_version: int, train: IDataView, holdout: IDataView | None
     ) -> dict[str, Any]:
         """Fine-tune the personal layers on top of `model_bytes`; return accuracies on the held-out data."""
-        from device_agent.runner import make_sgd
+        from device_agent.runner import make_sgd, model_view
         from engine import load_model_bytes  # imported late: the CLI's --help should not load the engine
         from engine.trainer import Trainer
 
         model = load_model_bytes(model_bytes)
+        train, holdout = model_view(model, train), None if holdout is None else model_view(model, holdout)
         names = personal_names(trainable_names(model), self.layers)
         trainer = Trainer(
             model,

@@ -3,12 +3,16 @@
     resume any unacknowledged upload (same Idempotency-Key, so it counts once)
     loop:
         eligible?            (charging, idle, unmetered) else wait
-        POST /v1/checkin     -> a task, or "come back in N seconds"
-        model for the task   (from the cache when the version is unchanged)
-        train locally        (stops, and discards the round, if conditions stop holding)
+        POST /v1/checkin     -> a task, or "come back in N seconds" (waited in full, plus jitter)
+        model for the task   (from the cache when the version is unchanged; sha256-verified)
+        train locally        (stops, and discards the round, if conditions stop holding or the deadline passes)
         delta = trained - base -> clip -> noise -> top-k -> encode
         persist, then upload (a crash after this point re-sends the same bytes)
         fine-tune the personal layers, report one JSON line
+
+A temporary refusal (network down, 5xx, 408/429/503 after every retry) never ends the loop: the
+agent waits as the server asked (or `max_wait` when it did not say) and carries on. Only a
+permanent refusal of enrollment or check-in (a 4xx other than a token we can renew) stops it.
 
 Raw samples, labels and file names never leave this module: the only things built for
 the network are the update container (deltas, sample count, aggregate metrics) and the
@@ -17,6 +21,7 @@ JSON control messages in client.py.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import sys
@@ -27,16 +32,43 @@ from typing import Any
 
 import numpy as np
 
-from device_agent.client import CoordinatorClient, RejectedError, UnavailableError
+from device_agent.client import CoordinatorClient, DeadlinePassed, RejectedError, UnavailableError
 from device_agent.eligibility import Probe
 from device_agent.personal import PersonalModel, split_local, trainable_names
 from device_agent.state import AgentState
 from engine.data import IDataView
+from engine.serialize.container import ContainerError, loads
 from protocol.deltas import TopK, add_gaussian_noise, clip_by_l2
-from protocol.messages import Task
+from protocol.messages import ProtocolError, Task
 from protocol.update import decode_update, encode_update
 
 log = logging.getLogger("pocketfed.agent")
+
+
+def model_view(model: Any, dataset: IDataView) -> IDataView:
+    """The local data as `model` is fed: the preprocessing its file records (scale, mean/std,
+    padding), items reshaped to its input."""
+    from engine.data import preprocessing_for
+
+    return preprocessing_for(model).view(dataset, model)
+
+
+class CorruptModel(Exception):
+    """A downloaded model failed its sha256 (ETag) or container checks: never train on it."""
+
+
+def model_problem(data: bytes, etag: str | None) -> str | None:
+    """Why `data` is not a trustworthy model file (None when it is): the ETag must be the quoted sha256
+    of the body (docs/protocol.md, "Verify before use"), and the container's own checksum must hold."""
+    digest = hashlib.sha256(data).hexdigest()
+    claimed = (etag or "").strip().removeprefix("W/").strip('"').lower()
+    if claimed != digest:
+        return f"sha256 {digest[:16]}... does not match the ETag {etag!r}"
+    try:
+        loads(data, kind="model")
+    except ContainerError as exc:
+        return str(exc)
+    return None
 
 
 def make_sgd(lr: float, momentum: float) -> Any:
@@ -56,7 +88,7 @@ class AgentConfig:
     personal_layers: list[str] = field(default_factory=list)
     personal_epochs: int = 1
     seed: int = 0
-    max_wait: float = 30.0  # longest sleep between check-ins, whatever the server asks
+    max_wait: float = 30.0  # our own idle interval, used only when the server named no wait (never caps one)
     json_lines: bool = False
 
 
@@ -95,8 +127,14 @@ class Agent:
                     continue
                 record = self.one_round()
             except UnavailableError as exc:
-                log.warning("%s; trying again in %.0fs", exc, self.config.max_wait)
-                self.sleep(self.config.max_wait)
+                wait = self.client.paced_wait(self.config.max_wait if exc.retry_after is None else exc.retry_after)
+                log.warning("%s; trying again in %.0fs", exc, wait)
+                self.sleep(wait)
+                continue
+            except ProtocolError as exc:  # a malformed answer: do nothing with it, look again later
+                wait = self.client.paced_wait(self.config.max_wait)
+                log.warning("the coordinator's answer breaks the protocol (%s); trying again in %.0fs", exc, wait)
+                self.sleep(wait)
                 continue
             except RejectedError as exc:
                 if exc.status == 401 and exc.path != "/v1/devices" and not reenrolled:
@@ -125,13 +163,18 @@ class Agent:
         verdict = self.probe.check()
         if not verdict.ok:
             log.info("not eligible: %s", verdict.reason)
-            self.sleep(self.config.max_wait)
+            self.sleep(self.client.paced_wait(self.config.max_wait))
             return None
         answer = self.client.checkin(self.train_set.size())
         task = answer.task
-        if task is None or task.round_id == self.state.last_round():
-            wait = min(float(answer.retry_after or 1.0), self.config.max_wait)
-            log.info("no task for us now; checking in again in %.1fs", wait)
+        if task is None:  # pace steering: the server's wait, in full (plus jitter), whatever its length
+            wait = self.client.paced_wait(answer.retry_after or 0)
+            log.info("no task for us now (%s); checking in again in %.1fs", answer.reason, wait)
+            self.sleep(wait)
+            return None
+        if task.round_id == self.state.last_round():  # one update per round, even if offered again
+            wait = self.client.paced_wait(self.config.max_wait)
+            log.info("round %d is already done here; checking in again in %.1fs", task.round_id, wait)
             self.sleep(wait)
             return None
         return self.do_task(task)
@@ -139,22 +182,47 @@ class Agent:
     # ------------------------------------------------------------------ one task
 
     def model_bytes(self, version: int) -> bytes:
-        """The base model of `version`: from the cache when we have it, else downloaded (ETag-checked)."""
+        """The base model of `version`: from the cache when we have it, else downloaded and verified
+        (sha256 against the ETag, then the container's checksum). Two bad copies raise CorruptModel."""
         cached = self.state.cached_model()
         if cached is not None and cached[0] == version:
             return cached[2]
-        data, etag = self.client.download_model(version, cached[1] if cached else None)
-        if data is None:  # 304 for a version we do not hold: our cache lies; fetch unconditionally
-            data, etag = self.client.download_model(version)
-        self.state.save_model(version, etag, data)
-        log.info("downloaded model version %d (%d bytes)", version, len(data))
-        return data
+        etag = cached[1] if cached else None
+        problem = "not downloaded"
+        for _ in range(2):
+            data, etag = self.client.download_model(version, etag)
+            if data is None:  # 304 for a version we do not hold: our cache lies; fetch unconditionally
+                data, etag = self.client.download_model(version)
+            problem = model_problem(data or b"", etag)
+            if problem is None:
+                self.state.save_model(version, etag, data)
+                log.info("downloaded model version %d (%d bytes)", version, len(data))
+                return data
+            log.warning("model version %d is corrupted (%s); discarding it", version, problem)
+            etag = None
+        raise CorruptModel(f"model version {version}: {problem}")
+
+    def drop_round(self, round_id: int, why: str) -> None:
+        """Give a round up for good: nothing is sent for it, and it is not taken again if offered again."""
+        log.warning("round %d: %s; dropping the round", round_id, why)
+        self.state.set_last_round(round_id)
 
     def do_task(self, task: Task) -> dict[str, Any] | None:
         round_id, version = task.round_id, task.base_version
         log.info("round %d: training on %d samples from model version %d", round_id, self.train_set.size(), version)
-        trained = self.train_locally(task, self.model_bytes(version))
+        try:
+            model = self.model_bytes(version)
+        except CorruptModel as exc:
+            self.drop_round(round_id, str(exc))
+            return None
+        except RejectedError as exc:  # e.g. 404: the version is gone
+            self.drop_round(round_id, f"the model download was refused ({exc})")
+            return None
+        trained = self.train_locally(task, model)
         if trained is None:
+            return None
+        if time.time() > task.deadline:
+            self.drop_round(round_id, "the deadline passed before the update was ready")
             return None
         delta, metrics = trained
         body, residual = self.encode(delta, task, metrics)
@@ -171,7 +239,7 @@ class Agent:
             "encoding": task.encoding,
             "topk_fraction": task.topk_fraction,
         }
-        self.state.save_pending(round_id, body, residual, record)
+        self.state.save_pending(round_id, body, residual, record, deadline=task.deadline)
         return self.personalize(self.send_pending())
 
     def train_locally(self, task: Task, data: bytes) -> tuple[dict[str, np.ndarray], dict[str, float]] | None:
@@ -180,10 +248,16 @@ class Agent:
         The trainer's planned memory is released before returning, so encoding and the personal
         model's training do not run on top of it (a phone's peak memory is what counts)."""
         from engine import load_model_bytes
+        from engine.serialize.modelfile import ModelFileError
         from engine.trainer import Interrupted, Trainer
 
         round_id = task.round_id
-        model = load_model_bytes(data)
+        try:
+            model = load_model_bytes(data)
+        except (ModelFileError, ContainerError) as exc:  # verified bytes that still do not build a model
+            self.drop_round(round_id, f"the model does not load ({exc})")
+            return None
+        train_set, eval_set = model_view(model, self.train_set), model_view(model, self.eval_set)
         trainable = trainable_names(model)
         base = {n: np.array(model.params[n].value, np.float32, copy=True) for n in trainable}
         trainer = Trainer(
@@ -191,7 +265,7 @@ class Agent:
             optimizer=make_sgd(task.lr, task.momentum),
             trainable=trainable,
             prox_mu=task.fedprox_mu,
-            batch_size=min(task.batch_size, self.train_set.size()),
+            batch_size=min(task.batch_size, train_set.size()),
             seed=self.config.seed + round_id,
         )
         deadline = task.deadline
@@ -207,15 +281,17 @@ class Agent:
             return not verdict.ok
 
         try:
-            before = trainer.evaluate(self.eval_set)
-            fit = trainer.fit(self.train_set, task.epochs, should_stop=should_stop)
-            after = trainer.evaluate(self.eval_set)
+            before = trainer.evaluate(eval_set)
+            fit = trainer.fit(train_set, task.epochs, should_stop=should_stop)
+            after = trainer.evaluate(eval_set)
         except Interrupted:
             log.warning(
                 "round %d: stopped mid-training (%s); its work is discarded",
                 round_id,
                 stop_reason[-1] if stop_reason else "interrupted",
             )
+            if time.time() > deadline:  # a round past its deadline is over; conditions may come back
+                self.drop_round(round_id, "the deadline passed during training")
             return None
         finally:
             trainer.release()
@@ -276,9 +352,19 @@ class Agent:
         if pending is None:
             return None
         info, body = pending
+        deadline = info.get("deadline")
+        unknown = bool(info.get("attempted"))  # an earlier run may have sent it: only a replay tells
+        if deadline is not None and time.time() > deadline and not unknown:
+            log.warning("round %d: the deadline passed before the upload; dropping the round", info["round_id"])
+            self.state.finish_pending(acknowledged=False)
+            return None
+        if not unknown:
+            self.state.mark_pending_attempted()
         try:
-            answer = self.client.upload(info["round_id"], body, info["idempotency_key"])
-        except RejectedError as exc:
+            answer = self.client.upload(
+                info["round_id"], body, info["idempotency_key"], deadline=deadline, outcome_unknown=unknown
+            )
+        except (RejectedError, DeadlinePassed) as exc:
             log.warning("round %d: upload refused (%s); dropping the round", info["round_id"], exc)
             self.state.finish_pending(acknowledged=False)
             return None

@@ -9,7 +9,8 @@ version, never half of one. Layout::
     model.pfm            the cached base model file (verified against model.json's sha256)
     personal.pft         personal layers (container kind "personal", never uploaded)
     residual.pft         top-k error-feedback residual (container kind "residual")
-    pending.json         {"round_id", "idempotency_key", "sha256", "record"} - an update not yet acknowledged
+    pending.json         {"round_id", "idempotency_key", "sha256", "deadline", "attempted", "record"} - an update
+                         not yet acknowledged ("attempted": a send was started, so the server may hold it)
     pending.bin          its bytes
     pending-residual.pft the residual to adopt once the pending update is acknowledged
     progress.json        {"last_round": id} - the last round this device finished (uploaded or dropped)
@@ -111,7 +112,12 @@ class AgentState:
     # ------------------------------------------------------------------ the pending upload
 
     def save_pending(
-        self, round_id: int, body: bytes, residual: dict[str, np.ndarray] | None, record: dict[str, Any]
+        self,
+        round_id: int,
+        body: bytes,
+        residual: dict[str, np.ndarray] | None,
+        record: dict[str, Any],
+        deadline: float | None = None,
     ) -> str:
         """Persist an update before sending it; returns its idempotency key (new, random)."""
         key = uuid.uuid4().hex
@@ -126,10 +132,18 @@ class AgentState:
                 "round_id": int(round_id),
                 "idempotency_key": key,
                 "sha256": hashlib.sha256(body).hexdigest(),
+                "deadline": deadline,
+                "attempted": False,
                 "record": record,
             },
         )
         return key
+
+    def mark_pending_attempted(self) -> None:
+        """Record, before the first send, that the server may hold this update from now on."""
+        info = read_json(self._path("pending.json"))
+        if isinstance(info, dict) and not info.get("attempted"):
+            write_json_atomic(self._path("pending.json"), {**info, "attempted": True})
 
     def pending(self) -> tuple[dict[str, Any], bytes] | None:
         """(info, body) of the update waiting for acknowledgement; None if there is none."""

@@ -15,6 +15,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from coordinator.settings import ENCODINGS
 from coordinator.strategies import STRATEGIES
@@ -25,6 +26,16 @@ from simulation.report import write_report
 from simulation.simulation import Simulation
 
 DEFAULTS = SimConfig()
+
+
+def model_argument(spec: str) -> str:
+    """A model file as an absolute path (the coordinator process may run elsewhere); a name as it is."""
+    path = Path(spec)
+    if path.exists():
+        return str(path.resolve())
+    if path.suffix or "/" in spec:
+        raise SystemExit(f"pf-sim: --model {spec}: no such file")
+    return spec
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fedprox-mu", type=float, default=None, help="FedProx proximal weight")
     p.add_argument("--encoding", default=DEFAULTS.encoding, choices=ENCODINGS, help="update encoding")
     p.add_argument("--seed", type=int, default=DEFAULTS.seed)
+    p.add_argument(
+        "--model",
+        default=DEFAULTS.model,
+        help="the model to federate: a built-in architecture (lenet), a pocketfed model file or an .onnx file "
+        "(its recorded preprocessing is what devices and the server's evaluation apply)",
+    )
     p.add_argument(
         "--data",
         default=None,
@@ -126,6 +143,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         strategy=args.strategy,
         encoding=args.encoding,
         seed=args.seed,
+        model=model_argument(args.model),
         data=args.data,
         workers=args.workers,
         holdout=args.holdout,

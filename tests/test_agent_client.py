@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import email.utils
+
 import httpx
 import pytest
 
-from device_agent.client import CoordinatorClient, RejectedError, RetryPolicy, UnavailableError
+from device_agent.client import (
+    CoordinatorClient,
+    DeadlinePassed,
+    RejectedError,
+    RetryPolicy,
+    UnavailableError,
+    parse_retry_after,
+)
 from protocol.messages import CheckinAnswer
 
 
@@ -101,3 +110,96 @@ def test_every_request_has_a_timeout():
     client.latest_model()
     timeouts = seen[0].extensions["timeout"]
     assert all(timeouts[k] is not None for k in ("connect", "read", "write", "pool"))
+
+
+# ---------------------------------------------------------------------- pacing: 408, 429, 503 and Retry-After
+
+
+@pytest.mark.parametrize("status", [408, 429, 503])
+def test_paced_statuses_wait_the_servers_retry_after_in_full_plus_jitter(status):
+    def paced(request, n):
+        if n < 3:
+            return httpx.Response(status, headers={"Retry-After": "120"}, json={"detail": "slow down"})
+        return httpx.Response(200, json={"status": "retry", "retry_after": 5})
+
+    client, seen, sleeps = make_client(paced)
+    assert client.checkin(10).status == "retry"
+    assert len(seen) == 3 and len(sleeps) == 2
+    # never sooner than asked, never capped at the policy's max_delay (4 s here), jitter <= R/10
+    assert all(120 <= s <= 132 for s in sleeps), sleeps
+    assert sleeps[0] != sleeps[1]  # jittered
+
+
+def test_retry_after_as_an_http_date_is_honoured():
+    now = 1_800_000_000.0
+    when = email.utils.formatdate(now + 90, usegmt=True)
+
+    def paced(request, n):
+        return httpx.Response(429, headers={"Retry-After": when}) if n == 1 else httpx.Response(200, json={})
+
+    client, seen, sleeps = make_client(paced)
+    client._clock = lambda: now
+    client.latest_model()
+    assert 90 <= sleeps[0] <= 99
+
+
+def test_parse_retry_after():
+    now = 1_800_000_000.0
+    assert parse_retry_after("7", now) == 7
+    assert parse_retry_after(" 0 ", now) == 0
+    assert parse_retry_after(email.utils.formatdate(now - 50, usegmt=True), now) == 0  # a date in the past
+    assert parse_retry_after("999999999", now) == 24 * 3600  # only the absolute ceiling applies
+    for garbage in (None, "", "soon", "-5", "1.5e3", "Mon, 99 Foo 2026"):
+        assert parse_retry_after(garbage, now) is None, garbage
+
+
+def test_a_paced_status_without_retry_after_backs_off_like_a_5xx():
+    client, seen, sleeps = make_client(
+        lambda req, n: httpx.Response(429) if n < 3 else httpx.Response(200, json={}), attempts=4
+    )
+    client.latest_model()
+    assert len(sleeps) == 2 and all(0 <= s <= 0.5 * 2**i for i, s in enumerate(sleeps))
+
+
+def test_exhausted_retries_carry_the_servers_last_wait():
+    client, seen, sleeps = make_client(lambda req, n: httpx.Response(503, headers={"Retry-After": "300"}), attempts=3)
+    with pytest.raises(UnavailableError, match="HTTP 503") as info:
+        client.checkin(1)
+    assert info.value.retry_after == 300 and len(seen) == 3
+
+
+def test_other_4xx_are_not_retried_even_with_retry_after():
+    client, seen, sleeps = make_client(
+        lambda req, n: httpx.Response(409, headers={"Retry-After": "1"}, json={"detail": "round closed"})
+    )
+    with pytest.raises(RejectedError):
+        client.upload(1, b"u", "k")
+    assert len(seen) == 1 and sleeps == []
+
+
+def test_redirects_are_not_followed():
+    client, seen, sleeps = make_client(
+        lambda req, n: httpx.Response(302, headers={"Location": "http://elsewhere.test/v1/checkin"})
+    )
+    with pytest.raises(RejectedError, match="302"):
+        client.checkin(1)
+    assert len(seen) == 1
+
+
+def test_an_upload_retry_past_the_deadline_is_dropped_unless_an_attempt_went_unanswered():
+    now = [1000.0]
+    client, seen, sleeps = make_client(lambda req, n: httpx.Response(503, headers={"Retry-After": "60"}))
+    client._clock = lambda: now[0]
+    with pytest.raises(DeadlinePassed):
+        client.upload(1, b"u", "k", deadline=1030.0)  # the 60 s wait would end after the deadline
+    assert len(seen) == 1 and sleeps == []
+
+    def lost_then_ok(request, n):
+        if n == 1:
+            raise httpx.ReadTimeout("no answer")  # the server may have counted it
+        return httpx.Response(202, json={"accepted": True, "round_id": 1, "received": 1, "goal": 1})
+
+    client, seen, sleeps = make_client(lost_then_ok)
+    client._clock = lambda: 2000.0  # already past the deadline: only a replay can tell what happened
+    assert client.upload(1, b"u", "k", deadline=1030.0).accepted
+    assert [r.headers["Idempotency-Key"] for r in seen] == ["k", "k"]

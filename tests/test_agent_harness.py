@@ -216,8 +216,8 @@ class TcpRecorder:
 def make_shards(
     directory: Path, n_devices: int, per_device: int, partition: str = "dirichlet:0.3", seed: int = 0
 ) -> tuple[list[Path], np.ndarray]:
-    """Per-device .npz files cut from the embedded Fashion-MNIST subset; also returns each device's
-    indices into the embedded train split (so tests can look for the raw pixels)."""
+    """Per-device .npz files of raw uint8 pixels (as a phone holds photos) cut from the embedded
+    Fashion-MNIST subset; also returns each device's indices into the embedded train split."""
     from engine.data import load_default, parse_partition
 
     train = load_default("train")
@@ -226,9 +226,9 @@ def make_shards(
     paths, chosen = [], []
     for i, part in enumerate(parts):
         idx = np.sort(rng.choice(part, size=min(per_device, len(part)), replace=False))
-        x, y = train.get_batch(idx)
+        x, y = train.raw[idx][:, None], train.labels[idx]
         path = directory / f"device-{i}-private-photos.npz"
-        np.savez(path, x=x.astype(np.float32), y=y.astype(np.int64))
+        np.savez(path, x=x, y=y.astype(np.int64))
         paths.append(path)
         chosen.append(idx)
     return paths, chosen

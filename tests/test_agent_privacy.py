@@ -4,11 +4,12 @@ for its samples, labels and file names in them."""
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 from test_agent_harness import Coordinator, device_token, finish, make_shards, recorder, start_agent
 
-from engine.data import load_default
+from engine.data import load_default, preprocessing_for
 from engine.serialize.container import loads
 from protocol.update import decode_update
 
@@ -23,6 +24,13 @@ ALLOWED_METADATA = {
     "metrics",
     "tensors",
 }
+
+
+def model_file(container) -> SimpleNamespace:
+    """What preprocessing_for reads from a model: its metadata."""
+    return SimpleNamespace(metadata=container.metadata)
+
+
 ALLOWED_METRICS = {"loss_before", "loss_after", "acc_before", "acc_after", "train_loss", "steps", "delta_norm"}
 
 
@@ -64,9 +72,11 @@ def test_a_full_round_sends_no_sample_label_or_file_name(tmp_path):
     with np.load(data_path, allow_pickle=False) as local:
         x, y = local["x"], local["y"]
     assert body in sent  # positive control: the search does find what was sent
+    fed = preprocessing_for(model_file(model)).apply(x)  # the float32 inputs the model trained on
     for i in range(0, len(x), 7):
-        assert x[i].tobytes() not in sent, f"sample {i} (float32 pixels) was sent"
-        assert x[i, 0, 10].tobytes() not in sent, f"a row of sample {i} was sent"
+        assert x[i].tobytes() not in sent, f"sample {i} (uint8 pixels) was sent"
+        assert fed[i].tobytes() not in sent, f"sample {i} (float32 model input) was sent"
+        assert fed[i, 0, 10].tobytes() not in sent, f"a row of sample {i} was sent"
         assert train.raw[indices[i]].tobytes()[28 * 10 : 28 * 12] not in sent, f"raw pixels of {i} were sent"
     for dtype in (np.int64, np.int32, np.uint8, np.float32):
         assert y[:12].astype(dtype).tobytes() not in sent, f"the label sequence ({dtype.__name__}) was sent"

@@ -3,6 +3,7 @@ privacy settings, top-k residuals, conditions that stop holding, personalization
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 
@@ -23,6 +24,7 @@ from protocol.messages import Task
 from protocol.update import decode_update
 
 MODEL = build_model_bytes("lenet", seed=0)
+MODEL_ETAG = f'"{hashlib.sha256(MODEL).hexdigest()}"'  # what the coordinator sends: the body's sha256
 TRAINABLE = loads(MODEL).metadata["trainable"]
 
 
@@ -51,9 +53,9 @@ class FakeCoordinator:
             return httpx.Response(200, json={"status": "task", "task": self.tasks[0]})
         if path.startswith("/v1/models/"):
             self.model_gets += 1
-            if request.headers.get("If-None-Match") == '"m0"':
-                return httpx.Response(304, headers={"ETag": '"m0"'})
-            return httpx.Response(200, content=MODEL, headers={"ETag": '"m0"'})
+            if request.headers.get("If-None-Match") == MODEL_ETAG:
+                return httpx.Response(304, headers={"ETag": MODEL_ETAG})
+            return httpx.Response(200, content=MODEL, headers={"ETag": MODEL_ETAG})
         if path.endswith("/updates"):
             self.uploads.append((request.headers["Idempotency-Key"], request.content))
             self.tasks.pop(0)
@@ -221,3 +223,116 @@ def test_a_revoked_token_leads_to_one_new_enrollment_not_a_loop(tmp_path):
     with pytest.raises(RejectedError, match="401"):
         make_agent(tmp_path / "s", stubborn, once=True).run()
     assert stubborn.enrollments == 2
+
+
+# ---------------------------------------------------------------------- temporary refusals and pacing
+
+
+class Scripted(FakeCoordinator):
+    """FakeCoordinator whose check-ins first answer the given (status, headers, json) replies in turn."""
+
+    def __init__(self, checkin_replies: list[tuple[int, dict, dict]], *tasks: dict, model: bytes = MODEL):
+        super().__init__(*tasks)
+        self.checkin_replies, self.checkins, self.model = list(checkin_replies), 0, model
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/checkin":
+            self.checkins += 1
+            if self.checkin_replies:
+                status, headers, body = self.checkin_replies.pop(0)
+                return httpx.Response(status, headers=headers, json=body)
+        if request.url.path.startswith("/v1/models/") and self.model is not MODEL:
+            self.model_gets += 1
+            return httpx.Response(200, content=self.model, headers={"ETag": MODEL_ETAG})
+        return super().__call__(request)
+
+
+def pacing_agent(tmp_path, fake: FakeCoordinator, **config) -> tuple[Agent, list[float]]:
+    """An agent whose waits (the runner's and the client's) are recorded instead of slept."""
+    sleeps: list[float] = []
+    client = CoordinatorClient(
+        "http://fake", transport=httpx.MockTransport(fake), retry=RetryPolicy(attempts=2), sleep=sleeps.append, seed=3
+    )
+    cfg = AgentConfig(coordinator="http://fake", enrollment_key="k", max_wait=30.0, **config)
+    agent = Agent(cfg, client, AgentState(tmp_path / "state"), local_data(), AlwaysEligible(), sleep=sleeps.append)
+    agent.emit = lambda line: None
+    return agent, sleeps
+
+
+def test_a_429_on_check_in_is_waited_out_not_fatal(tmp_path):
+    throttled = (429, {"Retry-After": "45"}, {"detail": "too many requests"})
+    fake = Scripted([throttled, throttled, throttled], task(1))  # outlasts the client's 2 attempts
+    agent, sleeps = pacing_agent(tmp_path, fake, once=True)
+    assert [r["round"] for r in agent.run()] == [1]
+    assert fake.checkins == 4 and len(fake.uploads) == 1
+    # client retry (45 + jitter), then the runner waits the same server-asked 45 s (not --max-wait's 30)
+    assert len(sleeps) == 3 and all(45 <= s <= 49.5 for s in sleeps), sleeps
+
+
+def test_pace_steering_is_followed_beyond_max_wait(tmp_path):
+    steer = (200, {"Retry-After": "600"}, {"status": "retry", "retry_after": 600, "reason": "round full"})
+    fake = Scripted([steer], task(1))
+    agent, sleeps = pacing_agent(tmp_path, fake, once=True)
+    agent.run()
+    assert len(sleeps) == 1 and 600 <= sleeps[0] <= 660  # the server's wait in full, jittered
+
+
+def test_a_503_on_upload_keeps_the_update_pending_and_resends_it(tmp_path):
+    class Busy(FakeCoordinator):
+        refusals = 3
+
+        def __call__(self, request):
+            if request.url.path.endswith("/updates") and self.refusals:
+                self.refusals -= 1
+                self.uploads.append((request.headers["Idempotency-Key"], request.content))
+                return httpx.Response(503, headers={"Retry-After": "20"})
+            return super().__call__(request)
+
+    fake = Busy(task(1))
+    agent, sleeps = pacing_agent(tmp_path, fake, once=True)
+    assert [r["round"] for r in agent.run()] == [1]
+    keys, bodies = {k for k, _ in fake.uploads}, {b for _, b in fake.uploads}
+    assert len(fake.uploads) == 4 and len(keys) == 1 and len(bodies) == 1  # one update, sent 4 times
+    assert all(20 <= s <= 22 for s in sleeps), sleeps
+
+
+def test_a_corrupted_model_is_refused_and_the_round_not_taken_again(tmp_path, caplog):
+    container = loads(MODEL)
+    tampered = dict(container.tensors)
+    tampered["fc3.bias"] = tampered["fc3.bias"] + 1.0  # a well-formed file with other weights
+    from engine.serialize.container import dumps
+
+    evil = dumps(tampered, container.metadata, kind="model")  # its own checksum holds; the ETag does not
+    fake = Scripted([], task(1), model=evil)
+    agent, sleeps = pacing_agent(tmp_path, fake, rounds=1)
+    with caplog.at_level("WARNING"):
+        assert agent.one_round() is None
+        assert agent.one_round() is None  # the same task offered again: not downloaded or trained again
+    assert fake.uploads == [] and fake.model_gets == 2  # two tries at the download, then the round is dropped
+    assert "does not match the ETag" in caplog.text and agent.state.last_round() == 1
+    assert agent.state.cached_model() is None  # nothing unverified is cached
+
+    flipped = bytearray(MODEL)
+    flipped[-5] ^= 0xFF  # a bit flip in the weights: the container's checksum catches it too
+    fake = Scripted([], task(1), model=bytes(flipped))
+    agent, _ = pacing_agent(tmp_path / "b", fake, rounds=1)
+    assert agent.one_round() is None and fake.uploads == []
+
+
+def test_a_missing_model_version_drops_the_task_without_exiting(tmp_path):
+    class Gone(FakeCoordinator):
+        def __call__(self, request):
+            if request.url.path.startswith("/v1/models/"):
+                return httpx.Response(404, json={"detail": "model version 0 does not exist"})
+            return super().__call__(request)
+
+    fake = Gone(task(1))
+    agent, _ = pacing_agent(tmp_path, fake)
+    assert agent.one_round() is None and agent.state.last_round() == 1 and fake.uploads == []
+
+
+def test_the_deadline_passing_during_training_drops_the_round(tmp_path):
+    fake = FakeCoordinator(task(1, epochs=200, deadline=time.time() + 0.3))
+    agent, _ = pacing_agent(tmp_path, fake)
+    assert agent.one_round() is None
+    assert fake.uploads == [] and agent.state.pending() is None and agent.state.last_round() == 1

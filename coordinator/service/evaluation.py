@@ -27,7 +27,7 @@ def engine_evaluator(eval_data: str) -> EvaluateFn:
 
         if dataset is None:  # an IDX directory's test split; other formats have no splits
             dataset = open_dataset(eval_data, split="test")
-        return evaluate_model_bytes(model_bytes, dataset)
+        return evaluate_model_bytes(model_bytes, dataset, preprocessing="model")  # what the model records
 
     return evaluate
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .dataview import IDataView, Item
+from .dataview import IDataView, Item, Subset
 from .idx import DataError
 from .mnist import MNIST_MEAN, MNIST_STD, MnistDataset
 
@@ -100,8 +100,10 @@ class Preprocessing:
 
     # ----- applying it -----
     def apply(self, batch: np.ndarray) -> np.ndarray:
-        """A batch of [0, 1] images, (N, C, H, W) or (N, H, W), as the model's float32 input."""
-        x = np.asarray(batch, np.float32)
+        """A batch of images, (N, C, H, W) or (N, H, W), as the model's float32 input. Pixels are
+        floats in [0, 1], or integers in [0, 255] (uint8 photos), which are scaled to [0, 1] first."""
+        raw = np.asarray(batch)
+        x = raw.astype(np.float32) / np.float32(255.0) if raw.dtype.kind in "ui" else np.asarray(raw, np.float32)
         if self.mean:
             if x.ndim == 4:
                 if len(self.mean) not in (1, x.shape[1]):
@@ -131,6 +133,8 @@ class Preprocessing:
             item_shape = shape if None not in shape else None
         if isinstance(dataset, PreprocessedView):
             dataset = dataset.source
+        if isinstance(dataset, Subset):  # a device's shard or held-out part: preprocess what it selects from
+            return Subset(self.view(dataset.view, model), dataset.indices)
         if isinstance(dataset, MnistDataset):
             converted = self._mnist(dataset)
             return (

@@ -7,6 +7,9 @@ Map (imports run downwards only):
                     admin, privacy ledger, evaluation, background ticking
     strategies/     one class per aggregation algorithm; norm bounding and DP wrap any of them
     store/          every SQL statement (SQLAlchemy Core, SQLite or PostgreSQL), typed rows, migrations,
-                    and the immutable model files
+                    the immutable model files (BlobStore), and the advisory locks replicas share
     metrics.py      prometheus-client registry per app; audit.py checks the books from the database
+
+Any number of replicas may run on one PostgreSQL database (service/cluster.py, service/aggregates.py,
+store/locks.py); on SQLite there is one process.
 """

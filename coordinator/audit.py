@@ -1,10 +1,13 @@
 """An after-the-fact audit of a coordinator's books, from its database and model files alone.
 
     python -m coordinator.audit --db run/coordinator.db [--models DIR] [--uploads DIR] [--json]
-    python -m coordinator.audit --db postgresql://user@host/dbname --models DIR ...
+    python -m coordinator.audit --db postgresql://user@host/dbname ...
 
 It reads the database through the store (read-only: no migration, no write), so it works on
-SQLite and PostgreSQL alike. It answers a sceptical operator's questions after crashes, restarts and network faults:
+SQLite and PostgreSQL alike (model files then come from the database's blobs), and it checks
+replicas' partial aggregates: an open round's stored sum is its partials' sum, and each replica's
+partial counts exactly the updates that replica acknowledged. It answers a sceptical operator's
+questions after crashes, restarts and network faults:
 
 - **nothing lost**: every update the coordinator acknowledged (an accepted `updates` row, and
   with `--uploads` every upload a witness saw answered 2xx) is counted in exactly one committed
@@ -35,7 +38,8 @@ from pathlib import Path
 import numpy as np
 from sqlalchemy.exc import SQLAlchemyError
 
-from coordinator.store import ModelVersionRow, RoundRow, Store, UpdateRow, models_dir_for
+from coordinator.audit_replicas import check_partials, with_partials
+from coordinator.store import BlobStore, ModelFiles, ModelVersionRow, RoundRow, Store, UpdateRow, blob_store_for
 from engine.serialize.container import ContainerError, loads
 from protocol.update import decode_update
 
@@ -105,16 +109,15 @@ class Witness:
         return (self.dir / "bodies" / f"{next(iter(shas))}.bin").read_bytes()
 
 
-def _weights(models: Path, row: ModelVersionRow, report: AuditReport) -> dict[str, np.ndarray] | None:
+def _weights(models: BlobStore, row: ModelVersionRow, report: AuditReport) -> dict[str, np.ndarray] | None:
     """A registered version's tensors, after checking its file against the registry's sha256."""
-    path = models / row.filename
     try:
-        data = path.read_bytes()
-    except OSError:
-        report.problems.append(f"model v{row.version}: file {path} is missing")
+        data = models.read(row.filename)
+    except OSError as exc:
+        report.problems.append(f"model v{row.version}: file {row.filename} is missing ({exc})")
         return None
     if hashlib.sha256(data).hexdigest() != row.sha256:
-        report.problems.append(f"model v{row.version}: {path.name} does not match its registered sha256")
+        report.problems.append(f"model v{row.version}: {row.filename} does not match its registered sha256")
         return None
     return loads(data, kind="model").tensors
 
@@ -169,23 +172,22 @@ def _compare(label: str, got: dict[str, np.ndarray], want: dict[str, np.ndarray]
     return within
 
 
-def _read_books(db: str) -> tuple[dict, dict, list[UpdateRow], dict[str, str]]:
-    """(rounds by id, versions by number, updates in acceptance order, device token hashes)."""
-    store = Store(db, readonly=True)
-    try:
-        rounds = {r.id: r for r in store.rounds()}
-        versions = {v.version: v for v in store.versions()}
-        return rounds, versions, store.updates_in_acceptance_order(), store.device_tokens()
-    finally:
-        store.close()
-
-
 def audit(db: str | Path, models: str | Path | None = None, uploads: str | Path | None = None) -> AuditReport:
     """Check the books; every finding goes into the report (nothing raises for a bad state)."""
-    models = Path(models) if models else models_dir_for(str(db))
     witness = Witness(uploads) if uploads else None
     report = AuditReport()
-    rounds, versions, rows, devices = _read_books(str(db))
+    store = Store(str(db), readonly=True)
+    try:
+        _audit(store, ModelFiles(models) if models else blob_store_for(str(db), store), witness, report)
+    finally:
+        store.close()
+    return report
+
+
+def _audit(store: Store, models: BlobStore, witness: Witness | None, report: AuditReport) -> None:
+    rounds = {r.id: with_partials(store, r, report.problems) if r.is_open else r for r in store.rounds()}
+    versions = {v.version: v for v in store.versions()}
+    rows, devices = store.updates_in_acceptance_order(), store.device_tokens()
     report.acknowledged = len(rows)
     by_round: dict[int, list[UpdateRow]] = {}
     excess: dict[int, int] = {}  # round -> updates its aggregate counts beyond its rows
@@ -203,11 +205,11 @@ def audit(db: str | Path, models: str | Path | None = None, uploads: str | Path 
             report.problems.append(f"round {round_id}: open, but a later round is open too")
         if r.status in ("committed", "open"):
             _check_round(r, mine, versions, models, witness, report, excess)
+    report.problems += check_partials(store.partials(), rows)
     missing: Counter[int] = Counter()
     if witness is not None:
         missing = _check_witness(rows, witness, report)
     report.double_counted += sum(max(0, n - missing[round_id]) for round_id, n in excess.items())
-    return report
 
 
 def _check_rows(
@@ -250,7 +252,7 @@ def _check_round(
     r: RoundRow,
     rows: list[UpdateRow],
     versions: dict,
-    models: Path,
+    models: BlobStore,
     witness: Witness | None,
     report: AuditReport,
     excess: dict[int, int],
@@ -345,7 +347,9 @@ def _check_witness(rows: list[UpdateRow], witness: Witness, report: AuditReport)
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m coordinator.audit", description=__doc__.split("\n\n")[0])
     p.add_argument("--db", required=True, help="the coordinator's SQLite file, or its postgresql:// URL")
-    p.add_argument("--models", default=None, help="model files directory (default: <db>.models)")
+    p.add_argument(
+        "--models", default=None, help="model files directory (default: <db>.models; PostgreSQL: the database)"
+    )
     p.add_argument("--uploads", default=None, help="the fault proxy's record directory (uploads.jsonl, bodies/)")
     p.add_argument("--json", action="store_true", help="print the report as one JSON line")
     args = p.parse_args(argv)

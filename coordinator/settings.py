@@ -4,7 +4,9 @@ In the environment and on the command line, "none" or "null" (and an empty varia
 optional setting.
 
 Round options (the `RoundSettings` part) can also be changed at run time through
-`PATCH /v1/admin/settings`; such changes apply from the next round on and last until restart.
+`PATCH /v1/admin/settings`; such changes apply from the next round on, on every replica, and last
+until a coordinator starts with other round options than the ones they were made to (they are kept
+in the database: service/cluster.py).
 """
 
 from __future__ import annotations
@@ -141,6 +143,17 @@ class Settings(BaseSettings, RoundSettings):
     min_retry_after: float = Field(5.0, ge=0, description="shortest retry-after told to devices")
     max_retry_after: float = Field(600.0, gt=0, description="longest retry-after told to devices")
     log_level: str = "info"
+    # replicas on one PostgreSQL database (service/cluster.py)
+    lease_seconds: float = Field(
+        10.0,
+        ge=1.0,
+        le=3600,
+        description="PostgreSQL replicas: the background-work lease lasts this long unless renewed; "
+        "when its holder dies another replica takes over after it",
+    )
+    db_pool_size: int = Field(
+        4, ge=1, le=64, description="PostgreSQL: pooled read connections per replica (up to twice this under load)"
+    )
 
     @classmethod
     def settings_customise_sources(

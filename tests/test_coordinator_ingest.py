@@ -195,7 +195,10 @@ def test_kill_9_right_after_concurrent_202s_loses_none(tmp_path):
         assert sorted(a.json()["received"] for a in answers) == list(range(1, n + 1))
 
         db = sqlite3.connect(tmp_path / "c.db")  # what is on disk after the kill, before any restart
-        received, total, blob = db.execute("SELECT received, total_weight, aggregate FROM rounds WHERE id=1").fetchone()
+        # the open round's count and running sum: its one replica's partial (SQLite's is "local")
+        received, total, blob = db.execute(
+            "SELECT received, total_weight, aggregate FROM round_partials WHERE round_id=1 AND replica='local'"
+        ).fetchone()
         assert db.execute("SELECT COUNT(*) FROM updates WHERE round_id=1").fetchone()[0] == n
         db.close()
         assert (received, total) == (n, sum(range(1, n + 1)))

@@ -38,6 +38,12 @@ DEFAULTS_ON_MAIN = {
     "enrollment_key": None, "admin_token": None, "tick_interval": 1.0, "min_retry_after": 5.0,
     "max_retry_after": 600.0, "log_level": "info",
 }  # fmt: skip
+# Added since, with their defaults.
+ADDED = {
+    "lease_seconds": 10.0, "db_pool_size": 4,  # issue 14: replicas on PostgreSQL
+}  # fmt: skip
+FLAGS_ON_MAIN += list(ADDED)
+DEFAULTS_ON_MAIN = {**DEFAULTS_ON_MAIN, **ADDED}
 
 
 def generated_flags() -> dict[str, str]:
@@ -69,6 +75,7 @@ SPECIAL = {  # (an environment value, a flag value) for fields whose range the g
     "dp_adaptive_clip": ("true", "false"),
     "max_body_bytes": ("2048", "4096"),
     "over_select": ("1.5", "2.5"),
+    "lease_seconds": ("5", "20"),
 }
 
 

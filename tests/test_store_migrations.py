@@ -15,7 +15,7 @@ import pytest
 from coordinator.api import create_app
 from coordinator.settings import RoundSettings, Settings
 from coordinator.store import Store
-from coordinator.store.migrate import INITIAL
+from coordinator.store.migrate import HEAD
 from coordinator.strategies import RunningSum
 from coordinator.testing import FakeClock, ServerThread, random_delta, stand_in_model_bytes
 from engine.serialize.container import loads
@@ -173,12 +173,12 @@ def test_a_pre_migration_database_is_adopted_and_its_open_round_goes_on(tmp_path
     assert columns(db, "rounds") == before + ([] if schema_version == "2" else list(DP_COLUMNS))
     store = Store(str(db))  # opening it again changes nothing
     try:
-        assert store.revision == INITIAL
+        assert store.revision == HEAD
         assert dict(store.state_items())["schema_version"] == schema_version.encode()
     finally:
         store.close()
     with sqlite3.connect(db) as conn:
-        assert conn.execute("SELECT version_num FROM alembic_version").fetchall() == [(INITIAL,)]
+        assert conn.execute("SELECT version_num FROM alembic_version").fetchall() == [(HEAD,)]
 
 
 def test_an_unknown_schema_version_is_refused_with_a_reason(tmp_path):
@@ -193,15 +193,18 @@ def test_an_unknown_schema_version_is_refused_with_a_reason(tmp_path):
 
 def test_a_fresh_database_gets_the_schema_an_old_one_has(tmp_path):
     """Created by the migrations, the tables and their SQLite column types are those of the old schema
-    (primary keys are NOT NULL now, which SQLite's old TEXT PRIMARY KEY did not enforce)."""
+    (primary keys are NOT NULL now, which SQLite's old TEXT PRIMARY KEY did not enforce), with later
+    revisions' columns after them (updates.replica: which replica acknowledged it)."""
     old = tmp_path / "old.db"
     with sqlite3.connect(old) as conn:
         conn.executescript(OLD_SCHEMA)
     Store(str(tmp_path / "new.db")).close()
+    added = {"updates": [("replica", "TEXT", 0, 0)]}
     for table in ("devices", "model_versions", "rounds", "assignments", "updates", "server_state"):
         with sqlite3.connect(old) as a, sqlite3.connect(tmp_path / "new.db") as b:
             info = 'SELECT name, type, "notnull" OR pk > 0, pk FROM pragma_table_info(?)'
-            assert a.execute(info, (table,)).fetchall() == b.execute(info, (table,)).fetchall(), table
+            want = a.execute(info, (table,)).fetchall() + added.get(table, [])
+            assert b.execute(info, (table,)).fetchall() == want, table
 
 
 def test_head_is_the_newest_revision_alembic_knows():

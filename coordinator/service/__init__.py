@@ -2,9 +2,14 @@
 
     store (store/) <- versions <- rounds (lifecycle) <- writer <- ingest, checkin, admin
                                          ^ privacy          ticker: rounds.tick in the background
+                                         ^ aggregates (partials), cluster (shared settings, lease)
 
 Each service calls only the ones to its left: the lifecycle never calls into the writer, the
 writer settles rounds through the lifecycle's `tick` after each group.
+
+Several processes may run these services on one PostgreSQL database (replicas): nothing another
+replica needs is kept only in memory here (service/cluster.py), and the background work -- the
+ticker's deadlines and the evaluation of new versions -- runs on the replica holding the lease.
 """
 
 from __future__ import annotations
@@ -17,7 +22,9 @@ from dataclasses import dataclass
 
 from coordinator.metrics import Metrics, State
 from coordinator.service.admin import Admin
+from coordinator.service.aggregates import replica_name
 from coordinator.service.checkin import CheckIn
+from coordinator.service.cluster import Lease
 from coordinator.service.evaluation import EvaluateFn, Evaluator, engine_evaluator
 from coordinator.service.ingest import Ingest
 from coordinator.service.modelfile import initial_model_bytes
@@ -27,7 +34,7 @@ from coordinator.service.ticker import Ticker
 from coordinator.service.versions import ModelVersions
 from coordinator.service.writer import UploadWriter
 from coordinator.settings import Settings
-from coordinator.store import ModelFiles, Store, models_dir_for
+from coordinator.store import BlobStore, Store, blob_store_for
 
 log = logging.getLogger("pocketfed.coordinator")
 
@@ -36,7 +43,7 @@ log = logging.getLogger("pocketfed.coordinator")
 class Services:
     settings: Settings
     store: Store
-    files: ModelFiles
+    files: BlobStore
     versions: ModelVersions
     privacy: PrivacyLedger
     rounds: RoundLifecycle
@@ -47,10 +54,20 @@ class Services:
     ticker: Ticker
     metrics: Metrics
     evaluator: Evaluator | None
+    lease: Lease
 
     def tick(self) -> None:
         """Settle rounds now (what the background ticker does every tick_interval)."""
         self.ticker.tick()
+
+    def background(self) -> None:
+        """One pass of the background work, on the replica holding the lease: settle rounds (deadlines),
+        open the next, evaluate versions nobody has evaluated yet."""
+        if not self.lease.hold():
+            return
+        self.rounds.tick()
+        if self.evaluator is not None:
+            self.evaluator.catch_up(self.store.unevaluated_versions(), lambda v: self.versions.get(v).data)
 
     def close(self) -> None:
         """Stop the background work (ticker, then the writer after what it has queued), then the store."""
@@ -58,6 +75,7 @@ class Services:
         self.writer.close()
         if self.evaluator is not None:
             self.evaluator.close()
+        self.lease.release()
         self.store.close()
 
     def state(self) -> State:
@@ -99,8 +117,8 @@ def open_services(
     round_settings = settings.round_settings()
     if round_settings.dp_enabled:
         require_accountant()
-    store = Store(settings.db)
-    files = ModelFiles(models_dir_for(settings.db))
+    store = Store(settings.db, pool_size=settings.db_pool_size)
+    files = blob_store_for(settings.db, store)
     metrics = Metrics()
     if evaluate is None and settings.eval_data:
         evaluate = engine_evaluator(settings.eval_data)
@@ -112,11 +130,18 @@ def open_services(
                 tx.set_evaluation(version, float(result["accuracy"]), float(result["loss"]), int(result["n"]))
 
         evaluator = Evaluator(evaluate, record)
-    versions = ModelVersions(store, files, on_published=evaluator.submit if evaluator else None)
+    replica = replica_name(store)
+    lease = Lease(store, replica, settings.lease_seconds)
+
+    def published(version: int, data: bytes) -> None:
+        if evaluator is not None and lease.held:  # else the lease holder finds it unevaluated
+            evaluator.submit(version, data)
+
+    versions = ModelVersions(store, files, on_published=published)
     privacy = PrivacyLedger(store)
-    rounds = RoundLifecycle(round_settings, store, versions, privacy, metrics, clock)
+    rounds = RoundLifecycle(round_settings, store, versions, privacy, metrics, clock, replica=replica)
     writer = UploadWriter(store, rounds)
-    ticker = Ticker(rounds.tick, settings.tick_interval)
+    ticker = Ticker(lambda: services.background(), settings.tick_interval)
     services = Services(
         settings=settings,
         store=store,
@@ -131,11 +156,12 @@ def open_services(
         ticker=ticker,
         metrics=metrics,
         evaluator=evaluator,
+        lease=lease,
     )
-    unevaluated = store.unevaluated_versions()  # left so by a crash; versions published from now on are queued
+    lease.hold()
     rounds.start(lambda: initial_model_bytes(settings.model, settings.model_seed))
-    if evaluator is not None:
-        for version in unevaluated:
-            evaluator.submit(version, versions.get(version).data)
+    if evaluator is not None and lease.held:  # versions a crash left unevaluated
+        evaluator.catch_up(store.unevaluated_versions(), lambda v: versions.get(v).data)
     metrics.watch(services.state)
+    log.info("replica %s on %s (%s the background lease)", replica, store.label, "holds" if lease.held else "waits for")
     return services

@@ -30,7 +30,7 @@ class Admin:
 
     def update_settings(self, changes: dict[str, Any]) -> RoundSettings:
         """Validated round-setting changes (pydantic's ValidationError otherwise); they apply from
-        the next round on and last until restart."""
+        the next round on, on every replica (coordinator/settings.py says how long they last)."""
         with self.store.lock:
             new = RoundSettings(**{**self.lifecycle.round_settings.model_dump(), **changes})
             if new.dp_enabled:

@@ -89,8 +89,11 @@ class CheckIn:
         written = False
         for _ in range(2):  # twice: the round may close between the look and the assignment
             r = self.lifecycle.current()
-            if self.lifecycle.paused or r is None:
-                note = self.privacy.budget_note or "training is paused"
+            paused = self.lifecycle.paused
+            if paused or r is None:
+                if not paused:  # why none is open: the budget (looked at here too on replicas that do not tick)
+                    self.privacy.budget_allows(self.lifecycle.round_settings)
+                note = self.privacy.budget_note or ("training is paused" if paused else "no round is open yet")
                 return self._retry(self.settings.max_retry_after / 4, note), written
             if now >= r.deadline:  # the background tick has not closed it yet
                 self.on_late()

@@ -36,11 +36,20 @@ class Evaluator:
     def __init__(self, evaluate: EvaluateFn, store: Callable[[int, dict], None]):
         self._evaluate, self._store = evaluate, store
         self._queue: queue.Queue[tuple[int, bytes] | None] = queue.Queue()
+        self._taken: set[int] = set()  # versions queued once (a failure is not retried every tick)
         self._thread = threading.Thread(target=self._run, name="pf-evaluator", daemon=True)
         self._thread.start()
 
     def submit(self, version: int, model_bytes: bytes) -> None:
-        self._queue.put((version, model_bytes))
+        if version not in self._taken:
+            self._taken.add(version)
+            self._queue.put((version, model_bytes))
+
+    def catch_up(self, versions: list[int], load: Callable[[int], bytes]) -> None:
+        """Queue the versions not yet evaluated (by any replica) that this one has not taken yet."""
+        for version in versions:
+            if version not in self._taken:
+                self.submit(version, load(version))
 
     def wait_idle(self) -> None:
         self._queue.join()

@@ -8,11 +8,12 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 
+from coordinator.errors import Refused
 from coordinator.service.modelfile import expected_shapes
 from coordinator.service.rounds import RoundLifecycle
 from coordinator.service.validation import check_update
 from coordinator.service.versions import ModelVersions
-from coordinator.service.writer import PreparedUpload, UploadWriter, check_may_upload
+from coordinator.service.writer import PreparedUpload, UploadWriter, answered_meanwhile, check_may_upload
 from coordinator.store import Store
 
 
@@ -39,7 +40,13 @@ class Ingest:
         r = self.store.round(round_id)
         if r is not None and r.is_open and now >= r.deadline:
             self.on_late()
-        r = check_may_upload(self.store, r, round_id, device_id, now)
+        try:
+            r = check_may_upload(self.store, r, round_id, device_id, now)
+        except Refused as exc:
+            answer = answered_meanwhile(self.store, device_id, key, exc)  # by another replica
+            if isinstance(answer, Refused):
+                raise
+            return answer
         cfg = r.config
         update, norm = check_update(
             body,

@@ -7,10 +7,14 @@ that settling; it runs in the background (service/ticker.py), after every group 
 (service/writer.py) and at startup, never in a GET handler. Uploads check the deadline
 themselves, so a stalled timer never lets a stale round take updates.
 
-Every state change is one transaction, and all of them run under the store's lock. A commit
-writes the new model file atomically, then registers it and closes the round in one transaction;
-a crash in between leaves the round open with its full aggregate, and startup (which ticks too)
-commits it again, to the same weights.
+Every state change is one transaction, run under the store's lock (this process) and the
+database's advisory locks (every replica, store/locks.py): settling a round takes the lifecycle
+lock and the round's exclusive lock, then looks at the round again -- another replica may have
+settled it meanwhile, and it then does nothing -- so a round is committed exactly once, by
+whichever replica gets there first. Its commit sums the replicas' partial aggregates
+(service/aggregates.py), writes the new model's bytes, registers the version and closes the round
+in that one transaction; a crash anywhere in it leaves the round open with every acknowledged
+update, and the next tick (on any replica, or at startup) commits it again, to the same weights.
 """
 
 from __future__ import annotations
@@ -24,37 +28,19 @@ from dataclasses import replace
 import numpy as np
 
 from coordinator.metrics import Metrics
+from coordinator.service.aggregates import RoundAggregates, replica_name
+from coordinator.service.cluster import SharedSettings
 from coordinator.service.modelfile import with_version
 from coordinator.service.privacy import PrivacyLedger
-from coordinator.service.versions import ModelVersions
+from coordinator.service.versions import ModelVersions, Registered
 from coordinator.settings import RoundSettings
 from coordinator.store import NewRound, RoundRow, Store, Writes
-from coordinator.strategies import DifferentialPrivacy, NormBounded, RoundUpdates, RunningSum, Strategy, make_strategy
+from coordinator.strategies import DifferentialPrivacy, NormBounded, RoundUpdates, Strategy, make_strategy
 from coordinator.strategies.base import state_from_bytes, state_to_bytes
 from coordinator.strategies.dp import count_stddev
 from engine.serialize.container import loads
 
 log = logging.getLogger("pocketfed.coordinator")
-
-
-class RunningAggregates:
-    """The open round's running sum as of its last group commit, kept in memory so that neither the
-    next group nor the commit has to parse the stored blob back."""
-
-    def __init__(self, store: Store):
-        self.store = store
-        self._cached: tuple[int, int, RunningSum] | None = None  # (round, received, aggregate)
-
-    def current(self, r: RoundRow) -> RunningSum:
-        """A fresh copy of the round's aggregate (add() makes new arrays, so the copy is shallow)."""
-        if self._cached is not None and self._cached[:2] == (r.id, r.received):
-            cached = self._cached[2]
-            return RunningSum(dict(cached.sums), cached.total_weight, cached.count)
-        blob = r.aggregate if r.aggregate is not None else self.store.round(r.id, with_aggregate=True).aggregate
-        return RunningSum.from_bytes(blob)
-
-    def remember(self, round_id: int, received: int, running: RunningSum) -> None:
-        self._cached = (round_id, received, running)
 
 
 class RoundLifecycle:
@@ -66,13 +52,30 @@ class RoundLifecycle:
         privacy: PrivacyLedger,
         metrics: Metrics,
         clock: Callable[[], float] = time.time,
+        replica: str | None = None,
     ):
-        self.round_settings = settings  # for rounds opened from now on (PATCH /v1/admin/settings)
         self.store, self.versions, self.privacy, self.metrics, self.clock = store, versions, privacy, metrics, clock
-        self.aggregates = RunningAggregates(store)
+        self.replica = replica or replica_name(store)
+        self.shared = SharedSettings(store, settings)  # round settings and `paused`, as every replica sees them
+        self.aggregates = RoundAggregates(store, self.replica)
         self._strategies: dict[int, Strategy] = {}
-        stored = store.state("paused")
-        self.paused = stored == b"1"
+
+    @property
+    def round_settings(self) -> RoundSettings:
+        """For rounds opened from now on, on every replica (PATCH /v1/admin/settings changes them)."""
+        return self.shared.round_settings()
+
+    @round_settings.setter
+    def round_settings(self, new: RoundSettings) -> None:
+        self.shared.set_round_settings(new)
+
+    @property
+    def paused(self) -> bool:
+        return self.shared.paused
+
+    @paused.setter
+    def paused(self, value: bool) -> None:
+        self.shared.paused = value
 
     def current(self) -> RoundRow | None:
         """The open round (committed state, no lock)."""
@@ -103,39 +106,103 @@ class RoundLifecycle:
         return strategy
 
     def start(self, initial_model: Callable[[], bytes]) -> None:
-        """Idempotent recovery: drop orphan files, publish v0 if there is none, settle the open round."""
+        """Idempotent recovery: adopt or store the round settings, drop orphan files, publish v0 if
+        there is none, settle the open round."""
         with self.store.lock:
+            self.shared.adopt()
             self.versions.recover(initial_model)
             r = self.current()
             if r is not None:
                 log.info("startup: round %d is open with %d/%d updates", r.id, r.received, r.goal)
             self.tick()
 
+    def due(self, r: RoundRow) -> tuple[str, str] | None:
+        """What settling the round would do now: ("commit" | "abandon", why), or None (leave it open)."""
+        if r.received >= r.goal:
+            return "commit", "goal reached"
+        if self.clock() < r.deadline:
+            return None
+        if r.received >= r.min_updates:
+            return "commit", f"deadline with {r.received}/{r.goal} updates"
+        return "abandon", f"deadline with {r.received}/{r.goal} updates, fewer than the minimum {r.min_updates}"
+
     def tick(self) -> None:
         """Settle the open round (commit at goal; commit or abandon at deadline); open one if none."""
         if not self.store.lock.held():  # fast path without the lock: an open round with nothing to settle
             r = self.current()
-            if r is not None and r.received < r.goal and self.clock() < r.deadline:
+            if r is not None and self.due(r) is None:
                 return
         with self.store.lock:
             r = self.current()
             if r is not None:
-                if r.received >= r.goal:
-                    self._commit(r, "goal reached")
-                elif self.clock() >= r.deadline:
-                    if r.received >= r.min_updates:
-                        self._commit(r, f"deadline with {r.received}/{r.goal} updates")
-                    else:
-                        self.abandon(
-                            r, f"deadline with {r.received}/{r.goal} updates, fewer than the minimum {r.min_updates}"
-                        )
-                else:
+                if self.due(r) is None:
+                    return
+                self.settle(r.id)
+                if self.current() is not None:  # still open (a failed commit), or the next one already
                     return
             if not self.paused and self.privacy.budget_allows(self.round_settings):
                 self._open()
 
-    def _open(self) -> RoundRow:
-        cfg, now = self.round_settings, self.clock()
+    def settle(self, round_id: int) -> str | None:
+        """Commit or abandon the round if it is open and due, under its exclusive lock: whichever
+        replica runs this first settles it, the others find it closed. Returns what was done."""
+        with self.store.lock:
+            done = None
+            with self.store.transaction() as tx:
+                tx.own_lifecycle()
+                tx.own_round(round_id)  # waits for acknowledgements in flight; later ones find it closed
+                r = self.store.round(round_id)  # final now: its count includes every partial
+                decision = self.due(r) if r is not None and r.is_open else None
+                if decision is not None:
+                    kind, reason = decision
+                    if kind == "commit":
+                        done = self._commit(tx, r, reason)
+                    if done is None:
+                        reason = reason if kind == "abandon" else "the aggregate produced non-finite weights"
+                        self._abandon(tx, r, reason)
+            self.aggregates.forget()
+            if decision is None:
+                return None
+            if done is None:
+                self._closed(r, "abandoned", reason)
+                return "abandoned"
+            self.versions.announce(done, reason)
+            log.info(
+                "round %d committed -> model v%d: %s, %d updates, %g samples",
+                r.id,
+                done.version,
+                reason,
+                r.received,
+                r.total_weight,
+            )
+            self._closed(r, "committed", reason)
+            return "committed"
+
+    def _closed(self, r: RoundRow, status: str, reason: str) -> None:
+        if status == "abandoned":
+            log.info("round %d abandoned: %s", r.id, reason)
+        self.metrics.round_closed(status, self.clock() - r.opened_at)
+
+    def _open(self) -> RoundRow | None:
+        """Open the next round, unless another replica just did."""
+        with self.store.transaction() as tx:
+            tx.own_lifecycle()
+            if self.store.open_round() is not None:
+                return None
+            cfg, now = self.round_settings, self.clock()
+            new = self._new_round(cfg, now)
+            round_id = tx.open_round(new)
+        log.info(
+            "round %d opened: base v%d, goal %d, deadline %.0fs, strategy %s",
+            round_id,
+            new.base_version,
+            new.goal,
+            cfg.deadline,
+            cfg.strategy,
+        )
+        return self.store.round(round_id)
+
+    def _new_round(self, cfg: RoundSettings, now: float) -> NewRound:
         new = NewRound(
             base_version=self.versions.latest(),
             config=cfg,
@@ -152,64 +219,58 @@ class RoundLifecycle:
                 dp_q=self.privacy.sampling_rate(cfg),
                 dp_noise=cfg.dp_noise_multiplier,
             )
-        with self.store.transaction() as tx:
-            round_id = tx.open_round(new)
-        log.info(
-            "round %d opened: base v%d, goal %d, deadline %.0fs, strategy %s",
-            round_id,
-            new.base_version,
-            new.goal,
-            cfg.deadline,
-            cfg.strategy,
-        )
-        return self.store.round(round_id)
+        return new
 
     def abandon(self, r: RoundRow, reason: str) -> None:
-        now = self.clock()
-        with self.store.transaction() as tx:
-            tx.abandon_round(r.id, closed_at=now, reason=reason)
-        log.info("round %d abandoned: %s", r.id, reason)
-        self.metrics.round_closed("abandoned", now - r.opened_at)
+        """Abandon the round now (an operator's model superseded it), if it is still open."""
+        with self.store.lock:
+            with self.store.transaction() as tx:
+                tx.own_lifecycle()
+                tx.own_round(r.id)
+                r = self.store.round(r.id)
+                if r is None or not r.is_open:
+                    return
+                self._abandon(tx, r, reason)
+            self.aggregates.forget()
+            self._closed(r, "abandoned", reason)
+
+    def _abandon(self, tx: Writes, r: RoundRow, reason: str) -> None:
+        tx.abandon_round(r.id, closed_at=self.clock(), reason=reason)
+        tx.merge_partials(r.id, received=r.received, total_weight=r.total_weight, aggregate=None)
 
     def _collected(self, r: RoundRow, strategy: Strategy) -> RoundUpdates:
         norms = self.store.round_norms(r.id)
         if strategy.streaming:
-            return RoundUpdates(running=self.aggregates.current(r), norms=norms)
+            return RoundUpdates(running=self.aggregates.total(r), norms=norms)
         pairs = [(loads(blob).tensors, float(n)) for blob, n in self.store.round_deltas(r.id)]
         return RoundUpdates(pairs=pairs, norms=norms)
 
-    def _commit(self, r: RoundRow, reason: str) -> None:
+    def _commit(self, tx: Writes, r: RoundRow, reason: str) -> Registered | None:
+        """Inside the settling transaction: the new version and the closed round (None: the aggregate
+        gave non-finite weights, nothing was written)."""
         strategy = self.strategy_for(r)
         base = self.versions.get(r.base_version)
-        delta = strategy.aggregate(self._collected(r, strategy))
+        collected = self._collected(r, strategy)
+        delta = strategy.aggregate(collected)
         state_key = f"strategy_state/{strategy.name}"
         state = state_from_bytes(self.store.state(state_key))
         new_weights, new_state = strategy.step({k: base.container.tensors[k] for k in delta}, delta, state)
         if not all(np.all(np.isfinite(w)) for w in new_weights.values()):
-            self.abandon(r, "the aggregate produced non-finite weights")
-            return
-        data = with_version(
-            base.container, self.versions.latest() + 1, new_weights, round_id=r.id, parent_version=r.base_version
-        )
-        state_bytes = state_to_bytes(new_state)
+            return None
         spend = None
         if isinstance(strategy, DifferentialPrivacy):
             spend = self.privacy.spend(r, strategy.next_clip_norm)
-        now = self.clock()
-
-        def close(tx: Writes, version: int) -> None:
-            tx.commit_round(r.id, closed_at=now, reason=reason, result_version=version)
-            tx.set_state(state_key, state_bytes)
-            if spend is not None:
-                spend(tx)
-
-        version = self.versions.publish(data, round_id=r.id, reason=reason, then=close)
-        log.info(
-            "round %d committed -> model v%d: %s, %d updates, %g samples",
-            r.id,
-            version,
-            reason,
-            r.received,
-            r.total_weight,
+        registered = self.versions.register(
+            tx,
+            lambda version: with_version(
+                base.container, version, new_weights, round_id=r.id, parent_version=r.base_version
+            ),
+            round_id=r.id,
         )
-        self.metrics.round_closed("committed", now - r.opened_at)
+        tx.commit_round(r.id, closed_at=self.clock(), reason=reason, result_version=registered.version)
+        total = collected.running.to_bytes() if collected.running is not None else None
+        tx.merge_partials(r.id, received=r.received, total_weight=r.total_weight, aggregate=total)
+        tx.set_state(state_key, state_to_bytes(new_state))
+        if spend is not None:
+            spend(tx)
+        return registered

@@ -14,6 +14,15 @@ Check-ins ride in the same groups: a new assignment (`Assignment`) and a device'
 A round that reaches its goal mid-group stops there: the writer settles it (the lifecycle's
 `tick`, which commits the model) and the rest of the group goes round again, where they find the
 round closed (409), exactly as if they had arrived one at a time.
+
+Replicas (PostgreSQL): each replica's writer folds its groups into its own partial aggregate of the
+round (service/aggregates.py), holding the round's shared lock, so replicas acknowledge side by
+side and a commit waits for their groups in flight. The goal is then counted from what was
+committed when the group began: replicas acknowledging at the same instant may pass it by the
+updates they had in flight (never beyond the round's assignments). An upload acknowledged by
+another replica meanwhile -- the same Idempotency-Key retried there, or the same device -- is
+caught by the database's unique keys (INSERT ... ON CONFLICT DO NOTHING) and answered as the first
+was, or refused as a duplicate.
 """
 
 from __future__ import annotations
@@ -52,6 +61,16 @@ def check_may_upload(store: Store, r: RoundRow | None, round_id: int, device_id:
     if now >= r.deadline:
         raise Refused(409, f"round {round_id} passed its deadline; late update refused", "round_closed")
     return r
+
+
+def answered_meanwhile(store: Store, device_id: str, key: str, refusal: Refused) -> dict | Refused:
+    """A "duplicate" refusal may be this very upload, acknowledged by another replica between the
+    replay check and the duplicate check: then its first answer, else the refusal."""
+    if refusal.reason == "duplicate":
+        answer = store.answer_for_key(device_id, key)
+        if answer is not None:
+            return answer
+    return refusal
 
 
 @dataclass
@@ -98,11 +117,20 @@ class _RoundInGroup:
     """One round's state while a group is applied: its row as of the group's start, plus the group."""
 
     row: RoundRow | None
-    received: int
-    running: RunningSum | None = None
+    received: int  # the round's count (every replica's) at the group's start, plus this group's
+    partial: int | None = None  # this replica's stored count for the round (None: no partial yet)
+    running: RunningSum | None = None  # this replica's partial sum, with the group's updates
+    read: bool = False  # partial and running are loaded
     added: int = 0
     samples: float = 0.0
     assigned: int | None = None  # assignments so far, counted once per group
+
+
+class _Answered(Exception):
+    """The upload's key was acknowledged meanwhile (by another replica): its first answer."""
+
+    def __init__(self, answer: dict):
+        self.answer = answer
 
 
 class UploadWriter:
@@ -168,6 +196,7 @@ class UploadWriter:
                 try:
                     outcomes, pending = self._apply(pending)
                 except Exception as exc:  # a broken group: apply its items one at a time
+                    self.lifecycle.aggregates.forget()
                     log.warning("group of %d uploads failed (%s); applying them one by one", len(pending), exc)
                     outcomes = [self._apply_alone(item) for item in pending]
                     pending = []
@@ -191,6 +220,7 @@ class UploadWriter:
                 self.lifecycle.tick()  # its round was full: settle it, then the upload is late
             raise RuntimeError(f"round {item.round_id} stayed full after settling it")
         except Exception as exc:
+            self.lifecycle.aggregates.forget()
             log.exception("%s from device %s failed", type(item).__name__, item.device_id[:8])
             return item, exc
 
@@ -222,20 +252,30 @@ class UploadWriter:
                         if answer is not None:
                             accepted.append((item, answer))
                 except Refused as exc:
-                    answer = exc
+                    answer = answered_meanwhile(self.store, item.device_id, item.key, exc)
+                except _Answered as replay:
+                    answer = replay.answer
                 if answer is None:
                     deferred.append(item)
                 else:
                     outcomes.append((item, answer))
+            replica = self.lifecycle.replica
             for round_id, state in rounds.items():
                 if state.added:
-                    blob = state.running.to_bytes() if state.running else None
-                    tx.fold_into_round(round_id, added=state.added, samples=state.samples, aggregate=blob)
+                    blob = state.running.to_bytes() if state.running is not None else None
+                    tx.fold_into_partial(
+                        round_id,
+                        replica,
+                        expected=state.partial,
+                        added=state.added,
+                        samples=state.samples,
+                        aggregate=blob,
+                    )
             tx.touch_devices(seen.items())
             crash_point("before_update_commit")
         for round_id, state in rounds.items():
             if state.added and state.running is not None:
-                self.lifecycle.aggregates.remember(round_id, state.received, state.running)
+                self.lifecycle.aggregates.remember(round_id, (state.partial or 0) + state.added, state.running)
         self.groups += durable  # transactions that held uploads
         self.applied += len(accepted)
         crash_point("after_update_commit")
@@ -254,15 +294,16 @@ class UploadWriter:
 
     def _add(self, item: PreparedUpload, rounds: dict[int, _RoundInGroup], tx: Writes, now: float) -> dict | None:
         """Insert one upload's row and fold it into its round; None: the round is full, defer it."""
-        state = self._round(item.round_id, rounds)
+        state = self._round(item.round_id, rounds, tx)
         r = state.row
         if r is not None and r.is_open and state.received >= r.goal:
             return None  # settle the round first (tick); it will then refuse this one as late
         check_may_upload(self.store, r, item.round_id, item.device_id, now)
-        if item.streaming and state.running is None:
-            state.running = self.lifecycle.aggregates.current(r)
+        if not state.read:
+            state.partial, state.running = self.lifecycle.aggregates.partial(item.round_id, item.streaming)
+            state.read = True
         answer = {"accepted": True, "round_id": item.round_id, "received": state.received + 1, "goal": r.goal}
-        tx.add_update(
+        added = tx.add_update(
             UpdateRow(
                 round_id=item.round_id,
                 device_id=item.device_id,
@@ -274,8 +315,14 @@ class UploadWriter:
                 received_at=now,
                 response=answer,
                 delta=None if item.streaming else dumps(item.delta, kind="delta"),
+                replica=self.lifecycle.replica,
             )
         )
+        if not added:  # another replica acknowledged this device's update since the checks above
+            first = self.store.answer_for_key(item.device_id, item.key)
+            if first is not None:
+                raise _Answered(first)
+            raise Refused(409, f"device already uploaded an update to round {item.round_id}", "duplicate")
         if state.running is not None:
             state.running.add(item.delta, item.weight)
         state.received += 1
@@ -283,17 +330,18 @@ class UploadWriter:
         state.samples += float(item.sample_count)
         return answer
 
-    def _round(self, round_id: int, rounds: dict[int, _RoundInGroup]) -> _RoundInGroup:
+    def _round(self, round_id: int, rounds: dict[int, _RoundInGroup], tx: Writes) -> _RoundInGroup:
         state = rounds.get(round_id)
         if state is None:
-            row = self.store.round(round_id)  # its aggregate comes from memory, or is read when first needed
+            tx.share_round(round_id)  # no commit of it while this group is in flight (replicas)
+            row = self.store.round(round_id)  # read after the lock: a commit just made shows here
             state = rounds[round_id] = _RoundInGroup(row, row.received if row else 0)
         return state
 
     def _assign(self, item: Assignment, rounds: dict[int, _RoundInGroup], tx: Writes, now: float) -> str:
         """Give the device a place in the round if it is open and has room (checked again here: the
         check-in's own look was without the lock)."""
-        state = self._round(item.round_id, rounds)
+        state = self._round(item.round_id, rounds, tx)
         if state.row is None or not state.row.is_open or now >= state.row.deadline:
             return "closed"
         if self.store.is_assigned(item.round_id, item.device_id):

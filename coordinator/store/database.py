@@ -13,8 +13,13 @@ SQLAlchemy's documented pysqlite recipe (pysqlite's own BEGIN switched off, ours
 "begin" event). Reads use per-thread read-only connections in autocommit: WAL lets them see the
 last committed state while the writer commits.
 
-PostgreSQL: the same single writer (one coordinator; replicas are another step); durable=False
-is synchronous_commit=off for that transaction; reads come from a small pool in autocommit.
+PostgreSQL: one writer connection per process too (its writer thread groups uploads as on
+SQLite), while other processes -- replicas -- write through their own at the same time; the
+advisory locks in locks.py and the database's constraints keep them apart. durable=False is
+synchronous_commit=off for that transaction. Reads come from a small pool in autocommit
+(psycopg 3 under SQLAlchemy's QueuePool; a connection the server dropped is replaced on the next
+read, without a ping before every one). Every connection has TCP keepalives and server-side
+timeouts, so a replica that vanished mid-transaction (power cut, kill -9) releases its locks.
 
 Reads are on the hot path of every device call, so they skip SQLAlchemy's per-execution
 machinery: each statement is compiled by SQLAlchemy once, for the dialect in use, and executed
@@ -50,8 +55,8 @@ def describe(db: str) -> str:
 
 
 def models_dir_for(db: str) -> Path:
-    """Where model files live: beside a SQLite file (<db>.models), or for a PostgreSQL URL
-    <database name>.models in the working directory."""
+    """Where a SQLite database's model files live: beside it, in <db>.models (on PostgreSQL they are
+    rows of model_blobs: store/blobs.py)."""
     if is_url(db):
         return Path(f"{sa.make_url(db).database or 'pocketfed'}.models")
     return Path(db).with_suffix(".models")
@@ -133,18 +138,39 @@ def _sqlite_writer(path: Path) -> sa.Engine:
     return writer
 
 
-def _postgresql_engines(url: sa.URL, readonly: bool) -> tuple[sa.Engine | None, sa.Engine]:
+# libpq keepalives (a peer that vanished is noticed in ~10 s) and server-side limits: a lock wait or
+# a transaction left idle by a stuck client ends instead of blocking every replica behind it.
+PG_CONNECT_ARGS = {
+    "keepalives": 1,
+    "keepalives_idle": 5,
+    "keepalives_interval": 2,
+    "keepalives_count": 3,
+    "connect_timeout": 10,
+    "options": "-c lock_timeout=60000 -c idle_in_transaction_session_timeout=120000",
+}
+
+
+def _postgresql_engines(url: sa.URL, readonly: bool, pool_size: int) -> tuple[sa.Engine | None, sa.Engine]:
     url = url.set(drivername="postgresql+psycopg")
-    reader = sa.create_engine(url, isolation_level="AUTOCOMMIT", pool_size=4, max_overflow=28, pool_pre_ping=True)
+    args = {**PG_CONNECT_ARGS, "application_name": "pocketfed"}
+    reader = sa.create_engine(
+        url, isolation_level="AUTOCOMMIT", pool_size=pool_size, max_overflow=pool_size, connect_args=args
+    )
     if readonly:
         return None, reader
-    return sa.create_engine(url, pool_size=1, max_overflow=0, pool_pre_ping=True), reader
+    return sa.create_engine(url, pool_size=1, max_overflow=0, pool_pre_ping=True, connect_args=args), reader
+
+
+def _is_disconnect(exc: Exception, conn: Any) -> bool:
+    """A lost connection (not a bad statement): psycopg marks the connection broken, or closed."""
+    driver = conn.dbapi_connection
+    return bool(getattr(driver, "broken", False) or getattr(driver, "closed", False))
 
 
 class Database:
     """The locked writer connection with explicit transactions, plus read connections."""
 
-    def __init__(self, db: str, *, readonly: bool = False):
+    def __init__(self, db: str, *, readonly: bool = False, pool_size: int = 4):
         self.lock = OwnedLock()
         self._readers = threading.local()
         self._thread_readers: weakref.WeakSet[_ThreadReader] = weakref.WeakSet()
@@ -159,7 +185,7 @@ class Database:
             if url.get_backend_name() != "postgresql":
                 raise ValueError(f"--db {db}: a URL must be postgresql://...; a path is a SQLite file")
             self.dialect, self.label = "postgresql", describe(db)
-            writer, self._reader_engine = _postgresql_engines(url, readonly)
+            writer, self._reader_engine = _postgresql_engines(url, readonly, pool_size)
             self._sa_dialect = self._reader_engine.dialect
         else:
             self.path = Path(db)
@@ -172,6 +198,8 @@ class Database:
             self._sa_dialect = sqlite.dialect()
         self._writer_engine = writer
         self._writer: Connection | None = writer.connect() if writer is not None else None
+        # several processes may write this database at once (replicas): locks.py's locks mean something
+        self.shared = self.dialect == "postgresql"
 
     @contextmanager
     def transaction(self, durable: bool = True) -> Iterator[Connection]:
@@ -208,18 +236,40 @@ class Database:
             raise RuntimeError("the store is closed")
         if self.dialect == "sqlite":
             return self._run(self._thread_reader(), compiled.sql, args)
-        conn = self._reader_engine.raw_connection()  # from the pool, in autocommit
-        try:
-            return self._run(conn, compiled.sql, args)
-        finally:
-            conn.close()
+        return self._pooled(compiled.sql, args)
+
+    def execute_now(self, statement: sa.Executable, params: Mapping[str, Any] | None = None) -> list[tuple]:
+        """One write statement on its own, atomic by itself (an upsert with RETURNING: a lease, a
+        rate-limit hit): on PostgreSQL in autocommit on a pooled connection, never waiting for this
+        process's writer; on SQLite a non-durable write transaction."""
+        if self.dialect == "sqlite":
+            with self.transaction(durable=False) as conn:
+                result = conn.execute(statement, params or {})
+                return [tuple(r) for r in result] if result.returns_rows else []
+        compiled = self._compiled.get(statement) or self._compile(statement)
+        return self._pooled(compiled.sql, {**compiled.defaults, **(params or {})})
+
+    def _pooled(self, sql: str, args: Any) -> list[tuple]:
+        """Run on a pooled PostgreSQL connection (autocommit); a connection the server closed since its
+        last use (a restart, an idle timeout) is thrown away and the statement runs once more."""
+        for attempt in (1, 2):
+            conn = self._reader_engine.raw_connection()
+            try:
+                return self._run(conn, sql, args)
+            except Exception as exc:
+                if attempt == 2 or not _is_disconnect(exc, conn):
+                    raise
+                conn.invalidate()
+            finally:
+                conn.close()
+        raise AssertionError("unreachable")
 
     @staticmethod
     def _run(dbapi_connection: Any, sql: str, args: Any) -> list[tuple]:
         cursor = dbapi_connection.cursor()
         try:
             cursor.execute(sql, args)
-            return cursor.fetchall()
+            return cursor.fetchall() if cursor.description is not None else []
         finally:
             cursor.close()
 

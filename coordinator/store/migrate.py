@@ -13,11 +13,12 @@ from pathlib import Path
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from coordinator.store import locks
 from coordinator.store.schema import Real, server_state
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 INITIAL = "0001"
-HEAD = "0001"  # the newest revision in migrations/versions (tests/test_store_migrations.py checks)
+HEAD = "0002_scaleout14"  # the newest revision in migrations/versions (tests/test_store_migrations.py checks)
 LEGACY_V1_COLUMNS = ("dp_clip", "dp_q", "dp_noise", "epsilon")  # added by schema version 2
 ALEMBIC_VERSION = sa.table("alembic_version", sa.column("version_num"))
 
@@ -57,7 +58,10 @@ def _adopt_legacy(conn: Connection, config) -> None:
 
 
 def upgrade(conn: Connection) -> str:
-    """Bring the schema to HEAD on `conn` (inside the caller's transaction); returns the revision."""
+    """Bring the schema to HEAD on `conn` (inside the caller's transaction); returns the revision.
+    On PostgreSQL an advisory lock makes replicas that start together migrate one after another: the
+    first upgrades, the others then find HEAD."""
+    locks.migrations(conn)
     current = current_revision(conn)
     if current == HEAD:
         return HEAD

@@ -107,7 +107,20 @@ class UpdateRow:
     received_at: float
     response: dict[str, Any]  # the 202 body, replayed for the same Idempotency-Key
     delta: bytes | None = None  # only for non-streaming strategies, and only when asked for
+    replica: str | None = None  # the coordinator replica that acknowledged it
 
     @classmethod
     def from_row(cls, row: Any) -> UpdateRow:
-        return cls(*row[:6], json.loads(row[6]), row[7], json.loads(row[8]), *row[9:])
+        """From (round_id, ..., response, replica), without the delta."""
+        return cls(*row[:6], json.loads(row[6]), row[7], json.loads(row[8]), replica=row[9])
+
+
+@dataclass(frozen=True, slots=True)
+class PartialRow:
+    """One replica's share of an open round: what it acknowledged, and their running sum."""
+
+    round_id: int
+    replica: str
+    received: int
+    total_weight: float
+    aggregate: bytes | None = None  # read only when asked for; NULL once the round closed

@@ -78,6 +78,14 @@ rounds = sa.Table(
     sa.Column("dp_q", Real),  # DP: sampling rate goal / population
     sa.Column("dp_noise", Real),  # DP: noise multiplier z charged to the accountant
     sa.Column("epsilon", Real),  # DP: epsilon spent after this round committed
+    # at most one open round, whichever replica opens it
+    sa.Index(
+        "one_open_round",
+        "status",
+        unique=True,
+        sqlite_where=sa.text("status = 'open'"),
+        postgresql_where=sa.text("status = 'open'"),
+    ),
 )
 
 assignments = sa.Table(
@@ -101,6 +109,7 @@ updates = sa.Table(
     sa.Column("received_at", Real, nullable=False),
     sa.Column("response", sa.Text, nullable=False),  # JSON answer replayed for the same Idempotency-Key
     sa.Column("delta", sa.LargeBinary),  # kept only for non-streaming (robust) strategies
+    sa.Column("replica", sa.Text),  # the coordinator replica that acknowledged it (NULL: before replicas)
     sa.UniqueConstraint("device_id", "idempotency_key"),
 )
 
@@ -109,4 +118,45 @@ server_state = sa.Table(
     metadata,
     sa.Column("key", sa.Text, primary_key=True),
     sa.Column("value", StateValue, nullable=False),
+)
+
+# ---------------------------------------------------------------------- replicas (issue 14)
+
+# Hierarchical aggregation: each replica folds the updates it acknowledges into its own row, in the
+# acknowledging transaction; the round's total is the rounds row plus its partials while it is open,
+# and the commit (or abandonment) merges them into the rounds row and drops the partials' sums.
+round_partials = sa.Table(
+    "round_partials",
+    metadata,
+    sa.Column("round_id", sa.Integer, sa.ForeignKey("rounds.id"), primary_key=True),
+    sa.Column("replica", sa.Text, primary_key=True),
+    sa.Column("received", sa.Integer, nullable=False),  # kept after the merge: what this replica acknowledged
+    sa.Column("total_weight", Real, nullable=False),
+    sa.Column("aggregate", sa.LargeBinary),  # running sum (streaming strategies) while the round is open
+)
+
+# Model files in the database (PostgreSQL: every replica reads the same ones; store/blobs.py).
+model_blobs = sa.Table(
+    "model_blobs",
+    metadata,
+    sa.Column("name", sa.Text, primary_key=True),  # model_versions.filename
+    sa.Column("data", sa.LargeBinary, nullable=False),
+)
+
+# Who does the background work (deadlines, evaluation): a lease with an expiry, renewed by its holder.
+leases = sa.Table(
+    "leases",
+    metadata,
+    sa.Column("name", sa.Text, primary_key=True),
+    sa.Column("holder", sa.Text, nullable=False),
+    sa.Column("expires_at", Real, nullable=False),  # the database server's clock (seconds since the epoch)
+)
+
+# Rate-limit counters shared by every replica: hits per key and fixed window, bumped atomically.
+rate_limits = sa.Table(
+    "rate_limits",
+    metadata,
+    sa.Column("key", sa.Text, primary_key=True),
+    sa.Column("window_start", BigInt, primary_key=True),
+    sa.Column("hits", sa.Integer, nullable=False),
 )

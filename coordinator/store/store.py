@@ -18,15 +18,48 @@ import sqlalchemy as sa
 
 from coordinator.store import migrate
 from coordinator.store.database import Database
-from coordinator.store.rows import DeviceRow, ModelVersionRow, RoundRow, UpdateRow
-from coordinator.store.schema import assignments, devices, model_versions, rounds, server_state, updates
-from coordinator.store.writes import Writes
+from coordinator.store.rows import DeviceRow, ModelVersionRow, PartialRow, RoundRow, UpdateRow
+from coordinator.store.schema import (
+    assignments,
+    devices,
+    model_blobs,
+    model_versions,
+    round_partials,
+    rounds,
+    server_state,
+    updates,
+)
+from coordinator.store.writes import Writes, hit_statement, lease_statements
 
 _b = sa.bindparam
 _count = sa.func.count
-ROUND = [c for c in rounds.c if c.name != "aggregate"]  # in RoundRow's field order
+# Statuses as SQL literals, not bound parameters: SQLite re-prepares a statement on every run when a
+# bound value decides whether a partial index (one_open_round) applies (measured: 0.3 ms vs 0.03 ms).
+OPEN, COMMITTED = sa.literal_column("'open'"), sa.literal_column("'committed'")
+
+
+def _with_partials(column: sa.Column) -> sa.ColumnElement:
+    """An open round's count (or weight) is its row's plus its replicas' partials (the commit merges
+    them into the row, so a closed round's row holds the whole of it)."""
+    partials = (
+        sa.select(sa.func.coalesce(sa.func.sum(round_partials.c[column.name]), sa.literal_column("0")))
+        .where(round_partials.c.round_id == rounds.c.id)
+        .scalar_subquery()
+    )
+    return sa.case((rounds.c.status == OPEN, column + partials), else_=column).label(column.name)
+
+
+ROUND = [  # in RoundRow's field order
+    _with_partials(c) if c.name in ("received", "total_weight") else c for c in rounds.c if c.name != "aggregate"
+]
 VERSION = list(model_versions.c)
-UPDATE = [c for c in updates.c if c.name != "delta"]
+UPDATE = [c for c in updates.c if c.name != "delta"]  # UpdateRow.from_row's order: ..., response, replica
+PARTIAL = [
+    round_partials.c.round_id,
+    round_partials.c.replica,
+    round_partials.c.received,
+    round_partials.c.total_weight,
+]
 
 DEVICE_BY_TOKEN = sa.select(devices.c.id, devices.c.name, devices.c.created_at, devices.c.last_seen).where(
     devices.c.token_hash == _b("token_hash")
@@ -52,7 +85,7 @@ LATEST_ACCURACY = (
     .limit(1)
 )
 
-OPEN_ROUND = sa.select(*ROUND).where(rounds.c.status == "open").order_by(rounds.c.id.desc()).limit(1)
+OPEN_ROUND = sa.select(*ROUND).where(rounds.c.status == OPEN).order_by(rounds.c.id.desc()).limit(1)
 ROUND_BY_ID = sa.select(*ROUND).where(rounds.c.id == _b("id"))
 ROUND_WITH_AGGREGATE = sa.select(*ROUND, rounds.c.aggregate).where(rounds.c.id == _b("id"))
 ALL_ROUNDS_WITH_AGGREGATE = sa.select(*ROUND, rounds.c.aggregate).order_by(rounds.c.id)
@@ -60,7 +93,7 @@ RECENT_ROUNDS = sa.select(*ROUND).order_by(rounds.c.id.desc()).limit(_b("limit")
 ROUNDS_BY_STATUS = sa.select(rounds.c.status, _count()).group_by(rounds.c.status)
 DP_EVENTS = (
     sa.select(rounds.c.dp_q, rounds.c.dp_noise)
-    .where(rounds.c.status == "committed", rounds.c.dp_q.is_not(None))
+    .where(rounds.c.status == COMMITTED, rounds.c.dp_q.is_not(None))
     .order_by(rounds.c.id)
 )
 LAST_EPSILON = (
@@ -91,6 +124,22 @@ UPDATES_BY_ACCEPTANCE = {  # SQLite: rowid, the insertion order; PostgreSQL: arr
     "postgresql": sa.select(*UPDATE).order_by(updates.c.received_at),
 }
 
+PARTIAL_COUNT = sa.select(round_partials.c.received).where(
+    round_partials.c.round_id == _b("r"), round_partials.c.replica == _b("replica")
+)
+PARTIAL_AGGREGATE = sa.select(round_partials.c.aggregate).where(
+    round_partials.c.round_id == _b("r"), round_partials.c.replica == _b("replica")
+)
+ROUND_PARTIALS = sa.select(*PARTIAL).where(round_partials.c.round_id == _b("r")).order_by(round_partials.c.replica)
+ROUND_PARTIALS_WITH_SUMS = (
+    sa.select(*PARTIAL, round_partials.c.aggregate)
+    .where(round_partials.c.round_id == _b("r"))
+    .order_by(round_partials.c.replica)
+)
+ALL_PARTIALS = sa.select(*PARTIAL).order_by(round_partials.c.round_id, round_partials.c.replica)
+MODEL_BLOB = sa.select(model_blobs.c.data).where(model_blobs.c.name == _b("name"))
+BLOB_NAMES = sa.select(model_blobs.c.name)
+
 STATE = sa.select(server_state.c.value).where(server_state.c.key == _b("key"))
 STATE_ITEMS = sa.select(server_state.c.key, server_state.c.value).order_by(server_state.c.key)
 
@@ -99,11 +148,12 @@ class Store:
     """The coordinator's durable state (devices, model versions, rounds, assignments, updates,
     server state). `readonly=True` opens an existing database without migrating it (the audit)."""
 
-    def __init__(self, db: str, *, readonly: bool = False):
-        self.db = Database(db, readonly=readonly)
+    def __init__(self, db: str, *, readonly: bool = False, pool_size: int = 4):
+        self.db = Database(db, readonly=readonly, pool_size=pool_size)
         self.lock = self.db.lock
         self.dialect = self.db.dialect
         self.label = self.db.label
+        self.shared = self.db.shared  # other processes (replicas) may write it at the same time
         self.revision: str | None = None
         if not readonly:
             with self.db.transaction() as conn:
@@ -240,6 +290,54 @@ class Store:
         """Every accepted update (the audit). SQLite orders by rowid, the insertion order; PostgreSQL
         by arrival time, which leaves updates of one group commit in no particular order."""
         return [UpdateRow.from_row(r) for r in self._all(UPDATES_BY_ACCEPTANCE[self.dialect])]
+
+    # ------------------------------------------------------------------ partial aggregates (replicas)
+
+    def partial_count(self, round_id: int, replica: str) -> int | None:
+        """Updates `replica` folded into its partial of the round so far (None: no partial yet)."""
+        return self._scalar(PARTIAL_COUNT, {"r": round_id, "replica": replica})
+
+    def partial_aggregate(self, round_id: int, replica: str) -> bytes | None:
+        return _as_bytes(self._scalar(PARTIAL_AGGREGATE, {"r": round_id, "replica": replica}))
+
+    def round_partials(self, round_id: int, *, with_aggregate: bool = True) -> list[PartialRow]:
+        """Every replica's partial of a round, by replica name, with its running sum if asked (NULL once
+        the round closed)."""
+        if not with_aggregate:
+            return [PartialRow(*r) for r in self._all(ROUND_PARTIALS, {"r": round_id})]
+        return [PartialRow(*r[:4], _as_bytes(r[4])) for r in self._all(ROUND_PARTIALS_WITH_SUMS, {"r": round_id})]
+
+    def partials(self) -> list[PartialRow]:
+        """Every partial of every round, without sums (the audit)."""
+        return [PartialRow(*r) for r in self._all(ALL_PARTIALS)]
+
+    # ------------------------------------------------------------------ model blobs, leases, counters
+
+    def model_blob(self, name: str) -> bytes | None:
+        return _as_bytes(self._scalar(MODEL_BLOB, {"name": name}))
+
+    def model_blob_names(self) -> set[str]:
+        return {r[0] for r in self._all(BLOB_NAMES)}
+
+    def try_lease(self, name: str, holder: str, seconds: float) -> bool:
+        """Take or renew the lease `name` for `seconds` if it is free, expired or already ours (one
+        atomic statement; expiry on the database server's clock, which every replica shares)."""
+        return bool(
+            self.db.execute_now(lease_statements(self.dialect)[0], {"name": name, "me": holder, "ttl": seconds})
+        )
+
+    def release_lease(self, name: str, holder: str) -> None:
+        self.db.execute_now(lease_statements(self.dialect)[1], {"name": name, "me": holder})
+
+    def lease_holder(self, name: str) -> str | None:
+        rows = self.db.execute_now(lease_statements(self.dialect)[2], {"name": name})
+        return rows[0][0] if rows else None
+
+    def hit(self, key: str, window: float, now: float) -> int:
+        """Count one hit on `key` in the current fixed window of `window` seconds; returns the hits
+        so far in it, from every replica (an atomic upsert)."""
+        start = int(now // window * window)
+        return int(self.db.execute_now(hit_statement(self.dialect), {"key": key, "start": start})[0][0])
 
     # ------------------------------------------------------------------ server state
 

@@ -14,8 +14,20 @@ from functools import cache
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from coordinator.store import locks
 from coordinator.store.rows import NewRound, UpdateRow
-from coordinator.store.schema import assignments, devices, model_versions, rounds, server_state, updates
+from coordinator.store.schema import (
+    assignments,
+    devices,
+    leases,
+    model_blobs,
+    model_versions,
+    rate_limits,
+    round_partials,
+    rounds,
+    server_state,
+    updates,
+)
 
 _b = sa.bindparam
 
@@ -23,10 +35,66 @@ _b = sa.bindparam
 @cache
 def _state_statements(dialect: str) -> tuple[sa.Insert, sa.Insert]:
     """(upsert, insert-if-missing) of a server_state row, in the dialect's INSERT ... ON CONFLICT."""
-    insert = importlib.import_module(f"sqlalchemy.dialects.{dialect}").insert
+    insert = _insert(dialect)
     upsert = insert(server_state).values(key=_b("key"), value=_b("value"))
     upsert = upsert.on_conflict_do_update(index_elements=[server_state.c.key], set_={"value": upsert.excluded.value})
     return upsert, insert(server_state).on_conflict_do_nothing()
+
+
+def _insert(dialect: str):
+    return importlib.import_module(f"sqlalchemy.dialects.{dialect}").insert
+
+
+def _server_now(dialect: str) -> sa.ColumnElement:
+    """Seconds since the epoch on the database server's clock (one clock for every replica)."""
+    if dialect == "postgresql":
+        return sa.cast(sa.func.extract("epoch", sa.func.clock_timestamp()), sa.Double)
+    return (sa.func.julianday("now") - 2440587.5) * 86400.0
+
+
+@cache
+def lease_statements(dialect: str) -> tuple[sa.Insert, sa.Delete, sa.Select]:
+    """(take or renew -> the holder if it is us, release, current holder) of a lease."""
+    now = _server_now(dialect)
+    take = _insert(dialect)(leases).values(
+        name=_b("name"), holder=_b("me"), expires_at=now + _b("ttl", type_=sa.Double)
+    )
+    take = take.on_conflict_do_update(
+        index_elements=[leases.c.name],
+        set_={"holder": take.excluded.holder, "expires_at": take.excluded.expires_at},
+        where=(leases.c.holder == take.excluded.holder) | (leases.c.expires_at < now),
+    ).returning(leases.c.holder)
+    release = sa.delete(leases).where(leases.c.name == _b("name"), leases.c.holder == _b("me"))
+    holder = sa.select(leases.c.holder).where(leases.c.name == _b("name"), leases.c.expires_at >= now)
+    return take, release, holder
+
+
+@cache
+def hit_statement(dialect: str) -> sa.Insert:
+    """One more hit on (key, window start), returning the window's hits."""
+    hit = _insert(dialect)(rate_limits).values(key=_b("key"), window_start=_b("start"), hits=1)
+    return hit.on_conflict_do_update(
+        index_elements=[rate_limits.c.key, rate_limits.c.window_start], set_={"hits": rate_limits.c.hits + 1}
+    ).returning(rate_limits.c.hits)
+
+
+@cache
+def _add_partial(dialect: str) -> sa.Insert:
+    """A replica's first fold into a round; nothing if the row exists (then its view was stale)."""
+    return _insert(dialect)(round_partials).on_conflict_do_nothing().returning(round_partials.c.received)
+
+
+@cache
+def _add_assignment(dialect: str) -> sa.Insert:
+    return _insert(dialect)(assignments).on_conflict_do_nothing()
+
+
+@cache
+def _add_update(dialect: str) -> sa.Insert:
+    """An update's row, or nothing when its (round, device) or (device, key) is already taken: by
+    another replica's acknowledgement, committed meanwhile (PostgreSQL waits for it to commit).
+    RETURNING says which (the DBAPI's rowcount is not reliable for INSERT on every driver)."""
+    return _insert(dialect)(updates).on_conflict_do_nothing().returning(updates.c.round_id)
 
 
 ADD_DEVICE = sa.insert(devices)
@@ -63,8 +131,37 @@ FOLD_COUNTS_INTO_ROUND = (
     .values(received=rounds.c.received + _b("added"), total_weight=rounds.c.total_weight + _b("samples"))
 )
 SET_EPSILON = sa.update(rounds).where(rounds.c.id == _b("round_id")).values(epsilon=_b("eps"))
-ADD_ASSIGNMENT = sa.insert(assignments)
-ADD_UPDATE = sa.insert(updates)
+SET_ROUND_TOTALS = (
+    sa.update(rounds)
+    .where(rounds.c.id == _b("round_id"))
+    .values(received=_b("received"), total_weight=_b("weight"), aggregate=_b("aggregate"))
+)
+
+_this_partial = (round_partials.c.round_id == _b("r"), round_partials.c.replica == _b("rep"))
+GROW_PARTIAL = (  # only from the count this replica last wrote: a stale view changes nothing
+    sa.update(round_partials)
+    .where(*_this_partial, round_partials.c.received == _b("expected"))
+    .values(
+        received=round_partials.c.received + _b("added"),
+        total_weight=round_partials.c.total_weight + _b("samples"),
+        aggregate=_b("aggregate"),
+    )
+    .returning(round_partials.c.received)
+)
+GROW_PARTIAL_COUNTS = (
+    sa.update(round_partials)
+    .where(*_this_partial, round_partials.c.received == _b("expected"))
+    .values(
+        received=round_partials.c.received + _b("added"), total_weight=round_partials.c.total_weight + _b("samples")
+    )
+    .returning(round_partials.c.received)
+)
+DROP_PARTIAL_SUMS = sa.update(round_partials).where(round_partials.c.round_id == _b("r")).values(aggregate=None)
+ADD_BLOB = sa.insert(model_blobs)
+
+
+class StalePartial(RuntimeError):
+    """A replica's partial changed under it (its in-memory view was stale): the group is redone."""
 
 
 class Writes:
@@ -161,11 +258,14 @@ class Writes:
     # ------------------------------------------------------------------ assignments and updates
 
     def add_assignment(self, round_id: int, device_id: str, assigned_at: float) -> None:
-        self.conn.execute(ADD_ASSIGNMENT, {"round_id": round_id, "device_id": device_id, "assigned_at": assigned_at})
+        """Assign the device (already assigned by another replica meanwhile: nothing to do)."""
+        params = {"round_id": round_id, "device_id": device_id, "assigned_at": assigned_at}
+        self.conn.execute(_add_assignment(self.dialect), params)
 
-    def add_update(self, row: UpdateRow) -> None:
-        self.conn.execute(
-            ADD_UPDATE,
+    def add_update(self, row: UpdateRow) -> bool:
+        """Insert an accepted update; False when its (round, device) or (device, key) already has one."""
+        result = self.conn.execute(
+            _add_update(self.dialect),
             {
                 "round_id": row.round_id,
                 "device_id": row.device_id,
@@ -177,8 +277,51 @@ class Writes:
                 "received_at": row.received_at,
                 "response": json.dumps(row.response),
                 "delta": row.delta,
+                "replica": row.replica,
             },
         )
+        return result.first() is not None
+
+    # ------------------------------------------------------------------ replicas: locks, partials, blobs
+
+    def own_lifecycle(self) -> None:
+        """Serialize with every other replica's round and version changes (store/locks.py)."""
+        locks.lifecycle(self.conn)
+
+    def own_round(self, round_id: int) -> None:
+        """Exclusive use of the round (its commit or abandonment): waits for acknowledgements in flight."""
+        locks.round_exclusive(self.conn, round_id)
+
+    def share_round(self, round_id: int) -> None:
+        """Acknowledge uploads to the round alongside other replicas, never during its commit."""
+        locks.round_shared(self.conn, round_id)
+
+    def fold_into_partial(
+        self, round_id: int, replica: str, *, expected: int | None, added: int, samples: float, aggregate: bytes | None
+    ) -> None:
+        """A group's accepted updates into this replica's partial of the round: counters up and its new
+        running sum (None: a non-streaming round keeps every delta and no sum). `expected` is the
+        partial's count as this replica last saw it (None: it has none yet); if the row says
+        otherwise, nothing is written and StalePartial is raised."""
+        params = {"r": round_id, "rep": replica, "added": added, "samples": samples}
+        if expected is None:
+            row = {"round_id": round_id, "replica": replica, "received": added, "total_weight": samples}
+            done = self.conn.execute(_add_partial(self.dialect), {**row, "aggregate": aggregate})
+        else:
+            statement = GROW_PARTIAL_COUNTS if aggregate is None else GROW_PARTIAL
+            done = self.conn.execute(statement, {**params, "expected": expected, "aggregate": aggregate})
+        if done.first() is None:
+            raise StalePartial(f"round {round_id}: partial of replica {replica} is not at {expected} updates")
+
+    def merge_partials(self, round_id: int, *, received: int, total_weight: float, aggregate: bytes | None) -> None:
+        """Closing a round: its row gets the whole count, weight and sum (None when abandoned or not
+        streaming); the partials keep their counts (what each replica acknowledged) but drop their sums."""
+        params = {"round_id": round_id, "received": received, "weight": total_weight, "aggregate": aggregate}
+        self.conn.execute(SET_ROUND_TOTALS, params)
+        self.conn.execute(DROP_PARTIAL_SUMS, {"r": round_id})
+
+    def add_blob(self, name: str, data: bytes) -> None:
+        self.conn.execute(ADD_BLOB, {"name": name, "data": data})
 
     # ------------------------------------------------------------------ server state
 

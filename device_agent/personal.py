@@ -73,7 +73,7 @@ class PersonalModel:
         self, model_bytes: bytes, base_version: int, train: IDataView, holdout: IDataView | None
     ) -> dict[str, Any]:
         """Fine-tune the personal layers on top of `model_bytes`; return accuracies on the held-out data."""
-        from device_agent.runner import make_sgd, model_view
+        from device_agent.models import make_sgd, model_view
         from engine import load_model_bytes  # imported late: the CLI's --help should not load the engine
         from engine.trainer import Trainer
 

@@ -21,7 +21,6 @@ JSON control messages in client.py.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import sys
@@ -34,47 +33,16 @@ import numpy as np
 
 from device_agent.client import CoordinatorClient, DeadlinePassed, RejectedError, UnavailableError
 from device_agent.eligibility import Probe
+from device_agent.models import CorruptModel, make_sgd, model_problem, model_view
 from device_agent.personal import PersonalModel, split_local, trainable_names
 from device_agent.state import AgentState
 from engine.data import IDataView
-from engine.serialize.container import ContainerError, loads
+from engine.serialize.container import ContainerError
 from protocol.deltas import TopK, add_gaussian_noise, clip_by_l2
 from protocol.messages import ProtocolError, Task
 from protocol.update import decode_update, encode_update
 
 log = logging.getLogger("pocketfed.agent")
-
-
-def model_view(model: Any, dataset: IDataView) -> IDataView:
-    """The local data as `model` is fed: the preprocessing its file records (scale, mean/std,
-    padding), items reshaped to its input."""
-    from engine.data import preprocessing_for
-
-    return preprocessing_for(model).view(dataset, model)
-
-
-class CorruptModel(Exception):
-    """A downloaded model failed its sha256 (ETag) or container checks: never train on it."""
-
-
-def model_problem(data: bytes, etag: str | None) -> str | None:
-    """Why `data` is not a trustworthy model file (None when it is): the ETag must be the quoted sha256
-    of the body (docs/protocol.md, "Verify before use"), and the container's own checksum must hold."""
-    digest = hashlib.sha256(data).hexdigest()
-    claimed = (etag or "").strip().removeprefix("W/").strip('"').lower()
-    if claimed != digest:
-        return f"sha256 {digest[:16]}... does not match the ETag {etag!r}"
-    try:
-        loads(data, kind="model")
-    except ContainerError as exc:
-        return str(exc)
-    return None
-
-
-def make_sgd(lr: float, momentum: float) -> Any:
-    from engine.optimizer import SGD
-
-    return SGD(lr=lr, momentum=momentum)
 
 
 @dataclass

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from device_agent.runner import model_view
+from device_agent.models import model_view
 from engine.data import Preprocessing, Subset, load_default, record_preprocessing
 from engine.models import build
 

@@ -45,17 +45,14 @@ def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
     from coordinator.api import create_app
+    from coordinator.serving import server_config
     from coordinator.store import describe
 
     try:
         app = create_app(settings)
     except (OSError, ValueError, SQLAlchemyError) as exc:
         sys.exit(f"pf-coordinator: cannot start (database {describe(settings.db)}): {exc}")
-    # h11, not httptools, even when installed: h11 caps a request's headers (a 1 MB header gets a 4xx,
-    # tests/test_hostile_input.py), httptools has no such limit.
-    uvicorn.run(
-        app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(), access_log=False, http="h11"
-    )
+    uvicorn.Server(server_config(app, settings)).run()
 
 
 if __name__ == "__main__":

@@ -130,7 +130,23 @@ class Settings(BaseSettings, RoundSettings):
     model: str = Field("lenet", description="built-in architecture name or a pocketfed model file")
     model_seed: int = 0
     eval_data: str | None = Field(None, description="held-out dataset for server-side evaluation")
-    max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="largest upload or model file body")
+    max_json_body_bytes: int = Field(
+        64 * 1024, ge=1024, le=64 * 1024 * 1024, description="largest body of every other (JSON) route"
+    )
+    body_grace_seconds: float = Field(
+        10.0, gt=0, le=3600, description="a body may take this long before its rate counts"
+    )
+    min_body_rate: float = Field(
+        4096.0, gt=0, description="bytes/s a request body must average after the grace period (408 otherwise)"
+    )
+    max_header_bytes: int = Field(16 * 1024, ge=1024, le=1024 * 1024, description="request line and headers (431)")
+    header_timeout: float = Field(
+        10.0, gt=0, le=600, description="seconds to send a request's headers, and idle keep-alive"
+    )
+    max_update_header_bytes: int = Field(
+        1024 * 1024, ge=4096, le=64 * 1024 * 1024, description="JSON header of an uploaded update container"
+    )
     max_concurrent_uploads: int = Field(
         16,
         ge=1,
@@ -143,6 +159,8 @@ class Settings(BaseSettings, RoundSettings):
     min_retry_after: float = Field(5.0, ge=0, description="shortest retry-after told to devices")
     max_retry_after: float = Field(600.0, gt=0, description="longest retry-after told to devices")
     log_level: str = "info"
+    ssl_certfile: str | None = Field(None, description="serve HTTPS with this PEM certificate (chain)")
+    ssl_keyfile: str | None = Field(None, description="the certificate's PEM private key")
     # replicas on one PostgreSQL database (service/cluster.py)
     lease_seconds: float = Field(
         10.0,

@@ -43,6 +43,7 @@ def create_app(
     )
     app.state.services = services
     app.state.upload_slots = asyncio.Semaphore(settings.max_concurrent_uploads)
+    app.state.uploads_in_flight = set()  # device ids: one upload at a time per device
     for module in (devices, models, checkin, rounds, uploads, admin, ops, dashboard):
         app.include_router(module.router)
     app.add_middleware(

@@ -301,6 +301,15 @@ def idempotency_key_reuse(target: Target) -> Outcome:
     return held, f"first {first.status_code}, same body {again.status_code}, other body {other.status_code}"
 
 
+def round_view_leak(target: Target) -> Outcome:
+    """A stranger reads a committed round: it must show aggregates, not who sent what."""
+    with target.client() as client:
+        rounds = client.get("/v1/rounds", params={"limit": 1000}).json()
+        views = [client.get(f"/v1/rounds/{r['id']}").json() for r in rounds[:20]]
+    leaked = [v["id"] for v in views if v.get("participants")]
+    return not leaked and bool(views), f"{len(views)} rounds read without a token; per-device detail in {leaked}"
+
+
 ATTACKS: dict[str, Callable[[Target], Outcome]] = {
     "json_body_flood": json_body_flood,
     "oversized_headers": oversized_headers,
@@ -311,6 +320,8 @@ ATTACKS: dict[str, Callable[[Target], Outcome]] = {
     "container_header_bomb": container_header_bomb,
     "metric_key_flood": metric_key_flood,
     "idempotency_key_reuse": idempotency_key_reuse,
+    "round_view_leak": round_view_leak,
+    "dashboard_headers": dashboard_headers,
 }
 
 

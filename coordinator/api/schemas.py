@@ -106,7 +106,9 @@ class Participant(BaseModel):
 class RoundDetail(RoundSummary):
     config: RoundSettings
     metrics: dict[str, float] = Field(..., description="sample-weighted mean of the devices' metrics")
-    participants: list[Participant]
+    participants: list[Participant] | None = Field(
+        None, description="per-device detail, with the admin token only (public: aggregates, None here)"
+    )
 
 
 class PublishResponse(BaseModel):

@@ -26,10 +26,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the pocketfed coordinator. Every option can also be set as PF_<OPTION> in the environment.",
     )
     for name, field in Settings.model_fields.items():
+        switch = {"nargs": "?", "const": "true"} if field.annotation is bool else {}  # `--flag` alone: true
         parser.add_argument(
             flag_name(name),
             dest=name,
             default=None,
+            **switch,
             help=f"{field.description or ''} (default {field.default!r}; env {env_name(name)})",
         )
     return parser
@@ -41,6 +43,9 @@ def main(argv: list[str] | None = None) -> None:
         settings = settings_from_env(**vars(args))
     except ValidationError as exc:
         sys.exit(f"pf-coordinator: bad option: {exc}")
+    weak = settings.weak_secrets()
+    if weak and not settings.insecure_dev:
+        sys.exit("pf-coordinator: refusing to start with weak secrets (--insecure-dev allows them): " + "; ".join(weak))
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     import uvicorn
 

@@ -95,6 +95,8 @@ class RoundSettings(BaseModel):
         return self.dp_noise_multiplier > 0
 
 
+MIN_SECRET_LENGTH = 16
+GUESSABLE = ("change-me", "changeme", "password", "secret", "admin", "123456", "qwerty")
 ENV_PREFIX = "PF_"
 NONE_WORDS = ("", "none", "null")
 _environ: ContextVar[Mapping[str, str] | None] = ContextVar("pf_environ", default=None)
@@ -155,6 +157,16 @@ class Settings(BaseSettings, RoundSettings):
     )
     enrollment_key: str | None = Field(None, description="None: a random key is generated and logged")
     admin_token: str | None = Field(None, description="None: the admin API is disabled")
+    insecure_dev: bool = Field(False, description="local demos only: allow short or guessable secrets")
+    enroll_per_address: int = Field(
+        60, ge=1, le=1_000_000, description="enrollments per client address per minute (429 beyond)"
+    )
+    enroll_failures_per_address: int = Field(
+        10, ge=1, le=1_000_000, description="wrong keys or codes per client address per minute (429 beyond)"
+    )
+    enroll_failures_total: int = Field(
+        100, ge=1, le=1_000_000, description="wrong keys or codes per minute from all addresses (429 beyond)"
+    )
     tick_interval: float = Field(1.0, gt=0, description="seconds between background deadline checks")
     min_retry_after: float = Field(5.0, ge=0, description="shortest retry-after told to devices")
     max_retry_after: float = Field(600.0, gt=0, description="longest retry-after told to devices")
@@ -178,6 +190,22 @@ class Settings(BaseSettings, RoundSettings):
         cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource, *_sources: Any, **_: Any
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return init_settings, _PfEnvironment(settings_cls)  # arguments over PF_* variables; no .env files
+
+    def weak_secrets(self) -> list[str]:
+        """What is wrong with the configured secrets (empty: fine); refused at start unless insecure_dev."""
+        problems = []
+        for name in ("enrollment_key", "admin_token"):
+            value = getattr(self, name)
+            if value is not None and (
+                len(value) < MIN_SECRET_LENGTH
+                or len(set(value)) < 8
+                or any(word in value.lower() for word in GUESSABLE)
+            ):
+                problems.append(
+                    f"{name}: too short or guessable (use at least {MIN_SECRET_LENGTH} random characters, "
+                    "e.g. python -c 'import secrets; print(secrets.token_urlsafe(24))')"
+                )
+        return problems
 
     def round_settings(self) -> RoundSettings:
         return RoundSettings(**{name: getattr(self, name) for name in RoundSettings.model_fields})

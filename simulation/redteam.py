@@ -310,6 +310,58 @@ def round_view_leak(target: Target) -> Outcome:
     return not leaked and bool(views), f"{len(views)} rounds read without a token; per-device detail in {leaked}"
 
 
+def enrollment_flood(target: Target) -> Outcome:
+    """Enrollments as fast as one address can send them, and wrong keys guessed as fast."""
+    with target.client() as client:
+        statuses = [
+            client.post("/v1/devices", json={"enrollment_key": target.enrollment_key}).status_code for _ in range(80)
+        ]
+        guesses = [client.post("/v1/devices", json={"enrollment_key": secrets.token_hex(8)}) for _ in range(30)]
+    limited = statuses.count(429)
+    guessed = [g.status_code for g in guesses]
+    retry = next((g.headers.get("retry-after") for g in guesses if g.status_code == 429), None)
+    held = limited > 0 and 201 not in guessed and guessed.count(429) >= 15 and retry is not None
+    return held, f"80 enrollments: {limited} got 429; 30 wrong keys: {guessed.count(429)} got 429 (Retry-After {retry})"
+
+
+def weak_secrets(target: Target) -> Outcome:
+    """Starting a coordinator with a one-character enrollment key or admin token (and the old compose default)."""
+    import subprocess
+    import sys
+    import tempfile
+
+    codes = []
+    for flags in (["--enrollment-key", "k"], ["--admin-token", "a"], ["--enrollment-key", "change-me"]):
+        with tempfile.TemporaryDirectory() as workdir:
+            done = subprocess.run(
+                [sys.executable, "-m", "coordinator", "--port", "0", "--db", f"{workdir}/x.db", *flags],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+        codes.append((done.returncode, "weak secrets" in done.stderr))
+    return all(code != 0 and said for code, said in codes), f"(exit status, said why): {codes}"
+
+
+def enrollment_code_reuse(target: Target) -> Outcome:
+    """A one-time enrollment code used twice, and a revoked device's token."""
+    with target.client() as client:
+        minted = client.post("/v1/admin/enrollment-codes", json={"count": 1}, headers=target.admin)
+        code = minted.json()["codes"][0]
+        first = client.post("/v1/devices", json={"enrollment_key": code})
+        second = client.post("/v1/devices", json={"enrollment_key": code})
+        device = first.json()
+        headers = {"Authorization": f"Bearer {device['token']}"}
+        before = client.post("/v1/checkin", json={"eligible": False}, headers=headers).status_code
+        revoked = client.delete(f"/v1/devices/{device['device_id']}", headers=target.admin).status_code
+        by_device = client.delete(f"/v1/devices/{device['device_id']}", headers=headers).status_code
+        after = client.post("/v1/checkin", json={"eligible": False}, headers=headers).status_code
+    got = (first.status_code, second.status_code, before, revoked, by_device, after)
+    return got == (201, 401, 200, 204, 403, 401), (
+        f"code: first use, second use; token before revoke, revoke, revoke by the device itself, token after: {got}"
+    )
+
+
 ATTACKS: dict[str, Callable[[Target], Outcome]] = {
     "json_body_flood": json_body_flood,
     "oversized_headers": oversized_headers,
@@ -322,6 +374,9 @@ ATTACKS: dict[str, Callable[[Target], Outcome]] = {
     "idempotency_key_reuse": idempotency_key_reuse,
     "round_view_leak": round_view_leak,
     "dashboard_headers": dashboard_headers,
+    "enrollment_code_reuse": enrollment_code_reuse,
+    "weak_secrets": weak_secrets,
+    "enrollment_flood": enrollment_flood,  # last: it leaves this address rate-limited for a minute
 }
 
 

@@ -28,7 +28,7 @@ from simulation.processes import CoordinatorProcess
 
 pytest_plugins = ["postgres_helpers"]  # pg_url, pg_database: throwaway PostgreSQL databases
 
-KEY = "replica-key"
+KEY = "replica-enrollment-key-k7Qx9Lm2Pw4Z"
 SHAPES = {"w": (6, 4), "b": (4,)}
 
 
@@ -337,8 +337,8 @@ def test_kill_9_a_replica_between_acknowledging_and_committing_and_during_a_comm
 def test_operator_changes_on_one_replica_hold_on_every_replica(pg_url, model):
     """Round settings patched through one replica, and pausing, reach the others (they live in the
     database); a replica restarted with the same options keeps the patched settings."""
-    admin = {"Authorization": "Bearer admin-token"}
-    with replicas(pg_url, model, 2, admin_token="admin-token") as (a, b):
+    admin = {"Authorization": "Bearer replica-admin-token-k7Qx9Lm2Pw4Z"}
+    with replicas(pg_url, model, 2, admin_token="replica-admin-token-k7Qx9Lm2Pw4Z") as (a, b):
         assert a.patch("/v1/admin/settings", json={"goal": 7, "lr": 0.01}, headers=admin).status_code == 200
         assert (b.get("/v1/admin/settings", headers=admin).json()["goal"], b.services.rounds.round_settings.lr) == (
             7,
@@ -355,7 +355,9 @@ def test_operator_changes_on_one_replica_hold_on_every_replica(pg_url, model):
         assert b.get("/healthz").json()["paused"] is True
         assert b.post("/v1/admin/resume", headers=admin).json() == {"paused": False}
         assert checkin(b, device)["status"] == "task"
-    with replicas(pg_url, model, 1, admin_token="admin-token") as (again,):
+    with replicas(pg_url, model, 1, admin_token="replica-admin-token-k7Qx9Lm2Pw4Z") as (again,):
         assert again.get("/v1/admin/settings", headers=admin).json()["goal"] == 7
-    with replicas(pg_url, model, 1, admin_token="admin-token", goal=4) as (changed,):  # other options win
+    with replicas(pg_url, model, 1, admin_token="replica-admin-token-k7Qx9Lm2Pw4Z", goal=4) as (
+        changed,
+    ):  # other options win
         assert changed.get("/v1/admin/settings", headers=admin).json()["goal"] == 4

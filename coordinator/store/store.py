@@ -24,6 +24,7 @@ from coordinator.store.schema import (
     devices,
     model_blobs,
     model_versions,
+    rate_limits,
     round_partials,
     rounds,
     server_state,
@@ -33,6 +34,9 @@ from coordinator.store.writes import Writes, hit_statement, lease_statements
 
 _b = sa.bindparam
 _count = sa.func.count
+RATE_HITS = sa.select(rate_limits.c.hits).where(
+    rate_limits.c.key == _b("key"), rate_limits.c.window_start == _b("start")
+)
 # Statuses as SQL literals, not bound parameters: SQLite re-prepares a statement on every run when a
 # bound value decides whether a partial index (one_open_round) applies (measured: 0.3 ms vs 0.03 ms).
 OPEN, COMMITTED = sa.literal_column("'open'"), sa.literal_column("'committed'")
@@ -338,6 +342,10 @@ class Store:
         so far in it, from every replica (an atomic upsert)."""
         start = int(now // window * window)
         return int(self.db.execute_now(hit_statement(self.dialect), {"key": key, "start": start})[0][0])
+
+    def rate_hits(self, key: str, window_start: int) -> int:
+        """Hits counted on `key` in the window starting at `window_start` (0 if none)."""
+        return int(self._scalar(RATE_HITS, {"key": key, "start": window_start}) or 0)
 
     # ------------------------------------------------------------------ server state
 

@@ -58,6 +58,17 @@ class RoundSettings(BaseModel):
     norm_bound: float | None = Field(
         None, gt=0, description="server clips each delta to this L2 norm before aggregation; None = no clipping"
     )
+    # the default bound on one device's influence (strategies/influence.py)
+    influence_bound: bool = Field(
+        True, description="clip deltas and cap weights relative to the last round's honest medians"
+    )
+    influence_norm_multiple: float = Field(3.0, ge=1.0, le=1000, description="norm bound: this x the median norm")
+    influence_count_multiple: float = Field(
+        3.0, ge=1.0, le=1e6, description="weight cap: this x the median sample count"
+    )
+    influence_model_fraction: float = Field(
+        0.5, gt=0, le=100, description="norm bound never above this x the base model's L2 norm"
+    )
     # client-level differential privacy on the server (strategies/dp.py, service/privacy.py)
     dp_noise_multiplier: float = Field(0.0, ge=0, le=1000, description="DP-FedAvg noise z; 0 = DP off")
     dp_clip_norm: float = Field(0.1, gt=0, description="DP clip C (the initial C with adaptive clipping)")

@@ -301,6 +301,61 @@ def idempotency_key_reuse(target: Target) -> Outcome:
     return held, f"first {first.status_code}, same body {again.status_code}, other body {other.status_code}"
 
 
+def _play_round(target: Target, hostile: list[tuple[dict, int]]) -> tuple[float, float]:
+    """A fresh round of `goal` updates: the hostile (delta from the base weights w -> delta, sample
+    count) ones first, honest small deltas (norm ~0.05, 100 samples) for the rest. Returns
+    (|w_new - w|, |w|) once it commits."""
+    with target.client() as client:
+        round_id, weights = fresh_round(target, client)
+        goal = client.get(f"/v1/rounds/{round_id}").json()["goal"]
+        devices = [Device(client, target.enrollment_key) for _ in range(goal)]
+        tasks = [d.task() for d in devices]
+        rng = np.random.default_rng(round_id)
+        size = sum(w.size for w in weights.values())
+        for i, (device, task) in enumerate(zip(devices, tasks, strict=True)):
+            if i < len(hostile):
+                make, count = hostile[i]
+                delta, samples = make(weights), count
+            else:
+                delta = {n: rng.normal(0, 0.05 / np.sqrt(size), w.shape).astype(np.float32) for n, w in weights.items()}
+                samples = 100
+            answer = device.upload(task["round_id"], update_for(task, delta, sample_count=samples))
+            if answer.status_code != 202:
+                raise RuntimeError(f"upload {i} refused: {answer.status_code} {answer.text[:200]}")
+        deadline = time.monotonic() + 30
+        while (r := client.get(f"/v1/rounds/{round_id}").json())["status"] == "open" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if r["status"] != "committed":
+            raise RuntimeError(f"round {round_id} did not commit: {r['status']} {r.get('reason')}")
+        new = loads(client.get(f"/v1/models/{r['result_version']}", headers=target.admin).content).tensors
+    moved = float(np.sqrt(sum(float(np.sum((new[n].astype(np.float64) - w) ** 2)) for n, w in weights.items())))
+    norm = float(np.sqrt(sum(float(np.sum(w.astype(np.float64) ** 2)) for w in weights.values())))
+    return moved, norm
+
+
+def model_takeover(target: Target) -> Outcome:
+    """One enrolled device tries to replace the global model: 1,000,000 claimed samples with delta -w;
+    then, in the next round, an honest count with delta -3w, and another with a random delta of norm
+    9,990 (under the old max_update_norm). The model may move by honest-update scale, not by w."""
+
+    def minus(k):
+        return lambda w: {n: (-k * v).astype(np.float32) for n, v in w.items()}
+
+    def big(w):
+        rng = np.random.default_rng(1)
+        d = {n: rng.normal(0, 1, v.shape) for n, v in w.items()}
+        scale = 9990 / np.sqrt(sum(float(np.sum(x**2)) for x in d.values()))
+        return {n: (x * scale).astype(np.float32) for n, x in d.items()}
+
+    first = _play_round(target, [(minus(1), 1_000_000)])
+    second = _play_round(target, [(minus(3), 100), (big, 100)])
+    ratios = [moved / norm for moved, norm in (first, second)]
+    return all(r < 0.1 for r in ratios), (
+        f"model moved by {ratios[0]:.4f} x |w| (count 1e6, -w) and {ratios[1]:.4f} x |w| (-3w; norm 9990); "
+        "an undefended FedAvg moves it by ~1.0 and ~3"
+    )
+
+
 def round_view_leak(target: Target) -> Outcome:
     """A stranger reads a committed round: it must show aggregates, not who sent what."""
     with target.client() as client:
@@ -372,6 +427,7 @@ ATTACKS: dict[str, Callable[[Target], Outcome]] = {
     "container_header_bomb": container_header_bomb,
     "metric_key_flood": metric_key_flood,
     "idempotency_key_reuse": idempotency_key_reuse,
+    "model_takeover": model_takeover,
     "round_view_leak": round_view_leak,
     "dashboard_headers": dashboard_headers,
     "enrollment_code_reuse": enrollment_code_reuse,

@@ -58,7 +58,12 @@ def fedavg(base: dict, seeds_and_samples: list[tuple[int, int]]) -> dict:
 def replicas(url: str, model: Path, n: int, clock=None, **options):
     """`n` replicas in this process, each with its own store, writer and lifecycle, on real ports;
     yields an httpx client per replica."""
-    settings = Settings(db=url, model=str(model), enrollment_key=KEY, **{"goal": 2, "deadline": 3600, **options})
+    settings = Settings(
+        db=url,
+        model=str(model),
+        enrollment_key=KEY,
+        **{"goal": 2, "deadline": 3600, "influence_bound": False, **options},
+    )
     with contextlib.ExitStack() as stack:
         clients = []
         for _ in range(n):
@@ -216,6 +221,7 @@ def test_replicas_starting_together_migrate_once(pg_url, model, tmp_path):
     (the others wait on the advisory lock and find the schema at HEAD), one publishes v0, one opens
     round 1 -- and all three serve."""
     options = {"db": pg_url, "model": str(model), "enrollment_key": KEY, "goal": 2, "log_level": "warning"}
+    options["influence_bound"] = False  # exact sums are checked
     procs = []
     for i in range(3):
         (tmp_path / f"r{i}").mkdir()
@@ -272,6 +278,7 @@ def test_kill_9_a_replica_between_acknowledging_and_committing_and_during_a_comm
         "db": pg_url,
         "model": str(model),
         "enrollment_key": KEY,
+        "influence_bound": False,  # exact sums are checked
         "goal": 3,
         "deadline": 3600,
         "strategy": "fedavgm",

@@ -94,6 +94,9 @@ ROUND_BY_ID = sa.select(*ROUND).where(rounds.c.id == _b("id"))
 ROUND_WITH_AGGREGATE = sa.select(*ROUND, rounds.c.aggregate).where(rounds.c.id == _b("id"))
 ALL_ROUNDS_WITH_AGGREGATE = sa.select(*ROUND, rounds.c.aggregate).order_by(rounds.c.id)
 RECENT_ROUNDS = sa.select(*ROUND).order_by(rounds.c.id.desc()).limit(_b("limit"))
+LAST_COMMITTED_BEFORE = (
+    sa.select(sa.func.max(rounds.c.id)).where(rounds.c.id < _b("r")).where(rounds.c.status == COMMITTED)
+)
 ROUNDS_BY_STATUS = sa.select(rounds.c.status, _count()).group_by(rounds.c.status)
 DP_EVENTS = (
     sa.select(rounds.c.dp_q, rounds.c.dp_noise)
@@ -240,6 +243,11 @@ class Store:
         if limit is None:
             return [RoundRow.from_row(r) for r in self._all(ALL_ROUNDS_WITH_AGGREGATE)]
         return [RoundRow.from_row(r) for r in self._all(RECENT_ROUNDS, {"limit": limit})]
+
+    def last_committed_before(self, round_id: int) -> int | None:
+        """The newest committed round before `round_id` (the reference for influence bounds)."""
+        found = self._scalar(LAST_COMMITTED_BEFORE, {"r": round_id})
+        return None if found is None else int(found)
 
     def rounds_by_status(self) -> dict[str, int]:
         return dict(self._all(ROUNDS_BY_STATUS))

@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 from coordinator.strategies import make_strategy  # noqa: E402
+from coordinator.strategies.influence import influence_limits  # noqa: E402
 from engine.data import MnistDataset, Subset, load_default, parse_partition  # noqa: E402
 from engine.data.dataview import ArrayDataset  # noqa: E402
 from engine.models import build  # noqa: E402
@@ -38,6 +39,8 @@ RUNS = {  # name -> (strategy config, attackers active, server-side norm bound)
     "attack_free": ({"strategy": "fedavg"}, False, None),
     "fedavg": ({"strategy": "fedavg"}, True, None),
     "fedavg+norm_bound": ({"strategy": "fedavg"}, True, "auto"),
+    # the coordinator's default since issue 12: FedAvg under the influence bound (strategies/influence.py)
+    "fedavg+default_bound": ({"strategy": "fedavg"}, True, "influence"),
     "median": ({"strategy": "median"}, True, None),
     "trimmed_mean": ({"strategy": "trimmed_mean", "trim_beta": 0.2}, True, None),
     "krum": ({"strategy": "krum", "krum_f": 2}, True, None),
@@ -83,6 +86,7 @@ def run(name: str, args) -> dict:
     state: dict = {}
     noise_rng = np.random.default_rng(args.seed + 1)
     diverged = 0
+    reference: tuple[list[float], list[int]] = ([], [])  # the last round's norms and counts
     for cohort in cohorts(args):
         updates = []
         for dev in cohort:
@@ -108,9 +112,21 @@ def run(name: str, args) -> dict:
             updates.append((delta, data.size()))
         if not updates:
             continue
-        if norm_bound == "auto":  # an operator's bound: a few times the typical honest norm of round 1
+        if norm_bound == "influence":  # as the coordinator's lifecycle does, from the last round
+            flat = [w.ravel() for w in weights.values()]
+            limits = influence_limits(
+                float(np.sqrt(sum(float(np.dot(f, f)) for f in flat))),
+                sum(f.size for f in flat),
+                *reference,
+                norm_multiple=3.0,
+                count_multiple=3.0,
+                model_fraction=0.5,
+            )
+            reference = ([clip(d, np.inf)[1] for d, _ in updates], [n for _, n in updates])
+            updates = [(clip(d, limits.norm_bound)[0], min(n, limits.weight_cap)) for d, n in updates]
+        elif norm_bound == "auto":  # an operator's bound: a few times the typical honest norm of round 1
             norm_bound = args.norm_bound or 3.0 * float(np.median([clip(d, np.inf)[1] for d, _ in updates]))
-        if norm_bound is not None:
+        if norm_bound is not None and norm_bound != "influence":
             updates = [(clip(d, norm_bound)[0], n) for d, n in updates]
         combined = strategy.combine(updates)
         new_weights, state = strategy.step(weights, combined, state)

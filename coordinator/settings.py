@@ -34,6 +34,13 @@ class RoundSettings(BaseModel):
     over_select: float = Field(1.3, ge=1.0, le=10.0, description="assign up to ceil(K * this) devices")
     deadline: float = Field(600.0, gt=0, le=7 * 86400, description="seconds a round stays open")
     min_fraction: float = Field(0.8, gt=0, le=1.0, description="fraction of K needed to commit at deadline")
+    min_devices: int = Field(
+        3,
+        ge=1,
+        le=100_000,
+        description="distinct devices a round needs to commit (fewer would let the others' updates be "
+        "subtracted out of the new model)",
+    )
     epochs: int = Field(1, ge=1, le=1000)
     batch_size: int = Field(32, ge=1, le=65536)
     lr: float = Field(0.05, gt=0, le=100.0, description="device learning rate")
@@ -91,6 +98,15 @@ class RoundSettings(BaseModel):
         if name not in STRATEGIES:  # the registry, so a new strategy class needs no change here
             raise ValueError(f"strategy {name!r} is not one of {', '.join(STRATEGIES)}")
         return name
+
+    @model_validator(mode="after")
+    def _goal_reaches_min_devices(self) -> RoundSettings:
+        if self.goal < self.min_devices:
+            raise ValueError(
+                f"goal {self.goal} is below min_devices {self.min_devices}: such a round could never commit "
+                "(lower min_devices explicitly for tests and demos; a round of 1-2 devices exposes their updates)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _dp_needs_a_mean(self) -> RoundSettings:

@@ -65,6 +65,7 @@ class SimConfig:
             "model_seed": self.seed,
             "eval_data": str(resolve_data(self.data)),
             "goal": self.per_round,
+            "min_devices": min(3, self.per_round),  # the default, unless the simulated rounds are smaller
             "over_select": 2.0,
             "min_fraction": 1.0,
             "deadline": self.round_timeout,

@@ -28,7 +28,7 @@ def serve(tmp_path, clock: FakeClock, tick_interval: float, **options) -> Server
         model=str(model),
         enrollment_key=KEY,
         tick_interval=tick_interval,
-        **{"goal": 2, "deadline": 60, "min_fraction": 0.5, **options},
+        **{"goal": 2, "min_devices": 1, "deadline": 60, "min_fraction": 0.5, **options},
     )
     return ServerThread(create_app(settings, clock=clock))
 

@@ -236,7 +236,7 @@ class RoundLifecycle:
             config=cfg,
             goal=cfg.goal,
             max_assignments=math.ceil(cfg.goal * cfg.over_select - 1e-9),
-            min_updates=max(1, math.ceil(cfg.goal * cfg.min_fraction - 1e-9)),
+            min_updates=max(cfg.min_devices, math.ceil(cfg.goal * cfg.min_fraction - 1e-9)),
             opened_at=now,
             deadline=now + cfg.deadline,
         )

@@ -120,7 +120,7 @@ def run(name: str, args) -> dict:
                 *reference,
                 norm_multiple=3.0,
                 count_multiple=3.0,
-                model_fraction=0.5,
+                model_fraction=args.influence_model_fraction,
             )
             reference = ([clip(d, np.inf)[1] for d, _ in updates], [n for _, n in updates])
             updates = [(clip(d, limits.norm_bound)[0], min(n, limits.weight_cap)) for d, n in updates]
@@ -154,6 +154,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--partition", default="iid")
     parser.add_argument("--norm-bound", type=float, default=None, help="fedavg+norm_bound (default: auto)")
+    parser.add_argument(
+        "--influence-model-fraction", type=float, default=0.5, help="fedavg+default_bound: as the coordinator's"
+    )
     parser.add_argument("--test-size", type=int, default=2000)
     parser.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset of " + ", ".join(RUNS))
     parser.add_argument("--workers", type=int, default=2)

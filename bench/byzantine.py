@@ -155,7 +155,7 @@ def main() -> None:
     parser.add_argument("--partition", default="iid")
     parser.add_argument("--norm-bound", type=float, default=None, help="fedavg+norm_bound (default: auto)")
     parser.add_argument(
-        "--influence-model-fraction", type=float, default=0.5, help="fedavg+default_bound: as the coordinator's"
+        "--influence-model-fraction", type=float, default=0.05, help="fedavg+default_bound: as the coordinator's"
     )
     parser.add_argument("--test-size", type=int, default=2000)
     parser.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset of " + ", ".join(RUNS))

@@ -2,10 +2,10 @@
 and sample count, so one device claiming a million samples, or sending -3w, could replace the
 model. `InfluenceBounded` clips every delta to a norm bound and caps its weight, both relative to
 what honest devices sent in the last committed round (its median norm and median sample count,
-robust to a minority of attackers), and never beyond a bound sized to the model itself.
+robust to a minority of attackers), and never beyond the model's own norm.
 
-With no reference yet (the first round on a model, or a round of fewer than `MIN_REFERENCE`
-updates) every device weighs the same and the norm bound is the model's.
+With no reference yet (no committed round before, or one of fewer than `MIN_REFERENCE` updates)
+every device weighs the same and the norm bound is a small fraction of the model's norm.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from coordinator.strategies.norm_bound import StrategyWrapper
 from protocol.deltas import clip_by_l2
 
 MIN_REFERENCE = 3  # updates a round needs before its medians are a reference
+MAX_MODEL_FRACTION = 1.0  # no delta is ever longer than the model it updates
 
 
 @dataclass(frozen=True)
@@ -41,11 +42,12 @@ def influence_limits(
     model_fraction: float,
 ) -> InfluenceLimits:
     """The limits for a round, from the base model's L2 norm (and size) and the last committed
-    round's update norms and sample counts."""
-    model_bound = max(model_fraction * base_norm, 1e-2 * math.sqrt(max(num_parameters, 1)))
+    round's update norms and sample counts. `model_fraction` of the model's norm bounds the first
+    round's deltas; a model of all zeros counts as norm 0.01 per sqrt(parameter)."""
+    scale = max(base_norm, 1e-2 * math.sqrt(max(num_parameters, 1)))
     if len(norms) < MIN_REFERENCE:
-        return InfluenceLimits(model_bound, 1.0, "model (no reference round yet)")
-    norm_bound = min(max(norm_multiple * float(np.median(norms)), 1e-3 * model_bound), model_bound)
+        return InfluenceLimits(model_fraction * scale, 1.0, "model (no reference round yet)")
+    norm_bound = min(max(norm_multiple * float(np.median(norms)), 1e-6 * scale), MAX_MODEL_FRACTION * scale)
     weight_cap = max(1.0, count_multiple * float(np.median(counts)))
     return InfluenceLimits(norm_bound, weight_cap, f"last committed round ({len(norms)} updates)")
 

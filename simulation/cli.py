@@ -17,8 +17,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from coordinator.settings import ENCODINGS
 from coordinator.strategies import STRATEGIES
+from protocol.messages import ENCODINGS
 from simulation.chaos import ChaosConfig, chaos_hooks
 from simulation.config import SimConfig
 from simulation.processes import SimulationError

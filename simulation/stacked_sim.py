@@ -109,6 +109,7 @@ def _train_devices(task: tuple) -> list[tuple[int, bytes, Weights | None]]:
                 base_version=round_id - 1,
                 encoding=encoding,
                 topk_fraction=topk,
+                rng=np.random.default_rng([cfg.seed, round_id, d]),  # int4's rounding, repeatable per run
             )
             answers.append((d, data, residual))
     return answers

@@ -124,7 +124,9 @@ def main() -> None:
     def client_fn(context: Context):
         return Client(int(context.node_config["partition-id"])).to_client()
 
-    times, accuracy = [], []
+    from proc_cpu import tree_cpu_seconds  # bench/ is on PYTHONPATH (vs_flower.py)
+
+    times, cpu, accuracy = [], [], []
 
     def evaluate(server_round, parameters, config):
         torch.set_num_threads(1)
@@ -135,6 +137,7 @@ def main() -> None:
         acc = float((logits.argmax(1) == test_y).float().mean())
         loss = float(nn.functional.cross_entropy(logits, test_y))
         times.append(time.perf_counter())
+        cpu.append(tree_cpu_seconds())  # the driver, Ray's raylet, GCS and client actors
         if server_round > 0:
             accuracy.append(acc)
             print(json.dumps({"round": server_round, "accuracy": acc}), file=sys.stderr, flush=True)
@@ -167,6 +170,7 @@ def main() -> None:
             {
                 "s_per_round": (times[-1] - times[0]) / rounds,
                 "median_s_per_round": float(np.median(np.diff(times))),
+                "cpu_s_per_round": (cpu[-1] - cpu[0]) / rounds,
                 "accuracy_by_round": accuracy,
                 "seconds": time.perf_counter() - started,
                 "flwr": __import__("flwr").__version__,

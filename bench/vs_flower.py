@@ -10,7 +10,9 @@ the wire format, server evaluation off the critical path); Flower runs bench/flo
 own venv (`pip install -r bench/requirements-flower.txt`), as a subprocess, with Ray's default of
 one CPU per client. Without Flower the script says so and reports pocketfed alone (ratio null).
 Last line: {"pocketfed_s_per_round", "flower_s_per_round", "ratio", "pocketfed_accuracy_by_round",
-"flower_accuracy_by_round", ...}.
+"flower_accuracy_by_round", ...}; `ratio` is of wall seconds per round (mean over rounds), and
+`cpu_ratio` of CPU seconds per round of each side's whole process tree (bench/proc_cpu.py), which
+a shared machine's load distorts far less.
 """
 
 from __future__ import annotations
@@ -24,8 +26,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
+
+from proc_cpu import tree_cpu_seconds  # noqa: E402
 
 from simulation.config import SimConfig  # noqa: E402
 from simulation.stacked_sim import StackedSimulation  # noqa: E402
@@ -72,11 +77,18 @@ def main() -> None:
         partition="iid", seed=args.seed, data=args.data, holdout=0.2,
     )  # fmt: skip
     config = SimConfig(**settings, workers=args.workers, progress=False)
-    pocketfed = StackedSimulation(config, emit=lambda r: print(json.dumps(r), file=sys.stderr, flush=True)).run()
+    cpu_marks: list[float] = []
+    pocketfed = StackedSimulation(
+        config,
+        emit=lambda r: print(json.dumps(r), file=sys.stderr, flush=True),
+        on_round=lambda number: cpu_marks.append(tree_cpu_seconds()),
+    ).run()
+    pocketfed_cpu = (cpu_marks[-1] - cpu_marks[0]) / args.rounds
     result = {
         "pocketfed_s_per_round": pocketfed["seconds_per_round"],
         "flower_s_per_round": None,
         "pocketfed_median_s_per_round": pocketfed["median_seconds_per_round"],
+        "pocketfed_cpu_s_per_round": round(pocketfed_cpu, 3),
         "ratio": None,
         "pocketfed_accuracy_by_round": [round(a, 4) for a in pocketfed["accuracy_by_round"]],
         "flower_accuracy_by_round": None,
@@ -95,6 +107,8 @@ def main() -> None:
             flower_s_per_round=round(flower["s_per_round"], 3),
             ratio=round(pocketfed["seconds_per_round"] / flower["s_per_round"], 3),
             flower_median_s_per_round=round(flower["median_s_per_round"], 3),
+            flower_cpu_s_per_round=round(flower["cpu_s_per_round"], 3),
+            cpu_ratio=round(pocketfed_cpu / flower["cpu_s_per_round"], 3),
             flower_accuracy_by_round=[round(a, 4) for a in flower["accuracy_by_round"]],
             flower_version=flower["flwr"],
         )

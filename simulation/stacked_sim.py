@@ -173,7 +173,14 @@ class BackgroundEvaluator:
 class StackedSimulation:
     """Rounds of FedAvg-family training with stacked local training; same summary keys as Simulation."""
 
-    def __init__(self, config: SimConfig, emit: Callable[[dict], None] | None = None, options: StackedOptions = None):
+    def __init__(
+        self,
+        config: SimConfig,
+        emit: Callable[[dict], None] | None = None,
+        options: StackedOptions | None = None,
+        on_round: Callable[[int], None] | None = None,
+    ):
+        """`on_round(n)` runs when round n's new model exists (n = 0: before the first round)."""
         config.check()
         if config.model != "lenet":
             raise ValueError(f"--stacked trains the built-in lenet only, not --model {config.model}")
@@ -181,6 +188,7 @@ class StackedSimulation:
             raise ValueError("--stacked does not run FedProx, DP or norm bounding; drop --stacked for those")
         self.config, self.emit = config, emit or (lambda record: None)
         self.options = options or StackedOptions()
+        self.on_round = on_round or (lambda number: None)
         self.rng = np.random.default_rng(config.seed)
         self.records: list[dict] = []
 
@@ -203,8 +211,10 @@ class StackedSimulation:
         evaluator = BackgroundEvaluator(cfg)
         evaluator.submit(0, self.weights)
         with single_threaded_pool(cfg) as pool:
+            self.on_round(0)
             for number in range(1, cfg.rounds + 1):
                 self.records.append(self.one_round(pool, number))
+                self.on_round(number)
                 evaluator.submit(number, self.weights)
         evaluator.wait()
         for record in self.records:

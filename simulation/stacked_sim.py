@@ -215,13 +215,18 @@ class StackedSimulation:
             for number in range(1, cfg.rounds + 1):
                 self.records.append(self.one_round(pool, number))
                 self.on_round(number)
-                evaluator.submit(number, self.weights)
+                evaluator.submit(number, self.weights)  # waits for the previous round's evaluation
+                self.emit_evaluated(evaluator, number - 1)
         evaluator.wait()
-        for record in self.records:
-            result = evaluator.results[record["round"]]
+        self.emit_evaluated(evaluator, cfg.rounds)
+        return self.summary(evaluator.results[0], time.perf_counter() - started)
+
+    def emit_evaluated(self, evaluator: BackgroundEvaluator, number: int) -> None:
+        """Round `number`'s record, complete with its test accuracy, to `emit` (none for round 0)."""
+        if number >= 1:
+            record, result = self.records[number - 1], evaluator.results[number]
             record.update(accuracy=result["accuracy"], loss=result["loss"])
             self.emit(record)
-        return self.summary(evaluator.results[0], time.perf_counter() - started)
 
     def one_round(self, pool: ProcessPoolExecutor, number: int) -> dict:
         """Train the chosen devices in the workers, decode and aggregate their updates, step the model."""

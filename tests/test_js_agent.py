@@ -112,6 +112,36 @@ def test_the_npz_reader_reads_numpy_files(built, tmp_path):
     assert refused.returncode == 2 and "cannot read --data" in refused.stderr and "'x' and 'y'" in refused.stderr
 
 
+def test_the_agent_feeds_raw_pixels_as_the_model_records_bit_for_bit(built, tmp_path):
+    """uint8 pixels in a .npz, preprocessed by the TS agent from the model file's record: exactly what
+    the Python side feeds (LeNet's default mnist, a record with padding, an imported ONNX model whose
+    (28, 28) input takes each image's rows as steps)."""
+    from engine import nn
+    from engine.data import Preprocessing, load_default, preprocessing_for, record_preprocessing
+    from engine.serialize.modelfile import dumps
+    from engine.serialize.modelfile import loads as load_model
+
+    raw = load_default("train").raw[:6][:, None]  # (6, 1, 28, 28) uint8
+    np.savez(tmp_path / "raw.npz", x=raw, y=np.arange(6))
+    padded = nn.Sequential(nn.Flatten(), nn.Linear(32 * 32, 10)).build((1, 32, 32))
+    record_preprocessing(padded, Preprocessing((0.5,), (0.25,), 2))
+    rows = nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 10)).build((28, 28))
+    rows.metadata["source"] = "onnx"
+    for name, model_bytes in [
+        ("lenet", build_model_bytes("lenet")),
+        ("padded", dumps(padded)),
+        ("rows", dumps(rows)),
+    ]:
+        (tmp_path / f"{name}.pfm").write_bytes(model_bytes)
+        interop("preprocess", str(tmp_path / f"{name}.pfm"), str(tmp_path / "raw.npz"), str(tmp_path / "fed.pft"))
+        fed = loads((tmp_path / "fed.pft").read_bytes()).tensors["x"]
+        model = load_model(model_bytes)
+        expected = preprocessing_for(model).apply(raw)
+        expected = expected.reshape(len(raw), *model.input.shape[1:])
+        assert fed.dtype == np.float32 and fed.shape == expected.shape, name
+        assert np.array_equal(fed, expected), f"{name}: max diff {np.abs(fed - expected).max()}"
+
+
 def test_onnxruntime_node_runs_after_npm_ci_ignore_scripts(built, tmp_path):
     onnx = pytest.importorskip("onnx")
     from onnx import TensorProto, helper, numpy_helper

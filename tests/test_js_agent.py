@@ -246,3 +246,37 @@ def test_the_js_agent_passes_the_conformance_suite(built):
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["failed"] == [], proc.stdout[-5000:]
     assert summary["passed"] == [c.name for c in SCENARIOS]
+
+
+def test_a_mixed_fleet_federates_one_model(built, tmp_path):
+    """pf-sim --js-agents: Python and TypeScript devices train the same model round after round; the
+    TypeScript ones get raw uint8 pixels and the served training step, and both kinds are accepted."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "simulation.cli", "--devices", "4", "--per-round", "4", "--rounds", "3", "--lr", "0.01"]
+        + ["--js-agents", "2", "--samples-per-device", "300", "--json", "--no-progress", "--workdir", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    summary = lines[-1]
+    assert [r["accepted_by_agent"] for r in lines[:-1]] == [{"python": 2, "js": 2}] * 3
+    assert summary["accepted_by_agent"] == {"python": 6, "js": 6}
+    accuracy = summary["accuracy_by_round"]  # (lr 0.01: 300 samples a device at 0.05 oscillate, Python's too)
+    assert accuracy[-1] > accuracy[0] > summary["initial_accuracy"] and accuracy[-1] > summary["initial_accuracy"] + 0.3
+    shard = np.load(tmp_path / "js-shards" / "device-00000.npz")
+    assert shard["x"].dtype == np.uint8 and shard["x"].shape == (300, 1, 28, 28)
+    assert (tmp_path / "devices" / "device-00000" / "step.onnx").exists()  # it trained with the served step
+
+
+def test_pf_sim_names_a_bad_js_agents_count():
+    proc = subprocess.run(
+        [sys.executable, "-m", "simulation.cli", "--devices", "3", "--per-round", "2", "--js-agents", "4"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2 and "--js-agents must be in 0..3" in proc.stderr

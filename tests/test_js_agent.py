@@ -280,3 +280,25 @@ def test_pf_sim_names_a_bad_js_agents_count():
         timeout=60,
     )
     assert proc.returncode == 2 and "--js-agents must be in 0..3" in proc.stderr
+
+
+def test_bench_training_step_node_prints_its_json_line(built):
+    """bench/training_step_node.py at a tiny size: each side's step time, the file sizes, both agents'
+    round memory (a real round each), one JSON line last."""
+    proc = subprocess.run(
+        [sys.executable, "bench/training_step_node.py", "--json", "--steps", "3", "--warmup", "1"]
+        + ["--batches", "8", "--samples", "64"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    (run,) = summary["runs"]
+    assert all(run[f"{side}_ms"] > 0 for side in ("engine", "onnxruntime_python", "onnxruntime_node"))
+    (files,) = summary["files"]
+    assert files["step_bytes"] < files["inference_onnx_bytes"] < files["step_with_initial_values_bytes"]
+    memory = summary["round_memory"]
+    assert memory["js_round_status"] == memory["python_round_status"] == "committed"
+    assert memory["js_agent_peak_rss_mib"] > 10 and memory["python_agent_peak_rss_mib"] > 10

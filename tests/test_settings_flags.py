@@ -41,6 +41,8 @@ DEFAULTS_ON_MAIN = {
 # Added since, with their defaults.
 ADDED = {
     "lease_seconds": 10.0, "db_pool_size": 4,  # issue 14: replicas on PostgreSQL
+    "dp_sampling": "poisson", "secure_aggregation": False, "secagg_dropout_tolerance": 1 / 3,  # issue 13
+    "secagg_phase_timeout": 60.0,
 }  # fmt: skip
 FLAGS_ON_MAIN += list(ADDED)
 DEFAULTS_ON_MAIN = {**DEFAULTS_ON_MAIN, **ADDED}
@@ -76,6 +78,8 @@ SPECIAL = {  # (an environment value, a flag value) for fields whose range the g
     "max_body_bytes": ("2048", "4096"),
     "over_select": ("1.5", "2.5"),
     "lease_seconds": ("5", "20"),
+    "dp_sampling": ("unamplified", "poisson"),
+    "secure_aggregation": ("true", "false"),
 }
 
 

@@ -160,3 +160,20 @@ rate_limits = sa.Table(
     sa.Column("window_start", BigInt, primary_key=True),
     sa.Column("hits", sa.Integer, nullable=False),
 )
+
+# ---------------------------------------------------------------------- secure aggregation (issue 13)
+
+# One row per secure-aggregation round: the cohort (device ids; index = position + 1), the phase and
+# the server session's state (protocol/secagg ServerSession.to_bytes), rewritten with every accepted
+# message in the transaction that accepts it, so a restarted coordinator resumes where it stopped.
+secagg_rounds = sa.Table(
+    "secagg_rounds",
+    metadata,
+    sa.Column("round_id", sa.Integer, sa.ForeignKey("rounds.id"), primary_key=True),
+    sa.Column("phase", sa.Text, nullable=False),  # joining, advertise, share_keys, masked_input, unmask, done|abandoned
+    sa.Column("members", sa.Text, nullable=False),  # JSON list of device ids in index order
+    sa.Column("phase_started", Real, nullable=False),
+    sa.Column("revision", sa.Integer, nullable=False),  # bumped by every write (caches compare it)
+    sa.Column("state", sa.LargeBinary),  # ServerSession.to_bytes(); NULL while the cohort forms
+    sa.Column("reason", sa.Text),  # why it was abandoned
+)

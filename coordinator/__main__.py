@@ -26,11 +26,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the pocketfed coordinator. Every option can also be set as PF_<OPTION> in the environment.",
     )
     for name, field in Settings.model_fields.items():
+        switch = {"nargs": "?", "const": "true"} if field.annotation is bool else {}  # --flag alone means true
         parser.add_argument(
             flag_name(name),
             dest=name,
             default=None,
             help=f"{field.description or ''} (default {field.default!r}; env {env_name(name)})",
+            **switch,
         )
     return parser
 

@@ -148,15 +148,25 @@ def secure_round(agent: Any, task: Any, delta: Mapping[str, np.ndarray], metrics
         "topk_fraction": None,
     }
     hand_off = agent.secagg_hand_off
+    client = agent.client
+    if hand_off is not None:  # the agent's client moves on to other work (another simulated device's token)
+        client = CoordinatorClient(agent.config.coordinator, token=agent.client.token, retry=agent.client.retry)
     participant = SecAggParticipant(
-        agent.client,
+        client,
         task.round_id,
         task.deadline,
         sleep=time.sleep if hand_off else agent.sleep,
         leave_after=agent.config.secagg_leave_after,
     )
     if hand_off is not None:
-        hand_off(lambda: participant.run(delta, samples))
+
+        def run() -> SecAggOutcome:
+            try:
+                return participant.run(delta, samples)
+            finally:
+                client.close()
+
+        hand_off(run)
         record.update(secure_aggregation="handed off", bytes_sent=0)
         return record
     outcome = participant.run(delta, samples)

@@ -35,6 +35,8 @@ class SimConfig:
     workdir: str | None = None  # None: a temporary directory, removed afterwards
     db: str | None = None
     progress: bool = True
+    secure_aggregation: bool = False  # devices mask their deltas; the coordinator unmasks only the sum
+    dropout: float = 0.0  # secure aggregation: this fraction of each round's devices vanishes before unmasking
     extra_options: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> None:
@@ -48,6 +50,12 @@ class SimConfig:
             raise ValueError(f"--workers must be >= 1, got {self.workers}")
         if not 0.0 <= self.holdout < 1.0:
             raise ValueError(f"--holdout must be in [0, 1), got {self.holdout}")
+        if not 0.0 <= self.dropout < 0.5:
+            raise ValueError(f"--dropout must be in [0, 0.5), got {self.dropout}")
+        if self.dropout and not self.secure_aggregation:
+            raise ValueError("--dropout needs --secure-aggregation (devices vanish between its phases)")
+        if self.secure_aggregation and self.per_round < 4:
+            raise ValueError(f"--secure-aggregation needs --per-round of at least 4, got {self.per_round}")
         if not resolve_data(self.data).is_dir():
             raise ValueError(f"--data {self.data}: not a directory (expected an IDX dataset with a test split)")
 
@@ -81,5 +89,6 @@ class SimConfig:
             "max_retry_after": 2,
             "tick_interval": 0.5,
             "log_level": "warning",
+            **({"secure_aggregation": True, "secagg_phase_timeout": 5.0} if self.secure_aggregation else {}),
             **self.extra_options,
         }

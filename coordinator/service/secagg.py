@@ -80,6 +80,7 @@ def secagg_config(cfg: RoundSettings, round_id: int, cohort: int, vector_length:
         clip_norm=cfg.device_clip_norm,
         noise_multiplier=cfg.dp_noise_multiplier if dp else 0.0,
         max_weight=1 if dp else min(DEFAULT_MAX_WEIGHT, cfg.max_sample_count),
+        rounding="stochastic" if dp else "deterministic",  # without DP noise: a seeded run is reproducible
     )
 
 

@@ -245,9 +245,13 @@ class CoordinatorClient:
 
     # ------------------------------------------------------------------ secure aggregation (device_agent/secagg.py)
 
-    def secagg_status(self, round_id: int) -> dict[str, Any]:
-        """GET /v1/rounds/{id}/secagg: the phase, this device's index and config, the message due to it."""
-        return self._request("GET", f"/v1/rounds/{int(round_id)}/secagg").json()
+    def secagg_status(self, round_id: int, since: str | None = None, wait: float = 0) -> dict[str, Any]:
+        """GET /v1/rounds/{id}/secagg: the phase, this device's index and config, the message due to it;
+        with `wait`, a long poll answered when the phase is no longer `since` or our message is due."""
+        params: dict[str, Any] = {"wait": wait} if wait else {}
+        if since is not None:
+            params["since"] = since
+        return self._request("GET", f"/v1/rounds/{int(round_id)}/secagg", params=params).json()
 
     def secagg_join(self, round_id: int) -> dict[str, Any]:
         return self._request("POST", f"/v1/rounds/{int(round_id)}/secagg/join").json()

@@ -27,6 +27,7 @@ from device_agent.client import CoordinatorClient, RejectedError
 log = logging.getLogger("pocketfed.agent")
 
 PROTOCOL_PHASES = ("advertise", "share_keys", "masked_input", "unmask")
+LONG_POLL = 10.0  # seconds the server may hold a status request until there is news
 KIND = {"advertise": "advertise", "share_keys": "shares", "masked_input": "masked_input", "unmask": "unmask"}
 
 
@@ -107,10 +108,12 @@ class SecAggParticipant:
                         answered.add(phase)
                         if self.leave_after == phase:
                             return self._outcome("left", f"left after {phase} (as asked)", index)
-                        status = self._got(self.client.secagg_status(self.round_id))
+                        status = self._got(self.client.secagg_status(self.round_id, phase, LONG_POLL))
                         continue
-                self.sleep(float(status.get("retry_after") or 0.25))
-                status = self._got(self.client.secagg_status(self.round_id))
+                previous = status
+                status = self._got(self.client.secagg_status(self.round_id, phase, LONG_POLL))
+                if status == previous:  # no news after the long poll: do not spin
+                    self.sleep(float(status.get("retry_after") or 0.25))
         except RejectedError as exc:
             return self._outcome("dropped", f"{exc.status}: {exc.detail}", status.get("index"))
         except SecAggError as exc:  # the server's message breaks the protocol: refuse and stop

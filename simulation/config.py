@@ -89,6 +89,6 @@ class SimConfig:
             "max_retry_after": 2,
             "tick_interval": 0.5,
             "log_level": "warning",
-            **({"secure_aggregation": True, "secagg_phase_timeout": 5.0} if self.secure_aggregation else {}),
+            **({"secure_aggregation": True, "secagg_phase_timeout": 15.0} if self.secure_aggregation else {}),
             **self.extra_options,
         }

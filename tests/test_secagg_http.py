@@ -27,21 +27,16 @@ BASE = loads(stand_in_model_bytes(shapes=SHAPES)).tensors
 def start(tmp_path, **options):
     model = tmp_path / "m.pfmodel"
     model.write_bytes(stand_in_model_bytes(shapes=SHAPES))
+    defaults = {"goal": 6, "over_select": 1.0, "deadline": 120, "tick_interval": 0.05, "secagg_phase_timeout": 1.5}
     settings = Settings(
         db=str(tmp_path / "c.db"),
         model=str(model),
         enrollment_key=KEY,
         secure_aggregation=True,
-        server_momentum=0.0,
         strategy="fedavg",
-        goal=6,
-        over_select=1.0,
-        deadline=120,
-        tick_interval=0.05,
-        secagg_phase_timeout=1.5,
         min_retry_after=0,
         max_retry_after=1,
-        **options,
+        **{**defaults, **options},
     )
     return create_app(settings)
 
@@ -183,7 +178,7 @@ def test_too_many_dropouts_abandon_the_round_and_devices_are_told_why(server):
 def test_replays_count_once_and_devices_cannot_speak_for_others(server):
     from protocol.secagg import ClientSession
 
-    with server() as srv:
+    with server(deadline=8) as srv:  # 4 of 6 joined: the cohort forms with 4 phases' time (6 s) left
         clients = enrolled(srv.url, 4)
         tasks = [c.checkin(10).task for c in clients[:4]]
         round_id = tasks[0].round_id
@@ -198,7 +193,6 @@ def test_replays_count_once_and_devices_cannot_speak_for_others(server):
             again = http.post(f"/v1/rounds/{round_id}/secagg/join", headers=h[0]).json()
             assert again["phase"] == "joining" and again["cohort_size"] == 3  # a second join changes nothing
             status = http.post(f"/v1/rounds/{round_id}/secagg/join", headers=h[3]).json()
-        # the goal (4 here would need goal=4; this server has goal 6): the cohort forms at the phase timeout
         for _ in range(100):
             status = clients[3].secagg_status(round_id)
             if status["phase"] != "joining":

@@ -1,16 +1,16 @@
 """Secure aggregation of a round over HTTP: the cohort, the four SecAgg+ phases, durable after every message.
 
 A secure-aggregation round (`RoundSettings.secure_aggregation`) takes no plain uploads. Assigned
-devices train, then join; the cohort is fixed when `goal` devices have joined (or, after
-`secagg_phase_timeout`, with whoever joined, if at least 4): each member gets its index 1..n and the
-round's `SecAggConfig`. Then the phases of protocol/secagg run (advertise keys, share keys, masked
-input, unmask), devices polling `status` for what is due. Every accepted message and every phase
-change is written in the transaction that accepts it (table secagg_rounds: the ServerSession's bytes
-at a revision), so a coordinator restarted at any point resumes from the last acknowledged message,
-with the same survivor set: it cannot be led to unmask one device's input. A phase whose stragglers
-do not answer within the timeout closes without them; the protocol abandons the round when too few
-remain, and devices are told why. The unmasked sum becomes the round's aggregate, which the round
-lifecycle commits like any streaming round's.
+devices train, then join; the cohort is fixed when `goal` devices have joined (or, when only the
+time for the four phases is left before the deadline, with whoever joined, if at least 4): each
+member gets its index 1..n and the round's `SecAggConfig`. Then the phases of protocol/secagg run
+(advertise keys, share keys, masked input, unmask), devices long-polling `status` for what is due.
+Every accepted message and every phase change is written in the transaction that accepts it (table
+secagg_rounds: the ServerSession's bytes at a revision), so a coordinator restarted at any point
+resumes from the last acknowledged message, with the same survivor set: it cannot be led to unmask
+one device's input. A phase whose stragglers do not answer within the timeout closes without them;
+the protocol abandons the round when too few remain, and devices are told why. The unmasked sum
+becomes the round's aggregate, which the round lifecycle commits like any streaming round's.
 
 `cryptography` is imported only here and only when a round uses secure aggregation.
 """
@@ -100,6 +100,7 @@ class SecureAggregation:
         self.store, self.versions, self.lifecycle, self.clock = store, versions, lifecycle, clock
         self._mutex = threading.Lock()  # guards the cached session (status reads it while a message writes it)
         self._cached: tuple[int, int, Any] | None = None  # (round, revision, ServerSession)
+        self.generation = 0  # bumped after every write here: long polls (routers/secagg.py) wake on it
 
     # ------------------------------------------------------------------ reads
 
@@ -178,6 +179,7 @@ class SecureAggregation:
             except BaseException:
                 self._cached = None
                 raise
+            self.generation += 1
         return self.status(round_id, device_id)
 
     def receive(self, round_id: int, device_id: str, kind: str, message: Any) -> dict[str, Any]:
@@ -231,8 +233,10 @@ class SecureAggregation:
             except BaseException:
                 self._cached = None
                 raise
+            self.generation += 1
         if settled:
             self.lifecycle.tick()
+            self.generation += 1
         return {"accepted": fresh, "phase": row.phase}
 
     def tick(self) -> None:
@@ -242,7 +246,7 @@ class SecureAggregation:
             return
         row = self.store.secagg(r.id)
         now = self.clock()
-        if row is None or row.phase in (DONE, ABANDONED) or now < row.phase_started + r.config.secagg_phase_timeout:
+        if row is None or row.phase in (DONE, ABANDONED) or now < closes_at(r, row):
             return
         settled = False
         with self.store.lock, self._mutex:
@@ -253,7 +257,7 @@ class SecureAggregation:
                     row = self.store.secagg(r.id)
                     if r is None or not r.is_open or row is None or row.phase in (DONE, ABANDONED):
                         return
-                    if now < row.phase_started + r.config.secagg_phase_timeout:
+                    if now < closes_at(r, row):
                         return
                     row = replace(row, revision=row.revision + 1)
                     if row.phase == JOINING:
@@ -271,8 +275,10 @@ class SecureAggregation:
             except BaseException:
                 self._cached = None
                 raise
+            self.generation += 1
         if settled:
             self.lifecycle.tick()
+            self.generation += 1
 
     # ------------------------------------------------------------------ phases
 
@@ -352,6 +358,15 @@ class SecureAggregation:
         session = ServerSession.from_bytes(state)
         self._cached = (row.round_id, row.revision, session)
         return session
+
+
+def closes_at(r: RoundRow, row: SecAggRow) -> float:
+    """When the current phase closes without its stragglers. The cohort waits for `goal` devices until
+    there is just time left for the four phases before the deadline; a phase waits its timeout."""
+    timeout = r.config.secagg_phase_timeout
+    if row.phase == JOINING:
+        return max(row.phase_started + timeout, r.deadline - len(PROTOCOL_PHASES) * timeout)
+    return row.phase_started + timeout
 
 
 def _expected(session) -> set[int]:

@@ -3,9 +3,11 @@ due, then send each phase's message. JSON bodies, except the masked input: a bin
 
 from __future__ import annotations
 
+import asyncio
 import json
+from typing import Annotated
 
-from fastapi import APIRouter, Path, Request
+from fastapi import APIRouter, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
 
 from coordinator.api.body import read_limited
@@ -31,13 +33,32 @@ REFUSALS = {
     409: {"description": "not a secure-aggregation round, closed, or the phase is over"},
     422: {"description": "the message breaks the protocol"},
 }
+MAX_WAIT = 30.0
+WAKE_SECONDS = 0.02  # how often a long poll looks for news (a counter in memory, no database read)
 KINDS = {"advertise": "advertise", "shares": "shares", "unmask": "unmask"}
 
 
 @router.get("/{round_id}/secagg", response_model=SecAggStatus, responses=REFUSALS)
-def secagg_status(round_id: RoundId, device: DeviceDep, services: ServicesDep) -> dict:
-    """Where the round stands for this device: its phase, index, config and the message due to it."""
-    return services.secagg.status(round_id, device.id)
+async def secagg_status(
+    round_id: RoundId,
+    device: DeviceDep,
+    services: ServicesDep,
+    since: Annotated[str | None, Query(max_length=20, description="the phase the device last saw")] = None,
+    wait: Annotated[float, Query(ge=0, le=MAX_WAIT, description="long poll: seconds to wait for news")] = 0,
+) -> dict:
+    """Where the round stands for this device: its phase, index, config and the message due to it. With
+    `wait`, the answer comes as soon as there is news -- the phase is no longer `since`, or the server
+    waits for this device's message -- or after `wait` seconds (no polling interval adds to a round)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    while True:
+        seen = services.secagg.generation
+        status = await run_in_threadpool(services.secagg.status, round_id, device.id)
+        news = status["phase"] != since or status["waiting"] or status["phase"] in ("done", "abandoned")
+        if news or loop.time() >= deadline:
+            return status
+        while services.secagg.generation == seen and loop.time() < deadline:
+            await asyncio.sleep(WAKE_SECONDS)
 
 
 @router.post("/{round_id}/secagg/join", response_model=SecAggStatus, responses=REFUSALS)

@@ -90,5 +90,8 @@ class SimConfig:
             "tick_interval": 0.5,
             "log_level": "warning",
             **({"secure_aggregation": True, "secagg_phase_timeout": 15.0} if self.secure_aggregation else {}),
+            # the driver picks each round's devices itself (a fixed-size sample, not the coordinator's
+            # Poisson admission): DP rounds are charged without amplification by sampling
+            **({"dp_sampling": "unamplified"} if self.extra_options.get("dp_noise_multiplier") else {}),
             **self.extra_options,
         }

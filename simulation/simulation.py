@@ -217,6 +217,7 @@ class Simulation:
             "noise_multiplier": options["dp_noise_multiplier"],
             "delta": options.get("dp_delta", 1e-5),
             "epsilon_budget": options.get("dp_epsilon_budget"),
+            "sampling": "unamplified (q = 1: pf-sim picks each round's devices itself)",
         }
 
     def summary(self, initial: dict, seconds: float) -> dict:

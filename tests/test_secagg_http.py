@@ -128,6 +128,7 @@ def test_all_devices_give_the_weighted_mean_and_no_byte_holds_a_delta(server):
             assert detail["status"] == "committed" and detail["received"] == 6
             assert detail["secure_aggregation"] is True and detail["secagg_phase"] == "done"
             assert detail["participants"] == []  # the server holds no individual update
+            assert "secure aggregation: done (6 devices)" in client.get("/").text  # the dashboard says so
             check_model(client, detail["result_version"], DELTAS, SAMPLES, range(6))
         for part, delta in zip(parts, DELTAS, strict=True):
             flat32 = np.concatenate([delta[n].reshape(-1) for n in sorted(delta)]).astype(np.float32)

@@ -19,6 +19,8 @@ from device_agent.secagg import SecAggParticipant
 from engine.serialize.container import loads
 from protocol.secagg.wire import unpack_frame
 
+pytest_plugins = ["postgres_helpers"]  # pg_url: a throwaway PostgreSQL database
+
 KEY = "k"
 SHAPES = {"w": (12, 10), "b": (10,)}
 BASE = loads(stand_in_model_bytes(shapes=SHAPES)).tensors
@@ -28,8 +30,8 @@ def start(tmp_path, **options):
     model = tmp_path / "m.pfmodel"
     model.write_bytes(stand_in_model_bytes(shapes=SHAPES))
     defaults = {"goal": 6, "over_select": 1.0, "deadline": 120, "tick_interval": 0.05, "secagg_phase_timeout": 1.5}
+    defaults["db"] = str(tmp_path / "c.db")
     settings = Settings(
-        db=str(tmp_path / "c.db"),
         model=str(model),
         enrollment_key=KEY,
         secure_aggregation=True,
@@ -147,8 +149,10 @@ def test_all_devices_give_the_weighted_mean_and_no_byte_holds_a_delta(server):
             assert abs(int(vector[0])) > 2000 or vector[0] != min(SAMPLES[parts.index(part)], 1000)
 
 
-def test_dropouts_at_two_phases_still_give_the_survivors_sum(server):
-    with server() as srv:
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_dropouts_at_two_phases_still_give_the_survivors_sum(server, database, request):
+    options = {"db": request.getfixturevalue("pg_url")} if database == "postgresql" else {}
+    with server(**options) as srv:
         leave = {1: "advertise", 4: "masked_input"}  # 1 never shares keys; 4 vanishes before unmasking
         outcomes, _, round_id = play(srv.url, DELTAS, SAMPLES, leave_after=leave)
         statuses = [o.status for o in outcomes]
@@ -244,3 +248,30 @@ def test_dp_rounds_admit_each_device_with_probability_q_and_say_so(tmp_path):
         assert 20 <= sum(first) <= 62  # Binomial(200, 0.2): mean 40, sd 5.7
         summary = http.get("/v1/rounds").json()[0]
         assert summary["dp_sampling"] == "poisson" and summary["dp_sampling_rate"] == 0.2
+
+
+def test_distributed_dp_the_sum_carries_the_central_noise_the_accountant_charges(server):
+    """Secure aggregation with DP: each device clips to C and adds its Skellam share; the unmasked mean
+    carries noise of the configured size, every device counts once, and epsilon is charged."""
+    from coordinator.service.secagg import secagg_config
+    from coordinator.settings import RoundSettings
+    from protocol.deltas import clip_by_l2
+
+    z, clip = 1.0, 0.5
+    options = {"dp_noise_multiplier": z, "dp_clip_norm": clip, "dp_sampling": "unamplified"}
+    with server(**options) as srv:
+        outcomes, _, round_id = play(srv.url, DELTAS, SAMPLES)
+        assert [o.status for o in outcomes] == ["done"] * 6, outcomes
+        reader = enrolled(srv.url, 1)[0]
+        with admin_client(srv.url, reader) as client:
+            detail = wait_closed(client, round_id)
+            assert detail["status"] == "committed" and detail["total_samples"] == 6  # max_weight 1 in DP rounds
+            assert detail["epsilon"] > 0 and detail["dp_sampling"] == "unamplified"
+            assert detail["dp_sampling_rate"] == 1.0
+            got = loads(client.get(f"/v1/models/{detail['result_version']}").content).tensors
+    clipped = [clip_by_l2(d, clip)[0] for d in DELTAS]
+    noise = np.concatenate([(got[n] - BASE[n] - sum(c[n] for c in clipped) / 6).reshape(-1) for n in sorted(SHAPES)])
+    config = secagg_config(RoundSettings(goal=6, **options, secure_aggregation=True), 1, 6, noise.size, bytes(32))
+    expected = config.central_noise_std(6) / 6  # on the mean of 6 survivors
+    assert 0.75 * expected < np.std(noise) < 1.25 * expected, (np.std(noise), expected)
+    assert abs(np.mean(noise)) < 4 * expected / np.sqrt(noise.size)

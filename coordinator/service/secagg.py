@@ -5,18 +5,26 @@ devices train, then join; the cohort is fixed when `goal` devices have joined (o
 time for the four phases is left before the deadline, with whoever joined, if at least 4): each
 member gets its index 1..n and the round's `SecAggConfig`. Then the phases of protocol/secagg run
 (advertise keys, share keys, masked input, unmask), devices long-polling `status` for what is due.
-Every accepted message and every phase change is written in the transaction that accepts it (table
-secagg_rounds: the ServerSession's bytes at a revision), so a coordinator restarted at any point
-resumes from the last acknowledged message, with the same survivor set: it cannot be led to unmask
-one device's input. A phase whose stragglers do not answer within the timeout closes without them;
-the protocol abandons the round when too few remain, and devices are told why. The unmasked sum
-becomes the round's aggregate, which the round lifecycle commits like any streaming round's.
+Every accepted message is written in the transaction that accepts it (table secagg_messages), and
+the ServerSession's state at every phase change (secagg_rounds), so a coordinator restarted at any
+point rebuilds the session (state, then the messages after it) and resumes from the last
+acknowledged message, with the same survivor set: it cannot be led to unmask one device's input. A
+phase whose stragglers do not answer within the timeout closes without them; the protocol abandons
+the round when too few remain, and devices are told why. The unmasked sum becomes the round's
+aggregate, which the round lifecycle commits like any streaming round's.
+
+Durability: a device's message and a phase change are written with durable=False (database.py:
+safe against kill -9, in order with later durable commits), one fsync per message would make a
+100-device phase take seconds; the round's commit is durable and flushes them. A power cut may lose
+the last acknowledged messages: the protocol then sees those devices as dropped at that phase, which
+it handles like any dropout (their inputs were not summed, so unmasking them reveals nothing).
 
 `cryptography` is imported only here and only when a round uses secure aggregation.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import threading
@@ -100,7 +108,9 @@ class SecureAggregation:
         self.store, self.versions, self.lifecycle, self.clock = store, versions, lifecycle, clock
         self._mutex = threading.Lock()  # guards the cached session (status reads it while a message writes it)
         self._cached: tuple[int, int, Any] | None = None  # (round, revision, ServerSession)
-        self.generation = 0  # bumped after every write here: long polls (routers/secagg.py) wake on it
+        # bumped at every phase change made here: long polls (routers/secagg.py) wake on it (a device's news
+        # is a phase change; waking every poll on every message would cost O(n^2) status answers a phase)
+        self.generation = 0
 
     # ------------------------------------------------------------------ reads
 
@@ -158,7 +168,7 @@ class SecureAggregation:
         """Enter the round's cohort (again: nothing changes). The goal-th join fixes the cohort."""
         with self.store.lock, self._mutex:
             try:
-                with self.store.transaction() as tx:
+                with self.store.transaction(durable=False) as tx:  # kill -9 safe (module doc)
                     tx.own_round(round_id)
                     r = self._open_round(round_id, device_id)
                     row = self.store.secagg(round_id)
@@ -171,15 +181,15 @@ class SecureAggregation:
                     else:
                         now = self.clock()
                         if row is None:
-                            row = SecAggRow(round_id, JOINING, [], now, -1, None, None)
+                            row = SecAggRow(round_id, JOINING, [], now, -1, None, 0, None)
                         row = replace(row, members=[*row.members, device_id], revision=row.revision + 1)
                         if len(row.members) >= r.goal:
                             row = self._fix_cohort(r, row)
+                            self.generation += 1  # (a failed transaction only wakes polls early)
                         tx.put_secagg(row)
             except BaseException:
                 self._cached = None
                 raise
-            self.generation += 1
         return self.status(round_id, device_id)
 
     def receive(self, round_id: int, device_id: str, kind: str, message: Any) -> dict[str, Any]:
@@ -192,7 +202,7 @@ class SecureAggregation:
         settled = False
         with self.store.lock, self._mutex:
             try:
-                with self.store.transaction() as tx:
+                with self.store.transaction(durable=False) as tx:  # kill -9 safe (module doc)
                     tx.own_round(round_id)
                     r = self._open_round(round_id, device_id)
                     row = self.store.secagg(round_id)
@@ -223,17 +233,17 @@ class SecureAggregation:
                         raise Refused(422, f"{kind}: {exc}", "bad_secagg_message") from None
                     if fresh:
                         row = replace(row, revision=row.revision + 1)
+                        body = message if kind == "masked_input" else json.dumps(message).encode()
+                        tx.add_secagg_message(round_id, row.revision, kind, body)
                         if not session.waiting_for():
                             row = self._close_phase(tx, r, row, session)
-                        else:
-                            row = replace(row, state=session.to_bytes())
+                            self.generation += 1
                         tx.put_secagg(row)
                         self._cached = (round_id, row.revision, session)
                         settled = row.phase in (DONE, ABANDONED)
             except BaseException:
                 self._cached = None
                 raise
-            self.generation += 1
         if settled:
             self.lifecycle.tick()
             self.generation += 1
@@ -299,18 +309,19 @@ class SecureAggregation:
         session = ServerSession(config)
         k, t = config.neighbours, config.threshold
         log.info("round %d: secure-aggregation cohort of %d fixed (k=%d, t=%d)", r.id, n, k, t)
-        return replace(row, phase=session.phase, phase_started=now, state=session.to_bytes())
+        return replace(row, phase=session.phase, phase_started=now, **_snapshot(row, session))
 
     def _close_phase(self, tx, r: RoundRow, row: SecAggRow, session) -> SecAggRow:
         """Close the session's current phase; after the unmask, the sum goes into the round's aggregate."""
         from protocol.secagg import RoundAbandoned
 
         now = self.clock()
+        tx.drop_secagg_messages(r.id, row.revision)  # folded into the state written now
         try:
             result = getattr(session, CLOSERS[session.phase])()
         except RoundAbandoned as exc:
             log.info("round %d: secure aggregation abandoned: %s", r.id, exc.reason)
-            return replace(row, phase=ABANDONED, phase_started=now, state=session.to_bytes(), reason=exc.reason)
+            return replace(row, phase=ABANDONED, phase_started=now, reason=exc.reason, **_snapshot(row, session))
         if session.phase == "done":
             sums, start = {}, 0
             for name, shape in self.layout(r):
@@ -321,8 +332,8 @@ class SecureAggregation:
             running = RunningSum(sums, float(result.total_weight), survivors)
             tx.fold_into_round(r.id, added=survivors, samples=float(result.total_weight), aggregate=running.to_bytes())
             log.info("round %d: secure aggregation unmasked the sum of %d devices", r.id, survivors)
-            return replace(row, phase=DONE, phase_started=now, state=session.to_bytes())
-        return replace(row, phase=session.phase, phase_started=now, state=session.to_bytes())
+            return replace(row, phase=DONE, phase_started=now, **_snapshot(row, session))
+        return replace(row, phase=session.phase, phase_started=now, **_snapshot(row, session))
 
     # ------------------------------------------------------------------ helpers
 
@@ -343,21 +354,27 @@ class SecureAggregation:
         return r
 
     def _session(self, row: SecAggRow):
-        """The row's ServerSession: the cached one if it is at the row's revision, else parsed."""
+        """The row's ServerSession: the cached one if it is at least at the row's revision, else rebuilt
+        from the stored state and the messages accepted after it (after a restart, or another replica's
+        writes)."""
         from protocol.secagg import ServerSession
 
         cached = self._cached
-        if cached is not None and cached[:2] == (row.round_id, row.revision):
+        if cached is not None and cached[0] == row.round_id and cached[1] >= row.revision:
             return cached[2]
-        state = row.state
-        if state is None:
-            stored = self.store.secagg(row.round_id, with_state=True)
-            state = stored.state if stored is not None else None
-        if state is None:
+        stored = self.store.secagg(row.round_id, with_state=True)
+        if stored is None or stored.state is None:
             raise Refused(409, f"round {row.round_id}: the secure-aggregation cohort is not fixed yet", "secagg_phase")
-        session = ServerSession.from_bytes(state)
-        self._cached = (row.round_id, row.revision, session)
+        session = ServerSession.from_bytes(stored.state)
+        for _, kind, body in self.store.secagg_messages(row.round_id, stored.state_revision):
+            getattr(session, RECEIVERS[kind][1])(body if kind == "masked_input" else json.loads(body))
+        self._cached = (row.round_id, stored.revision, session)
         return session
+
+
+def _snapshot(row: SecAggRow, session) -> dict[str, Any]:
+    """The session's state as of the row's revision (the messages up to it are folded in)."""
+    return {"state": session.to_bytes(), "state_revision": row.revision}
 
 
 def closes_at(r: RoundRow, row: SecAggRow) -> float:

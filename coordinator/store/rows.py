@@ -136,13 +136,15 @@ class SecAggRow:
     phase_started: float
     revision: int
     state: bytes | None  # None when not read (see has_state) or when there is no session yet
+    state_revision: int  # the revision `state` was written at; messages after it are in secagg_messages
     reason: str | None
     has_state: bool = False
 
     @classmethod
     def from_row(cls, row: Any) -> SecAggRow:
-        """From (round_id, phase, members, phase_started, revision, state or None, reason, has_state)."""
-        return cls(row[0], row[1], json.loads(row[2]), row[3], row[4], _bytes(row[5]), row[6], bool(row[7]))
+        """From (round_id, phase, members, phase_started, revision, state or None, state_revision, reason,
+        has_state)."""
+        return cls(row[0], row[1], json.loads(row[2]), row[3], row[4], _bytes(row[5]), row[6], row[7], bool(row[8]))
 
 
 def _bytes(value: Any) -> bytes | None:

@@ -26,6 +26,7 @@ from coordinator.store.schema import (
     model_versions,
     round_partials,
     rounds,
+    secagg_messages,
     secagg_rounds,
     server_state,
     updates,
@@ -146,6 +147,11 @@ SECAGG = sa.select(*[c if c.name != "state" else sa.null() for c in secagg_round
     secagg_rounds.c.round_id == _b("r")
 )
 SECAGG_WITH_STATE = sa.select(*secagg_rounds.c, _SECAGG_HAS_STATE).where(secagg_rounds.c.round_id == _b("r"))
+SECAGG_MESSAGES = (
+    sa.select(secagg_messages.c.seq, secagg_messages.c.kind, secagg_messages.c.body)
+    .where(secagg_messages.c.round_id == _b("r"), secagg_messages.c.seq > _b("after"))
+    .order_by(secagg_messages.c.seq)
+)
 SECAGG_PHASE = sa.select(secagg_rounds.c.phase, secagg_rounds.c.reason).where(secagg_rounds.c.round_id == _b("r"))
 
 STATE = sa.select(server_state.c.value).where(server_state.c.key == _b("key"))
@@ -353,6 +359,10 @@ class Store:
         """A secure-aggregation round's row; its (large) session state only when asked for."""
         row = self._first(SECAGG_WITH_STATE if with_state else SECAGG, {"r": round_id})
         return SecAggRow.from_row(row) if row else None
+
+    def secagg_messages(self, round_id: int, after: int) -> list[tuple[int, str, bytes]]:
+        """(seq, kind, body) of the messages a secure-aggregation round accepted after revision `after`."""
+        return [(s, k, bytes(b)) for s, k, b in self._all(SECAGG_MESSAGES, {"r": round_id, "after": after})]
 
     def secagg_phase(self, round_id: int) -> tuple[str, str | None] | None:
         """(phase, reason) of a secure-aggregation round, without its state."""

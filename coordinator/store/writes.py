@@ -25,6 +25,7 @@ from coordinator.store.schema import (
     rate_limits,
     round_partials,
     rounds,
+    secagg_messages,
     secagg_rounds,
     server_state,
     updates,
@@ -330,10 +331,11 @@ class Writes:
             "phase_started": row.phase_started,
             "revision": row.revision,
             "state": row.state,
+            "state_revision": row.state_revision,
             "reason": row.reason,
         }
         if row.state is None and row.has_state:  # read without its state, which stays as stored
-            del values["state"]
+            del values["state"], values["state_revision"]
         if row.revision == 0:
             self.conn.execute(sa.insert(secagg_rounds).values(round_id=row.round_id, **values))
             return
@@ -344,6 +346,15 @@ class Writes:
         )
         if done.rowcount != 1:
             raise StalePartial(f"secure aggregation of round {row.round_id}: revision {row.revision - 1} is gone")
+
+    def add_secagg_message(self, round_id: int, seq: int, kind: str, body: bytes) -> None:
+        self.conn.execute(sa.insert(secagg_messages).values(round_id=round_id, seq=seq, kind=kind, body=body))
+
+    def drop_secagg_messages(self, round_id: int, through: int) -> None:
+        """Messages folded into a newer state are not needed any more."""
+        self.conn.execute(
+            sa.delete(secagg_messages).where(secagg_messages.c.round_id == round_id, secagg_messages.c.seq <= through)
+        )
 
     def add_blob(self, name: str, data: bytes) -> None:
         self.conn.execute(ADD_BLOB, {"name": name, "data": data})

@@ -1,10 +1,11 @@
 """One LeNet training step (forward, backward, SGD momentum) in the engine and in PyTorch CPU.
 
 Same model (the padded LeNet), same initial weights, same real Fashion-MNIST batches, same
-process: each side runs at 1 thread and at 2 threads (numpy's BLAS through threadpoolctl,
-torch.set_num_threads), and for every thread count the steps are interleaved (engine, torch,
-engine, ...) in blocks that rotate through the thread counts several times, so machine noise
-hits every configuration alike. Reported per batch size: each side's median step at each thread
+machine: each side runs at 1 thread and at 2 threads, in fresh child processes whose thread
+pools are sized through the environment at start (OPENBLAS/OMP/MKL_NUM_THREADS and
+torch.set_num_threads). In a child the steps are interleaved (engine, torch, engine, ...); the
+children rotate through the thread counts several times, so machine noise hits every
+configuration alike. Reported per batch size: each side's median step at each thread
 count, each side's best of those, and `ratio` = engine best / torch best. Peak memory is
 measured in a fresh child process per side (peak RSS during steps minus RSS once model and
 optimizer exist).
@@ -42,13 +43,17 @@ FULL_DATA = Path("/usr/share/datasets/fashion-mnist")
 N_BATCHES = 16  # distinct real batches, cycled through by both sides in the same order
 
 
-def set_threads(threads: int) -> None:
-    """numpy's BLAS (threadpoolctl, a dev dependency: never the engine's) and torch's intra-op pool."""
-    import torch
-    from threadpoolctl import threadpool_limits
+THREAD_ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
-    threadpool_limits(threads, user_api="blas")
-    torch.set_num_threads(threads)
+
+def child(args_: list[str], threads: int) -> str:
+    """Run this script in a fresh process whose BLAS and torch pools have `threads` threads from the
+    start (set through the environment: nothing switches pools mid-run, no idle pool spins)."""
+    env = {**os.environ, **{k: str(threads) for k in THREAD_ENV}, "PF_BENCH_THREADS": str(threads)}
+    out = subprocess.run([sys.executable, __file__, *args_], capture_output=True, text=True, env=env)
+    if out.returncode:
+        raise RuntimeError(f"child {args_} failed:\n{out.stderr}")
+    return out.stdout
 
 
 def real_batches(data_dir: Path, batch: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -136,9 +141,9 @@ def step_flops(func: CompiledFunction) -> int:
 
 def peak_mb(side: str, batch: int, steps: int, data: Path) -> float:
     """Run in a child at 1 thread: peak RSS during `steps` steps above the RSS before the first step."""
-    args = ["--batch", str(batch), "--_peak", side, "--steps", str(steps), "--data", str(data)]
-    out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, check=True)
-    return float(out.stdout.strip().splitlines()[-1])
+    return float(
+        child(["--batch", str(batch), "--_peak", side, "--steps", str(steps), "--data", str(data)], 1).split()[-1]
+    )
 
 
 def _rss_kb(field: str) -> int:
@@ -149,7 +154,6 @@ def _rss_kb(field: str) -> int:
 
 
 def _measure_peak(side: str, batch: int, steps: int, passes: list[str] | None, data: Path) -> None:
-    set_threads(1)
     batches = real_batches(data, batch)
     step = engine_step(batch, passes, batches)[0] if side == "engine" else torch_step(batch, batches)
     base = _rss_kb("VmRSS")
@@ -170,29 +174,46 @@ def profile_table(func: CompiledFunction, step, steps: int) -> str:
     return func.profile_report()
 
 
-def measure(batch: int, args, passes: list[str] | None, data: Path) -> dict:
-    """Interleaved medians per side and thread count; the rotation repeats `--repeats` times."""
-    batches = real_batches(data, batch)
+def _block(batch: int, steps: int, args, passes: list[str] | None) -> None:
+    """In a child: `steps` interleaved steps per side after warm-up; prints their times (and more)."""
+    import torch
+
+    torch.set_num_threads(int(os.environ["PF_BENCH_THREADS"]))
+    batches = real_batches(args.data, batch)
     run_engine, func = engine_step(batch, passes, batches)
     run_torch = torch_step(batch, batches)
+    for _ in range(args.warmup):
+        run_engine()
+        run_torch()
+    engine_s, torch_s = [], []
+    deadline = time.perf_counter() + args.block_seconds
+    for k in range(steps):
+        if k >= 5 and time.perf_counter() > deadline:  # a thrashing configuration: enough seen
+            break
+        start = time.perf_counter()
+        run_engine()
+        mid = time.perf_counter()
+        run_torch()
+        engine_s.append(mid - start)
+        torch_s.append(time.perf_counter() - mid)
+    if args.profile:
+        print(func.explain())
+        print(f"engine profile at {os.environ['PF_BENCH_THREADS']} thread(s):")
+        print(profile_table(func, run_engine, max(steps // 2, 20)))
+    print(json.dumps({"engine": engine_s, "torch": torch_s, "flops": step_flops(func), "explain": func.explain()}))
+
+
+def measure(batch: int, args, passes: list[str] | None) -> dict:
+    """Medians per side and thread count over `--repeats` child processes per thread count, rotating."""
     times: dict[tuple[str, int], list[float]] = {(s, t): [] for s in ("engine", "torch") for t in args.threads}
     per_block = max(args.steps // args.repeats, 1)
+    common = ["--data", str(args.data), "--warmup", str(args.warmup), "--block-seconds", str(args.block_seconds)]
+    common += [] if args.passes is None else ["--passes", args.passes]
     for _ in range(args.repeats):
         for t in args.threads:
-            set_threads(t)
-            for _ in range(args.warmup):
-                run_engine()
-                run_torch()
-            deadline = time.perf_counter() + args.block_seconds
-            for k in range(per_block):
-                if k >= 5 and time.perf_counter() > deadline:  # a thrashing configuration: enough seen
-                    break
-                start = time.perf_counter()
-                run_engine()
-                mid = time.perf_counter()
-                run_torch()
-                times["engine", t].append(mid - start)
-                times["torch", t].append(time.perf_counter() - mid)
+            out = json.loads(child(["--_block", str(batch), "--steps", str(per_block), *common], t).splitlines()[-1])
+            times["engine", t] += out["engine"]
+            times["torch", t] += out["torch"]
     ms = {key: float(np.median(v) * 1e3) for key, v in times.items()}
     result: dict = {"batch": batch}
     for side in ("engine", "torch"):
@@ -204,14 +225,13 @@ def measure(batch: int, args, passes: list[str] | None, data: Path) -> dict:
     result["ratio"] = round(ms["engine", result["engine_threads"]] / ms["torch", result["torch_threads"]], 3)
     result["ratio_1t"] = round(ms["engine", args.threads[0]] / ms["torch", args.threads[0]], 3)
     if not args.no_peak:
-        result["engine_peak_mb"] = round(peak_mb("engine", batch, min(args.steps, 30), data), 2)
-        result["torch_peak_mb"] = round(peak_mb("torch", batch, min(args.steps, 30), data), 2)
-    result["gflops"] = round(step_flops(func) / (result["engine_ms"] / 1e3) / 1e9, 2)
-    print(func.explain())
+        result["engine_peak_mb"] = round(peak_mb("engine", batch, min(args.steps, 30), args.data), 2)
+        result["torch_peak_mb"] = round(peak_mb("torch", batch, min(args.steps, 30), args.data), 2)
+    result["gflops"] = round(out["flops"] / (result["engine_ms"] / 1e3) / 1e9, 2)
+    print(out["explain"])
     if args.profile:
-        set_threads(result["engine_threads"])
-        print(f"engine profile at {result['engine_threads']} thread(s):")
-        print(profile_table(func, run_engine, max(args.steps // 2, 20)))
+        profile_args = ["--_block", str(batch), "--steps", str(per_block), "--profile", *common]
+        print(child(profile_args, result["engine_threads"]).rsplit("\n", 2)[0])
     cells = ", ".join(f"{t} thread(s) {ms['engine', t]:.3f} / {ms['torch', t]:.3f}" for t in args.threads)
     print(f"batch {batch}: engine / torch ms per step at {cells}; ratio of bests {result['ratio']:.3f}")
     return result
@@ -236,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-peak", action="store_true", help="skip the peak-memory child processes")
     parser.add_argument("--json", action="store_true", help="end with one JSON line")
     parser.add_argument("--_peak", choices=["engine", "torch"], help=argparse.SUPPRESS)
+    parser.add_argument("--_block", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     passes = None if args.passes is None else ([] if args.passes == "none" else args.passes.split(","))
     args.threads = [int(t) for t in args.threads.split(",")]
@@ -243,8 +264,11 @@ def main(argv: list[str] | None = None) -> int:
     if args._peak:
         _measure_peak(args._peak, sizes[0], args.steps, passes, args.data)
         return 0
+    if args._block:
+        _block(args._block, args.steps, args, passes)
+        return 0
     print(f"data: {args.data}; OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')}")
-    results = [measure(b, args, passes, args.data) for b in sizes]
+    results = [measure(b, args, passes) for b in sizes]
     print(json.dumps({"data": str(args.data), "threads": args.threads, "batches": results}))
     return 0
 

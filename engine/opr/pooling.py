@@ -9,6 +9,8 @@ or through flat argmax indices summed with bincount (general path, overlaps incl
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 
 from ..graph import ShapeError
@@ -100,16 +102,24 @@ class Pooling(_PoolGeometry):
         return total / self._counts(*x.shape[2:], oh, ow, x.dtype)
 
     def forward_into(self, ws, out, x):
+        self.bind(ws, out, x)(x)
+
+    def bind(self, ws, out, x):
         if not self.tiled:
-            np.copyto(out, self.forward(x))
-            return
-        taps = [x[idx] for _, _, idx in self._taps(*out.shape[2:])]
+            return lambda x: np.copyto(out, self.forward(x))
+        index = [idx for _, _, idx in self._taps(*out.shape[2:])]
         combine = np.maximum if self.mode == "max" else np.add
-        combine(taps[0], taps[1], out=out) if len(taps) > 1 else np.copyto(out, taps[0])
-        for tap in taps[2:]:
-            combine(out, tap, out=out)
-        if self.mode != "max":  # no padding here, so both average modes divide by the window size
-            np.divide(out, np.asarray(len(taps), out.dtype), out=out)
+        size = np.asarray(len(index), out.dtype)
+
+        def run(x):
+            taps = [x[idx] for idx in index]
+            combine(taps[0], taps[1], out=out) if len(taps) > 1 else np.copyto(out, taps[0])
+            for tap in taps[2:]:
+                combine(out, tap, out=out)
+            if self.mode != "max":  # no padding here, so both average modes divide by the window size
+                np.divide(out, size, out=out)
+
+        return run
 
     def grad(self, out, dout):
         geometry = dict(mode=self.mode, window=self.window, stride=self.stride, padding=self.padding)
@@ -130,34 +140,51 @@ class PoolingBackward(_PoolGeometry):
         return out
 
     def forward_into(self, ws, out, x, dout):
+        self.bind(ws, out, x, dout)(x, dout)
+
+    def bind(self, ws, out, x, dout):
         if self.tiled:
-            self._tiled_backward(ws, out, x, dout)
-        elif self.mode == "max":
-            self._max_backward(out, x, dout)
-        else:
-            self._average_backward(out, x, dout)
+            return self._tiled_backward(ws, out, x, dout)
+        if self.mode == "max":
+            return partial(self._max_backward, out)
+        return partial(self._average_backward, out)
 
     def _tiled_backward(self, ws, dx, x, dout):
+        """The kernel for inputs shaped like x and dout, its slices and scratch arrays made once."""
         oh, ow = dout.shape[2:]
-        if dx.shape[2] != oh * self.window[0] or dx.shape[3] != ow * self.window[1]:
-            dx.fill(0)  # rows/columns past the last full window get no gradient
-        taps = [(dx[idx], x[idx]) for _, _, idx in self._taps(oh, ow)]
+        ragged = dx.shape[2] != oh * self.window[0] or dx.shape[3] != ow * self.window[1]
+        index = [idx for _, _, idx in self._taps(oh, ow)]
+        dx_taps = [dx[idx] for idx in index]
         if self.mode != "max":
-            for dx_tap, _ in taps:
-                np.divide(dout, np.asarray(len(taps), dout.dtype), out=dx_tap)
-            return
+            size = np.asarray(len(index), dout.dtype)
+
+            def spread(x, dout):
+                if ragged:
+                    dx.fill(0)  # rows/columns past the last full window get no gradient
+                for dx_tap in dx_taps:
+                    np.divide(dout, size, out=dx_tap)
+
+            return spread
         best = ws.get("max", dout.shape, x.dtype)  # the window maxima, recomputed from x
-        np.maximum(taps[0][1], taps[1][1], out=best) if len(taps) > 1 else np.copyto(best, taps[0][1])
-        for _, x_tap in taps[2:]:
-            np.maximum(best, x_tap, out=best)
         taken = ws.get("taken", dout.shape, np.dtype(bool))  # window already routed (first max wins)
         hit = ws.get("hit", dout.shape, np.dtype(bool))
-        taken.fill(False)
-        for dx_tap, x_tap in taps:
-            np.equal(x_tap, best, out=hit)
-            np.greater(hit, taken, out=hit)  # hit and not taken
-            np.multiply(dout, hit, out=dx_tap)
-            np.logical_or(taken, hit, out=taken)
+        maximum, equal, greater, multiply, logical_or = np.maximum, np.equal, np.greater, np.multiply, np.logical_or
+
+        def route(x, dout):
+            if ragged:
+                dx.fill(0)
+            x_taps = [x[idx] for idx in index]
+            maximum(x_taps[0], x_taps[1], out=best) if len(x_taps) > 1 else np.copyto(best, x_taps[0])
+            for x_tap in x_taps[2:]:
+                maximum(best, x_tap, out=best)
+            taken.fill(False)
+            for dx_tap, x_tap in zip(dx_taps, x_taps):
+                equal(x_tap, best, out=hit)
+                greater(hit, taken, out=hit)  # hit and not taken
+                multiply(dout, hit, out=dx_tap)
+                logical_or(taken, hit, out=taken)
+
+        return route
 
     def _max_backward(self, out, x, dout):
         """Gradient to each window's first maximum, by flat index; overlapping windows add up."""

@@ -177,12 +177,14 @@ class PoolingBackward(_PoolGeometry):
             maximum(x_taps[0], x_taps[1], out=best) if len(x_taps) > 1 else np.copyto(best, x_taps[0])
             for x_tap in x_taps[2:]:
                 maximum(best, x_tap, out=best)
-            taken.fill(False)
-            for dx_tap, x_tap in zip(dx_taps, x_taps):
-                equal(x_tap, best, out=hit)
+            equal(x_taps[0], best, out=taken)  # the first tap takes every window it hits
+            multiply(dout, taken, out=dx_taps[0])
+            for k in range(1, len(x_taps)):
+                equal(x_taps[k], best, out=hit)
                 greater(hit, taken, out=hit)  # hit and not taken
-                multiply(dout, hit, out=dx_tap)
-                logical_or(taken, hit, out=taken)
+                multiply(dout, hit, out=dx_taps[k])
+                if k + 1 < len(x_taps):
+                    logical_or(taken, hit, out=taken)
 
         return route
 

@@ -319,15 +319,18 @@ def _conv_from_cols(out: np.ndarray, w: np.ndarray, g: int) -> Callable[[np.ndar
 def _filter_grad_from_cols(
     ws: Workspace, out: np.ndarray, cols: np.ndarray, dout: np.ndarray, g: int
 ) -> Callable[[np.ndarray, np.ndarray], None]:
-    """dw = sum over samples of dout_n @ cols_nᵀ: one small product per sample, then one sum."""
+    """dwᵀ = sum over samples of cols_n @ dout_nᵀ: one small product per sample, then one sum.
+
+    Computed transposed, (K, P) @ (P, O/G) per sample, because BLAS runs that orientation about
+    twice as fast as dout_n @ cols_nᵀ for LeNet's second convolution (K=150, P=100)."""
     n, o = dout.shape[:2]
-    per_sample = ws.get("per_sample", (n, g, o // g, cols.shape[2]), dout.dtype)
-    out_mat = out.reshape(g, o // g, -1)
+    per_sample = ws.get("per_sample", (n, g, cols.shape[2], o // g), dout.dtype)
+    out_t = out.reshape(g, o // g, -1).transpose(0, 2, 1)  # (G, K, O/G), written through
 
     def product(cols: np.ndarray, dout: np.ndarray) -> None:
         d = _contiguous(ws, "dout", dout).reshape(n, g, o // g, -1)
-        np.matmul(d, cols.transpose(0, 1, 3, 2), out=per_sample)  # (N, G, O/G, K)
-        np.add.reduce(per_sample, axis=0, out=out_mat)
+        np.matmul(cols, d.transpose(0, 1, 3, 2), out=per_sample)  # (N, G, K, O/G)
+        np.add.reduce(per_sample, axis=0, out=out_t)
 
     return product
 

@@ -185,35 +185,39 @@ def _block(batch: int, steps: int, args, passes: list[str] | None) -> None:
     for _ in range(args.warmup):
         run_engine()
         run_torch()
-    engine_s, torch_s = [], []
+    engine_s, torch_s, engine_cpu, torch_cpu = [], [], [], []
     deadline = time.perf_counter() + args.block_seconds
     for k in range(steps):
         if k >= 5 and time.perf_counter() > deadline:  # a thrashing configuration: enough seen
             break
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         run_engine()
-        mid = time.perf_counter()
+        mid, mid_cpu = time.perf_counter(), time.process_time()
         run_torch()
         engine_s.append(mid - start)
         torch_s.append(time.perf_counter() - mid)
+        engine_cpu.append(mid_cpu - start_cpu)
+        torch_cpu.append(time.process_time() - mid_cpu)
     if args.profile:
         print(func.explain())
         print(f"engine profile at {os.environ['PF_BENCH_THREADS']} thread(s):")
         print(profile_table(func, run_engine, max(steps // 2, 20)))
-    print(json.dumps({"engine": engine_s, "torch": torch_s, "flops": step_flops(func), "explain": func.explain()}))
+    found = {"engine": engine_s, "torch": torch_s, "engine_cpu": engine_cpu, "torch_cpu": torch_cpu}
+    print(json.dumps({**found, "flops": step_flops(func), "explain": func.explain()}))
 
 
 def measure(batch: int, args, passes: list[str] | None) -> dict:
     """Medians per side and thread count over `--repeats` child processes per thread count, rotating."""
-    times: dict[tuple[str, int], list[float]] = {(s, t): [] for s in ("engine", "torch") for t in args.threads}
+    sides = ("engine", "torch", "engine_cpu", "torch_cpu")
+    times: dict[tuple[str, int], list[float]] = {(s, t): [] for s in sides for t in args.threads}
     per_block = max(args.steps // args.repeats, 1)
     common = ["--data", str(args.data), "--warmup", str(args.warmup), "--block-seconds", str(args.block_seconds)]
     common += [] if args.passes is None else ["--passes", args.passes]
     for _ in range(args.repeats):
         for t in args.threads:
             out = json.loads(child(["--_block", str(batch), "--steps", str(per_block), *common], t).splitlines()[-1])
-            times["engine", t] += out["engine"]
-            times["torch", t] += out["torch"]
+            for side in sides:
+                times[side, t] += out[side]
     ms = {key: float(np.median(v) * 1e3) for key, v in times.items()}
     result: dict = {"batch": batch}
     for side in ("engine", "torch"):
@@ -224,6 +228,11 @@ def measure(batch: int, args, passes: list[str] | None) -> dict:
         result[f"{side}_threads"] = best
     result["ratio"] = round(ms["engine", result["engine_threads"]] / ms["torch", result["torch_threads"]], 3)
     result["ratio_1t"] = round(ms["engine", args.threads[0]] / ms["torch", args.threads[0]], 3)
+    # CPU time (all threads of the process) per step, at each side's best wall-clock thread count:
+    # what the step costs when the machine's other jobs preempt it
+    for side in ("engine", "torch"):
+        result[f"{side}_cpu_ms"] = round(ms[f"{side}_cpu", result[f"{side}_threads"]], 3)
+    result["ratio_cpu"] = round(result["engine_cpu_ms"] / result["torch_cpu_ms"], 3)
     if not args.no_peak:
         result["engine_peak_mb"] = round(peak_mb("engine", batch, min(args.steps, 30), args.data), 2)
         result["torch_peak_mb"] = round(peak_mb("torch", batch, min(args.steps, 30), args.data), 2)

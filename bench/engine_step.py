@@ -62,6 +62,12 @@ def real_batches(data_dir: Path, batch: int, seed: int = 0) -> list[tuple[np.nda
     return [loader.next() for _ in range(N_BATCHES)]
 
 
+def make_batch(batch: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A random batch, for callers without data (bench/training_step_onnx.py's torch side)."""
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((batch, 1, 28, 28)).astype(np.float32), rng.integers(0, 10, batch)
+
+
 def engine_step(batch: int, passes: list[str] | None, batches):
     """The seed's training function: loss and SGD-momentum updates attached, compiled once."""
     model = build_lenet(seed=0)
@@ -76,7 +82,7 @@ def engine_step(batch: int, passes: list[str] | None, batches):
     return (lambda: func.execute(feeds[next(count) % len(feeds)])), func
 
 
-def torch_step(batch: int, batches):
+def torch_step(batch: int, batches=None):
     import torch
     from torch import nn
 
@@ -104,7 +110,7 @@ def torch_step(batch: int, batches):
             net[i].bias.copy_(weights[f"{name}.bias"])
     opt = torch.optim.SGD(net.parameters(), lr=LR, momentum=MOMENTUM)
     loss_fn = nn.CrossEntropyLoss()
-    tensors = [(torch.from_numpy(x), torch.from_numpy(y)) for x, y in batches]
+    tensors = [(torch.from_numpy(x), torch.from_numpy(y)) for x, y in (batches or [make_batch(batch)])]
     count = iter(range(1 << 62))
 
     def step():

@@ -17,7 +17,9 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,7 @@ from device_agent.eligibility import AlwaysEligible
 from device_agent.runner import Agent, AgentConfig
 from device_agent.state import AgentState
 from protocol.messages import CheckinAnswer
+from simulation.js_agents import play_js_device, write_shard
 from simulation.shards import device_dataset, device_indices, labels_of, load_split
 
 log = logging.getLogger("pocketfed.sim.worker")
@@ -45,6 +48,8 @@ class WorkerConfig:
     holdout: float = 0.2
     max_wait: float = 120.0  # a device that gets no task for this long gives up on the round
     mark_tasks: bool = False  # touch <device state>/task-started when a check-in returns a task (chaos.py)
+    js_agents: int = 0  # devices 0..js_agents-1 run the TypeScript agent (js_agents.py)
+    node: str | None = None  # the node executable for them
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -80,9 +85,19 @@ class DevicePlayer:
             labels_of(self.train), config.devices, config.partition, config.seed, config.samples_per_device
         )
         self.client = CountingClient(config.coordinator, timeout=60.0, retry=RetryPolicy(attempts=4))
+        self.threads: list[threading.Thread] = []
 
-    def play(self, device: int) -> dict[str, Any]:
+    def hand_off(self, run: Callable[[], Any]) -> None:
+        """Secure aggregation: the device's phases run in a thread while this worker plays the next device
+        (the cohort's devices must be online together; a worker plays its devices one at a time)."""
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        self.threads.append(thread)
+
+    def play(self, device: int, leave_after: str | None = None) -> dict[str, Any]:
         """One federated task for `device`; returns the agent's record plus what it downloaded."""
+        if device < self.config.js_agents:
+            return self.play_js(device)
         waited = [0.0]
 
         def sleep(seconds: float) -> None:
@@ -100,20 +115,51 @@ class DevicePlayer:
             holdout=cfg.holdout,
             seed=cfg.seed * 100_003 + device,
             max_wait=1.0,
+            secagg_leave_after=leave_after,
         )
         state = AgentState(Path(cfg.state_root) / f"device-{device:05d}")
         self.client.task_marker = state.dir / "task-started" if cfg.mark_tasks else None
         dataset = device_dataset(self.train, self.parts, device)
-        agent = Agent(agent_config, self.client, state, dataset, AlwaysEligible(), sleep=sleep, emit=lambda line: None)
+        agent = Agent(
+            agent_config,
+            self.client,
+            state,
+            dataset,
+            AlwaysEligible(),
+            sleep=sleep,
+            emit=lambda line: None,
+            secagg_hand_off=self.hand_off,
+        )
         before = self.client.bytes_down
         started = time.perf_counter()
         records = agent.run()
         return {
             "device": device,
+            "agent": "python",
             "record": records[-1],
             "bytes_down": self.client.bytes_down - before,
             "seconds": time.perf_counter() - started,
         }
+
+    def play_js(self, device: int) -> dict[str, Any]:
+        """The same task played by the TypeScript agent in a node process (its own state directory)."""
+        cfg = self.config
+        shard = Path(cfg.state_root).parent / "js-shards" / f"device-{device:05d}.npz"
+        if not shard.exists():
+            shard.parent.mkdir(parents=True, exist_ok=True)
+            write_shard(self.train, self.parts[device], shard)
+        started = time.perf_counter()
+        answer = play_js_device(
+            cfg.node or "node",
+            device,
+            Path(cfg.state_root) / f"device-{device:05d}",
+            shard,
+            cfg.coordinator,
+            cfg.enrollment_key,
+            seed=cfg.seed * 100_003 + device,
+            timeout=cfg.max_wait + 600.0,
+        )
+        return {**answer, "seconds": time.perf_counter() - started}
 
 
 def serve(config: WorkerConfig, stdin: Any = sys.stdin, stdout: Any = sys.stdout) -> None:
@@ -127,11 +173,13 @@ def serve(config: WorkerConfig, stdin: Any = sys.stdin, stdout: Any = sys.stdout
             break
         device = int(job["device"])
         try:
-            answer = player.play(device)
+            answer = player.play(device, job.get("leave_after"))
         except Exception as exc:  # one broken device must not take the other devices of this worker down
             log.warning("device %d failed: %s: %s", device, type(exc).__name__, exc)
             answer = {"device": device, "error": f"{type(exc).__name__}: {exc}"}
         print(json.dumps(answer), file=stdout, flush=True)
+    for thread in player.threads:  # secure-aggregation phases still running
+        thread.join(timeout=60)
     player.client.close()
 
 

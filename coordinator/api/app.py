@@ -13,7 +13,7 @@ from fastapi.concurrency import run_in_threadpool
 from coordinator.api.errors import document_refusals, install_error_handlers
 from coordinator.api.limits import BodyLimits
 from coordinator.api.middleware import RequestMetrics
-from coordinator.api.routers import admin, checkin, dashboard, devices, models, ops, rounds, uploads
+from coordinator.api.routers import admin, checkin, dashboard, devices, models, ops, rounds, secagg, uploads
 from coordinator.service import open_services
 from coordinator.service.evaluation import EvaluateFn
 from coordinator.settings import Settings
@@ -44,7 +44,7 @@ def create_app(
     app.state.services = services
     app.state.upload_slots = asyncio.Semaphore(settings.max_concurrent_uploads)
     app.state.uploads_in_flight = set()  # device ids: one upload at a time per device
-    for module in (devices, models, checkin, rounds, uploads, admin, ops, dashboard):
+    for module in (devices, models, checkin, rounds, uploads, secagg, admin, ops, dashboard):
         app.include_router(module.router)
     app.add_middleware(
         BodyLimits,

@@ -62,6 +62,11 @@ def privacy_line(rounds: list, budget_note: str | None) -> str:
         ""
         if spent is None
         else f" · privacy spent <b>&epsilon; = {spent.epsilon:.3f}</b> at &delta; = {spent.dp_delta:g}"
+        + (
+            f" (Poisson sampling, q = {spent.dp_sampling_rate:.3g})"
+            if spent.dp_sampling == "poisson"
+            else " (no amplification by sampling)"
+        )
     )
     return text + (f" · <b>{html.escape(budget_note)}</b>" if budget_note else "")
 
@@ -76,6 +81,13 @@ PAGE_HEADERS = {
 }
 
 
+def secagg_cell(r) -> str:
+    """A secure-aggregation round's phase (and cohort), beside its strategy."""
+    if not r.secure_aggregation:
+        return ""
+    return f" · secure aggregation: {html.escape(r.secagg_phase or '')} ({r.secagg_cohort or 0} devices)"
+
+
 @router.get("/", response_class=HTMLResponse, include_in_schema=True)
 def dashboard(services: ServicesDep) -> HTMLResponse:
     store = services.store
@@ -86,7 +98,8 @@ def dashboard(services: ServicesDep) -> HTMLResponse:
     rows = "".join(
         f'<tr><td>{r.id}</td><td class="{r.status}">{r.status}</td><td>v{r.base_version}</td>'
         f"<td>{r.assigned}/{r.max_assignments}</td><td>{r.received}/{r.goal}</td><td>{r.total_samples:g}</td>"
-        f"<td>{'' if r.result_version is None else 'v' + str(r.result_version)}</td><td>{e(r.strategy)}</td>"
+        f"<td>{'' if r.result_version is None else 'v' + str(r.result_version)}</td>"
+        f"<td>{e(r.strategy)}{secagg_cell(r)}</td>"
         f"<td>{e(time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(r.opened_at)))}</td>"
         f"<td>{'' if r.epsilon is None else f'{r.epsilon:.3f}'}</td>"
         f"<td style='text-align:left'>{e(r.reason or '')}</td></tr>"

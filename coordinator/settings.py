@@ -222,6 +222,9 @@ class Settings(BaseSettings, RoundSettings):
     )
     enrollment_key: str | None = Field(None, description="None: a random key is generated and logged")
     admin_token: str | None = Field(None, description="None: the admin API is disabled")
+    device_token_idle_days: float = Field(
+        90.0, gt=0, le=36500, description="a device token stops working after this many days without a check-in"
+    )
     insecure_dev: bool = Field(False, description="local demos only: allow short or guessable secrets")
     enroll_per_address: int = Field(
         60, ge=1, le=1_000_000, description="enrollments per client address per minute (429 beyond)"

@@ -411,9 +411,15 @@ def enrollment_code_reuse(target: Target) -> Outcome:
         revoked = client.delete(f"/v1/devices/{device['device_id']}", headers=target.admin).status_code
         by_device = client.delete(f"/v1/devices/{device['device_id']}", headers=headers).status_code
         after = client.post("/v1/checkin", json={"eligible": False}, headers=headers).status_code
-    got = (first.status_code, second.status_code, before, revoked, by_device, after)
-    return got == (201, 401, 200, 204, 403, 401), (
-        f"code: first use, second use; token before revoke, revoke, revoke by the device itself, token after: {got}"
+        other = Device(client, target.enrollment_key)
+        rotated = client.post(f"/v1/devices/{other.id}/token", headers=other.headers)
+        old_token = client.post("/v1/checkin", json={"eligible": False}, headers=other.headers).status_code
+        new_headers = {"Authorization": f"Bearer {rotated.json()['token']}"}
+        new_token = client.post("/v1/checkin", json={"eligible": False}, headers=new_headers).status_code
+    got = (first.status_code, second.status_code, before, revoked, by_device, after, old_token, new_token)
+    return got == (201, 401, 200, 204, 403, 401, 401, 200), (
+        "code: first use, second use; token before revoke, revoke, revoke by the device itself, token after; "
+        f"after rotation: old token, new token: {got}"
     )
 
 

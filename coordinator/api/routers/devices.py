@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import secrets
-import time
 import uuid
 
 from fastapi import APIRouter, Depends, Request
@@ -39,7 +38,7 @@ def _limit(store: Store, key: str, limit: int, now: float, what: str) -> None:
 def enroll(body: EnrollRequest, request: Request, store: StoreDep, settings: SettingsDep) -> EnrollResponse:
     """Enroll a device with the enrollment key or a one-time code (in the same field); the token is
     returned once and stored only as its sha256."""
-    now, address = time.time(), request.client.host if request.client else "unknown"
+    now, address = request.app.state.services.ingest.clock(), request.client.host if request.client else "unknown"
     _limit(store, f"enroll:{address}", settings.enroll_per_address, now, "enrollments from this address")
     start = int(now // WINDOW * WINDOW)
     for key, limit in (
@@ -73,6 +72,17 @@ def device_info(device_id: str, device: DeviceDep, store: StoreDep) -> DeviceInf
         rounds_assigned=assigned,
         updates_accepted=accepted,
     )
+
+
+@router.post("/{device_id}/token", response_model=EnrollResponse, responses={403: {"description": "another device"}})
+def rotate_token(device_id: str, device: DeviceDep, store: StoreDep) -> EnrollResponse:
+    """A new token for this device; the one presented stops working at once."""
+    if device_id != device.id:
+        raise Refused(403, f"device_id: this token belongs to another device, not {device_id}", "other_device")
+    token = secrets.token_urlsafe(32)
+    with store.transaction() as tx:
+        tx.set_token_hash(device.id, token_hash(token))
+    return EnrollResponse(device_id=device.id, token=token)
 
 
 @router.delete(

@@ -198,6 +198,11 @@ class Writes:
         """Mark an unspent, unexpired code as spent by `device_id`; False if there is no such code."""
         return self.conn.execute(SPEND_CODE, {"hash": code_hash, "spender": device_id, "now": now}).rowcount == 1
 
+    def hit(self, key: str, window: float, now: float) -> int:
+        """Store.hit inside this transaction (so a refused request's hit is rolled back with it)."""
+        start = int(now // window * window)
+        return int(self.conn.execute(hit_statement(self.dialect), {"key": key, "start": start}).scalar_one())
+
     def set_token_hash(self, device_id: str, new_hash: str) -> bool:
         """Replace the device's token (the old one then gets 401); False if there is no such device."""
         return self.conn.execute(SET_TOKEN, {"for_id": device_id, "new_hash": new_hash}).rowcount == 1

@@ -13,16 +13,16 @@ from fastapi import APIRouter, Depends, Request
 from coordinator.api.deps import DeviceDep, SettingsDep, StoreDep, require_admin, token_hash
 from coordinator.api.schemas import DeviceInfo, EnrollRequest, EnrollResponse
 from coordinator.errors import Refused
-from coordinator.store import Store
+from coordinator.store import Store, Writes
 
 router = APIRouter(prefix="/v1/devices", tags=["devices"])
 log = logging.getLogger("pocketfed.coordinator")
 WINDOW = 60.0  # seconds: the rate limits count per minute
 
 
-def _limit(store: Store, key: str, limit: int, now: float, what: str) -> None:
+def _limit(counter: Store | Writes, key: str, limit: int, now: float, what: str) -> None:
     """Count a hit on `key`; 429 with Retry-After once the minute's count passes `limit`."""
-    if store.hit(key, WINDOW, now) > limit:
+    if counter.hit(key, WINDOW, now) > limit:
         retry = max(1, int(WINDOW - now % WINDOW) + 1)
         raise Refused(
             429, f"{what}: more than {limit} per minute; retry later", "rate_limited", {"Retry-After": str(retry)}
@@ -39,7 +39,6 @@ def enroll(body: EnrollRequest, request: Request, store: StoreDep, settings: Set
     """Enroll a device with the enrollment key or a one-time code (in the same field); the token is
     returned once and stored only as its sha256."""
     now, address = request.app.state.services.ingest.clock(), request.client.host if request.client else "unknown"
-    _limit(store, f"enroll:{address}", settings.enroll_per_address, now, "enrollments from this address")
     start = int(now // WINDOW * WINDOW)
     for key, limit in (
         (f"enroll-fail:{address}", settings.enroll_failures_per_address),
@@ -50,6 +49,7 @@ def enroll(body: EnrollRequest, request: Request, store: StoreDep, settings: Set
     device_id, token = uuid.uuid4().hex, secrets.token_urlsafe(32)
     by_key = secrets.compare_digest(body.enrollment_key.encode(), (settings.enrollment_key or "").encode())
     with store.transaction(durable=False) as tx:  # lost only on power loss; the device enrolls again
+        _limit(tx, f"enroll:{address}", settings.enroll_per_address, now, "enrollments from this address")
         if by_key or tx.spend_enrollment_code(token_hash(body.enrollment_key), device_id, now):
             tx.add_device(device_id, token_hash(token), body.name, now)
             return EnrollResponse(device_id=device_id, token=token)

@@ -254,6 +254,29 @@ def upload_slot_exhaustion(target: Target) -> Outcome:
     )
 
 
+def slow_body(target: Target) -> Outcome:
+    """An assigned device sends its upload at 100 bytes/s: the server must give up on it (408) soon
+    after the grace period instead of holding an upload slot for the ~30 minutes it would take."""
+    with target.client(timeout=120) as client:
+        _, weights = fresh_round(target, client)
+        mallory = Device(client, target.enrollment_key)
+        task = mallory.task()
+        body = update_for(task, {n: np.zeros(w.shape, np.float32) for n, w in weights.items()})
+
+        def trickle():
+            for i in range(0, len(body), 50):
+                yield body[i : i + 50]
+                time.sleep(0.5)
+
+        started = time.perf_counter()
+        try:
+            status = mallory.upload(task["round_id"], trickle()).status_code
+        except httpx.HTTPError as exc:
+            status = type(exc).__name__
+        seconds = time.perf_counter() - started
+    return status == 408 and seconds < 30, f"a {len(body)}-byte body at 100 bytes/s -> {status} after {seconds:.1f}s"
+
+
 def container_header_bomb(target: Target) -> Outcome:
     """An assigned device sends an update whose JSON header is 20 MiB."""
     with target.client() as client:
@@ -430,6 +453,7 @@ ATTACKS: dict[str, Callable[[Target], Outcome]] = {
     "metrics_cardinality": metrics_cardinality,
     "unauthenticated_calls": unauthenticated_calls,
     "upload_slot_exhaustion": upload_slot_exhaustion,
+    "slow_body": slow_body,
     "container_header_bomb": container_header_bomb,
     "metric_key_flood": metric_key_flood,
     "idempotency_key_reuse": idempotency_key_reuse,

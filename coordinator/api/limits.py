@@ -17,6 +17,15 @@ import time
 BINARY_ROUTES = re.compile(r"^/v1/(rounds/\d+/updates|rounds/\d+/secagg/masked_input|admin/models)/?$")
 
 
+async def _within(awaitable, seconds: float):
+    """`await awaitable`, or TimeoutError after `seconds` (asyncio.timeout where there is one: it
+    costs a timer, where wait_for costs a task per chunk of every body)."""
+    if hasattr(asyncio, "timeout"):  # Python >= 3.11
+        async with asyncio.timeout(seconds):
+            return await awaitable
+    return await asyncio.wait_for(awaitable, seconds)
+
+
 class BodyRefused(Exception):
     def __init__(self, status: int, detail: str):
         super().__init__(detail)
@@ -60,7 +69,7 @@ class BodyLimits:
                 return await receive()
             budget = self.grace + state["size"] / self.min_rate - (time.monotonic() - started_at)
             try:
-                message = await asyncio.wait_for(receive(), timeout=max(budget, 0.001))
+                message = await _within(receive(), max(budget, 0.001))
             except asyncio.TimeoutError:
                 state["refused"] = BodyRefused(
                     408,

@@ -25,8 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
+from coordinator.settings import RoundSettings  # noqa: E402
 from coordinator.strategies import make_strategy  # noqa: E402
-from coordinator.strategies.influence import influence_limits  # noqa: E402
+from coordinator.strategies.influence import bounded, round_limits  # noqa: E402
 from engine.data import MnistDataset, Subset, load_default, parse_partition  # noqa: E402
 from engine.data.dataview import ArrayDataset  # noqa: E402
 from engine.models import build  # noqa: E402
@@ -112,18 +113,13 @@ def run(name: str, args) -> dict:
             updates.append((delta, data.size()))
         if not updates:
             continue
-        if norm_bound == "influence":  # as the coordinator's lifecycle does, from the last round
-            flat = [w.ravel() for w in weights.values()]
-            limits = influence_limits(
-                float(np.sqrt(sum(float(np.dot(f, f)) for f in flat))),
-                sum(f.size for f in flat),
-                *reference,
-                norm_multiple=3.0,
-                count_multiple=3.0,
-                model_fraction=args.influence_model_fraction,
-            )
-            reference = ([clip(d, np.inf)[1] for d, _ in updates], [n for _, n in updates])
-            updates = [(clip(d, limits.norm_bound)[0], min(n, limits.weight_cap)) for d, n in updates]
+        if norm_bound == "influence":  # as the coordinator's lifecycle does: limits from the last round
+            norms, counts = [clip(d, np.inf)[1] for d, _ in updates], [n for _, n in updates]
+            config = RoundSettings(influence_model_fraction=args.influence_model_fraction)
+            limits, limits_from = round_limits(config, list(weights.values()), *reference)
+            limits = limits or limits_from(norms, counts)  # or, with none, from this round's own
+            reference = (norms, counts)
+            updates = bounded(updates, limits)
         elif norm_bound == "auto":  # an operator's bound: a few times the typical honest norm of round 1
             norm_bound = args.norm_bound or 3.0 * float(np.median([clip(d, np.inf)[1] for d, _ in updates]))
         if norm_bound is not None and norm_bound != "influence":
@@ -155,7 +151,7 @@ def main() -> None:
     parser.add_argument("--partition", default="iid")
     parser.add_argument("--norm-bound", type=float, default=None, help="fedavg+norm_bound (default: auto)")
     parser.add_argument(
-        "--influence-model-fraction", type=float, default=0.05, help="fedavg+default_bound: as the coordinator's"
+        "--influence-model-fraction", type=float, default=1.0, help="fedavg+default_bound: as the coordinator's"
     )
     parser.add_argument("--test-size", type=int, default=2000)
     parser.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset of " + ", ".join(RUNS))

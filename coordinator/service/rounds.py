@@ -41,8 +41,9 @@ from coordinator.strategies.dp import count_stddev
 from coordinator.strategies.influence import (
     InfluenceBounded,
     InfluenceLimits,
+    LimitsFrom,
     bounded_by_default,
-    influence_limits,
+    round_limits,
 )
 from engine.serialize.container import loads
 
@@ -109,31 +110,25 @@ class RoundLifecycle:
             elif cfg.norm_bound is not None:
                 strategy = NormBounded(strategy, cfg.norm_bound)
             elif bounded_by_default(cfg):
-                limits = self.influence_limits(r)
-                log.info("round %d: deltas clipped to %.4g, weights capped at %g (%s)", r.id, *vars(limits).values())
-                strategy = InfluenceBounded(strategy, limits)
+                limits, limits_from = self.influence_limits(r)
+                if limits is None:
+                    log.info("round %d: no reference round; influence limits from its own updates at commit", r.id)
+                else:
+                    log.info("round %d: deltas clipped to %.4g, weights capped at %g", r.id, *vars(limits).values())
+                strategy = InfluenceBounded(strategy, limits, limits_from)
             if len(self._strategies) >= 4:
                 self._strategies.pop(min(self._strategies))
             self._strategies[r.id] = strategy
         return strategy
 
-    def influence_limits(self, r: RoundRow) -> InfluenceLimits:
+    def influence_limits(self, r: RoundRow) -> tuple[InfluenceLimits | None, LimitsFrom]:
         """The default per-device bounds for round `r` (strategies/influence.py): from its base model
         and the last committed round before it (the same on every replica)."""
-        cfg, container = r.config, self.versions.get(r.base_version).container
+        container = self.versions.get(r.base_version).container
         trainable = [container.tensors[name] for name in expected_shapes(container)]
-        base_norm = math.sqrt(sum(float(np.dot(t.ravel(), t.ravel())) for t in trainable))
         previous = self.store.last_committed_before(r.id)
         updates = self.store.round_updates(previous) if previous is not None else []
-        return influence_limits(
-            base_norm,
-            sum(t.size for t in trainable),
-            [u.norm for u in updates],
-            [u.sample_count for u in updates],
-            norm_multiple=cfg.influence_norm_multiple,
-            count_multiple=cfg.influence_count_multiple,
-            model_fraction=cfg.influence_model_fraction,
-        )
+        return round_limits(r.config, trainable, [u.norm for u in updates], [u.sample_count for u in updates])
 
     def start(self, initial_model: Callable[[], bytes]) -> None:
         """Idempotent recovery: adopt or store the round settings, drop orphan files, publish v0 if

@@ -215,6 +215,14 @@ def test_replays_count_once_and_devices_cannot_speak_for_others(server):
             forged = dict(message, mask_key="AAAA")
             bad = http.post(f"/v1/rounds/{round_id}/secagg/advertise", json=forged, headers=h[3])
             assert bad.status_code == 422, bad.text
+            garbage = http.post(f"/v1/rounds/{round_id}/secagg/masked_input", content=b"\x00" * 64, headers=h[3])
+            assert garbage.status_code == 422 and "masked_input" in garbage.json()["detail"]
+            not_json = http.post(f"/v1/rounds/{round_id}/secagg/unmask", content=b"{", headers=h[3])
+            assert not_json.status_code == 422
+            huge = http.post(f"/v1/rounds/{round_id}/secagg/shares", content=b" " * (9 << 20), headers=h[3])
+            assert huge.status_code == 413
+            stranger = http.get(f"/v1/rounds/{round_id}/secagg")
+            assert stranger.status_code == 401
         for c in clients:
             c.close()
 

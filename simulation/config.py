@@ -35,6 +35,7 @@ class SimConfig:
     workdir: str | None = None  # None: a temporary directory, removed afterwards
     db: str | None = None
     progress: bool = True
+    js_agents: int = 0  # devices 0..js_agents-1 play the TypeScript agent (node + onnxruntime-node)
     secure_aggregation: bool = False  # devices mask their deltas; the coordinator unmasks only the sum
     dropout: float = 0.0  # secure aggregation: this fraction of each round's devices vanishes before unmasking
     extra_options: dict[str, Any] = field(default_factory=dict)
@@ -48,6 +49,8 @@ class SimConfig:
             raise ValueError(f"--rounds must be >= 1, got {self.rounds}")
         if self.workers < 1:
             raise ValueError(f"--workers must be >= 1, got {self.workers}")
+        if not 0 <= self.js_agents <= self.devices:
+            raise ValueError(f"--js-agents must be in 0..{self.devices} (--devices), got {self.js_agents}")
         if not 0.0 <= self.holdout < 1.0:
             raise ValueError(f"--holdout must be in [0, 1), got {self.holdout}")
         if not 0.0 <= self.dropout < 0.5:
@@ -85,6 +88,7 @@ class SimConfig:
             "server_lr": server_lr,
             "fedprox_mu": self.fedprox_mu,
             "enrollment_key": enrollment_key,
+            "enroll_per_address": 1_000_000,  # the whole simulated fleet enrolls from loopback
             "min_retry_after": 0,
             "max_retry_after": 2,
             "tick_interval": 0.5,

@@ -134,7 +134,9 @@ class Participant(BaseModel):
 class RoundDetail(RoundSummary):
     config: RoundSettings
     metrics: dict[str, float] = Field(..., description="sample-weighted mean of the devices' metrics")
-    participants: list[Participant]
+    participants: list[Participant] | None = Field(
+        None, description="per-device detail, with the admin token only (public: aggregates, None here)"
+    )
 
 
 class PublishResponse(BaseModel):
@@ -164,7 +166,7 @@ class SettingsPatch(Strict):
     beta2: float | None = None
     tau: float | None = None
     fedprox_mu: float | None = None
-    encoding: Literal["float32", "float16", "int8"] | None = None
+    encoding: Literal["float32", "float16", "int8", "int4"] | None = None
     topk_fraction: float | None = None
     clip_norm: float | None = None
     noise_multiplier: float | None = None
@@ -195,3 +197,14 @@ class Health(BaseModel):
     model_version: int
     round_id: int | None
     paused: bool
+
+
+class EnrollmentCodesRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    count: int = Field(1, ge=1, le=10_000, description="how many one-time codes")
+    ttl_seconds: float = Field(7 * 86400, gt=0, le=365 * 86400, description="seconds until unused codes expire")
+
+
+class EnrollmentCodes(BaseModel):
+    codes: list[str] = Field(..., description="each enrolls one device once (as enrollment_key); shown only now")
+    expires_at: float

@@ -32,6 +32,7 @@ from coordinator.service.privacy import PrivacyLedger, require_accountant
 from coordinator.service.rounds import RoundLifecycle
 from coordinator.service.secagg import SecureAggregation, require_cryptography
 from coordinator.service.ticker import Ticker
+from coordinator.service.training_steps import TrainingSteps
 from coordinator.service.versions import ModelVersions
 from coordinator.service.writer import UploadWriter
 from coordinator.settings import Settings
@@ -46,6 +47,7 @@ class Services:
     store: Store
     files: BlobStore
     versions: ModelVersions
+    training_steps: TrainingSteps
     privacy: PrivacyLedger
     rounds: RoundLifecycle
     writer: UploadWriter
@@ -152,10 +154,19 @@ def open_services(
         store=store,
         files=files,
         versions=versions,
+        training_steps=TrainingSteps(versions),
         privacy=privacy,
         rounds=rounds,
         writer=writer,
-        ingest=Ingest(store, versions, rounds, writer, clock, on_late=ticker.wake),
+        ingest=Ingest(
+            store,
+            versions,
+            rounds,
+            writer,
+            clock,
+            on_late=ticker.wake,
+            max_header_bytes=settings.max_update_header_bytes,
+        ),
         checkin=CheckIn(settings, store, rounds, privacy, writer, clock, on_late=ticker.wake),
         secagg=SecureAggregation(store, versions, rounds, clock),
         admin=Admin(store, versions, rounds),

@@ -18,7 +18,6 @@ from coordinator.errors import Refused
 
 router = APIRouter(prefix="/v1/rounds", tags=["secure aggregation"])
 
-MAX_JSON_BYTES = 8 * 1024 * 1024  # a shares message of a 1000-device cohort's neighbours is well below
 JSON_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": {"type": "object"}}}}}
 FRAME_BODY = {
     "requestBody": {
@@ -85,7 +84,7 @@ async def secagg_message(
     kind: str = Path(..., pattern="^(advertise|shares|unmask)$", description="advertise, shares or unmask"),
 ) -> dict:
     """The device's message for phase 1 (advertise), 2 (shares) or 4 (unmask)."""
-    body = await read_limited(request, MAX_JSON_BYTES)
+    body = await read_limited(request, services.settings.max_json_body_bytes)
     try:
         message = json.loads(body)
     except (ValueError, RecursionError) as exc:

@@ -1,8 +1,8 @@
 """Secure aggregation: each secure-aggregation round's state at the start of its phase, and the
 messages accepted since.
 
-Revision ID: 0003_secagg13
-Revises: 0002_scaleout14
+Revision ID: 0004_secagg13
+Revises: 0003_security12
 """
 
 import sqlalchemy as sa
@@ -10,8 +10,8 @@ from alembic import op
 
 from coordinator.store.schema import Real
 
-revision = "0003_secagg13"
-down_revision = "0002_scaleout14"
+revision = "0004_secagg13"
+down_revision = "0003_security12"
 branch_labels = None
 depends_on = None
 

@@ -158,8 +158,8 @@ def test_dropouts_at_two_phases_still_give_the_survivors_sum(server, database, r
         leave = {1: "advertise", 4: "masked_input"}  # 1 never shares keys; 4 vanishes before unmasking
         outcomes, _, round_id = play(srv.url, DELTAS, SAMPLES, leave_after=leave)
         statuses = [o.status for o in outcomes]
-        assert statuses[1] == "left" and statuses[4] == "left"
-        assert [s for i, s in enumerate(statuses) if i not in leave] == ["done"] * 4
+        assert statuses[1] == "left" and statuses[4] == "left", outcomes
+        assert [s for i, s in enumerate(statuses) if i not in leave] == ["done"] * 4, outcomes
         reader = enrolled(srv.url, 1)[0]
         with admin_client(srv.url, reader) as client:
             detail = wait_closed(client, round_id)

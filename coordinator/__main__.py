@@ -33,7 +33,6 @@ def build_parser() -> argparse.ArgumentParser:
             default=None,
             **switch,
             help=f"{field.description or ''} (default {field.default!r}; env {env_name(name)})",
-            **switch,
         )
     return parser
 

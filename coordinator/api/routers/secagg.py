@@ -34,7 +34,6 @@ REFUSALS = {
 }
 MAX_WAIT = 30.0
 WAKE_SECONDS = 0.02  # how often a long poll looks for news (a counter in memory, no database read)
-KINDS = {"advertise": "advertise", "shares": "shares", "unmask": "unmask"}
 
 
 @router.get("/{round_id}/secagg", response_model=SecAggStatus, responses=REFUSALS)
@@ -89,4 +88,4 @@ async def secagg_message(
         message = json.loads(body)
     except (ValueError, RecursionError) as exc:
         raise Refused(422, f"{kind}: body is not JSON ({str(exc)[:100]})", "bad_secagg_message") from None
-    return await run_in_threadpool(services.secagg.receive, round_id, device.id, KINDS[kind], message)
+    return await run_in_threadpool(services.secagg.receive, round_id, device.id, kind, message)

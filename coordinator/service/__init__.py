@@ -29,6 +29,7 @@ from coordinator.service.evaluation import EvaluateFn, Evaluator, engine_evaluat
 from coordinator.service.ingest import Ingest
 from coordinator.service.modelfile import initial_model_bytes
 from coordinator.service.privacy import PrivacyLedger, require_accountant
+from coordinator.service.releases import Releases
 from coordinator.service.rounds import RoundLifecycle
 from coordinator.service.ticker import Ticker
 from coordinator.service.versions import ModelVersions
@@ -55,6 +56,7 @@ class Services:
     metrics: Metrics
     evaluator: Evaluator | None
     lease: Lease
+    releases: Releases
 
     def tick(self) -> None:
         """Settle rounds now (what the background ticker does every tick_interval)."""
@@ -85,6 +87,7 @@ class Services:
             "pf_current_round": r.id if r else 0,
             "pf_current_round_received": r.received if r else 0,
             "pf_model_version": self.versions.latest(),
+            "pf_released_version": self.releases.released(),
             "pf_devices": self.store.count_devices(),
             "pf_paused": int(self.rounds.paused),
         }
@@ -122,14 +125,26 @@ def open_services(
     metrics = Metrics()
     if evaluate is None and settings.eval_data:
         evaluate = engine_evaluator(settings.eval_data)
+    releases = Releases(
+        store,
+        tolerance=settings.release_tolerance,
+        canary_fraction=settings.canary_fraction,
+        server_gate=evaluate is not None,
+        clock=clock,
+    )
     evaluator = None
     if evaluate is not None:
 
         def record(version: int, result: dict) -> None:
             with store.transaction() as tx:
                 tx.set_evaluation(version, float(result["accuracy"]), float(result["loss"]), int(result["n"]))
+            ticker.wake()  # a candidate may await this evaluation before the next round opens
 
-        evaluator = Evaluator(evaluate, record)
+        def failed(version: int, why: str) -> None:
+            releases.fail(version, why)
+            ticker.wake()
+
+        evaluator = Evaluator(evaluate, record, failed)
     replica = replica_name(store)
     lease = Lease(store, replica, settings.lease_seconds)
 
@@ -139,7 +154,9 @@ def open_services(
 
     versions = ModelVersions(store, files, on_published=published)
     privacy = PrivacyLedger(store)
-    rounds = RoundLifecycle(round_settings, store, versions, privacy, metrics, clock, replica=replica)
+    rounds = RoundLifecycle(
+        round_settings, store, versions, privacy, metrics, clock, replica=replica, releases=releases
+    )
     writer = UploadWriter(store, rounds)
     ticker = Ticker(lambda: services.background(), settings.tick_interval)
     services = Services(
@@ -157,6 +174,7 @@ def open_services(
         metrics=metrics,
         evaluator=evaluator,
         lease=lease,
+        releases=releases,
     )
     lease.hold()
     rounds.start(lambda: initial_model_bytes(settings.model, settings.model_seed))

@@ -101,6 +101,9 @@ class CheckIn:
             to_deadline = r.deadline - now
             if not eligible:
                 return self._retry(to_deadline, "device reported not eligible"), written
+            if not self.lifecycle.releases.admits(bool(r.canary), device_id):
+                why = f"round {r.id} is the canary of candidate v{r.base_version}, for canary devices only"
+                return self._retry(to_deadline, why), written
             if self.store.has_update(r.id, device_id):
                 return self._retry(to_deadline, f"already contributed to round {r.id}"), written
             if self.store.is_assigned(r.id, device_id):

@@ -68,6 +68,7 @@ class RoundRow:
     dp_q: float | None
     dp_noise: float | None
     epsilon: float | None
+    canary: int = 0  # 1: a canary round, on a candidate, for the canary devices only
     aggregate: bytes | None = None  # read only when asked for (the writer, a commit, the audit)
 
     @classmethod
@@ -93,6 +94,7 @@ class NewRound:
     dp_clip: float | None = None
     dp_q: float | None = None
     dp_noise: float | None = None
+    canary: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,3 +126,15 @@ class PartialRow:
     received: int
     total_weight: float
     aggregate: bytes | None = None  # read only when asked for; NULL once the round closed
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseRow:
+    """One change of the released version (or a decision on a candidate), with who and why."""
+
+    id: int
+    version: int
+    action: str
+    actor: str
+    reason: str
+    at: float

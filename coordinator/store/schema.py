@@ -78,6 +78,8 @@ rounds = sa.Table(
     sa.Column("dp_q", Real),  # DP: sampling rate goal / population
     sa.Column("dp_noise", Real),  # DP: noise multiplier z charged to the accountant
     sa.Column("epsilon", Real),  # DP: epsilon spent after this round committed
+    # a canary round (service/releases.py): on a candidate, for the canary devices only
+    sa.Column("canary", sa.Integer, nullable=False, server_default=sa.text("0")),
     # at most one open round, whichever replica opens it
     sa.Index(
         "one_open_round",
@@ -159,4 +161,21 @@ rate_limits = sa.Table(
     sa.Column("key", sa.Text, primary_key=True),
     sa.Column("window_start", BigInt, primary_key=True),
     sa.Column("hits", sa.Integer, nullable=False),
+)
+
+# ---------------------------------------------------------------------- releases (issue 17)
+
+# Every change of which version devices get as their base, with who made it and why: the gate's
+# decisions on candidates, canaries, promotions, an operator's pins and rollbacks. The current state
+# (released version, canary, pin) is server_state "release", written in the same transaction.
+releases = sa.Table(
+    "releases",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("version", sa.Integer, sa.ForeignKey("model_versions.version"), nullable=False),
+    sa.Column("action", sa.Text, nullable=False),  # released | held | canary | promoted | pinned | ...
+    sa.Column("actor", sa.Text, nullable=False),  # "release-gate", "system" or the operator's name
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("at", Real, nullable=False),
+    sa.Index("releases_by_version", "version"),
 )

@@ -18,12 +18,13 @@ import sqlalchemy as sa
 
 from coordinator.store import migrate
 from coordinator.store.database import Database
-from coordinator.store.rows import DeviceRow, ModelVersionRow, PartialRow, RoundRow, UpdateRow
+from coordinator.store.rows import DeviceRow, ModelVersionRow, PartialRow, ReleaseRow, RoundRow, UpdateRow
 from coordinator.store.schema import (
     assignments,
     devices,
     model_blobs,
     model_versions,
+    releases,
     round_partials,
     rounds,
     server_state,
@@ -139,6 +140,16 @@ ROUND_PARTIALS_WITH_SUMS = (
 ALL_PARTIALS = sa.select(*PARTIAL).order_by(round_partials.c.round_id, round_partials.c.replica)
 MODEL_BLOB = sa.select(model_blobs.c.data).where(model_blobs.c.name == _b("name"))
 BLOB_NAMES = sa.select(model_blobs.c.name)
+
+RELEASES_NEWEST_FIRST = sa.select(*releases.c).order_by(releases.c.id.desc()).limit(_b("limit"))
+DECIDED_VERSIONS = sa.select(releases.c.version).distinct()
+ROUNDS_ON_BASE = (
+    sa.select(rounds.c.id)
+    .where(rounds.c.base_version == _b("v"), rounds.c.status == COMMITTED, rounds.c.canary == 0)
+    .order_by(rounds.c.id.desc())
+    .limit(_b("limit"))
+)
+UPDATE_METRICS = sa.select(updates.c.metrics, updates.c.sample_count).where(updates.c.round_id == _b("r"))
 
 STATE = sa.select(server_state.c.value).where(server_state.c.key == _b("key"))
 STATE_ITEMS = sa.select(server_state.c.key, server_state.c.value).order_by(server_state.c.key)
@@ -338,6 +349,30 @@ class Store:
         so far in it, from every replica (an atomic upsert)."""
         start = int(now // window * window)
         return int(self.db.execute_now(hit_statement(self.dialect), {"key": key, "start": start})[0][0])
+
+    # ------------------------------------------------------------------ releases
+
+    def releases(self, limit: int = 100) -> list[ReleaseRow]:
+        """The release audit, newest first."""
+        return [ReleaseRow(*r) for r in self._all(RELEASES_NEWEST_FIRST, {"limit": limit})]
+
+    def decided_versions(self) -> set[int]:
+        """Versions the release audit has a row for (a candidate without one is still undecided)."""
+        return {r[0] for r in self._all(DECIDED_VERSIONS)}
+
+    def committed_rounds_on(self, version: int, limit: int = 3) -> list[int]:
+        """The newest committed rounds of the whole fleet (not canary rounds) that trained on `version`."""
+        return [r[0] for r in self._all(ROUNDS_ON_BASE, {"v": version, "limit": limit})]
+
+    def round_metric_mean(self, round_ids: list[int], name: str) -> tuple[float, int] | None:
+        """(sample-weighted mean of one uploaded metric over these rounds' updates, samples), or None."""
+        total = weight = 0.0
+        for round_id in round_ids:
+            for text, n in self._all(UPDATE_METRICS, {"r": round_id}):
+                value = json.loads(text).get(name)
+                if isinstance(value, int | float) and n > 0:
+                    total, weight = total + float(value) * n, weight + n
+        return (total / weight, int(weight)) if weight > 0 else None
 
     # ------------------------------------------------------------------ server state
 

@@ -23,6 +23,7 @@ from coordinator.store.schema import (
     model_blobs,
     model_versions,
     rate_limits,
+    releases,
     round_partials,
     rounds,
     server_state,
@@ -158,6 +159,7 @@ GROW_PARTIAL_COUNTS = (
 )
 DROP_PARTIAL_SUMS = sa.update(round_partials).where(round_partials.c.round_id == _b("r")).values(aggregate=None)
 ADD_BLOB = sa.insert(model_blobs)
+ADD_RELEASE = sa.insert(releases)
 
 
 class StalePartial(RuntimeError):
@@ -231,6 +233,7 @@ class Writes:
                 "dp_clip": new.dp_clip,
                 "dp_q": new.dp_q,
                 "dp_noise": new.dp_noise,
+                "canary": int(new.canary),
             },
         )
         return int(result.inserted_primary_key[0])
@@ -322,6 +325,12 @@ class Writes:
 
     def add_blob(self, name: str, data: bytes) -> None:
         self.conn.execute(ADD_BLOB, {"name": name, "data": data})
+
+    # ------------------------------------------------------------------ releases
+
+    def add_release(self, version: int, action: str, actor: str, reason: str, at: float) -> None:
+        params = {"version": version, "action": action, "actor": actor, "reason": reason, "at": at}
+        self.conn.execute(ADD_RELEASE, params)
 
     # ------------------------------------------------------------------ server state
 

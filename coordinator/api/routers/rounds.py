@@ -38,6 +38,7 @@ def summarize(r: RoundRow, assigned: int) -> RoundSummary:
         dp_delta=r.config.dp_delta if dp else None,
         dp_clip_norm=r.dp_clip,
         dp_sampling_rate=r.dp_q,
+        canary=bool(r.canary),
     )
 
 

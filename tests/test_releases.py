@@ -14,6 +14,8 @@ from coordinator.testing import tick as settle
 from engine.serialize.container import loads
 from protocol.update import encode_update
 
+pytest_plugins = ["postgres_helpers"]  # pg_url: a throwaway PostgreSQL database
+
 KEY, ADMIN = "enroll-secret", "admin-secret"
 AS_ADMIN = {"Authorization": f"Bearer {ADMIN}"}
 
@@ -21,14 +23,14 @@ AS_ADMIN = {"Authorization": f"Bearer {ADMIN}"}
 class Coordinator:
     """A coordinator on a real port whose server-side evaluation scores each version as `scores` says."""
 
-    def __init__(self, tmp_path, *, evaluated: bool = True, **options):
+    def __init__(self, tmp_path, *, evaluated: bool = True, db: str | None = None, **options):
         model = tmp_path / "base.pfmodel"
         if not model.exists():
             model.write_bytes(stand_in_model_bytes(seed=1))
         self.scores: dict[int, float] = {}
         evaluate = self._evaluate if evaluated else None
         settings = Settings(
-            db=str(tmp_path / "coord.db"),
+            db=db or str(tmp_path / "coord.db"),
             model=str(model),
             goal=2,
             over_select=1.0,
@@ -144,8 +146,10 @@ def test_a_canary_round_on_the_canary_devices_decides_the_promotion(tmp_path, ca
         assert others[0].task()["base_version"] == released(client)
 
 
-def test_rollback_and_pin_are_recorded_and_survive_a_restart(tmp_path):
-    coordinator = Coordinator(tmp_path, evaluated=False)  # no held-out data: candidates released as committed
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_rollback_and_pin_are_recorded_and_survive_a_restart(tmp_path, request, database):
+    db = request.getfixturevalue("pg_url") if database == "postgresql" else None
+    coordinator = Coordinator(tmp_path, evaluated=False, db=db)  # no held-out data: released as committed
     with coordinator as client:
         devices = [TestDevice(client, KEY) for _ in range(2)]
         coordinator.settle()
@@ -175,7 +179,7 @@ def test_rollback_and_pin_are_recorded_and_survive_a_restart(tmp_path):
         assert client.post("/v1/admin/pin", json=pin, headers=AS_ADMIN).json()["pinned"] is True
         run_round(coordinator, devices, acc_before=0.6)  # trains on v0, commits v3: a candidate only
         assert released(client) == 0 and statuses(client)[3] == "candidate"
-    with Coordinator(tmp_path, evaluated=False) as client:  # the release state lives in the database
+    with Coordinator(tmp_path, evaluated=False, db=db) as client:  # the release state lives in the database
         assert released(client) == 0 and client.get("/v1/releases").json()["pinned"] is True
         unpin = client.post("/v1/admin/unpin", json={"reason": "launch done", "by": "bob"}, headers=AS_ADMIN)
         assert unpin.json()["pinned"] is False

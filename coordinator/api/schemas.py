@@ -201,3 +201,21 @@ class ReleaseEvent(BaseModel):
 
 class Releases(ReleaseStateInfo):
     events: list[ReleaseEvent] = Field(..., description="the release audit, newest first")
+
+
+class PopulationInfo(BaseModel):
+    name: str
+    architecture: str
+    created_at: float | None = Field(None, description="null for the default population")
+    created_by: str | None = None
+    released_version: int
+    devices: int = Field(..., description="devices enrolled")
+    api: str = Field(..., description="the population's API prefix")
+
+
+class PopulationCreated(BaseModel):
+    name: str
+    enrollment_key: str = Field(..., description="shown once; stored only as its sha256")
+    version: int
+    sha256: str
+    api: str

@@ -57,6 +57,8 @@ class Services:
     evaluator: Evaluator | None
     lease: Lease
     releases: Releases
+    population: str = "default"  # service/populations.py
+    enrollment_key_hash: str | None = None  # a named population's key (sha256); default: settings.enrollment_key
 
     def tick(self) -> None:
         """Settle rounds now (what the background ticker does every tick_interval)."""
@@ -110,10 +112,16 @@ class Services:
 
 
 def open_services(
-    settings: Settings, *, clock: Callable[[], float] = time.time, evaluate: EvaluateFn | None = None
+    settings: Settings,
+    *,
+    clock: Callable[[], float] = time.time,
+    evaluate: EvaluateFn | None = None,
+    initial_model: bytes | None = None,
+    population: str = "default",
 ) -> Services:
     """Open the store (migrating it), recover (orphan files, the initial model, the open round) and
-    wire the services. `clock` and `evaluate` are injectable for tests."""
+    wire the services. `clock` and `evaluate` are injectable for tests; `initial_model` is a new
+    population's first model (else --model)."""
     if not settings.enrollment_key:
         settings = settings.model_copy(update={"enrollment_key": secrets.token_urlsafe(16)})
         log.warning("no enrollment key given; generated one for this run: %s", settings.enrollment_key)
@@ -175,11 +183,18 @@ def open_services(
         evaluator=evaluator,
         lease=lease,
         releases=releases,
+        population=population,
     )
     lease.hold()
-    rounds.start(lambda: initial_model_bytes(settings.model, settings.model_seed))
+    rounds.start(lambda: initial_model or initial_model_bytes(settings.model, settings.model_seed))
     if evaluator is not None and lease.held:  # versions a crash left unevaluated
         evaluator.catch_up(store.unevaluated_versions(), lambda v: versions.get(v).data)
     metrics.watch(services.state)
-    log.info("replica %s on %s (%s the background lease)", replica, store.label, "holds" if lease.held else "waits for")
+    log.info(
+        "population %s: replica %s on %s (%s the background lease)",
+        population,
+        replica,
+        store.label,
+        "holds" if lease.held else "waits for",
+    )
     return services

@@ -179,3 +179,18 @@ releases = sa.Table(
     sa.Column("at", Real, nullable=False),
     sa.Index("releases_by_version", "version"),
 )
+
+# ---------------------------------------------------------------------- populations (issue 17)
+
+# The named populations besides `default` (the coordinator's own database). Each one's devices,
+# rounds, versions and releases live in a database of its own (a SQLite file beside this one, or a
+# PostgreSQL schema: service/populations.py), so no query of one population can reach another's rows.
+populations = sa.Table(
+    "populations",
+    metadata,
+    sa.Column("name", sa.Text, primary_key=True),
+    sa.Column("enrollment_key_hash", sa.Text, nullable=False),  # sha256 of its enrollment key
+    sa.Column("architecture", sa.Text, nullable=False),
+    sa.Column("created_at", Real, nullable=False),
+    sa.Column("created_by", sa.Text, nullable=False),
+)

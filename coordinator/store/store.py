@@ -24,6 +24,7 @@ from coordinator.store.schema import (
     devices,
     model_blobs,
     model_versions,
+    populations,
     releases,
     round_partials,
     rounds,
@@ -150,6 +151,8 @@ ROUNDS_ON_BASE = (
     .limit(_b("limit"))
 )
 UPDATE_METRICS = sa.select(updates.c.metrics, updates.c.sample_count).where(updates.c.round_id == _b("r"))
+
+POPULATIONS = sa.select(*populations.c).order_by(populations.c.name)
 
 STATE = sa.select(server_state.c.value).where(server_state.c.key == _b("key"))
 STATE_ITEMS = sa.select(server_state.c.key, server_state.c.value).order_by(server_state.c.key)
@@ -373,6 +376,12 @@ class Store:
                 if isinstance(value, int | float) and n > 0:
                     total, weight = total + float(value) * n, weight + n
         return (total / weight, int(weight)) if weight > 0 else None
+
+    # ------------------------------------------------------------------ populations
+
+    def populations(self) -> dict[str, tuple]:
+        """name -> (name, enrollment key hash, architecture, created_at, created_by)."""
+        return {r[0]: tuple(r) for r in self._all(POPULATIONS)}
 
     # ------------------------------------------------------------------ server state
 

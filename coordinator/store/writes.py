@@ -22,6 +22,7 @@ from coordinator.store.schema import (
     leases,
     model_blobs,
     model_versions,
+    populations,
     rate_limits,
     releases,
     round_partials,
@@ -160,6 +161,7 @@ GROW_PARTIAL_COUNTS = (
 DROP_PARTIAL_SUMS = sa.update(round_partials).where(round_partials.c.round_id == _b("r")).values(aggregate=None)
 ADD_BLOB = sa.insert(model_blobs)
 ADD_RELEASE = sa.insert(releases)
+ADD_POPULATION = sa.insert(populations)
 
 
 class StalePartial(RuntimeError):
@@ -331,6 +333,10 @@ class Writes:
     def add_release(self, version: int, action: str, actor: str, reason: str, at: float) -> None:
         params = {"version": version, "action": action, "actor": actor, "reason": reason, "at": at}
         self.conn.execute(ADD_RELEASE, params)
+
+    def add_population(self, name: str, key_hash: str, architecture: str, created_at: float, by: str) -> None:
+        row = {"enrollment_key_hash": key_hash, "architecture": architecture, "created_at": created_at}
+        self.conn.execute(ADD_POPULATION, {"name": name, **row, "created_by": by})
 
     # ------------------------------------------------------------------ server state
 

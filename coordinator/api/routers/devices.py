@@ -8,7 +8,7 @@ import uuid
 
 from fastapi import APIRouter
 
-from coordinator.api.deps import DeviceDep, SettingsDep, StoreDep, token_hash
+from coordinator.api.deps import DeviceDep, ServicesDep, SettingsDep, StoreDep, token_hash
 from coordinator.api.schemas import DeviceInfo, EnrollRequest, EnrollResponse
 from coordinator.errors import Refused
 
@@ -18,9 +18,14 @@ router = APIRouter(prefix="/v1/devices", tags=["devices"])
 @router.post(
     "", status_code=201, response_model=EnrollResponse, responses={401: {"description": "wrong enrollment key"}}
 )
-def enroll(body: EnrollRequest, store: StoreDep, settings: SettingsDep) -> EnrollResponse:
-    """Enroll a device; the token is returned once and stored only as its sha256."""
-    if not secrets.compare_digest(body.enrollment_key.encode(), (settings.enrollment_key or "").encode()):
+def enroll(body: EnrollRequest, services: ServicesDep, store: StoreDep, settings: SettingsDep) -> EnrollResponse:
+    """Enroll a device (into the population the path names); the token is returned once and stored
+    only as its sha256."""
+    if services.enrollment_key_hash is not None:  # a named population's key, kept as its sha256
+        presented, expected = token_hash(body.enrollment_key).encode(), services.enrollment_key_hash.encode()
+    else:
+        presented, expected = body.enrollment_key.encode(), (settings.enrollment_key or "").encode()
+    if not secrets.compare_digest(presented, expected):
         raise Refused(401, "enrollment_key: wrong enrollment key", "bad_enrollment_key")
     device_id, token = uuid.uuid4().hex, secrets.token_urlsafe(32)
     with store.transaction(durable=False) as tx:  # lost only on power loss; the device enrolls again

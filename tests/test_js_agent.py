@@ -146,11 +146,15 @@ def test_ts_training_with_the_onnx_step_matches_the_engine(built, tmp_path, opti
 
     model_bytes = build_model_bytes("lenet", seed=3)
     (tmp_path / "model.pfm").write_bytes(model_bytes)
-    lr, batch, epochs = 0.05, 16, 2
+    # Adam at its usual scale of learning rate: at 0.05 its steps amplify float32 summation-order noise
+    # (which differs with BLAS thread counts) to the edge of the 1e-5 bound
+    lr, batch, epochs = {"sgd-momentum": 0.05, "adam": 0.005}[optimizer], 16, 2
     export_training_step(load_model_bytes(model_bytes), tmp_path / "step.onnx", optimizer=optimizer, lr=lr)
     x, y = load_default("train").get_batch(np.arange(96))
     np.savez(tmp_path / "data.npz", x=x.astype(np.float32), y=y.astype(np.int64))
-    interop("train", *(str(tmp_path / n) for n in ("model.pfm", "step.onnx", "data.npz", "out.pft")), "2", "16", "0.05")
+    interop(
+        "train", *(str(tmp_path / n) for n in ("model.pfm", "step.onnx", "data.npz", "out.pft")), "2", "16", str(lr)
+    )
     ts = loads((tmp_path / "out.pft").read_bytes())
 
     trainer = Trainer(load_model_bytes(model_bytes), optimizer=make_optimizer(optimizer, lr), batch_size=batch)

@@ -195,6 +195,8 @@ def test_upload_refusals_leave_the_aggregate_untouched(service):
     assert a.upload(1, good, key="first").status_code == 202
     refused(a, update_bytes(seed=4), 409, "already uploaded", key="second")
     assert b.upload(1, update_bytes(seed=5)).status_code == 202  # goal 2: round 1 commits
+    service.app.state.services.evaluator.wait_idle()  # the release gate waits for v1's evaluation
+    tick(service.app)
     refused(outsider, good, 403, "not assigned")
     c = TestDevice(service, KEY)
     c.task()  # assigned to round 2; round 1 is closed for it too
@@ -250,6 +252,7 @@ def test_metrics_and_dashboard(service):
     a.task(), b.task()
     a.upload(1, update_bytes(seed=1)), b.upload(1, update_bytes(seed=2)), b.upload(9, update_bytes())
     service.app.state.services.evaluator.wait_idle()
+    tick(service.app)  # the release gate has the evaluation: round 2 opens on v1
     metrics = service.get("/metrics")
     assert metrics.headers["content-type"].startswith("text/plain")
     series = parse_prometheus(metrics.text)
@@ -264,8 +267,13 @@ def test_metrics_and_dashboard(service):
     page = service.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert '<svg id="accuracy-chart"' in page.text and "<polyline" in page.text
-    assert '<table id="rounds">' in page.text and page.text.count("<tr><td>") == 2
-    assert not re.search(r"<script|<link|src=|href=", page.text)  # self-contained: works offline
+    assert '<table id="rounds">' in page.text and page.text.count("<tr><td>") == 2 + 2 + 2  # rounds, versions, releases
+    assert not re.search(
+        r"(src|href)=\"https?://|style=|<script>|<style", page.text
+    )  # same-origin files only: offline, strict CSP
+    for name in ("/dashboard.css", "/dashboard.js"):
+        assert f'"{name}"' in page.text and service.get(name).status_code == 200
+    assert 'id="fleet-health"' in page.text and 'id="releases"' in page.text and 'id="versions"' in page.text
 
 
 def test_openapi_documents_the_api(service):

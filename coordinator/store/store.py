@@ -72,6 +72,7 @@ DEVICE_ACTIVITY = sa.select(
     sa.select(_count()).where(updates.c.device_id == _b("d")).scalar_subquery(),
 ).where(devices.c.id == _b("d"))
 COUNT_DEVICES = sa.select(_count()).select_from(devices)
+COUNT_ACTIVE_DEVICES = sa.select(_count()).where(devices.c.last_seen >= _b("since"))
 DEVICE_TOKENS = sa.select(devices.c.id, devices.c.token_hash)
 
 LATEST_VERSION = sa.select(sa.func.max(model_versions.c.version))
@@ -205,6 +206,10 @@ class Store:
 
     def count_devices(self) -> int:
         return int(self._scalar(COUNT_DEVICES))
+
+    def count_active_devices(self, since: float) -> int:
+        """Devices that checked in since then (last_seen is kept to the minute)."""
+        return int(self._scalar(COUNT_ACTIVE_DEVICES, {"since": since}))
 
     def device_tokens(self) -> dict[str, str]:
         return dict(self._all(DEVICE_TOKENS))

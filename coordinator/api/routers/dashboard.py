@@ -20,6 +20,11 @@ from coordinator.service import Services
 
 router = APIRouter(tags=["ops"])
 
+# the page's own policy (a header from the server may tighten it): same-origin files only, no inline code
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+    "base-uri 'none'; form-action 'none'"
+)
 ACTIVE_SECONDS = 600.0  # "active": checked in within the last ten minutes
 DASH = "—"  # shown where a figure is not measured (yet)
 # per-version federated figures, as the API may name them (issue 17.1 adds them; "—" until then)
@@ -241,6 +246,7 @@ def dashboard(
     canary = "" if state.canary is None else f" · canary <b>v{state.canary}</b>"
     title = f"pocketfed · {html.escape(services.population)}"
     page = f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<meta http-equiv="Content-Security-Policy" content="{CSP}"><link rel="icon" href="data:,">
 <link rel="stylesheet" href="/dashboard.css"><script src="/dashboard.js" defer></script>
 <noscript><meta http-equiv="refresh" content="{refresh}"></noscript></head>
 <body data-refresh="{refresh}"><div id="content">

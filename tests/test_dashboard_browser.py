@@ -60,12 +60,16 @@ def test_the_dashboard_renders_and_refreshes_in_chromium_without_errors(tmp_path
         change = {"version": 1, "reason": "v2 regressed on older phones", "by": "operator"}
         assert client.post("/v1/admin/rollback", json=change, headers={"Authorization": f"Bearer {ADMIN}"}).is_success
 
+        page = client.get("/")
+        assert "script-src 'self'" in page.headers["content-security-policy"]  # enforced by the browser below
+        assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
         with Browser(tmp_path / "profile") as browser:
             session = browser.page(f"{server.url}/?refresh=1")
             found = browser.evaluate(session, f"{list(PARTS)!r}.filter(id => !document.getElementById(id))")
             assert found == [], f"missing elements: {found}"
             text = browser.evaluate(session, "document.body.innerText")
             assert "rollback" in text and "v2 regressed on older phones" in text and "operator" in text
+            assert "rolled back" in browser.evaluate(session, "document.getElementById('versions').innerText")
             assert browser.evaluate(session, "document.getElementById('devices-enrolled').innerText").startswith(
                 "devices enrolled\n3"
             )

@@ -163,7 +163,7 @@ def test_rollback_and_pin_are_recorded_and_survive_a_restart(tmp_path, request, 
         assert client.post("/v1/admin/rollback", json={"version": 1}, headers=AS_ADMIN).status_code == 422
         answer = client.post("/v1/admin/rollback", json=change, headers=AS_ADMIN)
         assert answer.json() == {"released": 1, "canary": None, "pinned": False}
-        assert released(client) == 1
+        assert released(client) == 1 and statuses(client)[2] == "rolled back"
         rounds = client.get("/v1/rounds").json()
         assert rounds[0]["base_version"] == 1 and rounds[0]["status"] == "open"
         assert rounds[1]["status"] == "abandoned" and "rollback to v1" in rounds[1]["reason"]

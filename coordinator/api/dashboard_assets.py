@@ -12,7 +12,7 @@ h1{margin:0 0 .2em}h2{margin:1.4em 0 .4em;font-size:1.15em}
 .card b{display:block;font-size:1.5em;margin-top:.15em}.card span{color:#555;font-size:.85em}
 table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
 th{background:#f3f3f3}td.text{text-align:left}
-.committed,.released,.promoted,.pinned{color:#070}.abandoned,.held,.rollback{color:#a00}
+.committed,.released,.promoted,.pinned{color:#070}.abandoned,.held,.rollback,.rolled{color:#a00}
 .open,.canary,.candidate{color:#05a}.superseded,.retired{color:#777}
 svg{background:#fafafa;border:1px solid #ddd}.warn{color:#a00;font-weight:bold}
 .cols{display:flex;flex-wrap:wrap;gap:2em}"""

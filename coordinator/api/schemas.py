@@ -54,7 +54,7 @@ class ModelVersionListing(ModelVersionInfo):
     release: str | None = Field(
         None,
         description="released | pinned | canary | candidate (awaiting the gate) | held (held back) | "
-        "superseded | retired (released once, replaced since)",
+        "superseded | rolled back (released once, then an older one again) | retired (released once, replaced since)",
     )
 
 

@@ -91,7 +91,7 @@ class Releases:
         return not canary_round or canary_device(device_id, self.canary_fraction)
 
     def status_of(self, state: ReleaseState, last_action: dict[int, str]) -> Callable[[int], str]:
-        """version -> released | canary | candidate | held | superseded | retired (for the listings)."""
+        """version -> released | pinned | canary | candidate | held | superseded | rolled back | retired."""
 
         def status(version: int) -> str:
             if version == state.released:
@@ -101,6 +101,8 @@ class Releases:
             action = last_action.get(version)
             if action is None:
                 return "candidate" if version > state.released else "retired"
+            if version > state.released and action in ("released", "promoted", "pinned"):
+                return "rolled back"  # released once, then the operator went back to an older one
             return {"held": "held", "superseded": "superseded"}.get(action, "retired")
 
         return status

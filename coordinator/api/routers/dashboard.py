@@ -25,10 +25,15 @@ CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
     "base-uri 'none'; form-action 'none'"
 )
+PAGE_HEADERS = {  # the same policy as a header, plus what only a header can say
+    "Content-Security-Policy": CSP + "; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+}
+NOSNIFF = {"X-Content-Type-Options": "nosniff"}
 ACTIVE_SECONDS = 600.0  # "active": checked in within the last ten minutes
 DASH = "—"  # shown where a figure is not measured (yet)
-# per-version federated figures, as the API may name them (issue 17.1 adds them; "—" until then)
-FEDERATED = ("federated_accuracy", "personal_accuracy", "personalization_lift")
 
 
 def accuracy_chart(points: list[tuple[int, float]], width: int = 640, height: int = 240) -> str:
@@ -135,12 +140,22 @@ def fleet_health(services: Services, rounds: list[RoundSummary]) -> str:
     return '<div class="cards" id="fleet-health">' + "".join(cards) + "</div>"
 
 
+def federated_by_version(services: Services) -> dict[int, tuple[float, float, float]]:
+    """(global accuracy, personal accuracy, lift) the devices reported per version, from the federated
+    metrics service when the coordinator has one (issue 17.1); empty otherwise, shown as "—"."""
+    source = getattr(services, "fedmetrics", None)
+    if source is None:
+        return {}
+    return {v: (m.global_accuracy, m.personal_accuracy, m.lift) for v, m in source.per_version().items()}
+
+
 def versions_table(services: Services) -> str:
     releases = services.releases
     status = releases.status_of(releases.state(), releases.last_actions())
+    federated = federated_by_version(services)
     rows = []
     for v in services.store.versions(20):
-        figures = "".join(f"<td>{_num(getattr(v, name, None))}</td>" for name in FEDERATED)
+        figures = "".join(f"<td>{_num(x)}</td>" for x in federated.get(v.version, (None, None, None)))
         s = status(v.version)
         rows.append(
             f'<tr><td>v{v.version}</td><td class="{s}">{s}</td><td>{_num(v.accuracy)}</td>{figures}'
@@ -224,12 +239,12 @@ def rounds_table(rounds: list[RoundSummary]) -> str:
 
 @router.get("/dashboard.css", include_in_schema=False)
 def stylesheet() -> Response:
-    return Response(CSS, media_type="text/css", headers={"Cache-Control": "public, max-age=300"})
+    return Response(CSS, media_type="text/css", headers={"Cache-Control": "public, max-age=300", **NOSNIFF})
 
 
 @router.get("/dashboard.js", include_in_schema=False)
 def script() -> Response:
-    return Response(JS, media_type="text/javascript", headers={"Cache-Control": "public, max-age=300"})
+    return Response(JS, media_type="text/javascript", headers={"Cache-Control": "public, max-age=300", **NOSNIFF})
 
 
 @router.get("/", response_class=HTMLResponse, include_in_schema=True)
@@ -262,4 +277,4 @@ def dashboard(
 <h2>Bytes</h2>{bytes_cards(services, rounds)}
 <h2>Rounds</h2>{rounds_table(rounds)}
 </div></body></html>"""
-    return HTMLResponse(page)
+    return HTMLResponse(page, headers=PAGE_HEADERS)

@@ -13,8 +13,8 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
-Encoding = Literal["float32", "float16", "int8"]
-ENCODINGS: tuple[str, ...] = ("float32", "float16", "int8")
+Encoding = Literal["float32", "float16", "int8", "int4"]
+ENCODINGS: tuple[str, ...] = ("float32", "float16", "int8", "int4")
 
 
 class ProtocolError(ValueError):

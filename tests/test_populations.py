@@ -106,3 +106,41 @@ def test_populations_are_isolated(tmp_path, request, database):
         assert top.get("/v1/populations/keyboard/models/latest").json()["version"] == 1
         assert top.get("/v1/populations/keyboard/models/1", headers=again).status_code == 200
         assert top.get("/v1/models/1", headers=again).status_code == 401
+
+
+@pytest.mark.slow
+def test_unchanged_agents_federate_in_two_populations(tmp_path):
+    """Real `pf-agent` processes: one enrolls in the default population, one in a named one (its server
+    URL ends in /populations/{name}); each population commits a round from its own device only."""
+    from test_agent_harness import Coordinator, device_token, finish, make_shards, start_agent
+
+    from coordinator.service.modelfile import initial_model_bytes
+
+    (shard_a, shard_b), _ = make_shards(tmp_path, 2, 120, partition="iid", seed=4)
+    with Coordinator(tmp_path, goal=1, admin_token=ADMIN) as server:
+        made = httpx.post(
+            f"{server.url}/v1/admin/populations?name=watch",
+            content=initial_model_bytes("lenet", seed=5),
+            headers=AS_ADMIN,
+            timeout=60,
+        )
+        assert made.status_code == 201, made.text
+        watch = f"{server.url}/populations/watch"
+        agents = [
+            start_agent(server.url, shard_a, tmp_path / "state-a", "--rounds", "1"),
+            start_agent(
+                watch, shard_b, tmp_path / "state-b", "--rounds", "1", "--enrollment-key", made.json()["enrollment_key"]
+            ),
+        ]
+        for agent in agents:
+            finish(agent, timeout=300)
+        token_a, token_b = device_token(tmp_path / "state-a"), device_token(tmp_path / "state-b")
+        for path, own, other in (("", token_a, token_b), ("/populations/watch", token_b, token_a)):
+            rounds = httpx.get(f"{server.url}{path}/v1/rounds", timeout=10).json()
+            assert [r["status"] for r in rounds if r["id"] == 1] == ["committed"]
+            assert (
+                httpx.get(f"{server.url}{path}/v1/models/1", headers={"Authorization": f"Bearer {own}"}).status_code
+                == 200
+            )
+            refused = httpx.get(f"{server.url}{path}/v1/models/1", headers={"Authorization": f"Bearer {other}"})
+            assert refused.status_code == 401

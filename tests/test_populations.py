@@ -98,7 +98,9 @@ def test_populations_are_isolated(tmp_path, request, database):
             assert [e["version"] for e in keyboard.get("/v1/releases").json()["events"]] == [1, 0]
             assert [e["version"] for e in top.get("/v1/releases").json()["events"]] == [0]
             assert "pf_devices 1.0" in top.get("/v1/populations/keyboard/metrics").text
-            assert top.get("/v1/populations/keyboard/dashboard").status_code == 200
+            page = top.get("/v1/populations/keyboard/dashboard")
+            assert page.status_code == 200 and "pocketfed · keyboard" in page.text
+            assert 'href="/v1/populations/keyboard/dashboard"' in top.get("/").text  # the default links to it
 
     with coordinator(tmp_path, db) as server, httpx.Client(base_url=server.url, timeout=30) as top:
         # after a restart: the population, its devices and its versions are still there

@@ -9,7 +9,7 @@ import html
 import time
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import HTMLResponse
 
 from coordinator.api.dashboard_assets import CSS, JS
@@ -237,6 +237,20 @@ def rounds_table(rounds: list[RoundSummary]) -> str:
     )
 
 
+def population_links(request: Request, current: str) -> str:
+    """Links to every population's dashboard, when there is more than the default."""
+    names = request.app.state.populations.names()
+    if len(names) < 2:
+        return ""
+    links = " · ".join(
+        f"<b>{html.escape(n)}</b>"
+        if n == current
+        else f'<a href="{"/" if n == "default" else f"/v1/populations/{n}/dashboard"}">{html.escape(n)}</a>'
+        for n in names
+    )
+    return f'<p class="sub" id="populations">populations: {links}</p>'
+
+
 @router.get("/dashboard.css", include_in_schema=False)
 def stylesheet() -> Response:
     return Response(CSS, media_type="text/css", headers={"Cache-Control": "public, max-age=300", **NOSNIFF})
@@ -249,6 +263,7 @@ def script() -> Response:
 
 @router.get("/", response_class=HTMLResponse, include_in_schema=True)
 def dashboard(
+    request: Request,
     services: ServicesDep,
     refresh: Annotated[int, Query(ge=1, le=3600, description="seconds between refreshes")] = 10,
 ) -> HTMLResponse:
@@ -265,7 +280,7 @@ def dashboard(
 <link rel="stylesheet" href="/dashboard.css"><script src="/dashboard.js" defer></script>
 <noscript><meta http-equiv="refresh" content="{refresh}"></noscript></head>
 <body data-refresh="{refresh}"><div id="content">
-<h1>{title}</h1>
+<h1>{title}</h1>{population_links(request, services.population)}
 <p class="sub">released <b id="released">{release}</b>{canary} · newest v{services.versions.latest()}
 {" · <b>paused</b>" if services.rounds.paused else ""} · updated
 <span id="updated">{_when(time.time())}</span> UTC</p>

@@ -86,6 +86,12 @@ def test_populations_are_isolated(tmp_path, request, database):
                 assert stranger.client is not client
                 assert client.post("/v1/rounds/1/updates", content=b"x", headers=stranger.headers).status_code == 401
 
+            # settings are the population's own (the admin token is the coordinator's)
+            patched = top.patch("/v1/populations/keyboard/admin/settings", json={"epochs": 3}, headers=AS_ADMIN)
+            assert patched.status_code == 200 and patched.json()["epochs"] == 3
+            assert top.get("/v1/admin/settings", headers=AS_ADMIN).json()["epochs"] == 1
+            assert top.patch("/v1/populations/keyboard/admin/settings", json={"epochs": 3}).status_code == 403
+
             # rounds and releases are the population's own
             task = contribute(b)
             assert task["round_id"] == 1 and task["base_version"] == 0

@@ -23,11 +23,14 @@ AS_ADMIN = {"Authorization": f"Bearer {ADMIN}"}
 class Coordinator:
     """A coordinator on a real port whose server-side evaluation scores each version as `scores` says."""
 
-    def __init__(self, tmp_path, *, evaluated: bool = True, db: str | None = None, **options):
+    def __init__(
+        self, tmp_path, *, evaluated: bool = True, db: str | None = None, failing: int | None = None, **options
+    ):
         model = tmp_path / "base.pfmodel"
         if not model.exists():
             model.write_bytes(stand_in_model_bytes(seed=1))
         self.scores: dict[int, float] = {}
+        self.failing = failing  # this version's evaluation raises
         evaluate = self._evaluate if evaluated else None
         settings = Settings(
             db=db or str(tmp_path / "coord.db"),
@@ -45,6 +48,8 @@ class Coordinator:
 
     def _evaluate(self, data: bytes) -> dict:
         version = loads(data, kind="model").metadata["version"]
+        if version == self.failing:
+            raise RuntimeError("held-out data unreadable")
         return {"accuracy": self.scores.get(version, 0.8), "loss": 1.0, "n": 100}
 
     def __enter__(self) -> httpx.Client:
@@ -187,3 +192,16 @@ def test_rollback_and_pin_are_recorded_and_survive_a_restart(tmp_path, request, 
         actions = [(e["action"], e["actor"]) for e in client.get("/v1/releases").json()["events"]]
         assert actions[:3] == [("released", "release-gate"), ("unpinned", "bob"), ("pinned", "bob")]
         assert actions[-1] == ("released", "system")  # the initial model
+
+
+def test_a_candidate_that_cannot_be_evaluated_is_held_back_and_rounds_go_on(tmp_path):
+    coordinator = Coordinator(tmp_path, failing=1)
+    with coordinator as client:
+        devices = [TestDevice(client, KEY) for _ in range(2)]
+        coordinator.settle()
+        run_round(coordinator, devices, acc_before=0.6)
+        held = client.get("/v1/releases").json()["events"][0]
+        assert (held["version"], held["action"]) == (1, "held")
+        assert "server evaluation failed: held-out data unreadable" in held["reason"]
+        following = client.get("/v1/rounds").json()[0]
+        assert (following["id"], following["status"], following["base_version"]) == (2, "open", 0)

@@ -163,6 +163,12 @@ class Settings(BaseSettings, RoundSettings):
         le=1,
         description="fraction of devices (by id hash) that get a candidate first, in a canary round; 0 = no canary",
     )
+    max_populations: int = Field(
+        16,
+        ge=0,
+        le=1000,
+        description="named populations an operator may create besides the default (each runs its own services)",
+    )
     db_pool_size: int = Field(
         4, ge=1, le=64, description="PostgreSQL: pooled read connections per replica (up to twice this under load)"
     )

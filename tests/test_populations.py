@@ -17,7 +17,7 @@ KEY, ADMIN = "enroll-secret", "admin-secret"
 AS_ADMIN = {"Authorization": f"Bearer {ADMIN}"}
 
 
-def coordinator(tmp_path, db: str | None):
+def coordinator(tmp_path, db: str | None, **options):
     model = tmp_path / "base.pfmodel"
     model.write_bytes(stand_in_model_bytes(seed=1))
     settings = Settings(
@@ -28,6 +28,7 @@ def coordinator(tmp_path, db: str | None):
         enrollment_key=KEY,
         admin_token=ADMIN,
         tick_interval=0.05,
+        **options,
     )
     return ServerThread(create_app(settings, clock=FakeClock()))
 
@@ -152,3 +153,12 @@ def test_unchanged_agents_federate_in_two_populations(tmp_path):
             )
             refused = httpx.get(f"{server.url}{path}/v1/models/1", headers={"Authorization": f"Bearer {other}"})
             assert refused.status_code == 401
+
+
+def test_the_number_of_populations_is_bounded(tmp_path):
+    with coordinator(tmp_path, None, max_populations=1) as server, httpx.Client(base_url=server.url) as client:
+        model = stand_in_model_bytes(seed=2)
+        assert client.post("/v1/admin/populations?name=one", content=model, headers=AS_ADMIN).status_code == 201
+        refused = client.post("/v1/admin/populations?name=two", content=model, headers=AS_ADMIN)
+        assert refused.status_code == 409 and "at most 1" in refused.json()["detail"]
+        assert client.post("/v1/admin/populations?name=..%2Fetc", content=model, headers=AS_ADMIN).status_code == 422

@@ -41,7 +41,7 @@ DEFAULTS_ON_MAIN = {
 # Added since, with their defaults.
 ADDED = {
     "lease_seconds": 10.0, "db_pool_size": 4,  # issue 14: replicas on PostgreSQL
-    "release_tolerance": 0.02, "canary_fraction": 0.0,  # issue 17: safe releases
+    "release_tolerance": 0.02, "canary_fraction": 0.0, "max_populations": 16,  # issue 17
 }  # fmt: skip
 FLAGS_ON_MAIN += list(ADDED)
 DEFAULTS_ON_MAIN = {**DEFAULTS_ON_MAIN, **ADDED}

@@ -129,8 +129,12 @@ class Populations:
         check_name(name)
         container = parse_model(model)  # a bad file is refused before anything is made
         with self._lock:
-            if name in self.default.store.populations():
+            registry = self.default.store.populations()
+            if name in registry:
                 raise Refused(409, f"population {name!r} exists already", "population_exists")
+            limit = self.default.settings.max_populations
+            if len(registry) >= limit:
+                raise Refused(409, f"name: this coordinator serves at most {limit} named populations", "too_many")
             key = secrets.token_urlsafe(24)
             key_hash = hashlib.sha256(key.encode()).hexdigest()
             prepare_location(self.default.settings.db, name)

@@ -3,6 +3,9 @@
     store (store/) <- versions <- rounds (lifecycle) <- writer <- ingest, checkin, admin
                                          ^ privacy          ticker: rounds.tick in the background
                                          ^ aggregates (partials), cluster (shared settings, lease)
+                                         ^ releases (candidates, the gate, canaries, pins, the audit)
+
+Named populations (populations.py) are each a whole set of these services on a database of their own.
 
 Each service calls only the ones to its left: the lifecycle never calls into the writer, the
 writer settles rounds through the lifecycle's `tick` after each group.

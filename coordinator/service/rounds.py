@@ -15,6 +15,11 @@ whichever replica gets there first. Its commit sums the replicas' partial aggreg
 (service/aggregates.py), writes the new model's bytes, registers the version and closes the round
 in that one transaction; a crash anywhere in it leaves the round open with every acknowledged
 update, and the next tick (on any replica, or at startup) commits it again, to the same weights.
+
+A round trains on the *released* version (service/releases.py), or is a canary round on a candidate
+for the canary devices only. The version a commit registers is a candidate; the release gate decides
+on it before the next round opens, and a closed canary round promotes or holds back its candidate
+(a crash between the commit and that decision leaves the canary in place: another canary round).
 """
 
 from __future__ import annotations

@@ -57,7 +57,9 @@ def create_app(
         title="pocketfed coordinator",
         version="1",
         lifespan=lifespan,
-        description="Federated rounds over HTTP: enroll, check in, download the model, upload a delta.",
+        description="Federated rounds over HTTP: enroll, check in, download the model, upload a delta. "
+        "A named population answers the same API at /v1/populations/{name}/... (and, for device agents, "
+        "/populations/{name}/v1/...); GET /v1/populations lists them.",
     )
     app.state.services = services
     app.state.populations = named

@@ -56,6 +56,17 @@ class RoundSettings(BaseModel):
     norm_bound: float | None = Field(
         None, gt=0, description="server clips each delta to this L2 norm before aggregation; None = no clipping"
     )
+    # the default bound on one device's influence (strategies/influence.py)
+    influence_bound: bool = Field(
+        True, description="clip deltas and cap weights relative to the last round's honest medians"
+    )
+    influence_norm_multiple: float = Field(3.0, ge=1.0, le=1000, description="norm bound: this x the median norm")
+    influence_count_multiple: float = Field(
+        3.0, ge=1.0, le=1e6, description="weight cap: this x the median sample count"
+    )
+    influence_model_fraction: float = Field(
+        0.5, gt=0, le=100, description="norm bound never above this x the base model's L2 norm"
+    )
     # client-level differential privacy on the server (strategies/dp.py, service/privacy.py)
     dp_noise_multiplier: float = Field(0.0, ge=0, le=1000, description="DP-FedAvg noise z; 0 = DP off")
     dp_clip_norm: float = Field(0.1, gt=0, description="DP clip C (the initial C with adaptive clipping)")
@@ -93,6 +104,8 @@ class RoundSettings(BaseModel):
         return self.dp_noise_multiplier > 0
 
 
+MIN_SECRET_LENGTH = 16
+GUESSABLE = ("change-me", "changeme", "password", "secret", "admin", "123456", "qwerty")
 ENV_PREFIX = "PF_"
 NONE_WORDS = ("", "none", "null")
 _environ: ContextVar[Mapping[str, str] | None] = ContextVar("pf_environ", default=None)
@@ -128,7 +141,23 @@ class Settings(BaseSettings, RoundSettings):
     model: str = Field("lenet", description="built-in architecture name or a pocketfed model file")
     model_seed: int = 0
     eval_data: str | None = Field(None, description="held-out dataset for server-side evaluation")
-    max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="largest upload or model file body")
+    max_json_body_bytes: int = Field(
+        64 * 1024, ge=1024, le=64 * 1024 * 1024, description="largest body of every other (JSON) route"
+    )
+    body_grace_seconds: float = Field(
+        10.0, gt=0, le=3600, description="a body may take this long before its rate counts"
+    )
+    min_body_rate: float = Field(
+        4096.0, gt=0, description="bytes/s a request body must average after the grace period (408 otherwise)"
+    )
+    max_header_bytes: int = Field(16 * 1024, ge=1024, le=1024 * 1024, description="request line and headers (431)")
+    header_timeout: float = Field(
+        10.0, gt=0, le=600, description="seconds to send a request's headers, and idle keep-alive"
+    )
+    max_update_header_bytes: int = Field(
+        1024 * 1024, ge=4096, le=64 * 1024 * 1024, description="JSON header of an uploaded update container"
+    )
     max_concurrent_uploads: int = Field(
         16,
         ge=1,
@@ -137,10 +166,22 @@ class Settings(BaseSettings, RoundSettings):
     )
     enrollment_key: str | None = Field(None, description="None: a random key is generated and logged")
     admin_token: str | None = Field(None, description="None: the admin API is disabled")
+    insecure_dev: bool = Field(False, description="local demos only: allow short or guessable secrets")
+    enroll_per_address: int = Field(
+        60, ge=1, le=1_000_000, description="enrollments per client address per minute (429 beyond)"
+    )
+    enroll_failures_per_address: int = Field(
+        10, ge=1, le=1_000_000, description="wrong keys or codes per client address per minute (429 beyond)"
+    )
+    enroll_failures_total: int = Field(
+        100, ge=1, le=1_000_000, description="wrong keys or codes per minute from all addresses (429 beyond)"
+    )
     tick_interval: float = Field(1.0, gt=0, description="seconds between background deadline checks")
     min_retry_after: float = Field(5.0, ge=0, description="shortest retry-after told to devices")
     max_retry_after: float = Field(600.0, gt=0, description="longest retry-after told to devices")
     log_level: str = "info"
+    ssl_certfile: str | None = Field(None, description="serve HTTPS with this PEM certificate (chain)")
+    ssl_keyfile: str | None = Field(None, description="the certificate's PEM private key")
     # replicas on one PostgreSQL database (service/cluster.py)
     lease_seconds: float = Field(
         10.0,
@@ -178,6 +219,22 @@ class Settings(BaseSettings, RoundSettings):
         cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource, *_sources: Any, **_: Any
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return init_settings, _PfEnvironment(settings_cls)  # arguments over PF_* variables; no .env files
+
+    def weak_secrets(self) -> list[str]:
+        """What is wrong with the configured secrets (empty: fine); refused at start unless insecure_dev."""
+        problems = []
+        for name in ("enrollment_key", "admin_token"):
+            value = getattr(self, name)
+            if value is not None and (
+                len(value) < MIN_SECRET_LENGTH
+                or len(set(value)) < 8
+                or any(word in value.lower() for word in GUESSABLE)
+            ):
+                problems.append(
+                    f"{name}: too short or guessable (use at least {MIN_SECRET_LENGTH} random characters, "
+                    "e.g. python -c 'import secrets; print(secrets.token_urlsafe(24))')"
+                )
+        return problems
 
     def round_settings(self) -> RoundSettings:
         return RoundSettings(**{name: getattr(self, name) for name in RoundSettings.model_fields})

@@ -80,6 +80,7 @@ class SimConfig:
             "server_lr": server_lr,
             "fedprox_mu": self.fedprox_mu,
             "enrollment_key": enrollment_key,
+            "enroll_per_address": 1_000_000,  # the whole simulated fleet enrolls from loopback
             "min_retry_after": 0,
             "max_retry_after": 2,
             "tick_interval": 0.5,

@@ -138,7 +138,7 @@ class Browser:
         self.send("Emulation.setDeviceMetricsOverride", metrics, session=session)
         self.send("Page.navigate", {"url": url}, session=session)
         deadline = time.monotonic() + 30
-        while not any(e.get("method") == "Page.loadEventFired" for e in self.events):
+        while not any(e.get("method") == "Page.loadEventFired" and e.get("sessionId") == session for e in self.events):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{url} did not load within 30 s")
             self.pump(0.1)

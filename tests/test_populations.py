@@ -3,6 +3,8 @@ each with its own devices, model, rounds and releases; a device of one can never
 
 from __future__ import annotations
 
+import secrets
+
 import httpx
 import pytest
 
@@ -87,6 +89,12 @@ def test_populations_are_isolated(tmp_path, request, database):
                 assert stranger.client is not client
                 assert client.post("/v1/rounds/1/updates", content=b"x", headers=stranger.headers).status_code == 401
 
+            # one-time enrollment codes are the population's own too
+            codes = top.post("/v1/populations/keyboard/admin/enrollment-codes", json={"count": 1}, headers=AS_ADMIN)
+            code = codes.json()["codes"][0]
+            assert top.post("/v1/devices", json={"enrollment_key": code}).status_code == 401
+            assert keyboard.post("/v1/devices", json={"enrollment_key": code}).status_code == 201
+
             # settings are the population's own (the admin token is the coordinator's)
             patched = top.patch("/v1/populations/keyboard/admin/settings", json={"epochs": 3}, headers=AS_ADMIN)
             assert patched.status_code == 200 and patched.json()["epochs"] == 3
@@ -104,7 +112,7 @@ def test_populations_are_isolated(tmp_path, request, database):
             assert top.get("/v1/models/latest").json()["version"] == 0
             assert [e["version"] for e in keyboard.get("/v1/releases").json()["events"]] == [1, 0]
             assert [e["version"] for e in top.get("/v1/releases").json()["events"]] == [0]
-            assert "pf_devices 1.0" in top.get("/v1/populations/keyboard/metrics").text
+            assert "pf_devices 2.0" in top.get("/v1/populations/keyboard/metrics").text  # b and the code
             page = top.get("/v1/populations/keyboard/dashboard")
             assert page.status_code == 200 and "pocketfed · keyboard" in page.text
             assert 'href="/v1/populations/keyboard/dashboard"' in top.get("/").text  # the default links to it
@@ -126,11 +134,12 @@ def test_unchanged_agents_federate_in_two_populations(tmp_path):
     from coordinator.service.modelfile import initial_model_bytes
 
     (shard_a, shard_b), _ = make_shards(tmp_path, 2, 120, partition="iid", seed=4)
-    with Coordinator(tmp_path, goal=1, admin_token=ADMIN) as server:
+    admin = secrets.token_urlsafe(24)  # pf-coordinator refuses weak secrets
+    with Coordinator(tmp_path, goal=1, admin_token=admin) as server:
         made = httpx.post(
             f"{server.url}/v1/admin/populations?name=watch",
             content=initial_model_bytes("lenet", seed=5),
-            headers=AS_ADMIN,
+            headers={"Authorization": f"Bearer {admin}"},
             timeout=60,
         )
         assert made.status_code == 201, made.text

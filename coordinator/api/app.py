@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 
 from coordinator.api.errors import document_refusals, install_error_handlers
+from coordinator.api.limits import BodyLimits
 from coordinator.api.middleware import PopulationRouting, RequestMetrics
 from coordinator.api.routers import (
     admin,
@@ -64,8 +65,17 @@ def create_app(
     app.state.services = services
     app.state.populations = named
     app.state.upload_slots = asyncio.Semaphore(settings.max_concurrent_uploads)
+    app.state.uploads_in_flight = set()  # device ids: one upload at a time per device
     for module in (devices, models, releases, checkin, rounds, uploads, admin, populations, ops, dashboard):
         app.include_router(module.router)
+    app.add_middleware(
+        BodyLimits,
+        max_json_bytes=settings.max_json_body_bytes,
+        max_binary_bytes=settings.max_body_bytes,
+        grace_seconds=settings.body_grace_seconds,
+        min_bytes_per_second=settings.min_body_rate,
+        on_refusal=services.metrics.refusal,
+    )
     app.add_middleware(RequestMetrics, metrics=services.metrics)
     app.add_middleware(PopulationRouting)  # outermost: the routes see the rewritten path
     install_error_handlers(app, services.metrics)

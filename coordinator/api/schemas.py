@@ -112,7 +112,9 @@ class Participant(BaseModel):
 class RoundDetail(RoundSummary):
     config: RoundSettings
     metrics: dict[str, float] = Field(..., description="sample-weighted mean of the devices' metrics")
-    participants: list[Participant]
+    participants: list[Participant] | None = Field(
+        None, description="per-device detail, with the admin token only (public: aggregates, None here)"
+    )
 
 
 class PublishResponse(BaseModel):
@@ -219,3 +221,14 @@ class PopulationCreated(BaseModel):
     version: int
     sha256: str
     api: str
+
+
+class EnrollmentCodesRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    count: int = Field(1, ge=1, le=10_000, description="how many one-time codes")
+    ttl_seconds: float = Field(7 * 86400, gt=0, le=365 * 86400, description="seconds until unused codes expire")
+
+
+class EnrollmentCodes(BaseModel):
+    codes: list[str] = Field(..., description="each enrolls one device once (as enrollment_key); shown only now")
+    expires_at: float

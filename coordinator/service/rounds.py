@@ -35,7 +35,7 @@ import numpy as np
 from coordinator.metrics import Metrics
 from coordinator.service.aggregates import RoundAggregates, replica_name
 from coordinator.service.cluster import SharedSettings
-from coordinator.service.modelfile import with_version
+from coordinator.service.modelfile import expected_shapes, with_version
 from coordinator.service.privacy import PrivacyLedger
 from coordinator.service.releases import Releases
 from coordinator.service.versions import ModelVersions, Registered
@@ -44,6 +44,12 @@ from coordinator.store import NewRound, RoundRow, Store, Writes
 from coordinator.strategies import DifferentialPrivacy, NormBounded, RoundUpdates, Strategy, make_strategy
 from coordinator.strategies.base import state_from_bytes, state_to_bytes
 from coordinator.strategies.dp import count_stddev
+from coordinator.strategies.influence import (
+    InfluenceBounded,
+    InfluenceLimits,
+    bounded_by_default,
+    influence_limits,
+)
 from engine.serialize.container import loads
 
 log = logging.getLogger("pocketfed.coordinator")
@@ -108,10 +114,32 @@ class RoundLifecycle:
                 )
             elif cfg.norm_bound is not None:
                 strategy = NormBounded(strategy, cfg.norm_bound)
+            elif bounded_by_default(cfg):
+                limits = self.influence_limits(r)
+                log.info("round %d: deltas clipped to %.4g, weights capped at %g (%s)", r.id, *vars(limits).values())
+                strategy = InfluenceBounded(strategy, limits)
             if len(self._strategies) >= 4:
                 self._strategies.pop(min(self._strategies))
             self._strategies[r.id] = strategy
         return strategy
+
+    def influence_limits(self, r: RoundRow) -> InfluenceLimits:
+        """The default per-device bounds for round `r` (strategies/influence.py): from its base model
+        and the last committed round before it (the same on every replica)."""
+        cfg, container = r.config, self.versions.get(r.base_version).container
+        trainable = [container.tensors[name] for name in expected_shapes(container)]
+        base_norm = math.sqrt(sum(float(np.dot(t.ravel(), t.ravel())) for t in trainable))
+        previous = self.store.last_committed_before(r.id)
+        updates = self.store.round_updates(previous) if previous is not None else []
+        return influence_limits(
+            base_norm,
+            sum(t.size for t in trainable),
+            [u.norm for u in updates],
+            [u.sample_count for u in updates],
+            norm_multiple=cfg.influence_norm_multiple,
+            count_multiple=cfg.influence_count_multiple,
+            model_fraction=cfg.influence_model_fraction,
+        )
 
     def start(self, initial_model: Callable[[], bytes]) -> None:
         """Idempotent recovery: adopt or store the round settings, drop orphan files, publish v0 if

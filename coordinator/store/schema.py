@@ -163,6 +163,17 @@ rate_limits = sa.Table(
     sa.Column("hits", sa.Integer, nullable=False),
 )
 
+# One-time enrollment codes (POST /v1/admin/enrollment-codes): sha256 of the code, spent once.
+enrollment_codes = sa.Table(
+    "enrollment_codes",
+    metadata,
+    sa.Column("code_hash", sa.Text, primary_key=True),
+    sa.Column("created_at", Real, nullable=False),
+    sa.Column("expires_at", Real, nullable=False),
+    sa.Column("used_at", Real),  # NULL until a device enrolls with it
+    sa.Column("device_id", sa.Text),  # the device that spent it
+)
+
 # ---------------------------------------------------------------------- releases (issue 17)
 
 # Every change of which version devices get as their base, with who made it and why: the gate's

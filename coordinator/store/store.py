@@ -25,6 +25,7 @@ from coordinator.store.schema import (
     model_blobs,
     model_versions,
     populations,
+    rate_limits,
     releases,
     round_partials,
     rounds,
@@ -35,6 +36,9 @@ from coordinator.store.writes import Writes, hit_statement, lease_statements
 
 _b = sa.bindparam
 _count = sa.func.count
+RATE_HITS = sa.select(rate_limits.c.hits).where(
+    rate_limits.c.key == _b("key"), rate_limits.c.window_start == _b("start")
+)
 # Statuses as SQL literals, not bound parameters: SQLite re-prepares a statement on every run when a
 # bound value decides whether a partial index (one_open_round) applies (measured: 0.3 ms vs 0.03 ms).
 OPEN, COMMITTED = sa.literal_column("'open'"), sa.literal_column("'committed'")
@@ -93,6 +97,9 @@ ROUND_BY_ID = sa.select(*ROUND).where(rounds.c.id == _b("id"))
 ROUND_WITH_AGGREGATE = sa.select(*ROUND, rounds.c.aggregate).where(rounds.c.id == _b("id"))
 ALL_ROUNDS_WITH_AGGREGATE = sa.select(*ROUND, rounds.c.aggregate).order_by(rounds.c.id)
 RECENT_ROUNDS = sa.select(*ROUND).order_by(rounds.c.id.desc()).limit(_b("limit"))
+LAST_COMMITTED_BEFORE = (
+    sa.select(sa.func.max(rounds.c.id)).where(rounds.c.id < _b("r")).where(rounds.c.status == COMMITTED)
+)
 ROUNDS_BY_STATUS = sa.select(rounds.c.status, _count()).group_by(rounds.c.status)
 DP_EVENTS = (
     sa.select(rounds.c.dp_q, rounds.c.dp_noise)
@@ -256,6 +263,11 @@ class Store:
             return [RoundRow.from_row(r) for r in self._all(ALL_ROUNDS_WITH_AGGREGATE)]
         return [RoundRow.from_row(r) for r in self._all(RECENT_ROUNDS, {"limit": limit})]
 
+    def last_committed_before(self, round_id: int) -> int | None:
+        """The newest committed round before `round_id` (the reference for influence bounds)."""
+        found = self._scalar(LAST_COMMITTED_BEFORE, {"r": round_id})
+        return None if found is None else int(found)
+
     def rounds_by_status(self) -> dict[str, int]:
         return dict(self._all(ROUNDS_BY_STATUS))
 
@@ -387,6 +399,10 @@ class Store:
     def populations(self) -> dict[str, tuple]:
         """name -> (name, enrollment key hash, architecture, created_at, created_by)."""
         return {r[0]: tuple(r) for r in self._all(POPULATIONS)}
+
+    def rate_hits(self, key: str, window_start: int) -> int:
+        """Hits counted on `key` in the window starting at `window_start` (0 if none)."""
+        return int(self._scalar(RATE_HITS, {"key": key, "start": window_start}) or 0)
 
     # ------------------------------------------------------------------ server state
 

@@ -19,6 +19,7 @@ from coordinator.store.rows import NewRound, UpdateRow
 from coordinator.store.schema import (
     assignments,
     devices,
+    enrollment_codes,
     leases,
     model_blobs,
     model_versions,
@@ -100,6 +101,17 @@ def _add_update(dialect: str) -> sa.Insert:
 
 
 ADD_DEVICE = sa.insert(devices)
+ADD_CODE = sa.insert(enrollment_codes)
+SPEND_CODE = (
+    sa.update(enrollment_codes)
+    .where(
+        enrollment_codes.c.code_hash == _b("hash"),
+        enrollment_codes.c.used_at.is_(None),
+        enrollment_codes.c.expires_at > _b("now"),
+    )
+    .values(used_at=_b("now"), device_id=_b("spender"))
+)
+REVOKE_DEVICE = sa.update(devices).where(devices.c.id == _b("revoke_id")).values(token_hash=_b("revoked"))
 TOUCH_DEVICE = sa.update(devices).where(devices.c.id == _b("device_id")).values(last_seen=_b("seen"))
 ADD_VERSION = sa.insert(model_versions)
 SET_EVALUATION = (
@@ -180,6 +192,18 @@ class Writes:
         self.conn.execute(
             ADD_DEVICE, {"id": device_id, "token_hash": token_hash, "name": name, "created_at": created_at}
         )
+
+    def add_enrollment_code(self, code_hash: str, created_at: float, expires_at: float) -> None:
+        self.conn.execute(ADD_CODE, {"code_hash": code_hash, "created_at": created_at, "expires_at": expires_at})
+
+    def spend_enrollment_code(self, code_hash: str, device_id: str, now: float) -> bool:
+        """Mark an unspent, unexpired code as spent by `device_id`; False if there is no such code."""
+        return self.conn.execute(SPEND_CODE, {"hash": code_hash, "spender": device_id, "now": now}).rowcount == 1
+
+    def revoke_device(self, device_id: str) -> bool:
+        """Forget the device's token (it then gets 401); False if there is no such device."""
+        revoked = f"revoked:{device_id}"  # unique, and never the sha256 of a token
+        return self.conn.execute(REVOKE_DEVICE, {"revoke_id": device_id, "revoked": revoked}).rowcount == 1
 
     def touch_devices(self, seen: Iterable[tuple[str, float]]) -> None:
         """last_seen for each (device id, time)."""

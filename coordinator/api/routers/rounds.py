@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Query
 
-from coordinator.api.deps import StoreDep
+from coordinator.api.deps import AdminViewDep, StoreDep
 from coordinator.api.schemas import Participant, RoundDetail, RoundSummary
 from coordinator.errors import Refused
 from coordinator.store import RoundRow
@@ -56,7 +56,9 @@ def list_rounds(store: StoreDep, limit: Annotated[int, Query(ge=1, le=1000)] = 5
 
 
 @router.get("/{round_id}", response_model=RoundDetail)
-def round_detail(round_id: RoundId, store: StoreDep) -> RoundDetail:
+def round_detail(round_id: RoundId, store: StoreDep, admin: AdminViewDep) -> RoundDetail:
+    """A round's status and sample-weighted mean metrics; which device sent what (participants) only
+    with the admin token, as a device's count and norm help recover its update from the model's."""
     r = store.round(round_id)
     if r is None:
         raise Refused(404, f"round {round_id} does not exist", "unknown_round")
@@ -81,5 +83,5 @@ def round_detail(round_id: RoundId, store: StoreDep) -> RoundDetail:
         **summarize(r, store.count_assigned(round_id)).model_dump(),
         config=r.config,
         metrics={k: sums[k] / weights[k] for k in sums if weights[k] > 0},
-        participants=participants,
+        participants=participants if admin else None,
     )

@@ -82,6 +82,21 @@ class RoundSettings(BaseModel):
     dp_on_budget: Literal["stop", "warn"] = Field(
         "stop", description="when a round would exceed the budget: stop opening rounds, or warn and go on"
     )
+    dp_sampling: Literal["poisson", "unamplified"] = Field(
+        "poisson",
+        description="poisson: each eligible check-in is admitted with probability q, so the accountant's "
+        "amplification by sampling holds; unamplified: first come, first served, charged without amplification (q = 1)",
+    )
+    # secure aggregation (protocol/secagg, service/secagg.py): the server learns only the cohort's sum
+    secure_aggregation: bool = Field(
+        False, description="SecAgg+: devices send masked updates, the server unmasks only their sum"
+    )
+    secagg_dropout_tolerance: float = Field(
+        1 / 3, ge=0, lt=0.5, description="fraction of a secure-aggregation cohort that may drop out"
+    )
+    secagg_phase_timeout: float = Field(
+        60.0, gt=0, le=86400, description="seconds a secure-aggregation phase waits for stragglers"
+    )
 
     @field_validator("strategy")
     @classmethod
@@ -98,6 +113,31 @@ class RoundSettings(BaseModel):
                 "(DP noise is calibrated to the mean of clipped updates)"
             )
         return self
+
+    @model_validator(mode="after")
+    def _secagg_needs_a_sum(self) -> RoundSettings:
+        if not self.secure_aggregation:
+            return self
+        if not STRATEGIES[self.strategy].streaming:
+            raise ValueError(
+                f"secure_aggregation cannot combine with strategy {self.strategy!r}: it needs every device's "
+                "update, and secure aggregation reveals only their sum (use a mean-based strategy: "
+                + ", ".join(n for n, s in STRATEGIES.items() if s.streaming)
+                + ")"
+            )
+        if self.dp_adaptive_clip:
+            raise ValueError("secure_aggregation cannot combine with dp_adaptive_clip (it needs each update's norm)")
+        if self.goal < 4:
+            raise ValueError(f"secure_aggregation needs a goal of at least 4 devices per round, got {self.goal}")
+        return self
+
+    @property
+    def device_clip_norm(self) -> float | None:
+        """Secure aggregation: the L2 clip each device applies before masking (the server cannot clip a
+        masked update): the DP clip, else the norm bound, else the task's clip."""
+        if self.dp_enabled:
+            return self.dp_clip_norm
+        return self.norm_bound if self.norm_bound is not None else self.clip_norm
 
     @property
     def dp_enabled(self) -> bool:

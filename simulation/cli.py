@@ -121,6 +121,19 @@ def build_parser() -> argparse.ArgumentParser:
     privacy.add_argument("--dp-adaptive-clip", action="store_true", help="adaptive clipping (Andrew et al.)")
     privacy.add_argument("--dp-delta", type=float, default=None, help="delta of the (epsilon, delta) guarantee")
     privacy.add_argument("--dp-epsilon-budget", type=float, default=None, help="stop when epsilon would exceed this")
+    privacy.add_argument(
+        "--secure-aggregation",
+        action="store_true",
+        help="SecAgg+: devices send masked updates, the coordinator learns only each round's sum",
+    )
+    privacy.add_argument(
+        "--dropout",
+        type=float,
+        default=0.0,
+        metavar="FRACTION",
+        help="with --secure-aggregation: this fraction of each round's devices vanishes after sending its "
+        "masked input, before unmasking",
+    )
     privacy.add_argument("--norm-bound", type=float, default=None, help="server clips each delta to this L2 norm")
     chaos = p.add_argument_group(
         "chaos",
@@ -175,6 +188,8 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         workdir=args.workdir,
         db=args.db,
         progress=not args.no_progress,
+        secure_aggregation=args.secure_aggregation,
+        dropout=args.dropout,
         extra_options=coordinator_extras(args),
     )
 

@@ -48,6 +48,8 @@ ADDED = {
     "insecure_dev": False, "influence_bound": True, "influence_norm_multiple": 3.0, "influence_count_multiple": 3.0,
     "influence_model_fraction": 0.5, "enroll_per_address": 60, "enroll_failures_per_address": 10,
     "enroll_failures_total": 100,
+    "dp_sampling": "poisson", "secure_aggregation": False, "secagg_dropout_tolerance": 1 / 3,  # issue 13
+    "secagg_phase_timeout": 60.0,
 }  # fmt: skip
 FLAGS_ON_MAIN += list(ADDED)
 DEFAULTS_ON_MAIN = {**DEFAULTS_ON_MAIN, **ADDED}
@@ -90,6 +92,8 @@ SPECIAL = {  # (an environment value, a flag value) for fields whose range the g
     "influence_bound": ("false", "true"),
     "influence_norm_multiple": ("2", "4"),
     "influence_count_multiple": ("2", "4"),
+    "dp_sampling": ("unamplified", "poisson"),
+    "secure_aggregation": ("true", "false"),
 }
 
 

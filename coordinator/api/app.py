@@ -23,6 +23,7 @@ from coordinator.api.routers import (
     populations,
     releases,
     rounds,
+    secagg,
     uploads,
 )
 from coordinator.service import open_services
@@ -66,7 +67,7 @@ def create_app(
     app.state.populations = named
     app.state.upload_slots = asyncio.Semaphore(settings.max_concurrent_uploads)
     app.state.uploads_in_flight = set()  # device ids: one upload at a time per device
-    for module in (devices, models, releases, checkin, rounds, uploads, admin, populations, ops, dashboard):
+    for module in (devices, models, releases, checkin, rounds, uploads, secagg, admin, populations, ops, dashboard):
         app.include_router(module.router)
     app.add_middleware(
         BodyLimits,

@@ -34,6 +34,7 @@ from coordinator.service.modelfile import initial_model_bytes
 from coordinator.service.privacy import PrivacyLedger, require_accountant
 from coordinator.service.releases import Releases
 from coordinator.service.rounds import RoundLifecycle
+from coordinator.service.secagg import SecureAggregation, require_cryptography
 from coordinator.service.ticker import Ticker
 from coordinator.service.training_steps import TrainingSteps
 from coordinator.service.versions import ModelVersions
@@ -56,6 +57,7 @@ class Services:
     writer: UploadWriter
     ingest: Ingest
     checkin: CheckIn
+    secagg: SecureAggregation
     admin: Admin
     ticker: Ticker
     metrics: Metrics
@@ -74,6 +76,7 @@ class Services:
         open the next, evaluate versions nobody has evaluated yet."""
         if not self.lease.hold():
             return
+        self.secagg.tick()
         self.rounds.tick()
         if self.evaluator is not None:
             self.evaluator.catch_up(self.store.unevaluated_versions(), lambda v: self.versions.get(v).data)
@@ -133,6 +136,8 @@ def open_services(
     round_settings = settings.round_settings()
     if round_settings.dp_enabled:
         require_accountant()
+    if round_settings.secure_aggregation:
+        require_cryptography()
     store = Store(settings.db, pool_size=settings.db_pool_size)
     files = blob_store_for(settings.db, store)
     metrics = Metrics()
@@ -191,6 +196,7 @@ def open_services(
             max_header_bytes=settings.max_update_header_bytes,
         ),
         checkin=CheckIn(settings, store, rounds, privacy, writer, clock, on_late=ticker.wake),
+        secagg=SecureAggregation(store, versions, rounds, clock),
         admin=Admin(store, versions, rounds),
         ticker=ticker,
         metrics=metrics,

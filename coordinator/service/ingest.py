@@ -59,6 +59,13 @@ class Ingest:
                 raise
             return answer
         cfg = r.config
+        if cfg.secure_aggregation:
+            raise Refused(
+                409,
+                f"round {round_id} uses secure aggregation: send the masked update through "
+                f"/v1/rounds/{round_id}/secagg, not a plain one",
+                "secure_aggregation",
+            )
         update, norm = check_update(
             body,
             round_id=round_id,

@@ -101,7 +101,9 @@ class RoundLifecycle:
         if strategy is None:
             cfg = r.config
             strategy = make_strategy(cfg)
-            if r.dp_clip is not None:
+            if cfg.secure_aggregation:
+                pass  # devices clip (and add their share of the DP noise) before masking: nothing to wrap
+            elif r.dp_clip is not None:
                 strategy = DifferentialPrivacy(
                     strategy,
                     clip_norm=r.dp_clip,
@@ -155,6 +157,8 @@ class RoundLifecycle:
 
     def due(self, r: RoundRow) -> tuple[str, str] | None:
         """What settling the round would do now: ("commit" | "abandon", why), or None (leave it open)."""
+        if r.config.secure_aggregation:
+            return self._secagg_due(r)
         if r.received >= r.goal:
             return "commit", "goal reached"
         if self.clock() < r.deadline:
@@ -162,6 +166,18 @@ class RoundLifecycle:
         if r.received >= r.min_updates:
             return "commit", f"deadline with {r.received}/{r.goal} updates"
         return "abandon", f"deadline with {r.received}/{r.goal} updates, fewer than the minimum {r.min_updates}"
+
+    def _secagg_due(self, r: RoundRow) -> tuple[str, str] | None:
+        """A secure-aggregation round commits when its sum is unmasked, is abandoned with the protocol's
+        reason, or at the deadline before either."""
+        phase, reason = self.store.secagg_phase(r.id) or ("joining", None)
+        if phase == "done":
+            return "commit", f"secure aggregation of {r.received} devices"
+        if phase == "abandoned":
+            return "abandon", f"secure aggregation abandoned: {reason}"
+        if self.clock() < r.deadline:
+            return None
+        return "abandon", f"deadline in the secure-aggregation phase {phase}"
 
     def tick(self) -> None:
         """Settle the open round (commit at goal; commit or abandon at deadline); open one if none."""
@@ -257,11 +273,18 @@ class RoundLifecycle:
             canary=canary,
         )
         if cfg.dp_enabled:
+            noise = cfg.dp_noise_multiplier
+            if cfg.secure_aggregation:  # the Gaussian z that bounds the devices' summed Skellam noise
+                from coordinator.service.modelfile import expected_shapes
+                from coordinator.service.secagg import charged_noise_multiplier
+
+                shapes = expected_shapes(self.versions.get(new.base_version).container)
+                noise = charged_noise_multiplier(cfg, sum(math.prod(s) for s in shapes.values()))
             new = replace(
                 new,
                 dp_clip=self.privacy.clip_for(cfg),
                 dp_q=self.privacy.sampling_rate(cfg),
-                dp_noise=cfg.dp_noise_multiplier,
+                dp_noise=noise,
             )
         return new
 
@@ -305,6 +328,8 @@ class RoundLifecycle:
         spend = None
         if isinstance(strategy, DifferentialPrivacy):
             spend = self.privacy.spend(r, strategy.next_clip_norm)
+        elif r.dp_q is not None and r.config.secure_aggregation:  # distributed DP: the devices' noise
+            spend = self.privacy.spend(r, None)
         registered = self.versions.register(
             tx,
             lambda version: with_version(

@@ -18,7 +18,7 @@ import sqlalchemy as sa
 
 from coordinator.store import migrate
 from coordinator.store.database import Database
-from coordinator.store.rows import DeviceRow, ModelVersionRow, PartialRow, ReleaseRow, RoundRow, UpdateRow
+from coordinator.store.rows import DeviceRow, ModelVersionRow, PartialRow, ReleaseRow, RoundRow, SecAggRow, UpdateRow
 from coordinator.store.schema import (
     assignments,
     devices,
@@ -29,6 +29,8 @@ from coordinator.store.schema import (
     releases,
     round_partials,
     rounds,
+    secagg_messages,
+    secagg_rounds,
     server_state,
     updates,
 )
@@ -149,6 +151,18 @@ ROUND_PARTIALS_WITH_SUMS = (
 ALL_PARTIALS = sa.select(*PARTIAL).order_by(round_partials.c.round_id, round_partials.c.replica)
 MODEL_BLOB = sa.select(model_blobs.c.data).where(model_blobs.c.name == _b("name"))
 BLOB_NAMES = sa.select(model_blobs.c.name)
+
+_SECAGG_HAS_STATE = secagg_rounds.c.state.is_not(None)
+SECAGG = sa.select(*[c if c.name != "state" else sa.null() for c in secagg_rounds.c], _SECAGG_HAS_STATE).where(
+    secagg_rounds.c.round_id == _b("r")
+)
+SECAGG_WITH_STATE = sa.select(*secagg_rounds.c, _SECAGG_HAS_STATE).where(secagg_rounds.c.round_id == _b("r"))
+SECAGG_MESSAGES = (
+    sa.select(secagg_messages.c.seq, secagg_messages.c.kind, secagg_messages.c.body)
+    .where(secagg_messages.c.round_id == _b("r"), secagg_messages.c.seq > _b("after"))
+    .order_by(secagg_messages.c.seq)
+)
+SECAGG_PHASE = sa.select(secagg_rounds.c.phase, secagg_rounds.c.reason).where(secagg_rounds.c.round_id == _b("r"))
 
 RELEASES_NEWEST_FIRST = sa.select(*releases.c).order_by(releases.c.id.desc()).limit(_b("limit"))
 DECIDED_VERSIONS = sa.select(releases.c.version).distinct()
@@ -405,6 +419,20 @@ class Store:
         return int(self._scalar(RATE_HITS, {"key": key, "start": window_start}) or 0)
 
     # ------------------------------------------------------------------ server state
+
+    def secagg(self, round_id: int, *, with_state: bool = False) -> SecAggRow | None:
+        """A secure-aggregation round's row; its (large) session state only when asked for."""
+        row = self._first(SECAGG_WITH_STATE if with_state else SECAGG, {"r": round_id})
+        return SecAggRow.from_row(row) if row else None
+
+    def secagg_messages(self, round_id: int, after: int) -> list[tuple[int, str, bytes]]:
+        """(seq, kind, body) of the messages a secure-aggregation round accepted after revision `after`."""
+        return [(s, k, bytes(b)) for s, k, b in self._all(SECAGG_MESSAGES, {"r": round_id, "after": after})]
+
+    def secagg_phase(self, round_id: int) -> tuple[str, str | None] | None:
+        """(phase, reason) of a secure-aggregation round, without its state."""
+        row = self._first(SECAGG_PHASE, {"r": round_id})
+        return (row[0], row[1]) if row else None
 
     def state(self, key: str) -> bytes | None:
         return _as_bytes(self._scalar(STATE, {"key": key}))

@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from coordinator.store import locks
-from coordinator.store.rows import NewRound, UpdateRow
+from coordinator.store.rows import NewRound, SecAggRow, UpdateRow
 from coordinator.store.schema import (
     assignments,
     devices,
@@ -28,6 +28,8 @@ from coordinator.store.schema import (
     releases,
     round_partials,
     rounds,
+    secagg_messages,
+    secagg_rounds,
     server_state,
     updates,
 )
@@ -348,6 +350,40 @@ class Writes:
         params = {"round_id": round_id, "received": received, "weight": total_weight, "aggregate": aggregate}
         self.conn.execute(SET_ROUND_TOTALS, params)
         self.conn.execute(DROP_PARTIAL_SUMS, {"r": round_id})
+
+    def put_secagg(self, row: SecAggRow) -> None:
+        """Write a secure-aggregation round's state at `row.revision`, which must be the stored one + 1
+        (or 0 for a new row); otherwise StalePartial (another writer got there first)."""
+        values = {
+            "phase": row.phase,
+            "members": json.dumps(row.members),
+            "phase_started": row.phase_started,
+            "revision": row.revision,
+            "state": row.state,
+            "state_revision": row.state_revision,
+            "reason": row.reason,
+        }
+        if row.state is None and row.has_state:  # read without its state, which stays as stored
+            del values["state"], values["state_revision"]
+        if row.revision == 0:
+            self.conn.execute(sa.insert(secagg_rounds).values(round_id=row.round_id, **values))
+            return
+        done = self.conn.execute(
+            sa.update(secagg_rounds)
+            .where(secagg_rounds.c.round_id == row.round_id, secagg_rounds.c.revision == row.revision - 1)
+            .values(**values)
+        )
+        if done.rowcount != 1:
+            raise StalePartial(f"secure aggregation of round {row.round_id}: revision {row.revision - 1} is gone")
+
+    def add_secagg_message(self, round_id: int, seq: int, kind: str, body: bytes) -> None:
+        self.conn.execute(sa.insert(secagg_messages).values(round_id=round_id, seq=seq, kind=kind, body=body))
+
+    def drop_secagg_messages(self, round_id: int, through: int) -> None:
+        """Messages folded into a newer state are not needed any more."""
+        self.conn.execute(
+            sa.delete(secagg_messages).where(secagg_messages.c.round_id == round_id, secagg_messages.c.seq <= through)
+        )
 
     def add_blob(self, name: str, data: bytes) -> None:
         self.conn.execute(ADD_BLOB, {"name": name, "data": data})

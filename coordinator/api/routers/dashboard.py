@@ -191,13 +191,26 @@ def privacy_cards(services: Services, rounds: list[RoundSummary]) -> str:
         _card(
             "ε spent",
             DASH if spent is None else f"{spent.epsilon:.3f}",
-            "" if spent is None else f"at δ = {spent.dp_delta:g}",
+            "" if spent is None else f"at δ = {spent.dp_delta:g}, " + sampling_note(spent),
             "epsilon",
         ),
         _card("ε budget", _num(cfg.dp_epsilon_budget, "g"), f"on exceeding: {cfg.dp_on_budget}"),
     ]
     warn = f'<p class="warn">{html.escape(note)}</p>' if note else ""
     return '<div class="cards" id="privacy">' + "".join(cards) + "</div>" + warn
+
+
+def sampling_note(r: RoundSummary) -> str:
+    if r.dp_sampling == "poisson":
+        return f"Poisson sampling, q = {r.dp_sampling_rate:.3g}"
+    return "no amplification by sampling"
+
+
+def secagg_cell(r: RoundSummary) -> str:
+    """A secure-aggregation round's phase (and cohort), beside its strategy."""
+    if not r.secure_aggregation:
+        return ""
+    return f" · secure aggregation: {html.escape(r.secagg_phase or '')} ({r.secagg_cohort or 0} devices)"
 
 
 def bytes_cards(services: Services, rounds: list[RoundSummary]) -> str:
@@ -225,7 +238,7 @@ def rounds_table(rounds: list[RoundSummary]) -> str:
         f"<td>{_num(_dropout(r), '.0%')}</td>"
         f"<td>{DASH if r.closed_at is None else f'{r.closed_at - r.opened_at:.0f} s'}</td>"
         f"<td>{r.total_samples:g}</td><td>{'' if r.result_version is None else 'v' + str(r.result_version)}</td>"
-        f"<td>{e(r.strategy)}</td><td>{_when(r.opened_at)}</td>"
+        f"<td>{e(r.strategy)}{secagg_cell(r)}</td><td>{_when(r.opened_at)}</td>"
         f"<td>{'' if r.epsilon is None else f'{r.epsilon:.3f}'}</td>"
         f'<td class="text">{e(r.reason or "")}</td></tr>'
         for r in rounds

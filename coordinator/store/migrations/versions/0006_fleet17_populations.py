@@ -1,7 +1,7 @@
 """Several populations (issue 17): the registry of named populations.
 
-Revision ID: 0005_fleet17_populations
-Revises: 0004_fleet17_releases
+Revision ID: 0006_fleet17_populations
+Revises: 0005_fleet17_releases
 """
 
 import sqlalchemy as sa
@@ -9,8 +9,8 @@ from alembic import op
 
 from coordinator.store.schema import Real
 
-revision = "0005_fleet17_populations"
-down_revision = "0004_fleet17_releases"
+revision = "0006_fleet17_populations"
+down_revision = "0005_fleet17_releases"
 branch_labels = None
 depends_on = None
 

@@ -1,7 +1,7 @@
 """Safe releases (issue 17): the audit of every change of the released version; canary rounds.
 
-Revision ID: 0004_fleet17_releases
-Revises: 0003_security12
+Revision ID: 0005_fleet17_releases
+Revises: 0004_secagg13
 """
 
 import sqlalchemy as sa
@@ -9,8 +9,8 @@ from alembic import op
 
 from coordinator.store.schema import Real
 
-revision = "0004_fleet17_releases"
-down_revision = "0003_security12"
+revision = "0005_fleet17_releases"
+down_revision = "0004_secagg13"
 branch_labels = None
 depends_on = None
 

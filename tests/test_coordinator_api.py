@@ -293,6 +293,12 @@ def test_openapi_documents_the_api(service):
         "/v1/admin/pause",
         "/v1/admin/resume",
         "/v1/admin/models",
+        "/v1/releases",
+        "/v1/admin/rollback",
+        "/v1/admin/pin",
+        "/v1/admin/unpin",
+        "/v1/populations",
+        "/v1/admin/populations",
     ):
         assert path in paths, path
     upload = paths["/v1/rounds/{round_id}/updates"]["post"]

@@ -23,7 +23,9 @@ from coordinator.store.schema import (
     leases,
     model_blobs,
     model_versions,
+    populations,
     rate_limits,
+    releases,
     round_partials,
     rounds,
     secagg_messages,
@@ -172,6 +174,8 @@ GROW_PARTIAL_COUNTS = (
 )
 DROP_PARTIAL_SUMS = sa.update(round_partials).where(round_partials.c.round_id == _b("r")).values(aggregate=None)
 ADD_BLOB = sa.insert(model_blobs)
+ADD_RELEASE = sa.insert(releases)
+ADD_POPULATION = sa.insert(populations)
 
 
 ADD_SECAGG = sa.insert(secagg_rounds)
@@ -274,6 +278,7 @@ class Writes:
                 "dp_clip": new.dp_clip,
                 "dp_q": new.dp_q,
                 "dp_noise": new.dp_noise,
+                "canary": int(new.canary),
             },
         )
         return int(result.inserted_primary_key[0])
@@ -394,6 +399,16 @@ class Writes:
 
     def add_blob(self, name: str, data: bytes) -> None:
         self.conn.execute(ADD_BLOB, {"name": name, "data": data})
+
+    # ------------------------------------------------------------------ releases
+
+    def add_release(self, version: int, action: str, actor: str, reason: str, at: float) -> None:
+        params = {"version": version, "action": action, "actor": actor, "reason": reason, "at": at}
+        self.conn.execute(ADD_RELEASE, params)
+
+    def add_population(self, name: str, key_hash: str, architecture: str, created_at: float, by: str) -> None:
+        row = {"enrollment_key_hash": key_hash, "architecture": architecture, "created_at": created_at}
+        self.conn.execute(ADD_POPULATION, {"name": name, **row, "created_by": by})
 
     # ------------------------------------------------------------------ server state
 

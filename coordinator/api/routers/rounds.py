@@ -43,6 +43,7 @@ def summarize(r: RoundRow, assigned: int, secagg: tuple[str, int] | None = None)
         secure_aggregation=r.config.secure_aggregation,
         secagg_phase=secagg[0] if secagg else None,
         secagg_cohort=secagg[1] if secagg else None,
+        canary=bool(r.canary),
     )
 
 

@@ -116,8 +116,7 @@ def run(name: str, args) -> dict:
         if norm_bound == "influence":  # as the coordinator's lifecycle does: limits from the last round
             norms, counts = [clip(d, np.inf)[1] for d, _ in updates], [n for _, n in updates]
             config = RoundSettings(influence_model_fraction=args.influence_model_fraction)
-            limits, limits_from = round_limits(config, list(weights.values()), *reference)
-            limits = limits or limits_from(norms, counts)  # or, with none, from this round's own
+            limits = round_limits(config, list(weights.values()), *reference)
             reference = (norms, counts)
             updates = bounded(updates, limits)
         elif norm_bound == "auto":  # an operator's bound: a few times the typical honest norm of round 1
@@ -151,7 +150,7 @@ def main() -> None:
     parser.add_argument("--partition", default="iid")
     parser.add_argument("--norm-bound", type=float, default=None, help="fedavg+norm_bound (default: auto)")
     parser.add_argument(
-        "--influence-model-fraction", type=float, default=1.0, help="fedavg+default_bound: as the coordinator's"
+        "--influence-model-fraction", type=float, default=0.2, help="fedavg+default_bound: as the coordinator's"
     )
     parser.add_argument("--test-size", type=int, default=2000)
     parser.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset of " + ", ".join(RUNS))

@@ -275,11 +275,7 @@ def _influence_limits(
         return None
     data = models.read(base_row.filename)
     trainable = [base[name] for name in expected_shapes(loads(data, kind="model"))]
-    mine = by_round.get(r.id, [])
-    limits, limits_from = round_limits(
-        config, trainable, [u.norm for u in reference], [u.sample_count for u in reference]
-    )  # no reference round: the round's own updates are its reference (taken at commit)
-    return limits if limits is not None else limits_from([u.norm for u in mine], [u.sample_count for u in mine])
+    return round_limits(config, trainable, [u.norm for u in reference], [u.sample_count for u in reference])
 
 
 def _check_round(

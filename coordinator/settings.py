@@ -72,7 +72,7 @@ class RoundSettings(BaseModel):
         3.0, ge=1.0, le=1e6, description="weight cap: this x the median sample count"
     )
     influence_model_fraction: float = Field(
-        1.0, gt=0, le=1.0, description="norm bound in rounds too small to be a reference: this x the model's norm"
+        0.2, gt=0, le=1.0, description="norm bound with no reference round yet: this x the model's L2 norm"
     )
     # client-level differential privacy on the server (strategies/dp.py, service/privacy.py)
     dp_noise_multiplier: float = Field(0.0, ge=0, le=1000, description="DP-FedAvg noise z; 0 = DP off")

@@ -47,7 +47,7 @@ ADDED = {
     "header_timeout": 10.0, "max_update_header_bytes": 1048576, "ssl_certfile": None, "ssl_keyfile": None,
     "insecure_dev": False, "device_token_idle_days": 90.0,
     "influence_bound": True, "influence_norm_multiple": 3.0, "influence_count_multiple": 3.0,
-    "influence_model_fraction": 1.0, "min_devices": 3, "enroll_per_address": 60, "enroll_failures_per_address": 10,
+    "influence_model_fraction": 0.2, "min_devices": 3, "enroll_per_address": 60, "enroll_failures_per_address": 10,
     "enroll_failures_total": 100,
     "dp_sampling": "poisson", "secure_aggregation": False, "secagg_dropout_tolerance": 1 / 3,  # issue 13
     "secagg_phase_timeout": 60.0,

@@ -47,7 +47,6 @@ from coordinator.strategies.dp import count_stddev
 from coordinator.strategies.influence import (
     InfluenceBounded,
     InfluenceLimits,
-    LimitsFrom,
     bounded_by_default,
     round_limits,
 )
@@ -118,18 +117,15 @@ class RoundLifecycle:
             elif cfg.norm_bound is not None:
                 strategy = NormBounded(strategy, cfg.norm_bound)
             elif bounded_by_default(cfg):
-                limits, limits_from = self.influence_limits(r)
-                if limits is None:
-                    log.info("round %d: no reference round; influence limits from its own updates at commit", r.id)
-                else:
-                    log.info("round %d: deltas clipped to %.4g, weights capped at %g", r.id, *vars(limits).values())
-                strategy = InfluenceBounded(strategy, limits, limits_from)
+                limits = self.influence_limits(r)
+                log.info("round %d: deltas clipped to %.4g, weights capped at %g (%s)", r.id, *vars(limits).values())
+                strategy = InfluenceBounded(strategy, limits)
             if len(self._strategies) >= 4:
                 self._strategies.pop(min(self._strategies))
             self._strategies[r.id] = strategy
         return strategy
 
-    def influence_limits(self, r: RoundRow) -> tuple[InfluenceLimits | None, LimitsFrom]:
+    def influence_limits(self, r: RoundRow) -> InfluenceLimits:
         """The default per-device bounds for round `r` (strategies/influence.py): from its base model
         and the last committed round before it (the same on every replica)."""
         container = self.versions.get(r.base_version).container

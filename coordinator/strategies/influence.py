@@ -5,23 +5,22 @@ what honest devices sent in the last committed round (its median norm and median
 robust to a minority of attackers), and never beyond the model's own norm.
 
 With no reference yet (no committed round before, or one of fewer than `MIN_REFERENCE` updates)
-the round is its own reference: it keeps every delta (as the robust strategies do) and applies the
-limits from its own medians when it commits. A round of fewer than `MIN_REFERENCE` updates (tests,
-demos: `--min-devices` below 3) weighs every device the same and clips to a small fraction of the
-model's norm.
+every device weighs the same and deltas are clipped to `model_fraction` of the model's norm. (A
+first round could keep its deltas and take the limits from its own medians at commit, as the
+robust strategies do; that costs a stored delta per upload, which the upload path cannot afford.)
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from coordinator.strategies.base import RoundUpdates, Strategy, Weights
+from coordinator.strategies.base import Strategy, Weights
 from coordinator.strategies.norm_bound import StrategyWrapper
-from protocol.deltas import clip_by_l2, global_l2_norm
+from protocol.deltas import clip_by_l2
 
 MIN_REFERENCE = 3  # updates a round needs before its medians are a reference
 MAX_MODEL_FRACTION = 1.0  # no delta is ever longer than the model it updates
@@ -73,63 +72,29 @@ def bounded(pairs: Sequence[tuple[Weights, float]], limits: InfluenceLimits) -> 
     return [(clip_by_l2(d, limits.norm_bound)[0], min(float(w), limits.weight_cap)) for d, w in pairs]
 
 
-LimitsFrom = Callable[[Sequence[float], Sequence[float]], InfluenceLimits]
-
-
 def round_limits(
     config, trainable: Sequence[np.ndarray], reference_norms: Sequence[float], reference_counts: Sequence[float]
-) -> tuple[InfluenceLimits | None, LimitsFrom]:
-    """For a round on a model with these trainable tensors, after a round with these update norms
-    and counts: (its limits, or None when that round is no reference; how to derive limits from
-    norms and counts). `config` is the round's RoundSettings."""
-    base_norm = math.sqrt(sum(float(np.dot(t.ravel(), t.ravel())) for t in trainable))
-    size = sum(int(t.size) for t in trainable)
-
-    def limits_from(norms: Sequence[float], counts: Sequence[float]) -> InfluenceLimits:
-        return influence_limits(
-            base_norm,
-            size,
-            norms,
-            counts,
-            norm_multiple=config.influence_norm_multiple,
-            count_multiple=config.influence_count_multiple,
-            model_fraction=config.influence_model_fraction,
-        )
-
-    if len(reference_norms) < MIN_REFERENCE:
-        return None, limits_from
-    return limits_from(reference_norms, reference_counts), limits_from
+) -> InfluenceLimits:
+    """The limits of a round on a model with these trainable tensors, after a committed round whose
+    updates had these norms and counts. `config` is the round's RoundSettings."""
+    return influence_limits(
+        math.sqrt(sum(float(np.dot(t.ravel(), t.ravel())) for t in trainable)),
+        sum(int(t.size) for t in trainable),
+        reference_norms,
+        reference_counts,
+        norm_multiple=config.influence_norm_multiple,
+        count_multiple=config.influence_count_multiple,
+        model_fraction=config.influence_model_fraction,
+    )
 
 
 class InfluenceBounded(StrategyWrapper):
-    """Each delta clipped to `limits.norm_bound`, its weight capped at `limits.weight_cap`, as it
-    arrives; or, with no limits yet (`limits` None), every delta kept and the limits taken from the
-    round's own norms and counts (`own_limits`) when it is aggregated."""
+    """Each delta clipped to `limits.norm_bound`, its weight capped at `limits.weight_cap`."""
 
-    def __init__(
-        self,
-        inner: Strategy,
-        limits: InfluenceLimits | None,
-        own_limits: LimitsFrom | None = None,
-    ):
+    def __init__(self, inner: Strategy, limits: InfluenceLimits):
         super().__init__(inner)
-        if limits is None and own_limits is None:
-            raise ValueError("InfluenceBounded needs limits, or own_limits to derive them from the round")
-        self.limits, self.own_limits = limits, own_limits
-
-    @property
-    def streaming(self) -> bool:
-        return self.inner.streaming and self.limits is not None
+        self.limits = limits
 
     def accept(self, delta: Weights, sample_count: int) -> tuple[Weights, float]:
-        if self.limits is None:
-            return self.inner.accept(delta, sample_count)
         clipped, weight = self.inner.accept(clip_by_l2(delta, self.limits.norm_bound)[0], sample_count)
         return clipped, min(weight, self.limits.weight_cap)
-
-    def aggregate(self, updates: RoundUpdates) -> Weights:
-        if self.limits is not None:
-            return self.inner.aggregate(updates)
-        pairs = updates.pairs or []
-        limits = self.own_limits([global_l2_norm(d) for d, _ in pairs], [w for _, w in pairs])
-        return self.inner.combine(bounded(pairs, limits))

@@ -82,3 +82,23 @@ def test_pf_sim_stacked_refuses_what_needs_a_coordinator(capsys):
     assert pf_sim(["--stacked", "--chaos-agent-kills", "1"]) == 2
     assert "--stacked" in capsys.readouterr().err
     assert pf_sim(["--stacked", "--strategy", "fedprox"]) == 2
+
+
+def test_compression_bench_reports_bytes_and_accuracy_per_encoding():
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, "bench/compression.py", "--rounds", "1", "--data", "", "--workers", "1", "--json",
+         "--encodings", "float32,int4,int4+topk0.1"],
+        cwd=root, capture_output=True, text=True, timeout=300, check=True,
+    ).stdout.splitlines()[-1]  # fmt: skip
+    result = json.loads(out)
+    by_name = {e["encoding"]: e for e in result["encodings"]}
+    assert by_name["float32"]["fraction_of_float32"] == 1.0
+    assert 0.125 < by_name["int4"]["fraction_of_float32"] < 0.14  # dense 4-bit: 1/8 plus the header
+    assert by_name["int4+topk0.1"]["fraction_of_float32"] < 0.125
+    assert all(0.0 <= e["final_accuracy"] <= 1.0 for e in result["encodings"])

@@ -95,6 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--workers", type=int, default=DEFAULTS.workers, help="device worker processes")
     p.add_argument(
+        "--js-agents",
+        type=int,
+        default=0,
+        help="play this many devices (0..N-1) with the TypeScript agent (device_agent/js: Node.js, onnxruntime-node)",
+    )
+    p.add_argument(
         "--round-timeout",
         type=float,
         default=DEFAULTS.round_timeout,
@@ -161,6 +167,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         data=args.data,
         workers=args.workers,
         holdout=args.holdout,
+        js_agents=args.js_agents,
         samples_per_device=args.samples_per_device,
         server_lr=args.server_lr,
         fedprox_mu=args.fedprox_mu,

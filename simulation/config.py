@@ -35,6 +35,7 @@ class SimConfig:
     workdir: str | None = None  # None: a temporary directory, removed afterwards
     db: str | None = None
     progress: bool = True
+    js_agents: int = 0  # devices 0..js_agents-1 play the TypeScript agent (node + onnxruntime-node)
     extra_options: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> None:
@@ -46,6 +47,8 @@ class SimConfig:
             raise ValueError(f"--rounds must be >= 1, got {self.rounds}")
         if self.workers < 1:
             raise ValueError(f"--workers must be >= 1, got {self.workers}")
+        if not 0 <= self.js_agents <= self.devices:
+            raise ValueError(f"--js-agents must be in 0..{self.devices} (--devices), got {self.js_agents}")
         if not 0.0 <= self.holdout < 1.0:
             raise ValueError(f"--holdout must be in [0, 1), got {self.holdout}")
         if not resolve_data(self.data).is_dir():

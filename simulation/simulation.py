@@ -27,6 +27,7 @@ from engine.progress import ProgressBar
 from simulation.config import SimConfig
 from simulation.coordinator_api import CoordinatorAPI
 from simulation.hooks import SimulationHook
+from simulation.js_agents import JsAgentError, prepare
 from simulation.pool import WorkerPool
 from simulation.processes import CoordinatorProcess, SimulationError
 from simulation.worker import WorkerConfig
@@ -56,6 +57,10 @@ class Simulation:
     ):
         config.check()
         self.config = config
+        try:
+            self.node = prepare() if config.js_agents else None
+        except JsAgentError as e:
+            raise ValueError(str(e)) from e
         self.emit = emit or (lambda record: None)
         self.hooks = list(hooks)
         self.rng = np.random.default_rng(config.seed)
@@ -113,6 +118,8 @@ class Simulation:
             data=cfg.data,
             samples_per_device=cfg.samples_per_device,
             holdout=cfg.holdout,
+            js_agents=cfg.js_agents,
+            node=self.node,
             **options,
         )
         return WorkerPool(cfg.workers, worker.to_json(), self.workdir)
@@ -197,6 +204,7 @@ class Simulation:
             "bytes_up": int(sum(a["record"]["bytes_sent"] for a in ok)),
             "bytes_down": int(sum(a.get("bytes_down", 0) for a in ok)),
             "epsilon": detail.get("epsilon"),  # privacy spent so far (None: DP off)
+            "accepted_by_agent": {kind: sum(a.get("agent") == kind for a in ok) for kind in ("python", "js")},
         }
         for hook in self.hooks:
             hook.add_to_record(record, detail)
@@ -226,6 +234,9 @@ class Simulation:
             "bytes_up": sum(r["bytes_up"] for r in self.records),
             "bytes_down": sum(r["bytes_down"] for r in self.records),
             "epsilon": last.get("epsilon"),
+            "accepted_by_agent": {
+                kind: sum(r["accepted_by_agent"][kind] for r in self.records) for kind in ("python", "js")
+            },
             "privacy": self.privacy_settings(),
             "seconds": round(seconds, 2),
             "seconds_per_round": round(float(np.mean([r["seconds"] for r in self.records])), 3),

@@ -184,8 +184,8 @@ class StackedSimulation:
         config.check()
         if config.model != "lenet":
             raise ValueError(f"--stacked trains the built-in lenet only, not --model {config.model}")
-        if config.fedprox_mu or config.strategy == "fedprox" or config.extra_options:
-            raise ValueError("--stacked does not run FedProx, DP or norm bounding; drop --stacked for those")
+        if config.fedprox_mu or config.strategy == "fedprox" or config.extra_options or config.js_agents:
+            raise ValueError("--stacked does not run FedProx, DP, norm bounding or JS agents; drop --stacked for those")
         self.config, self.emit = config, emit or (lambda record: None)
         self.options = options or StackedOptions()
         self.on_round = on_round or (lambda number: None)

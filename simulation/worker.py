@@ -27,6 +27,7 @@ from device_agent.eligibility import AlwaysEligible
 from device_agent.runner import Agent, AgentConfig
 from device_agent.state import AgentState
 from protocol.messages import CheckinAnswer
+from simulation.js_agents import play_js_device, write_shard
 from simulation.shards import device_dataset, device_indices, labels_of, load_split
 
 log = logging.getLogger("pocketfed.sim.worker")
@@ -45,6 +46,8 @@ class WorkerConfig:
     holdout: float = 0.2
     max_wait: float = 120.0  # a device that gets no task for this long gives up on the round
     mark_tasks: bool = False  # touch <device state>/task-started when a check-in returns a task (chaos.py)
+    js_agents: int = 0  # devices 0..js_agents-1 run the TypeScript agent (js_agents.py)
+    node: str | None = None  # the node executable for them
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -83,6 +86,8 @@ class DevicePlayer:
 
     def play(self, device: int) -> dict[str, Any]:
         """One federated task for `device`; returns the agent's record plus what it downloaded."""
+        if device < self.config.js_agents:
+            return self.play_js(device)
         waited = [0.0]
 
         def sleep(seconds: float) -> None:
@@ -110,10 +115,31 @@ class DevicePlayer:
         records = agent.run()
         return {
             "device": device,
+            "agent": "python",
             "record": records[-1],
             "bytes_down": self.client.bytes_down - before,
             "seconds": time.perf_counter() - started,
         }
+
+    def play_js(self, device: int) -> dict[str, Any]:
+        """The same task played by the TypeScript agent in a node process (its own state directory)."""
+        cfg = self.config
+        shard = Path(cfg.state_root).parent / "js-shards" / f"device-{device:05d}.npz"
+        if not shard.exists():
+            shard.parent.mkdir(parents=True, exist_ok=True)
+            write_shard(self.train, self.parts[device], shard)
+        started = time.perf_counter()
+        answer = play_js_device(
+            cfg.node or "node",
+            device,
+            Path(cfg.state_root) / f"device-{device:05d}",
+            shard,
+            cfg.coordinator,
+            cfg.enrollment_key,
+            seed=cfg.seed * 100_003 + device,
+            timeout=cfg.max_wait + 600.0,
+        )
+        return {**answer, "seconds": time.perf_counter() - started}
 
 
 def serve(config: WorkerConfig, stdin: Any = sys.stdin, stdout: Any = sys.stdout) -> None:

@@ -12,7 +12,7 @@ from fastapi.concurrency import run_in_threadpool
 
 from coordinator.api.errors import document_refusals, install_error_handlers
 from coordinator.api.middleware import RequestMetrics
-from coordinator.api.routers import admin, checkin, dashboard, devices, models, ops, rounds, uploads
+from coordinator.api.routers import admin, checkin, dashboard, devices, fedmetrics, models, ops, rounds, uploads
 from coordinator.service import open_services
 from coordinator.service.evaluation import EvaluateFn
 from coordinator.settings import Settings
@@ -42,7 +42,7 @@ def create_app(
     )
     app.state.services = services
     app.state.upload_slots = asyncio.Semaphore(settings.max_concurrent_uploads)
-    for module in (devices, models, checkin, rounds, uploads, admin, ops, dashboard):
+    for module in (devices, models, checkin, rounds, uploads, admin, ops, dashboard, fedmetrics):
         app.include_router(module.router)
     app.add_middleware(RequestMetrics, metrics=services.metrics)
     install_error_handlers(app, services.metrics)

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Header, Path, Query, Response
 
 from coordinator.api.deps import ServicesDep, StoreDep, device_or_admin
-from coordinator.api.schemas import ModelVersionInfo, ModelVersionListing
+from coordinator.api.schemas import FederatedEvaluation, ModelVersionInfo, ModelVersionListing
 from coordinator.errors import Refused
 from coordinator.service import Services
 from coordinator.service.versions import LoadedModel
@@ -24,10 +24,13 @@ def _loaded(services: Services, version: int) -> LoadedModel:
 
 @router.get("", response_model=list[ModelVersionListing])
 def list_versions(
-    store: StoreDep, limit: Annotated[int, Query(ge=1, le=1000, description="newest versions to list")] = 100
+    store: StoreDep,
+    services: ServicesDep,
+    limit: Annotated[int, Query(ge=1, le=1000, description="newest versions to list")] = 100,
 ) -> list[ModelVersionListing]:
-    """Every model version, newest first, with its sha256, size and server-side evaluation (public, like
-    /v1/models/latest): how the federation's model improved round by round."""
+    """Every model version, newest first, with its sha256, size, server-side evaluation and the devices'
+    own (federated) evaluation (public, like /v1/models/latest): how the model improved round by round."""
+    federated = services.fedmetrics.per_version() if services.fedmetrics else {}
     return [
         ModelVersionListing(
             version=v.version,
@@ -40,16 +43,32 @@ def list_versions(
             accuracy=v.accuracy,
             loss=v.eval_loss,
             eval_samples=v.eval_n,
+            federated=FederatedEvaluation.of(federated.get(v.version)),
         )
         for v in store.versions(limit)
     ]
 
 
-@router.get("/latest", response_model=ModelVersionInfo)
-def latest(services: ServicesDep) -> ModelVersionInfo:
-    """What the current base model is (public, like the dashboard); downloading it needs a token."""
+def etag_matches(if_none_match: str | None, etag: str) -> bool:
+    if not if_none_match:
+        return False
+    candidates = {t.strip().removeprefix("W/") for t in if_none_match.split(",")}
+    return etag in candidates or "*" in candidates
+
+
+@router.get("/latest", response_model=ModelVersionInfo, responses={304: {"description": "If-None-Match matched"}})
+def latest(
+    services: ServicesDep, response: Response, if_none_match: Annotated[str | None, Header()] = None
+) -> ModelVersionInfo | Response:
+    """What the current base model is (public, like the dashboard); downloading it needs a token. Its ETag
+    names the version, so a device polling for a new base with If-None-Match gets a bodiless 304 until then."""
     version = services.versions.latest()
     i = _loaded(services, version).info
+    etag = f'"v{version}-{i.sha256[:16]}"'
+    if etag_matches(if_none_match, etag):
+        return Response(status_code=304, headers={"ETag": etag})
+    response.headers["ETag"] = etag
+    response.headers["Cache-Control"] = "no-cache"
     return ModelVersionInfo(
         version=version,
         sha256=i.sha256,
@@ -79,8 +98,6 @@ def download(
     loaded = _loaded(services, version)
     etag = f'"{loaded.info.sha256}"'
     headers = {"ETag": etag, "Cache-Control": "public, max-age=31536000, immutable"}
-    if if_none_match:
-        candidates = {t.strip().removeprefix("W/") for t in if_none_match.split(",")}
-        if etag in candidates or "*" in candidates:
-            return Response(status_code=304, headers=headers)
+    if etag_matches(if_none_match, etag):
+        return Response(status_code=304, headers=headers)
     return Response(loaded.data, media_type="application/octet-stream", headers=headers)

@@ -6,8 +6,8 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Query
 
-from coordinator.api.deps import StoreDep
-from coordinator.api.schemas import Participant, RoundDetail, RoundSummary
+from coordinator.api.deps import ServicesDep, StoreDep
+from coordinator.api.schemas import FederatedEvaluation, Participant, RoundDetail, RoundSummary
 from coordinator.errors import Refused
 from coordinator.store import RoundRow
 
@@ -16,8 +16,10 @@ router = APIRouter(prefix="/v1/rounds", tags=["rounds"])
 RoundId = Annotated[int, Path(ge=0, le=2**62, description="round number")]
 
 
-def summarize(r: RoundRow, assigned: int) -> RoundSummary:
+def summarize(r: RoundRow, assigned: int, federated: dict | None = None) -> RoundSummary:
+    """`federated`: the devices' evaluation per version (service/fedmetrics.py), if at hand."""
     dp = r.dp_q is not None
+    measured = (federated or {}).get(r.result_version) if r.result_version is not None else None
     return RoundSummary(
         id=r.id,
         status=r.status,
@@ -38,24 +40,31 @@ def summarize(r: RoundRow, assigned: int) -> RoundSummary:
         dp_delta=r.config.dp_delta if dp else None,
         dp_clip_norm=r.dp_clip,
         dp_sampling_rate=r.dp_q,
+        federated=FederatedEvaluation.of(measured),
     )
 
 
-def recent_rounds(store, limit: int) -> list[RoundSummary]:
+def recent_rounds(store, limit: int, federated: dict | None = None) -> list[RoundSummary]:
     """The newest `limit` rounds, newest first."""
     rows = store.rounds(limit)
     assigned = store.assigned_per_round([r.id for r in rows])
-    return [summarize(r, assigned.get(r.id, 0)) for r in rows]
+    return [summarize(r, assigned.get(r.id, 0), federated) for r in rows]
+
+
+def fedmetrics_of(services) -> dict | None:
+    return services.fedmetrics.per_version() if services.fedmetrics else None
 
 
 @router.get("", response_model=list[RoundSummary])
-def list_rounds(store: StoreDep, limit: Annotated[int, Query(ge=1, le=1000)] = 50) -> list[RoundSummary]:
-    """Most recent rounds first."""
-    return recent_rounds(store, limit)
+def list_rounds(
+    store: StoreDep, services: ServicesDep, limit: Annotated[int, Query(ge=1, le=1000)] = 50
+) -> list[RoundSummary]:
+    """Most recent rounds first, each with the devices' own evaluation of the version it produced."""
+    return recent_rounds(store, limit, fedmetrics_of(services))
 
 
 @router.get("/{round_id}", response_model=RoundDetail)
-def round_detail(round_id: RoundId, store: StoreDep) -> RoundDetail:
+def round_detail(round_id: RoundId, store: StoreDep, services: ServicesDep) -> RoundDetail:
     r = store.round(round_id)
     if r is None:
         raise Refused(404, f"round {round_id} does not exist", "unknown_round")
@@ -77,7 +86,7 @@ def round_detail(round_id: RoundId, store: StoreDep) -> RoundDetail:
             sums[name] = sums.get(name, 0.0) + value * p.sample_count
             weights[name] = weights.get(name, 0.0) + p.sample_count
     return RoundDetail(
-        **summarize(r, store.count_assigned(round_id)).model_dump(),
+        **summarize(r, store.count_assigned(round_id), fedmetrics_of(services)).model_dump(),
         config=r.config,
         metrics={k: sums[k] / weights[k] for k in sums if weights[k] > 0},
         participants=participants,

@@ -135,7 +135,9 @@ class Settings(BaseSettings, RoundSettings):
         description="offer devices that declare support a personalize-only task for each new version they lack "
         "(no global training; they upload accuracies only)",
     )
-    personal_epochs: int = Field(1, ge=1, le=100, description="passes a personalize task asks over the local data")
+    personal_epochs: int = Field(
+        5, ge=1, le=100, description="passes over the local data a personalize task asks of the personal layers"
+    )
     metrics_task_seconds: float = Field(
         600.0, gt=0, le=86400, description="how long a device has to report an evaluate or personalize task"
     )

@@ -90,17 +90,23 @@ class PersonalModel:
         return trainer, names
 
     def update(
-        self, model_bytes: bytes, base_version: int, train: IDataView, holdout: IDataView | None
+        self,
+        model_bytes: bytes,
+        base_version: int,
+        train: IDataView,
+        holdout: IDataView | None,
+        epochs: int | None = None,
     ) -> dict[str, Any]:
-        """Fine-tune the personal layers on top of `model_bytes`; return accuracies on the held-out data."""
-        return self._run(model_bytes, base_version, train, holdout, fine_tune=True)
+        """Fine-tune the personal layers on top of `model_bytes` (`epochs` passes, default ours); return
+        accuracies on the held-out data."""
+        return self._run(model_bytes, base_version, train, holdout, epochs=epochs or self.epochs)
 
     def measure(self, model_bytes: bytes, base_version: int, holdout: IDataView) -> dict[str, Any]:
         """Accuracy of `model_bytes` as served and with the stored personal layers on it, training nothing."""
-        return self._run(model_bytes, base_version, holdout, holdout, fine_tune=False)
+        return self._run(model_bytes, base_version, holdout, holdout, epochs=0)
 
     def _run(
-        self, model_bytes: bytes, base_version: int, train: IDataView, holdout: IDataView | None, *, fine_tune: bool
+        self, model_bytes: bytes, base_version: int, train: IDataView, holdout: IDataView | None, *, epochs: int
     ) -> dict[str, Any]:
         from device_agent.models import model_view
         from engine import load_model_bytes  # imported late: the CLI's --help should not load the engine
@@ -114,8 +120,8 @@ class PersonalModel:
             previous = self.stored_weights(names, shapes)
             if previous:
                 trainer.set_weights(previous)
-            if fine_tune:
-                trainer.fit(train, self.epochs)
+            if epochs:
+                trainer.fit(train, epochs)
                 weights = trainer.get_weights()
                 mine = {n: np.asarray(weights[n], np.float32) for n in names}
                 self.state.save_personal(mine, {"base_version": int(base_version), "layers": names})

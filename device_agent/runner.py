@@ -374,11 +374,11 @@ class Agent:
         return self.personalize(record)
 
     def report(self, record: dict[str, Any]) -> dict[str, Any]:
+        if record.get("kind", "train") != "train":  # --json stays one line per training round
+            log.info("%s task for version %s done", record["kind"], record.get("version"))
+            return record
         if self.config.json_lines:
             self.emit(json.dumps(record, sort_keys=True))
-        if record.get("kind", "train") != "train":
-            log.info("%s task done", record["kind"])
-            return record
         log.info(
             "round %s done: acc %.3f -> %.3f, personal %s vs global %s, %d bytes sent (%d raw)",
             record.get("round"),

@@ -30,11 +30,11 @@ log = logging.getLogger("pocketfed.agent.tasks")
 TASK_KINDS = ["train", "evaluate", "personalize"]  # what this agent declares at check-in
 
 
-def personalize_on(agent: Agent, version: int, data: bytes) -> dict[str, Any]:
+def personalize_on(agent: Agent, version: int, data: bytes, epochs: int | None = None) -> dict[str, Any]:
     """Fine-tune the personal layers on `version` unless they already are; then measure both models."""
     if agent.personal.base_version() == version:
         return agent.personal.measure(data, version, agent.eval_set)
-    return agent.personal.update(data, version, agent.train_set, agent.eval_set)
+    return agent.personal.update(data, version, agent.train_set, agent.eval_set, epochs)
 
 
 def verified_download(agent: Agent, version: int) -> bytes:
@@ -57,7 +57,7 @@ def do_metrics_task(agent: Agent, task: Task) -> dict[str, Any] | None:
     try:
         if task.kind == "personalize":
             data = agent.model_bytes(version)
-            measured = personalize_on(agent, version, data)
+            measured = personalize_on(agent, version, data, task.epochs)
         else:
             measured = agent.personal.measure(verified_download(agent, version), version, agent.eval_set)
     except (CorruptModel, RejectedError) as exc:

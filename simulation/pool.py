@@ -112,10 +112,12 @@ class WorkerPool:
         on_start: Callable[[int], None] | None = None,
         tick: Callable[[], None] | None = None,
         timeout: float = 900.0,
+        job: Callable[[int], dict] | None = None,
     ) -> list[dict]:
         """Run each device until it answers (killed devices run again); answers in completion order.
 
-        `on_start(device)` runs just before a device's task is sent, `tick()` between messages."""
+        `on_start(device)` runs just before a device's task is sent, `tick()` between messages;
+        `job(device)` adds to the job sent (worker.py: mode, dropout, version)."""
         poll = 0.005 if tick is not None else 0.5  # without a tick there is nothing to do between messages
         self._todo.extend(devices)
         answers: list[dict] = []
@@ -128,7 +130,8 @@ class WorkerPool:
                 if on_start is not None:
                     on_start(device)
                 self.busy[index] = (device, time.monotonic())
-                self.procs[index].stdin.write(json.dumps({"device": int(device)}) + "\n")
+                message = {**(job(device) if job is not None else {}), "device": int(device)}
+                self.procs[index].stdin.write(json.dumps(message) + "\n")
                 self.procs[index].stdin.flush()
             try:
                 answer = self._handle(self._messages.get(timeout=poll))

@@ -26,6 +26,7 @@ import numpy as np
 from engine.progress import ProgressBar
 from simulation.config import SimConfig
 from simulation.coordinator_api import CoordinatorAPI
+from simulation.fleet import Availability, fleet_mean, personalized_count
 from simulation.hooks import SimulationHook
 from simulation.pool import WorkerPool
 from simulation.processes import CoordinatorProcess, SimulationError
@@ -62,6 +63,10 @@ class Simulation:
         self.records: list[dict] = []
         self.round_number = 0
         self.pool: WorkerPool | None = None
+        self.availability = Availability(config.availability, config.devices, config.seed)
+        self.hour = 0.0  # the fleet's simulated UTC clock, in hours (a day is compressed into the run)
+        self.drop_rng = np.random.default_rng([config.seed, 5])  # its own stream: selection stays as it was
+        self.personal_versions: dict[int, int | None] = {}  # device -> base version of its personal layers
 
     def run(self) -> dict:
         cfg = self.config
@@ -71,10 +76,16 @@ class Simulation:
             self.db_path = Path(cfg.db).resolve() if cfg.db else self.workdir / "coordinator.db"
             key = secrets.token_urlsafe(16)
             options = cfg.coordinator_options(str(self.db_path), key)
+            options["admin_token"] = secrets.token_urlsafe(16)  # to pause rounds while the fleet personalizes
             for hook in self.hooks:
                 options.update(hook.coordinator_options())
             self.coordinator = CoordinatorProcess(self.workdir, options)
-            self.api = CoordinatorAPI(self.coordinator.url, lambda: self.coordinator.running, self.coordinator.log_tail)
+            self.api = CoordinatorAPI(
+                self.coordinator.url,
+                lambda: self.coordinator.running,
+                self.coordinator.log_tail,
+                options["admin_token"],
+            )
             started = time.perf_counter()
             try:
                 self.coordinator.start()
@@ -85,7 +96,9 @@ class Simulation:
                     record = self.one_round(number)
                     self.records.append(record)
                     self.emit(record)
+                fleet = self.measure_fleet()
                 summary = self.summary(initial, time.perf_counter() - started)
+                summary.update(fleet)
                 for hook in self.hooks:
                     hook.summarize(summary)
             finally:
@@ -113,6 +126,7 @@ class Simulation:
             data=cfg.data,
             samples_per_device=cfg.samples_per_device,
             holdout=cfg.holdout,
+            speed_spread=cfg.speed_spread,
             **options,
         )
         return WorkerPool(cfg.workers, worker.to_json(), self.workdir)
@@ -139,16 +153,40 @@ class Simulation:
         for hook in self.hooks:
             hook.task_started(device)
 
+    def train_job(self, device: int) -> dict:
+        return {"dropout": True} if self.config.dropout and self.drop_rng.random() < self.config.dropout else {}
+
     def play(self, devices: list[int], on_answer: Callable[[dict], None]) -> list[dict]:
         if not self.hooks:  # nothing to do between answers: the pool may block on them
-            return self.pool.play(devices, on_answer)
-        return self.pool.play(devices, on_answer, on_start=self.task_started, tick=self.tick)
+            answers = self.pool.play(devices, on_answer, job=self.train_job)
+        else:
+            answers = self.pool.play(devices, on_answer, on_start=self.task_started, tick=self.tick, job=self.train_job)
+        self.note_personal(answers)
+        return answers
+
+    def note_personal(self, answers: list[dict]) -> None:
+        for a in answers:
+            if "personal_version" in a:
+                self.personal_versions[int(a["device"])] = a["personal_version"]
+
+    def online_now(self) -> list[int]:
+        """The devices online at the fleet's clock, moved on (in whole rounds' worth of hours) until at
+        least a round's worth of them is."""
+        cfg = self.config
+        for _ in range(int(24 / cfg.hours_per_round) + 1):
+            online = self.availability.online(self.hour)
+            if len(online) >= cfg.per_round:
+                return online
+            self.hour += cfg.hours_per_round
+        raise SimulationError(f"--availability {cfg.availability}: never {cfg.per_round} devices online at once")
 
     def one_round(self, number: int) -> dict:
         cfg = self.config
         started = time.perf_counter()
         round_id = self.api.open_round_id()
-        chosen = [int(d) for d in self.rng.choice(cfg.devices, size=cfg.per_round, replace=False)]
+        online = self.online_now()
+        picked = self.rng.choice(len(online), size=cfg.per_round, replace=False)
+        chosen = [online[int(i)] for i in picked]
         bar = ProgressBar(cfg.per_round, f"round {number}/{cfg.rounds}", enabled=cfg.progress)
 
         def progress(answer: dict) -> None:
@@ -156,7 +194,7 @@ class Simulation:
 
         answers = self.play(chosen, progress)
         detail = self.api.round_detail(round_id)
-        spare = [d for d in self.rng.permutation(cfg.devices).tolist() if d not in chosen]
+        spare = [online[i] for i in self.rng.permutation(len(online)).tolist() if online[i] not in chosen]
         while detail["status"] == "open" and detail["received"] < detail["goal"] and spare:
             # some devices failed: send replacements, as over-selection would (room: over_select=2)
             missing = detail["goal"] - detail["received"]
@@ -175,7 +213,41 @@ class Simulation:
             raise SimulationError(
                 f"round {round_id} ended {detail['status']}: {detail.get('reason')}; device errors: {errors or 'none'}"
             )
-        return self.round_record(number, answers, detail, started)
+        record = self.round_record(number, answers, detail, started)
+        record["hour"], record["online"] = round(self.hour % 24.0, 2), len(online)
+        record["dropped"] = sum(1 for a in answers if a.get("dropped"))
+        record["personalized"] = self.personalize(online)
+        self.hour += cfg.hours_per_round
+        return record
+
+    def personalize(self, online: list[int]) -> int:
+        """The online devices check in while no round is open: each is offered a personalize task for the
+        version just committed (the coordinator's choice, as for a real fleet). Returns how many did one."""
+        self.api.set_paused(True)
+        try:
+            answers = self.pool.play(online, job=lambda device: {"mode": "sweep"})
+        finally:
+            self.api.set_paused(False)
+        self.note_personal(answers)
+        return sum(1 for a in answers if a.get("record") is not None)
+
+    def measure_fleet(self) -> dict:
+        """Every device, online or not, on its own held-out data: the personal model it serves and the
+        latest committed version (until releases land, the version devices should be on)."""
+        released = int(self.records[-1]["version"])
+        answers = self.pool.play(
+            list(range(self.config.devices)), job=lambda device: {"mode": "measure", "version": released}
+        )
+        failed = [a["error"] for a in answers if "error" in a]
+        if failed:
+            raise SimulationError(f"measuring the fleet failed on {len(failed)} devices: {failed[0]}")
+        self.note_personal(answers)
+        return {
+            "personalized_devices": personalized_count(self.personal_versions, released),
+            "personal_accuracy_fleet": fleet_mean([a["personal_acc"] for a in answers]),
+            "global_accuracy_fleet": fleet_mean([a["global_acc"] for a in answers]),
+            "released_version": released,
+        }
 
     def round_record(self, number: int, answers: list[dict], detail: dict, started: float) -> dict:
         version = int(detail["result_version"])

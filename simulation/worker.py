@@ -3,8 +3,14 @@
     python -m simulation.worker '<json WorkerConfig>'
 
 Protocol (JSON lines): the orchestrator writes {"device": i} to stdin; the worker runs device i
-for one federated task (enroll if new, check in, download, train, upload, personalize) and
-writes {"device": i, "record": {...}, "bytes_down": n} or {"device": i, "error": "..."} to stdout.
+for one federated training task (enroll if new, check in, download, train, upload, personalize;
+an evaluate or personalize task offered on the way is done too) and writes
+{"device": i, "record": {...}, "bytes_down": n, "personal_version": v} or {"device": i, "error": "..."}
+to stdout. Other jobs: {"device": i, "mode": "sweep"} checks in once and does the evaluate or
+personalize task it is offered, if any ("record" is then null when there was none);
+{"device": i, "mode": "measure", "version": v} touches nothing and measures the device's personal
+model (what `pf-agent predict` serves) and version v on its held-out data. {"dropout": true}
+makes the device vanish mid-training (fleet.py).
 An empty line, {"stop": true} or EOF ends it. Logs go to stderr, stdout carries only answers.
 
 Each device keeps its own state directory (token, cached model, personal layers), so a
@@ -23,10 +29,11 @@ from pathlib import Path
 from typing import Any
 
 from device_agent.client import CoordinatorClient, RetryPolicy
-from device_agent.eligibility import AlwaysEligible
+from device_agent.eligibility import Probe, Verdict
 from device_agent.runner import Agent, AgentConfig
 from device_agent.state import AgentState
 from protocol.messages import CheckinAnswer
+from simulation.fleet import speed_factors
 from simulation.shards import device_dataset, device_indices, labels_of, load_split
 
 log = logging.getLogger("pocketfed.sim.worker")
@@ -45,6 +52,7 @@ class WorkerConfig:
     holdout: float = 0.2
     max_wait: float = 120.0  # a device that gets no task for this long gives up on the round
     mark_tasks: bool = False  # touch <device state>/task-started when a check-in returns a task (chaos.py)
+    speed_spread: float = 0.0  # device i trains exp(speed_spread * z_i) times slower (fleet.py)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -54,14 +62,40 @@ class GaveUp(RuntimeError):
     """A device waited too long for a task (the round was full or closed)."""
 
 
+class Idle(Exception):
+    """A sweep's device was offered nothing (it has reported on the current version already)."""
+
+
+class DroppedOut(RuntimeError):
+    """The simulated device vanished mid-training (its app was killed)."""
+
+
+class SimulatedConditions(Probe):
+    """Eligible always, but slow (each training step followed by a sleep making it `factor` times as
+    long) and, with `drop_at`, gone at that check (the first is before check-in, then one per step)."""
+
+    def __init__(self, factor: float = 1.0, drop_at: int | None = None):
+        self.factor, self.drop_at = factor, drop_at
+        self.checks, self.last = 0, None
+
+    def check(self) -> Verdict:
+        self.checks += 1
+        if self.drop_at is not None and self.checks >= self.drop_at:
+            raise DroppedOut(f"dropped out after {self.checks - 1} training steps")
+        if self.last is not None and self.factor > 1:
+            time.sleep((time.monotonic() - self.last) * (self.factor - 1))
+        self.last = time.monotonic()
+        return Verdict(True, "simulated device")
+
+
 class CountingClient(CoordinatorClient):
     """The agent's client, counting model bytes downloaded (the simulation's bytes_down)."""
 
     bytes_down = 0
     task_marker: Path | None = None
 
-    def checkin(self, num_samples: int | None) -> CheckinAnswer:
-        answer = super().checkin(num_samples)
+    def checkin(self, num_samples: int | None, task_kinds: list[str] | None = None) -> CheckinAnswer:
+        answer = super().checkin(num_samples, task_kinds)
         if self.task_marker is not None and answer.task is not None:
             self.task_marker.touch()  # training starts now: the chaos driver may kill us from here on
         return answer
@@ -80,12 +114,17 @@ class DevicePlayer:
             labels_of(self.train), config.devices, config.partition, config.seed, config.samples_per_device
         )
         self.client = CountingClient(config.coordinator, timeout=60.0, retry=RetryPolicy(attempts=4))
+        self.speed = speed_factors(config.devices, config.speed_spread, config.seed)
+        self.models: dict[int, bytes] = {}  # versions measured against, by number
+        self.version: int | None = None  # the version a "measure" job compares with
 
-    def play(self, device: int) -> dict[str, Any]:
+    def play(self, device: int, mode: str = "train", dropout: bool = False) -> dict[str, Any]:
         """One federated task for `device`; returns the agent's record plus what it downloaded."""
         waited = [0.0]
 
         def sleep(seconds: float) -> None:
+            if mode == "sweep":
+                raise Idle()
             waited[0] += seconds
             if waited[0] > self.config.max_wait:
                 raise GaveUp(f"device {device}: no task after waiting {waited[0]:.0f}s")
@@ -96,7 +135,8 @@ class DevicePlayer:
             coordinator=cfg.coordinator,
             enrollment_key=cfg.enrollment_key,
             name=f"sim-{device}",
-            once=True,
+            once=mode != "train",
+            rounds=1,  # a training task; an evaluate or personalize task offered first is done on the way
             holdout=cfg.holdout,
             seed=cfg.seed * 100_003 + device,
             max_wait=1.0,
@@ -104,16 +144,51 @@ class DevicePlayer:
         state = AgentState(Path(cfg.state_root) / f"device-{device:05d}")
         self.client.task_marker = state.dir / "task-started" if cfg.mark_tasks else None
         dataset = device_dataset(self.train, self.parts, device)
-        agent = Agent(agent_config, self.client, state, dataset, AlwaysEligible(), sleep=sleep, emit=lambda line: None)
+        conditions = SimulatedConditions(float(self.speed[device]), drop_at=3 if dropout else None)
+        agent = Agent(agent_config, self.client, state, dataset, conditions, sleep=sleep, emit=lambda line: None)
+        if mode == "measure":
+            return self.measure(device, agent)
         before = self.client.bytes_down
         started = time.perf_counter()
-        records = agent.run()
+        try:
+            records = agent.run()
+        except Idle:
+            records = [None]
         return {
             "device": device,
             "record": records[-1],
+            "side_tasks": sum(1 for r in records if r is not None and r.get("kind") not in (None, "train")),
             "bytes_down": self.client.bytes_down - before,
             "seconds": time.perf_counter() - started,
+            "personal_version": agent.personal.base_version(),
         }
+
+    def measure(self, device: int, agent: Agent, version: int | None = None) -> dict[str, Any]:
+        """The device's personal model (as `pf-agent predict` serves it) and the global `version`, both
+        on the device's held-out data; reads the device's state, changes nothing."""
+        from device_agent.models import model_view
+        from device_agent.personal import load_personal_model
+        from engine import load_model_bytes
+        from engine.trainer import Trainer
+
+        version = self.version if version is None else version
+        if version not in self.models:
+            agent.ensure_enrolled()  # the device's token (it may never have been online)
+            self.models[version], _ = self.client.download_model(version)
+        out: dict[str, Any] = {"device": device, "personal_version": agent.personal.base_version()}
+        for name, model in (
+            ("global_acc", load_model_bytes(self.models[version])),
+            ("personal_acc", load_personal_model(agent.state) if agent.state.cached_model() else None),
+        ):
+            if model is None:
+                out[name] = None
+                continue
+            trainer = Trainer(model)
+            out[name] = float(trainer.evaluate(model_view(model, agent.eval_set))["accuracy"])
+            trainer.release()
+        if out["personal_acc"] is None:  # never downloaded a model: it serves nothing personal
+            out["personal_acc"] = out["global_acc"]
+        return out
 
 
 def serve(config: WorkerConfig, stdin: Any = sys.stdin, stdout: Any = sys.stdout) -> None:
@@ -126,8 +201,11 @@ def serve(config: WorkerConfig, stdin: Any = sys.stdin, stdout: Any = sys.stdout
         if job.get("stop"):
             break
         device = int(job["device"])
+        player.version = job.get("version")
         try:
-            answer = player.play(device)
+            answer = player.play(device, job.get("mode", "train"), bool(job.get("dropout")))
+        except DroppedOut as exc:
+            answer = {"device": device, "error": f"DroppedOut: {exc}", "dropped": True}
         except Exception as exc:  # one broken device must not take the other devices of this worker down
             log.warning("device %d failed: %s: %s", device, type(exc).__name__, exc)
             answer = {"device": device, "error": f"{type(exc).__name__}: {exc}"}

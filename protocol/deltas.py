@@ -10,7 +10,9 @@ agree on every number by construction.
 - `add_gaussian_noise`: N(0, std^2) on every element (the second half).
 - `TopK`: keep each tensor's largest-magnitude fraction and carry the rest to the next round
   (error feedback), so nothing is lost, only delayed.
-- `quantize_int8`: symmetric per-tensor int8, the update format's smallest dense encoding.
+- `quantize_int8`: symmetric per-tensor int8.
+- `quantize_int4`: symmetric per-tensor 4-bit levels -7..7 with stochastic rounding (unbiased:
+  E[q * scale] = x), packed two to a byte by `pack_int4`: the update format's smallest encoding.
 """
 
 from __future__ import annotations
@@ -72,6 +74,42 @@ def quantize_int8(x: np.ndarray) -> tuple[np.ndarray, float]:
         return np.zeros(x.shape, np.int8), 0.0
     q = np.clip(np.rint(x / scale), -127, 127).astype(np.int8)
     return q, scale
+
+
+INT4_LEVELS = 7  # levels -7..7; the nibble 0 (level -8) is never produced and rejected when read
+
+
+def quantize_int4(x: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, float]:
+    """Stochastic symmetric 4-bit: (q int8 in -7..7, scale) with E[q * scale] = x and |x - q * scale| < scale.
+
+    Rounding up with probability equal to the fractional part keeps the quantization unbiased, so
+    averaging many devices' updates cancels the error instead of accumulating it (QSGD, Alistarh et al. 2017)."""
+    peak = float(np.max(np.abs(x))) if x.size else 0.0
+    scale = peak / INT4_LEVELS
+    if scale == 0.0:
+        return np.zeros(x.shape, np.int8), 0.0
+    scaled = np.asarray(x, np.float64) / scale
+    low = np.floor(scaled)
+    q = low + (rng.random(scaled.shape) < (scaled - low))
+    return np.clip(q, -INT4_LEVELS, INT4_LEVELS).astype(np.int8), scale
+
+
+def pack_int4(q: np.ndarray) -> np.ndarray:
+    """Levels -7..7 as nibbles (level + 8), two per byte, the first element in the low nibble."""
+    flat = (q.reshape(-1).astype(np.int16) + 8).astype(np.uint8)
+    if flat.size % 2:
+        flat = np.append(flat, np.uint8(8))  # a zero level pads an odd count
+    return (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8)
+
+
+def unpack_int4(packed: np.ndarray, count: int) -> np.ndarray:
+    """The first `count` levels (int8) of a packed buffer; ValueError for the never-written nibble 0."""
+    nibbles = np.empty(packed.size * 2, np.uint8)
+    nibbles[0::2], nibbles[1::2] = packed & 0x0F, packed >> 4
+    levels = nibbles[:count].astype(np.int8) - 8
+    if levels.size and int(levels.min()) < -INT4_LEVELS:
+        raise ValueError(f"int4 level {int(levels.min())} is outside -{INT4_LEVELS}..{INT4_LEVELS}")
+    return levels
 
 
 class TopK:

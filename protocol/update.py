@@ -1,20 +1,24 @@
 """The update wire format: one device's weight delta, as it travels to the coordinator.
 
 An update is a container (see container.py) of kind "update". It holds the delta of
-each trainable tensor (trained minus base) in one of three value encodings, optionally
+each trainable tensor (trained minus base) in one of four value encodings, optionally
 sparsified to its top-k entries, plus the few numbers the server needs to weigh it:
 
     metadata = {"format": "pocketfed-update", "format_version": 1,
-                "encoding": "float32" | "float16" | "int8", "sparse": bool,
+                "encoding": "float32" | "float16" | "int8" | "int4", "sparse": bool,
                 "sample_count": int > 0, "round_id": int, "base_version": int,
                 "metrics": {name: finite float},
-                "tensors": {name: {"shape": [...], "encoding": "float32"|"float16"|"int8"|"sparse",
-                                   "values"?: value encoding (sparse only), "scale"?: float (int8)}}}
+                "tensors": {name: {"shape": [...], "encoding": "float32"|"float16"|"int8"|"int4"|"sparse",
+                                   "values"?: value encoding (sparse only), "scale"?: float (int8, int4)}}}
 
 Dense tensors are stored under their own name. A sparse tensor is stored as
 "<name>/indices" (int32 flat indices into the dense tensor) and "<name>/values".
 int8 is symmetric per tensor: q = round(x / scale), scale = max|x| / 127, so every
-decoded element is within scale / 2 of the original.
+decoded element is within scale / 2 of the original. int4 (added in the same format version:
+readers without it reject it by name) is symmetric per tensor with stochastic rounding, levels
+-7..7, scale = max|x| / 7, stored as nibbles level + 8, two per byte, low nibble first, in a 1-D
+uint8 tensor of ceil(n / 2) bytes (n: the tensor's or the sparse part's element count); every
+decoded element is within one scale of the original and equal to it in expectation.
 
 The decoder trusts nothing: every field is checked, and every problem raises
 UpdateError with a message naming the field or tensor and why.
@@ -29,11 +33,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from engine.serialize.container import ContainerError, dumps, loads
-from protocol.deltas import quantize_int8, topk_count, topk_indices
+from protocol.deltas import pack_int4, quantize_int4, quantize_int8, topk_count, topk_indices, unpack_int4
 
 FORMAT = "pocketfed-update"
 FORMAT_VERSION = 1
-VALUE_ENCODINGS = ("float32", "float16", "int8")
+VALUE_ENCODINGS = ("float32", "float16", "int8", "int4")
+QUANTIZED = ("int8", "int4")  # the encodings with a per-tensor "scale"
 MAX_ELEMENTS = 1 << 27  # 134M elements (512 MiB of float32): far above any on-device model
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
 
@@ -56,7 +61,9 @@ class Update:
 # ---------------------------------------------------------------- encoding
 
 
-def _encode_values(name: str, values: np.ndarray, encoding: str) -> tuple[np.ndarray, dict]:
+def _encode_values(
+    name: str, values: np.ndarray, encoding: str, rng: np.random.Generator | None = None
+) -> tuple[np.ndarray, dict]:
     if encoding == "float32":
         return values.astype(np.float32), {}
     if encoding == "float16":
@@ -65,6 +72,9 @@ def _encode_values(name: str, values: np.ndarray, encoding: str) -> tuple[np.nda
                 f"tensor {name!r}: values exceed the float16 range ({_FLOAT16_MAX}); clip the delta or use float32"
             )
         return values.astype(np.float16), {}
+    if encoding == "int4":
+        q, scale = quantize_int4(values, rng if rng is not None else np.random.default_rng())
+        return pack_int4(q), {"scale": scale}
     q, scale = quantize_int8(values)
     return q, {"scale": scale}
 
@@ -78,8 +88,11 @@ def encode_update(
     metrics: Mapping[str, float] | None = None,
     encoding: str = "float32",
     topk_fraction: float | None = None,
+    rng: np.random.Generator | None = None,
 ) -> bytes:
-    """Encode a weight delta (name -> array) as update-container bytes."""
+    """Encode a weight delta (name -> array) as update-container bytes.
+
+    `rng` drives int4's stochastic rounding (default: fresh OS entropy; seed it for repeatable runs)."""
     if encoding not in VALUE_ENCODINGS:
         raise UpdateError(f"encoding {encoding!r} is not one of {', '.join(VALUE_ENCODINGS)}")
     if topk_fraction is not None and not (0.0 < float(topk_fraction) <= 1.0):
@@ -98,13 +111,13 @@ def encode_update(
         if not np.all(np.isfinite(array)):
             raise UpdateError(f"tensor {name!r}: contains NaN or Inf; refusing to send it")
         if topk_fraction is None:
-            stored, extra = _encode_values(name, array, encoding)
+            stored, extra = _encode_values(name, array, encoding, rng)
             tensors[name] = stored
             described[name] = {"shape": list(array.shape), "encoding": encoding, **extra}
         else:
             flat = array.reshape(-1)
             indices = topk_indices(flat, topk_count(flat.size, float(topk_fraction)))
-            stored, extra = _encode_values(name, flat[indices], encoding)
+            stored, extra = _encode_values(name, flat[indices], encoding, rng)
             tensors[f"{name}/indices"] = indices
             tensors[f"{name}/values"] = stored
             described[name] = {"shape": list(array.shape), "encoding": "sparse", "values": encoding, **extra}
@@ -164,16 +177,28 @@ def _check_shape(name: str, shape: object) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def _decode_values(name: str, stored: np.ndarray, encoding: object, spec: dict) -> np.ndarray:
+def _stored_shape(encoding: object, count_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The stored array's shape for `count_shape` elements: packed int4 is 1-D, ceil(n / 2) bytes."""
+    return ((math.prod(count_shape) + 1) // 2,) if encoding == "int4" else count_shape
+
+
+def _decode_values(name: str, stored: np.ndarray, encoding: object, spec: dict, count: int) -> np.ndarray:
+    """`count` float32 values from their stored form (1-D for int4, the stored shape otherwise)."""
     if encoding not in VALUE_ENCODINGS:
         raise UpdateError(f"tensor {name!r}: encoding {encoding!r} is not one of {', '.join(VALUE_ENCODINGS)}")
-    if stored.dtype != np.dtype(encoding):
-        raise UpdateError(f"tensor {name!r}: stored as {stored.dtype}, but its encoding says {encoding}")
-    if encoding == "int8":
+    dtype = np.dtype(np.uint8 if encoding == "int4" else encoding)
+    if stored.dtype != dtype:
+        raise UpdateError(f"tensor {name!r}: stored as {stored.dtype}, but its encoding {encoding} needs {dtype}")
+    if encoding in QUANTIZED:
         scale = spec.get("scale")
         number = isinstance(scale, (int, float)) and not isinstance(scale, bool)
         if not number or not math.isfinite(scale) or scale < 0:
-            raise UpdateError(f"tensor {name!r}: int8 scale {scale!r} must be a finite number >= 0")
+            raise UpdateError(f"tensor {name!r}: {encoding} scale {scale!r} must be a finite number >= 0")
+        if encoding == "int4":
+            try:
+                return unpack_int4(stored, count).astype(np.float32) * np.float32(scale)
+            except ValueError as exc:
+                raise UpdateError(f"tensor {name!r}: {exc}") from None
         return stored.astype(np.float32) * np.float32(scale)
     values = stored.astype(np.float32)
     if not np.all(np.isfinite(values)):
@@ -190,11 +215,12 @@ def _decode_tensor(name: str, spec: object, stored: dict[str, np.ndarray], used:
         if name not in stored:
             raise UpdateError(f"tensor {name!r}: described but its data is missing")
         used.add(name)
-        if stored[name].shape != shape:
+        if stored[name].shape != _stored_shape(encoding, shape):
             raise UpdateError(
                 f"tensor {name!r}: data has shape {list(stored[name].shape)}, description says {list(shape)}"
+                + (" (packed int4: ceil(n / 2) bytes, 1-D)" if encoding == "int4" else "")
             )
-        return _decode_values(name, stored[name], encoding, spec)
+        return _decode_values(name, stored[name], encoding, spec, math.prod(shape)).reshape(shape)
     idx_name, val_name = f"{name}/indices", f"{name}/values"
     for part in (idx_name, val_name):
         if part not in stored:
@@ -205,8 +231,8 @@ def _decode_tensor(name: str, spec: object, stored: dict[str, np.ndarray], used:
     indices, raw_values = stored[idx_name], stored[val_name]
     if indices.dtype != np.int32:
         raise UpdateError(f"tensor {name!r}: indices must be int32, got {indices.dtype}")
-    if len(indices) != len(raw_values):
-        raise UpdateError(f"tensor {name!r}: {len(indices)} indices but {len(raw_values)} values")
+    if raw_values.shape != _stored_shape(spec.get("values"), (len(indices),)):
+        raise UpdateError(f"tensor {name!r}: {len(indices)} indices but {len(raw_values)} stored values")
     size = math.prod(shape)
     if len(indices) and (int(indices.min()) < 0 or int(indices.max()) >= size):
         raise UpdateError(
@@ -214,7 +240,7 @@ def _decode_tensor(name: str, spec: object, stored: dict[str, np.ndarray], used:
         )
     if len(np.unique(indices)) != len(indices):
         raise UpdateError(f"tensor {name!r}: duplicate sparse indices")
-    values = _decode_values(name, raw_values, spec.get("values"), spec)
+    values = _decode_values(name, raw_values, spec.get("values"), spec, len(indices))
     dense = np.zeros(size, np.float32)
     dense[indices] = values
     return dense.reshape(shape)

@@ -17,13 +17,14 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from coordinator.settings import ENCODINGS
 from coordinator.strategies import STRATEGIES
+from protocol.messages import ENCODINGS
 from simulation.chaos import ChaosConfig, chaos_hooks
 from simulation.config import SimConfig
 from simulation.processes import SimulationError
 from simulation.report import write_report
 from simulation.simulation import Simulation
+from simulation.stacked_sim import StackedOptions, StackedSimulation
 
 DEFAULTS = SimConfig()
 
@@ -60,6 +61,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server-lr", type=float, default=None, help="server learning rate (fedadam default 0.01)")
     p.add_argument("--fedprox-mu", type=float, default=None, help="FedProx proximal weight")
     p.add_argument("--encoding", default=DEFAULTS.encoding, choices=ENCODINGS, help="update encoding")
+    p.add_argument(
+        "--topk-fraction",
+        type=float,
+        default=None,
+        help="devices send only this fraction of each tensor's largest entries (error feedback keeps the rest)",
+    )
+    p.add_argument("--server-momentum", type=float, default=None, help="FedAvgM's server momentum (default 0.9)")
+    p.add_argument(
+        "--stacked",
+        action="store_true",
+        help="fast in-process mode: train each worker's devices as one stacked graph, no HTTP or coordinator "
+        "process (same local math, wire format and strategies; simulation/stacked_sim.py)",
+    )
     p.add_argument("--seed", type=int, default=DEFAULTS.seed)
     p.add_argument(
         "--model",
@@ -80,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="fraction of each device's data held out for personal/global accuracy",
     )
     p.add_argument("--workers", type=int, default=DEFAULTS.workers, help="device worker processes")
+    p.add_argument(
+        "--js-agents",
+        type=int,
+        default=0,
+        help="play this many devices (0..N-1) with the TypeScript agent (device_agent/js: Node.js, onnxruntime-node)",
+    )
     p.add_argument(
         "--round-timeout",
         type=float,
@@ -173,6 +193,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         data=args.data,
         workers=args.workers,
         holdout=args.holdout,
+        js_agents=args.js_agents,
         samples_per_device=args.samples_per_device,
         server_lr=args.server_lr,
         fedprox_mu=args.fedprox_mu,
@@ -189,22 +210,24 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
 
 
 PASSED_THROUGH = ("dp_noise_multiplier", "dp_clip_norm", "dp_delta", "dp_epsilon_budget", "norm_bound")
+TASK_OPTIONS = ("topk_fraction", "server_momentum")  # coordinator settings the round loop needs too
 
 
 def coordinator_extras(args: argparse.Namespace) -> dict:
     """Coordinator settings set from pf-sim's privacy flags (only those given)."""
     extras = {name: getattr(args, name) for name in PASSED_THROUGH if getattr(args, name) is not None}
+    extras.update({name: getattr(args, name) for name in TASK_OPTIONS if getattr(args, name) is not None})
     if args.dp_adaptive_clip:
         extras["dp_adaptive_clip"] = True
     return extras
 
 
 def human_line(record: dict) -> str:
-    personal = record["personal_acc"]
+    personal = record.get("personal_acc")
     return (
         f"round {record['round']:>3}: test accuracy {record['accuracy']:.4f}  personal "
         f"{'-' if personal is None else f'{personal:.4f}'}  up {record['bytes_up'] / 1e6:.2f} MB  "
-        f"down {record['bytes_down'] / 1e6:.2f} MB  {record['seconds']:.1f} s"
+        f"down {record.get('bytes_down', 0) / 1e6:.2f} MB  {record['seconds']:.1f} s"
         + ("" if record.get("epsilon") is None else f"  ε {record['epsilon']:.3g}")
     )
 
@@ -227,6 +250,16 @@ def chaos_summary(s: dict) -> str:
     )
 
 
+def stacked_simulation(args: argparse.Namespace, config: SimConfig, emit, chaos) -> StackedSimulation:
+    """pf-sim --stacked: the task options go to the in-process loop, nothing else may be set."""
+    if chaos is not None or args.report:
+        raise ValueError("--stacked runs without a coordinator: no chaos flags, no --report")
+    options = StackedOptions(topk_fraction=args.topk_fraction, server_momentum=args.server_momentum)
+    for name in TASK_OPTIONS:
+        config.extra_options.pop(name, None)
+    return StackedSimulation(config, emit, options)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -240,7 +273,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         def emit(record: dict) -> None:
             print(json.dumps(record) if args.json else line(record), flush=True)
 
-        sim = Simulation(config, emit, hooks=[] if chaos is None else chaos_hooks(config, chaos))
+        if args.stacked:
+            sim = stacked_simulation(args, config, emit, chaos)
+        else:
+            sim = Simulation(config, emit, hooks=[] if chaos is None else chaos_hooks(config, chaos))
     except ValueError as exc:
         print(f"pf-sim: {exc}", file=sys.stderr)
         return 2
@@ -262,6 +298,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0 if summary["audit_ok"] else 1
     if args.json:
         print(json.dumps(summary), flush=True)
+    elif args.stacked:
+        print(
+            f"accuracy {summary['initial_accuracy']:.4f} -> {summary['final_accuracy']:.4f} in "
+            f"{summary['rounds']} rounds, {summary['seconds_per_round']:.2f} s per round (stacked)"
+        )
     else:
         print(
             f"accuracy {summary['initial_accuracy']:.4f} -> {summary['final_accuracy']:.4f} in "

@@ -40,6 +40,7 @@ class SimConfig:
     hours_per_round: float = 4.0  # simulated hours each round advances the fleet's clock
     speed_spread: float = 0.0  # device speed heterogeneity (log-normal sigma of the slowdown)
     dropout: float = 0.0  # probability that a chosen device vanishes mid-training
+    js_agents: int = 0  # devices 0..js_agents-1 play the TypeScript agent (node + onnxruntime-node)
     extra_options: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> None:
@@ -51,6 +52,8 @@ class SimConfig:
             raise ValueError(f"--rounds must be >= 1, got {self.rounds}")
         if self.workers < 1:
             raise ValueError(f"--workers must be >= 1, got {self.workers}")
+        if not 0 <= self.js_agents <= self.devices:
+            raise ValueError(f"--js-agents must be in 0..{self.devices} (--devices), got {self.js_agents}")
         if not 0.0 <= self.holdout < 1.0:
             raise ValueError(f"--holdout must be in [0, 1), got {self.holdout}")
         if not 0.0 <= self.dropout < 1.0:

@@ -28,6 +28,7 @@ from simulation.config import SimConfig
 from simulation.coordinator_api import CoordinatorAPI
 from simulation.fleet import Availability, fleet_mean, personalized_count
 from simulation.hooks import SimulationHook
+from simulation.js_agents import JsAgentError, prepare
 from simulation.pool import WorkerPool
 from simulation.processes import CoordinatorProcess, SimulationError
 from simulation.worker import WorkerConfig
@@ -57,6 +58,10 @@ class Simulation:
     ):
         config.check()
         self.config = config
+        try:
+            self.node = prepare() if config.js_agents else None
+        except JsAgentError as e:
+            raise ValueError(str(e)) from e
         self.emit = emit or (lambda record: None)
         self.hooks = list(hooks)
         self.rng = np.random.default_rng(config.seed)
@@ -79,6 +84,7 @@ class Simulation:
             options["admin_token"] = secrets.token_urlsafe(16)  # to pause rounds while the fleet personalizes
             for hook in self.hooks:
                 options.update(hook.coordinator_options())
+            self.admin_token = options["admin_token"]
             self.coordinator = CoordinatorProcess(self.workdir, options)
             self.api = CoordinatorAPI(
                 self.coordinator.url,
@@ -127,6 +133,8 @@ class Simulation:
             samples_per_device=cfg.samples_per_device,
             holdout=cfg.holdout,
             speed_spread=cfg.speed_spread,
+            js_agents=cfg.js_agents,
+            node=self.node,
             **options,
         )
         return WorkerPool(cfg.workers, worker.to_json(), self.workdir)
@@ -236,7 +244,8 @@ class Simulation:
         latest committed version (until releases land, the version devices should be on)."""
         released = int(self.records[-1]["version"])
         answers = self.pool.play(
-            list(range(self.config.devices)), job=lambda device: {"mode": "measure", "version": released}
+            list(range(self.config.devices)),
+            job=lambda device: {"mode": "measure", "version": released, "token": self.admin_token},
         )
         failed = [a["error"] for a in answers if "error" in a]
         if failed:
@@ -269,6 +278,7 @@ class Simulation:
             "bytes_up": int(sum(a["record"]["bytes_sent"] for a in ok)),
             "bytes_down": int(sum(a.get("bytes_down", 0) for a in ok)),
             "epsilon": detail.get("epsilon"),  # privacy spent so far (None: DP off)
+            "accepted_by_agent": {kind: sum(a.get("agent") == kind for a in ok) for kind in ("python", "js")},
         }
         for hook in self.hooks:
             hook.add_to_record(record, detail)
@@ -298,6 +308,9 @@ class Simulation:
             "bytes_up": sum(r["bytes_up"] for r in self.records),
             "bytes_down": sum(r["bytes_down"] for r in self.records),
             "epsilon": last.get("epsilon"),
+            "accepted_by_agent": {
+                kind: sum(r["accepted_by_agent"][kind] for r in self.records) for kind in ("python", "js")
+            },
             "privacy": self.privacy_settings(),
             "seconds": round(seconds, 2),
             "seconds_per_round": round(float(np.mean([r["seconds"] for r in self.records])), 3),

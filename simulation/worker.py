@@ -34,6 +34,7 @@ from device_agent.runner import Agent, AgentConfig
 from device_agent.state import AgentState
 from protocol.messages import CheckinAnswer
 from simulation.fleet import speed_factors
+from simulation.js_agents import play_js_device, write_shard
 from simulation.shards import device_dataset, device_indices, labels_of, load_split
 
 log = logging.getLogger("pocketfed.sim.worker")
@@ -53,6 +54,8 @@ class WorkerConfig:
     max_wait: float = 120.0  # a device that gets no task for this long gives up on the round
     mark_tasks: bool = False  # touch <device state>/task-started when a check-in returns a task (chaos.py)
     speed_spread: float = 0.0  # device i trains exp(speed_spread * z_i) times slower (fleet.py)
+    js_agents: int = 0  # devices 0..js_agents-1 run the TypeScript agent (js_agents.py)
+    node: str | None = None  # the node executable for them
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -117,9 +120,15 @@ class DevicePlayer:
         self.speed = speed_factors(config.devices, config.speed_spread, config.seed)
         self.models: dict[int, bytes] = {}  # versions measured against, by number
         self.version: int | None = None  # the version a "measure" job compares with
+        self.admin_token: str | None = None  # and the token it downloads it with
 
     def play(self, device: int, mode: str = "train", dropout: bool = False) -> dict[str, Any]:
         """One federated task for `device`; returns the agent's record plus what it downloaded."""
+        js = device < self.config.js_agents
+        if js and mode == "sweep":  # the TypeScript agent keeps no personal model: nothing to offer it
+            return {"device": device, "agent": "js", "record": None, "personal_version": None}
+        if js and mode == "train":
+            return self.play_js(device)
         waited = [0.0]
 
         def sleep(seconds: float) -> None:
@@ -147,7 +156,7 @@ class DevicePlayer:
         conditions = SimulatedConditions(float(self.speed[device]), drop_at=3 if dropout else None)
         agent = Agent(agent_config, self.client, state, dataset, conditions, sleep=sleep, emit=lambda line: None)
         if mode == "measure":
-            return self.measure(device, agent)
+            return self.measure(device, agent, personal=not js)
         before = self.client.bytes_down
         started = time.perf_counter()
         try:
@@ -156,6 +165,7 @@ class DevicePlayer:
             records = [None]
         return {
             "device": device,
+            "agent": "python",
             "record": records[-1],
             "side_tasks": sum(1 for r in records if r is not None and r.get("kind") not in (None, "train")),
             "bytes_down": self.client.bytes_down - before,
@@ -163,22 +173,27 @@ class DevicePlayer:
             "personal_version": agent.personal.base_version(),
         }
 
-    def measure(self, device: int, agent: Agent, version: int | None = None) -> dict[str, Any]:
-        """The device's personal model (as `pf-agent predict` serves it) and the global `version`, both
-        on the device's held-out data; reads the device's state, changes nothing."""
+    def measure(self, device: int, agent: Agent, personal: bool = True) -> dict[str, Any]:
+        """The device's personal model (as `pf-agent predict` serves it) and the global version of the job,
+        both on the device's held-out data; reads the device's state, changes nothing (the model is
+        downloaded with the job's admin token: a device that was never online holds no token)."""
         from device_agent.models import model_view
         from device_agent.personal import load_personal_model
         from engine import load_model_bytes
         from engine.trainer import Trainer
 
-        version = self.version if version is None else version
+        version = self.version
         if version not in self.models:
-            agent.ensure_enrolled()  # the device's token (it may never have been online)
+            self.client.token = self.admin_token
             self.models[version], _ = self.client.download_model(version)
-        out: dict[str, Any] = {"device": device, "personal_version": agent.personal.base_version()}
+        has_personal = personal and agent.state.cached_model() is not None
+        out: dict[str, Any] = {
+            "device": device,
+            "personal_version": agent.personal.base_version() if personal else None,
+        }
         for name, model in (
             ("global_acc", load_model_bytes(self.models[version])),
-            ("personal_acc", load_personal_model(agent.state) if agent.state.cached_model() else None),
+            ("personal_acc", load_personal_model(agent.state) if has_personal else None),
         ):
             if model is None:
                 out[name] = None
@@ -189,6 +204,26 @@ class DevicePlayer:
         if out["personal_acc"] is None:  # never downloaded a model: it serves nothing personal
             out["personal_acc"] = out["global_acc"]
         return out
+
+    def play_js(self, device: int) -> dict[str, Any]:
+        """The same task played by the TypeScript agent in a node process (its own state directory)."""
+        cfg = self.config
+        shard = Path(cfg.state_root).parent / "js-shards" / f"device-{device:05d}.npz"
+        if not shard.exists():
+            shard.parent.mkdir(parents=True, exist_ok=True)
+            write_shard(self.train, self.parts[device], shard)
+        started = time.perf_counter()
+        answer = play_js_device(
+            cfg.node or "node",
+            device,
+            Path(cfg.state_root) / f"device-{device:05d}",
+            shard,
+            cfg.coordinator,
+            cfg.enrollment_key,
+            seed=cfg.seed * 100_003 + device,
+            timeout=cfg.max_wait + 600.0,
+        )
+        return {**answer, "seconds": time.perf_counter() - started}
 
 
 def serve(config: WorkerConfig, stdin: Any = sys.stdin, stdout: Any = sys.stdout) -> None:
@@ -201,7 +236,7 @@ def serve(config: WorkerConfig, stdin: Any = sys.stdin, stdout: Any = sys.stdout
         if job.get("stop"):
             break
         device = int(job["device"])
-        player.version = job.get("version")
+        player.version, player.admin_token = job.get("version"), job.get("token")
         try:
             answer = player.play(device, job.get("mode", "train"), bool(job.get("dropout")))
         except DroppedOut as exc:

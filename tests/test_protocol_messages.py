@@ -36,7 +36,7 @@ def test_task_round_trips_and_ignores_fields_a_newer_server_adds():
         ("epochs", 0, "epochs: 0 is below 1"),
         ("lr", float("nan"), "lr: nan is not a finite number"),
         ("batch_size", True, "batch_size: True is not a finite integer"),
-        ("encoding", "int4", "encoding: 'int4' is not one of float32, float16, int8"),
+        ("encoding", "int2", "encoding: 'int2' is not one of float32, float16, int8, int4"),
         ("topk_fraction", 1.5, r"topk_fraction: 1.5 is not in \(0, 1\]"),
         ("deadline", None, "deadline: missing"),
     ],

@@ -11,13 +11,15 @@ from torch import nn
 class TinyViT(nn.Module):
     """ViT: 7x7 patches of a 28x28 image -> 16 tokens + a class token, pre-norm encoder blocks."""
 
-    def __init__(self, dim: int = 32, depth: int = 2, heads: int = 2, mlp: int = 64, classes: int = 10) -> None:
+    def __init__(
+        self, dim: int = 32, depth: int = 2, heads: int = 2, mlp: int = 64, classes: int = 10, bias: bool = True
+    ) -> None:
         super().__init__()
         self.patch = nn.Conv2d(1, dim, 7, stride=7)
         self.cls = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos = nn.Parameter(torch.randn(1, 17, dim) * 0.02)
         layer = nn.TransformerEncoderLayer(
-            dim, heads, mlp, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+            dim, heads, mlp, dropout=0.0, activation="gelu", batch_first=True, norm_first=True, bias=bias
         )
         self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(dim)
@@ -55,16 +57,19 @@ class InvertedResidual(nn.Module):
 
 
 class TinyMobileNetV2(nn.Module):
-    def __init__(self, classes: int = 10) -> None:
+    def __init__(self, classes: int = 10, widths: tuple[int, int] = (16, 24), expand: int = 4) -> None:
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(1, 16, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU6())
+        narrow, wide = widths
+        self.stem = nn.Sequential(
+            nn.Conv2d(1, narrow, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(narrow), nn.ReLU6()
+        )
         self.blocks = nn.Sequential(
-            InvertedResidual(16, 16, 1, 2),
-            InvertedResidual(16, 24, 2, 4),
-            InvertedResidual(24, 24, 1, 4),
+            InvertedResidual(narrow, narrow, 1, 2),
+            InvertedResidual(narrow, wide, 2, expand),
+            InvertedResidual(wide, wide, 1, expand),
         )
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.head = nn.Linear(24, classes)
+        self.head = nn.Linear(wide, classes)
 
     def forward(self, x):
         return self.head(torch.flatten(self.pool(self.blocks(self.stem(x))), 1))

@@ -44,16 +44,22 @@ def conv_net(seed: int = 0) -> Model:
     ).build((1, 28, 28))
 
 
-def kitchen_sink(seed: int = 0) -> Model:
-    """Raw operators the other models leave out: strided/grouped/dilated convolutions, overlapping and
-    padded pooling in all modes, max reduction, concat and slices, leaky relu (maximum), masks
-    (greater, astype), sqrt/abs/pow/log/exp/sigmoid, a transposed weight, softmax."""
+def _weight_maker(graph: ComputingGraph, seed: int):
+    """weight(name, *shape, scale=0.3): a trainable tensor of seeded normal values."""
     rng = np.random.default_rng(seed)
 
     def weight(name: str, *shape: int, scale: float = 0.3) -> object:
         return opr.shared(graph, (rng.standard_normal(shape) * scale).astype(np.float32), name)
 
+    return weight
+
+
+def kitchen_sink(seed: int = 0) -> Model:
+    """Raw operators the other models leave out: strided/grouped/dilated convolutions, overlapping and
+    padded pooling in all modes, max reduction, concat and slices, leaky relu (maximum), masks
+    (greater, astype), sqrt/abs/pow/log/exp/sigmoid, a transposed weight, softmax."""
     graph = ComputingGraph()
+    weight = _weight_maker(graph, seed)
     x = opr.host2device(graph, (None, 1, 28, 28), name="x")
     h = opr.convolution(x, weight("c1.w", 8, 1, 3, 3), stride=2, padding=1)  # (N, 8, 14, 14)
     h = opr.batch_norm(h, weight("bn.w", 8), weight("bn.b", 8), *_stats(graph, 8))
@@ -153,3 +159,20 @@ class OnnxStep:
             if new is not None:
                 self.tensors[name] = new
         return float(results["loss"])
+
+
+def modern_sink(seed: int = 0) -> Model:
+    """The modern operators the model families leave out: nearest resizing, hard swish / sigmoid,
+    SiLU, GELU, depthwise convolution, one-sided clips, where / less / logical masks, layer norm."""
+    graph = ComputingGraph()
+    weight = _weight_maker(graph, seed)
+    x = opr.host2device(graph, (None, 1, 28, 28), name="x")
+    h = opr.convolution(x, weight("c1.w", 4, 1, 3, 3), stride=2, padding=1)  # (N, 4, 14, 14)
+    h = opr.resize_nearest(h, (17, 17), coordinate="half_pixel", nearest="floor")
+    h = opr.depthwise_convolution(opr.hard_swish(h), weight("dw.w", 8, 1, 3, 3), stride=2, padding=1)  # (N, 8, 9, 9)
+    h = opr.where(opr.less(h, 0.1), opr.gelu(h), opr.silu(h)) + opr.hard_sigmoid(h, 0.2, 0.4)
+    inside = opr.LogicalAnd.make(opr.LessEqual.make(h, 1.5), opr.GreaterEqual.make(h, -1.5))
+    h = opr.clip(h, high=1.0) + opr.clip(h, low=-0.5) * opr.astype(inside, "float32")
+    h = opr.layer_norm(h.flatten(), weight("ln.w", 8 * 9 * 9), weight("ln.b", 8 * 9 * 9, scale=0.1))
+    logits = opr.matrix_mul(h, weight("out.w", 8 * 9 * 9, 10, scale=0.05))
+    return Model(graph, {"x": x}, {"logits": logits}, dict(graph.shared.items()))

@@ -181,7 +181,7 @@ class SettingsPatch(Strict):
     beta2: float | None = None
     tau: float | None = None
     fedprox_mu: float | None = None
-    encoding: Literal["float32", "float16", "int8"] | None = None
+    encoding: Literal["float32", "float16", "int8", "int4"] | None = None
     topk_fraction: float | None = None
     clip_norm: float | None = None
     noise_multiplier: float | None = None

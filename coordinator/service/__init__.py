@@ -32,6 +32,7 @@ from coordinator.service.modelfile import initial_model_bytes
 from coordinator.service.privacy import PrivacyLedger, require_accountant
 from coordinator.service.rounds import RoundLifecycle
 from coordinator.service.ticker import Ticker
+from coordinator.service.training_steps import TrainingSteps
 from coordinator.service.versions import ModelVersions
 from coordinator.service.writer import UploadWriter
 from coordinator.settings import Settings
@@ -46,6 +47,7 @@ class Services:
     store: Store
     files: BlobStore
     versions: ModelVersions
+    training_steps: TrainingSteps
     privacy: PrivacyLedger
     rounds: RoundLifecycle
     writer: UploadWriter
@@ -169,6 +171,7 @@ def open_services(
         store=store,
         files=files,
         versions=versions,
+        training_steps=TrainingSteps(versions),
         privacy=privacy,
         rounds=rounds,
         writer=writer,

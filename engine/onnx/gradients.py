@@ -27,7 +27,12 @@ def _transposed_conv_extra(lw: Lowerer, node: Node, sizes, outs, kernels, stride
 
 @lowering(opr.ConvolutionBackwardData)
 def _conv_data_grad(lw: Lowerer, node: Node, ins: list[str], out: str) -> None:
-    """dx = ConvTranspose(dout, W): the transpose of the forward convolution, same geometry."""
+    conv_data_grad(lw, node, ins, out, node.op.attrs["groups"])
+
+
+def conv_data_grad(lw: Lowerer, node: Node, ins: list[str], out: str, groups: int) -> None:
+    """dx = ConvTranspose(dout, W): the transpose of the forward convolution, same geometry.
+    Node inputs (W, dout, x-like); also depthwise convolution's (groups = input channels)."""
     w, dout, like = node.inputs
     a = node.op.attrs
     kernel = list(w.shape[2:])
@@ -42,19 +47,24 @@ def _conv_data_grad(lw: Lowerer, node: Node, ins: list[str], out: str) -> None:
         strides=a["stride"],
         pads=a["padding"] * 2,
         dilations=a["dilation"],
-        group=a["groups"],
+        group=groups,
         output_padding=extra,
     )
 
 
 @lowering(opr.ConvolutionBackwardFilter)
 def _conv_filter_grad(lw: Lowerer, node: Node, ins: list[str], out: str) -> None:
-    """dW[o, c, i, j] = sum over n, y, x of dout[n, o, y, x] * x_padded[n, c, y*s + i*d, x*s + j*d]:
+    conv_filter_grad(lw, node, ins, out, node.op.attrs["groups"])
+
+
+def conv_filter_grad(lw: Lowerer, node: Node, ins: list[str], out: str, g: int) -> None:
+    """Node inputs (x, dout, W-like); also depthwise convolution's (g = input channels).
+
+    dW[o, c, i, j] = sum over n, y, x of dout[n, o, y, x] * x_padded[n, c, y*s + i*d, x*s + j*d]:
     a Conv of the input (channels as the batch, samples as channels) with dout (samples as
     channels) as the filters, forward stride and dilation swapped; groups stay groups."""
     x, dout, like = node.inputs
     a = node.op.attrs
-    g = a["groups"]
     o, cg, kh, kw = like.shape
     c, h, w = lw.static(node, *x.shape[1:])
     oh, ow = dout.shape[2:]

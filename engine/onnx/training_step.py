@@ -31,6 +31,7 @@ from ..optimizer import IOptimizer, Optimizer, make_optimizer
 from ..serialize.modelfile import dumps, loads
 from ..training_graph import LABEL, TrainingGraph, build_training_graph
 from . import gradients as _gradients  # noqa: F401  (registers the backward lowerings)
+from . import modern_gradients as _modern_gradients  # noqa: F401  (and those of the modern operators)
 from .exporter import OPSET
 from .importer import OnnxError
 from .lowerings import Lowerer

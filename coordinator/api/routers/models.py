@@ -1,8 +1,9 @@
-"""Model versions: immutable numbered files, served with their sha256 as ETag."""
+"""Model versions: immutable numbered files, and each version's ONNX training step, served with
+their sha256 as ETag."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Header, Path, Query, Response
 
@@ -96,8 +97,43 @@ def download(
 ) -> Response:
     """The model file (graph + weights); send If-None-Match with the ETag to skip an unchanged download."""
     loaded = _loaded(services, version)
-    etag = f'"{loaded.info.sha256}"'
-    headers = {"ETag": etag, "Cache-Control": "public, max-age=31536000, immutable"}
+    return _immutable(loaded.data, loaded.info.sha256, if_none_match, "public, max-age=31536000, immutable")
+
+
+@router.get(
+    "/{version}/training-step",
+    response_class=Response,
+    dependencies=[Depends(device_or_admin)],
+    responses={
+        200: {"content": {"application/octet-stream": {}}, "description": "the ONNX training step"},
+        304: {"description": "If-None-Match matched"},
+        404: {"description": "no such version, or its graph has an operator without an ONNX lowering"},
+    },
+)
+def training_step(
+    version: Annotated[int, Path(ge=0, le=2**62)],
+    services: ServicesDep,
+    optimizer: Annotated[
+        Literal["sgd", "sgd-momentum", "adam"] | None,
+        Query(description="default: SGD with the rounds' device momentum (plain SGD when it is 0)"),
+    ] = None,
+    if_none_match: Annotated[str | None, Header()] = None,
+) -> Response:
+    """One training step of the version as a plain ONNX graph (docs/training-step.md): devices train
+    with any ONNX runtime, no engine needed. Its weights are the inputs; the file holds none."""
+    _loaded(services, version)
+    current = services.rounds.current()
+    momentum = (current.config if current is not None else services.rounds.round_settings).momentum
+    if optimizer is None:
+        optimizer = "sgd-momentum" if momentum > 0 else "sgd"
+    step = services.training_steps.get(version, optimizer, momentum)
+    # the bytes follow the optimizer settings, not only the version: revalidate (a 304 is cheap)
+    return _immutable(step.data, step.sha256, if_none_match, "no-cache")
+
+
+def _immutable(data: bytes, sha256: str, if_none_match: str | None, cache_control: str) -> Response:
+    etag = f'"{sha256}"'
+    headers = {"ETag": etag, "Cache-Control": cache_control}
     if etag_matches(if_none_match, etag):
         return Response(status_code=304, headers=headers)
-    return Response(loaded.data, media_type="application/octet-stream", headers=headers)
+    return Response(data, media_type="application/octet-stream", headers=headers)

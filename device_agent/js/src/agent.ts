@@ -15,6 +15,7 @@
 import { CoordinatorClient, DeadlinePassed, RejectedError, UnavailableError } from "./client.js";
 import { ContainerError } from "./container.js";
 import type { Dataset } from "./data.js";
+import { PreprocessingError, preprocess } from "./preprocessing.js";
 import { addGaussianNoise, clipByL2, type Delta, topkCompress } from "./deltas.js";
 import { ProtocolError, type Task } from "./messages.js";
 import { readModel } from "./model.js";
@@ -213,12 +214,14 @@ export class Agent {
     const modelBytes = await this.file("model", task);
     const stepBytes = await this.file("step", task);
     let model;
+    let local: Dataset; // the raw local data as this version is fed (its recorded preprocessing)
     let trainer;
     try {
       model = readModel(modelBytes);
+      local = preprocess(data, model.preprocessing, model.inputs[0]!.shape);
       trainer = await StepTrainer.create(this.deps.runtime, stepBytes, model);
     } catch (error) {
-      if (error instanceof ContainerError || error instanceof TrainingStepError)
+      if (error instanceof ContainerError || error instanceof TrainingStepError || error instanceof PreprocessingError)
         return this.drop(task.roundId, error.message);
       throw error;
     }
@@ -227,7 +230,7 @@ export class Agent {
     }
     let fit;
     try {
-      fit = await trainer.fit(data, {
+      fit = await trainer.fit(local, {
         epochs: task.epochs,
         batchSize: task.batchSize,
         lr: task.lr,

@@ -5,6 +5,7 @@ export interface Dataset {
   itemShape: number[];
   x: Float32Array; // size * prod(itemShape), row-major
   y: Int32Array; // class indices
+  integerPixels?: boolean; // x holds integer pixels in [0, 255] (a uint8 file): preprocessing divides by 255
 }
 
 export function checkDataset(data: Dataset): Dataset {

@@ -7,6 +7,7 @@ export { type Dataset, checkDataset } from "./data.js";
 export * from "./deltas.js";
 export { parseCheckinAnswer, parseTask, ProtocolError, type Task } from "./messages.js";
 export { readModel, type ModelFile } from "./model.js";
+export { MNIST, NONE, type Preprocessing, PreprocessingError, preprocess, preprocessingOf } from "./preprocessing.js";
 export { newIdempotencyKey, secureUniform } from "./random.js";
 export { DEFAULT_RETRY, paced, parseRetryAfter, type RetryPolicy } from "./retry.js";
 export { ortRuntime, type OrtModule, type Runtime, type SessionLike } from "./runtime.js";

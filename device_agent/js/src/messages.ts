@@ -65,10 +65,12 @@ const required = (d: Json, name: string, opts: { integer?: boolean; min?: number
 
 export function parseTask(value: unknown): Task {
   const d = object(value, "task");
-  const encoding = d.encoding ?? "float32";
-  if (!ENCODINGS.includes(encoding as Encoding)) {
-    throw new ProtocolError(`encoding: ${JSON.stringify(encoding)} is not one of ${ENCODINGS.join(", ")}`);
+  const asked = d.encoding ?? "float32";
+  if (typeof asked !== "string") {
+    throw new ProtocolError(`encoding: ${JSON.stringify(asked)} is not a string`);
   }
+  // an encoding this agent lacks (int4): send float32, as docs/protocol.md allows
+  const encoding = ENCODINGS.includes(asked as Encoding) ? asked : "float32";
   const topk = number(d, "topk_fraction", { optional: true, min: 0 });
   if (topk !== null && !(topk > 0 && topk <= 1)) throw new ProtocolError(`topk_fraction: ${topk} is not in (0, 1]`);
   return {

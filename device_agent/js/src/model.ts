@@ -5,6 +5,7 @@
  */
 
 import { ContainerError, loads, type RawTensor, toFloat32 } from "./container.js";
+import { type Preprocessing, PreprocessingError, preprocessingOf } from "./preprocessing.js";
 
 export interface ModelInput {
   name: string;
@@ -17,6 +18,7 @@ export interface ModelFile {
   weights: Map<string, Float32Array>; // every float32 tensor of the file, trainable or not
   shapes: Map<string, number[]>;
   inputs: ModelInput[];
+  preprocessing: Preprocessing; // what the model is fed: applied to the raw local data
 }
 
 export function readModel(data: Uint8Array): ModelFile {
@@ -43,5 +45,12 @@ export function readModel(data: Uint8Array): ModelFile {
   for (const name of trainable as string[]) {
     if (!weights.has(name)) throw new ContainerError(`trainable tensor ${name} is not float32`);
   }
-  return { trainable: trainable as string[], weights, shapes, inputs: inputs as ModelInput[] };
+  let preprocessing;
+  try {
+    preprocessing = preprocessingOf(meta);
+  } catch (error) {
+    if (error instanceof PreprocessingError) throw new ContainerError(error.message);
+    throw error;
+  }
+  return { trainable: trainable as string[], weights, shapes, inputs: inputs as ModelInput[], preprocessing };
 }

@@ -7,6 +7,7 @@ import { clipByL2, globalL2Norm, quantizeInt8, rint, topkCompress, topkCount } f
 import { fromFloat16Bits, toFloat16Bits } from "../src/float16.js";
 import { parseCheckinAnswer, parseTask, ProtocolError } from "../src/messages.js";
 import { onnxMetadata } from "../src/onnxMetadata.js";
+import { MNIST, NONE, PreprocessingError, preprocess, preprocessingOf } from "../src/preprocessing.js";
 import { backoff, DEFAULT_RETRY, MAX_RETRY_AFTER, paced, parseRetryAfter } from "../src/retry.js";
 import { sha256Hex } from "../src/sha256.js";
 import { decodeUpdate, encodeUpdate } from "../src/update.js";
@@ -223,4 +224,37 @@ test("ONNX metadata_props are read from the protobuf bytes, other fields skipped
     ],
   );
   assert.throws(() => onnxMetadata(model.subarray(0, 20)), RangeError);
+});
+
+test("preprocessing: the model's record, mnist by default, none for imported ONNX, malformed refused", () => {
+  assert.deepEqual(preprocessingOf({}), MNIST);
+  assert.deepEqual(preprocessingOf({ source: "onnx" }), NONE);
+  const record = { input: "pixels/255", mean: [0.5], std: [0.25], pad: 1 };
+  assert.deepEqual(preprocessingOf({ preprocessing: record }), { mean: [0.5], std: [0.25], pad: 1 });
+  for (const bad of [
+    { ...record, input: "pixels" },
+    { ...record, std: [0] },
+    { ...record, mean: [0.5, 0.5] },
+    { ...record, pad: 65 },
+    { ...record, pad: 1.5 },
+    "mnist",
+  ]) {
+    assert.throws(() => preprocessingOf({ preprocessing: bad }), PreprocessingError, JSON.stringify(bad));
+  }
+  // two 2x2 uint8 images, normalized and padded by 1 -> 4x4, then fed as the model's [4, 4] input
+  const data = {
+    size: 2,
+    itemShape: [1, 2, 2],
+    x: Float32Array.of(0, 255, 51, 102, 255, 255, 0, 0),
+    y: Int32Array.of(0, 1),
+    integerPixels: true,
+  };
+  const fed = preprocess(data, { mean: [0.5], std: [0.25], pad: 1 }, [null, 4, 4]);
+  assert.deepEqual(fed.itemShape, [4, 4]);
+  const f = (v: number) => Math.fround(Math.fround(Math.fround(v / 255) - 0.5) / 0.25); // numpy's float32 steps
+  const [a, b, c, d] = [f(0), f(255), f(51), f(102)];
+  assert.deepEqual(Array.from(fed.x.subarray(0, 16)), [0, 0, 0, 0, 0, a, b, 0, 0, c, d, 0, 0, 0, 0, 0]);
+  assert.equal(d, Math.fround(-0.39999998)); // not -0.4: float32 arithmetic, as the Python side computes it
+  assert.throws(() => preprocess(data, NONE, [null, 3, 3]), /do not fit the model's input/);
+  assert.throws(() => preprocess(data, { mean: [0, 0], std: [1, 1], pad: 0 }, [null, 1, 2, 2]), /2 channel means/);
 });

@@ -126,5 +126,6 @@ export function readNpz(path: string): Dataset {
     itemShape: xs.shape.slice(1),
     x: Float32Array.from(values(xs, "x")),
     y: Int32Array.from(labels),
+    integerPixels: !xs.descr.includes("f"),
   });
 }

@@ -6,6 +6,7 @@
  *   node dist/test/tools/interop.js npz FILE.npz              print what the .npz reader sees, as JSON
  *   node dist/test/tools/interop.js ort MODEL.onnx            run a model on onnxruntime-node (input x = 1..n)
  *   node dist/test/tools/interop.js train MODEL STEP DATA OUT EPOCHS BATCH LR   train with the step, data in order
+ *   node dist/test/tools/interop.js preprocess MODEL DATA.npz OUT.pft   the data as the model is fed (preprocessing)
  */
 
 import { readFileSync, writeFileSync } from "node:fs";
@@ -14,6 +15,7 @@ import { join } from "node:path";
 import { bytesOf, dumps, loads, type RawTensor, toFloat32 } from "../../src/container.js";
 import { readModel } from "../../src/model.js";
 import { readNpz } from "../../src/node/npz.js";
+import { preprocess } from "../../src/preprocessing.js";
 import { ortRuntime, type OrtModule } from "../../src/runtime.js";
 import { StepTrainer } from "../../src/trainer.js";
 import { encodeUpdate } from "../../src/update.js";
@@ -60,6 +62,15 @@ async function main([command, input, out]: string[]): Promise<void> {
       { dtype: "float32", shape: model.shapes.get(name)!, bytes: bytesOf(values) },
     ]);
     writeFileSync(outPath!, dumps(tensors, { losses }, "tensors"));
+  } else if (command === "preprocess") {
+    const [dataPath, outPath] = process.argv.slice(4);
+    const model = readModel(new Uint8Array(readFileSync(input!)));
+    const fed = preprocess(readNpz(dataPath!), model.preprocessing, model.inputs[0]!.shape);
+    const x: [string, RawTensor] = [
+      "x",
+      { dtype: "float32", shape: [fed.size, ...fed.itemShape], bytes: bytesOf(fed.x) },
+    ];
+    writeFileSync(outPath!, dumps([x], { preprocessing: model.preprocessing }, "tensors"));
   } else if (command === "npz") {
     const data = readNpz(input!);
     let sum = 0;

@@ -224,20 +224,24 @@ class Simulation:
         record = self.round_record(number, answers, detail, started)
         record["hour"], record["online"] = round(self.hour % 24.0, 2), len(online)
         record["dropped"] = sum(1 for a in answers if a.get("dropped"))
-        record["personalized"] = self.personalize(online)
+        record["personalized"], swept = self.personalize(online)
+        record["bytes_down_personalize"] = swept  # models fetched to personalize: part of the round's bytes_down
+        record["bytes_down"] += swept
         self.hour += cfg.hours_per_round
         return record
 
-    def personalize(self, online: list[int]) -> int:
+    def personalize(self, online: list[int]) -> tuple[int, int]:
         """The online devices check in while no round is open: each is offered a personalize task for the
-        version just committed (the coordinator's choice, as for a real fleet). Returns how many did one."""
+        version just committed (the coordinator's choice, as for a real fleet). Returns how many did one,
+        and the model bytes they downloaded."""
         self.api.set_paused(True)
         try:
             answers = self.pool.play(online, job=lambda device: {"mode": "sweep"})
         finally:
             self.api.set_paused(False)
         self.note_personal(answers)
-        return sum(1 for a in answers if a.get("record") is not None)
+        done = sum(1 for a in answers if a.get("record") is not None)
+        return done, int(sum(a.get("bytes_down", 0) for a in answers))
 
     def measure_fleet(self) -> dict:
         """Every device, online or not, on its own held-out data: the personal model it serves and the

@@ -41,6 +41,7 @@ DEFAULTS_ON_MAIN = {
 # Added since, with their defaults.
 ADDED = {
     "lease_seconds": 10.0, "db_pool_size": 4,  # issue 14: replicas on PostgreSQL
+    "personalize_tasks": True, "personal_epochs": 5, "metrics_task_seconds": 600.0,  # issue 17: personalization
 }  # fmt: skip
 FLAGS_ON_MAIN += list(ADDED)
 DEFAULTS_ON_MAIN = {**DEFAULTS_ON_MAIN, **ADDED}
@@ -76,6 +77,7 @@ SPECIAL = {  # (an environment value, a flag value) for fields whose range the g
     "max_body_bytes": ("2048", "4096"),
     "over_select": ("1.5", "2.5"),
     "lease_seconds": ("5", "20"),
+    "personalize_tasks": ("false", "true"),
 }
 
 

@@ -21,16 +21,24 @@ from coordinator.testing import (
 from protocol.messages import CheckinAnswer
 from protocol.update import encode_update
 
+pytest_plugins = ["postgres_helpers"]
+
 KEY, ADMIN = "enroll-secret", "admin-secret"
 KINDS = ["train", "evaluate", "personalize"]
 
 
 @pytest.fixture
-def service(tmp_path):
+def service(tmp_path, request):
+    """A running coordinator (SQLite; PostgreSQL when a test asks for it with indirect parametrization)."""
     model = tmp_path / "base.pfmodel"
     model.write_bytes(stand_in_model_bytes(seed=1))
+    db = str(tmp_path / "coord.db")
+    if getattr(request, "param", "sqlite") == "postgresql":
+        databases = request.getfixturevalue("pg_databases")
+        db = databases.create()
+        request.addfinalizer(lambda: databases.drop(db))
     settings = Settings(
-        db=str(tmp_path / "coord.db"),
+        db=db,
         model=str(model),
         goal=1,
         over_select=1.0,
@@ -88,6 +96,7 @@ def test_training_comes_first_and_old_agents_never_see_another_kind(service):
     assert checkin(new, ["train"]).status == "retry"  # "train" alone asks for nothing extra
 
 
+@pytest.mark.parametrize("service", ["sqlite", "postgresql"], indirect=True)
 def test_metrics_are_aggregated_per_version_with_the_lift(service):
     trainer = TestDevice(service, KEY, "trainer")
     devices = [TestDevice(service, KEY, f"d{i}") for i in range(3)]

@@ -127,7 +127,11 @@ def test_metrics_are_aggregated_per_version_with_the_lift(service):
 def test_evaluation_requests_come_before_personalizing(service):
     device = TestDevice(service, KEY, "d")
     checkin(TestDevice(service, KEY, "busy"), KINDS)  # takes round 1's only slot
-    service.app.state.services.fedmetrics.request_evaluation([0])
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    assert service.put("/v1/federated-metrics/evaluate", json={"versions": [0]}).status_code == 403
+    assert service.put("/v1/federated-metrics/evaluate", json={"versions": [9]}, headers=admin).status_code == 404
+    answer = service.put("/v1/federated-metrics/evaluate", json={"versions": [0]}, headers=admin)
+    assert answer.status_code == 200 and answer.json() == {"versions": [0]}
     task = checkin(device, KINDS).task
     assert task.kind == "evaluate" and task.base_version == 0
     assert report(device, 0, 0.4, 0.5, kind="evaluate").status_code == 204

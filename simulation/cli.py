@@ -134,9 +134,6 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULTS.speed_spread,
         help="device speed heterogeneity: device i trains exp(S*z_i) times slower (z_i standard normal)",
     )
-    fleet.add_argument(
-        "--dropout", type=float, default=DEFAULTS.dropout, help="probability that a chosen device vanishes mid-round"
-    )
     privacy = p.add_argument_group(
         "privacy and robustness",
         "server-side client-level DP (coordinator/privacy.py) "
@@ -147,6 +144,20 @@ def build_parser() -> argparse.ArgumentParser:
     privacy.add_argument("--dp-adaptive-clip", action="store_true", help="adaptive clipping (Andrew et al.)")
     privacy.add_argument("--dp-delta", type=float, default=None, help="delta of the (epsilon, delta) guarantee")
     privacy.add_argument("--dp-epsilon-budget", type=float, default=None, help="stop when epsilon would exceed this")
+    privacy.add_argument(
+        "--secure-aggregation",
+        action="store_true",
+        help="SecAgg+: devices send masked updates, the coordinator learns only each round's sum",
+    )
+    privacy.add_argument(
+        "--dropout",
+        type=float,
+        default=0.0,
+        metavar="FRACTION",
+        help="with --secure-aggregation: this fraction of each round's devices vanishes after sending its "
+        "masked input, before unmasking; without: each chosen device vanishes mid-training with this "
+        "probability (a realistic fleet; over-selection replaces it)",
+    )
     privacy.add_argument("--norm-bound", type=float, default=None, help="server clips each delta to this L2 norm")
     chaos = p.add_argument_group(
         "chaos",
@@ -204,6 +215,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         availability=args.availability,
         hours_per_round=args.hours_per_round,
         speed_spread=args.speed_spread,
+        secure_aggregation=args.secure_aggregation,
         dropout=args.dropout,
         extra_options=coordinator_extras(args),
     )

@@ -39,8 +39,11 @@ class SimConfig:
     availability: str = "always"  # always | diurnal | a CSV file (simulation/fleet.py)
     hours_per_round: float = 4.0  # simulated hours each round advances the fleet's clock
     speed_spread: float = 0.0  # device speed heterogeneity (log-normal sigma of the slowdown)
-    dropout: float = 0.0  # probability that a chosen device vanishes mid-training
     js_agents: int = 0  # devices 0..js_agents-1 play the TypeScript agent (node + onnxruntime-node)
+    secure_aggregation: bool = False  # devices mask their deltas; the coordinator unmasks only the sum
+    # with secure aggregation, this fraction of each round's devices vanishes before unmasking; without,
+    # each chosen device vanishes mid-training with this probability (fleet.py)
+    dropout: float = 0.0
     extra_options: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> None:
@@ -56,8 +59,11 @@ class SimConfig:
             raise ValueError(f"--js-agents must be in 0..{self.devices} (--devices), got {self.js_agents}")
         if not 0.0 <= self.holdout < 1.0:
             raise ValueError(f"--holdout must be in [0, 1), got {self.holdout}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}")
+        limit = 0.5 if self.secure_aggregation else 1.0
+        if not 0.0 <= self.dropout < limit:
+            raise ValueError(f"--dropout must be in [0, {limit:g}), got {self.dropout}")
+        if self.secure_aggregation and self.per_round < 4:
+            raise ValueError(f"--secure-aggregation needs --per-round of at least 4, got {self.per_round}")
         if not 0.0 <= self.speed_spread <= 5.0:
             raise ValueError(f"--speed-spread must be in [0, 5], got {self.speed_spread}")
         if not 0.0 < self.hours_per_round <= 24.0:
@@ -83,7 +89,7 @@ class SimConfig:
             "goal": self.per_round,
             "over_select": 2.0,
             # a realistic fleet loses devices: a round then commits at its deadline with half of K
-            "min_fraction": 0.5 if self.dropout or self.speed_spread else 1.0,
+            "min_fraction": 0.5 if (self.dropout and not self.secure_aggregation) or self.speed_spread else 1.0,
             "deadline": self.round_timeout,
             "epochs": self.epochs,
             "batch_size": self.batch_size,
@@ -94,9 +100,14 @@ class SimConfig:
             "server_lr": server_lr,
             "fedprox_mu": self.fedprox_mu,
             "enrollment_key": enrollment_key,
+            "enroll_per_address": 1_000_000,  # the whole simulated fleet enrolls from loopback
             "min_retry_after": 0,
             "max_retry_after": 2,
             "tick_interval": 0.5,
             "log_level": "warning",
+            **({"secure_aggregation": True, "secagg_phase_timeout": 15.0} if self.secure_aggregation else {}),
+            # the driver picks each round's devices itself (a fixed-size sample, not the coordinator's
+            # Poisson admission): DP rounds are charged without amplification by sampling
+            **({"dp_sampling": "unamplified"} if self.extra_options.get("dp_noise_multiplier") else {}),
             **self.extra_options,
         }

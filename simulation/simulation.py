@@ -15,6 +15,7 @@ coordinator restarts, a fault proxy, the audit) plugs in as hooks (hooks.py, cha
 
 from __future__ import annotations
 
+import math
 import secrets
 import tempfile
 import time
@@ -162,13 +163,15 @@ class Simulation:
             hook.task_started(device)
 
     def train_job(self, device: int) -> dict:
-        return {"dropout": True} if self.config.dropout and self.drop_rng.random() < self.config.dropout else {}
+        """Without secure aggregation, --dropout makes a chosen device vanish mid-training (fleet.py)."""
+        cfg = self.config
+        if cfg.secure_aggregation or not cfg.dropout:
+            return {}
+        return {"dropout": True} if self.drop_rng.random() < cfg.dropout else {}
 
-    def play(self, devices: list[int], on_answer: Callable[[dict], None]) -> list[dict]:
-        if not self.hooks:  # nothing to do between answers: the pool may block on them
-            answers = self.pool.play(devices, on_answer, job=self.train_job)
-        else:
-            answers = self.pool.play(devices, on_answer, on_start=self.task_started, tick=self.tick, job=self.train_job)
+    def play(self, devices: list[int], on_answer: Callable[[dict], None], extra: dict | None = None) -> list[dict]:
+        hooks = {"on_start": self.task_started, "tick": self.tick} if self.hooks else {}  # else the pool may block
+        answers = self.pool.play(devices, on_answer, extra=extra, job=self.train_job, **hooks)
         self.note_personal(answers)
         return answers
 
@@ -200,9 +203,12 @@ class Simulation:
         def progress(answer: dict) -> None:
             bar.update(1, "failed" if "error" in answer else f"acc {answer['record'].get('acc_after', 0):.3f}")
 
-        answers = self.play(chosen, progress)
+        leaving = chosen[: math.floor(cfg.dropout * len(chosen) + 1e-9)] if cfg.secure_aggregation else []
+        answers = self.play(chosen, progress, {d: {"leave_after": "masked_input"} for d in leaving})
         detail = self.api.round_detail(round_id)
         spare = [online[i] for i in self.rng.permutation(len(online)).tolist() if online[i] not in chosen]
+        if cfg.secure_aggregation:  # its devices count only once the sum is unmasked: no replacements
+            spare = []
         while detail["status"] == "open" and detail["received"] < detail["goal"] and spare:
             # some devices failed: send replacements, as over-selection would (room: over_select=2)
             missing = detail["goal"] - detail["received"]
@@ -299,6 +305,7 @@ class Simulation:
             "noise_multiplier": options["dp_noise_multiplier"],
             "delta": options.get("dp_delta", 1e-5),
             "epsilon_budget": options.get("dp_epsilon_budget"),
+            "sampling": "unamplified (q = 1: pf-sim picks each round's devices itself)",
         }
 
     def summary(self, initial: dict, seconds: float) -> dict:
@@ -316,6 +323,7 @@ class Simulation:
                 kind: sum(r["accepted_by_agent"][kind] for r in self.records) for kind in ("python", "js")
             },
             "privacy": self.privacy_settings(),
+            "secure_aggregation": self.config.secure_aggregation,
             "seconds": round(seconds, 2),
             "seconds_per_round": round(float(np.mean([r["seconds"] for r in self.records])), 3),
             "coordinator_peak_rss_mib": self.coordinator.peak_rss_mib(),

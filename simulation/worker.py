@@ -23,7 +23,9 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -122,7 +124,18 @@ class DevicePlayer:
         self.version: int | None = None  # the version a "measure" job compares with
         self.admin_token: str | None = None  # and the token it downloads it with
 
-    def play(self, device: int, mode: str = "train", dropout: bool = False) -> dict[str, Any]:
+        self.threads: list[threading.Thread] = []
+
+    def hand_off(self, run: Callable[[], Any]) -> None:
+        """Secure aggregation: the device's phases run in a thread while this worker plays the next device
+        (the cohort's devices must be online together; a worker plays its devices one at a time)."""
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        self.threads.append(thread)
+
+    def play(
+        self, device: int, mode: str = "train", dropout: bool = False, leave_after: str | None = None
+    ) -> dict[str, Any]:
         """One federated task for `device`; returns the agent's record plus what it downloaded."""
         js = device < self.config.js_agents
         if js and mode == "sweep":  # the TypeScript agent keeps no personal model: nothing to offer it
@@ -149,12 +162,22 @@ class DevicePlayer:
             holdout=cfg.holdout,
             seed=cfg.seed * 100_003 + device,
             max_wait=1.0,
+            secagg_leave_after=leave_after,
         )
         state = AgentState(Path(cfg.state_root) / f"device-{device:05d}")
         self.client.task_marker = state.dir / "task-started" if cfg.mark_tasks else None
         dataset = device_dataset(self.train, self.parts, device)
         conditions = SimulatedConditions(float(self.speed[device]), drop_at=3 if dropout else None)
-        agent = Agent(agent_config, self.client, state, dataset, conditions, sleep=sleep, emit=lambda line: None)
+        agent = Agent(
+            agent_config,
+            self.client,
+            state,
+            dataset,
+            conditions,
+            sleep=sleep,
+            emit=lambda line: None,
+            secagg_hand_off=self.hand_off,
+        )
         if mode == "measure":
             return self.measure(device, agent, personal=not js)
         before = self.client.bytes_down
@@ -238,13 +261,16 @@ def serve(config: WorkerConfig, stdin: Any = sys.stdin, stdout: Any = sys.stdout
         device = int(job["device"])
         player.version, player.admin_token = job.get("version"), job.get("token")
         try:
-            answer = player.play(device, job.get("mode", "train"), bool(job.get("dropout")))
+            mode, dropout = job.get("mode", "train"), bool(job.get("dropout"))
+            answer = player.play(device, mode, dropout, job.get("leave_after"))
         except DroppedOut as exc:
             answer = {"device": device, "error": f"DroppedOut: {exc}", "dropped": True}
         except Exception as exc:  # one broken device must not take the other devices of this worker down
             log.warning("device %d failed: %s: %s", device, type(exc).__name__, exc)
             answer = {"device": device, "error": f"{type(exc).__name__}: {exc}"}
         print(json.dumps(answer), file=stdout, flush=True)
+    for thread in player.threads:  # secure-aggregation phases still running
+        thread.join(timeout=60)
     player.client.close()
 
 

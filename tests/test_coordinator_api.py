@@ -99,7 +99,8 @@ def test_whole_device_flow(service):
     rounds = service.get("/v1/rounds").json()
     assert [(r["id"], r["status"]) for r in rounds] == [(2, "open"), (1, "committed")]
     assert rounds[1]["result_version"] == 1 and rounds[1]["received"] == 2 and rounds[1]["total_samples"] == 40
-    detail = service.get("/v1/rounds/1").json()
+    assert service.get("/v1/rounds/1").json()["participants"] is None  # public: aggregates only
+    detail = service.get("/v1/rounds/1", headers={"Authorization": f"Bearer {ADMIN}"}).json()
     assert sorted(p["device_id"] for p in detail["participants"]) == sorted([a.id, b.id])
     assert detail["metrics"] == {"loss": pytest.approx(0.5)}
     assert service.get("/v1/models/latest", headers=a.headers).json()["version"] == 1

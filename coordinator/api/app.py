@@ -11,8 +11,9 @@ from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 
 from coordinator.api.errors import document_refusals, install_error_handlers
+from coordinator.api.limits import BodyLimits
 from coordinator.api.middleware import RequestMetrics
-from coordinator.api.routers import admin, checkin, dashboard, devices, fedmetrics, models, ops, rounds, uploads
+from coordinator.api.routers import admin, checkin, dashboard, devices, fedmetrics, models, ops, rounds, secagg, uploads
 from coordinator.service import open_services
 from coordinator.service.evaluation import EvaluateFn
 from coordinator.settings import Settings
@@ -42,8 +43,17 @@ def create_app(
     )
     app.state.services = services
     app.state.upload_slots = asyncio.Semaphore(settings.max_concurrent_uploads)
-    for module in (devices, models, checkin, rounds, uploads, admin, ops, dashboard, fedmetrics):
+    app.state.uploads_in_flight = set()  # device ids: one upload at a time per device
+    for module in (devices, models, checkin, rounds, uploads, secagg, admin, ops, dashboard, fedmetrics):
         app.include_router(module.router)
+    app.add_middleware(
+        BodyLimits,
+        max_json_bytes=settings.max_json_body_bytes,
+        max_binary_bytes=settings.max_body_bytes,
+        grace_seconds=settings.body_grace_seconds,
+        min_bytes_per_second=settings.min_body_rate,
+        on_refusal=services.metrics.refusal,
+    )
     app.add_middleware(RequestMetrics, metrics=services.metrics)
     install_error_handlers(app, services.metrics)
     document_refusals(app)

@@ -83,6 +83,16 @@ def require_admin(credentials: Credentials, settings: SettingsDep) -> None:
         raise Refused(403, "Authorization: admin token required for this call", "admin_forbidden")
 
 
+def is_admin(credentials: Credentials, settings: SettingsDep) -> bool:
+    """Whether the admin token is presented (for views that show more to the operator)."""
+    presented = credentials.credentials if credentials else ""
+    expected = settings.admin_token or ""
+    return bool(expected) and secrets.compare_digest(presented.encode(), expected.encode())
+
+
+AdminViewDep = Annotated[bool, Depends(is_admin)]
+
+
 def device_or_admin(credentials: Credentials, store: StoreDep, settings: SettingsDep) -> None:
     """Model downloads: any enrolled device, or the operator."""
     token = _token(credentials)

@@ -107,6 +107,28 @@ class CheckinResponse(BaseModel):
     reason: str | None = None
 
 
+class SecAggStatus(BaseModel):
+    """GET/POST /v1/rounds/{id}/secagg...: where the device's secure-aggregation round stands."""
+
+    round_id: int
+    phase: Literal["joining", "advertise", "share_keys", "masked_input", "unmask", "done", "abandoned"]
+    joined: bool
+    index: int | None = Field(None, description="this device's protocol index 1..n once the cohort is fixed")
+    cohort_size: int
+    config: dict | None = Field(None, description="the round's secagg_config (protocol/secagg/params.py)")
+    layout: list[tuple[str, list[int]]] | None = Field(None, description="tensor names and shapes, in vector order")
+    message: dict | None = Field(None, description="the server message due to this device in this phase")
+    expected: bool = Field(False, description="this phase takes a message from this device")
+    waiting: bool = Field(False, description="the server still waits for this device's message")
+    reason: str | None = None
+    retry_after: float
+
+
+class SecAggAccepted(BaseModel):
+    accepted: bool = Field(..., description="false: the same message was accepted before (a replay)")
+    phase: str
+
+
 class UploadAccepted(BaseModel):
     accepted: bool
     round_id: int
@@ -133,7 +155,13 @@ class RoundSummary(BaseModel):
     epsilon: float | None = Field(None, description="DP: epsilon spent after this round (at dp_delta)")
     dp_delta: float | None = None
     dp_clip_norm: float | None = Field(None, description="DP: the clip C this round used")
-    dp_sampling_rate: float | None = Field(None, description="DP: q = goal / population")
+    dp_sampling_rate: float | None = Field(None, description="DP: q = goal / population (1: no amplification)")
+    dp_sampling: str | None = Field(
+        None, description="DP: poisson (admitted with probability q) or unamplified (first come; q = 1)"
+    )
+    secure_aggregation: bool = Field(False, description="the server saw only the cohort's masked sum")
+    secagg_phase: str | None = Field(None, description="secure aggregation: joining, advertise, ..., done, abandoned")
+    secagg_cohort: int | None = Field(None, description="secure aggregation: devices in the cohort")
     federated: FederatedEvaluation | None = Field(
         None, description="devices' own evaluation of the version this round produced (null until reported)"
     )
@@ -151,7 +179,9 @@ class Participant(BaseModel):
 class RoundDetail(RoundSummary):
     config: RoundSettings
     metrics: dict[str, float] = Field(..., description="sample-weighted mean of the devices' metrics")
-    participants: list[Participant]
+    participants: list[Participant] | None = Field(
+        None, description="per-device detail, with the admin token only (public: aggregates, None here)"
+    )
 
 
 class PublishResponse(BaseModel):
@@ -201,6 +231,10 @@ class SettingsPatch(Strict):
     dp_population: int | None = None
     dp_epsilon_budget: float | None = None
     dp_on_budget: Literal["stop", "warn"] | None = None
+    dp_sampling: Literal["poisson", "unamplified"] | None = None
+    secure_aggregation: bool | None = None
+    secagg_dropout_tolerance: float | None = None
+    secagg_phase_timeout: float | None = None
 
 
 class Health(BaseModel):
@@ -208,3 +242,14 @@ class Health(BaseModel):
     model_version: int
     round_id: int | None
     paused: bool
+
+
+class EnrollmentCodesRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    count: int = Field(1, ge=1, le=10_000, description="how many one-time codes")
+    ttl_seconds: float = Field(7 * 86400, gt=0, le=365 * 86400, description="seconds until unused codes expire")
+
+
+class EnrollmentCodes(BaseModel):
+    codes: list[str] = Field(..., description="each enrolls one device once (as enrollment_key); shown only now")
+    expires_at: float

@@ -31,6 +31,7 @@ from coordinator.service.ingest import Ingest
 from coordinator.service.modelfile import initial_model_bytes
 from coordinator.service.privacy import PrivacyLedger, require_accountant
 from coordinator.service.rounds import RoundLifecycle
+from coordinator.service.secagg import SecureAggregation, require_cryptography
 from coordinator.service.ticker import Ticker
 from coordinator.service.training_steps import TrainingSteps
 from coordinator.service.versions import ModelVersions
@@ -53,6 +54,7 @@ class Services:
     writer: UploadWriter
     ingest: Ingest
     checkin: CheckIn
+    secagg: SecureAggregation
     admin: Admin
     ticker: Ticker
     metrics: Metrics
@@ -69,6 +71,7 @@ class Services:
         open the next, evaluate versions nobody has evaluated yet."""
         if not self.lease.hold():
             return
+        self.secagg.tick()
         self.rounds.tick()
         if self.evaluator is not None:
             self.evaluator.catch_up(self.store.unevaluated_versions(), lambda v: self.versions.get(v).data)
@@ -138,6 +141,8 @@ def open_services(
     round_settings = settings.round_settings()
     if round_settings.dp_enabled:
         require_accountant()
+    if round_settings.secure_aggregation:
+        require_cryptography()
     store = Store(settings.db, pool_size=settings.db_pool_size)
     files = blob_store_for(settings.db, store)
     metrics = Metrics()
@@ -175,10 +180,19 @@ def open_services(
         privacy=privacy,
         rounds=rounds,
         writer=writer,
-        ingest=Ingest(store, versions, rounds, writer, clock, on_late=ticker.wake),
+        ingest=Ingest(
+            store,
+            versions,
+            rounds,
+            writer,
+            clock,
+            on_late=ticker.wake,
+            max_header_bytes=settings.max_update_header_bytes,
+        ),
         checkin=CheckIn(
             settings, store, rounds, privacy, writer, clock, on_late=ticker.wake, metrics_task=fedmetrics.task_for
         ),
+        secagg=SecureAggregation(store, versions, rounds, clock),
         admin=Admin(store, versions, rounds),
         ticker=ticker,
         metrics=metrics,

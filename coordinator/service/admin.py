@@ -38,6 +38,13 @@ class Admin:
                     privacy.require_accountant()
                 except ValueError as exc:
                     raise Refused(422, f"dp_noise_multiplier: {exc}", "bad_settings") from None
+            if new.secure_aggregation:
+                from coordinator.service.secagg import require_cryptography
+
+                try:
+                    require_cryptography()
+                except ValueError as exc:
+                    raise Refused(422, f"secure_aggregation: {exc}", "bad_settings") from None
             self.lifecycle.round_settings = new
         log.info("round settings changed: %s", changes)
         return new

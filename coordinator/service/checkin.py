@@ -68,6 +68,7 @@ class CheckIn:
                 noise_multiplier=cfg.noise_multiplier,
                 encoding=cfg.encoding,
                 topk_fraction=cfg.topk_fraction,
+                secure_aggregation=cfg.secure_aggregation,
             )
             if len(self._tasks) >= 4:
                 self._tasks.pop(min(self._tasks))
@@ -113,6 +114,9 @@ class CheckIn:
                 return self._retry(to_deadline, f"already contributed to round {r.id}"), written
             if self.store.is_assigned(r.id, device_id):
                 return CheckinAnswer("task", task=self.task_for(r)), written
+            if r.dp_q is not None and r.config.dp_sampling == "poisson" and not self.privacy.admitted(r, device_id):
+                why = f"not sampled for round {r.id} (each device is admitted with probability {r.dp_q:.3g})"
+                return self._retry(to_deadline, why), written
             outcome = "full"
             if self.store.count_assigned(r.id) < r.max_assignments:
                 assignment = Assignment(device_id, r.id, seen_at=now if due and not written else None)

@@ -30,7 +30,7 @@ import numpy as np
 from coordinator.metrics import Metrics
 from coordinator.service.aggregates import RoundAggregates, replica_name
 from coordinator.service.cluster import SharedSettings
-from coordinator.service.modelfile import with_version
+from coordinator.service.modelfile import expected_shapes, with_version
 from coordinator.service.privacy import PrivacyLedger
 from coordinator.service.versions import ModelVersions, Registered
 from coordinator.settings import RoundSettings
@@ -38,6 +38,12 @@ from coordinator.store import NewRound, RoundRow, Store, Writes
 from coordinator.strategies import DifferentialPrivacy, NormBounded, RoundUpdates, Strategy, make_strategy
 from coordinator.strategies.base import state_from_bytes, state_to_bytes
 from coordinator.strategies.dp import count_stddev
+from coordinator.strategies.influence import (
+    InfluenceBounded,
+    InfluenceLimits,
+    bounded_by_default,
+    influence_limits,
+)
 from engine.serialize.container import loads
 
 log = logging.getLogger("pocketfed.coordinator")
@@ -87,7 +93,9 @@ class RoundLifecycle:
         if strategy is None:
             cfg = r.config
             strategy = make_strategy(cfg)
-            if r.dp_clip is not None:
+            if cfg.secure_aggregation:
+                pass  # devices clip (and add their share of the DP noise) before masking: nothing to wrap
+            elif r.dp_clip is not None:
                 strategy = DifferentialPrivacy(
                     strategy,
                     clip_norm=r.dp_clip,
@@ -100,10 +108,32 @@ class RoundLifecycle:
                 )
             elif cfg.norm_bound is not None:
                 strategy = NormBounded(strategy, cfg.norm_bound)
+            elif bounded_by_default(cfg):
+                limits = self.influence_limits(r)
+                log.info("round %d: deltas clipped to %.4g, weights capped at %g (%s)", r.id, *vars(limits).values())
+                strategy = InfluenceBounded(strategy, limits)
             if len(self._strategies) >= 4:
                 self._strategies.pop(min(self._strategies))
             self._strategies[r.id] = strategy
         return strategy
+
+    def influence_limits(self, r: RoundRow) -> InfluenceLimits:
+        """The default per-device bounds for round `r` (strategies/influence.py): from its base model
+        and the last committed round before it (the same on every replica)."""
+        cfg, container = r.config, self.versions.get(r.base_version).container
+        trainable = [container.tensors[name] for name in expected_shapes(container)]
+        base_norm = math.sqrt(sum(float(np.dot(t.ravel(), t.ravel())) for t in trainable))
+        previous = self.store.last_committed_before(r.id)
+        updates = self.store.round_updates(previous) if previous is not None else []
+        return influence_limits(
+            base_norm,
+            sum(t.size for t in trainable),
+            [u.norm for u in updates],
+            [u.sample_count for u in updates],
+            norm_multiple=cfg.influence_norm_multiple,
+            count_multiple=cfg.influence_count_multiple,
+            model_fraction=cfg.influence_model_fraction,
+        )
 
     def start(self, initial_model: Callable[[], bytes]) -> None:
         """Idempotent recovery: adopt or store the round settings, drop orphan files, publish v0 if
@@ -118,6 +148,8 @@ class RoundLifecycle:
 
     def due(self, r: RoundRow) -> tuple[str, str] | None:
         """What settling the round would do now: ("commit" | "abandon", why), or None (leave it open)."""
+        if r.config.secure_aggregation:
+            return self._secagg_due(r)
         if r.received >= r.goal:
             return "commit", "goal reached"
         if self.clock() < r.deadline:
@@ -125,6 +157,18 @@ class RoundLifecycle:
         if r.received >= r.min_updates:
             return "commit", f"deadline with {r.received}/{r.goal} updates"
         return "abandon", f"deadline with {r.received}/{r.goal} updates, fewer than the minimum {r.min_updates}"
+
+    def _secagg_due(self, r: RoundRow) -> tuple[str, str] | None:
+        """A secure-aggregation round commits when its sum is unmasked, is abandoned with the protocol's
+        reason, or at the deadline before either."""
+        phase, reason = self.store.secagg_phase(r.id) or ("joining", None)
+        if phase == "done":
+            return "commit", f"secure aggregation of {r.received} devices"
+        if phase == "abandoned":
+            return "abandon", f"secure aggregation abandoned: {reason}"
+        if self.clock() < r.deadline:
+            return None
+        return "abandon", f"deadline in the secure-aggregation phase {phase}"
 
     def tick(self) -> None:
         """Settle the open round (commit at goal; commit or abandon at deadline); open one if none."""
@@ -213,11 +257,18 @@ class RoundLifecycle:
             deadline=now + cfg.deadline,
         )
         if cfg.dp_enabled:
+            noise = cfg.dp_noise_multiplier
+            if cfg.secure_aggregation:  # the Gaussian z that bounds the devices' summed Skellam noise
+                from coordinator.service.modelfile import expected_shapes
+                from coordinator.service.secagg import charged_noise_multiplier
+
+                shapes = expected_shapes(self.versions.get(new.base_version).container)
+                noise = charged_noise_multiplier(cfg, sum(math.prod(s) for s in shapes.values()))
             new = replace(
                 new,
                 dp_clip=self.privacy.clip_for(cfg),
                 dp_q=self.privacy.sampling_rate(cfg),
-                dp_noise=cfg.dp_noise_multiplier,
+                dp_noise=noise,
             )
         return new
 
@@ -260,6 +311,8 @@ class RoundLifecycle:
         spend = None
         if isinstance(strategy, DifferentialPrivacy):
             spend = self.privacy.spend(r, strategy.next_clip_norm)
+        elif r.dp_q is not None and r.config.secure_aggregation:  # distributed DP: the devices' noise
+            spend = self.privacy.spend(r, None)
         registered = self.versions.register(
             tx,
             lambda version: with_version(

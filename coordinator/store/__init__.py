@@ -4,7 +4,7 @@ advisory locks that let several coordinator replicas share one PostgreSQL databa
 
 from coordinator.store.database import describe, is_url, models_dir_for
 from coordinator.store.model_files import BlobStore, DatabaseBlobs, ModelFiles, blob_store_for
-from coordinator.store.rows import DeviceRow, ModelVersionRow, NewRound, PartialRow, RoundRow, UpdateRow
+from coordinator.store.rows import DeviceRow, ModelVersionRow, NewRound, PartialRow, RoundRow, SecAggRow, UpdateRow
 from coordinator.store.store import Store
 from coordinator.store.writes import StalePartial, Writes
 
@@ -17,6 +17,7 @@ __all__ = [
     "NewRound",
     "PartialRow",
     "RoundRow",
+    "SecAggRow",
     "StalePartial",
     "Store",
     "UpdateRow",

@@ -160,3 +160,43 @@ rate_limits = sa.Table(
     sa.Column("window_start", BigInt, primary_key=True),
     sa.Column("hits", sa.Integer, nullable=False),
 )
+
+# One-time enrollment codes (POST /v1/admin/enrollment-codes): sha256 of the code, spent once.
+enrollment_codes = sa.Table(
+    "enrollment_codes",
+    metadata,
+    sa.Column("code_hash", sa.Text, primary_key=True),
+    sa.Column("created_at", Real, nullable=False),
+    sa.Column("expires_at", Real, nullable=False),
+    sa.Column("used_at", Real),  # NULL until a device enrolls with it
+    sa.Column("device_id", sa.Text),  # the device that spent it
+)
+
+# ---------------------------------------------------------------------- secure aggregation (issue 13)
+
+# One row per secure-aggregation round: the cohort (device ids; index = position + 1), the phase and
+# the server session's state at the start of the phase (protocol/secagg ServerSession.to_bytes); the
+# messages accepted since are in secagg_messages, each written in the transaction that accepts it, so
+# a restarted coordinator rebuilds the session (state + messages) and resumes where it stopped.
+secagg_rounds = sa.Table(
+    "secagg_rounds",
+    metadata,
+    sa.Column("round_id", sa.Integer, sa.ForeignKey("rounds.id"), primary_key=True),
+    sa.Column("phase", sa.Text, nullable=False),  # joining, advertise, share_keys, masked_input, unmask, done|abandoned
+    sa.Column("members", sa.Text, nullable=False),  # JSON list of device ids in index order
+    sa.Column("phase_started", Real, nullable=False),
+    sa.Column("revision", sa.Integer, nullable=False),  # bumped by every write (caches compare it)
+    sa.Column("state", sa.LargeBinary),  # ServerSession.to_bytes() at state_revision; NULL while the cohort forms
+    sa.Column("state_revision", sa.Integer, nullable=False, server_default=sa.text("0")),
+    sa.Column("reason", sa.Text),  # why it was abandoned
+)
+
+# The messages a secure-aggregation round accepted since its last state (replayed in seq order).
+secagg_messages = sa.Table(
+    "secagg_messages",
+    metadata,
+    sa.Column("round_id", sa.Integer, sa.ForeignKey("rounds.id"), primary_key=True),
+    sa.Column("seq", sa.Integer, primary_key=True),  # the round's revision that accepted it
+    sa.Column("kind", sa.Text, nullable=False),  # advertise, shares, masked_input, unmask
+    sa.Column("body", sa.LargeBinary, nullable=False),  # the JSON message, or the masked-input frame
+)

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import secrets
+import time
+
 from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import ValidationError
 
 from coordinator.api.body import read_limited
-from coordinator.api.deps import ServicesDep, SettingsDep, require_admin
-from coordinator.api.schemas import PauseState, PublishResponse, SettingsPatch
+from coordinator.api.deps import ServicesDep, SettingsDep, StoreDep, require_admin, token_hash
+from coordinator.api.schemas import (
+    EnrollmentCodes,
+    EnrollmentCodesRequest,
+    PauseState,
+    PublishResponse,
+    SettingsPatch,
+)
 from coordinator.errors import Refused
 from coordinator.settings import RoundSettings
 from engine.serialize.container import ContainerError
@@ -68,3 +77,15 @@ async def publish_model(request: Request, services: ServicesDep, settings: Setti
     except (ContainerError, ValueError, RecursionError) as exc:  # ValueError: json's integer-size limit
         raise Refused(422, f"model file: {exc}", "bad_model") from None
     return PublishResponse(version=version, sha256=services.versions.get(version).info.sha256)
+
+
+@router.post("/enrollment-codes", response_model=EnrollmentCodes, status_code=201)
+def mint_enrollment_codes(body: EnrollmentCodesRequest, store: StoreDep) -> EnrollmentCodes:
+    """Mint one-time enrollment codes (the recommended way to enroll a fleet: a leaked code enrolls
+    one device, once, before it expires). Returned once; only their sha256 is stored."""
+    now = time.time()
+    codes = [secrets.token_urlsafe(24) for _ in range(body.count)]
+    with store.transaction() as tx:
+        for code in codes:
+            tx.add_enrollment_code(token_hash(code), now, now + body.ttl_seconds)
+    return EnrollmentCodes(codes=codes, expires_at=now + body.ttl_seconds)

@@ -62,8 +62,30 @@ def privacy_line(rounds: list, budget_note: str | None) -> str:
         ""
         if spent is None
         else f" · privacy spent <b>&epsilon; = {spent.epsilon:.3f}</b> at &delta; = {spent.dp_delta:g}"
+        + (
+            f" (Poisson sampling, q = {spent.dp_sampling_rate:.3g})"
+            if spent.dp_sampling == "poisson"
+            else " (no amplification by sampling)"
+        )
     )
     return text + (f" · <b>{html.escape(budget_note)}</b>" if budget_note else "")
+
+
+# the page is self-contained: inline CSS and SVG, no scripts, nothing loaded, never framed
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; img-src data:; "
+    "frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+}
+
+
+def secagg_cell(r) -> str:
+    """A secure-aggregation round's phase (and cohort), beside its strategy."""
+    if not r.secure_aggregation:
+        return ""
+    return f" · secure aggregation: {html.escape(r.secagg_phase or '')} ({r.secagg_cohort or 0} devices)"
 
 
 @router.get("/", response_class=HTMLResponse, include_in_schema=True)
@@ -76,7 +98,8 @@ def dashboard(services: ServicesDep) -> HTMLResponse:
     rows = "".join(
         f'<tr><td>{r.id}</td><td class="{r.status}">{r.status}</td><td>v{r.base_version}</td>'
         f"<td>{r.assigned}/{r.max_assignments}</td><td>{r.received}/{r.goal}</td><td>{r.total_samples:g}</td>"
-        f"<td>{'' if r.result_version is None else 'v' + str(r.result_version)}</td><td>{e(r.strategy)}</td>"
+        f"<td>{'' if r.result_version is None else 'v' + str(r.result_version)}</td>"
+        f"<td>{e(r.strategy)}{secagg_cell(r)}</td>"
         f"<td>{e(time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(r.opened_at)))}</td>"
         f"<td>{'' if r.epsilon is None else f'{r.epsilon:.3f}'}</td>"
         f"<td style='text-align:left'>{e(r.reason or '')}</td></tr>"
@@ -94,4 +117,4 @@ def dashboard(services: ServicesDep) -> HTMLResponse:
 <th>updates</th><th>samples</th><th>result</th><th>strategy</th><th>opened (UTC)</th><th>&epsilon;</th>
 <th>reason</th></tr>
 {rows}</table></body></html>"""
-    return HTMLResponse(page)
+    return HTMLResponse(page, headers=PAGE_HEADERS)

@@ -1,8 +1,8 @@
 """Federated metrics (issue 17): per device, version and task kind, the accuracy of the global and
 of the personal model on the device's held-out data.
 
-Revision ID: 0003_issue17_fedmetrics
-Revises: 0002_scaleout14
+Revision ID: 0005_issue17_fedmetrics
+Revises: 0004_secagg13
 """
 
 import sqlalchemy as sa
@@ -10,8 +10,8 @@ from alembic import op
 
 from coordinator.store.schema import Real
 
-revision = "0003_issue17_fedmetrics"
-down_revision = "0002_scaleout14"
+revision = "0005_issue17_fedmetrics"
+down_revision = "0004_secagg13"
 branch_labels = None
 depends_on = None
 

@@ -1,13 +1,18 @@
 """One LeNet training step (forward, backward, SGD momentum) in the engine and in PyTorch CPU.
 
-Same model, same initial weights, same batch, same thread count, same process: the two
-steps are interleaved (engine, torch, engine, torch, ...) so machine noise hits both, and
-each side's median over many steps after warm-up is reported. Peak memory is measured in a
-fresh child process per side (peak RSS during steps minus RSS once model and optimizer exist).
+Same model (the padded LeNet), same initial weights, same real Fashion-MNIST batches, same
+machine: each side runs at 1 thread and at 2 threads, in fresh child processes whose thread
+pools are sized through the environment at start (OPENBLAS/OMP/MKL_NUM_THREADS and
+torch.set_num_threads). In a child the steps are interleaved (engine, torch, engine, ...); the
+children rotate through the thread counts several times, so machine noise hits every
+configuration alike. Reported per batch size: each side's median step at each thread
+count, each side's best of those, and `ratio` = engine best / torch best. Peak memory is
+measured in a fresh child process per side (peak RSS during steps minus RSS once model and
+optimizer exist).
 
-    python bench/engine_step.py --batch 64 --json          # last line: one JSON object
-    python bench/engine_step.py --batch 8 --profile        # plus where the engine's step goes
-    python bench/engine_step.py --batch 64 --passes none   # the compiler's passes off (or a list)
+    python bench/engine_step.py --json                      # batches 64, 8, 1; last line: one JSON object
+    python bench/engine_step.py --batch 8 --profile         # plus where the engine's step goes
+    python bench/engine_step.py --batch 64 --passes none    # the compiler's passes off (or a list)
 
 torch is a benchmark reference only; the engine never imports it.
 """
@@ -27,32 +32,43 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 from engine import grad, opr  # noqa: E402
+from engine.data import DataLoader, MnistDataset, embedded_dir  # noqa: E402
 from engine.loss import CrossEntropyLoss  # noqa: E402
 from engine.models.lenet import build_lenet  # noqa: E402
 from engine.optimizer import SGD  # noqa: E402
 from engine.runtime import CompiledFunction  # noqa: E402
 
 LR, MOMENTUM = 0.01, 0.9
+FULL_DATA = Path("/usr/share/datasets/fashion-mnist")
+N_BATCHES = 16  # distinct real batches, cycled through by both sides in the same order
 
 
-def blas_threads() -> int:
-    try:
-        from threadpoolctl import threadpool_info
+THREAD_ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
-        counts = [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
-        if counts:
-            return counts[0]
-    except ImportError:
-        pass
-    return int(os.environ.get("OPENBLAS_NUM_THREADS", os.cpu_count() or 1))
+
+def child(args_: list[str], threads: int) -> str:
+    """Run this script in a fresh process whose BLAS and torch pools have `threads` threads from the
+    start (set through the environment: nothing switches pools mid-run, no idle pool spins)."""
+    env = {**os.environ, **{k: str(threads) for k in THREAD_ENV}, "PF_BENCH_THREADS": str(threads)}
+    out = subprocess.run([sys.executable, __file__, *args_], capture_output=True, text=True, env=env)
+    if out.returncode:
+        raise RuntimeError(f"child {args_} failed:\n{out.stderr}")
+    return out.stdout
+
+
+def real_batches(data_dir: Path, batch: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """`N_BATCHES` shuffled Fashion-MNIST training batches, normalized as pf-train feeds them."""
+    loader = DataLoader(MnistDataset(data_dir, split="train"), batch_size=batch, shuffle=True, seed=seed)
+    return [loader.next() for _ in range(N_BATCHES)]
 
 
 def make_batch(batch: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A random batch, for callers without data (bench/training_step_onnx.py's torch side)."""
     rng = np.random.default_rng(seed)
     return rng.standard_normal((batch, 1, 28, 28)).astype(np.float32), rng.integers(0, 10, batch)
 
 
-def engine_step(batch: int, passes: list[str] | None):
+def engine_step(batch: int, passes: list[str] | None, batches):
     """The seed's training function: loss and SGD-momentum updates attached, compiled once."""
     model = build_lenet(seed=0)
     graph = model.graph
@@ -61,12 +77,12 @@ def engine_step(batch: int, passes: list[str] | None):
     weights = list(model.params.values())
     updates = SGD(LR, momentum=MOMENTUM).make_multiple(weights, grad(loss, weights), graph)
     func = graph.compile([loss, model.output], updates=updates, passes=passes)
-    x, y = make_batch(batch)
-    feeds = {"x": x, "label": y}
-    return (lambda: func.execute(feeds)), func
+    feeds = [{"x": x, "label": y} for x, y in batches]
+    count = iter(range(1 << 62))
+    return (lambda: func.execute(feeds[next(count) % len(feeds)])), func
 
 
-def torch_step(batch: int):
+def torch_step(batch: int, batches=None):
     import torch
     from torch import nn
 
@@ -94,10 +110,11 @@ def torch_step(batch: int):
             net[i].bias.copy_(weights[f"{name}.bias"])
     opt = torch.optim.SGD(net.parameters(), lr=LR, momentum=MOMENTUM)
     loss_fn = nn.CrossEntropyLoss()
-    x, y = make_batch(batch)
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    tensors = [(torch.from_numpy(x), torch.from_numpy(y)) for x, y in (batches or [make_batch(batch)])]
+    count = iter(range(1 << 62))
 
     def step():
+        xt, yt = tensors[next(count) % len(tensors)]
         opt.zero_grad(set_to_none=True)
         loss = loss_fn(net(xt), yt)
         loss.backward()
@@ -121,28 +138,18 @@ def step_flops(func: CompiledFunction) -> int:
             w = shape[id(node.inputs[1 if kind == "Convolution" else (0 if kind.endswith("Data") else 2)])]
             dout = shape[id(node)] if kind == "Convolution" else shape[id(node.inputs[1])]
             total += 2 * int(np.prod(dout)) * int(np.prod(w[1:]))
+        elif kind in ("ConvolutionFromCols", "FilterGradFromCols"):
+            cols = shape[id(node.inputs[0])]  # (N, G, K, P): every output value is a K-long dot product
+            out = shape[id(node)] if kind == "ConvolutionFromCols" else shape[id(node.inputs[1])]
+            total += 2 * int(np.prod(out)) * cols[2]
     return total
 
 
-def peak_mb(side: str, batch: int, steps: int, threads: int | None) -> float:
-    """Run in a child: peak RSS during `steps` steps above the RSS before the first step."""
-    out = subprocess.run(
-        [
-            sys.executable,
-            __file__,
-            "--batch",
-            str(batch),
-            "--_peak",
-            side,
-            "--steps",
-            str(steps),
-            *(["--threads", str(threads)] if threads else []),
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
+def peak_mb(side: str, batch: int, steps: int, data: Path) -> float:
+    """Run in a child at 1 thread: peak RSS during `steps` steps above the RSS before the first step."""
+    return float(
+        child(["--batch", str(batch), "--_peak", side, "--steps", str(steps), "--data", str(data)], 1).split()[-1]
     )
-    return float(out.stdout.strip().splitlines()[-1])
 
 
 def _rss_kb(field: str) -> int:
@@ -152,8 +159,9 @@ def _rss_kb(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def _measure_peak(side: str, batch: int, steps: int, passes: list[str] | None) -> None:
-    step = engine_step(batch, passes)[0] if side == "engine" else torch_step(batch)
+def _measure_peak(side: str, batch: int, steps: int, passes: list[str] | None, data: Path) -> None:
+    batches = real_batches(data, batch)
+    step = engine_step(batch, passes, batches)[0] if side == "engine" else torch_step(batch, batches)
     base = _rss_kb("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     for _ in range(steps):
@@ -172,70 +180,111 @@ def profile_table(func: CompiledFunction, step, steps: int) -> str:
     return func.profile_report()
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=200, help="timed steps per side")
-    parser.add_argument("--warmup", type=int, default=20)
-    parser.add_argument("--passes", default=None, help="'none' or comma-separated compiler passes (default: all)")
-    parser.add_argument("--profile", action="store_true", help="print the engine's per-operator profile")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="BLAS and torch threads (default: numpy's BLAS setting; needs threadpoolctl)",
-    )
-    parser.add_argument("--json", action="store_true", help="end with one JSON line")
-    parser.add_argument("--_peak", choices=["engine", "torch"], help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    passes = None if args.passes is None else ([] if args.passes == "none" else args.passes.split(","))
-
-    if args.threads:
-        from threadpoolctl import threadpool_limits
-
-        threadpool_limits(args.threads, user_api="blas")
-    if args._peak:
-        _measure_peak(args._peak, args.batch, min(args.steps, 30), passes)
-        return 0
-
+def _block(batch: int, steps: int, args, passes: list[str] | None) -> None:
+    """In a child: `steps` interleaved steps per side after warm-up; prints their times (and more)."""
     import torch
 
-    threads = blas_threads()
-    torch.set_num_threads(threads)
-    run_engine, func = engine_step(args.batch, passes)
-    run_torch = torch_step(args.batch)
+    torch.set_num_threads(int(os.environ["PF_BENCH_THREADS"]))
+    batches = real_batches(args.data, batch)
+    run_engine, func = engine_step(batch, passes, batches)
+    run_torch = torch_step(batch, batches)
     for _ in range(args.warmup):
         run_engine()
         run_torch()
-    engine_s, torch_s = [], []
-    for _ in range(args.steps):
-        start = time.perf_counter()
+    engine_s, torch_s, engine_cpu, torch_cpu = [], [], [], []
+    deadline = time.perf_counter() + args.block_seconds
+    for k in range(steps):
+        if k >= 5 and time.perf_counter() > deadline:  # a thrashing configuration: enough seen
+            break
+        start, start_cpu = time.perf_counter(), time.process_time()
         run_engine()
-        mid = time.perf_counter()
+        mid, mid_cpu = time.perf_counter(), time.process_time()
         run_torch()
         engine_s.append(mid - start)
         torch_s.append(time.perf_counter() - mid)
-    engine_ms, torch_ms = float(np.median(engine_s) * 1e3), float(np.median(torch_s) * 1e3)
-    flops = step_flops(func)
-    print(
-        f"threads: numpy BLAS {threads}, torch {torch.get_num_threads()}; "
-        f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')}"
-    )
-    print(func.explain())
+        engine_cpu.append(mid_cpu - start_cpu)
+        torch_cpu.append(time.process_time() - mid_cpu)
     if args.profile:
-        print(profile_table(func, run_engine, max(args.steps // 2, 20)))
-    result = {
-        "batch": args.batch,
-        "engine_ms": round(engine_ms, 3),
-        "torch_ms": round(torch_ms, 3),
-        "ratio": round(engine_ms / torch_ms, 3),
-        "engine_peak_mb": round(peak_mb("engine", args.batch, args.steps, args.threads), 2),
-        "torch_peak_mb": round(peak_mb("torch", args.batch, args.steps, args.threads), 2),
-        "gflops": round(flops / (engine_ms / 1e3) / 1e9, 2),
-    }
-    if not args.json:
-        print(f"engine {engine_ms:.3f} ms, torch {torch_ms:.3f} ms per step")
-    print(json.dumps(result))
+        print(func.explain())
+        print(f"engine profile at {os.environ['PF_BENCH_THREADS']} thread(s):")
+        print(profile_table(func, run_engine, max(steps // 2, 20)))
+    found = {"engine": engine_s, "torch": torch_s, "engine_cpu": engine_cpu, "torch_cpu": torch_cpu}
+    print(json.dumps({**found, "flops": step_flops(func), "explain": func.explain()}))
+
+
+def measure(batch: int, args, passes: list[str] | None) -> dict:
+    """Medians per side and thread count over `--repeats` child processes per thread count, rotating."""
+    sides = ("engine", "torch", "engine_cpu", "torch_cpu")
+    times: dict[tuple[str, int], list[float]] = {(s, t): [] for s in sides for t in args.threads}
+    per_block = max(args.steps // args.repeats, 1)
+    common = ["--data", str(args.data), "--warmup", str(args.warmup), "--block-seconds", str(args.block_seconds)]
+    common += [] if args.passes is None else ["--passes", args.passes]
+    for _ in range(args.repeats):
+        for t in args.threads:
+            out = json.loads(child(["--_block", str(batch), "--steps", str(per_block), *common], t).splitlines()[-1])
+            for side in sides:
+                times[side, t] += out[side]
+    ms = {key: float(np.median(v) * 1e3) for key, v in times.items()}
+    result: dict = {"batch": batch}
+    for side in ("engine", "torch"):
+        for t in args.threads:
+            result[f"{side}_ms_{t}t"] = round(ms[side, t], 3)
+        best = min(args.threads, key=lambda t, side=side: ms[side, t])
+        result[f"{side}_ms"] = round(ms[side, best], 3)
+        result[f"{side}_threads"] = best
+    result["ratio"] = round(ms["engine", result["engine_threads"]] / ms["torch", result["torch_threads"]], 3)
+    result["ratio_1t"] = round(ms["engine", args.threads[0]] / ms["torch", args.threads[0]], 3)
+    # CPU time (all threads of the process) per step, at each side's best wall-clock thread count:
+    # what the step costs when the machine's other jobs preempt it
+    for side in ("engine", "torch"):
+        result[f"{side}_cpu_ms"] = round(ms[f"{side}_cpu", result[f"{side}_threads"]], 3)
+    result["ratio_cpu"] = round(result["engine_cpu_ms"] / result["torch_cpu_ms"], 3)
+    if not args.no_peak:
+        result["engine_peak_mb"] = round(peak_mb("engine", batch, min(args.steps, 30), args.data), 2)
+        result["torch_peak_mb"] = round(peak_mb("torch", batch, min(args.steps, 30), args.data), 2)
+    result["gflops"] = round(out["flops"] / (result["engine_ms"] / 1e3) / 1e9, 2)
+    print(out["explain"])
+    if args.profile:
+        profile_args = ["--_block", str(batch), "--steps", str(per_block), "--profile", *common]
+        print(child(profile_args, result["engine_threads"]).rsplit("\n", 2)[0])
+    cells = ", ".join(f"{t} thread(s) {ms['engine', t]:.3f} / {ms['torch', t]:.3f}" for t in args.threads)
+    print(f"batch {batch}: engine / torch ms per step at {cells}; ratio of bests {result['ratio']:.3f}")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", default="64,8,1", help="batch size(s), comma-separated")
+    parser.add_argument("--steps", type=int, default=200, help="timed steps per side and thread count")
+    parser.add_argument("--repeats", type=int, default=4, help="rotations through the thread counts")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps per side before each block")
+    parser.add_argument("--block-seconds", type=float, default=4.0, help="cut a block short (after 5 steps) past this")
+    parser.add_argument("--threads", default="1,2", help="thread counts to try on both sides")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=FULL_DATA if FULL_DATA.is_dir() else embedded_dir(),
+        help="Fashion-MNIST IDX directory (default: the full set if installed, else the embedded subset)",
+    )
+    parser.add_argument("--passes", default=None, help="'none' or comma-separated compiler passes (default: all)")
+    parser.add_argument("--profile", action="store_true", help="print the engine's per-operator profile")
+    parser.add_argument("--no-peak", action="store_true", help="skip the peak-memory child processes")
+    parser.add_argument("--json", action="store_true", help="end with one JSON line")
+    parser.add_argument("--_peak", choices=["engine", "torch"], help=argparse.SUPPRESS)
+    parser.add_argument("--_block", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    passes = None if args.passes is None else ([] if args.passes == "none" else args.passes.split(","))
+    args.threads = [int(t) for t in args.threads.split(",")]
+    sizes = [int(b) for b in args.batch.split(",")]
+    if args._peak:
+        _measure_peak(args._peak, sizes[0], args.steps, passes, args.data)
+        return 0
+    if args._block:
+        _block(args._block, args.steps, args, passes)
+        return 0
+    print(f"data: {args.data}; OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')}")
+    results = [measure(b, args, passes) for b in sizes]
+    print(json.dumps({"data": str(args.data), "threads": args.threads, "batches": results}))
     return 0
 
 

@@ -19,7 +19,6 @@ import time
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 import numpy as np
@@ -44,6 +43,14 @@ class StepPlan:
     steps: list[tuple[str, Any, list[int], int, str]]  # (how, kernel, input slots, output slot, type)
     workspaces: list[Workspace]
     cache: dict = field(default_factory=dict)  # anything else worked out once for this plan
+    calls: list[tuple[Any, list[int], int | None]] = field(init=False)  # what a step runs: (kernel, ins, out or None)
+
+    def __post_init__(self) -> None:
+        self.calls = [
+            (kernel, ins, None if how is INTO else out)
+            for how, kernel, ins, out, _ in self.steps
+            if how is not FIXED_VIEW
+        ]
 
     @property
     def workspace_bytes(self) -> int:
@@ -136,10 +143,10 @@ class CompiledFunction:
         elif self.profile:
             self._run_planned_profiled(step, values)
         else:
-            for how, kernel, ins, out, _ in step.steps:
-                if how is INTO:
+            for kernel, ins, out in step.calls:
+                if out is None:
                     kernel(*[values[j] for j in ins])
-                elif how is not FIXED_VIEW:
+                else:
                     values[out] = kernel(*[values[j] for j in ins])
         self.profiled_steps += bool(self.profile)
         results = [np.array(values[i], copy=True) for i in self._outputs]
@@ -222,7 +229,8 @@ class CompiledFunction:
             if out in memory.arrays:
                 ws = Workspace()
                 workspaces.append(ws)
-                steps.append((INTO, partial(node.op.forward_into, ws, memory.arrays[out]), ins, out, type_name))
+                examples = [values[j] for j in ins]  # this plan's shapes and dtypes
+                steps.append((INTO, node.op.bind(ws, memory.arrays[out], *examples), ins, out, type_name))
                 continue
             # A view of planned memory only (not of a feed or a fresh array) is the same view every
             # step: make it now. Only kernels that returned a view in the first step are re-run here

@@ -71,6 +71,7 @@ def test_passes_really_rewrite_lenet():
     names = [n.op.type_name for n in func.program.nodes]
     assert "SoftmaxCrossEntropyGrad" in names and "IndexingOneHotGrad" not in names
     assert "FusedElemwise" in names and "Relu" not in names  # every relu went into a bias-add kernel
+    assert names.count("MaxPoolReluBackward") == 2 and "PoolingBackward" not in names
     assert "memory plan" not in func.explain() and "arena" in func.explain()
     (step,) = func.plans
     assert step.memory.inplace > 0 and step.allocating_kernels == []
@@ -318,3 +319,28 @@ def test_backward_data_row_kernel_matches_the_tap_kernel(geometry):
     node.op._rows_backward(Workspace(), rows, w.value, dout, x.value)
     node.op._taps_backward(Workspace(), taps, w.value, dout, x.value)
     np.testing.assert_allclose(rows, taps, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("hw", [(8, 6), (7, 9)])  # windows tiling the input, and a ragged edge
+def test_pool_relu_backward_is_bit_for_bit_on_ties_signs_and_nan(hw):
+    """ReLU zeros and small integers make many tied windows (the first maximum must win); dout
+    carries negative values (signed zeros), NaN and inf, which must come out where they did."""
+    rng = np.random.default_rng(3)
+    g = ComputingGraph()
+    x = opr.host2device(g, (None, 3, *hw), "float32", "x")
+    d = opr.host2device(g, (None, 3, hw[0] // 2, hw[1] // 2), "float32", "d")
+    y = opr.relu(x * 1.0)
+    pooled = opr.pooling(y, "max", window=2)
+    loss = opr.sum(pooled * d)
+    (dx,) = grad(loss, [x])
+    both = [g.compile([dx, pooled], passes=p) for p in (None, [p for p in DEFAULT_PASSES if p != "pool_relu_backward"])]
+    assert "pool_relu_backward: 1" in both[0].explain() and "pool_relu_backward" not in both[1].explain()
+    for step in range(3):  # the first step runs unplanned, the next ones in planned buffers
+        xs = rng.integers(-2, 3, (4, 3, *hw)).astype(np.float32)
+        ds = rng.standard_normal((4, 3, hw[0] // 2, hw[1] // 2)).astype(np.float32)
+        ds[0, 0, 0, :2] = [np.nan, np.inf]
+        ds[1, 1, 1, :2] = [-np.inf, -0.0]
+        with np.errstate(invalid="ignore"):  # inf * 0 is NaN on both sides, as it should be
+            got, want = [f.execute(x=xs, d=ds) for f in both]
+        for a, b in zip(got, want):
+            np.testing.assert_array_equal(a.view(np.uint32), b.view(np.uint32), err_msg=f"step {step}")

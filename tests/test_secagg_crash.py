@@ -23,7 +23,7 @@ from engine.serialize.container import loads
 from protocol.secagg import ClientSession, Quantizer
 
 ROOT = Path(__file__).resolve().parents[1]
-KEY = "k"
+KEY = "secagg-crash-test-enrollment-key"  # strong enough for pf-coordinator (no --insecure-dev)
 SHAPES = {"w": (8, 6), "b": (6,)}
 SAMPLES = [7, 30, 12, 2]
 DELTAS = [random_delta(SHAPES, seed=10 + i, scale=0.05) for i in range(4)]

@@ -21,7 +21,8 @@ from protocol.secagg.wire import unpack_frame
 
 pytest_plugins = ["postgres_helpers"]  # pg_url: a throwaway PostgreSQL database
 
-KEY = "k"
+KEY = "secagg-http-test-enrollment-key"
+ADMIN = "secagg-test-admin-token-0123456789"
 SHAPES = {"w": (12, 10), "b": (10,)}
 BASE = loads(stand_in_model_bytes(shapes=SHAPES)).tensors
 
@@ -29,7 +30,15 @@ BASE = loads(stand_in_model_bytes(shapes=SHAPES)).tensors
 def start(tmp_path, **options):
     model = tmp_path / "m.pfmodel"
     model.write_bytes(stand_in_model_bytes(shapes=SHAPES))
-    defaults = {"goal": 6, "over_select": 1.0, "deadline": 120, "tick_interval": 0.05, "secagg_phase_timeout": 1.5}
+    defaults = {
+        "admin_token": ADMIN,
+        "enroll_per_address": 100_000,
+        "goal": 6,
+        "over_select": 1.0,
+        "deadline": 120,
+        "tick_interval": 0.05,
+        "secagg_phase_timeout": 1.5,
+    }
     defaults["db"] = str(tmp_path / "c.db")
     settings = Settings(
         model=str(model),
@@ -129,7 +138,8 @@ def test_all_devices_give_the_weighted_mean_and_no_byte_holds_a_delta(server):
             detail = wait_closed(client, round_id)
             assert detail["status"] == "committed" and detail["received"] == 6
             assert detail["secure_aggregation"] is True and detail["secagg_phase"] == "done"
-            assert detail["participants"] == []  # the server holds no individual update
+            as_admin = client.get(f"/v1/rounds/{round_id}", headers={"Authorization": f"Bearer {ADMIN}"}).json()
+            assert as_admin["participants"] == []  # the server holds no individual update
             assert "secure aggregation: done (6 devices)" in client.get("/").text  # the dashboard says so
             check_model(client, detail["result_version"], DELTAS, SAMPLES, range(6))
         for part, delta in zip(parts, DELTAS, strict=True):
@@ -238,6 +248,7 @@ def test_dp_rounds_admit_each_device_with_probability_q_and_say_so(tmp_path):
         over_select=10.0,
         dp_noise_multiplier=1.0,
         dp_population=100,
+        enroll_per_address=1_000,  # 200 devices from one test address
     )
     with ServerThread(create_app(settings)) as srv, httpx.Client(base_url=srv.url) as http:
         from coordinator.testing import TestDevice

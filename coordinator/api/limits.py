@@ -2,8 +2,9 @@
 route, dependency or JSON parser sees it: by Content-Length before a byte is read, by counting
 while it streams (413), and by time (408) when it trickles in slower than a minimum rate.
 
-Update uploads and model files (the binary routes) get `max_body_bytes`; every other route takes
-small JSON and gets `max_json_body_bytes`, which keeps JSON parsing on the event loop cheap.
+Update uploads, secure-aggregation masked inputs and model files (the binary routes) get
+`max_body_bytes`; every other route takes small JSON and gets `max_json_body_bytes`, which keeps JSON
+parsing on the event loop cheap.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import json
 import re
 import time
 
-BINARY_ROUTES = re.compile(r"^/v1/(rounds/\d+/updates|admin/models)/?$")
+BINARY_ROUTES = re.compile(r"^/v1/(rounds/\d+/updates|rounds/\d+/secagg/masked_input|admin/models)/?$")
 
 
 class BodyRefused(Exception):

@@ -1,11 +1,13 @@
-"""Rewrites that merge several nodes into one kernel: elementwise chains, and the backward
-of softmax cross-entropy. Both keep results bit for bit (see tests/test_engine_compiler.py)."""
+"""Rewrites that merge several nodes into one kernel: elementwise chains, the backward of
+softmax cross-entropy, and max-pooling's backward through a ReLU. All keep results bit for bit
+(see tests/test_engine_compiler.py)."""
 
 from __future__ import annotations
 
-from ..opr.elemwise import Mul, Sub
+from ..opr.elemwise import Mul, ReluGrad, Sub
 from ..opr.fused import FusedElemwise, Step
 from ..opr.nn import ExpOf, IndexingOneHotGrad, LogSoftmax, SoftmaxCrossEntropyGrad
+from ..opr.pooling import MaxPoolReluBackward, Pooling, PoolingBackward
 from ..opr.reduce import Sum
 from ..opr.update import AddUpdate
 from .program import Node, Program
@@ -101,3 +103,37 @@ def softmax_cross_entropy(program: Program) -> None:
     program.replace(mapping)
     if mapping:
         program.notes.append(f"softmax_cross_entropy: fused {len(mapping)} backward(s) into one kernel")
+
+
+_POOL_GEOMETRY = ("mode", "window", "stride", "padding")
+
+
+def pool_relu_backward(program: Program) -> None:
+    """Replace ReluGrad(y, PoolingBackward(y, dout)), tiled max pooling of a ReLU's output y, by
+    one MaxPoolReluBackward(y, pooled, dout) that reads the forward pooling's maxima `pooled`
+    instead of recomputing them, and masks dout per window instead of the full gradient."""
+    readers = program.readers()
+    roots = program.root_ids()
+    forwards: dict[tuple, Node] = {}
+    for node in program.nodes:
+        if isinstance(node.op, Pooling):
+            forwards[(id(node.inputs[0]), *(repr(node.op.attrs[k]) for k in _POOL_GEOMETRY))] = node
+    mapping: dict[int, Node] = {}
+    for node in program.nodes:
+        if not isinstance(node.op, ReluGrad):
+            continue
+        y, back = node.inputs
+        if not isinstance(back.op, PoolingBackward) or back.inputs[0] is not y or back.op.mode != "max":
+            continue
+        if not back.op.tiled or id(back) in roots or len(readers[id(back)]) != 1:
+            continue
+        pooled = forwards.get((id(y), *(repr(back.op.attrs[k]) for k in _POOL_GEOMETRY)))
+        if pooled is None or y.dtype != node.dtype:
+            continue
+        geometry = {k: back.op.attrs[k] for k in _POOL_GEOMETRY}
+        mapping[id(node)] = Node(
+            MaxPoolReluBackward(**geometry), [y, pooled, back.inputs[1]], node.shape, node.dtype, origin=node.origin
+        )
+    program.replace(mapping)
+    if mapping:
+        program.notes.append(f"pool_relu_backward: {len(mapping)} max-pool backward(s) merged with their ReLU's")

@@ -11,7 +11,7 @@ import numpy as np
 from ..opr.io import ImmutableTensor
 from ..opr.nn import DropoutMask
 from ..opr.update import AddUpdate
-from .fusion import fuse_elementwise, softmax_cross_entropy
+from .fusion import fuse_elementwise, pool_relu_backward, softmax_cross_entropy
 from .lowering import share_im2col
 from .program import Node, Program
 from .updates import flat_updates
@@ -125,6 +125,7 @@ PASSES: dict[str, Callable[[Program], None]] = {
     "common_subexpressions": common_subexpressions,
     "softmax_cross_entropy": softmax_cross_entropy,
     "share_im2col": share_im2col,
+    "pool_relu_backward": pool_relu_backward,
     "direct_updates": direct_updates,
     "flat_updates": flat_updates,
     "fuse_elementwise": fuse_elementwise,

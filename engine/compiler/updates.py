@@ -257,8 +257,10 @@ class FlatUpdateRunner:
         bound = cache.get("flat_updates")
         if bound is None or any(v.value is not a for v, a in bound[1]):  # a shared tensor was replaced
             bound = cache["flat_updates"] = self._bind(flat)
+            cache["flat_kernels"] = [None] * len(self.groups)  # each bound at its first run with these
         results: list[np.ndarray] = []
-        for group, (ws, inputs, out, scatter) in zip(self.groups, bound[0]):
+        kernels = cache["flat_kernels"]
+        for k, (group, (ws, inputs, out, scatter)) in enumerate(zip(self.groups, bound[0])):
             xs = []
             for kind, a, b in inputs:
                 if kind == "slot":
@@ -271,7 +273,9 @@ class FlatUpdateRunner:
                     xs.append(b[0])
                 else:
                     xs.append(a)
-            group.kernel.forward_into(ws, out, *xs)
+            if kernels[k] is None:
+                kernels[k] = group.kernel.bind(ws, out, *xs)
+            kernels[k](*xs)
             for var, part in scatter:  # destinations not laid out end to end: write each one
                 np.copyto(var.value, part)
             results.append(out)

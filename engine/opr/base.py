@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any, ClassVar
 
 import numpy as np
@@ -64,6 +65,16 @@ class Operator(ABC):
         it so that a planned step allocates nothing. Overrides must give `forward`'s exact bits.
         """
         np.copyto(out, self.forward(*xs))
+
+    def bind(self, ws: Workspace, out: np.ndarray, *xs: np.ndarray) -> Callable[..., None]:
+        """This operator's kernel for one planned instruction: called with the step's inputs, it
+        fills `out` exactly as `forward_into(ws, out, ...)` would.
+
+        `xs` are example inputs: every step under the plan brings arrays of these shapes and
+        dtypes (not necessarily these very arrays). Hot operators override this to work out, once,
+        what depends only on shapes and on `out` (axes, slices, views of `out` and of scratch
+        arrays), so that a step's call is little more than the numpy calls themselves."""
+        return partial(self.forward_into, ws, out)
 
     @classmethod
     def writes_into(cls) -> bool:

@@ -252,9 +252,16 @@ class ReluGrad(Operator):
         return np.multiply(dout, np.greater(y, 0))
 
     def forward_into(self, ws, out, y, dout):
-        on = ws.get("on", y.shape, np.dtype(bool))
-        np.greater(y, 0, out=on)
-        np.multiply(dout, on, out=out)
+        self.bind(ws, out, y, dout)(y, dout)
+
+    def bind(self, ws, out, y, dout):
+        on, greater, multiply = ws.get("on", y.shape, np.dtype(bool)), np.greater, np.multiply
+
+        def run(y, dout):
+            greater(y, 0, out=on)
+            multiply(dout, on, out=out)
+
+        return run
 
 
 class Sigmoid(_Unary):
@@ -314,11 +321,14 @@ class SumToShapeOf(Operator):
         return np.sum(x, axis=axes, keepdims=True).reshape(like.shape) if axes else x
 
     def forward_into(self, ws, out, x, like):
+        self.bind(ws, out, x, like)(x, like)
+
+    def bind(self, ws, out, x, like):
         axes = self._axes(x, like)
-        if axes:
-            np.sum(x, axis=axes, keepdims=True, out=out.reshape((1,) * (x.ndim - like.ndim) + like.shape))
-        else:
-            np.copyto(out, x)
+        if not axes:
+            return lambda x, like: np.copyto(out, x)
+        kept, reduce = out.reshape((1,) * (x.ndim - like.ndim) + like.shape), np.add.reduce
+        return lambda x, like: reduce(x, axis=axes, keepdims=True, out=kept)
 
     def grad(self, out, dout):
         return [BroadcastLike.make(dout, out.inputs[0]), None]

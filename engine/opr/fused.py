@@ -69,21 +69,32 @@ class FusedElemwise(Operator):
         return values[-1]
 
     def forward_into(self, ws: Workspace, out: np.ndarray, *xs: np.ndarray) -> None:
-        key = tuple(x.shape for x in xs)
-        cached = ws.memo.get(key)
-        if cached is None or cached[0] is not out:  # where each step writes: once per shapes and output
-            cached = ws.memo[key] = (out, self._targets(ws, out, [x.shape for x in xs]))
-        targets = cached[1]
-        values: list[np.ndarray] = []
+        self.bind(ws, out, *xs)(*xs)
+
+    def bind(self, ws: Workspace, out: np.ndarray, *xs: np.ndarray):
+        targets = self._targets(ws, out, [x.shape for x in xs])  # where each step writes
+        calls = []
         for (ufunc, extra, forward_into, args), target in zip(self._calls, targets):
-            args = [xs[i] if kind == "in" else values[i] for kind, i in args]
+            refs = [(kind == "in", i) for kind, i in args]
             if ufunc is not None:
-                ufunc(*args, *extra, out=target)
+                calls.append((ufunc, refs, extra, target))
             else:
-                forward_into(ws, target, *args)
-            values.append(target)
-        if targets[-1] is not out:  # the last step's shape may be broadcast to out's only at the end
-            np.copyto(out, targets[-1])
+                calls.append((None, refs, forward_into, target))
+        last = targets[-1]
+
+        def run(*xs):
+            values: list[np.ndarray] = []
+            for ufunc, refs, extra, target in calls:
+                args = [xs[i] if fed else values[i] for fed, i in refs]
+                if ufunc is not None:
+                    ufunc(*args, *extra, out=target)
+                else:
+                    extra(ws, target, *args)
+                values.append(target)
+            if last is not out:  # the last step's shape may be broadcast to out's only at the end
+                np.copyto(out, last)
+
+        return run
 
     def _targets(self, ws: Workspace, out: np.ndarray, in_shapes: list[tuple]) -> list[np.ndarray]:
         shapes: list[tuple] = []

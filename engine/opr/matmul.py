@@ -35,7 +35,25 @@ class MatrixMul(Operator):
         return np.matmul(a.T if self.transpose_a else a, b.T if self.transpose_b else b)
 
     def forward_into(self, ws, out, a, b):
-        np.matmul(a.T if self.transpose_a else a, b.T if self.transpose_b else b, out=out)
+        self.bind(ws, out, a, b)(a, b)
+
+    def bind(self, ws, out, a, b):
+        ta, tb = self.transpose_a, self.transpose_b
+        if (a.shape[0] if ta else a.shape[1]) == 1:
+            # one term per entry (a batch-1 weight gradient): an outer product, not a matrix product
+            # numpy would run through its slow non-BLAS loop. Same bits: each entry is one product.
+            def outer(a, b):
+                np.multiply(a.reshape(-1, 1), b.reshape(1, -1), out=out)
+
+            return outer
+        matmul = np.matmul
+        if ta and tb:
+            return lambda a, b: matmul(a.T, b.T, out=out)
+        if ta:
+            return lambda a, b: matmul(a.T, b, out=out)
+        if tb:
+            return lambda a, b: matmul(a, b.T, out=out)
+        return lambda a, b: matmul(a, b, out=out)
 
     def grad(self, out, dout):
         a, b = out.inputs

@@ -3,6 +3,8 @@ argmax, the dropout mask, and the train/eval switch."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from ..graph import ShapeError
@@ -46,15 +48,23 @@ class LogSoftmax(Operator):
         return shifted - np.log(np.sum(np.exp(shifted), axis=self.axis, keepdims=True))
 
     def forward_into(self, ws, out, x):
-        reduced = x.shape[: self.axis % x.ndim] + (1,) + x.shape[self.axis % x.ndim + 1 :]
-        top = ws.get("top", reduced, x.dtype)
-        np.max(x, axis=self.axis, keepdims=True, out=top)
-        np.subtract(x, top, out=out)
+        self.bind(ws, out, x)(x)
+
+    def bind(self, ws, out, x):
+        axis = self.axis % x.ndim
+        top = ws.get("top", x.shape[:axis] + (1,) + x.shape[axis + 1 :], x.dtype)
         e = ws.get("exp", x.shape, x.dtype)
-        np.exp(out, out=e)
-        np.sum(e, axis=self.axis, keepdims=True, out=top)
-        np.log(top, out=top)
-        np.subtract(out, top, out=out)
+        maximum, add, subtract, exp, log = np.maximum.reduce, np.add.reduce, np.subtract, np.exp, np.log
+
+        def run(x):
+            maximum(x, axis=axis, keepdims=True, out=top)
+            subtract(x, top, out=out)
+            exp(out, out=e)
+            add(e, axis=axis, keepdims=True, out=top)
+            log(top, out=top)
+            subtract(out, top, out=out)
+
+        return run
 
     def grad(self, out, dout):
         # dx = dy - softmax(x) * sum(dy)
@@ -115,12 +125,21 @@ class IndexingOneHot(Operator):
         return np.squeeze(picked, axis=self.axis)
 
     def forward_into(self, ws, out, x, index):
-        if x.ndim != 2 or self.axis != 1 or not x.flags.c_contiguous:
-            np.copyto(out, self.forward(x, index))
-            return
-        self.check(x, index)
-        flat = _flat_positions(ws, index, x.shape[1])
-        np.take(x.reshape(-1), flat, out=out)
+        self.bind(ws, out, x, index)(x, index)
+
+    def bind(self, ws, out, x, index):
+        if x.ndim != 2 or self.axis != 1:
+            return lambda x, index: np.copyto(out, self.forward(x, index))
+        positions = _flat_positions(ws, index, x.shape[1])
+
+        def run(x, index):
+            if not x.flags.c_contiguous:
+                np.copyto(out, self.forward(x, index))
+                return
+            self.check(x, index)
+            np.take(x.reshape(-1), positions(index), out=out)
+
+        return run
 
     def grad(self, out, dout):
         x, index = out.inputs
@@ -147,17 +166,22 @@ class IndexingOneHotGrad(Operator):
             np.copyto(out, self.forward(dout, index, x))
             return
         out.fill(0)
-        np.put(out.reshape(-1), _flat_positions(ws, index, out.shape[1]), dout)
+        np.put(out.reshape(-1), _flat_positions(ws, index, out.shape[1])(index), dout)
 
 
-def _flat_positions(ws, index: np.ndarray, classes: int) -> np.ndarray:
-    """Row-major positions of (i, index[i]) in an (N, classes) array, in a reused buffer."""
+def _flat_positions(ws, index: np.ndarray, classes: int) -> Callable[[np.ndarray], np.ndarray]:
+    """For indices shaped like `index`: a function giving the row-major positions of (i, index[i])
+    in an (N, classes) array, in a reused buffer."""
     flat = ws.get("flat", index.shape, np.dtype(np.intp))
     rows = ws.get(
         f"rows{classes}", index.shape, np.dtype(np.intp), init=lambda a: np.multiply(np.arange(a.size), classes, out=a)
     )
-    np.add(rows, index, out=flat, casting="unsafe")
-    return flat
+
+    def positions(index: np.ndarray) -> np.ndarray:
+        np.add(rows, index, out=flat, casting="unsafe")
+        return flat
+
+    return positions
 
 
 class SoftmaxCrossEntropy(Operator):
@@ -202,20 +226,37 @@ class SoftmaxCrossEntropyGrad(Operator):
         return out
 
     def forward_into(self, ws, out, log_p, label, dpicked):
-        d = np.expand_dims(dpicked, self.axis)
-        np.exp(log_p, out=out)
-        np.multiply(out, d, out=out)
-        np.negative(out, out=out)  # -softmax * d, then + d at each label: d - softmax * d, bit for bit
-        if out.ndim == 2 and self.axis == 1:
-            flat = _flat_positions(ws, label, out.shape[1])
+        self.bind(ws, out, log_p, label, dpicked)(log_p, label, dpicked)
+
+    def bind(self, ws, out, log_p, label, dpicked):
+        axis = self.axis
+
+        def scaled(log_p, dpicked):  # -softmax * d, then + d at each label: d - softmax * d, bit for bit
+            np.exp(log_p, out=out)
+            np.multiply(out, np.expand_dims(dpicked, axis), out=out)
+            np.negative(out, out=out)
+
+        if out.ndim == 2 and axis == 1:
+            positions = _flat_positions(ws, label, out.shape[1])
             picked = ws.get("picked", dpicked.shape, out.dtype)
-            np.take(out.reshape(-1), flat, out=picked)
-            np.add(picked, dpicked, out=picked)
-            np.put(out.reshape(-1), flat, picked)
-            return
-        at = np.expand_dims(label.astype(np.intp, copy=False), self.axis)
-        picked = np.take_along_axis(out, at, axis=self.axis)
-        np.put_along_axis(out, at, picked + d, axis=self.axis)
+            flat_out = out.reshape(-1)
+
+            def run(log_p, label, dpicked):
+                scaled(log_p, dpicked)
+                flat = positions(label)
+                np.take(flat_out, flat, out=picked)
+                np.add(picked, dpicked, out=picked)
+                np.put(flat_out, flat, picked)
+
+            return run
+
+        def general(log_p, label, dpicked):
+            scaled(log_p, dpicked)
+            at = np.expand_dims(label.astype(np.intp, copy=False), axis)
+            picked = np.take_along_axis(out, at, axis=axis)
+            np.put_along_axis(out, at, picked + np.expand_dims(dpicked, axis), axis=axis)
+
+        return general
 
 
 class OneHot(Operator):

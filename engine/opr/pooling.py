@@ -9,6 +9,8 @@ or through flat argmax indices summed with bincount (general path, overlaps incl
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 
 from ..graph import ShapeError
@@ -100,16 +102,24 @@ class Pooling(_PoolGeometry):
         return total / self._counts(*x.shape[2:], oh, ow, x.dtype)
 
     def forward_into(self, ws, out, x):
+        self.bind(ws, out, x)(x)
+
+    def bind(self, ws, out, x):
         if not self.tiled:
-            np.copyto(out, self.forward(x))
-            return
-        taps = [x[idx] for _, _, idx in self._taps(*out.shape[2:])]
+            return lambda x: np.copyto(out, self.forward(x))
+        index = [idx for _, _, idx in self._taps(*out.shape[2:])]
         combine = np.maximum if self.mode == "max" else np.add
-        combine(taps[0], taps[1], out=out) if len(taps) > 1 else np.copyto(out, taps[0])
-        for tap in taps[2:]:
-            combine(out, tap, out=out)
-        if self.mode != "max":  # no padding here, so both average modes divide by the window size
-            np.divide(out, np.asarray(len(taps), out.dtype), out=out)
+        size = np.asarray(len(index), out.dtype)
+
+        def run(x):
+            taps = [x[idx] for idx in index]
+            combine(taps[0], taps[1], out=out) if len(taps) > 1 else np.copyto(out, taps[0])
+            for tap in taps[2:]:
+                combine(out, tap, out=out)
+            if self.mode != "max":  # no padding here, so both average modes divide by the window size
+                np.divide(out, size, out=out)
+
+        return run
 
     def grad(self, out, dout):
         geometry = dict(mode=self.mode, window=self.window, stride=self.stride, padding=self.padding)
@@ -130,34 +140,43 @@ class PoolingBackward(_PoolGeometry):
         return out
 
     def forward_into(self, ws, out, x, dout):
+        self.bind(ws, out, x, dout)(x, dout)
+
+    def bind(self, ws, out, x, dout):
         if self.tiled:
-            self._tiled_backward(ws, out, x, dout)
-        elif self.mode == "max":
-            self._max_backward(out, x, dout)
-        else:
-            self._average_backward(out, x, dout)
+            return self._tiled_backward(ws, out, x, dout)
+        if self.mode == "max":
+            return partial(self._max_backward, out)
+        return partial(self._average_backward, out)
 
     def _tiled_backward(self, ws, dx, x, dout):
+        """The kernel for inputs shaped like x and dout, its slices and scratch arrays made once."""
         oh, ow = dout.shape[2:]
-        if dx.shape[2] != oh * self.window[0] or dx.shape[3] != ow * self.window[1]:
-            dx.fill(0)  # rows/columns past the last full window get no gradient
-        taps = [(dx[idx], x[idx]) for _, _, idx in self._taps(oh, ow)]
+        ragged = dx.shape[2] != oh * self.window[0] or dx.shape[3] != ow * self.window[1]
+        index = [idx for _, _, idx in self._taps(oh, ow)]
+        dx_taps = [dx[idx] for idx in index]
         if self.mode != "max":
-            for dx_tap, _ in taps:
-                np.divide(dout, np.asarray(len(taps), dout.dtype), out=dx_tap)
-            return
+            size = np.asarray(len(index), dout.dtype)
+
+            def spread(x, dout):
+                if ragged:
+                    dx.fill(0)  # rows/columns past the last full window get no gradient
+                for dx_tap in dx_taps:
+                    np.divide(dout, size, out=dx_tap)
+
+            return spread
         best = ws.get("max", dout.shape, x.dtype)  # the window maxima, recomputed from x
-        np.maximum(taps[0][1], taps[1][1], out=best) if len(taps) > 1 else np.copyto(best, taps[0][1])
-        for _, x_tap in taps[2:]:
-            np.maximum(best, x_tap, out=best)
-        taken = ws.get("taken", dout.shape, np.dtype(bool))  # window already routed (first max wins)
-        hit = ws.get("hit", dout.shape, np.dtype(bool))
-        taken.fill(False)
-        for dx_tap, x_tap in taps:
-            np.equal(x_tap, best, out=hit)
-            np.greater(hit, taken, out=hit)  # hit and not taken
-            np.multiply(dout, hit, out=dx_tap)
-            np.logical_or(taken, hit, out=taken)
+        router = _first_max_router(ws, dx, dout.shape, index, ragged)
+        maximum = np.maximum
+
+        def route(x, dout):
+            x_taps = [x[idx] for idx in index]
+            maximum(x_taps[0], x_taps[1], out=best) if len(x_taps) > 1 else np.copyto(best, x_taps[0])
+            for x_tap in x_taps[2:]:
+                maximum(best, x_tap, out=best)
+            router(x_taps, best, dout)
+
+        return route
 
     def _max_backward(self, out, x, dout):
         """Gradient to each window's first maximum, by flat index; overlapping windows add up."""
@@ -189,3 +208,64 @@ class PoolingBackward(_PoolGeometry):
         for _, _, idx in self._taps(oh, ow):
             dxp[idx] += share
         np.copyto(out, dxp[:, :, ph : ph + h, pw : pw + w])
+
+
+def _first_max_router(ws: Workspace, dx: np.ndarray, shape: tuple, index: list, ragged: bool):
+    """For tiled windows: a function routing each window's gradient to the first of its taps
+    (row-major, as PyTorch) that equals the window's maximum, writing every tap of `dx`."""
+    dx_taps = [dx[idx] for idx in index]
+    taken = ws.get("taken", shape, np.dtype(bool))  # window already routed (first max wins)
+    hit = ws.get("hit", shape, np.dtype(bool))
+    equal, greater, multiply, logical_or = np.equal, np.greater, np.multiply, np.logical_or
+
+    def route(x_taps: list, best: np.ndarray, dout: np.ndarray) -> None:
+        if ragged:
+            dx.fill(0)  # rows/columns past the last full window get no gradient
+        equal(x_taps[0], best, out=taken)  # the first tap takes every window it hits
+        multiply(dout, taken, out=dx_taps[0])
+        for k in range(1, len(x_taps)):
+            equal(x_taps[k], best, out=hit)
+            greater(hit, taken, out=hit)  # hit and not taken
+            multiply(dout, hit, out=dx_taps[k])
+            if k + 1 < len(x_taps):
+                logical_or(taken, hit, out=taken)
+
+    return route
+
+
+class MaxPoolReluBackward(_PoolGeometry):
+    """ReluGrad(y, PoolingBackward(y, dout)) for tiled max pooling of a ReLU's output y, given
+    the forward pooling's maxima: made by the compiler's pool_relu_backward pass.
+
+    The window maxima come from the forward (the same np.maximum calls, so the same values),
+    and the ReLU's mask is applied to dout per window (max > 0 is the winner's y > 0) instead
+    of to the full-size gradient: 2 small passes instead of 3 strided plus 2 full ones. Every
+    element is dout times the same 0/1 factors in another order, so the bits are the same."""
+
+    n_inputs = 3
+
+    def infer(self, y, pooled, dout):
+        raise ShapeError("MaxPoolReluBackward is made by the compiler, not added to graphs")
+
+    def forward(self, y, pooled, dout):
+        out = np.empty(y.shape, dout.dtype)
+        self.forward_into(Workspace(), out, y, pooled, dout)
+        return out
+
+    def forward_into(self, ws, out, y, pooled, dout):
+        self.bind(ws, out, y, pooled, dout)(y, pooled, dout)
+
+    def bind(self, ws, out, y, pooled, dout):
+        oh, ow = dout.shape[2:]
+        ragged = out.shape[2] != oh * self.window[0] or out.shape[3] != ow * self.window[1]
+        index = [idx for _, _, idx in self._taps(oh, ow)]
+        router = _first_max_router(ws, out, dout.shape, index, ragged)
+        positive = ws.get("positive", dout.shape, np.dtype(bool))
+        masked = ws.get("masked", dout.shape, dout.dtype)
+
+        def run(y, pooled, dout):
+            np.greater(pooled, 0, out=positive)
+            np.multiply(dout, positive, out=masked)
+            router([y[idx] for idx in index], pooled, masked)
+
+        return run

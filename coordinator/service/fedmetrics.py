@@ -80,5 +80,6 @@ class FederatedMetricsService:
         row = metrics.to_dict()
         table.record(self.store, device_id, row, self.clock())
 
-    def per_version(self, limit: int | None = None) -> dict[int, VersionMetrics]:
-        return {m.version: m for m in table.per_version(self.store, limit)}
+    def per_version(self, limit: int | None = None, since: int | None = None) -> dict[int, VersionMetrics]:
+        """By version: the newest `limit` reported, or those from version `since` on (a listing's range)."""
+        return {m.version: m for m in table.per_version(self.store, limit, since)}

@@ -66,9 +66,16 @@ class VersionMetrics:
         return self.personal_accuracy - self.global_accuracy
 
 
-def per_version(store: Store, limit: int | None = None) -> list[VersionMetrics]:
-    """Newest version first; each device's latest report of each kind counts once."""
-    rows = store.db.fetch(BY_VERSION if limit is None else BY_VERSION.limit(limit))
+BY_VERSION_SINCE = BY_VERSION.where(_fm.version >= _b("since"))
+
+
+def per_version(store: Store, limit: int | None = None, since: int | None = None) -> list[VersionMetrics]:
+    """Newest version first (the newest `limit`, or those from `since` on); each device's report of each
+    kind counts once."""
+    statement = BY_VERSION if since is None else BY_VERSION_SINCE
+    rows = store.db.fetch(
+        statement if limit is None else statement.limit(limit), {"since": since} if since is not None else None
+    )
     return [VersionMetrics(int(v), int(d), int(n), float(g), float(p)) for v, d, n, g, p in rows]
 
 

@@ -31,7 +31,9 @@ def list_versions(
 ) -> list[ModelVersionListing]:
     """Every model version, newest first, with its sha256, size, server-side evaluation and the devices'
     own (federated) evaluation (public, like /v1/models/latest): how the model improved round by round."""
-    federated = services.fedmetrics.per_version() if services.fedmetrics else {}
+    listed = store.versions(limit)
+    since = min((v.version for v in listed), default=0)
+    federated = services.fedmetrics.per_version(since=since) if services.fedmetrics else {}
     return [
         ModelVersionListing(
             version=v.version,
@@ -46,7 +48,7 @@ def list_versions(
             eval_samples=v.eval_n,
             federated=FederatedEvaluation.of(federated.get(v.version)),
         )
-        for v in store.versions(limit)
+        for v in listed
     ]
 
 

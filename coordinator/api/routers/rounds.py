@@ -58,15 +58,18 @@ def secagg_of(store, r: RoundRow) -> tuple[str, int] | None:
     return (row.phase, len(row.members)) if row is not None else ("joining", 0)
 
 
-def recent_rounds(store, limit: int, federated: dict | None = None) -> list[RoundSummary]:
-    """The newest `limit` rounds, newest first."""
+def recent_rounds(store, limit: int, services=None) -> list[RoundSummary]:
+    """The newest `limit` rounds, newest first (with `services`, each with its version's federated metrics)."""
     rows = store.rounds(limit)
     assigned = store.assigned_per_round([r.id for r in rows])
+    made = [r.result_version for r in rows if r.result_version is not None]
+    federated = fedmetrics_of(services, min(made)) if made and services is not None else None
     return [summarize(r, assigned.get(r.id, 0), secagg_of(store, r), federated) for r in rows]
 
 
-def fedmetrics_of(services) -> dict | None:
-    return services.fedmetrics.per_version() if services.fedmetrics else None
+def fedmetrics_of(services, since: int) -> dict | None:
+    """The devices' evaluation of versions from `since` on (service/fedmetrics.py)."""
+    return services.fedmetrics.per_version(since=since) if services.fedmetrics else None
 
 
 @router.get("", response_model=list[RoundSummary])
@@ -74,7 +77,7 @@ def list_rounds(
     store: StoreDep, services: ServicesDep, limit: Annotated[int, Query(ge=1, le=1000)] = 50
 ) -> list[RoundSummary]:
     """Most recent rounds first, each with the devices' own evaluation of the version it produced."""
-    return recent_rounds(store, limit, fedmetrics_of(services))
+    return recent_rounds(store, limit, services)
 
 
 @router.get("/{round_id}", response_model=RoundDetail)
@@ -102,7 +105,9 @@ def round_detail(round_id: RoundId, store: StoreDep, admin: AdminViewDep, servic
             sums[name] = sums.get(name, 0.0) + value * p.sample_count
             weights[name] = weights.get(name, 0.0) + p.sample_count
     return RoundDetail(
-        **summarize(r, store.count_assigned(round_id), secagg_of(store, r), fedmetrics_of(services)).model_dump(),
+        **summarize(
+            r, store.count_assigned(round_id), secagg_of(store, r), fedmetrics_of(services, r.result_version or 0)
+        ).model_dump(),
         config=r.config,
         metrics={k: sums[k] / weights[k] for k in sums if weights[k] > 0},
         participants=participants if admin else None,

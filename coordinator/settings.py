@@ -241,6 +241,26 @@ class Settings(BaseSettings, RoundSettings):
         description="PostgreSQL replicas: the background-work lease lasts this long unless renewed; "
         "when its holder dies another replica takes over after it",
     )
+    # safe releases (service/releases.py)
+    release_tolerance: float = Field(
+        0.02,
+        ge=0,
+        le=1,
+        description="hold back a candidate whose accuracy (held-out, or federated in its canary) is below "
+        "the released version's by more than this",
+    )
+    canary_fraction: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="fraction of devices (by id hash) that get a candidate first, in a canary round; 0 = no canary",
+    )
+    max_populations: int = Field(
+        16,
+        ge=0,
+        le=1000,
+        description="named populations an operator may create besides the default (each runs its own services)",
+    )
     db_pool_size: int = Field(
         4, ge=1, le=64, description="PostgreSQL: pooled read connections per replica (up to twice this under load)"
     )

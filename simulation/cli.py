@@ -264,8 +264,8 @@ def chaos_summary(s: dict) -> str:
 
 def stacked_simulation(args: argparse.Namespace, config: SimConfig, emit, chaos) -> StackedSimulation:
     """pf-sim --stacked: the task options go to the in-process loop, nothing else may be set."""
-    if chaos is not None or args.report:
-        raise ValueError("--stacked runs without a coordinator: no chaos flags, no --report")
+    if chaos is not None or args.report or args.js_agents:
+        raise ValueError("--stacked runs without a coordinator: no chaos flags, no --report, no --js-agents")
     options = StackedOptions(topk_fraction=args.topk_fraction, server_momentum=args.server_momentum)
     for name in TASK_OPTIONS:
         config.extra_options.pop(name, None)

@@ -251,8 +251,8 @@ class Simulation:
 
     def measure_fleet(self) -> dict:
         """Every device, online or not, on its own held-out data: the personal model it serves and the
-        latest committed version (until releases land, the version devices should be on)."""
-        released = int(self.records[-1]["version"])
+        released version (the base devices should be on; a candidate held back by the gate is not)."""
+        released = int(self.api.get_json("/v1/models/latest")["version"])
         answers = self.pool.play(
             list(range(self.config.devices)),
             job=lambda device: {"mode": "measure", "version": released, "token": self.admin_token},

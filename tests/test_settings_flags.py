@@ -41,6 +41,7 @@ DEFAULTS_ON_MAIN = {
 # Added since, with their defaults.
 ADDED = {
     "lease_seconds": 10.0, "db_pool_size": 4,  # issue 14: replicas on PostgreSQL
+    "release_tolerance": 0.02, "canary_fraction": 0.0, "max_populations": 16,  # issue 17
     # issue 12: hostile devices and strangers
     "max_json_body_bytes": 65536, "body_grace_seconds": 10.0, "min_body_rate": 4096.0, "max_header_bytes": 16384,
     "header_timeout": 10.0, "max_update_header_bytes": 1048576, "ssl_certfile": None, "ssl_keyfile": None,

@@ -14,7 +14,9 @@ import json
 import re
 import time
 
-BINARY_ROUTES = re.compile(r"^/v1/(rounds/\d+/updates|rounds/\d+/secagg/masked_input|admin/models)/?$")
+BINARY_ROUTES = re.compile(
+    r"^/v1/(rounds/\d+/updates|rounds/\d+/secagg/masked_input|admin/models|admin/populations)/?$"
+)
 
 
 class BodyRefused(Exception):

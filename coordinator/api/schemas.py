@@ -87,6 +87,11 @@ class ModelVersionListing(ModelVersionInfo):
     )
     loss: float | None = Field(None, description="server-side evaluation loss (null as for accuracy)")
     eval_samples: int | None = Field(None, description="examples the evaluation used")
+    release: str | None = Field(
+        None,
+        description="released | pinned | canary | candidate (awaiting the gate) | held (held back) | "
+        "superseded | rolled back (released once, then an older one again) | retired (released once, replaced since)",
+    )
     federated: FederatedEvaluation | None = Field(None, description="devices' own evaluation; null until reported")
 
 
@@ -166,6 +171,9 @@ class RoundSummary(BaseModel):
         None, description="devices' own evaluation of the version this round produced (null until reported)"
     )
 
+    dp_sampling_rate: float | None = Field(None, description="DP: q = goal / population")
+    canary: bool = Field(False, description="a canary round: on a candidate, for the canary devices only")
+
 
 class Participant(BaseModel):
     device_id: str
@@ -242,6 +250,56 @@ class Health(BaseModel):
     model_version: int
     round_id: int | None
     paused: bool
+
+
+class ReleaseChange(Strict):
+    """An operator's release change; `reason` is required and recorded with `by` in the release audit."""
+
+    version: int = Field(..., ge=0, le=2**62)
+    reason: str = Field(..., min_length=1, max_length=500)
+    by: str = Field("admin", min_length=1, max_length=100, description="who makes the change (for the audit)")
+
+
+class Unpin(Strict):
+    reason: str = Field(..., min_length=1, max_length=500)
+    by: str = Field("admin", min_length=1, max_length=100)
+
+
+class ReleaseStateInfo(BaseModel):
+    released: int = Field(..., description="the version devices get as their base (GET /v1/models/latest)")
+    canary: int | None = Field(None, description="the candidate the canary devices get first, if any")
+    pinned: bool = Field(False, description="candidates wait while the operator pins the released version")
+
+
+class ReleaseEvent(BaseModel):
+    id: int
+    version: int
+    action: str = Field(..., description="released | canary | promoted | held | superseded | pinned | rollback | ...")
+    actor: str = Field(..., description='who: "release-gate", "system" or the operator')
+    reason: str
+    at: float
+
+
+class Releases(ReleaseStateInfo):
+    events: list[ReleaseEvent] = Field(..., description="the release audit, newest first")
+
+
+class PopulationInfo(BaseModel):
+    name: str
+    architecture: str
+    created_at: float | None = Field(None, description="null for the default population")
+    created_by: str | None = None
+    released_version: int
+    devices: int = Field(..., description="devices enrolled")
+    api: str = Field(..., description="the population's API prefix")
+
+
+class PopulationCreated(BaseModel):
+    name: str
+    enrollment_key: str = Field(..., description="shown once; stored only as its sha256")
+    version: int
+    sha256: str
+    api: str
 
 
 class EnrollmentCodesRequest(BaseModel):

@@ -15,6 +15,11 @@ whichever replica gets there first. Its commit sums the replicas' partial aggreg
 (service/aggregates.py), writes the new model's bytes, registers the version and closes the round
 in that one transaction; a crash anywhere in it leaves the round open with every acknowledged
 update, and the next tick (on any replica, or at startup) commits it again, to the same weights.
+
+A round trains on the *released* version (service/releases.py), or is a canary round on a candidate
+for the canary devices only. The version a commit registers is a candidate; the release gate decides
+on it before the next round opens, and a closed canary round promotes or holds back its candidate
+(a crash between the commit and that decision leaves the canary in place: another canary round).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from coordinator.service.aggregates import RoundAggregates, replica_name
 from coordinator.service.cluster import SharedSettings
 from coordinator.service.modelfile import expected_shapes, with_version
 from coordinator.service.privacy import PrivacyLedger
+from coordinator.service.releases import Releases
 from coordinator.service.versions import ModelVersions, Registered
 from coordinator.settings import RoundSettings
 from coordinator.store import NewRound, RoundRow, Store, Writes
@@ -59,8 +65,10 @@ class RoundLifecycle:
         metrics: Metrics,
         clock: Callable[[], float] = time.time,
         replica: str | None = None,
+        releases: Releases | None = None,
     ):
         self.store, self.versions, self.privacy, self.metrics, self.clock = store, versions, privacy, metrics, clock
+        self.releases = releases or Releases(store, tolerance=0.02, canary_fraction=0.0, server_gate=False, clock=clock)
         self.replica = replica or replica_name(store)
         self.shared = SharedSettings(store, settings)  # round settings and `paused`, as every replica sees them
         self.aggregates = RoundAggregates(store, self.replica)
@@ -141,6 +149,7 @@ class RoundLifecycle:
         with self.store.lock:
             self.shared.adopt()
             self.versions.recover(initial_model)
+            self.releases.adopt()
             r = self.current()
             if r is not None:
                 log.info("startup: round %d is open with %d/%d updates", r.id, r.received, r.goal)
@@ -184,6 +193,8 @@ class RoundLifecycle:
                 self.settle(r.id)
                 if self.current() is not None:  # still open (a failed commit), or the next one already
                     return
+            if not self.releases.review():  # a candidate awaits its evaluation: open no round on a stale base
+                return
             if not self.paused and self.privacy.budget_allows(self.round_settings):
                 self._open()
 
@@ -207,6 +218,7 @@ class RoundLifecycle:
             self.aggregates.forget()
             if decision is None:
                 return None
+            self.releases.after_round(r.id, r.base_version, None if done is None else done.version)
             if done is None:
                 self._closed(r, "abandoned", reason)
                 return "abandoned"
@@ -247,14 +259,18 @@ class RoundLifecycle:
         return self.store.round(round_id)
 
     def _new_round(self, cfg: RoundSettings, now: float) -> NewRound:
+        """On the released version, or a canary round (fewer devices: the canaries) on the candidate."""
+        base, canary = self.releases.round_base()
+        goal = self.releases.canary_goal(cfg.goal) if canary else cfg.goal
         new = NewRound(
-            base_version=self.versions.latest(),
+            base_version=base,
             config=cfg,
-            goal=cfg.goal,
-            max_assignments=math.ceil(cfg.goal * cfg.over_select - 1e-9),
-            min_updates=max(1, math.ceil(cfg.goal * cfg.min_fraction - 1e-9)),
+            goal=goal,
+            max_assignments=math.ceil(goal * cfg.over_select - 1e-9),
+            min_updates=max(1, math.ceil(goal * cfg.min_fraction - 1e-9)),
             opened_at=now,
             deadline=now + cfg.deadline,
+            canary=canary,
         )
         if cfg.dp_enabled:
             noise = cfg.dp_noise_multiplier
@@ -283,6 +299,7 @@ class RoundLifecycle:
                     return
                 self._abandon(tx, r, reason)
             self.aggregates.forget()
+            self.releases.after_round(r.id, r.base_version, None)
             self._closed(r, "abandoned", reason)
 
     def _abandon(self, tx: Writes, r: RoundRow, reason: str) -> None:

@@ -68,6 +68,7 @@ class RoundRow:
     dp_q: float | None
     dp_noise: float | None
     epsilon: float | None
+    canary: int = 0  # 1: a canary round, on a candidate, for the canary devices only
     aggregate: bytes | None = None  # read only when asked for (the writer, a commit, the audit)
 
     @classmethod
@@ -93,6 +94,7 @@ class NewRound:
     dp_clip: float | None = None
     dp_q: float | None = None
     dp_noise: float | None = None
+    canary: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,3 +151,15 @@ class SecAggRow:
 
 def _bytes(value: Any) -> bytes | None:
     return bytes(value) if value is not None else None
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseRow:
+    """One change of the released version (or a decision on a candidate), with who and why."""
+
+    id: int
+    version: int
+    action: str
+    actor: str
+    reason: str
+    at: float

@@ -78,6 +78,8 @@ rounds = sa.Table(
     sa.Column("dp_q", Real),  # DP: sampling rate goal / population
     sa.Column("dp_noise", Real),  # DP: noise multiplier z charged to the accountant
     sa.Column("epsilon", Real),  # DP: epsilon spent after this round committed
+    # a canary round (service/releases.py): on a candidate, for the canary devices only
+    sa.Column("canary", sa.Integer, nullable=False, server_default=sa.text("0")),
     # at most one open round, whichever replica opens it
     sa.Index(
         "one_open_round",
@@ -199,4 +201,36 @@ secagg_messages = sa.Table(
     sa.Column("seq", sa.Integer, primary_key=True),  # the round's revision that accepted it
     sa.Column("kind", sa.Text, nullable=False),  # advertise, shares, masked_input, unmask
     sa.Column("body", sa.LargeBinary, nullable=False),  # the JSON message, or the masked-input frame
+)
+
+# ---------------------------------------------------------------------- releases (issue 17)
+
+# Every change of which version devices get as their base, with who made it and why: the gate's
+# decisions on candidates, canaries, promotions, an operator's pins and rollbacks. The current state
+# (released version, canary, pin) is server_state "release", written in the same transaction.
+releases = sa.Table(
+    "releases",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("version", sa.Integer, sa.ForeignKey("model_versions.version"), nullable=False),
+    sa.Column("action", sa.Text, nullable=False),  # released | held | canary | promoted | pinned | ...
+    sa.Column("actor", sa.Text, nullable=False),  # "release-gate", "system" or the operator's name
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("at", Real, nullable=False),
+    sa.Index("releases_by_version", "version"),
+)
+
+# ---------------------------------------------------------------------- populations (issue 17)
+
+# The named populations besides `default` (the coordinator's own database). Each one's devices,
+# rounds, versions and releases live in a database of its own (a SQLite file beside this one, or a
+# PostgreSQL schema: service/populations.py), so no query of one population can reach another's rows.
+populations = sa.Table(
+    "populations",
+    metadata,
+    sa.Column("name", sa.Text, primary_key=True),
+    sa.Column("enrollment_key_hash", sa.Text, nullable=False),  # sha256 of its enrollment key
+    sa.Column("architecture", sa.Text, nullable=False),
+    sa.Column("created_at", Real, nullable=False),
+    sa.Column("created_by", sa.Text, nullable=False),
 )

@@ -18,13 +18,15 @@ import sqlalchemy as sa
 
 from coordinator.store import migrate
 from coordinator.store.database import Database
-from coordinator.store.rows import DeviceRow, ModelVersionRow, PartialRow, RoundRow, SecAggRow, UpdateRow
+from coordinator.store.rows import DeviceRow, ModelVersionRow, PartialRow, ReleaseRow, RoundRow, SecAggRow, UpdateRow
 from coordinator.store.schema import (
     assignments,
     devices,
     model_blobs,
     model_versions,
+    populations,
     rate_limits,
+    releases,
     round_partials,
     rounds,
     secagg_messages,
@@ -76,6 +78,7 @@ DEVICE_ACTIVITY = sa.select(
     sa.select(_count()).where(updates.c.device_id == _b("d")).scalar_subquery(),
 ).where(devices.c.id == _b("d"))
 COUNT_DEVICES = sa.select(_count()).select_from(devices)
+COUNT_ACTIVE_DEVICES = sa.select(_count()).where(devices.c.last_seen >= _b("since"))
 DEVICE_TOKENS = sa.select(devices.c.id, devices.c.token_hash)
 
 LATEST_VERSION = sa.select(sa.func.max(model_versions.c.version))
@@ -161,6 +164,18 @@ SECAGG_MESSAGES = (
 )
 SECAGG_PHASE = sa.select(secagg_rounds.c.phase, secagg_rounds.c.reason).where(secagg_rounds.c.round_id == _b("r"))
 
+RELEASES_NEWEST_FIRST = sa.select(*releases.c).order_by(releases.c.id.desc()).limit(_b("limit"))
+DECIDED_VERSIONS = sa.select(releases.c.version).distinct()
+ROUNDS_ON_BASE = (
+    sa.select(rounds.c.id)
+    .where(rounds.c.base_version == _b("v"), rounds.c.status == COMMITTED, rounds.c.canary == 0)
+    .order_by(rounds.c.id.desc())
+    .limit(_b("limit"))
+)
+UPDATE_METRICS = sa.select(updates.c.metrics, updates.c.sample_count).where(updates.c.round_id == _b("r"))
+
+POPULATIONS = sa.select(*populations.c).order_by(populations.c.name)
+
 STATE = sa.select(server_state.c.value).where(server_state.c.key == _b("key"))
 STATE_ITEMS = sa.select(server_state.c.key, server_state.c.value).order_by(server_state.c.key)
 
@@ -212,6 +227,10 @@ class Store:
 
     def count_devices(self) -> int:
         return int(self._scalar(COUNT_DEVICES))
+
+    def count_active_devices(self, since: float) -> int:
+        """Devices that checked in since then (last_seen is kept to the minute)."""
+        return int(self._scalar(COUNT_ACTIVE_DEVICES, {"since": since}))
 
     def device_tokens(self) -> dict[str, str]:
         return dict(self._all(DEVICE_TOKENS))
@@ -364,6 +383,36 @@ class Store:
         so far in it, from every replica (an atomic upsert)."""
         start = int(now // window * window)
         return int(self.db.execute_now(hit_statement(self.dialect), {"key": key, "start": start})[0][0])
+
+    # ------------------------------------------------------------------ releases
+
+    def releases(self, limit: int = 100) -> list[ReleaseRow]:
+        """The release audit, newest first."""
+        return [ReleaseRow(*r) for r in self._all(RELEASES_NEWEST_FIRST, {"limit": limit})]
+
+    def decided_versions(self) -> set[int]:
+        """Versions the release audit has a row for (a candidate without one is still undecided)."""
+        return {r[0] for r in self._all(DECIDED_VERSIONS)}
+
+    def committed_rounds_on(self, version: int, limit: int = 3) -> list[int]:
+        """The newest committed rounds of the whole fleet (not canary rounds) that trained on `version`."""
+        return [r[0] for r in self._all(ROUNDS_ON_BASE, {"v": version, "limit": limit})]
+
+    def round_metric_mean(self, round_ids: list[int], name: str) -> tuple[float, int] | None:
+        """(sample-weighted mean of one uploaded metric over these rounds' updates, samples), or None."""
+        total = weight = 0.0
+        for round_id in round_ids:
+            for text, n in self._all(UPDATE_METRICS, {"r": round_id}):
+                value = json.loads(text).get(name)
+                if isinstance(value, int | float) and n > 0:
+                    total, weight = total + float(value) * n, weight + n
+        return (total / weight, int(weight)) if weight > 0 else None
+
+    # ------------------------------------------------------------------ populations
+
+    def populations(self) -> dict[str, tuple]:
+        """name -> (name, enrollment key hash, architecture, created_at, created_by)."""
+        return {r[0]: tuple(r) for r in self._all(POPULATIONS)}
 
     def rate_hits(self, key: str, window_start: int) -> int:
         """Hits counted on `key` in the window starting at `window_start` (0 if none)."""

@@ -11,7 +11,7 @@ import uuid
 
 from fastapi import APIRouter, Depends, Request
 
-from coordinator.api.deps import DeviceDep, SettingsDep, StoreDep, require_admin, token_hash
+from coordinator.api.deps import DeviceDep, ServicesDep, SettingsDep, StoreDep, require_admin, token_hash
 from coordinator.api.schemas import DeviceInfo, EnrollRequest, EnrollResponse
 from coordinator.errors import Refused
 from coordinator.store import Store
@@ -30,15 +30,25 @@ def _limit(store: Store, key: str, limit: int, now: float, what: str) -> None:
         )
 
 
+def _is_enrollment_key(presented: str, key_hash: str | None, key: str | None) -> bool:
+    """The population's key: a named one's is kept as its sha256 (service/populations.py)."""
+    if key_hash is not None:
+        return secrets.compare_digest(token_hash(presented).encode(), key_hash.encode())
+    return secrets.compare_digest(presented.encode(), (key or "").encode())
+
+
 @router.post(
     "",
     status_code=201,
     response_model=EnrollResponse,
     responses={401: {"description": "wrong enrollment key or code"}, 429: {"description": "too many attempts"}},
 )
-def enroll(body: EnrollRequest, request: Request, store: StoreDep, settings: SettingsDep) -> EnrollResponse:
-    """Enroll a device with the enrollment key or a one-time code (in the same field); the token is
-    returned once and stored only as its sha256."""
+def enroll(
+    body: EnrollRequest, request: Request, services: ServicesDep, store: StoreDep, settings: SettingsDep
+) -> EnrollResponse:
+    """Enroll a device with the enrollment key or a one-time code (in the same field) of the population
+    the path names (codes minted at /v1/populations/{name}/admin/enrollment-codes are that one's);
+    the token is returned once and stored only as its sha256."""
     now, address = time.time(), request.client.host if request.client else "unknown"
     _limit(store, f"enroll:{address}", settings.enroll_per_address, now, "enrollments from this address")
     start = int(now // WINDOW * WINDOW)
@@ -49,7 +59,7 @@ def enroll(body: EnrollRequest, request: Request, store: StoreDep, settings: Set
         if store.rate_hits(key, start) >= limit:
             raise Refused(429, "failed enrollments: too many; retry later", "rate_limited", {"Retry-After": "60"})
     device_id, token = uuid.uuid4().hex, secrets.token_urlsafe(32)
-    by_key = secrets.compare_digest(body.enrollment_key.encode(), (settings.enrollment_key or "").encode())
+    by_key = _is_enrollment_key(body.enrollment_key, services.enrollment_key_hash, settings.enrollment_key)
     with store.transaction(durable=False) as tx:  # lost only on power loss; the device enrolls again
         if by_key or tx.spend_enrollment_code(token_hash(body.enrollment_key), device_id, now):
             tx.add_device(device_id, token_hash(token), body.name, now)

@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Header, Path, Query, Response
 
-from coordinator.api.deps import ServicesDep, StoreDep, device_or_admin
+from coordinator.api.deps import ServicesDep, device_or_admin
 from coordinator.api.schemas import FederatedEvaluation, ModelVersionInfo, ModelVersionListing
 from coordinator.errors import Refused
 from coordinator.service import Services
@@ -25,13 +25,15 @@ def _loaded(services: Services, version: int) -> LoadedModel:
 
 @router.get("", response_model=list[ModelVersionListing])
 def list_versions(
-    store: StoreDep,
     services: ServicesDep,
     limit: Annotated[int, Query(ge=1, le=1000, description="newest versions to list")] = 100,
 ) -> list[ModelVersionListing]:
-    """Every model version, newest first, with its sha256, size, server-side evaluation and the devices'
-    own (federated) evaluation (public, like /v1/models/latest): how the model improved round by round."""
-    listed = store.versions(limit)
+    """Every model version, newest first, with its sha256, size, server-side evaluation, release status
+    and the devices' own (federated) evaluation (public, like /v1/models/latest): how the federation's
+    model improved round by round."""
+    releases = services.releases
+    status = releases.status_of(releases.state(), releases.last_actions())
+    listed = services.store.versions(limit)
     since = min((v.version for v in listed), default=0)
     federated = services.fedmetrics.per_version(since=since) if services.fedmetrics else {}
     return [
@@ -46,6 +48,7 @@ def list_versions(
             accuracy=v.accuracy,
             loss=v.eval_loss,
             eval_samples=v.eval_n,
+            release=status(v.version),
             federated=FederatedEvaluation.of(federated.get(v.version)),
         )
         for v in listed
@@ -63,9 +66,10 @@ def etag_matches(if_none_match: str | None, etag: str) -> bool:
 def latest(
     services: ServicesDep, response: Response, if_none_match: Annotated[str | None, Header()] = None
 ) -> ModelVersionInfo | Response:
-    """What the current base model is (public, like the dashboard); downloading it needs a token. Its ETag
+    """The released version: what devices take as their base (public, like the dashboard); downloading
+    it needs a token. Newer versions may be candidates still (GET /v1/models says which). Its ETag
     names the version, so a device polling for a new base with If-None-Match gets a bodiless 304 until then."""
-    version = services.versions.latest()
+    version = services.releases.released()
     i = _loaded(services, version).info
     etag = f'"v{version}-{i.sha256[:16]}"'
     if etag_matches(if_none_match, etag):

@@ -48,6 +48,7 @@ def summarize(
         secagg_phase=secagg[0] if secagg else None,
         secagg_cohort=secagg[1] if secagg else None,
         federated=FederatedEvaluation.of(measured),
+        canary=bool(r.canary),
     )
 
 

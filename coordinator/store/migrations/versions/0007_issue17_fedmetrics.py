@@ -1,8 +1,8 @@
 """Federated metrics (issue 17): per device, version and task kind, the accuracy of the global and
 of the personal model on the device's held-out data.
 
-Revision ID: 0005_issue17_fedmetrics
-Revises: 0004_secagg13
+Revision ID: 0007_issue17_fedmetrics
+Revises: 0006_fleet17_populations
 """
 
 import sqlalchemy as sa
@@ -10,8 +10,8 @@ from alembic import op
 
 from coordinator.store.schema import Real
 
-revision = "0005_issue17_fedmetrics"
-down_revision = "0004_secagg13"
+revision = "0007_issue17_fedmetrics"
+down_revision = "0006_fleet17_populations"
 branch_labels = None
 depends_on = None
 

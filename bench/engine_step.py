@@ -234,11 +234,13 @@ def measure(batch: int, args, passes: list[str] | None) -> dict:
         result[f"{side}_threads"] = best
     result["ratio"] = round(ms["engine", result["engine_threads"]] / ms["torch", result["torch_threads"]], 3)
     result["ratio_1t"] = round(ms["engine", args.threads[0]] / ms["torch", args.threads[0]], 3)
-    # CPU time (all threads of the process) per step, at each side's best wall-clock thread count:
-    # what the step costs when the machine's other jobs preempt it
+    # CPU time per step (all the process's threads, so idle BLAS/OpenMP threads spinning count
+    # too): what a step costs whatever else the machine runs; the ratio is taken at 1 thread
     for side in ("engine", "torch"):
-        result[f"{side}_cpu_ms"] = round(ms[f"{side}_cpu", result[f"{side}_threads"]], 3)
-    result["ratio_cpu"] = round(result["engine_cpu_ms"] / result["torch_cpu_ms"], 3)
+        for t in args.threads:
+            result[f"{side}_cpu_ms_{t}t"] = round(ms[f"{side}_cpu", t], 3)
+    first = args.threads[0]
+    result[f"ratio_cpu_{first}t"] = round(ms["engine_cpu", first] / ms["torch_cpu", first], 3)
     if not args.no_peak:
         result["engine_peak_mb"] = round(peak_mb("engine", batch, min(args.steps, 30), args.data), 2)
         result["torch_peak_mb"] = round(peak_mb("torch", batch, min(args.steps, 30), args.data), 2)

@@ -192,18 +192,18 @@ def _block(batch: int, steps: int, args, passes: list[str] | None) -> None:
         run_engine()
         run_torch()
     engine_s, torch_s, engine_cpu, torch_cpu = [], [], [], []
+    pairs = [("engine", run_engine, engine_s, engine_cpu), ("torch", run_torch, torch_s, torch_cpu)]
     deadline = time.perf_counter() + args.block_seconds
     for k in range(steps):
         if k >= 5 and time.perf_counter() > deadline:  # a thrashing configuration: enough seen
             break
-        start, start_cpu = time.perf_counter(), time.process_time()
-        run_engine()
-        mid, mid_cpu = time.perf_counter(), time.process_time()
-        run_torch()
-        engine_s.append(mid - start)
-        torch_s.append(time.perf_counter() - mid)
-        engine_cpu.append(mid_cpu - start_cpu)
-        torch_cpu.append(time.process_time() - mid_cpu)
+        # alternate who goes first: with a fixed order, the second side of a pair that outlasts
+        # the scheduler's time slice would be the one preempted, step after step
+        for _, run, wall, cpu in pairs if k % 2 == 0 else pairs[::-1]:
+            start, start_cpu = time.perf_counter(), time.process_time()
+            run()
+            wall.append(time.perf_counter() - start)
+            cpu.append(time.process_time() - start_cpu)
     if args.profile:
         print(func.explain())
         print(f"engine profile at {os.environ['PF_BENCH_THREADS']} thread(s):")

@@ -34,7 +34,7 @@ import numpy as np  # noqa: E402
 from engine.serialize.container import loads  # noqa: E402
 from protocol.update import encode_update  # noqa: E402
 
-KEY = "load-bench"
+KEY = "load-bench-enrollment-key-k7Qx9Lm2Pw4Z"  # a harness secret: long enough to be accepted
 
 
 def free_port() -> int:
@@ -204,6 +204,8 @@ def main() -> None:
         "5",
         "--log-level",
         "warning",
+        "--enroll-per-address",  # every device enrolls from this one loopback address
+        "1000000",
     ]
     root = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}

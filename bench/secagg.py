@@ -1,4 +1,4 @@
-"""Cost of a secure-aggregation round against a plain round, in process (no HTTP yet).
+"""Cost of a secure-aggregation round against a plain round: in process, and over HTTP.
 
 For cohorts of 10, 50 and 100 devices with a LeNet-sized delta (61,706 parameters, a real delta from
 one local epoch on 600 embedded Fashion-MNIST samples), run the whole SecAgg+ round through
@@ -11,6 +11,10 @@ The reference in the same run is a plain round: each device uploads its delta in
 format (`protocol.update.encode_update`), the server decodes every update and takes the weighted
 mean. Both rounds download the same model file, reported separately. The local training epoch is
 timed too, since it dominates a plain device round.
+
+Then real rounds over HTTP (bench/secagg_http.py): for 10, 50 and 100 devices, a plain round and a
+secure-aggregation round against a real coordinator process: bytes up and down per device on the
+wire, device CPU-s, coordinator CPU-s and the round's wall time ("http_rounds").
 
     python bench/secagg.py --json        # last line: one JSON object
 """
@@ -28,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
+from bench.secagg_http import http_round  # noqa: E402
 from engine.data import Subset, load_default  # noqa: E402
 from engine.models import build, build_model_bytes  # noqa: E402
 from engine.optimizer import SGD  # noqa: E402
@@ -119,6 +124,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cohorts", default="10,50,100", help="comma-separated devices per round")
     parser.add_argument("--samples", type=int, default=600, help="local samples per device (its weight)")
+    parser.add_argument("--http-cohorts", default="10,50,100", help="devices per real HTTP round ('' for none)")
     parser.add_argument("--json", action="store_true", help="print only the final JSON line")
     args = parser.parse_args()
     say = (lambda *a: None) if args.json else (lambda *a: print(*a, flush=True))
@@ -155,6 +161,31 @@ def main() -> None:
                 f"server {row['server_cpu_s']:.2f} s (plain {plain['server_cpu_s']:.2f}), "
                 f"total bytes x{row['total_bytes_ratio']}, device CPU x{row['device_cpu_ratio']}"
             )
+    http_rows = []
+    for n in [int(c) for c in args.http_cohorts.split(",") if c]:
+        plain = http_round(n, delta_tensors, args.samples, secure=False)
+        secure = http_round(n, delta_tensors, args.samples, secure=True)
+        row = {"devices": n}
+        for key in plain:
+            row[f"plain_{key}"] = float(f"{plain[key]:.4g}")
+            row[f"secagg_{key}"] = float(f"{secure[key]:.4g}")
+        row["bytes_ratio"] = round(
+            (secure["bytes_up"] + secure["bytes_down"]) / (plain["bytes_up"] + plain["bytes_down"]), 3
+        )
+        row["bytes_ratio_with_model"] = round(
+            (secure["bytes_up"] + secure["bytes_down"] + model_bytes)
+            / (plain["bytes_up"] + plain["bytes_down"] + model_bytes),
+            3,
+        )
+        row["round_time_ratio"] = round(secure["round_wall_s"] / plain["round_wall_s"], 3)
+        http_rows.append(row)
+        say(
+            f"HTTP n={n:4d}: up {secure['bytes_up'] / 1e3:.1f} kB (plain {plain['bytes_up'] / 1e3:.1f}), "
+            f"down {secure['bytes_down'] / 1e3:.1f} kB (plain {plain['bytes_down'] / 1e3:.1f}), "
+            f"device {secure['device_cpu_s']:.3f} CPU-s (plain {plain['device_cpu_s']:.3f}), "
+            f"coordinator {secure['coordinator_cpu_s']:.2f} CPU-s (plain {plain['coordinator_cpu_s']:.2f}), "
+            f"round {secure['round_wall_s']:.2f} s (plain {plain['round_wall_s']:.2f})"
+        )
     result = {
         "bench": "secagg",
         "parameters": int(delta.size),
@@ -166,6 +197,7 @@ def main() -> None:
             "t=119,k=236": round(shamir_ms(119, 236), 2),
         },
         "rounds": rows,
+        "http_rounds": http_rows,
     }
     print(json.dumps(result))
 

@@ -38,7 +38,7 @@ from engine.data import load_default  # noqa: E402
 from engine.models import build  # noqa: E402
 from engine.onnx import export_onnx, export_training_step, import_onnx  # noqa: E402
 from engine.optimizer import make_optimizer  # noqa: E402
-from engine.serialize.modelfile import dumps  # noqa: E402
+from engine.serialize.modelfile import dumps, loads  # noqa: E402
 from engine.trainer import Trainer  # noqa: E402
 from simulation.js_agents import JS_DIR, prepare  # noqa: E402
 
@@ -73,6 +73,7 @@ def batches(model, batch: int, count: int) -> tuple[np.ndarray, np.ndarray]:
 
 def measure(name: str, model, optimizer: str, batch: int, steps: int, warmup: int, node: str, folder: Path) -> dict:
     lr = LR[optimizer]
+    model = loads(dumps(model))  # a Trainer adds its graph to the model: each run trains a fresh copy
     step = export_training_step(model, optimizer=optimizer, lr=lr)
     (folder / "model.pfm").write_bytes(dumps(model))
     (folder / "step.onnx").write_bytes(step)

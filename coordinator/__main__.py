@@ -26,10 +26,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the pocketfed coordinator. Every option can also be set as PF_<OPTION> in the environment.",
     )
     for name, field in Settings.model_fields.items():
+        switch = {"nargs": "?", "const": "true"} if field.annotation is bool else {}  # `--flag` alone: true
         parser.add_argument(
             flag_name(name),
             dest=name,
             default=None,
+            **switch,
             help=f"{field.description or ''} (default {field.default!r}; env {env_name(name)})",
         )
     return parser
@@ -41,21 +43,21 @@ def main(argv: list[str] | None = None) -> None:
         settings = settings_from_env(**vars(args))
     except ValidationError as exc:
         sys.exit(f"pf-coordinator: bad option: {exc}")
+    weak = settings.weak_secrets()
+    if weak and not settings.insecure_dev:
+        sys.exit("pf-coordinator: refusing to start with weak secrets (--insecure-dev allows them): " + "; ".join(weak))
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     import uvicorn
 
     from coordinator.api import create_app
+    from coordinator.serving import server_config
     from coordinator.store import describe
 
     try:
         app = create_app(settings)
     except (OSError, ValueError, SQLAlchemyError) as exc:
         sys.exit(f"pf-coordinator: cannot start (database {describe(settings.db)}): {exc}")
-    # h11, not httptools, even when installed: h11 caps a request's headers (a 1 MB header gets a 4xx,
-    # tests/test_hostile_input.py), httptools has no such limit.
-    uvicorn.run(
-        app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(), access_log=False, http="h11"
-    )
+    uvicorn.Server(server_config(app, settings)).run()
 
 
 if __name__ == "__main__":

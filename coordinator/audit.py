@@ -39,8 +39,11 @@ import numpy as np
 from sqlalchemy.exc import SQLAlchemyError
 
 from coordinator.audit_replicas import check_partials, with_partials
+from coordinator.service.modelfile import expected_shapes
 from coordinator.store import BlobStore, ModelFiles, ModelVersionRow, RoundRow, Store, UpdateRow, blob_store_for
+from coordinator.strategies.influence import InfluenceLimits, bounded_by_default, influence_limits
 from engine.serialize.container import ContainerError, loads
+from protocol.deltas import clip_by_l2
 from protocol.update import decode_update
 
 RECOMPUTABLE = {"fedavg", "fedprox"}
@@ -123,9 +126,14 @@ def _weights(models: BlobStore, row: ModelVersionRow, report: AuditReport) -> di
 
 
 def _recompute(
-    rows: list[UpdateRow], witness: Witness, report: AuditReport, round_id: int
+    rows: list[UpdateRow],
+    witness: Witness,
+    report: AuditReport,
+    round_id: int,
+    limits: InfluenceLimits | None = None,
 ) -> tuple[dict[str, np.ndarray], float] | None:
-    """Sum of sample_count * delta (float64, in acceptance order) from the witnessed bodies."""
+    """Sum of weight * delta (float64, in acceptance order) from the witnessed bodies: the weight is
+    the sample count, and under the round's influence limits the delta clipped, the weight capped."""
     sums: dict[str, np.ndarray] = {}
     total = 0.0
     for row in rows:
@@ -144,10 +152,13 @@ def _recompute(
                 f"says round {round_id}, {row.sample_count}"
             )
             return None
-        for name, value in update.delta.items():
-            term = np.asarray(value, np.float64) * float(row.sample_count)
+        delta, weight = update.delta, float(row.sample_count)
+        if limits is not None:
+            delta, weight = clip_by_l2(delta, limits.norm_bound)[0], min(weight, limits.weight_cap)
+        for name, value in delta.items():
+            term = np.asarray(value, np.float64) * weight
             sums[name] = sums[name] + term if name in sums else term
-        total += float(row.sample_count)
+        total += weight
     return sums, total
 
 
@@ -204,7 +215,7 @@ def _audit(store: Store, models: BlobStore, witness: Witness | None, report: Aud
         if r.status == "open" and round_id != max(i for i, x in rounds.items() if x.status == "open"):
             report.problems.append(f"round {round_id}: open, but a later round is open too")
         if r.status in ("committed", "open"):
-            _check_round(r, mine, versions, models, witness, report, excess)
+            _check_round(r, mine, rounds, by_round, versions, models, witness, report, excess)
     report.problems += check_partials(store.partials(), rows)
     missing: Counter[int] = Counter()
     if witness is not None:
@@ -248,9 +259,38 @@ def _check_rows(
             report.problems.append(f"{same} accepted rows carry a body already accepted under another key")
 
 
+def _influence_limits(
+    r: RoundRow, rounds: dict, by_round: dict, versions: dict, models: BlobStore, report: AuditReport
+) -> InfluenceLimits | None:
+    """The round's default influence limits as the coordinator computed them (strategies/influence.py),
+    or None when they did not apply (DP, an explicit norm bound, or switched off)."""
+    config = r.config
+    if not bounded_by_default(config) or r.dp_clip is not None:
+        return None
+    previous = max((i for i, x in rounds.items() if i < r.id and x.status == "committed"), default=None)
+    reference = by_round.get(previous, []) if previous is not None else []
+    base_row = versions.get(r.base_version)
+    base = _weights(models, base_row, report) if base_row is not None else None
+    if base is None:
+        return None
+    data = models.read(base_row.filename)
+    trainable = [base[name] for name in expected_shapes(loads(data, kind="model"))]
+    return influence_limits(
+        float(np.sqrt(sum(float(np.dot(t.ravel(), t.ravel())) for t in trainable))),
+        sum(t.size for t in trainable),
+        [u.norm for u in reference],
+        [u.sample_count for u in reference],
+        norm_multiple=config.influence_norm_multiple,
+        count_multiple=config.influence_count_multiple,
+        model_fraction=config.influence_model_fraction,
+    )
+
+
 def _check_round(
     r: RoundRow,
     rows: list[UpdateRow],
+    rounds: dict,
+    by_round: dict,
     versions: dict,
     models: BlobStore,
     witness: Witness | None,
@@ -264,6 +304,9 @@ def _check_round(
     weight = float(sum(row.sample_count for row in rows))
     if r.total_weight != weight:
         report.problems.append(f"{label}: total_weight={r.total_weight} but the rows hold {weight} samples")
+    limits = _influence_limits(r, rounds, by_round, versions, models, report)
+    if limits is not None:  # the aggregate weighs each update at most the cap
+        weight = float(sum(min(float(row.sample_count), limits.weight_cap) for row in rows))
     stored = None
     if r.aggregate is not None:
         try:
@@ -282,7 +325,7 @@ def _check_round(
                 f"{stored.metadata['total_weight']} samples; the rows: {len(rows)}, {weight}"
             )
     plain = config.strategy in RECOMPUTABLE and r.dp_clip is None and config.norm_bound is None
-    witnessed = _recompute(rows, witness, report, r.id) if witness is not None and plain and rows else None
+    witnessed = _recompute(rows, witness, report, r.id, limits) if witness is not None and plain and rows else None
     if witnessed is not None and stored is not None:
         _compare(f"{label}: stored aggregate vs witnessed bodies", stored.tensors, witnessed[0], report)
     if r.status != "committed":

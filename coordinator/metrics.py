@@ -25,6 +25,7 @@ GAUGES = {
     "pf_current_round": "id of the open round (0 when none)",
     "pf_current_round_received": "updates received by the open round",
     "pf_model_version": "latest model version",
+    "pf_released_version": "the version devices get as their base (the release gate passed it)",
     "pf_model_accuracy": "server-side accuracy of the latest evaluated version",
     "pf_devices": "enrolled devices",
     "pf_paused": "1 when round scheduling is paused",

@@ -56,6 +56,17 @@ class RoundSettings(BaseModel):
     norm_bound: float | None = Field(
         None, gt=0, description="server clips each delta to this L2 norm before aggregation; None = no clipping"
     )
+    # the default bound on one device's influence (strategies/influence.py)
+    influence_bound: bool = Field(
+        True, description="clip deltas and cap weights relative to the last round's honest medians"
+    )
+    influence_norm_multiple: float = Field(3.0, ge=1.0, le=1000, description="norm bound: this x the median norm")
+    influence_count_multiple: float = Field(
+        3.0, ge=1.0, le=1e6, description="weight cap: this x the median sample count"
+    )
+    influence_model_fraction: float = Field(
+        0.5, gt=0, le=100, description="norm bound never above this x the base model's L2 norm"
+    )
     # client-level differential privacy on the server (strategies/dp.py, service/privacy.py)
     dp_noise_multiplier: float = Field(0.0, ge=0, le=1000, description="DP-FedAvg noise z; 0 = DP off")
     dp_clip_norm: float = Field(0.1, gt=0, description="DP clip C (the initial C with adaptive clipping)")
@@ -70,6 +81,21 @@ class RoundSettings(BaseModel):
     dp_epsilon_budget: float | None = Field(None, gt=0, description="privacy budget; None = unlimited")
     dp_on_budget: Literal["stop", "warn"] = Field(
         "stop", description="when a round would exceed the budget: stop opening rounds, or warn and go on"
+    )
+    dp_sampling: Literal["poisson", "unamplified"] = Field(
+        "poisson",
+        description="poisson: each eligible check-in is admitted with probability q, so the accountant's "
+        "amplification by sampling holds; unamplified: first come, first served, charged without amplification (q = 1)",
+    )
+    # secure aggregation (protocol/secagg, service/secagg.py): the server learns only the cohort's sum
+    secure_aggregation: bool = Field(
+        False, description="SecAgg+: devices send masked updates, the server unmasks only their sum"
+    )
+    secagg_dropout_tolerance: float = Field(
+        1 / 3, ge=0, lt=0.5, description="fraction of a secure-aggregation cohort that may drop out"
+    )
+    secagg_phase_timeout: float = Field(
+        60.0, gt=0, le=86400, description="seconds a secure-aggregation phase waits for stragglers"
     )
 
     @field_validator("strategy")
@@ -88,11 +114,38 @@ class RoundSettings(BaseModel):
             )
         return self
 
+    @model_validator(mode="after")
+    def _secagg_needs_a_sum(self) -> RoundSettings:
+        if not self.secure_aggregation:
+            return self
+        if not STRATEGIES[self.strategy].streaming:
+            raise ValueError(
+                f"secure_aggregation cannot combine with strategy {self.strategy!r}: it needs every device's "
+                "update, and secure aggregation reveals only their sum (use a mean-based strategy: "
+                + ", ".join(n for n, s in STRATEGIES.items() if s.streaming)
+                + ")"
+            )
+        if self.dp_adaptive_clip:
+            raise ValueError("secure_aggregation cannot combine with dp_adaptive_clip (it needs each update's norm)")
+        if self.goal < 4:
+            raise ValueError(f"secure_aggregation needs a goal of at least 4 devices per round, got {self.goal}")
+        return self
+
+    @property
+    def device_clip_norm(self) -> float | None:
+        """Secure aggregation: the L2 clip each device applies before masking (the server cannot clip a
+        masked update): the DP clip, else the norm bound, else the task's clip."""
+        if self.dp_enabled:
+            return self.dp_clip_norm
+        return self.norm_bound if self.norm_bound is not None else self.clip_norm
+
     @property
     def dp_enabled(self) -> bool:
         return self.dp_noise_multiplier > 0
 
 
+MIN_SECRET_LENGTH = 16
+GUESSABLE = ("change-me", "changeme", "password", "secret", "admin", "123456", "qwerty")
 ENV_PREFIX = "PF_"
 NONE_WORDS = ("", "none", "null")
 _environ: ContextVar[Mapping[str, str] | None] = ContextVar("pf_environ", default=None)
@@ -128,7 +181,23 @@ class Settings(BaseSettings, RoundSettings):
     model: str = Field("lenet", description="built-in architecture name or a pocketfed model file")
     model_seed: int = 0
     eval_data: str | None = Field(None, description="held-out dataset for server-side evaluation")
-    max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="largest upload or model file body")
+    max_json_body_bytes: int = Field(
+        64 * 1024, ge=1024, le=64 * 1024 * 1024, description="largest body of every other (JSON) route"
+    )
+    body_grace_seconds: float = Field(
+        10.0, gt=0, le=3600, description="a body may take this long before its rate counts"
+    )
+    min_body_rate: float = Field(
+        4096.0, gt=0, description="bytes/s a request body must average after the grace period (408 otherwise)"
+    )
+    max_header_bytes: int = Field(16 * 1024, ge=1024, le=1024 * 1024, description="request line and headers (431)")
+    header_timeout: float = Field(
+        10.0, gt=0, le=600, description="seconds to send a request's headers, and idle keep-alive"
+    )
+    max_update_header_bytes: int = Field(
+        1024 * 1024, ge=4096, le=64 * 1024 * 1024, description="JSON header of an uploaded update container"
+    )
     max_concurrent_uploads: int = Field(
         16,
         ge=1,
@@ -137,10 +206,22 @@ class Settings(BaseSettings, RoundSettings):
     )
     enrollment_key: str | None = Field(None, description="None: a random key is generated and logged")
     admin_token: str | None = Field(None, description="None: the admin API is disabled")
+    insecure_dev: bool = Field(False, description="local demos only: allow short or guessable secrets")
+    enroll_per_address: int = Field(
+        60, ge=1, le=1_000_000, description="enrollments per client address per minute (429 beyond)"
+    )
+    enroll_failures_per_address: int = Field(
+        10, ge=1, le=1_000_000, description="wrong keys or codes per client address per minute (429 beyond)"
+    )
+    enroll_failures_total: int = Field(
+        100, ge=1, le=1_000_000, description="wrong keys or codes per minute from all addresses (429 beyond)"
+    )
     tick_interval: float = Field(1.0, gt=0, description="seconds between background deadline checks")
     min_retry_after: float = Field(5.0, ge=0, description="shortest retry-after told to devices")
     max_retry_after: float = Field(600.0, gt=0, description="longest retry-after told to devices")
     log_level: str = "info"
+    ssl_certfile: str | None = Field(None, description="serve HTTPS with this PEM certificate (chain)")
+    ssl_keyfile: str | None = Field(None, description="the certificate's PEM private key")
     # replicas on one PostgreSQL database (service/cluster.py)
     lease_seconds: float = Field(
         10.0,
@@ -148,6 +229,26 @@ class Settings(BaseSettings, RoundSettings):
         le=3600,
         description="PostgreSQL replicas: the background-work lease lasts this long unless renewed; "
         "when its holder dies another replica takes over after it",
+    )
+    # safe releases (service/releases.py)
+    release_tolerance: float = Field(
+        0.02,
+        ge=0,
+        le=1,
+        description="hold back a candidate whose accuracy (held-out, or federated in its canary) is below "
+        "the released version's by more than this",
+    )
+    canary_fraction: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="fraction of devices (by id hash) that get a candidate first, in a canary round; 0 = no canary",
+    )
+    max_populations: int = Field(
+        16,
+        ge=0,
+        le=1000,
+        description="named populations an operator may create besides the default (each runs its own services)",
     )
     db_pool_size: int = Field(
         4, ge=1, le=64, description="PostgreSQL: pooled read connections per replica (up to twice this under load)"
@@ -158,6 +259,22 @@ class Settings(BaseSettings, RoundSettings):
         cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource, *_sources: Any, **_: Any
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return init_settings, _PfEnvironment(settings_cls)  # arguments over PF_* variables; no .env files
+
+    def weak_secrets(self) -> list[str]:
+        """What is wrong with the configured secrets (empty: fine); refused at start unless insecure_dev."""
+        problems = []
+        for name in ("enrollment_key", "admin_token"):
+            value = getattr(self, name)
+            if value is not None and (
+                len(value) < MIN_SECRET_LENGTH
+                or len(set(value)) < 8
+                or any(word in value.lower() for word in GUESSABLE)
+            ):
+                problems.append(
+                    f"{name}: too short or guessable (use at least {MIN_SECRET_LENGTH} random characters, "
+                    "e.g. python -c 'import secrets; print(secrets.token_urlsafe(24))')"
+                )
+        return problems
 
     def round_settings(self) -> RoundSettings:
         return RoundSettings(**{name: getattr(self, name) for name in RoundSettings.model_fields})

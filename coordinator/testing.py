@@ -11,6 +11,7 @@ import time
 import numpy as np
 import uvicorn
 
+from coordinator.serving import server_config
 from engine.serialize.container import dumps
 
 LENET_SHAPES = {
@@ -75,7 +76,12 @@ class ServerThread:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, 0))
         self.url = f"http://{host}:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, http="h11"))
+        settings = getattr(getattr(app.state, "services", None), "settings", None)
+        if settings is None:  # not a coordinator app
+            config = uvicorn.Config(app, log_level="warning", access_log=False, http="h11")
+        else:
+            config = server_config(app, settings, log_level="warning", host=host, port=0)
+        self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def __enter__(self) -> ServerThread:

@@ -242,3 +242,24 @@ class CoordinatorClient:
             headers={"Content-Type": "application/octet-stream", "Idempotency-Key": idempotency_key},
         )
         return UploadReceipt.from_dict(response.json())
+
+    # ------------------------------------------------------------------ secure aggregation (device_agent/secagg.py)
+
+    def secagg_status(self, round_id: int, since: str | None = None, wait: float = 0) -> dict[str, Any]:
+        """GET /v1/rounds/{id}/secagg: the phase, this device's index and config, the message due to it;
+        with `wait`, a long poll answered when the phase is no longer `since` or our message is due."""
+        params: dict[str, Any] = {"wait": wait} if wait else {}
+        if since is not None:
+            params["since"] = since
+        return self._request("GET", f"/v1/rounds/{int(round_id)}/secagg", params=params).json()
+
+    def secagg_join(self, round_id: int) -> dict[str, Any]:
+        return self._request("POST", f"/v1/rounds/{int(round_id)}/secagg/join").json()
+
+    def secagg_send(self, round_id: int, kind: str, message: dict[str, Any] | bytes) -> dict[str, Any]:
+        """POST one phase's message (a replay of an accepted one is answered again, counted once)."""
+        path = f"/v1/rounds/{int(round_id)}/secagg/{kind}"
+        if isinstance(message, bytes):
+            headers = {"Content-Type": "application/octet-stream"}
+            return self._request("POST", path, content=message, headers=headers, outcome_unknown=True).json()
+        return self._request("POST", path, json=message, outcome_unknown=True).json()

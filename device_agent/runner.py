@@ -58,6 +58,7 @@ class AgentConfig:
     seed: int = 0
     max_wait: float = 30.0  # our own idle interval, used only when the server named no wait (never caps one)
     json_lines: bool = False
+    secagg_leave_after: str | None = None  # simulation: vanish after this secure-aggregation phase
 
 
 class Agent:
@@ -71,9 +72,11 @@ class Agent:
         *,
         sleep: Callable[[float], None] = time.sleep,
         emit: Callable[[str], None] | None = None,
+        secagg_hand_off: Callable[[Callable[[], Any]], None] | None = None,
     ):
         self.config, self.client, self.state, self.probe = config, client, state, probe
         self.sleep = sleep
+        self.secagg_hand_off = secagg_hand_off  # runs the secure-aggregation phases elsewhere (simulation)
         self.emit = emit or (lambda line: print(line, file=sys.stdout, flush=True))
         self.train_set, self.holdout_set = split_local(dataset, config.holdout, config.seed)
         self.eval_set = self.holdout_set or self.train_set
@@ -193,6 +196,10 @@ class Agent:
             self.drop_round(round_id, "the deadline passed before the update was ready")
             return None
         delta, metrics = trained
+        if task.secure_aggregation:
+            from device_agent.secagg import secure_round
+
+            return self.personalize(secure_round(self, task, delta, metrics))
         body, residual = self.encode(delta, task, metrics)
         record = {
             "round": round_id,

@@ -58,6 +58,7 @@ class Task:
     noise_multiplier: float = 0.0  # Gaussian noise std = this * clip_norm (or this, unclipped)
     encoding: Encoding = "float32"
     topk_fraction: float | None = None  # send only this fraction of each tensor (error feedback keeps the rest)
+    secure_aggregation: bool = False  # send the delta masked, through /v1/rounds/{id}/secagg (not /updates)
 
     @classmethod
     def from_dict(cls, data: object) -> Task:
@@ -82,10 +83,21 @@ class Task:
             noise_multiplier=_number(d, "noise_multiplier", optional=True, minimum=0.0) or 0.0,
             encoding=encoding,
             topk_fraction=topk,
+            secure_aggregation=_flag(d, "secure_aggregation"),
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        if not self.secure_aggregation:  # plain rounds' tasks stay as they were on the wire
+            del out["secure_aggregation"]
+        return out
+
+
+def _flag(d: dict[str, Any], name: str) -> bool:
+    value = d.get(name, False)
+    if not isinstance(value, bool):
+        raise ProtocolError(f"{name}: {value!r} is not true or false")
+    return value
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,8 @@ FORMAT = "pocketfed-update"
 FORMAT_VERSION = 1
 VALUE_ENCODINGS = ("float32", "float16", "int8", "int4")
 QUANTIZED = ("int8", "int4")  # the encodings with a per-tensor "scale"
+MAX_HEADER_BYTES = 1 << 20  # an update's JSON header: names, shapes, a few metrics (a LeNet's is ~2 KiB)
+MAX_METRICS, MAX_METRIC_NAME = 64, 64  # metric names and values are stored and shown: a few short ones
 MAX_ELEMENTS = 1 << 27  # 134M elements (512 MiB of float32): far above any on-device model
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
 
@@ -149,6 +151,8 @@ def _check_int(field_name: str, value: object, *, minimum: int) -> int:
 def _check_metrics(metrics: object) -> dict[str, float]:
     if not isinstance(metrics, dict):
         raise UpdateError("metrics must be an object of name -> number")
+    if len(metrics) > MAX_METRICS:
+        raise UpdateError(f"metrics: {len(metrics)} entries, more than the limit of {MAX_METRICS}")
     clean = {}
     for key, value in metrics.items():
         if (
@@ -156,7 +160,9 @@ def _check_metrics(metrics: object) -> dict[str, float]:
             or isinstance(value, bool)
             or not isinstance(value, (int, float, np.integer, np.floating))
         ):
-            raise UpdateError(f"metric {key!r} must be a number, got {value!r}")
+            raise UpdateError(f"metric {str(key)[:80]!r} must be a number, got {str(value)[:80]}")
+        if not key or len(key) > MAX_METRIC_NAME:
+            raise UpdateError(f"metric name {key[:80]!r}: must be 1 to {MAX_METRIC_NAME} characters")
         if not math.isfinite(float(value)):
             raise UpdateError(f"metric {key!r} is not finite ({value})")
         clean[key] = float(value)
@@ -246,9 +252,12 @@ def _decode_tensor(name: str, spec: object, stored: dict[str, np.ndarray], used:
     return dense.reshape(shape)
 
 
-def decode_update(data: bytes, *, expected: Mapping[str, tuple[int, ...]] | None = None) -> Update:
-    """Parse and validate update bytes; with `expected` (name -> shape) also check it fits the model."""
-    container = loads(data, kind="update")  # ContainerError for truncation, wrong kind, bad sizes
+def decode_update(
+    data: bytes, *, expected: Mapping[str, tuple[int, ...]] | None = None, max_header_bytes: int = MAX_HEADER_BYTES
+) -> Update:
+    """Parse and validate update bytes; with `expected` (name -> shape) also check it fits the model.
+    The JSON header is refused by its declared length above `max_header_bytes`, before parsing."""
+    container = loads(data, kind="update", max_header_bytes=max_header_bytes)  # truncation, kind, sizes
     meta = container.metadata
     if meta.get("format") != FORMAT:
         raise UpdateError(f"format {meta.get('format')!r} is not {FORMAT!r}")

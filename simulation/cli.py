@@ -121,6 +121,19 @@ def build_parser() -> argparse.ArgumentParser:
     privacy.add_argument("--dp-adaptive-clip", action="store_true", help="adaptive clipping (Andrew et al.)")
     privacy.add_argument("--dp-delta", type=float, default=None, help="delta of the (epsilon, delta) guarantee")
     privacy.add_argument("--dp-epsilon-budget", type=float, default=None, help="stop when epsilon would exceed this")
+    privacy.add_argument(
+        "--secure-aggregation",
+        action="store_true",
+        help="SecAgg+: devices send masked updates, the coordinator learns only each round's sum",
+    )
+    privacy.add_argument(
+        "--dropout",
+        type=float,
+        default=0.0,
+        metavar="FRACTION",
+        help="with --secure-aggregation: this fraction of each round's devices vanishes after sending its "
+        "masked input, before unmasking",
+    )
     privacy.add_argument("--norm-bound", type=float, default=None, help="server clips each delta to this L2 norm")
     chaos = p.add_argument_group(
         "chaos",
@@ -175,6 +188,8 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         workdir=args.workdir,
         db=args.db,
         progress=not args.no_progress,
+        secure_aggregation=args.secure_aggregation,
+        dropout=args.dropout,
         extra_options=coordinator_extras(args),
     )
 
@@ -222,8 +237,8 @@ def chaos_summary(s: dict) -> str:
 
 def stacked_simulation(args: argparse.Namespace, config: SimConfig, emit, chaos) -> StackedSimulation:
     """pf-sim --stacked: the task options go to the in-process loop, nothing else may be set."""
-    if chaos is not None or args.report:
-        raise ValueError("--stacked runs without a coordinator: no chaos flags, no --report")
+    if chaos is not None or args.report or args.js_agents:
+        raise ValueError("--stacked runs without a coordinator: no chaos flags, no --report, no --js-agents")
     options = StackedOptions(topk_fraction=args.topk_fraction, server_momentum=args.server_momentum)
     for name in TASK_OPTIONS:
         config.extra_options.pop(name, None)

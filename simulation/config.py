@@ -36,6 +36,8 @@ class SimConfig:
     db: str | None = None
     progress: bool = True
     js_agents: int = 0  # devices 0..js_agents-1 play the TypeScript agent (node + onnxruntime-node)
+    secure_aggregation: bool = False  # devices mask their deltas; the coordinator unmasks only the sum
+    dropout: float = 0.0  # secure aggregation: this fraction of each round's devices vanishes before unmasking
     extra_options: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> None:
@@ -51,6 +53,12 @@ class SimConfig:
             raise ValueError(f"--js-agents must be in 0..{self.devices} (--devices), got {self.js_agents}")
         if not 0.0 <= self.holdout < 1.0:
             raise ValueError(f"--holdout must be in [0, 1), got {self.holdout}")
+        if not 0.0 <= self.dropout < 0.5:
+            raise ValueError(f"--dropout must be in [0, 0.5), got {self.dropout}")
+        if self.dropout and not self.secure_aggregation:
+            raise ValueError("--dropout needs --secure-aggregation (devices vanish between its phases)")
+        if self.secure_aggregation and self.per_round < 4:
+            raise ValueError(f"--secure-aggregation needs --per-round of at least 4, got {self.per_round}")
         if not resolve_data(self.data).is_dir():
             raise ValueError(f"--data {self.data}: not a directory (expected an IDX dataset with a test split)")
 
@@ -80,9 +88,14 @@ class SimConfig:
             "server_lr": server_lr,
             "fedprox_mu": self.fedprox_mu,
             "enrollment_key": enrollment_key,
+            "enroll_per_address": 1_000_000,  # the whole simulated fleet enrolls from loopback
             "min_retry_after": 0,
             "max_retry_after": 2,
             "tick_interval": 0.5,
             "log_level": "warning",
+            **({"secure_aggregation": True, "secagg_phase_timeout": 15.0} if self.secure_aggregation else {}),
+            # the driver picks each round's devices itself (a fixed-size sample, not the coordinator's
+            # Poisson admission): DP rounds are charged without amplification by sampling
+            **({"dp_sampling": "unamplified"} if self.extra_options.get("dp_noise_multiplier") else {}),
             **self.extra_options,
         }

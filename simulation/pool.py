@@ -112,10 +112,12 @@ class WorkerPool:
         on_start: Callable[[int], None] | None = None,
         tick: Callable[[], None] | None = None,
         timeout: float = 900.0,
+        extra: dict[int, dict] | None = None,
     ) -> list[dict]:
         """Run each device until it answers (killed devices run again); answers in completion order.
 
-        `on_start(device)` runs just before a device's task is sent, `tick()` between messages."""
+        `on_start(device)` runs just before a device's task is sent, `tick()` between messages; `extra[device]`
+        goes into that device's job (e.g. {"leave_after": "masked_input"})."""
         poll = 0.005 if tick is not None else 0.5  # without a tick there is nothing to do between messages
         self._todo.extend(devices)
         answers: list[dict] = []
@@ -128,7 +130,8 @@ class WorkerPool:
                 if on_start is not None:
                     on_start(device)
                 self.busy[index] = (device, time.monotonic())
-                self.procs[index].stdin.write(json.dumps({"device": int(device)}) + "\n")
+                job = {"device": int(device), **(extra or {}).get(device, {})}
+                self.procs[index].stdin.write(json.dumps(job) + "\n")
                 self.procs[index].stdin.flush()
             try:
                 answer = self._handle(self._messages.get(timeout=poll))

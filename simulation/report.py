@@ -173,6 +173,8 @@ def render(records: list[dict], summary: dict) -> str:
 (initial model) → <b>{final:.4f}</b> · personal accuracy {_cell(summary["personal_accuracy"])} ·
 {_human(summary["bytes_up"])} up, {_human(summary["bytes_down"])} down</p>
 {_privacy(summary) if private else ""}
+<p id="secure-aggregation">Secure aggregation: <b>{"on" if summary.get("secure_aggregation") else "off"}</b>
+{SECURE if summary.get("secure_aggregation") else PLAIN}</p>
 <p>Configuration: <code>{config}</code></p>
 <h2>Accuracy by round</h2>{accuracy}
 <h2>Global vs personal accuracy</h2>
@@ -183,6 +185,10 @@ measured on each participant's held-out samples; averaged over the round's parti
 </body></html>"""
 
 
+SECURE = "(the coordinator saw only each round's masked sum, never one device's update)."
+PLAIN = "(the coordinator saw every device's update)."
+
+
 def _privacy(summary: dict) -> str:
     """The differential-privacy line: the budget spent so far (the table has it round by round)."""
     dp = summary.get("privacy") or {}
@@ -190,7 +196,8 @@ def _privacy(summary: dict) -> str:
     return (
         f'<p id="privacy">Client-level differential privacy: ε = <b>{_cell(summary.get("epsilon"))}</b> '
         f"at δ = {dp.get('delta', 0):g} after {summary['rounds']} rounds (noise multiplier "
-        f"{_cell(dp.get('noise_multiplier'))}; budget {_cell(budget) if budget else 'none'}).</p>"
+        f"{_cell(dp.get('noise_multiplier'))}; budget {_cell(budget) if budget else 'none'}; "
+        f"sampling {html.escape(str(dp.get('sampling', 'poisson')))}).</p>"
     )
 
 

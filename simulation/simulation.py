@@ -15,6 +15,7 @@ coordinator restarts, a fault proxy, the audit) plugs in as hooks (hooks.py, cha
 
 from __future__ import annotations
 
+import math
 import secrets
 import tempfile
 import time
@@ -146,10 +147,10 @@ class Simulation:
         for hook in self.hooks:
             hook.task_started(device)
 
-    def play(self, devices: list[int], on_answer: Callable[[dict], None]) -> list[dict]:
+    def play(self, devices: list[int], on_answer: Callable[[dict], None], extra: dict | None = None) -> list[dict]:
         if not self.hooks:  # nothing to do between answers: the pool may block on them
-            return self.pool.play(devices, on_answer)
-        return self.pool.play(devices, on_answer, on_start=self.task_started, tick=self.tick)
+            return self.pool.play(devices, on_answer, extra=extra)
+        return self.pool.play(devices, on_answer, on_start=self.task_started, tick=self.tick, extra=extra)
 
     def one_round(self, number: int) -> dict:
         cfg = self.config
@@ -161,9 +162,12 @@ class Simulation:
         def progress(answer: dict) -> None:
             bar.update(1, "failed" if "error" in answer else f"acc {answer['record'].get('acc_after', 0):.3f}")
 
-        answers = self.play(chosen, progress)
+        leaving = chosen[: math.floor(cfg.dropout * len(chosen) + 1e-9)]  # chosen is in random order already
+        answers = self.play(chosen, progress, {d: {"leave_after": "masked_input"} for d in leaving})
         detail = self.api.round_detail(round_id)
         spare = [d for d in self.rng.permutation(cfg.devices).tolist() if d not in chosen]
+        if cfg.secure_aggregation:  # its devices count only once the sum is unmasked: no replacements
+            spare = []
         while detail["status"] == "open" and detail["received"] < detail["goal"] and spare:
             # some devices failed: send replacements, as over-selection would (room: over_select=2)
             missing = detail["goal"] - detail["received"]
@@ -221,6 +225,7 @@ class Simulation:
             "noise_multiplier": options["dp_noise_multiplier"],
             "delta": options.get("dp_delta", 1e-5),
             "epsilon_budget": options.get("dp_epsilon_budget"),
+            "sampling": "unamplified (q = 1: pf-sim picks each round's devices itself)",
         }
 
     def summary(self, initial: dict, seconds: float) -> dict:
@@ -238,6 +243,7 @@ class Simulation:
                 kind: sum(r["accepted_by_agent"][kind] for r in self.records) for kind in ("python", "js")
             },
             "privacy": self.privacy_settings(),
+            "secure_aggregation": self.config.secure_aggregation,
             "seconds": round(seconds, 2),
             "seconds_per_round": round(float(np.mean([r["seconds"] for r in self.records])), 3),
             "coordinator_peak_rss_mib": self.coordinator.peak_rss_mib(),

@@ -17,7 +17,9 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -83,8 +85,16 @@ class DevicePlayer:
             labels_of(self.train), config.devices, config.partition, config.seed, config.samples_per_device
         )
         self.client = CountingClient(config.coordinator, timeout=60.0, retry=RetryPolicy(attempts=4))
+        self.threads: list[threading.Thread] = []
 
-    def play(self, device: int) -> dict[str, Any]:
+    def hand_off(self, run: Callable[[], Any]) -> None:
+        """Secure aggregation: the device's phases run in a thread while this worker plays the next device
+        (the cohort's devices must be online together; a worker plays its devices one at a time)."""
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        self.threads.append(thread)
+
+    def play(self, device: int, leave_after: str | None = None) -> dict[str, Any]:
         """One federated task for `device`; returns the agent's record plus what it downloaded."""
         if device < self.config.js_agents:
             return self.play_js(device)
@@ -105,11 +115,21 @@ class DevicePlayer:
             holdout=cfg.holdout,
             seed=cfg.seed * 100_003 + device,
             max_wait=1.0,
+            secagg_leave_after=leave_after,
         )
         state = AgentState(Path(cfg.state_root) / f"device-{device:05d}")
         self.client.task_marker = state.dir / "task-started" if cfg.mark_tasks else None
         dataset = device_dataset(self.train, self.parts, device)
-        agent = Agent(agent_config, self.client, state, dataset, AlwaysEligible(), sleep=sleep, emit=lambda line: None)
+        agent = Agent(
+            agent_config,
+            self.client,
+            state,
+            dataset,
+            AlwaysEligible(),
+            sleep=sleep,
+            emit=lambda line: None,
+            secagg_hand_off=self.hand_off,
+        )
         before = self.client.bytes_down
         started = time.perf_counter()
         records = agent.run()
@@ -153,11 +173,13 @@ def serve(config: WorkerConfig, stdin: Any = sys.stdin, stdout: Any = sys.stdout
             break
         device = int(job["device"])
         try:
-            answer = player.play(device)
+            answer = player.play(device, job.get("leave_after"))
         except Exception as exc:  # one broken device must not take the other devices of this worker down
             log.warning("device %d failed: %s: %s", device, type(exc).__name__, exc)
             answer = {"device": device, "error": f"{type(exc).__name__}: {exc}"}
         print(json.dumps(answer), file=stdout, flush=True)
+    for thread in player.threads:  # secure-aggregation phases still running
+        thread.join(timeout=60)
     player.client.close()
 
 

@@ -91,13 +91,15 @@ def test_clean_books_pass_and_versions_recompute_exactly(copy):
 
 
 def test_the_formula_is_fedavg_of_the_recorded_updates(copy):
-    """An independent check of what the audit accepts: v1 = base + 0.7 * weighted mean, in float32."""
+    """An independent check of what the audit accepts: v1 = base + 0.7 * mean, in float32. Round 1 has
+    no reference round for the default influence bound (strategies/influence.py), so every device
+    weighs the same there (and these small deltas are not clipped)."""
     db, _ = copy
     base = loads((db.with_suffix(".models") / "v000000.pfmodel").read_bytes()).tensors
     v1 = loads((db.with_suffix(".models") / "v000001.pfmodel").read_bytes()).tensors
     deltas = {n: random_delta(SHAPES, seed=ord(n), scale=0.05) for n in "ab"}
     for name in SHAPES:
-        mean = sum(SAMPLES[n] * deltas[n][name].astype(np.float64) for n in "ab") / (SAMPLES["a"] + SAMPLES["b"])
+        mean = sum(deltas[n][name].astype(np.float64) for n in "ab") / 2
         np.testing.assert_allclose(v1[name], base[name] + 0.7 * mean, atol=1e-3)  # b travelled as float16
 
 

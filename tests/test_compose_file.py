@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 COMPOSE = yaml.safe_load((REPO / "docker-compose.yml").read_text())
 SERVICES = COMPOSE["services"]
 HAPROXY = (REPO / "docker" / "haproxy.cfg").read_text()
-VARIABLE = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
+VARIABLE = re.compile(r"\$\{(\w+)(?::-([^}]*)|:\?[^}]*)?\}")  # ${VAR:?message}: required
 
 
 def interpolate(value: str, environ: dict[str, str] | None = None) -> str:
@@ -137,11 +137,17 @@ def test_haproxy_accepts_its_configuration():
 
 
 def test_coordinator_environment_names_are_settings_and_validate():
-    env = environment("coordinator")
+    raw = SERVICES["coordinator"]["environment"]["PF_ENROLLMENT_KEY"]
+    assert raw.startswith("${PF_ENROLLMENT_KEY:?"), "no default key: compose refuses to start without one"
+    env = environment("coordinator", {"PF_ENROLLMENT_KEY": "compose-test-key-k7Qx9Lm2Pw4Z"})
     known = {env_name(name) for name in Settings.model_fields}
     assert set(env) <= known, set(env) - known
     settings = settings_from_env(env)  # every value passes the same validation as a flag would
-    assert settings.goal == 10 and settings.enrollment_key == "change-me" and settings.db.startswith("postgresql://")
+    assert (
+        settings.goal == 10
+        and settings.enrollment_key == "compose-test-key-k7Qx9Lm2Pw4Z"
+        and settings.db.startswith("postgresql://")
+    )
     eval_data = Path(settings.eval_data)
     assert eval_data.is_relative_to("/app")
     assert (REPO / eval_data.relative_to("/app") / "t10k-labels-idx1-ubyte.gz").exists()
@@ -195,8 +201,9 @@ def test_compose_topology_as_processes(tmp_path, pg_url, monkeypatch):
     compose command and environment, the load balancer in front of them (simulation/balancer.py
     playing haproxy), and three device replicas pointed at it, each deriving its shard from
     PF_REPLICA_ID: round 1 commits with all three updates, and both replicas served devices."""
+    secret = {"PF_ENROLLMENT_KEY": "compose-test-key-k7Qx9Lm2Pw4Z"}  # compose requires one
     env = {
-        **environment("coordinator"),
+        **environment("coordinator", secret),
         "PF_DB": pg_url,  # postgres:5432 in compose
         "PF_GOAL": "3",
         "PF_OVER_SELECT": "1.0",
@@ -225,7 +232,7 @@ def test_compose_topology_as_processes(tmp_path, pg_url, monkeypatch):
         for i in range(3):
             replica_env = {
                 **os.environ,
-                **environment("device"),
+                **environment("device", secret),
                 "PYTHONPATH": str(REPO),
                 "PF_REPLICA_ID": f"pocketfed-device-{i + 1}",
                 "OPENBLAS_NUM_THREADS": "1",

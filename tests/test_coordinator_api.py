@@ -18,6 +18,7 @@ from coordinator.testing import (
     TestDevice,
     random_delta,
     stand_in_model_bytes,
+    tick,
 )
 from engine.serialize.container import dumps, loads
 from protocol.update import encode_update
@@ -95,11 +96,15 @@ def test_whole_device_flow(service):
     assert a.checkin().json()["status"] == "retry"  # already contributed
     assert a.upload(1, update_bytes(seed=1, samples=10, encoding="int8")).json() == first.json()  # replay
     assert b.upload(1, update_bytes(seed=2, samples=30, topk_fraction=0.5)).status_code == 202
+    assert service.get("/v1/models").json()[0]["release"] in ("candidate", "released")
+    service.app.state.services.evaluator.wait_idle()  # the release gate waits for the server's evaluation
+    tick(service.app)
 
     rounds = service.get("/v1/rounds").json()
     assert [(r["id"], r["status"]) for r in rounds] == [(2, "open"), (1, "committed")]
     assert rounds[1]["result_version"] == 1 and rounds[1]["received"] == 2 and rounds[1]["total_samples"] == 40
-    detail = service.get("/v1/rounds/1").json()
+    assert service.get("/v1/rounds/1").json()["participants"] is None  # public: aggregates only
+    detail = service.get("/v1/rounds/1", headers={"Authorization": f"Bearer {ADMIN}"}).json()
     assert sorted(p["device_id"] for p in detail["participants"]) == sorted([a.id, b.id])
     assert detail["metrics"] == {"loss": pytest.approx(0.5)}
     assert service.get("/v1/models/latest", headers=a.headers).json()["version"] == 1
@@ -191,6 +196,8 @@ def test_upload_refusals_leave_the_aggregate_untouched(service):
     assert a.upload(1, good, key="first").status_code == 202
     refused(a, update_bytes(seed=4), 409, "already uploaded", key="second")
     assert b.upload(1, update_bytes(seed=5)).status_code == 202  # goal 2: round 1 commits
+    service.app.state.services.evaluator.wait_idle()  # the release gate waits for v1's evaluation
+    tick(service.app)
     refused(outsider, good, 403, "not assigned")
     c = TestDevice(service, KEY)
     c.task()  # assigned to round 2; round 1 is closed for it too
@@ -246,6 +253,7 @@ def test_metrics_and_dashboard(service):
     a.task(), b.task()
     a.upload(1, update_bytes(seed=1)), b.upload(1, update_bytes(seed=2)), b.upload(9, update_bytes())
     service.app.state.services.evaluator.wait_idle()
+    tick(service.app)  # the release gate has the evaluation: round 2 opens on v1
     metrics = service.get("/metrics")
     assert metrics.headers["content-type"].startswith("text/plain")
     series = parse_prometheus(metrics.text)
@@ -260,8 +268,13 @@ def test_metrics_and_dashboard(service):
     page = service.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert '<svg id="accuracy-chart"' in page.text and "<polyline" in page.text
-    assert '<table id="rounds">' in page.text and page.text.count("<tr><td>") == 2
-    assert not re.search(r"<script|<link|src=|href=", page.text)  # self-contained: works offline
+    assert '<table id="rounds">' in page.text and page.text.count("<tr><td>") == 2 + 2 + 2  # rounds, versions, releases
+    assert not re.search(
+        r"(src|href)=\"https?://|style=|<script>|<style", page.text
+    )  # same-origin files only: offline, strict CSP
+    for name in ("/dashboard.css", "/dashboard.js"):
+        assert f'"{name}"' in page.text and service.get(name).status_code == 200
+    assert 'id="fleet-health"' in page.text and 'id="releases"' in page.text and 'id="versions"' in page.text
 
 
 def test_openapi_documents_the_api(service):
@@ -280,6 +293,12 @@ def test_openapi_documents_the_api(service):
         "/v1/admin/pause",
         "/v1/admin/resume",
         "/v1/admin/models",
+        "/v1/releases",
+        "/v1/admin/rollback",
+        "/v1/admin/pin",
+        "/v1/admin/unpin",
+        "/v1/populations",
+        "/v1/admin/populations",
     ):
         assert path in paths, path
     upload = paths["/v1/rounds/{round_id}/updates"]["post"]

@@ -22,7 +22,7 @@ from engine.serialize.container import loads
 from protocol.update import encode_update
 
 ROOT = Path(__file__).resolve().parents[1]
-KEY = "crash-key"
+KEY = "crash-enrollment-key-k7Qx9Lm2Pw4Z"
 SAMPLES = [12, 5, 40]
 OPTIONS = {"goal": 3, "deadline": 3600, "strategy": "fedavgm", "server_lr": 0.8, "server_momentum": 0.5}
 

@@ -25,7 +25,7 @@ from engine.serialize.container import loads
 from protocol.update import encode_update
 
 ROOT = Path(__file__).resolve().parents[1]
-KEY = "k"
+KEY = "ingest-enrollment-key-k7Qx9Lm2Pw4Z"
 SHAPES = {"w": (6, 5), "b": (5,)}
 
 
@@ -45,6 +45,7 @@ def service(tmp_path):
         deadline=600,
         enrollment_key=KEY,
         strategy="fedavg",
+        influence_bound=False,  # the tests check the exact sample-weighted mean
     )
     app = create_app(settings)
     with ServerThread(app) as server, httpx.Client(base_url=server.url, timeout=30) as client:
@@ -156,6 +157,8 @@ def start(tmp_path: Path, model: Path, port: int, n: int) -> subprocess.Popen:
         "3600",
         "--enrollment-key",
         KEY,
+        "--influence-bound",  # the test checks the exact sample-weighted running sum
+        "false",
         "--log-level",
         "warning",
     ]

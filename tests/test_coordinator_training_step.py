@@ -18,13 +18,15 @@ import training_step_models as models  # noqa: E402
 
 from coordinator.api import create_app  # noqa: E402
 from coordinator.settings import Settings  # noqa: E402
-from coordinator.testing import ServerThread, TestDevice, stand_in_model_bytes  # noqa: E402
+from coordinator.testing import ServerThread, TestDevice, random_delta, stand_in_model_bytes  # noqa: E402
 from engine import opr  # noqa: E402
 from engine.models import build  # noqa: E402
 from engine.onnx import EMITTERS  # noqa: E402
 from engine.optimizer import SGD  # noqa: E402
+from engine.serialize.container import loads as loads_container  # noqa: E402
 from engine.serialize.modelfile import dumps, loads  # noqa: E402
 from engine.trainer import Trainer  # noqa: E402
+from protocol.update import encode_update  # noqa: E402
 
 KEY = "k"
 
@@ -90,6 +92,24 @@ def test_the_served_step_trains_as_the_engine_does(tmp_path):
         np.testing.assert_allclose(step.tensors[name], value, rtol=1e-5, atol=1e-7)
 
 
+def test_versions_of_one_architecture_share_one_export(tmp_path):
+    """The step holds no weights: version 1 (after a round) is served the bytes exported for version 0."""
+    model_bytes = dumps(build("lenet", seed=1))
+    app, server = serve(tmp_path, model_bytes, goal=1, min_fraction=1.0)
+    shapes = {n: t.shape for n, t in loads_container(model_bytes).tensors.items()}
+    with server, httpx.Client(base_url=server.url, timeout=60) as client:
+        device = TestDevice(client, KEY)
+        first = client.get("/v1/models/0/training-step", headers=device.headers)
+        task = device.task()
+        body = encode_update(random_delta(shapes, seed=0), sample_count=5, round_id=task["round_id"], base_version=0)
+        assert device.upload(task["round_id"], body).status_code == 202
+        app.state.services.tick()
+        assert client.get("/v1/models/latest").json()["version"] == 1
+        second = client.get("/v1/models/1/training-step", headers=device.headers)
+        assert second.status_code == 200 and second.headers["ETag"] == first.headers["ETag"]
+        assert len(app.state.services.training_steps._cache) == 1
+
+
 def test_a_model_without_an_onnx_step_is_a_404_naming_why(tmp_path, monkeypatch):
     app, server = serve(tmp_path, dumps(build("lenet")))
     monkeypatch.delitem(EMITTERS, opr.Relu)  # as if the engine had an operator the exporter cannot lower
@@ -106,3 +126,5 @@ def test_an_opaque_model_graph_is_a_404_not_a_crash(tmp_path):
         device = TestDevice(client, KEY)
         answer = client.get("/v1/models/0/training-step", headers=device.headers)
         assert answer.status_code == 404 and "has no ONNX training step" in answer.json()["detail"]
+        again = client.get("/v1/models/0/training-step", headers=device.headers)
+        assert again.status_code == 404 and again.json() == answer.json()  # the refusal is cached too

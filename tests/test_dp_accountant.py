@@ -59,6 +59,7 @@ def serve(tmp_path, **options):
         goal=2,
         dp_population=40,
         dp_delta=1e-5,
+        enroll_per_address=10_000,  # Poisson admission (q = 1/20): fresh devices until enough are admitted
         **options,
     )
     return ServerThread(create_app(settings, clock=FakeClock()))
@@ -68,9 +69,21 @@ def weights(client, device, version):
     return loads(client.get(f"/v1/models/{version}", headers=device.headers).content, kind="model").tensors
 
 
+def admitted(client, device):
+    """Poisson admission (q = goal / population = 2/40): the device and its task if it was sampled for
+    the open round, else a freshly enrolled one that was."""
+    for _ in range(400):
+        answer = device.checkin().json()
+        if answer["status"] == "task":
+            return device, answer["task"]
+        assert "not sampled" in answer["reason"], answer
+        device = TestDevice(client, "k")
+    raise AssertionError("no device was admitted in 400 check-ins")
+
+
 def play_round(client, devices, deltas, samples=(5, 500)):
     for device, delta, n in zip(devices, deltas, samples, strict=True):
-        task = device.task()
+        device, task = admitted(client, device)
         body = encode_update(delta, sample_count=n, round_id=task["round_id"], base_version=task["base_version"])
         assert device.upload(task["round_id"], body).status_code == 202
 

@@ -280,6 +280,14 @@ def test_pf_sim_names_a_bad_js_agents_count():
         timeout=60,
     )
     assert proc.returncode == 2 and "--js-agents must be in 0..3" in proc.stderr
+    stacked = subprocess.run(
+        [sys.executable, "-m", "simulation.cli", "--stacked", "--js-agents", "1"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert stacked.returncode == 2 and "no --js-agents" in stacked.stderr
 
 
 def test_bench_training_step_node_prints_its_json_line(built):

@@ -28,7 +28,7 @@ from simulation.processes import CoordinatorProcess
 
 pytest_plugins = ["postgres_helpers"]  # pg_url, pg_database: throwaway PostgreSQL databases
 
-KEY = "replica-key"
+KEY = "replica-enrollment-key-k7Qx9Lm2Pw4Z"
 SHAPES = {"w": (6, 4), "b": (4,)}
 
 
@@ -58,7 +58,12 @@ def fedavg(base: dict, seeds_and_samples: list[tuple[int, int]]) -> dict:
 def replicas(url: str, model: Path, n: int, clock=None, **options):
     """`n` replicas in this process, each with its own store, writer and lifecycle, on real ports;
     yields an httpx client per replica."""
-    settings = Settings(db=url, model=str(model), enrollment_key=KEY, **{"goal": 2, "deadline": 3600, **options})
+    settings = Settings(
+        db=url,
+        model=str(model),
+        enrollment_key=KEY,
+        **{"goal": 2, "deadline": 3600, "influence_bound": False, **options},
+    )
     with contextlib.ExitStack() as stack:
         clients = []
         for _ in range(n):
@@ -216,6 +221,7 @@ def test_replicas_starting_together_migrate_once(pg_url, model, tmp_path):
     (the others wait on the advisory lock and find the schema at HEAD), one publishes v0, one opens
     round 1 -- and all three serve."""
     options = {"db": pg_url, "model": str(model), "enrollment_key": KEY, "goal": 2, "log_level": "warning"}
+    options["influence_bound"] = False  # exact sums are checked
     procs = []
     for i in range(3):
         (tmp_path / f"r{i}").mkdir()
@@ -272,6 +278,7 @@ def test_kill_9_a_replica_between_acknowledging_and_committing_and_during_a_comm
         "db": pg_url,
         "model": str(model),
         "enrollment_key": KEY,
+        "influence_bound": False,  # exact sums are checked
         "goal": 3,
         "deadline": 3600,
         "strategy": "fedavgm",
@@ -337,8 +344,8 @@ def test_kill_9_a_replica_between_acknowledging_and_committing_and_during_a_comm
 def test_operator_changes_on_one_replica_hold_on_every_replica(pg_url, model):
     """Round settings patched through one replica, and pausing, reach the others (they live in the
     database); a replica restarted with the same options keeps the patched settings."""
-    admin = {"Authorization": "Bearer admin-token"}
-    with replicas(pg_url, model, 2, admin_token="admin-token") as (a, b):
+    admin = {"Authorization": "Bearer replica-admin-token-k7Qx9Lm2Pw4Z"}
+    with replicas(pg_url, model, 2, admin_token="replica-admin-token-k7Qx9Lm2Pw4Z") as (a, b):
         assert a.patch("/v1/admin/settings", json={"goal": 7, "lr": 0.01}, headers=admin).status_code == 200
         assert (b.get("/v1/admin/settings", headers=admin).json()["goal"], b.services.rounds.round_settings.lr) == (
             7,
@@ -355,7 +362,36 @@ def test_operator_changes_on_one_replica_hold_on_every_replica(pg_url, model):
         assert b.get("/healthz").json()["paused"] is True
         assert b.post("/v1/admin/resume", headers=admin).json() == {"paused": False}
         assert checkin(b, device)["status"] == "task"
-    with replicas(pg_url, model, 1, admin_token="admin-token") as (again,):
+    with replicas(pg_url, model, 1, admin_token="replica-admin-token-k7Qx9Lm2Pw4Z") as (again,):
         assert again.get("/v1/admin/settings", headers=admin).json()["goal"] == 7
-    with replicas(pg_url, model, 1, admin_token="admin-token", goal=4) as (changed,):  # other options win
+    with replicas(pg_url, model, 1, admin_token="replica-admin-token-k7Qx9Lm2Pw4Z", goal=4) as (
+        changed,
+    ):  # other options win
         assert changed.get("/v1/admin/settings", headers=admin).json()["goal"] == 4
+
+
+def test_every_replica_serves_the_release_another_one_changed(pg_url, model):
+    """Release state lives in the database: a rollback and a pin made on one replica are what every
+    other one serves, opens rounds on and lists; a population created on one is served by another."""
+    with replicas(pg_url, model, 2, goal=1, admin_token="replica-admin") as (a, b):
+        admin = {"Authorization": "Bearer replica-admin"}
+        device = enroll(a)
+        task = checkin(b, device)["task"]
+        assert upload(a, device, body(1, 10), "k1").status_code == 202
+        b.services.tick()
+        assert a.get("/v1/models/latest").json()["version"] == b.get("/v1/models/latest").json()["version"] == 1
+        change = {"version": 0, "reason": "v1 misbehaves", "by": "oncall"}
+        assert a.post("/v1/admin/rollback", json=change, headers=admin).status_code == 200
+        assert b.get("/v1/models/latest").json()["version"] == 0
+        assert checkin(b, device)["task"]["base_version"] == 0 and task["base_version"] == 0
+        assert [v["release"] for v in b.get("/v1/models").json()] == ["rolled back", "released"]
+        assert b.post("/v1/admin/pin", json={**change, "reason": "hold"}, headers=admin).json()["pinned"]
+        assert a.get("/v1/releases").json()["pinned"] is True
+
+        made = a.post("/v1/admin/populations?name=tv", content=model.read_bytes(), headers=admin)
+        assert made.status_code == 201
+        tv = b.post("/v1/populations/tv/devices", json={"enrollment_key": made.json()["enrollment_key"]})
+        assert tv.status_code == 201  # replica b opened the population replica a created
+        assert a.get(
+            "/v1/populations/tv/models/0", headers={"Authorization": f"Bearer {tv.json()['token']}"}
+        ).is_success

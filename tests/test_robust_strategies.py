@@ -89,6 +89,7 @@ SHAPES = {"w": (3,), "b": (2,)}
 def serve(tmp_path, **options):
     model = tmp_path / "m.pfmodel"
     model.write_bytes(stand_in_model_bytes(seed=5, shapes=SHAPES))
+    options = {"influence_bound": False, **options}  # these tests check each algorithm's exact math
     settings = Settings(db=str(tmp_path / "c.db"), model=str(model), enrollment_key="k", deadline=1000, **options)
     return ServerThread(create_app(settings, clock=FakeClock()))
 

@@ -41,6 +41,15 @@ DEFAULTS_ON_MAIN = {
 # Added since, with their defaults.
 ADDED = {
     "lease_seconds": 10.0, "db_pool_size": 4,  # issue 14: replicas on PostgreSQL
+    "release_tolerance": 0.02, "canary_fraction": 0.0, "max_populations": 16,  # issue 17
+    # issue 12: hostile devices and strangers
+    "max_json_body_bytes": 65536, "body_grace_seconds": 10.0, "min_body_rate": 4096.0, "max_header_bytes": 16384,
+    "header_timeout": 10.0, "max_update_header_bytes": 1048576, "ssl_certfile": None, "ssl_keyfile": None,
+    "insecure_dev": False, "influence_bound": True, "influence_norm_multiple": 3.0, "influence_count_multiple": 3.0,
+    "influence_model_fraction": 0.5, "enroll_per_address": 60, "enroll_failures_per_address": 10,
+    "enroll_failures_total": 100,
+    "dp_sampling": "poisson", "secure_aggregation": False, "secagg_dropout_tolerance": 1 / 3,  # issue 13
+    "secagg_phase_timeout": 60.0,
 }  # fmt: skip
 FLAGS_ON_MAIN += list(ADDED)
 DEFAULTS_ON_MAIN = {**DEFAULTS_ON_MAIN, **ADDED}
@@ -76,6 +85,15 @@ SPECIAL = {  # (an environment value, a flag value) for fields whose range the g
     "max_body_bytes": ("2048", "4096"),
     "over_select": ("1.5", "2.5"),
     "lease_seconds": ("5", "20"),
+    "max_json_body_bytes": ("2048", "4096"),
+    "max_header_bytes": ("2048", "4096"),
+    "max_update_header_bytes": ("8192", "16384"),
+    "insecure_dev": ("true", "false"),
+    "influence_bound": ("false", "true"),
+    "influence_norm_multiple": ("2", "4"),
+    "influence_count_multiple": ("2", "4"),
+    "dp_sampling": ("unamplified", "poisson"),
+    "secure_aggregation": ("true", "false"),
 }
 
 

@@ -111,6 +111,7 @@ def old_database(tmp_path, clock: FakeClock, schema_version: str = "2"):
     running.add(delta_a, 5)
     config = RoundSettings(goal=2, over_select=1.5, deadline=600, min_fraction=0.5).model_dump(mode="json")
     config = {k: v for k, v in config.items() if schema_version == "2" or not k.startswith("dp_")}
+    config = {k: v for k, v in config.items() if not k.startswith("influence_")}  # newer than these schemas
     conn = sqlite3.connect(db)
     conn.executescript(schema)
     now = clock()
@@ -170,7 +171,7 @@ def test_a_pre_migration_database_is_adopted_and_its_open_round_goes_on(tmp_path
             mean = (5 * delta_a[name].astype(np.float64) + 15 * delta_b[name].astype(np.float64)) / 20
             np.testing.assert_allclose(v1[name], base[name] + mean, atol=1e-6, err_msg=name)
         assert client.get("/healthz").json() == {"status": "ok", "model_version": 1, "round_id": 2, "paused": False}
-    assert columns(db, "rounds") == before + ([] if schema_version == "2" else list(DP_COLUMNS))
+    assert columns(db, "rounds") == before + ([] if schema_version == "2" else list(DP_COLUMNS)) + ["canary"]
     store = Store(str(db))  # opening it again changes nothing
     try:
         assert store.revision == HEAD
@@ -194,12 +195,12 @@ def test_an_unknown_schema_version_is_refused_with_a_reason(tmp_path):
 def test_a_fresh_database_gets_the_schema_an_old_one_has(tmp_path):
     """Created by the migrations, the tables and their SQLite column types are those of the old schema
     (primary keys are NOT NULL now, which SQLite's old TEXT PRIMARY KEY did not enforce), with later
-    revisions' columns after them (updates.replica: which replica acknowledged it)."""
+    revisions' columns after them (updates.replica: which replica acknowledged it; rounds.canary)."""
     old = tmp_path / "old.db"
     with sqlite3.connect(old) as conn:
         conn.executescript(OLD_SCHEMA)
     Store(str(tmp_path / "new.db")).close()
-    added = {"updates": [("replica", "TEXT", 0, 0)]}
+    added = {"updates": [("replica", "TEXT", 0, 0)], "rounds": [("canary", "INTEGER", 1, 0)]}
     for table in ("devices", "model_versions", "rounds", "assignments", "updates", "server_state"):
         with sqlite3.connect(old) as a, sqlite3.connect(tmp_path / "new.db") as b:
             info = 'SELECT name, type, "notnull" OR pk > 0, pk FROM pragma_table_info(?)'

@@ -163,13 +163,15 @@ class OnnxStep:
 
 def modern_sink(seed: int = 0) -> Model:
     """The modern operators the model families leave out: nearest resizing, hard swish / sigmoid,
-    SiLU, GELU, depthwise convolution, one-sided clips, where / less / logical masks, layer norm."""
+    SiLU, GELU, depthwise convolution, softmax over inner axes, one-sided clips, where / less /
+    logical masks, layer norm."""
     graph = ComputingGraph()
     weight = _weight_maker(graph, seed)
     x = opr.host2device(graph, (None, 1, 28, 28), name="x")
     h = opr.convolution(x, weight("c1.w", 4, 1, 3, 3), stride=2, padding=1)  # (N, 4, 14, 14)
     h = opr.resize_nearest(h, (17, 17), coordinate="half_pixel", nearest="floor")
     h = opr.depthwise_convolution(opr.hard_swish(h), weight("dw.w", 8, 1, 3, 3), stride=2, padding=1)  # (N, 8, 9, 9)
+    h = h + opr.softmax(h, axis=1) + opr.softmax(h, axis=2)  # softmax over channels, over rows
     h = opr.where(opr.less(h, 0.1), opr.gelu(h), opr.silu(h)) + opr.hard_sigmoid(h, 0.2, 0.4)
     inside = opr.LogicalAnd.make(opr.LessEqual.make(h, 1.5), opr.GreaterEqual.make(h, -1.5))
     h = opr.clip(h, high=1.0) + opr.clip(h, low=-0.5) * opr.astype(inside, "float32")

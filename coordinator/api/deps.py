@@ -23,19 +23,26 @@ def token_hash(token: str) -> str:
 
 
 def get_services(request: Request) -> Services:
-    return request.app.state.services
+    """The services of the population the path names (api/middleware.py), else the default's."""
+    name = request.scope.get("pf_population")
+    if name is None:
+        return request.app.state.services
+    services = request.app.state.populations.get(name)
+    if services is None:
+        raise Refused(404, f"population {name[:60]!r} does not exist", "unknown_population")
+    return services
 
 
-def get_store(request: Request) -> Store:
-    return request.app.state.services.store
+def get_store(services: Annotated[Services, Depends(get_services)]) -> Store:
+    return services.store
 
 
-def get_settings(request: Request) -> Settings:
-    return request.app.state.services.settings
+def get_settings(services: Annotated[Services, Depends(get_services)]) -> Settings:
+    return services.settings
 
 
-def get_metrics(request: Request) -> Metrics:
-    return request.app.state.services.metrics
+def get_metrics(services: Annotated[Services, Depends(get_services)]) -> Metrics:
+    return services.metrics
 
 
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
@@ -81,6 +88,16 @@ def require_admin(credentials: Credentials, settings: SettingsDep) -> None:
     presented = credentials.credentials if credentials else ""
     if not secrets.compare_digest(presented.encode(), settings.admin_token.encode()):
         raise Refused(403, "Authorization: admin token required for this call", "admin_forbidden")
+
+
+def is_admin(credentials: Credentials, settings: SettingsDep) -> bool:
+    """Whether the admin token is presented (for views that show more to the operator)."""
+    presented = credentials.credentials if credentials else ""
+    expected = settings.admin_token or ""
+    return bool(expected) and secrets.compare_digest(presented.encode(), expected.encode())
+
+
+AdminViewDep = Annotated[bool, Depends(is_admin)]
 
 
 def device_or_admin(credentials: Credentials, store: StoreDep, settings: SettingsDep) -> None:

@@ -51,6 +51,11 @@ class ModelVersionListing(ModelVersionInfo):
     )
     loss: float | None = Field(None, description="server-side evaluation loss (null as for accuracy)")
     eval_samples: int | None = Field(None, description="examples the evaluation used")
+    release: str | None = Field(
+        None,
+        description="released | pinned | canary | candidate (awaiting the gate) | held (held back) | "
+        "superseded | rolled back (released once, then an older one again) | retired (released once, replaced since)",
+    )
 
 
 class CheckinRequest(Strict):
@@ -63,6 +68,28 @@ class CheckinResponse(BaseModel):
     task: Task | None = None
     retry_after: int | None = Field(None, description="seconds to wait before checking in again")
     reason: str | None = None
+
+
+class SecAggStatus(BaseModel):
+    """GET/POST /v1/rounds/{id}/secagg...: where the device's secure-aggregation round stands."""
+
+    round_id: int
+    phase: Literal["joining", "advertise", "share_keys", "masked_input", "unmask", "done", "abandoned"]
+    joined: bool
+    index: int | None = Field(None, description="this device's protocol index 1..n once the cohort is fixed")
+    cohort_size: int
+    config: dict | None = Field(None, description="the round's secagg_config (protocol/secagg/params.py)")
+    layout: list[tuple[str, list[int]]] | None = Field(None, description="tensor names and shapes, in vector order")
+    message: dict | None = Field(None, description="the server message due to this device in this phase")
+    expected: bool = Field(False, description="this phase takes a message from this device")
+    waiting: bool = Field(False, description="the server still waits for this device's message")
+    reason: str | None = None
+    retry_after: float
+
+
+class SecAggAccepted(BaseModel):
+    accepted: bool = Field(..., description="false: the same message was accepted before (a replay)")
+    phase: str
 
 
 class UploadAccepted(BaseModel):
@@ -91,7 +118,16 @@ class RoundSummary(BaseModel):
     epsilon: float | None = Field(None, description="DP: epsilon spent after this round (at dp_delta)")
     dp_delta: float | None = None
     dp_clip_norm: float | None = Field(None, description="DP: the clip C this round used")
+    dp_sampling_rate: float | None = Field(None, description="DP: q = goal / population (1: no amplification)")
+    dp_sampling: str | None = Field(
+        None, description="DP: poisson (admitted with probability q) or unamplified (first come; q = 1)"
+    )
+    secure_aggregation: bool = Field(False, description="the server saw only the cohort's masked sum")
+    secagg_phase: str | None = Field(None, description="secure aggregation: joining, advertise, ..., done, abandoned")
+    secagg_cohort: int | None = Field(None, description="secure aggregation: devices in the cohort")
+
     dp_sampling_rate: float | None = Field(None, description="DP: q = goal / population")
+    canary: bool = Field(False, description="a canary round: on a candidate, for the canary devices only")
 
 
 class Participant(BaseModel):
@@ -106,7 +142,9 @@ class Participant(BaseModel):
 class RoundDetail(RoundSummary):
     config: RoundSettings
     metrics: dict[str, float] = Field(..., description="sample-weighted mean of the devices' metrics")
-    participants: list[Participant]
+    participants: list[Participant] | None = Field(
+        None, description="per-device detail, with the admin token only (public: aggregates, None here)"
+    )
 
 
 class PublishResponse(BaseModel):
@@ -156,6 +194,10 @@ class SettingsPatch(Strict):
     dp_population: int | None = None
     dp_epsilon_budget: float | None = None
     dp_on_budget: Literal["stop", "warn"] | None = None
+    dp_sampling: Literal["poisson", "unamplified"] | None = None
+    secure_aggregation: bool | None = None
+    secagg_dropout_tolerance: float | None = None
+    secagg_phase_timeout: float | None = None
 
 
 class Health(BaseModel):
@@ -163,3 +205,64 @@ class Health(BaseModel):
     model_version: int
     round_id: int | None
     paused: bool
+
+
+class ReleaseChange(Strict):
+    """An operator's release change; `reason` is required and recorded with `by` in the release audit."""
+
+    version: int = Field(..., ge=0, le=2**62)
+    reason: str = Field(..., min_length=1, max_length=500)
+    by: str = Field("admin", min_length=1, max_length=100, description="who makes the change (for the audit)")
+
+
+class Unpin(Strict):
+    reason: str = Field(..., min_length=1, max_length=500)
+    by: str = Field("admin", min_length=1, max_length=100)
+
+
+class ReleaseStateInfo(BaseModel):
+    released: int = Field(..., description="the version devices get as their base (GET /v1/models/latest)")
+    canary: int | None = Field(None, description="the candidate the canary devices get first, if any")
+    pinned: bool = Field(False, description="candidates wait while the operator pins the released version")
+
+
+class ReleaseEvent(BaseModel):
+    id: int
+    version: int
+    action: str = Field(..., description="released | canary | promoted | held | superseded | pinned | rollback | ...")
+    actor: str = Field(..., description='who: "release-gate", "system" or the operator')
+    reason: str
+    at: float
+
+
+class Releases(ReleaseStateInfo):
+    events: list[ReleaseEvent] = Field(..., description="the release audit, newest first")
+
+
+class PopulationInfo(BaseModel):
+    name: str
+    architecture: str
+    created_at: float | None = Field(None, description="null for the default population")
+    created_by: str | None = None
+    released_version: int
+    devices: int = Field(..., description="devices enrolled")
+    api: str = Field(..., description="the population's API prefix")
+
+
+class PopulationCreated(BaseModel):
+    name: str
+    enrollment_key: str = Field(..., description="shown once; stored only as its sha256")
+    version: int
+    sha256: str
+    api: str
+
+
+class EnrollmentCodesRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    count: int = Field(1, ge=1, le=10_000, description="how many one-time codes")
+    ttl_seconds: float = Field(7 * 86400, gt=0, le=365 * 86400, description="seconds until unused codes expire")
+
+
+class EnrollmentCodes(BaseModel):
+    codes: list[str] = Field(..., description="each enrolls one device once (as enrollment_key); shown only now")
+    expires_at: float

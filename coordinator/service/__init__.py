@@ -3,6 +3,9 @@
     store (store/) <- versions <- rounds (lifecycle) <- writer <- ingest, checkin, admin
                                          ^ privacy          ticker: rounds.tick in the background
                                          ^ aggregates (partials), cluster (shared settings, lease)
+                                         ^ releases (candidates, the gate, canaries, pins, the audit)
+
+Named populations (populations.py) are each a whole set of these services on a database of their own.
 
 Each service calls only the ones to its left: the lifecycle never calls into the writer, the
 writer settles rounds through the lifecycle's `tick` after each group.
@@ -29,7 +32,9 @@ from coordinator.service.evaluation import EvaluateFn, Evaluator, engine_evaluat
 from coordinator.service.ingest import Ingest
 from coordinator.service.modelfile import initial_model_bytes
 from coordinator.service.privacy import PrivacyLedger, require_accountant
+from coordinator.service.releases import Releases
 from coordinator.service.rounds import RoundLifecycle
+from coordinator.service.secagg import SecureAggregation, require_cryptography
 from coordinator.service.ticker import Ticker
 from coordinator.service.training_steps import TrainingSteps
 from coordinator.service.versions import ModelVersions
@@ -52,11 +57,15 @@ class Services:
     writer: UploadWriter
     ingest: Ingest
     checkin: CheckIn
+    secagg: SecureAggregation
     admin: Admin
     ticker: Ticker
     metrics: Metrics
     evaluator: Evaluator | None
     lease: Lease
+    releases: Releases
+    population: str = "default"  # service/populations.py
+    enrollment_key_hash: str | None = None  # a named population's key (sha256); default: settings.enrollment_key
 
     def tick(self) -> None:
         """Settle rounds now (what the background ticker does every tick_interval)."""
@@ -67,6 +76,7 @@ class Services:
         open the next, evaluate versions nobody has evaluated yet."""
         if not self.lease.hold():
             return
+        self.secagg.tick()
         self.rounds.tick()
         if self.evaluator is not None:
             self.evaluator.catch_up(self.store.unevaluated_versions(), lambda v: self.versions.get(v).data)
@@ -87,6 +97,7 @@ class Services:
             "pf_current_round": r.id if r else 0,
             "pf_current_round_received": r.received if r else 0,
             "pf_model_version": self.versions.latest(),
+            "pf_released_version": self.releases.released(),
             "pf_devices": self.store.count_devices(),
             "pf_paused": int(self.rounds.paused),
         }
@@ -109,29 +120,49 @@ class Services:
 
 
 def open_services(
-    settings: Settings, *, clock: Callable[[], float] = time.time, evaluate: EvaluateFn | None = None
+    settings: Settings,
+    *,
+    clock: Callable[[], float] = time.time,
+    evaluate: EvaluateFn | None = None,
+    initial_model: bytes | None = None,
+    population: str = "default",
 ) -> Services:
     """Open the store (migrating it), recover (orphan files, the initial model, the open round) and
-    wire the services. `clock` and `evaluate` are injectable for tests."""
+    wire the services. `clock` and `evaluate` are injectable for tests; `initial_model` is a new
+    population's first model (else --model)."""
     if not settings.enrollment_key:
         settings = settings.model_copy(update={"enrollment_key": secrets.token_urlsafe(16)})
         log.warning("no enrollment key given; generated one for this run: %s", settings.enrollment_key)
     round_settings = settings.round_settings()
     if round_settings.dp_enabled:
         require_accountant()
+    if round_settings.secure_aggregation:
+        require_cryptography()
     store = Store(settings.db, pool_size=settings.db_pool_size)
     files = blob_store_for(settings.db, store)
     metrics = Metrics()
     if evaluate is None and settings.eval_data:
         evaluate = engine_evaluator(settings.eval_data)
+    releases = Releases(
+        store,
+        tolerance=settings.release_tolerance,
+        canary_fraction=settings.canary_fraction,
+        server_gate=evaluate is not None,
+        clock=clock,
+    )
     evaluator = None
     if evaluate is not None:
 
         def record(version: int, result: dict) -> None:
             with store.transaction() as tx:
                 tx.set_evaluation(version, float(result["accuracy"]), float(result["loss"]), int(result["n"]))
+            ticker.wake()  # a candidate may await this evaluation before the next round opens
 
-        evaluator = Evaluator(evaluate, record)
+        def failed(version: int, why: str) -> None:
+            releases.fail(version, why)
+            ticker.wake()
+
+        evaluator = Evaluator(evaluate, record, failed)
     replica = replica_name(store)
     lease = Lease(store, replica, settings.lease_seconds)
 
@@ -141,7 +172,9 @@ def open_services(
 
     versions = ModelVersions(store, files, on_published=published)
     privacy = PrivacyLedger(store)
-    rounds = RoundLifecycle(round_settings, store, versions, privacy, metrics, clock, replica=replica)
+    rounds = RoundLifecycle(
+        round_settings, store, versions, privacy, metrics, clock, replica=replica, releases=releases
+    )
     writer = UploadWriter(store, rounds)
     ticker = Ticker(lambda: services.background(), settings.tick_interval)
     services = Services(
@@ -153,18 +186,35 @@ def open_services(
         privacy=privacy,
         rounds=rounds,
         writer=writer,
-        ingest=Ingest(store, versions, rounds, writer, clock, on_late=ticker.wake),
+        ingest=Ingest(
+            store,
+            versions,
+            rounds,
+            writer,
+            clock,
+            on_late=ticker.wake,
+            max_header_bytes=settings.max_update_header_bytes,
+        ),
         checkin=CheckIn(settings, store, rounds, privacy, writer, clock, on_late=ticker.wake),
+        secagg=SecureAggregation(store, versions, rounds, clock),
         admin=Admin(store, versions, rounds),
         ticker=ticker,
         metrics=metrics,
         evaluator=evaluator,
         lease=lease,
+        releases=releases,
+        population=population,
     )
     lease.hold()
-    rounds.start(lambda: initial_model_bytes(settings.model, settings.model_seed))
+    rounds.start(lambda: initial_model or initial_model_bytes(settings.model, settings.model_seed))
     if evaluator is not None and lease.held:  # versions a crash left unevaluated
         evaluator.catch_up(store.unevaluated_versions(), lambda v: versions.get(v).data)
     metrics.watch(services.state)
-    log.info("replica %s on %s (%s the background lease)", replica, store.label, "holds" if lease.held else "waits for")
+    log.info(
+        "population %s: replica %s on %s (%s the background lease)",
+        population,
+        replica,
+        store.label,
+        "holds" if lease.held else "waits for",
+    )
     return services

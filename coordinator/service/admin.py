@@ -7,6 +7,7 @@ from typing import Any
 
 from coordinator.errors import Refused
 from coordinator.service import privacy
+from coordinator.service.releases import ReleaseState
 from coordinator.service.rounds import RoundLifecycle
 from coordinator.service.versions import ModelVersions
 from coordinator.settings import RoundSettings
@@ -38,16 +39,49 @@ class Admin:
                     privacy.require_accountant()
                 except ValueError as exc:
                     raise Refused(422, f"dp_noise_multiplier: {exc}", "bad_settings") from None
+            if new.secure_aggregation:
+                from coordinator.service.secagg import require_cryptography
+
+                try:
+                    require_cryptography()
+                except ValueError as exc:
+                    raise Refused(422, f"secure_aggregation: {exc}", "bad_settings") from None
             self.lifecycle.round_settings = new
         log.info("round settings changed: %s", changes)
         return new
 
-    def publish(self, data: bytes) -> int:
-        """An operator's model replaces the base: the open round is abandoned, a new one opens on it."""
+    def publish(self, data: bytes, actor: str = "admin") -> int:
+        """An operator's model replaces the base (released at once, recorded in the release audit): the
+        open round is abandoned, a new one opens on it."""
+        reason = "published by the operator"
         with self.store.lock:
-            version = self.versions.publish(data, reason="published by the operator")
+            releases = self.lifecycle.releases
+            version = self.versions.publish(
+                data, reason=reason, then=lambda tx, v: releases.release_now(tx, v, actor, reason)
+            )
             r = self.lifecycle.current()
             if r is not None:
                 self.lifecycle.abandon(r, f"superseded by published model v{version}")
             self.lifecycle.tick()
         return version
+
+    def set_released(self, version: int, *, action: str, actor: str, reason: str, pin: bool) -> ReleaseState:
+        """Roll back to (or pin) a version: devices get it as their base from now on; an open round on
+        another base is abandoned and the next opens on it."""
+        with self.store.lock:
+            state = self.lifecycle.releases.set_released(version, action=action, actor=actor, reason=reason, pin=pin)
+            self._restart_round(f"{action} to v{version}")
+        return state
+
+    def unpin(self, actor: str, reason: str) -> ReleaseState:
+        with self.store.lock:
+            self.lifecycle.releases.unpin(actor, reason)
+            self.lifecycle.releases.review()  # the newest waiting candidate, now
+            self._restart_round("unpinned")
+        return self.lifecycle.releases.state()
+
+    def _restart_round(self, why: str) -> None:
+        r = self.lifecycle.current()
+        if r is not None and r.base_version != self.lifecycle.releases.released():
+            self.lifecycle.abandon(r, f"superseded: {why}")
+        self.lifecycle.tick()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
@@ -46,6 +47,16 @@ class CheckIn:
         self.writer, self.clock = writer, clock
         self.on_late = on_late or (lambda: None)  # wakes the background tick when a deadline has passed
         self._tasks: dict[int, Task] = {}
+        self._recent: deque[float] = deque(maxlen=100_000)  # check-in times on this replica (the dashboard)
+
+    def per_minute(self) -> int:
+        """Check-ins this replica answered in the last 60 seconds (capped at the deque's length)."""
+        since, count = self.clock() - 60.0, 0
+        for t in reversed(self._recent):  # newest first: stop at the first older one
+            if t < since:
+                break
+            count += 1
+        return count
 
     def task_for(self, r: RoundRow) -> Task:
         """The round's task (built once per round: every device of the round gets the same)."""
@@ -65,6 +76,7 @@ class CheckIn:
                 noise_multiplier=cfg.noise_multiplier,
                 encoding=cfg.encoding,
                 topk_fraction=cfg.topk_fraction,
+                secure_aggregation=cfg.secure_aggregation,
             )
             if len(self._tasks) >= 4:
                 self._tasks.pop(min(self._tasks))
@@ -78,6 +90,7 @@ class CheckIn:
 
     def checkin(self, device: DeviceRow, eligible: bool) -> CheckinAnswer:
         now = self.clock()
+        self._recent.append(now)
         due = device.last_seen is None or now - device.last_seen >= LAST_SEEN_RESOLUTION
         answer, written = self._answer(device.id, eligible, now, due)
         if due and not written:
@@ -101,10 +114,16 @@ class CheckIn:
             to_deadline = r.deadline - now
             if not eligible:
                 return self._retry(to_deadline, "device reported not eligible"), written
+            if not self.lifecycle.releases.admits(bool(r.canary), device_id):
+                why = f"round {r.id} is the canary of candidate v{r.base_version}, for canary devices only"
+                return self._retry(to_deadline, why), written
             if self.store.has_update(r.id, device_id):
                 return self._retry(to_deadline, f"already contributed to round {r.id}"), written
             if self.store.is_assigned(r.id, device_id):
                 return CheckinAnswer("task", task=self.task_for(r)), written
+            if r.dp_q is not None and r.config.dp_sampling == "poisson" and not self.privacy.admitted(r, device_id):
+                why = f"not sampled for round {r.id} (each device is admitted with probability {r.dp_q:.3g})"
+                return self._retry(to_deadline, why), written
             outcome = "full"
             if self.store.count_assigned(r.id) < r.max_assignments:
                 assignment = Assignment(device_id, r.id, seen_at=now if due and not written else None)

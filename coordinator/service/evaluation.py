@@ -33,8 +33,14 @@ def engine_evaluator(eval_data: str) -> EvaluateFn:
 
 
 class Evaluator:
-    def __init__(self, evaluate: EvaluateFn, store: Callable[[int, dict], None]):
+    def __init__(
+        self,
+        evaluate: EvaluateFn,
+        store: Callable[[int, dict], None],
+        failed: Callable[[int, str], None] | None = None,
+    ):
         self._evaluate, self._store = evaluate, store
+        self._failed = failed or (lambda version, why: None)  # the release gate holds such a candidate back
         self._queue: queue.Queue[tuple[int, bytes] | None] = queue.Queue()
         self._taken: set[int] = set()  # versions queued once (a failure is not retried every tick)
         self._thread = threading.Thread(target=self._run, name="pf-evaluator", daemon=True)
@@ -68,6 +74,10 @@ class Evaluator:
                     result = self._evaluate(data)
                 except Exception as exc:  # an evaluation failure must not stop the service
                     log.warning("evaluation of model v%d failed: %s", version, exc)
+                    try:
+                        self._failed(version, str(exc) or type(exc).__name__)
+                    except Exception as inner:  # e.g. the store closed at shutdown
+                        log.warning("holding back model v%d failed: %s", version, inner)
                     continue
                 try:
                     self._store(version, result)

@@ -4,6 +4,7 @@ strategy's view of it), then the group-commit writer (service/writer.py) for the
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -13,8 +14,15 @@ from coordinator.service.modelfile import expected_shapes
 from coordinator.service.rounds import RoundLifecycle
 from coordinator.service.validation import check_update
 from coordinator.service.versions import ModelVersions
-from coordinator.service.writer import PreparedUpload, UploadWriter, answered_meanwhile, check_may_upload
+from coordinator.service.writer import (
+    PreparedUpload,
+    UploadWriter,
+    answered_meanwhile,
+    check_may_upload,
+    replayed,
+)
 from coordinator.store import Store
+from protocol.update import MAX_HEADER_BYTES
 
 
 class Ingest:
@@ -26,14 +34,17 @@ class Ingest:
         writer: UploadWriter,
         clock: Callable[[], float] = time.time,
         on_late: Callable[[], None] | None = None,
+        max_header_bytes: int = MAX_HEADER_BYTES,
     ):
+        self.max_header_bytes = max_header_bytes
         self.store, self.versions, self.lifecycle, self.writer, self.clock = store, versions, lifecycle, writer, clock
         self.on_late = on_late or (lambda: None)  # wakes the background tick when a deadline has passed
 
     def prepare(self, device_id: str, round_id: int, key: str, body: bytes) -> dict | PreparedUpload:
         """The replayed answer for a known Idempotency-Key, or the decoded and validated update (the
         writer checks replay, duplicates and round state again, under the lock)."""
-        answer = self.store.answer_for_key(device_id, key)
+        body_sha256 = hashlib.sha256(body).hexdigest()
+        answer = replayed(self.store, device_id, key, body_sha256)
         if answer is not None:
             return answer
         now = self.clock()
@@ -43,11 +54,18 @@ class Ingest:
         try:
             r = check_may_upload(self.store, r, round_id, device_id, now)
         except Refused as exc:
-            answer = answered_meanwhile(self.store, device_id, key, exc)  # by another replica
+            answer = answered_meanwhile(self.store, device_id, key, body_sha256, exc)  # by another replica
             if isinstance(answer, Refused):
                 raise
             return answer
         cfg = r.config
+        if cfg.secure_aggregation:
+            raise Refused(
+                409,
+                f"round {round_id} uses secure aggregation: send the masked update through "
+                f"/v1/rounds/{round_id}/secagg, not a plain one",
+                "secure_aggregation",
+            )
         update, norm = check_update(
             body,
             round_id=round_id,
@@ -55,6 +73,7 @@ class Ingest:
             expected=expected_shapes(self.versions.get(r.base_version).container),
             max_norm=cfg.max_update_norm,
             max_sample_count=cfg.max_sample_count,
+            max_header_bytes=self.max_header_bytes,
         )
         strategy = self.lifecycle.strategy_for(r)
         delta, weight = strategy.accept(update.delta, update.sample_count)
@@ -69,6 +88,7 @@ class Ingest:
             delta=delta,
             weight=weight,
             streaming=strategy.streaming,
+            body_sha256=body_sha256,
         )
 
     def submit(self, prepared: PreparedUpload) -> Future:

@@ -1,13 +1,19 @@
 """The privacy ledger: what client-level DP (strategies/dp.py) costs, round by round, and the budget.
 
 Accounting: each committed round is a Poisson-subsampled Gaussian mechanism with sampling rate
-q = goal / population and multiplier z, composed with the `dp-accounting` package's RDP accountant
+q = goal / population and multiplier z -- which holds because check-in admits each device to a DP
+round with probability q, independently (`admitted`; dp_sampling="poisson"); with
+dp_sampling="unamplified" devices are taken first come, first served and rounds are charged with q = 1
+(no amplification by sampling). Secure-aggregation rounds charge the Gaussian z that bounds the
+devices' summed Skellam noise (service/secagg.py). Rounds are composed with the `dp-accounting` package's RDP accountant
 (the `dp` extra); epsilon at `dp_delta` is stored per round. Rounds carry their (dp_clip, dp_q,
 dp_noise, epsilon); the adapted clip C and the noise seed live in server_state.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import secrets
 from collections.abc import Iterable
@@ -54,8 +60,20 @@ class PrivacyLedger:
         return float(stored.decode()) if cfg.dp_adaptive_clip and stored else cfg.dp_clip_norm
 
     def sampling_rate(self, cfg: RoundSettings) -> float:
+        """q the accountant charges: goal / population with Poisson admission, else 1 (no amplification)."""
+        if cfg.dp_sampling == "unamplified":
+            return 1.0
         population = cfg.dp_population or self.store.count_devices()
         return min(1.0, cfg.goal / max(population, cfg.goal))
+
+    def admitted(self, r: RoundRow, device_id: str) -> bool:
+        """Poisson sampling: a device is admitted to a DP round with probability q, independently of
+        the others, decided once per (round, device) by a keyed hash (asking again changes nothing)."""
+        if r.dp_q is None or r.dp_q >= 1.0:
+            return True
+        key = str(self.seed(r.id)[0]).encode()
+        draw = hmac.new(key, f"{r.id}:{device_id}".encode(), hashlib.sha256).digest()
+        return int.from_bytes(draw[:8], "big") / 2**64 < r.dp_q
 
     def seed(self, round_id: int) -> list[int]:
         """The noise seed of a round: a stored secret and the round id, so a commit redone after a

@@ -15,6 +15,11 @@ whichever replica gets there first. Its commit sums the replicas' partial aggreg
 (service/aggregates.py), writes the new model's bytes, registers the version and closes the round
 in that one transaction; a crash anywhere in it leaves the round open with every acknowledged
 update, and the next tick (on any replica, or at startup) commits it again, to the same weights.
+
+A round trains on the *released* version (service/releases.py), or is a canary round on a candidate
+for the canary devices only. The version a commit registers is a candidate; the release gate decides
+on it before the next round opens, and a closed canary round promotes or holds back its candidate
+(a crash between the commit and that decision leaves the canary in place: another canary round).
 """
 
 from __future__ import annotations
@@ -30,14 +35,21 @@ import numpy as np
 from coordinator.metrics import Metrics
 from coordinator.service.aggregates import RoundAggregates, replica_name
 from coordinator.service.cluster import SharedSettings
-from coordinator.service.modelfile import with_version
+from coordinator.service.modelfile import expected_shapes, with_version
 from coordinator.service.privacy import PrivacyLedger
+from coordinator.service.releases import Releases
 from coordinator.service.versions import ModelVersions, Registered
 from coordinator.settings import RoundSettings
 from coordinator.store import NewRound, RoundRow, Store, Writes
 from coordinator.strategies import DifferentialPrivacy, NormBounded, RoundUpdates, Strategy, make_strategy
 from coordinator.strategies.base import state_from_bytes, state_to_bytes
 from coordinator.strategies.dp import count_stddev
+from coordinator.strategies.influence import (
+    InfluenceBounded,
+    InfluenceLimits,
+    bounded_by_default,
+    influence_limits,
+)
 from engine.serialize.container import loads
 
 log = logging.getLogger("pocketfed.coordinator")
@@ -53,8 +65,10 @@ class RoundLifecycle:
         metrics: Metrics,
         clock: Callable[[], float] = time.time,
         replica: str | None = None,
+        releases: Releases | None = None,
     ):
         self.store, self.versions, self.privacy, self.metrics, self.clock = store, versions, privacy, metrics, clock
+        self.releases = releases or Releases(store, tolerance=0.02, canary_fraction=0.0, server_gate=False, clock=clock)
         self.replica = replica or replica_name(store)
         self.shared = SharedSettings(store, settings)  # round settings and `paused`, as every replica sees them
         self.aggregates = RoundAggregates(store, self.replica)
@@ -87,7 +101,9 @@ class RoundLifecycle:
         if strategy is None:
             cfg = r.config
             strategy = make_strategy(cfg)
-            if r.dp_clip is not None:
+            if cfg.secure_aggregation:
+                pass  # devices clip (and add their share of the DP noise) before masking: nothing to wrap
+            elif r.dp_clip is not None:
                 strategy = DifferentialPrivacy(
                     strategy,
                     clip_norm=r.dp_clip,
@@ -100,10 +116,32 @@ class RoundLifecycle:
                 )
             elif cfg.norm_bound is not None:
                 strategy = NormBounded(strategy, cfg.norm_bound)
+            elif bounded_by_default(cfg):
+                limits = self.influence_limits(r)
+                log.info("round %d: deltas clipped to %.4g, weights capped at %g (%s)", r.id, *vars(limits).values())
+                strategy = InfluenceBounded(strategy, limits)
             if len(self._strategies) >= 4:
                 self._strategies.pop(min(self._strategies))
             self._strategies[r.id] = strategy
         return strategy
+
+    def influence_limits(self, r: RoundRow) -> InfluenceLimits:
+        """The default per-device bounds for round `r` (strategies/influence.py): from its base model
+        and the last committed round before it (the same on every replica)."""
+        cfg, container = r.config, self.versions.get(r.base_version).container
+        trainable = [container.tensors[name] for name in expected_shapes(container)]
+        base_norm = math.sqrt(sum(float(np.dot(t.ravel(), t.ravel())) for t in trainable))
+        previous = self.store.last_committed_before(r.id)
+        updates = self.store.round_updates(previous) if previous is not None else []
+        return influence_limits(
+            base_norm,
+            sum(t.size for t in trainable),
+            [u.norm for u in updates],
+            [u.sample_count for u in updates],
+            norm_multiple=cfg.influence_norm_multiple,
+            count_multiple=cfg.influence_count_multiple,
+            model_fraction=cfg.influence_model_fraction,
+        )
 
     def start(self, initial_model: Callable[[], bytes]) -> None:
         """Idempotent recovery: adopt or store the round settings, drop orphan files, publish v0 if
@@ -111,6 +149,7 @@ class RoundLifecycle:
         with self.store.lock:
             self.shared.adopt()
             self.versions.recover(initial_model)
+            self.releases.adopt()
             r = self.current()
             if r is not None:
                 log.info("startup: round %d is open with %d/%d updates", r.id, r.received, r.goal)
@@ -118,6 +157,8 @@ class RoundLifecycle:
 
     def due(self, r: RoundRow) -> tuple[str, str] | None:
         """What settling the round would do now: ("commit" | "abandon", why), or None (leave it open)."""
+        if r.config.secure_aggregation:
+            return self._secagg_due(r)
         if r.received >= r.goal:
             return "commit", "goal reached"
         if self.clock() < r.deadline:
@@ -125,6 +166,18 @@ class RoundLifecycle:
         if r.received >= r.min_updates:
             return "commit", f"deadline with {r.received}/{r.goal} updates"
         return "abandon", f"deadline with {r.received}/{r.goal} updates, fewer than the minimum {r.min_updates}"
+
+    def _secagg_due(self, r: RoundRow) -> tuple[str, str] | None:
+        """A secure-aggregation round commits when its sum is unmasked, is abandoned with the protocol's
+        reason, or at the deadline before either."""
+        phase, reason = self.store.secagg_phase(r.id) or ("joining", None)
+        if phase == "done":
+            return "commit", f"secure aggregation of {r.received} devices"
+        if phase == "abandoned":
+            return "abandon", f"secure aggregation abandoned: {reason}"
+        if self.clock() < r.deadline:
+            return None
+        return "abandon", f"deadline in the secure-aggregation phase {phase}"
 
     def tick(self) -> None:
         """Settle the open round (commit at goal; commit or abandon at deadline); open one if none."""
@@ -140,6 +193,8 @@ class RoundLifecycle:
                 self.settle(r.id)
                 if self.current() is not None:  # still open (a failed commit), or the next one already
                     return
+            if not self.releases.review():  # a candidate awaits its evaluation: open no round on a stale base
+                return
             if not self.paused and self.privacy.budget_allows(self.round_settings):
                 self._open()
 
@@ -163,6 +218,7 @@ class RoundLifecycle:
             self.aggregates.forget()
             if decision is None:
                 return None
+            self.releases.after_round(r.id, r.base_version, None if done is None else done.version)
             if done is None:
                 self._closed(r, "abandoned", reason)
                 return "abandoned"
@@ -203,21 +259,32 @@ class RoundLifecycle:
         return self.store.round(round_id)
 
     def _new_round(self, cfg: RoundSettings, now: float) -> NewRound:
+        """On the released version, or a canary round (fewer devices: the canaries) on the candidate."""
+        base, canary = self.releases.round_base()
+        goal = self.releases.canary_goal(cfg.goal) if canary else cfg.goal
         new = NewRound(
-            base_version=self.versions.latest(),
+            base_version=base,
             config=cfg,
-            goal=cfg.goal,
-            max_assignments=math.ceil(cfg.goal * cfg.over_select - 1e-9),
-            min_updates=max(1, math.ceil(cfg.goal * cfg.min_fraction - 1e-9)),
+            goal=goal,
+            max_assignments=math.ceil(goal * cfg.over_select - 1e-9),
+            min_updates=max(1, math.ceil(goal * cfg.min_fraction - 1e-9)),
             opened_at=now,
             deadline=now + cfg.deadline,
+            canary=canary,
         )
         if cfg.dp_enabled:
+            noise = cfg.dp_noise_multiplier
+            if cfg.secure_aggregation:  # the Gaussian z that bounds the devices' summed Skellam noise
+                from coordinator.service.modelfile import expected_shapes
+                from coordinator.service.secagg import charged_noise_multiplier
+
+                shapes = expected_shapes(self.versions.get(new.base_version).container)
+                noise = charged_noise_multiplier(cfg, sum(math.prod(s) for s in shapes.values()))
             new = replace(
                 new,
                 dp_clip=self.privacy.clip_for(cfg),
                 dp_q=self.privacy.sampling_rate(cfg),
-                dp_noise=cfg.dp_noise_multiplier,
+                dp_noise=noise,
             )
         return new
 
@@ -232,6 +299,7 @@ class RoundLifecycle:
                     return
                 self._abandon(tx, r, reason)
             self.aggregates.forget()
+            self.releases.after_round(r.id, r.base_version, None)
             self._closed(r, "abandoned", reason)
 
     def _abandon(self, tx: Writes, r: RoundRow, reason: str) -> None:
@@ -260,6 +328,8 @@ class RoundLifecycle:
         spend = None
         if isinstance(strategy, DifferentialPrivacy):
             spend = self.privacy.spend(r, strategy.next_clip_norm)
+        elif r.dp_q is not None and r.config.secure_aggregation:  # distributed DP: the devices' noise
+            spend = self.privacy.spend(r, None)
         registered = self.versions.register(
             tx,
             lambda version: with_version(

@@ -7,7 +7,7 @@ import numpy as np
 from coordinator.errors import Refused
 from engine.serialize.container import ContainerError
 from protocol.deltas import global_l2_norm
-from protocol.update import Update, decode_update
+from protocol.update import MAX_HEADER_BYTES, Update, decode_update
 
 
 def check_update(
@@ -18,12 +18,13 @@ def check_update(
     expected: dict[str, tuple[int, ...]],
     max_norm: float,
     max_sample_count: int,
+    max_header_bytes: int = MAX_HEADER_BYTES,
 ) -> tuple[Update, float]:
     """Decode `body` against the base model's shapes; return (update, its L2 norm) or raise 422."""
     if not body:
         raise Refused(422, "body: empty; expected an update container (application/octet-stream)", "bad_update")
     try:
-        update = decode_update(body, expected=expected)
+        update = decode_update(body, expected=expected, max_header_bytes=max_header_bytes)
     except ContainerError as exc:
         raise Refused(422, f"update: {exc}", "bad_update") from None
     except (ValueError, RecursionError) as exc:  # json's own limits (huge integers, deep nesting)

@@ -63,11 +63,27 @@ def check_may_upload(store: Store, r: RoundRow | None, round_id: int, device_id:
     return r
 
 
-def answered_meanwhile(store: Store, device_id: str, key: str, refusal: Refused) -> dict | Refused:
+def replayed(store: Store, device_id: str, key: str, body_sha256: str) -> dict | None:
+    """The first answer to this Idempotency-Key, if any; the same key with another body is refused
+    (422), never answered as if the new body had been stored."""
+    answer = store.answer_for_key(device_id, key)
+    if answer is None:
+        return None
+    first_sha256 = answer.pop("body_sha256", None)  # stored with the answer, never sent
+    if first_sha256 is not None and first_sha256 != body_sha256:
+        raise Refused(
+            422,
+            f"Idempotency-Key: {key[:80]!r} was already used for a different body; use a new key for a new update",
+            "idempotency_key_reused",
+        )
+    return answer
+
+
+def answered_meanwhile(store: Store, device_id: str, key: str, body_sha256: str, refusal: Refused) -> dict | Refused:
     """A "duplicate" refusal may be this very upload, acknowledged by another replica between the
     replay check and the duplicate check: then its first answer, else the refusal."""
     if refusal.reason == "duplicate":
-        answer = store.answer_for_key(device_id, key)
+        answer = replayed(store, device_id, key, body_sha256)
         if answer is not None:
             return answer
     return refusal
@@ -87,6 +103,7 @@ class PreparedUpload:
     delta: dict[str, np.ndarray]  # as the round's strategy accepted it (clipped under DP or a norm bound)
     weight: float  # in the running mean: the sample count, or 1 under DP
     streaming: bool
+    body_sha256: str = ""  # kept with the answer: a replayed key must come with the same body
     future: Future = field(default_factory=Future)
 
 
@@ -246,13 +263,13 @@ class UploadWriter:
                     outcomes.append((item, self._assign(item, rounds, tx, now)))
                     continue
                 try:
-                    answer = self.store.answer_for_key(item.device_id, item.key)  # sees this group's rows too
+                    answer = replayed(self.store, item.device_id, item.key, item.body_sha256)  # this group's too
                     if answer is None:
                         answer = self._add(item, rounds, tx, now)
                         if answer is not None:
                             accepted.append((item, answer))
                 except Refused as exc:
-                    answer = answered_meanwhile(self.store, item.device_id, item.key, exc)
+                    answer = answered_meanwhile(self.store, item.device_id, item.key, item.body_sha256, exc)
                 except _Answered as replay:
                     answer = replay.answer
                 if answer is None:
@@ -313,13 +330,13 @@ class UploadWriter:
                 encoding=item.encoding,
                 metrics=item.metrics,
                 received_at=now,
-                response=answer,
+                response={**answer, "body_sha256": item.body_sha256},
                 delta=None if item.streaming else dumps(item.delta, kind="delta"),
                 replica=self.lifecycle.replica,
             )
         )
         if not added:  # another replica acknowledged this device's update since the checks above
-            first = self.store.answer_for_key(item.device_id, item.key)
+            first = replayed(self.store, item.device_id, item.key, item.body_sha256)
             if first is not None:
                 raise _Answered(first)
             raise Refused(409, f"device already uploaded an update to round {item.round_id}", "duplicate")

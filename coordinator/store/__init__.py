@@ -4,7 +4,16 @@ advisory locks that let several coordinator replicas share one PostgreSQL databa
 
 from coordinator.store.database import describe, is_url, models_dir_for
 from coordinator.store.model_files import BlobStore, DatabaseBlobs, ModelFiles, blob_store_for
-from coordinator.store.rows import DeviceRow, ModelVersionRow, NewRound, PartialRow, RoundRow, UpdateRow
+from coordinator.store.rows import (
+    DeviceRow,
+    ModelVersionRow,
+    NewRound,
+    PartialRow,
+    ReleaseRow,
+    RoundRow,
+    SecAggRow,
+    UpdateRow,
+)
 from coordinator.store.store import Store
 from coordinator.store.writes import StalePartial, Writes
 
@@ -16,7 +25,9 @@ __all__ = [
     "ModelVersionRow",
     "NewRound",
     "PartialRow",
+    "ReleaseRow",
     "RoundRow",
+    "SecAggRow",
     "StalePartial",
     "Store",
     "UpdateRow",

@@ -153,6 +153,9 @@ PG_CONNECT_ARGS = {
 def _postgresql_engines(url: sa.URL, readonly: bool, pool_size: int) -> tuple[sa.Engine | None, sa.Engine]:
     url = url.set(drivername="postgresql+psycopg")
     args = {**PG_CONNECT_ARGS, "application_name": "pocketfed"}
+    if "options" in url.query:  # e.g. a population's search_path (service/populations.py): kept with ours
+        args["options"] += " " + url.query["options"]
+        url = url.difference_update_query(["options"])
     reader = sa.create_engine(
         url, isolation_level="AUTOCOMMIT", pool_size=pool_size, max_overflow=pool_size, connect_args=args
     )

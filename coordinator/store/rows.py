@@ -68,6 +68,7 @@ class RoundRow:
     dp_q: float | None
     dp_noise: float | None
     epsilon: float | None
+    canary: int = 0  # 1: a canary round, on a candidate, for the canary devices only
     aggregate: bytes | None = None  # read only when asked for (the writer, a commit, the audit)
 
     @classmethod
@@ -93,6 +94,7 @@ class NewRound:
     dp_clip: float | None = None
     dp_q: float | None = None
     dp_noise: float | None = None
+    canary: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,3 +126,40 @@ class PartialRow:
     received: int
     total_weight: float
     aggregate: bytes | None = None  # read only when asked for; NULL once the round closed
+
+
+@dataclass(frozen=True, slots=True)
+class SecAggRow:
+    """A secure-aggregation round's durable state (service/secagg.py)."""
+
+    round_id: int
+    phase: str
+    members: list[str]  # device ids; a device's protocol index is its position + 1
+    phase_started: float
+    revision: int
+    state: bytes | None  # None when not read (see has_state) or when there is no session yet
+    state_revision: int  # the revision `state` was written at; messages after it are in secagg_messages
+    reason: str | None
+    has_state: bool = False
+
+    @classmethod
+    def from_row(cls, row: Any) -> SecAggRow:
+        """From (round_id, phase, members, phase_started, revision, state or None, state_revision, reason,
+        has_state)."""
+        return cls(row[0], row[1], json.loads(row[2]), row[3], row[4], _bytes(row[5]), row[6], row[7], bool(row[8]))
+
+
+def _bytes(value: Any) -> bytes | None:
+    return bytes(value) if value is not None else None
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseRow:
+    """One change of the released version (or a decision on a candidate), with who and why."""
+
+    id: int
+    version: int
+    action: str
+    actor: str
+    reason: str
+    at: float

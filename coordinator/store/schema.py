@@ -78,6 +78,8 @@ rounds = sa.Table(
     sa.Column("dp_q", Real),  # DP: sampling rate goal / population
     sa.Column("dp_noise", Real),  # DP: noise multiplier z charged to the accountant
     sa.Column("epsilon", Real),  # DP: epsilon spent after this round committed
+    # a canary round (service/releases.py): on a candidate, for the canary devices only
+    sa.Column("canary", sa.Integer, nullable=False, server_default=sa.text("0")),
     # at most one open round, whichever replica opens it
     sa.Index(
         "one_open_round",
@@ -159,4 +161,76 @@ rate_limits = sa.Table(
     sa.Column("key", sa.Text, primary_key=True),
     sa.Column("window_start", BigInt, primary_key=True),
     sa.Column("hits", sa.Integer, nullable=False),
+)
+
+# One-time enrollment codes (POST /v1/admin/enrollment-codes): sha256 of the code, spent once.
+enrollment_codes = sa.Table(
+    "enrollment_codes",
+    metadata,
+    sa.Column("code_hash", sa.Text, primary_key=True),
+    sa.Column("created_at", Real, nullable=False),
+    sa.Column("expires_at", Real, nullable=False),
+    sa.Column("used_at", Real),  # NULL until a device enrolls with it
+    sa.Column("device_id", sa.Text),  # the device that spent it
+)
+
+# ---------------------------------------------------------------------- secure aggregation (issue 13)
+
+# One row per secure-aggregation round: the cohort (device ids; index = position + 1), the phase and
+# the server session's state at the start of the phase (protocol/secagg ServerSession.to_bytes); the
+# messages accepted since are in secagg_messages, each written in the transaction that accepts it, so
+# a restarted coordinator rebuilds the session (state + messages) and resumes where it stopped.
+secagg_rounds = sa.Table(
+    "secagg_rounds",
+    metadata,
+    sa.Column("round_id", sa.Integer, sa.ForeignKey("rounds.id"), primary_key=True),
+    sa.Column("phase", sa.Text, nullable=False),  # joining, advertise, share_keys, masked_input, unmask, done|abandoned
+    sa.Column("members", sa.Text, nullable=False),  # JSON list of device ids in index order
+    sa.Column("phase_started", Real, nullable=False),
+    sa.Column("revision", sa.Integer, nullable=False),  # bumped by every write (caches compare it)
+    sa.Column("state", sa.LargeBinary),  # ServerSession.to_bytes() at state_revision; NULL while the cohort forms
+    sa.Column("state_revision", sa.Integer, nullable=False, server_default=sa.text("0")),
+    sa.Column("reason", sa.Text),  # why it was abandoned
+)
+
+# The messages a secure-aggregation round accepted since its last state (replayed in seq order).
+secagg_messages = sa.Table(
+    "secagg_messages",
+    metadata,
+    sa.Column("round_id", sa.Integer, sa.ForeignKey("rounds.id"), primary_key=True),
+    sa.Column("seq", sa.Integer, primary_key=True),  # the round's revision that accepted it
+    sa.Column("kind", sa.Text, nullable=False),  # advertise, shares, masked_input, unmask
+    sa.Column("body", sa.LargeBinary, nullable=False),  # the JSON message, or the masked-input frame
+)
+
+# ---------------------------------------------------------------------- releases (issue 17)
+
+# Every change of which version devices get as their base, with who made it and why: the gate's
+# decisions on candidates, canaries, promotions, an operator's pins and rollbacks. The current state
+# (released version, canary, pin) is server_state "release", written in the same transaction.
+releases = sa.Table(
+    "releases",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("version", sa.Integer, sa.ForeignKey("model_versions.version"), nullable=False),
+    sa.Column("action", sa.Text, nullable=False),  # released | held | canary | promoted | pinned | ...
+    sa.Column("actor", sa.Text, nullable=False),  # "release-gate", "system" or the operator's name
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("at", Real, nullable=False),
+    sa.Index("releases_by_version", "version"),
+)
+
+# ---------------------------------------------------------------------- populations (issue 17)
+
+# The named populations besides `default` (the coordinator's own database). Each one's devices,
+# rounds, versions and releases live in a database of its own (a SQLite file beside this one, or a
+# PostgreSQL schema: service/populations.py), so no query of one population can reach another's rows.
+populations = sa.Table(
+    "populations",
+    metadata,
+    sa.Column("name", sa.Text, primary_key=True),
+    sa.Column("enrollment_key_hash", sa.Text, nullable=False),  # sha256 of its enrollment key
+    sa.Column("architecture", sa.Text, nullable=False),
+    sa.Column("created_at", Real, nullable=False),
+    sa.Column("created_by", sa.Text, nullable=False),
 )

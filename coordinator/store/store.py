@@ -18,14 +18,19 @@ import sqlalchemy as sa
 
 from coordinator.store import migrate
 from coordinator.store.database import Database
-from coordinator.store.rows import DeviceRow, ModelVersionRow, PartialRow, RoundRow, UpdateRow
+from coordinator.store.rows import DeviceRow, ModelVersionRow, PartialRow, ReleaseRow, RoundRow, SecAggRow, UpdateRow
 from coordinator.store.schema import (
     assignments,
     devices,
     model_blobs,
     model_versions,
+    populations,
+    rate_limits,
+    releases,
     round_partials,
     rounds,
+    secagg_messages,
+    secagg_rounds,
     server_state,
     updates,
 )
@@ -33,6 +38,9 @@ from coordinator.store.writes import Writes, hit_statement, lease_statements
 
 _b = sa.bindparam
 _count = sa.func.count
+RATE_HITS = sa.select(rate_limits.c.hits).where(
+    rate_limits.c.key == _b("key"), rate_limits.c.window_start == _b("start")
+)
 # Statuses as SQL literals, not bound parameters: SQLite re-prepares a statement on every run when a
 # bound value decides whether a partial index (one_open_round) applies (measured: 0.3 ms vs 0.03 ms).
 OPEN, COMMITTED = sa.literal_column("'open'"), sa.literal_column("'committed'")
@@ -70,6 +78,7 @@ DEVICE_ACTIVITY = sa.select(
     sa.select(_count()).where(updates.c.device_id == _b("d")).scalar_subquery(),
 ).where(devices.c.id == _b("d"))
 COUNT_DEVICES = sa.select(_count()).select_from(devices)
+COUNT_ACTIVE_DEVICES = sa.select(_count()).where(devices.c.last_seen >= _b("since"))
 DEVICE_TOKENS = sa.select(devices.c.id, devices.c.token_hash)
 
 LATEST_VERSION = sa.select(sa.func.max(model_versions.c.version))
@@ -90,6 +99,9 @@ ROUND_BY_ID = sa.select(*ROUND).where(rounds.c.id == _b("id"))
 ROUND_WITH_AGGREGATE = sa.select(*ROUND, rounds.c.aggregate).where(rounds.c.id == _b("id"))
 ALL_ROUNDS_WITH_AGGREGATE = sa.select(*ROUND, rounds.c.aggregate).order_by(rounds.c.id)
 RECENT_ROUNDS = sa.select(*ROUND).order_by(rounds.c.id.desc()).limit(_b("limit"))
+LAST_COMMITTED_BEFORE = (
+    sa.select(sa.func.max(rounds.c.id)).where(rounds.c.id < _b("r")).where(rounds.c.status == COMMITTED)
+)
 ROUNDS_BY_STATUS = sa.select(rounds.c.status, _count()).group_by(rounds.c.status)
 DP_EVENTS = (
     sa.select(rounds.c.dp_q, rounds.c.dp_noise)
@@ -139,6 +151,30 @@ ROUND_PARTIALS_WITH_SUMS = (
 ALL_PARTIALS = sa.select(*PARTIAL).order_by(round_partials.c.round_id, round_partials.c.replica)
 MODEL_BLOB = sa.select(model_blobs.c.data).where(model_blobs.c.name == _b("name"))
 BLOB_NAMES = sa.select(model_blobs.c.name)
+
+_SECAGG_HAS_STATE = secagg_rounds.c.state.is_not(None)
+SECAGG = sa.select(*[c if c.name != "state" else sa.null() for c in secagg_rounds.c], _SECAGG_HAS_STATE).where(
+    secagg_rounds.c.round_id == _b("r")
+)
+SECAGG_WITH_STATE = sa.select(*secagg_rounds.c, _SECAGG_HAS_STATE).where(secagg_rounds.c.round_id == _b("r"))
+SECAGG_MESSAGES = (
+    sa.select(secagg_messages.c.seq, secagg_messages.c.kind, secagg_messages.c.body)
+    .where(secagg_messages.c.round_id == _b("r"), secagg_messages.c.seq > _b("after"))
+    .order_by(secagg_messages.c.seq)
+)
+SECAGG_PHASE = sa.select(secagg_rounds.c.phase, secagg_rounds.c.reason).where(secagg_rounds.c.round_id == _b("r"))
+
+RELEASES_NEWEST_FIRST = sa.select(*releases.c).order_by(releases.c.id.desc()).limit(_b("limit"))
+DECIDED_VERSIONS = sa.select(releases.c.version).distinct()
+ROUNDS_ON_BASE = (
+    sa.select(rounds.c.id)
+    .where(rounds.c.base_version == _b("v"), rounds.c.status == COMMITTED, rounds.c.canary == 0)
+    .order_by(rounds.c.id.desc())
+    .limit(_b("limit"))
+)
+UPDATE_METRICS = sa.select(updates.c.metrics, updates.c.sample_count).where(updates.c.round_id == _b("r"))
+
+POPULATIONS = sa.select(*populations.c).order_by(populations.c.name)
 
 STATE = sa.select(server_state.c.value).where(server_state.c.key == _b("key"))
 STATE_ITEMS = sa.select(server_state.c.key, server_state.c.value).order_by(server_state.c.key)
@@ -192,6 +228,10 @@ class Store:
     def count_devices(self) -> int:
         return int(self._scalar(COUNT_DEVICES))
 
+    def count_active_devices(self, since: float) -> int:
+        """Devices that checked in since then (last_seen is kept to the minute)."""
+        return int(self._scalar(COUNT_ACTIVE_DEVICES, {"since": since}))
+
     def device_tokens(self) -> dict[str, str]:
         return dict(self._all(DEVICE_TOKENS))
 
@@ -236,6 +276,11 @@ class Store:
         if limit is None:
             return [RoundRow.from_row(r) for r in self._all(ALL_ROUNDS_WITH_AGGREGATE)]
         return [RoundRow.from_row(r) for r in self._all(RECENT_ROUNDS, {"limit": limit})]
+
+    def last_committed_before(self, round_id: int) -> int | None:
+        """The newest committed round before `round_id` (the reference for influence bounds)."""
+        found = self._scalar(LAST_COMMITTED_BEFORE, {"r": round_id})
+        return None if found is None else int(found)
 
     def rounds_by_status(self) -> dict[str, int]:
         return dict(self._all(ROUNDS_BY_STATUS))
@@ -339,7 +384,55 @@ class Store:
         start = int(now // window * window)
         return int(self.db.execute_now(hit_statement(self.dialect), {"key": key, "start": start})[0][0])
 
+    # ------------------------------------------------------------------ releases
+
+    def releases(self, limit: int = 100) -> list[ReleaseRow]:
+        """The release audit, newest first."""
+        return [ReleaseRow(*r) for r in self._all(RELEASES_NEWEST_FIRST, {"limit": limit})]
+
+    def decided_versions(self) -> set[int]:
+        """Versions the release audit has a row for (a candidate without one is still undecided)."""
+        return {r[0] for r in self._all(DECIDED_VERSIONS)}
+
+    def committed_rounds_on(self, version: int, limit: int = 3) -> list[int]:
+        """The newest committed rounds of the whole fleet (not canary rounds) that trained on `version`."""
+        return [r[0] for r in self._all(ROUNDS_ON_BASE, {"v": version, "limit": limit})]
+
+    def round_metric_mean(self, round_ids: list[int], name: str) -> tuple[float, int] | None:
+        """(sample-weighted mean of one uploaded metric over these rounds' updates, samples), or None."""
+        total = weight = 0.0
+        for round_id in round_ids:
+            for text, n in self._all(UPDATE_METRICS, {"r": round_id}):
+                value = json.loads(text).get(name)
+                if isinstance(value, int | float) and n > 0:
+                    total, weight = total + float(value) * n, weight + n
+        return (total / weight, int(weight)) if weight > 0 else None
+
+    # ------------------------------------------------------------------ populations
+
+    def populations(self) -> dict[str, tuple]:
+        """name -> (name, enrollment key hash, architecture, created_at, created_by)."""
+        return {r[0]: tuple(r) for r in self._all(POPULATIONS)}
+
+    def rate_hits(self, key: str, window_start: int) -> int:
+        """Hits counted on `key` in the window starting at `window_start` (0 if none)."""
+        return int(self._scalar(RATE_HITS, {"key": key, "start": window_start}) or 0)
+
     # ------------------------------------------------------------------ server state
+
+    def secagg(self, round_id: int, *, with_state: bool = False) -> SecAggRow | None:
+        """A secure-aggregation round's row; its (large) session state only when asked for."""
+        row = self._first(SECAGG_WITH_STATE if with_state else SECAGG, {"r": round_id})
+        return SecAggRow.from_row(row) if row else None
+
+    def secagg_messages(self, round_id: int, after: int) -> list[tuple[int, str, bytes]]:
+        """(seq, kind, body) of the messages a secure-aggregation round accepted after revision `after`."""
+        return [(s, k, bytes(b)) for s, k, b in self._all(SECAGG_MESSAGES, {"r": round_id, "after": after})]
+
+    def secagg_phase(self, round_id: int) -> tuple[str, str | None] | None:
+        """(phase, reason) of a secure-aggregation round, without its state."""
+        row = self._first(SECAGG_PHASE, {"r": round_id})
+        return (row[0], row[1]) if row else None
 
     def state(self, key: str) -> bytes | None:
         return _as_bytes(self._scalar(STATE, {"key": key}))

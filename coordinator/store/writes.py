@@ -15,16 +15,21 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from coordinator.store import locks
-from coordinator.store.rows import NewRound, UpdateRow
+from coordinator.store.rows import NewRound, SecAggRow, UpdateRow
 from coordinator.store.schema import (
     assignments,
     devices,
+    enrollment_codes,
     leases,
     model_blobs,
     model_versions,
+    populations,
     rate_limits,
+    releases,
     round_partials,
     rounds,
+    secagg_messages,
+    secagg_rounds,
     server_state,
     updates,
 )
@@ -98,6 +103,17 @@ def _add_update(dialect: str) -> sa.Insert:
 
 
 ADD_DEVICE = sa.insert(devices)
+ADD_CODE = sa.insert(enrollment_codes)
+SPEND_CODE = (
+    sa.update(enrollment_codes)
+    .where(
+        enrollment_codes.c.code_hash == _b("hash"),
+        enrollment_codes.c.used_at.is_(None),
+        enrollment_codes.c.expires_at > _b("now"),
+    )
+    .values(used_at=_b("now"), device_id=_b("spender"))
+)
+REVOKE_DEVICE = sa.update(devices).where(devices.c.id == _b("revoke_id")).values(token_hash=_b("revoked"))
 TOUCH_DEVICE = sa.update(devices).where(devices.c.id == _b("device_id")).values(last_seen=_b("seen"))
 ADD_VERSION = sa.insert(model_versions)
 SET_EVALUATION = (
@@ -158,6 +174,25 @@ GROW_PARTIAL_COUNTS = (
 )
 DROP_PARTIAL_SUMS = sa.update(round_partials).where(round_partials.c.round_id == _b("r")).values(aggregate=None)
 ADD_BLOB = sa.insert(model_blobs)
+ADD_RELEASE = sa.insert(releases)
+ADD_POPULATION = sa.insert(populations)
+
+
+ADD_SECAGG = sa.insert(secagg_rounds)
+_SECAGG_COLUMNS = ("phase", "members", "phase_started", "revision", "reason")
+_SECAGG_ROW = secagg_rounds.c.round_id == _b("r"), secagg_rounds.c.revision == _b("expected")
+UPDATE_SECAGG_KEEPING_STATE = (
+    sa.update(secagg_rounds).where(*_SECAGG_ROW).values({c: _b(f"new_{c}") for c in _SECAGG_COLUMNS})
+)
+UPDATE_SECAGG = (
+    sa.update(secagg_rounds)
+    .where(*_SECAGG_ROW)
+    .values({c: _b(f"new_{c}") for c in (*_SECAGG_COLUMNS, "state", "state_revision")})
+)
+ADD_SECAGG_MESSAGE = sa.insert(secagg_messages)
+DROP_SECAGG_MESSAGES = sa.delete(secagg_messages).where(
+    secagg_messages.c.round_id == _b("r"), secagg_messages.c.seq <= _b("through")
+)
 
 
 class StalePartial(RuntimeError):
@@ -176,6 +211,18 @@ class Writes:
         self.conn.execute(
             ADD_DEVICE, {"id": device_id, "token_hash": token_hash, "name": name, "created_at": created_at}
         )
+
+    def add_enrollment_code(self, code_hash: str, created_at: float, expires_at: float) -> None:
+        self.conn.execute(ADD_CODE, {"code_hash": code_hash, "created_at": created_at, "expires_at": expires_at})
+
+    def spend_enrollment_code(self, code_hash: str, device_id: str, now: float) -> bool:
+        """Mark an unspent, unexpired code as spent by `device_id`; False if there is no such code."""
+        return self.conn.execute(SPEND_CODE, {"hash": code_hash, "spender": device_id, "now": now}).rowcount == 1
+
+    def revoke_device(self, device_id: str) -> bool:
+        """Forget the device's token (it then gets 401); False if there is no such device."""
+        revoked = f"revoked:{device_id}"  # unique, and never the sha256 of a token
+        return self.conn.execute(REVOKE_DEVICE, {"revoke_id": device_id, "revoked": revoked}).rowcount == 1
 
     def touch_devices(self, seen: Iterable[tuple[str, float]]) -> None:
         """last_seen for each (device id, time)."""
@@ -231,6 +278,7 @@ class Writes:
                 "dp_clip": new.dp_clip,
                 "dp_q": new.dp_q,
                 "dp_noise": new.dp_noise,
+                "canary": int(new.canary),
             },
         )
         return int(result.inserted_primary_key[0])
@@ -320,8 +368,47 @@ class Writes:
         self.conn.execute(SET_ROUND_TOTALS, params)
         self.conn.execute(DROP_PARTIAL_SUMS, {"r": round_id})
 
+    def put_secagg(self, row: SecAggRow) -> None:
+        """Write a secure-aggregation round's state at `row.revision`, which must be the stored one + 1
+        (or 0 for a new row); otherwise StalePartial (another writer got there first)."""
+        values = {
+            "phase": row.phase,
+            "members": json.dumps(row.members),
+            "phase_started": row.phase_started,
+            "revision": row.revision,
+            "reason": row.reason,
+        }
+        keep_state = row.state is None and row.has_state  # read without its state, which stays as stored
+        if not keep_state:
+            values.update(state=row.state, state_revision=row.state_revision)
+        if row.revision == 0:
+            self.conn.execute(ADD_SECAGG, {"round_id": row.round_id, **values})
+            return
+        statement = UPDATE_SECAGG_KEEPING_STATE if keep_state else UPDATE_SECAGG
+        params = {f"new_{k}": v for k, v in values.items()}
+        done = self.conn.execute(statement, {"r": row.round_id, "expected": row.revision - 1, **params})
+        if done.rowcount != 1:
+            raise StalePartial(f"secure aggregation of round {row.round_id}: revision {row.revision - 1} is gone")
+
+    def add_secagg_message(self, round_id: int, seq: int, kind: str, body: bytes) -> None:
+        self.conn.execute(ADD_SECAGG_MESSAGE, {"round_id": round_id, "seq": seq, "kind": kind, "body": body})
+
+    def drop_secagg_messages(self, round_id: int, through: int) -> None:
+        """Messages folded into a newer state are not needed any more."""
+        self.conn.execute(DROP_SECAGG_MESSAGES, {"r": round_id, "through": through})
+
     def add_blob(self, name: str, data: bytes) -> None:
         self.conn.execute(ADD_BLOB, {"name": name, "data": data})
+
+    # ------------------------------------------------------------------ releases
+
+    def add_release(self, version: int, action: str, actor: str, reason: str, at: float) -> None:
+        params = {"version": version, "action": action, "actor": actor, "reason": reason, "at": at}
+        self.conn.execute(ADD_RELEASE, params)
+
+    def add_population(self, name: str, key_hash: str, architecture: str, created_at: float, by: str) -> None:
+        row = {"enrollment_key_hash": key_hash, "architecture": architecture, "created_at": created_at}
+        self.conn.execute(ADD_POPULATION, {"name": name, **row, "created_by": by})
 
     # ------------------------------------------------------------------ server state
 

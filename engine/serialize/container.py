@@ -128,8 +128,11 @@ def _check_entry(entry: Any, payload_len: int, seen: set[str]) -> tuple[str, np.
     return name, dtype, tuple(shape), offset
 
 
-def loads(data: bytes | bytearray | memoryview, *, kind: str | None = None) -> Container:
-    """Parse container bytes, checking every declared size before allocating anything."""
+def loads(
+    data: bytes | bytearray | memoryview, *, kind: str | None = None, max_header_bytes: int = MAX_HEADER_BYTES
+) -> Container:
+    """Parse container bytes, checking every declared size before allocating anything (the JSON
+    header's length against `max_header_bytes` before it is parsed)."""
     data = memoryview(data)
     if len(data) < _PREFIX.size:
         raise ContainerError(f"{len(data)} bytes is too short to be a pocketfed container")
@@ -138,7 +141,9 @@ def loads(data: bytes | bytearray | memoryview, *, kind: str | None = None) -> C
         raise ContainerError(f"wrong magic {bytes(magic)!r}: not a pocketfed container (expected {MAGIC!r})")
     if version != FORMAT_VERSION:
         raise ContainerError(f"container format version {version} is not supported (this reader: {FORMAT_VERSION})")
-    if header_len > MAX_HEADER_BYTES or _PREFIX.size + header_len > len(data):
+    if header_len > max_header_bytes:
+        raise ContainerError(f"header length {header_len} exceeds the limit of {max_header_bytes} bytes")
+    if _PREFIX.size + header_len > len(data):
         raise ContainerError(f"header length {header_len} exceeds the data ({len(data)} bytes)")
     try:
         header = json.loads(bytes(data[_PREFIX.size : _PREFIX.size + header_len]))

@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Header, Path, Query, Response
 
-from coordinator.api.deps import ServicesDep, StoreDep, device_or_admin
+from coordinator.api.deps import ServicesDep, device_or_admin
 from coordinator.api.schemas import ModelVersionInfo, ModelVersionListing
 from coordinator.errors import Refused
 from coordinator.service import Services
@@ -25,10 +25,13 @@ def _loaded(services: Services, version: int) -> LoadedModel:
 
 @router.get("", response_model=list[ModelVersionListing])
 def list_versions(
-    store: StoreDep, limit: Annotated[int, Query(ge=1, le=1000, description="newest versions to list")] = 100
+    services: ServicesDep,
+    limit: Annotated[int, Query(ge=1, le=1000, description="newest versions to list")] = 100,
 ) -> list[ModelVersionListing]:
-    """Every model version, newest first, with its sha256, size and server-side evaluation (public, like
-    /v1/models/latest): how the federation's model improved round by round."""
+    """Every model version, newest first, with its sha256, size, server-side evaluation and release
+    status (public, like /v1/models/latest): how the federation's model improved round by round."""
+    releases = services.releases
+    status = releases.status_of(releases.state(), releases.last_actions())
     return [
         ModelVersionListing(
             version=v.version,
@@ -41,15 +44,17 @@ def list_versions(
             accuracy=v.accuracy,
             loss=v.eval_loss,
             eval_samples=v.eval_n,
+            release=status(v.version),
         )
-        for v in store.versions(limit)
+        for v in services.store.versions(limit)
     ]
 
 
 @router.get("/latest", response_model=ModelVersionInfo)
 def latest(services: ServicesDep) -> ModelVersionInfo:
-    """What the current base model is (public, like the dashboard); downloading it needs a token."""
-    version = services.versions.latest()
+    """The released version: what devices take as their base (public, like the dashboard); downloading
+    it needs a token. Newer versions may be candidates still (GET /v1/models says which)."""
+    version = services.releases.released()
     i = _loaded(services, version).info
     return ModelVersionInfo(
         version=version,

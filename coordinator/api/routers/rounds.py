@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Query
 
-from coordinator.api.deps import StoreDep
+from coordinator.api.deps import AdminViewDep, StoreDep
 from coordinator.api.schemas import Participant, RoundDetail, RoundSummary
 from coordinator.errors import Refused
 from coordinator.store import RoundRow
@@ -16,7 +16,8 @@ router = APIRouter(prefix="/v1/rounds", tags=["rounds"])
 RoundId = Annotated[int, Path(ge=0, le=2**62, description="round number")]
 
 
-def summarize(r: RoundRow, assigned: int) -> RoundSummary:
+def summarize(r: RoundRow, assigned: int, secagg: tuple[str, int] | None = None) -> RoundSummary:
+    """`secagg`: (phase, cohort size) of a secure-aggregation round."""
     dp = r.dp_q is not None
     return RoundSummary(
         id=r.id,
@@ -38,14 +39,26 @@ def summarize(r: RoundRow, assigned: int) -> RoundSummary:
         dp_delta=r.config.dp_delta if dp else None,
         dp_clip_norm=r.dp_clip,
         dp_sampling_rate=r.dp_q,
+        dp_sampling=r.config.dp_sampling if dp else None,
+        secure_aggregation=r.config.secure_aggregation,
+        secagg_phase=secagg[0] if secagg else None,
+        secagg_cohort=secagg[1] if secagg else None,
+        canary=bool(r.canary),
     )
+
+
+def secagg_of(store, r: RoundRow) -> tuple[str, int] | None:
+    if not r.config.secure_aggregation:
+        return None
+    row = store.secagg(r.id)
+    return (row.phase, len(row.members)) if row is not None else ("joining", 0)
 
 
 def recent_rounds(store, limit: int) -> list[RoundSummary]:
     """The newest `limit` rounds, newest first."""
     rows = store.rounds(limit)
     assigned = store.assigned_per_round([r.id for r in rows])
-    return [summarize(r, assigned.get(r.id, 0)) for r in rows]
+    return [summarize(r, assigned.get(r.id, 0), secagg_of(store, r)) for r in rows]
 
 
 @router.get("", response_model=list[RoundSummary])
@@ -55,7 +68,9 @@ def list_rounds(store: StoreDep, limit: Annotated[int, Query(ge=1, le=1000)] = 5
 
 
 @router.get("/{round_id}", response_model=RoundDetail)
-def round_detail(round_id: RoundId, store: StoreDep) -> RoundDetail:
+def round_detail(round_id: RoundId, store: StoreDep, admin: AdminViewDep) -> RoundDetail:
+    """A round's status and sample-weighted mean metrics; which device sent what (participants) only
+    with the admin token, as a device's count and norm help recover its update from the model's."""
     r = store.round(round_id)
     if r is None:
         raise Refused(404, f"round {round_id} does not exist", "unknown_round")
@@ -77,8 +92,8 @@ def round_detail(round_id: RoundId, store: StoreDep) -> RoundDetail:
             sums[name] = sums.get(name, 0.0) + value * p.sample_count
             weights[name] = weights.get(name, 0.0) + p.sample_count
     return RoundDetail(
-        **summarize(r, store.count_assigned(round_id)).model_dump(),
+        **summarize(r, store.count_assigned(round_id), secagg_of(store, r)).model_dump(),
         config=r.config,
         metrics={k: sums[k] / weights[k] for k in sums if weights[k] > 0},
-        participants=participants,
+        participants=participants if admin else None,
     )

@@ -15,6 +15,8 @@ from coordinator.api.deps import DeviceDep, ServicesDep
 from coordinator.api.routers.rounds import RoundId
 from coordinator.api.schemas import UploadAccepted
 from coordinator.errors import Refused
+from coordinator.service import Services
+from coordinator.service.writer import check_may_upload
 
 router = APIRouter(prefix="/v1/rounds", tags=["rounds"])
 
@@ -52,6 +54,13 @@ async def upload(
     """Upload a weight delta. Replaying the same Idempotency-Key returns the same answer and counts once."""
     if not idempotency_key:
         raise Refused(400, "Idempotency-Key: header is required", "missing_idempotency_key")
+    admit(services, device.id, round_id, idempotency_key)
+    in_flight: set[str] = request.app.state.uploads_in_flight
+    if device.id in in_flight:
+        raise Refused(
+            429, "upload: this device already has an upload in flight", "upload_in_flight", headers={"Retry-After": "5"}
+        )
+    in_flight.add(device.id)
     metrics, started = services.metrics, time.perf_counter()
     try:
         async with request.app.state.upload_slots:  # bounded memory: waiting bodies stay in the socket buffers
@@ -65,4 +74,20 @@ async def upload(
             answer = await asyncio.wrap_future(services.ingest.submit(prepared))
         return JSONResponse(answer, status_code=202)
     finally:
+        in_flight.discard(device.id)
         metrics.upload_seconds.observe(time.perf_counter() - started)
+
+
+def admit(services: Services, device_id: str, round_id: int, key: str) -> None:
+    """Who may take an upload slot and send a body: the round exists and is open, and this device is
+    assigned to it and has not uploaded to it (unless this is a replay of its own key). Checked
+    before reading a byte, so strangers and unassigned devices cannot hold the slots."""
+    store, now = services.store, services.ingest.clock()
+    r = store.round(round_id)
+    if r is not None and r.is_open and now >= r.deadline:
+        services.ingest.on_late()  # the background tick settles it now
+    try:
+        check_may_upload(store, r, round_id, device_id, now)
+    except Refused as exc:
+        if exc.reason != "duplicate" or store.answer_for_key(device_id, key) is None:
+            raise

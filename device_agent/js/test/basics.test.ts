@@ -167,7 +167,9 @@ test("messages: a task is parsed strictly, unknown fields are ignored", () => {
   assert.equal(task.clipNorm, null);
   assert.throws(() => parseTask({ ...wire, epochs: 0 }), /epochs: 0 is below 1/);
   assert.throws(() => parseTask({ ...wire, round_id: 1.5 }), /round_id/);
-  assert.throws(() => parseTask({ ...wire, encoding: "bf16" }), ProtocolError);
+  // an encoding this agent lacks is answered in float32 (docs/protocol.md); a non-string is malformed
+  assert.equal(parseTask({ ...wire, encoding: "int4" }).encoding, "float32");
+  assert.throws(() => parseTask({ ...wire, encoding: 4 }), ProtocolError);
   assert.throws(() => parseTask({ ...wire, topk_fraction: 2 }), /topk_fraction/);
   const { deadline: _, ...noDeadline } = wire;
   assert.throws(() => parseTask(noDeadline), /deadline: missing/);

@@ -14,6 +14,7 @@ another, where a fleet of phones works in parallel; local training is not part o
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -33,7 +34,7 @@ from device_agent.secagg import SecAggParticipant
 from protocol.update import encode_update
 
 ROOT = Path(__file__).resolve().parents[1]
-KEY = "bench"
+KEY = secrets.token_urlsafe(24)  # pf-coordinator refuses weak enrollment keys
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -47,6 +48,7 @@ class Coordinator:
         args += ["--model", "lenet", "--enrollment-key", KEY, "--goal", str(n), "--over-select", "1"]
         args += ["--deadline", "1200", "--tick-interval", "0.05", "--log-level", "warning", "--strategy", "fedavg"]
         args += ["--min-retry-after", "0", "--max-retry-after", "1", "--max-concurrent-uploads", "32"]
+        args += ["--enroll-per-address", "100000"]  # the whole fleet enrolls from this one address
         if secure:
             args += ["--secure-aggregation", "--secagg-phase-timeout", "300"]
         self.log = open(workdir / "coordinator.log", "wb")  # noqa: SIM115 (closed in stop)

@@ -59,6 +59,7 @@ def serve(tmp_path, **options):
         goal=2,
         dp_population=40,
         dp_delta=1e-5,
+        enroll_per_address=10_000,  # Poisson admission (q = 1/20): fresh devices until enough are admitted
         **options,
     )
     return ServerThread(create_app(settings, clock=FakeClock()))

@@ -178,6 +178,23 @@ ADD_RELEASE = sa.insert(releases)
 ADD_POPULATION = sa.insert(populations)
 
 
+ADD_SECAGG = sa.insert(secagg_rounds)
+_SECAGG_COLUMNS = ("phase", "members", "phase_started", "revision", "reason")
+_SECAGG_ROW = secagg_rounds.c.round_id == _b("r"), secagg_rounds.c.revision == _b("expected")
+UPDATE_SECAGG_KEEPING_STATE = (
+    sa.update(secagg_rounds).where(*_SECAGG_ROW).values({c: _b(f"new_{c}") for c in _SECAGG_COLUMNS})
+)
+UPDATE_SECAGG = (
+    sa.update(secagg_rounds)
+    .where(*_SECAGG_ROW)
+    .values({c: _b(f"new_{c}") for c in (*_SECAGG_COLUMNS, "state", "state_revision")})
+)
+ADD_SECAGG_MESSAGE = sa.insert(secagg_messages)
+DROP_SECAGG_MESSAGES = sa.delete(secagg_messages).where(
+    secagg_messages.c.round_id == _b("r"), secagg_messages.c.seq <= _b("through")
+)
+
+
 class StalePartial(RuntimeError):
     """A replica's partial changed under it (its in-memory view was stale): the group is redone."""
 
@@ -359,31 +376,26 @@ class Writes:
             "members": json.dumps(row.members),
             "phase_started": row.phase_started,
             "revision": row.revision,
-            "state": row.state,
-            "state_revision": row.state_revision,
             "reason": row.reason,
         }
-        if row.state is None and row.has_state:  # read without its state, which stays as stored
-            del values["state"], values["state_revision"]
+        keep_state = row.state is None and row.has_state  # read without its state, which stays as stored
+        if not keep_state:
+            values.update(state=row.state, state_revision=row.state_revision)
         if row.revision == 0:
-            self.conn.execute(sa.insert(secagg_rounds).values(round_id=row.round_id, **values))
+            self.conn.execute(ADD_SECAGG, {"round_id": row.round_id, **values})
             return
-        done = self.conn.execute(
-            sa.update(secagg_rounds)
-            .where(secagg_rounds.c.round_id == row.round_id, secagg_rounds.c.revision == row.revision - 1)
-            .values(**values)
-        )
+        statement = UPDATE_SECAGG_KEEPING_STATE if keep_state else UPDATE_SECAGG
+        params = {f"new_{k}": v for k, v in values.items()}
+        done = self.conn.execute(statement, {"r": row.round_id, "expected": row.revision - 1, **params})
         if done.rowcount != 1:
             raise StalePartial(f"secure aggregation of round {row.round_id}: revision {row.revision - 1} is gone")
 
     def add_secagg_message(self, round_id: int, seq: int, kind: str, body: bytes) -> None:
-        self.conn.execute(sa.insert(secagg_messages).values(round_id=round_id, seq=seq, kind=kind, body=body))
+        self.conn.execute(ADD_SECAGG_MESSAGE, {"round_id": round_id, "seq": seq, "kind": kind, "body": body})
 
     def drop_secagg_messages(self, round_id: int, through: int) -> None:
         """Messages folded into a newer state are not needed any more."""
-        self.conn.execute(
-            sa.delete(secagg_messages).where(secagg_messages.c.round_id == round_id, secagg_messages.c.seq <= through)
-        )
+        self.conn.execute(DROP_SECAGG_MESSAGES, {"r": round_id, "through": through})
 
     def add_blob(self, name: str, data: bytes) -> None:
         self.conn.execute(ADD_BLOB, {"name": name, "data": data})

@@ -18,7 +18,6 @@ from coordinator.errors import Refused
 
 router = APIRouter(prefix="/v1/rounds", tags=["secure aggregation"])
 
-MAX_JSON_BYTES = 8 * 1024 * 1024  # a shares message of a 1000-device cohort's neighbours is well below
 JSON_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": {"type": "object"}}}}}
 FRAME_BODY = {
     "requestBody": {
@@ -35,7 +34,6 @@ REFUSALS = {
 }
 MAX_WAIT = 30.0
 WAKE_SECONDS = 0.02  # how often a long poll looks for news (a counter in memory, no database read)
-KINDS = {"advertise": "advertise", "shares": "shares", "unmask": "unmask"}
 
 
 @router.get("/{round_id}/secagg", response_model=SecAggStatus, responses=REFUSALS)
@@ -85,9 +83,9 @@ async def secagg_message(
     kind: str = Path(..., pattern="^(advertise|shares|unmask)$", description="advertise, shares or unmask"),
 ) -> dict:
     """The device's message for phase 1 (advertise), 2 (shares) or 4 (unmask)."""
-    body = await read_limited(request, MAX_JSON_BYTES)
+    body = await read_limited(request, services.settings.max_json_body_bytes)
     try:
         message = json.loads(body)
     except (ValueError, RecursionError) as exc:
         raise Refused(422, f"{kind}: body is not JSON ({str(exc)[:100]})", "bad_secagg_message") from None
-    return await run_in_threadpool(services.secagg.receive, round_id, device.id, KINDS[kind], message)
+    return await run_in_threadpool(services.secagg.receive, round_id, device.id, kind, message)

@@ -2,7 +2,7 @@
 messages accepted since.
 
 Revision ID: 0004_secagg13
-Revises: 0002_scaleout14
+Revises: 0003_security12
 """
 
 import sqlalchemy as sa

@@ -103,6 +103,10 @@ class RoundSettings(BaseModel):
     def _known_strategy(cls, name: str) -> str:
         if name not in STRATEGIES:  # the registry, so a new strategy class needs no change here
             raise ValueError(f"strategy {name!r} is not one of {', '.join(STRATEGIES)}")
+        if getattr(STRATEGIES[name], "device_side", False):
+            raise ValueError(
+                f"strategy {name!r} needs devices that run its local objective; only pf-sim --stacked does"
+            )
         return name
 
     @model_validator(mode="after")

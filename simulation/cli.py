@@ -68,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="devices send only this fraction of each tensor's largest entries (error feedback keeps the rest)",
     )
     p.add_argument("--server-momentum", type=float, default=None, help="FedAvgM's server momentum (default 0.9)")
+    p.add_argument("--feddyn-alpha", type=float, default=0.01, help="FedDyn's regularization alpha (--stacked)")
     p.add_argument(
         "--stacked",
         action="store_true",
@@ -266,7 +267,9 @@ def stacked_simulation(args: argparse.Namespace, config: SimConfig, emit, chaos)
     """pf-sim --stacked: the task options go to the in-process loop, nothing else may be set."""
     if chaos is not None or args.report or args.js_agents:
         raise ValueError("--stacked runs without a coordinator: no chaos flags, no --report, no --js-agents")
-    options = StackedOptions(topk_fraction=args.topk_fraction, server_momentum=args.server_momentum)
+    options = StackedOptions(
+        topk_fraction=args.topk_fraction, server_momentum=args.server_momentum, feddyn_alpha=args.feddyn_alpha
+    )
     for name in TASK_OPTIONS:
         config.extra_options.pop(name, None)
     return StackedSimulation(config, emit, options)
@@ -287,6 +290,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         if args.stacked:
             sim = stacked_simulation(args, config, emit, chaos)
+        elif getattr(STRATEGIES[config.strategy], "device_side", False):
+            raise ValueError(f"--strategy {config.strategy} runs its device half in --stacked mode only")
         else:
             sim = Simulation(config, emit, hooks=[] if chaos is None else chaos_hooks(config, chaos))
     except ValueError as exc:

@@ -68,7 +68,8 @@ def federated(split: str, strategy: str, args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     emit = lambda r: print(json.dumps(r), file=sys.stderr, flush=True)  # noqa: E731
     if args.stacked:
-        sim = StackedSimulation(config, emit, StackedOptions(server_momentum=args.server_momentum))
+        options = StackedOptions(server_momentum=args.server_momentum, feddyn_alpha=args.feddyn_alpha)
+        sim = StackedSimulation(config, emit, options)
     else:
         sim = Simulation(config, emit)
     summary = sim.run()
@@ -77,6 +78,7 @@ def federated(split: str, strategy: str, args: argparse.Namespace) -> dict:
         "run": f"{strategy}/{split}",
         "server_lr": args.server_lr,
         "server_momentum": args.server_momentum if strategy == "fedavgm" else None,
+        "feddyn_alpha": args.feddyn_alpha if strategy == "feddyn" else None,
         "rounds": summary["rounds"],
         "final_accuracy": summary["final_accuracy"],
         **{f"rounds_to_{int(t * 100)}": rounds_to(acc, t) for t in TARGETS},
@@ -140,6 +142,7 @@ def main() -> None:
     parser.add_argument("--server-lr", type=float, default=None)
     parser.add_argument("--server-momentum", type=float, default=None, help="fedavgm (default 0.9)")
     parser.add_argument("--stacked", action="store_true", help="pf-sim --stacked's in-process loop")
+    parser.add_argument("--feddyn-alpha", type=float, default=0.01, help="feddyn (--stacked only)")
     parser.add_argument("--json", action="store_true", help="one JSON line per run on stdout")
     args = parser.parse_args()
     if not Path(args.data).is_dir():

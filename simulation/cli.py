@@ -68,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="devices send only this fraction of each tensor's largest entries (error feedback keeps the rest)",
     )
     p.add_argument("--server-momentum", type=float, default=None, help="FedAvgM's server momentum (default 0.9)")
+    p.add_argument("--feddyn-alpha", type=float, default=0.01, help="FedDyn's regularization alpha (--stacked)")
     p.add_argument(
         "--stacked",
         action="store_true",
@@ -111,6 +112,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", default=None, help="write an offline HTML report here")
     p.add_argument("--json", action="store_true", help="JSON lines on stdout")
     p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+    fleet = p.add_argument_group(
+        "a realistic fleet",
+        "who is online when, how fast devices are, who drops out (simulation/fleet.py); after each round the "
+        "online devices personalize on the new version, and at the end every device is measured",
+    )
+    fleet.add_argument(
+        "--availability",
+        default=DEFAULTS.availability,
+        help="always | diurnal (online only in overnight charging windows across time zones) | a CSV file of "
+        "device,start_hour,end_hour (UTC)",
+    )
+    fleet.add_argument(
+        "--hours-per-round",
+        type=float,
+        default=DEFAULTS.hours_per_round,
+        help="simulated hours each round advances the fleet's clock (a day compressed into the run)",
+    )
+    fleet.add_argument(
+        "--speed-spread",
+        type=float,
+        default=DEFAULTS.speed_spread,
+        help="device speed heterogeneity: device i trains exp(S*z_i) times slower (z_i standard normal)",
+    )
     privacy = p.add_argument_group(
         "privacy and robustness",
         "server-side client-level DP (coordinator/privacy.py) "
@@ -132,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         metavar="FRACTION",
         help="with --secure-aggregation: this fraction of each round's devices vanishes after sending its "
-        "masked input, before unmasking",
+        "masked input, before unmasking; without: each chosen device vanishes mid-training with this "
+        "probability (a realistic fleet; over-selection replaces it)",
     )
     privacy.add_argument("--norm-bound", type=float, default=None, help="server clips each delta to this L2 norm")
     chaos = p.add_argument_group(
@@ -188,6 +213,9 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         workdir=args.workdir,
         db=args.db,
         progress=not args.no_progress,
+        availability=args.availability,
+        hours_per_round=args.hours_per_round,
+        speed_spread=args.speed_spread,
         secure_aggregation=args.secure_aggregation,
         dropout=args.dropout,
         extra_options=coordinator_extras(args),
@@ -239,7 +267,9 @@ def stacked_simulation(args: argparse.Namespace, config: SimConfig, emit, chaos)
     """pf-sim --stacked: the task options go to the in-process loop, nothing else may be set."""
     if chaos is not None or args.report or args.js_agents:
         raise ValueError("--stacked runs without a coordinator: no chaos flags, no --report, no --js-agents")
-    options = StackedOptions(topk_fraction=args.topk_fraction, server_momentum=args.server_momentum)
+    options = StackedOptions(
+        topk_fraction=args.topk_fraction, server_momentum=args.server_momentum, feddyn_alpha=args.feddyn_alpha
+    )
     for name in TASK_OPTIONS:
         config.extra_options.pop(name, None)
     return StackedSimulation(config, emit, options)
@@ -260,6 +290,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         if args.stacked:
             sim = stacked_simulation(args, config, emit, chaos)
+        elif getattr(STRATEGIES[config.strategy], "device_side", False):
+            raise ValueError(f"--strategy {config.strategy} runs its device half in --stacked mode only")
         else:
             sim = Simulation(config, emit, hooks=[] if chaos is None else chaos_hooks(config, chaos))
     except ValueError as exc:

@@ -29,14 +29,19 @@ DENSE = ("fc1", "fc2", "fc3")
 
 def stack_weights(base: Mapping[str, np.ndarray], devices: int) -> Weights:
     """The global LeNet's weights repeated for D devices in the stacked layout."""
+    return stack_each([base] * devices)
+
+
+def stack_each(per_device: Sequence[Mapping[str, np.ndarray]]) -> Weights:
+    """Each device's own LeNet-shaped tensors, in the stacked layout."""
     stacked = {}
     for layer in CONVS:
         for part in ("weight", "bias"):
             name = f"{layer}.{part}"
-            stacked[name] = np.concatenate([np.asarray(base[name], np.float32)] * devices, axis=0)
+            stacked[name] = np.concatenate([np.asarray(w[name], np.float32) for w in per_device], axis=0)
     for layer in DENSE:
-        stacked[f"{layer}.weight"] = np.stack([np.asarray(base[f"{layer}.weight"], np.float32)] * devices)
-        stacked[f"{layer}.bias"] = np.stack([np.asarray(base[f"{layer}.bias"], np.float32)[None]] * devices)
+        stacked[f"{layer}.weight"] = np.stack([np.asarray(w[f"{layer}.weight"], np.float32) for w in per_device])
+        stacked[f"{layer}.bias"] = np.stack([np.asarray(w[f"{layer}.bias"], np.float32)[None] for w in per_device])
     return stacked
 
 
@@ -100,11 +105,14 @@ class StackedTrainer:
         data: Sequence[tuple[np.ndarray, np.ndarray]],
         seeds: Sequence[int],
         epochs: int,
+        feddyn: tuple[float, Sequence[Mapping[str, np.ndarray]]] | None = None,
     ) -> list[Weights]:
         """Per-device deltas (trained - base) after `epochs` over each device's (x (n, 1, H, W), y (n,)).
 
         Every device must hold the same number of samples; `seeds[d]` is the data-order seed its own
-        `Trainer.fit` would use (one permutation per epoch from one generator)."""
+        `Trainer.fit` would use (one permutation per epoch from one generator). `feddyn` = (alpha,
+        each device's state g_d) adds FedDyn's local terms (coordinator/strategies/feddyn.py): every
+        step also moves the weights by -lr * (alpha * (w - base) - g_d), taken at the step's start."""
         sizes = {len(y) for _, y in data}
         if len(sizes) != 1:
             raise ValueError(f"stacked training needs equal-sized devices, got sizes {sorted(sizes)}")
@@ -115,13 +123,21 @@ class StackedTrainer:
         images = np.stack([x.reshape(n, *x.shape[-2:]) for x, _ in data], axis=1)  # (n, D, H, W)
         labels = np.stack([np.asarray(y, np.int64) for _, y in data])  # (D, n)
         rows = np.arange(devices)[:, None]
+        params = {name: var.value for name, var in trainer.model.params.items()}
+        if feddyn is not None:
+            alpha, anchor, state = feddyn[0], stack_weights(base, devices), stack_each(feddyn[1])
         for _ in range(epochs):
             orders = np.stack([rng.permutation(n) for rng in rngs])  # (D, n)
             for start in range(0, n, batch):
                 idx = orders[:, start : start + batch]  # (D, b)
                 x = images[idx.T, rows.T]  # (b, D, H, W)
                 feed = {"x": np.ascontiguousarray(x), "label": labels[rows, idx].reshape(-1)}
+                if feddyn is not None:
+                    pull = {k: self.lr * (alpha * (w - anchor[k]) - state[k]) for k, w in params.items()}
                 loss = float(trainer.train_fn.execute(feed)[0])  # step() wants len(x) == len(label)
+                if feddyn is not None:
+                    for k, w in params.items():
+                        w -= pull[k]
                 if not np.isfinite(loss):
                     raise FloatingPointError(f"stacked training diverged: loss {loss}")
         trained = unstack_weights(trainer.get_weights(), devices)

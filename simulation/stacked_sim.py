@@ -40,6 +40,7 @@ Weights = dict[str, np.ndarray]
 class StackedOptions:
     topk_fraction: float | None = None
     server_momentum: float | None = None
+    feddyn_alpha: float = 0.01  # strategy feddyn only
 
 
 # ---------------------------------------------------------------- worker side (one per process)
@@ -86,7 +87,7 @@ def _train_devices(task: tuple) -> list[tuple[int, bytes, Weights | None]]:
     from protocol.deltas import TopK
     from protocol.update import encode_update
 
-    base, devices, round_id, encoding, topk, residuals = task
+    base, devices, round_id, encoding, topk, residuals, feddyn = task
     w, cfg = _WORKER, _WORKER["cfg"]
     for d in devices:
         if d not in w["data"]:
@@ -97,11 +98,15 @@ def _train_devices(task: tuple) -> list[tuple[int, bytes, Weights | None]]:
     answers = []
     for group in by_size.values():
         seeds = [agent_seed(cfg, d) + round_id for d in group]
-        deltas = w["trainer"].train(base, [w["data"][d] for d in group], seeds, cfg.epochs)
-        for d, delta in zip(group, deltas, strict=True):
+        dyn = None if feddyn is None else (feddyn[0], [feddyn[1].get(d) or _zeros(base) for d in group])
+        deltas = w["trainer"].train(base, [w["data"][d] for d in group], seeds, cfg.epochs, feddyn=dyn)
+        for i, (d, delta) in enumerate(zip(group, deltas, strict=True)):
             residual = None
+            if dyn is not None:  # FedDyn's device state: g_d - alpha * delta_d, kept by the driver
+                residual = {"feddyn": {k: dyn[1][i][k] - dyn[0] * v for k, v in delta.items()}}
             if topk is not None:
-                delta, residual = TopK(topk).compress(delta, residuals.get(d))
+                delta, kept = TopK(topk).compress(delta, residuals.get(d))
+                residual = {**(residual or {}), "topk": kept}
             data = encode_update(
                 delta,
                 sample_count=len(w["data"][d][1]),
@@ -113,6 +118,10 @@ def _train_devices(task: tuple) -> list[tuple[int, bytes, Weights | None]]:
             )
             answers.append((d, data, residual))
     return answers
+
+
+def _zeros(like: Weights) -> Weights:
+    return {k: np.zeros_like(v) for k, v in like.items()}
 
 
 # ---------------------------------------------------------------- driver
@@ -184,8 +193,8 @@ class StackedSimulation:
         config.check()
         if config.model != "lenet":
             raise ValueError(f"--stacked trains the built-in lenet only, not --model {config.model}")
-        if config.fedprox_mu or config.strategy == "fedprox" or config.extra_options:
-            raise ValueError("--stacked does not run FedProx, DP or norm bounding; drop --stacked for those")
+        if config.fedprox_mu or config.strategy == "fedprox" or config.extra_options or config.js_agents:
+            raise ValueError("--stacked does not run FedProx, DP, norm bounding or JS agents; drop --stacked for those")
         self.config, self.emit = config, emit or (lambda record: None)
         self.options = options or StackedOptions()
         self.on_round = on_round or (lambda number: None)
@@ -198,6 +207,8 @@ class StackedSimulation:
         settings = {"strategy": cfg.strategy, "server_lr": server_lr}
         if self.options.server_momentum is not None:
             settings["server_momentum"] = self.options.server_momentum
+        if cfg.strategy == "feddyn":
+            settings.update(feddyn_alpha=self.options.feddyn_alpha, participation=cfg.per_round / cfg.devices)
         return make_strategy(settings)
 
     def run(self) -> dict:
@@ -207,7 +218,7 @@ class StackedSimulation:
         self.strategy_ = self.strategy()
         self.server_state: Weights = {}
         self.weights = {k: np.asarray(v.value, np.float64) for k, v in build(cfg.model, cfg.seed).params.items()}
-        self.residuals: dict[int, Weights] = {}
+        self.residuals: dict[int, dict[str, Weights]] = {}  # device -> its top-k residual, FedDyn state
         evaluator = BackgroundEvaluator(cfg)
         evaluator.submit(0, self.weights)
         with single_threaded_pool(cfg) as pool:
@@ -238,7 +249,15 @@ class StackedSimulation:
         expected = {k: v.shape for k, v in base.items()}
         topk = self.options.topk_fraction
         shares = [chosen[i :: cfg.workers] for i in range(min(cfg.workers, len(chosen)))]
-        tasks = [(base, s, number, cfg.encoding, topk, {d: self.residuals.get(d) for d in s}) for s in shares]
+        feddyn = self.options.feddyn_alpha if cfg.strategy == "feddyn" else None
+        tasks = [
+            (
+                base, share, number, cfg.encoding, topk,
+                {d: self.residuals[d].get("topk") for d in share if d in self.residuals},
+                None if feddyn is None else (feddyn, {d: self.residuals.get(d, {}).get("feddyn") for d in share}),
+            )
+            for share in shares
+        ]  # fmt: skip
         running, norms, bytes_up = RunningSum(), [], 0
         for answers in pool.map(_train_devices, tasks):
             for device, data, residual in answers:

@@ -336,3 +336,12 @@ def test_the_deadline_passing_during_training_drops_the_round(tmp_path):
     agent, _ = pacing_agent(tmp_path, fake)
     assert agent.one_round() is None
     assert fake.uploads == [] and agent.state.pending() is None and agent.state.last_round() == 1
+
+
+def test_an_int4_task_gets_a_packed_int4_update(tmp_path):
+    fake = FakeCoordinator(task(1, encoding="int4"))
+    record = make_agent(tmp_path, fake, once=True).run()[-1]
+    update = decode_update(fake.uploads[0][1], expected={n: loads(MODEL).tensors[n].shape for n in TRAINABLE})
+    assert update.encoding == "int4"
+    assert record["bytes_sent"] < 0.16 * record["bytes_raw_float32"]
+    assert any(np.abs(v).max() > 0 for v in update.delta.values())

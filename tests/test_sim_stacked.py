@@ -82,3 +82,66 @@ def test_pf_sim_stacked_refuses_what_needs_a_coordinator(capsys):
     assert pf_sim(["--stacked", "--chaos-agent-kills", "1"]) == 2
     assert "--stacked" in capsys.readouterr().err
     assert pf_sim(["--stacked", "--strategy", "fedprox"]) == 2
+
+
+def test_compression_bench_reports_bytes_and_accuracy_per_encoding():
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, "bench/compression.py", "--rounds", "1", "--data", "", "--workers", "1", "--json",
+         "--encodings", "float32,int4,int4+topk0.1"],
+        cwd=root, capture_output=True, text=True, timeout=300, check=True,
+    ).stdout.splitlines()[-1]  # fmt: skip
+    result = json.loads(out)
+    by_name = {e["encoding"]: e for e in result["encodings"]}
+    assert by_name["float32"]["fraction_of_float32"] == 1.0
+    assert 0.125 < by_name["int4"]["fraction_of_float32"] < 0.14  # dense 4-bit: 1/8 plus the header
+    assert by_name["int4+topk0.1"]["fraction_of_float32"] < 0.125
+    assert all(0.0 <= e["final_accuracy"] <= 1.0 for e in result["encodings"])
+
+
+def test_feddyn_server_step_follows_acar_et_al():
+    from coordinator.strategies import make_strategy
+
+    strategy = make_strategy({"strategy": "feddyn", "feddyn_alpha": 0.1, "participation": 0.5})
+    base, delta = {"w": np.array([1.0, 2.0])}, {"w": np.array([0.2, -0.4])}
+    new, state = strategy.step(base, delta, {})
+    h = -0.1 * 0.5 * delta["w"]
+    np.testing.assert_allclose(state["h/w"], h)
+    np.testing.assert_allclose(new["w"], base["w"] + delta["w"] - h / 0.1)  # = base + 1.5 * delta
+    again, state = strategy.step(new, delta, state)
+    np.testing.assert_allclose(again["w"], new["w"] + delta["w"] - 2 * h / 0.1)
+
+
+def test_feddyn_device_terms_pull_towards_the_base_and_stack_consistently():
+    rng = np.random.default_rng(0)
+    data = [(rng.random((12, 1, 28, 28), dtype=np.float32), rng.integers(0, 10, 12)) for _ in range(2)]
+    base = lenet_weights(0)
+    states = [{k: (0.01 * rng.normal(size=v.shape)).astype(np.float32) for k, v in base.items()} for _ in range(2)]
+    plain = StackedTrainer(0.05, 0.0, 4).train(base, data, [1, 2], 2)
+    dyn = StackedTrainer(0.05, 0.0, 4).train(base, data, [1, 2], 2, feddyn=(0.5, states))
+    for d in range(2):
+        alone = StackedTrainer(0.05, 0.0, 4).train(base, [data[d]], [1 + d], 2, feddyn=(0.5, [states[d]]))[0]
+        for name in base:
+            np.testing.assert_allclose(dyn[d][name], alone[name], atol=1e-6)
+        assert any(np.abs(dyn[d][k] - plain[d][k]).max() > 1e-3 for k in base)
+    zero = [{k: np.zeros_like(v) for k, v in base.items()}] * 2
+    pulled = StackedTrainer(0.05, 0.0, 4).train(base, data, [1, 2], 2, feddyn=(5.0, zero))
+    for d in range(2):  # a strong alpha with g = 0 keeps each device nearer the base
+        size = sum(float(np.sum(np.square(v))) for v in plain[d].values())
+        assert sum(float(np.sum(np.square(v))) for v in pulled[d].values()) < size
+
+
+def test_feddyn_only_where_devices_run_it(capsys):
+    from coordinator.settings import RoundSettings
+
+    with pytest.raises(ValueError, match="local objective"):
+        RoundSettings(strategy="feddyn")
+    assert pf_sim(["--strategy", "feddyn"]) == 2
+    assert "--stacked" in capsys.readouterr().err
+    summary = StackedSimulation(small_config(strategy="feddyn", rounds=2)).run()
+    assert summary["final_accuracy"] > summary["initial_accuracy"]

@@ -11,6 +11,7 @@ from coordinator.strategies.dp import DifferentialPrivacy
 from coordinator.strategies.fedadam import FedAdam
 from coordinator.strategies.fedavg import FedAvg
 from coordinator.strategies.fedavgm import FedAvgM
+from coordinator.strategies.feddyn import FedDyn
 from coordinator.strategies.fedprox import FedProx
 from coordinator.strategies.krum import Krum, MultiKrum
 from coordinator.strategies.median import CoordinateMedian
@@ -18,9 +19,12 @@ from coordinator.strategies.norm_bound import NormBounded, StrategyWrapper
 from coordinator.strategies.trimmed_mean import TrimmedMean
 
 STRATEGIES: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (FedAvg, FedAvgM, FedAdam, FedProx, CoordinateMedian, TrimmedMean, Krum, MultiKrum)
+    cls.name: cls for cls in (FedAvg, FedAvgM, FedAdam, FedProx, FedDyn, CoordinateMedian, TrimmedMean, Krum, MultiKrum)
 }
-OPTIONS = ("server_lr", "server_momentum", "beta1", "beta2", "tau", "fedprox_mu", "trim_beta", "krum_f", "krum_m")
+OPTIONS = (
+    "server_lr", "server_momentum", "beta1", "beta2", "tau", "fedprox_mu", "trim_beta", "krum_f", "krum_m",
+    "feddyn_alpha", "participation",
+)  # fmt: skip
 
 
 def make_strategy(config: Mapping[str, Any] | Any) -> Strategy:
@@ -40,6 +44,7 @@ __all__ = [
     "FedAdam",
     "FedAvg",
     "FedAvgM",
+    "FedDyn",
     "FedProx",
     "Krum",
     "MultiKrum",

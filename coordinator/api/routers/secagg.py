@@ -33,7 +33,6 @@ REFUSALS = {
     422: {"description": "the message breaks the protocol"},
 }
 MAX_WAIT = 30.0
-WAKE_SECONDS = 0.02  # how often a long poll looks for news (a counter in memory, no database read)
 
 
 @router.get("/{round_id}/secagg", response_model=SecAggStatus, responses=REFUSALS)
@@ -55,8 +54,7 @@ async def secagg_status(
         news = status["phase"] != since or status["waiting"] or status["phase"] in ("done", "abandoned")
         if news or loop.time() >= deadline:
             return status
-        while services.secagg.generation == seen and loop.time() < deadline:
-            await asyncio.sleep(WAKE_SECONDS)
+        await services.secagg.wait_for_news(seen, deadline - loop.time())
 
 
 @router.post("/{round_id}/secagg/join", response_model=SecAggStatus, responses=REFUSALS)

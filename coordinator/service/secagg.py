@@ -196,6 +196,7 @@ class SecureAggregation:
 
     def join(self, round_id: int, device_id: str) -> dict[str, Any]:
         """Enter the round's cohort (again: nothing changes). The goal-th join fixes the cohort."""
+        fixed = False
         with self.store.lock, self._mutex:
             try:
                 with self.store.transaction(durable=False) as tx:  # kill -9 safe (module doc)
@@ -215,11 +216,13 @@ class SecureAggregation:
                         row = replace(row, members=[*row.members, device_id], revision=row.revision + 1)
                         if len(row.members) >= r.goal:
                             row = self._fix_cohort(r, row)
-                            self._news()  # (a failed transaction only wakes polls early)
+                            fixed = True
                         tx.put_secagg(row)
             except BaseException:
                 self._cached = None
                 raise
+        if fixed:  # after the commit: a poll woken earlier could read the row as it was
+            self._news()
         return self.status(round_id, device_id)
 
     def receive(self, round_id: int, device_id: str, kind: str, message: Any) -> dict[str, Any]:
@@ -229,7 +232,7 @@ class SecureAggregation:
         from protocol.secagg.wire import unpack_frame
 
         phase_for, method = RECEIVERS[kind]
-        settled = False
+        settled = closed = False
         with self.store.lock, self._mutex:
             try:
                 with self.store.transaction(durable=False) as tx:  # kill -9 safe (module doc)
@@ -267,13 +270,15 @@ class SecureAggregation:
                         tx.add_secagg_message(round_id, row.revision, kind, body)
                         if not session.waiting_for():
                             row = self._close_phase(tx, r, row, session)
-                            self._news()
+                            closed = True
                         tx.put_secagg(row)
                         self._cached = (round_id, row.revision, session)
                         settled = row.phase in (DONE, ABANDONED)
             except BaseException:
                 self._cached = None
                 raise
+        if closed:  # after the commit (see join)
+            self._news()
         if settled:
             self.lifecycle.tick()
             self._news()

@@ -76,7 +76,7 @@ class SecAggParticipant:
 
         session: ClientSession | None = None
         answered: set[str] = set()
-        status = self._got(self.client.secagg_join(self.round_id))
+        status = self._got(self.client.secagg_join(self.round_id, LONG_POLL))
         try:
             while True:
                 phase, index = status["phase"], status.get("index")

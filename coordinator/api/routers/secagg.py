@@ -75,9 +75,13 @@ async def accepted(services, round_id: int, device_id: str, kind: str, message, 
 
 
 @router.post("/{round_id}/secagg/join", response_model=SecAggStatus, responses=REFUSALS)
-def secagg_join(round_id: RoundId, device: DeviceDep, services: ServicesDep) -> dict:
-    """Join the round's cohort after training (again: no change). The goal-th device fixes the cohort."""
-    return services.secagg.join(round_id, device.id)
+async def secagg_join(round_id: RoundId, device: DeviceDep, services: ServicesDep, wait: Wait = 0) -> dict:
+    """Join the round's cohort after training (again: no change). The goal-th device fixes the cohort.
+    With `wait`, the answer comes once the cohort is fixed (or after `wait` seconds), as a long poll."""
+    status = await run_in_threadpool(services.secagg.join, round_id, device.id)
+    if wait > 0 and status["phase"] == "joining":
+        status = await long_poll(services, round_id, device.id, "joining", wait)
+    return status
 
 
 @router.post(

@@ -192,18 +192,18 @@ def _block(batch: int, steps: int, args, passes: list[str] | None) -> None:
         run_engine()
         run_torch()
     engine_s, torch_s, engine_cpu, torch_cpu = [], [], [], []
+    pairs = [("engine", run_engine, engine_s, engine_cpu), ("torch", run_torch, torch_s, torch_cpu)]
     deadline = time.perf_counter() + args.block_seconds
     for k in range(steps):
         if k >= 5 and time.perf_counter() > deadline:  # a thrashing configuration: enough seen
             break
-        start, start_cpu = time.perf_counter(), time.process_time()
-        run_engine()
-        mid, mid_cpu = time.perf_counter(), time.process_time()
-        run_torch()
-        engine_s.append(mid - start)
-        torch_s.append(time.perf_counter() - mid)
-        engine_cpu.append(mid_cpu - start_cpu)
-        torch_cpu.append(time.process_time() - mid_cpu)
+        # alternate who goes first: with a fixed order, the second side of a pair that outlasts
+        # the scheduler's time slice would be the one preempted, step after step
+        for _, run, wall, cpu in pairs if k % 2 == 0 else pairs[::-1]:
+            start, start_cpu = time.perf_counter(), time.process_time()
+            run()
+            wall.append(time.perf_counter() - start)
+            cpu.append(time.process_time() - start_cpu)
     if args.profile:
         print(func.explain())
         print(f"engine profile at {os.environ['PF_BENCH_THREADS']} thread(s):")
@@ -234,11 +234,13 @@ def measure(batch: int, args, passes: list[str] | None) -> dict:
         result[f"{side}_threads"] = best
     result["ratio"] = round(ms["engine", result["engine_threads"]] / ms["torch", result["torch_threads"]], 3)
     result["ratio_1t"] = round(ms["engine", args.threads[0]] / ms["torch", args.threads[0]], 3)
-    # CPU time (all threads of the process) per step, at each side's best wall-clock thread count:
-    # what the step costs when the machine's other jobs preempt it
+    # CPU time per step (all the process's threads, so idle BLAS/OpenMP threads spinning count
+    # too): what a step costs whatever else the machine runs; the ratio is taken at 1 thread
     for side in ("engine", "torch"):
-        result[f"{side}_cpu_ms"] = round(ms[f"{side}_cpu", result[f"{side}_threads"]], 3)
-    result["ratio_cpu"] = round(result["engine_cpu_ms"] / result["torch_cpu_ms"], 3)
+        for t in args.threads:
+            result[f"{side}_cpu_ms_{t}t"] = round(ms[f"{side}_cpu", t], 3)
+    first = args.threads[0]
+    result[f"ratio_cpu_{first}t"] = round(ms["engine_cpu", first] / ms["torch_cpu", first], 3)
     if not args.no_peak:
         result["engine_peak_mb"] = round(peak_mb("engine", batch, min(args.steps, 30), args.data), 2)
         result["torch_peak_mb"] = round(peak_mb("torch", batch, min(args.steps, 30), args.data), 2)

@@ -48,7 +48,7 @@ from protocol.update import encode_update  # noqa: E402
 from simulation.balancer import BalancerProcess  # noqa: E402
 from simulation.processes import CoordinatorProcess  # noqa: E402
 
-KEY = "scaleout-bench-secret-k7Qx9Lm2Pw4Z"  # a harness secret: long enough to be accepted
+KEY = "scaleout-bench-k7Qx9Lm2Pw4Z-harness"  # a harness credential: long and varied enough to be accepted
 KINDS = ("coordinator", "postgres", "client")  # whose CPU is counted
 
 

@@ -32,6 +32,11 @@ GAUGES = {
     "pf_dp_epsilon": "differential privacy: epsilon spent so far (at the configured delta)",
     "pf_dp_clip_norm": "differential privacy: clip norm C of the last committed round",
     "pf_dp_budget_exhausted": "1 when one more round would exceed the privacy budget",
+    "pf_federated_version": "newest model version devices reported federated metrics for",
+    "pf_federated_devices": "devices that reported on that version",
+    "pf_federated_global_accuracy": "their sample-weighted mean accuracy of that version, on their own held-out data",
+    "pf_federated_personal_accuracy": "the same with each device's personal layers",
+    "pf_personalization_lift": "personal minus global federated accuracy of that version",
 }
 STATE_COUNTERS = {  # counted in the database (or by the upload writer), read at scrape time
     "pf_rounds": "rounds closed, by outcome",

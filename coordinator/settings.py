@@ -181,6 +181,17 @@ class Settings(BaseSettings, RoundSettings):
     model: str = Field("lenet", description="built-in architecture name or a pocketfed model file")
     model_seed: int = 0
     eval_data: str | None = Field(None, description="held-out dataset for server-side evaluation")
+    personalize_tasks: bool = Field(
+        True,
+        description="offer devices that declare support a personalize-only task for each new version they lack "
+        "(no global training; they upload accuracies only)",
+    )
+    personal_epochs: int = Field(
+        5, ge=1, le=100, description="passes over the local data a personalize task asks of the personal layers"
+    )
+    metrics_task_seconds: float = Field(
+        600.0, gt=0, le=86400, description="how long a device has to report an evaluate or personalize task"
+    )
     max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="largest upload or model file body")
     max_json_body_bytes: int = Field(
         64 * 1024, ge=1024, le=64 * 1024 * 1024, description="largest body of every other (JSON) route"

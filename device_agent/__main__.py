@@ -57,6 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="our own idle interval (s, plus jitter): while not eligible, after a network failure that outlasted "
         "the retries, after a task for a finished round; never shortens a wait the server asks for",
     )
+    run.add_argument(
+        "--refresh-interval",
+        type=float,
+        default=3600.0,
+        help="seconds between looks for a newer base model while not training (a conditional GET; 0: never); "
+        "a newer one is adopted and the personal layers fine-tuned on it",
+    )
     run.add_argument("-v", "--verbose", action="store_true")
     predict = sub.add_parser("predict", help="classify with the personal model")
     predict.add_argument("--state-dir", required=True, type=Path)
@@ -87,6 +94,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         personal_epochs=args.personal_epochs,
         seed=args.seed,
         max_wait=args.max_wait,
+        refresh_interval=args.refresh_interval,
         json_lines=args.json,
     )
     probe = AlwaysEligible() if args.ignore_conditions else default_probe()

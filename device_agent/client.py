@@ -25,7 +25,7 @@ from typing import Any
 
 import httpx
 
-from protocol.messages import CheckinAnswer, UploadReceipt
+from protocol.messages import CheckinAnswer, FederatedMetrics, UploadReceipt
 
 log = logging.getLogger("pocketfed.agent.client")
 
@@ -206,8 +206,13 @@ class CoordinatorClient:
         ).json()
         return str(body["device_id"]), str(body["token"])
 
-    def latest_model(self) -> dict[str, Any]:
-        return self._request("GET", "/v1/models/latest").json()
+    def latest_model(self, etag: str | None = None) -> tuple[dict[str, Any] | None, str | None]:
+        """GET /v1/models/latest -> (its description, ETag); (None, etag) when unchanged since `etag` (304)."""
+        headers = {"If-None-Match": etag} if etag else {}
+        response = self._request("GET", "/v1/models/latest", ok=(200, 304), headers=headers)
+        if response.status_code == 304:
+            return None, response.headers.get("ETag", etag)
+        return response.json(), response.headers.get("ETag")
 
     def download_model(self, version: int, etag: str | None = None) -> tuple[bytes | None, str | None]:
         """GET /v1/models/{version}; returns (None, etag) when our cached copy is current (304)."""
@@ -217,10 +222,17 @@ class CoordinatorClient:
             return None, response.headers.get("ETag", etag)
         return response.content, response.headers.get("ETag")
 
-    def checkin(self, num_samples: int | None) -> CheckinAnswer:
-        """POST /v1/checkin -> a task, or when to come back (a malformed answer raises ProtocolError)."""
-        body = {"eligible": True, "num_samples": num_samples}
+    def checkin(self, num_samples: int | None, task_kinds: list[str] | None = None) -> CheckinAnswer:
+        """POST /v1/checkin -> a task, or when to come back (a malformed answer raises ProtocolError).
+        `task_kinds`: what we can do besides training (evaluate, personalize); the server then may ask it."""
+        body: dict[str, Any] = {"eligible": True, "num_samples": num_samples}
+        if task_kinds:
+            body["task_kinds"] = list(task_kinds)
         return CheckinAnswer.from_dict(self._request("POST", "/v1/checkin", json=body).json())
+
+    def report_metrics(self, metrics: FederatedMetrics) -> None:
+        """POST /v1/federated-metrics: what an evaluate or personalize task measured (safe to repeat)."""
+        self._request("POST", "/v1/federated-metrics", ok=(200, 201, 204), json=metrics.to_dict())
 
     def upload(
         self,

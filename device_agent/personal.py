@@ -69,39 +69,71 @@ class PersonalModel:
         tensors, _ = found
         return {n: tensors[n] for n in names if n in tensors and tensors[n].shape == shapes[n]}
 
-    def update(
-        self, model_bytes: bytes, base_version: int, train: IDataView, holdout: IDataView | None
-    ) -> dict[str, Any]:
-        """Fine-tune the personal layers on top of `model_bytes`; return accuracies on the held-out data."""
-        from device_agent.models import make_sgd, model_view
-        from engine import load_model_bytes  # imported late: the CLI's --help should not load the engine
+    def base_version(self) -> int | None:
+        """The base version the stored personal layers were fine-tuned on (None: none yet)."""
+        found = self.state.personal()
+        version = found[1].get("base_version") if found else None
+        return None if version is None else int(version)
+
+    def _trainer(self, model: Any, train_size: int, base_version: int) -> tuple[Any, list[str]]:
+        from device_agent.models import make_sgd
         from engine.trainer import Trainer
 
-        model = load_model_bytes(model_bytes)
-        train, holdout = model_view(model, train), None if holdout is None else model_view(model, holdout)
         names = personal_names(trainable_names(model), self.layers)
         trainer = Trainer(
             model,
             optimizer=make_sgd(self.lr, 0.9),
             trainable=names,
-            batch_size=min(self.batch_size, train.size()),
+            batch_size=max(1, min(self.batch_size, train_size)),
             seed=self.seed + base_version,
         )
-        global_eval = trainer.evaluate(holdout) if holdout is not None else None
-        shapes = {n: tuple(model.params[n].value.shape) for n in names}
-        previous = self.stored_weights(names, shapes)
-        if previous:
-            trainer.set_weights(previous)
-        trainer.fit(train, self.epochs)
-        weights = trainer.get_weights()
-        mine = {n: np.asarray(weights[n], np.float32) for n in names}
-        self.state.save_personal(mine, {"base_version": int(base_version), "layers": names})
-        personal_eval = trainer.evaluate(holdout) if holdout is not None else None
-        trainer.release()  # the personal model is done; its planned memory is not kept between rounds
+        return trainer, names
+
+    def update(
+        self,
+        model_bytes: bytes,
+        base_version: int,
+        train: IDataView,
+        holdout: IDataView | None,
+        epochs: int | None = None,
+    ) -> dict[str, Any]:
+        """Fine-tune the personal layers on top of `model_bytes` (`epochs` passes, default ours); return
+        accuracies on the held-out data."""
+        return self._run(model_bytes, base_version, train, holdout, epochs=epochs or self.epochs)
+
+    def measure(self, model_bytes: bytes, base_version: int, holdout: IDataView) -> dict[str, Any]:
+        """Accuracy of `model_bytes` as served and with the stored personal layers on it, training nothing."""
+        return self._run(model_bytes, base_version, holdout, holdout, epochs=0)
+
+    def _run(
+        self, model_bytes: bytes, base_version: int, train: IDataView, holdout: IDataView | None, *, epochs: int
+    ) -> dict[str, Any]:
+        from device_agent.models import model_view
+        from engine import load_model_bytes  # imported late: the CLI's --help should not load the engine
+
+        model = load_model_bytes(model_bytes)
+        train, holdout = model_view(model, train), None if holdout is None else model_view(model, holdout)
+        trainer, names = self._trainer(model, train.size(), base_version)
+        try:
+            global_eval = trainer.evaluate(holdout) if holdout is not None else None
+            shapes = {n: tuple(model.params[n].value.shape) for n in names}
+            previous = self.stored_weights(names, shapes)
+            if previous:
+                trainer.set_weights(previous)
+            if epochs:
+                trainer.fit(train, epochs)
+                weights = trainer.get_weights()
+                mine = {n: np.asarray(weights[n], np.float32) for n in names}
+                self.state.save_personal(mine, {"base_version": int(base_version), "layers": names})
+            personal_eval = trainer.evaluate(holdout) if holdout is not None else None
+        finally:
+            trainer.release()  # the personal model is done; its planned memory is not kept between rounds
         return {
             "personal_layers": names,
             "global_acc": None if global_eval is None else float(global_eval["accuracy"]),
             "personal_acc": None if personal_eval is None else float(personal_eval["accuracy"]),
+            "global_loss": None if global_eval is None else float(global_eval["loss"]),
+            "personal_loss": None if personal_eval is None else float(personal_eval["loss"]),
         }
 
 

@@ -3,7 +3,10 @@
     resume any unacknowledged upload (same Idempotency-Key, so it counts once)
     loop:
         eligible?            (charging, idle, unmetered) else wait
-        POST /v1/checkin     -> a task, or "come back in N seconds" (waited in full, plus jitter)
+        POST /v1/checkin     -> a task, or "come back in N seconds" (waited in full, plus jitter; meanwhile,
+                                when due, GET /v1/models/latest with If-None-Match and re-personalize on a newer base)
+        evaluate/personalize -> no training for the federation: measure, maybe fine-tune the personal layers,
+                                report accuracies only (tasks.py)
         model for the task   (from the cache when the version is unchanged; sha256-verified)
         train locally        (stops, and discards the round, if conditions stop holding or the deadline passes)
         delta = trained - base -> clip -> noise -> top-k -> encode
@@ -36,6 +39,7 @@ from device_agent.eligibility import Probe
 from device_agent.models import CorruptModel, make_sgd, model_problem, model_view
 from device_agent.personal import PersonalModel, split_local, trainable_names
 from device_agent.state import AgentState
+from device_agent.tasks import TASK_KINDS, BaseRefresh, do_metrics_task
 from engine.data import IDataView
 from engine.serialize.container import ContainerError
 from protocol.deltas import TopK, add_gaussian_noise, clip_by_l2
@@ -57,6 +61,7 @@ class AgentConfig:
     personal_epochs: int = 1
     seed: int = 0
     max_wait: float = 30.0  # our own idle interval, used only when the server named no wait (never caps one)
+    refresh_interval: float = 3600.0  # seconds between our own looks for a newer base version (0: never)
     json_lines: bool = False
     secagg_leave_after: str | None = None  # simulation: vanish after this secure-aggregation phase
 
@@ -81,15 +86,21 @@ class Agent:
         self.train_set, self.holdout_set = split_local(dataset, config.holdout, config.seed)
         self.eval_set = self.holdout_set or self.train_set
         self.personal = PersonalModel(state, config.personal_layers, epochs=config.personal_epochs, seed=config.seed)
+        self.refresh = BaseRefresh(config.refresh_interval)
 
     # ------------------------------------------------------------------ the loop
 
     def run(self) -> list[dict[str, Any]]:
-        """Run rounds until `rounds` tasks were done (or one, with `once`); returns their records."""
+        """Run until `rounds` training tasks were done (or one task of any kind, with `once`); returns the
+        records of every task done."""
         records: list[dict[str, Any]] = []
         target = 1 if self.config.once else self.config.rounds
         reenrolled = False  # a refused token leads to one fresh enrollment, not a loop of them
-        while target is None or len(records) < target:
+
+        def done() -> int:
+            return len(records) if self.config.once else sum(r.get("kind", "train") == "train" for r in records)
+
+        while target is None or done() < target:
             try:
                 self.ensure_enrolled()
                 resumed = self.resume_pending()
@@ -136,13 +147,20 @@ class Agent:
             log.info("not eligible: %s", verdict.reason)
             self.sleep(self.client.paced_wait(self.config.max_wait))
             return None
-        answer = self.client.checkin(self.train_set.size())
+        answer = self.client.checkin(self.train_set.size(), TASK_KINDS)
         task = answer.task
         if task is None:  # pace steering: the server's wait, in full (plus jitter), whatever its length
+            if self.refresh.due():
+                self.refresh.run(self)
             wait = self.client.paced_wait(answer.retry_after or 0)
             log.info("no task for us now (%s); checking in again in %.1fs", answer.reason, wait)
             self.sleep(wait)
             return None
+        if not task.trains_global:
+            record = do_metrics_task(self, task)
+            if record is None:  # not done: do not ask again at once
+                self.sleep(self.client.paced_wait(self.config.max_wait))
+            return record
         if task.round_id == self.state.last_round():  # one update per round, even if offered again
             wait = self.client.paced_wait(self.config.max_wait)
             log.info("round %d is already done here; checking in again in %.1fs", task.round_id, wait)
@@ -202,6 +220,7 @@ class Agent:
             return self.personalize(secure_round(self, task, delta, metrics))
         body, residual = self.encode(delta, task, metrics)
         record = {
+            "kind": "train",
             "round": round_id,
             "version": version,
             "samples": self.train_set.size(),
@@ -362,6 +381,9 @@ class Agent:
         return self.personalize(record)
 
     def report(self, record: dict[str, Any]) -> dict[str, Any]:
+        if record.get("kind", "train") != "train":  # --json stays one line per training round
+            log.info("%s task for version %s done", record["kind"], record.get("version"))
+            return record
         if self.config.json_lines:
             self.emit(json.dumps(record, sort_keys=True))
         log.info(

@@ -36,6 +36,22 @@ MAX_PLANS = 4  # shape signatures kept (e.g. full batches and the last, smaller 
 INTO, VIEW, FIXED_VIEW, ALLOC = "into", "view", "fixed_view", "alloc"
 
 
+class _BindOnFirstCall:
+    """An instruction's kernel, bound (`Operator.bind`) on its first call with that step's inputs:
+    binding makes the scratch arrays, and at plan time the allocating step's values are still
+    alive, so binding then would add every workspace to the peak."""
+
+    __slots__ = ("op", "ws", "out", "kernel")
+
+    def __init__(self, op: Any, ws: Workspace, out: np.ndarray) -> None:
+        self.op, self.ws, self.out, self.kernel = op, ws, out, None
+
+    def __call__(self, *xs: Any) -> None:
+        if self.kernel is None:
+            self.kernel = self.op.bind(self.ws, self.out, *xs)
+        self.kernel(*xs)
+
+
 @dataclass
 class StepPlan:
     memory: MemoryPlan
@@ -45,7 +61,21 @@ class StepPlan:
     cache: dict = field(default_factory=dict)  # anything else worked out once for this plan
     calls: list[tuple[Any, list[int], int | None]] = field(init=False)  # what a step runs: (kernel, ins, out or None)
 
+    bound: bool = field(init=False, default=False)  # every kernel bound (after the first planned step)
+
     def __post_init__(self) -> None:
+        self._make_calls()
+
+    def drop_binders(self) -> None:
+        """Put each bound kernel in its binder's place, so later steps call it directly."""
+        self.steps = [
+            (how, kernel.kernel if isinstance(kernel, _BindOnFirstCall) else kernel, ins, out, name)
+            for how, kernel, ins, out, name in self.steps
+        ]
+        self._make_calls()
+        self.bound = True
+
+    def _make_calls(self) -> None:
         self.calls = [
             (kernel, ins, None if how is INTO else out)
             for how, kernel, ins, out, _ in self.steps
@@ -148,6 +178,8 @@ class CompiledFunction:
                     kernel(*[values[j] for j in ins])
                 else:
                     values[out] = kernel(*[values[j] for j in ins])
+            if not step.bound:
+                step.drop_binders()
         self.profiled_steps += bool(self.profile)
         results = [np.array(values[i], copy=True) for i in self._outputs]
         self._write_updates(values, signature)
@@ -229,8 +261,7 @@ class CompiledFunction:
             if out in memory.arrays:
                 ws = Workspace()
                 workspaces.append(ws)
-                examples = [values[j] for j in ins]  # this plan's shapes and dtypes
-                steps.append((INTO, node.op.bind(ws, memory.arrays[out], *examples), ins, out, type_name))
+                steps.append((INTO, _BindOnFirstCall(node.op, ws, memory.arrays[out]), ins, out, type_name))
                 continue
             # A view of planned memory only (not of a feed or a fresh array) is the same view every
             # step: make it now. Only kernels that returned a view in the first step are re-run here

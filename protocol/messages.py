@@ -15,6 +15,11 @@ from typing import Any, Literal
 
 Encoding = Literal["float32", "float16", "int8", "int4"]
 ENCODINGS: tuple[str, ...] = ("float32", "float16", "int8", "int4")
+TaskKind = Literal["train", "evaluate", "personalize"]
+TASK_KINDS: tuple[str, ...] = ("train", "evaluate", "personalize")
+# The kinds that train nothing global: the device uploads only metrics (POST /v1/federated-metrics). A server
+# sends them only to devices that listed them in the check-in's `task_kinds` (older agents never see one).
+METRICS_ONLY_KINDS: tuple[str, ...] = ("evaluate", "personalize")
 
 
 class ProtocolError(ValueError):
@@ -44,7 +49,11 @@ def _object(data: object, what: str) -> dict:
 @dataclass(frozen=True)
 class Task:
     """What a round asks of one device: train `epochs` over its data from `base_version`, then
-    send the delta (clipped, noised, sparsified and encoded as told) before `deadline`."""
+    send the delta (clipped, noised, sparsified and encoded as told) before `deadline`.
+
+    `kind` (absent: "train") may instead ask for metrics only: "evaluate" measures `base_version`
+    and the personal model on top of it on the held-out data; "personalize" first adopts
+    `base_version` and fine-tunes the personal layers on it (`epochs` passes). Neither uploads a delta."""
 
     round_id: int
     base_version: int
@@ -59,10 +68,18 @@ class Task:
     encoding: Encoding = "float32"
     topk_fraction: float | None = None  # send only this fraction of each tensor (error feedback keeps the rest)
     secure_aggregation: bool = False  # send the delta masked, through /v1/rounds/{id}/secagg (not /updates)
+    kind: TaskKind = "train"
+
+    @property
+    def trains_global(self) -> bool:
+        return self.kind == "train"
 
     @classmethod
     def from_dict(cls, data: object) -> Task:
         d = _object(data, "task")
+        kind = d.get("kind", "train")
+        if kind not in TASK_KINDS:
+            raise ProtocolError(f"kind: {kind!r} is not one of {', '.join(TASK_KINDS)}")
         encoding = d.get("encoding", "float32")
         if encoding not in ENCODINGS:
             raise ProtocolError(f"encoding: {encoding!r} is not one of {', '.join(ENCODINGS)}")
@@ -84,6 +101,7 @@ class Task:
             encoding=encoding,
             topk_fraction=topk,
             secure_aggregation=_flag(d, "secure_aggregation"),
+            kind=kind,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -151,6 +169,43 @@ class UploadReceipt:
             received=_number(d, "received", integer=True, minimum=0),
             goal=_number(d, "goal", integer=True, minimum=0),
         )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class FederatedMetrics:
+    """POST /v1/federated-metrics: what an evaluate or personalize task measured on the device's held-out data
+    (accuracies only, and how many held-out examples they cover: never the data)."""
+
+    version: int  # the base version measured
+    kind: Literal["evaluate", "personalize"]
+    global_accuracy: float  # the base model as served
+    personal_accuracy: float  # the base model with the device's personal layers
+    samples: int  # held-out examples behind the two accuracies
+    global_loss: float | None = None
+    personal_loss: float | None = None
+
+    @classmethod
+    def from_dict(cls, data: object) -> FederatedMetrics:
+        d = _object(data, "metrics")
+        kind = d.get("kind")
+        if kind not in METRICS_ONLY_KINDS:
+            raise ProtocolError(f"kind: {kind!r} is not one of {', '.join(METRICS_ONLY_KINDS)}")
+        out = cls(
+            version=_number(d, "version", integer=True, minimum=0),
+            kind=kind,
+            global_accuracy=_number(d, "global_accuracy", minimum=0.0),
+            personal_accuracy=_number(d, "personal_accuracy", minimum=0.0),
+            samples=_number(d, "samples", integer=True, minimum=1),
+            global_loss=_number(d, "global_loss", optional=True, minimum=0.0),
+            personal_loss=_number(d, "personal_loss", optional=True, minimum=0.0),
+        )
+        for name in ("global_accuracy", "personal_accuracy"):
+            if getattr(out, name) > 1.0:
+                raise ProtocolError(f"{name}: {getattr(out, name)!r} is above 1")
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

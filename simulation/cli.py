@@ -111,6 +111,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", default=None, help="write an offline HTML report here")
     p.add_argument("--json", action="store_true", help="JSON lines on stdout")
     p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+    fleet = p.add_argument_group(
+        "a realistic fleet",
+        "who is online when, how fast devices are, who drops out (simulation/fleet.py); after each round the "
+        "online devices personalize on the new version, and at the end every device is measured",
+    )
+    fleet.add_argument(
+        "--availability",
+        default=DEFAULTS.availability,
+        help="always | diurnal (online only in overnight charging windows across time zones) | a CSV file of "
+        "device,start_hour,end_hour (UTC)",
+    )
+    fleet.add_argument(
+        "--hours-per-round",
+        type=float,
+        default=DEFAULTS.hours_per_round,
+        help="simulated hours each round advances the fleet's clock (a day compressed into the run)",
+    )
+    fleet.add_argument(
+        "--speed-spread",
+        type=float,
+        default=DEFAULTS.speed_spread,
+        help="device speed heterogeneity: device i trains exp(S*z_i) times slower (z_i standard normal)",
+    )
     privacy = p.add_argument_group(
         "privacy and robustness",
         "server-side client-level DP (coordinator/privacy.py) "
@@ -132,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         metavar="FRACTION",
         help="with --secure-aggregation: this fraction of each round's devices vanishes after sending its "
-        "masked input, before unmasking",
+        "masked input, before unmasking; without: each chosen device vanishes mid-training with this "
+        "probability (a realistic fleet; over-selection replaces it)",
     )
     privacy.add_argument("--norm-bound", type=float, default=None, help="server clips each delta to this L2 norm")
     chaos = p.add_argument_group(
@@ -188,6 +212,9 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         workdir=args.workdir,
         db=args.db,
         progress=not args.no_progress,
+        availability=args.availability,
+        hours_per_round=args.hours_per_round,
+        speed_spread=args.speed_spread,
         secure_aggregation=args.secure_aggregation,
         dropout=args.dropout,
         extra_options=coordinator_extras(args),

@@ -6,6 +6,7 @@ coordinator's goal is the round size; it may over-select (2x) to let replacement
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from simulation.shards import resolve_data
@@ -35,9 +36,14 @@ class SimConfig:
     workdir: str | None = None  # None: a temporary directory, removed afterwards
     db: str | None = None
     progress: bool = True
+    availability: str = "always"  # always | diurnal | a CSV file (simulation/fleet.py)
+    hours_per_round: float = 4.0  # simulated hours each round advances the fleet's clock
+    speed_spread: float = 0.0  # device speed heterogeneity (log-normal sigma of the slowdown)
     js_agents: int = 0  # devices 0..js_agents-1 play the TypeScript agent (node + onnxruntime-node)
     secure_aggregation: bool = False  # devices mask their deltas; the coordinator unmasks only the sum
-    dropout: float = 0.0  # secure aggregation: this fraction of each round's devices vanishes before unmasking
+    # with secure aggregation, this fraction of each round's devices vanishes before unmasking; without,
+    # each chosen device vanishes mid-training with this probability (fleet.py)
+    dropout: float = 0.0
     extra_options: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> None:
@@ -53,12 +59,17 @@ class SimConfig:
             raise ValueError(f"--js-agents must be in 0..{self.devices} (--devices), got {self.js_agents}")
         if not 0.0 <= self.holdout < 1.0:
             raise ValueError(f"--holdout must be in [0, 1), got {self.holdout}")
-        if not 0.0 <= self.dropout < 0.5:
-            raise ValueError(f"--dropout must be in [0, 0.5), got {self.dropout}")
-        if self.dropout and not self.secure_aggregation:
-            raise ValueError("--dropout needs --secure-aggregation (devices vanish between its phases)")
+        limit = 0.5 if self.secure_aggregation else 1.0
+        if not 0.0 <= self.dropout < limit:
+            raise ValueError(f"--dropout must be in [0, {limit:g}), got {self.dropout}")
         if self.secure_aggregation and self.per_round < 4:
             raise ValueError(f"--secure-aggregation needs --per-round of at least 4, got {self.per_round}")
+        if not 0.0 <= self.speed_spread <= 5.0:
+            raise ValueError(f"--speed-spread must be in [0, 5], got {self.speed_spread}")
+        if not 0.0 < self.hours_per_round <= 24.0:
+            raise ValueError(f"--hours-per-round must be in (0, 24], got {self.hours_per_round}")
+        if self.availability not in ("always", "diurnal") and not Path(self.availability).is_file():
+            raise ValueError(f"--availability {self.availability}: not 'always', 'diurnal' or a CSV file")
         if not resolve_data(self.data).is_dir():
             raise ValueError(f"--data {self.data}: not a directory (expected an IDX dataset with a test split)")
 
@@ -77,7 +88,8 @@ class SimConfig:
             "eval_data": str(resolve_data(self.data)),
             "goal": self.per_round,
             "over_select": 2.0,
-            "min_fraction": 1.0,
+            # a realistic fleet loses devices: a round then commits at its deadline with half of K
+            "min_fraction": 0.5 if (self.dropout and not self.secure_aggregation) or self.speed_spread else 1.0,
             "deadline": self.round_timeout,
             "epochs": self.epochs,
             "batch_size": self.batch_size,

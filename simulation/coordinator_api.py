@@ -62,6 +62,16 @@ class CoordinatorAPI:
             time.sleep(0.1)
         raise SimulationError(f"the coordinator opened no round within {timeout:.0f}s (is it paused?)")
 
+    def set_paused(self, paused: bool) -> None:
+        """Stop (or resume) opening rounds; needs the admin token."""
+        path = "/v1/admin/pause" if paused else "/v1/admin/resume"
+        try:
+            response = self.http.post(path)
+        except httpx.TransportError as exc:
+            raise SimulationError(f"POST {path}: the coordinator does not answer ({exc}):\n{self.log_tail()}") from exc
+        if response.status_code != 200:
+            raise SimulationError(f"POST {path}: {response.status_code} {response.text[:300]}")
+
     def round_detail(self, round_id: int) -> dict:
         return self.get_json(f"/v1/rounds/{round_id}")
 

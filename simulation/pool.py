@@ -113,11 +113,13 @@ class WorkerPool:
         tick: Callable[[], None] | None = None,
         timeout: float = 900.0,
         extra: dict[int, dict] | None = None,
+        job: Callable[[int], dict] | None = None,
     ) -> list[dict]:
         """Run each device until it answers (killed devices run again); answers in completion order.
 
         `on_start(device)` runs just before a device's task is sent, `tick()` between messages; `extra[device]`
-        goes into that device's job (e.g. {"leave_after": "masked_input"})."""
+        goes into that device's job (e.g. {"leave_after": "masked_input"}), and so does `job(device)`
+        (worker.py: mode, dropout, version)."""
         poll = 0.005 if tick is not None else 0.5  # without a tick there is nothing to do between messages
         self._todo.extend(devices)
         answers: list[dict] = []
@@ -130,8 +132,9 @@ class WorkerPool:
                 if on_start is not None:
                     on_start(device)
                 self.busy[index] = (device, time.monotonic())
-                job = {"device": int(device), **(extra or {}).get(device, {})}
-                self.procs[index].stdin.write(json.dumps(job) + "\n")
+                message = {"device": int(device), **(extra or {}).get(device, {})}
+                message.update(job(device) if job is not None else {})
+                self.procs[index].stdin.write(json.dumps(message) + "\n")
                 self.procs[index].stdin.flush()
             try:
                 answer = self._handle(self._messages.get(timeout=poll))

@@ -27,6 +27,7 @@ import numpy as np
 from engine.progress import ProgressBar
 from simulation.config import SimConfig
 from simulation.coordinator_api import CoordinatorAPI
+from simulation.fleet import Availability, fleet_mean, personalized_count
 from simulation.hooks import SimulationHook
 from simulation.js_agents import JsAgentError, prepare
 from simulation.pool import WorkerPool
@@ -68,6 +69,10 @@ class Simulation:
         self.records: list[dict] = []
         self.round_number = 0
         self.pool: WorkerPool | None = None
+        self.availability = Availability(config.availability, config.devices, config.seed)
+        self.hour = 0.0  # the fleet's simulated UTC clock, in hours (a day is compressed into the run)
+        self.drop_rng = np.random.default_rng([config.seed, 5])  # its own stream: selection stays as it was
+        self.personal_versions: dict[int, int | None] = {}  # device -> base version of its personal layers
 
     def run(self) -> dict:
         cfg = self.config
@@ -77,10 +82,17 @@ class Simulation:
             self.db_path = Path(cfg.db).resolve() if cfg.db else self.workdir / "coordinator.db"
             key = secrets.token_urlsafe(16)
             options = cfg.coordinator_options(str(self.db_path), key)
+            options["admin_token"] = secrets.token_urlsafe(16)  # to pause rounds while the fleet personalizes
             for hook in self.hooks:
                 options.update(hook.coordinator_options())
+            self.admin_token = options["admin_token"]
             self.coordinator = CoordinatorProcess(self.workdir, options)
-            self.api = CoordinatorAPI(self.coordinator.url, lambda: self.coordinator.running, self.coordinator.log_tail)
+            self.api = CoordinatorAPI(
+                self.coordinator.url,
+                lambda: self.coordinator.running,
+                self.coordinator.log_tail,
+                options["admin_token"],
+            )
             started = time.perf_counter()
             try:
                 self.coordinator.start()
@@ -91,7 +103,9 @@ class Simulation:
                     record = self.one_round(number)
                     self.records.append(record)
                     self.emit(record)
+                fleet = self.measure_fleet()
                 summary = self.summary(initial, time.perf_counter() - started)
+                summary.update(fleet)
                 for hook in self.hooks:
                     hook.summarize(summary)
             finally:
@@ -119,6 +133,7 @@ class Simulation:
             data=cfg.data,
             samples_per_device=cfg.samples_per_device,
             holdout=cfg.holdout,
+            speed_spread=cfg.speed_spread,
             js_agents=cfg.js_agents,
             node=self.node,
             **options,
@@ -147,25 +162,51 @@ class Simulation:
         for hook in self.hooks:
             hook.task_started(device)
 
+    def train_job(self, device: int) -> dict:
+        """Without secure aggregation, --dropout makes a chosen device vanish mid-training (fleet.py)."""
+        cfg = self.config
+        if cfg.secure_aggregation or not cfg.dropout:
+            return {}
+        return {"dropout": True} if self.drop_rng.random() < cfg.dropout else {}
+
     def play(self, devices: list[int], on_answer: Callable[[dict], None], extra: dict | None = None) -> list[dict]:
-        if not self.hooks:  # nothing to do between answers: the pool may block on them
-            return self.pool.play(devices, on_answer, extra=extra)
-        return self.pool.play(devices, on_answer, on_start=self.task_started, tick=self.tick, extra=extra)
+        hooks = {"on_start": self.task_started, "tick": self.tick} if self.hooks else {}  # else the pool may block
+        answers = self.pool.play(devices, on_answer, extra=extra, job=self.train_job, **hooks)
+        self.note_personal(answers)
+        return answers
+
+    def note_personal(self, answers: list[dict]) -> None:
+        for a in answers:
+            if "personal_version" in a:
+                self.personal_versions[int(a["device"])] = a["personal_version"]
+
+    def online_now(self) -> list[int]:
+        """The devices online at the fleet's clock, moved on (in whole rounds' worth of hours) until at
+        least a round's worth of them is."""
+        cfg = self.config
+        for _ in range(int(24 / cfg.hours_per_round) + 1):
+            online = self.availability.online(self.hour)
+            if len(online) >= cfg.per_round:
+                return online
+            self.hour += cfg.hours_per_round
+        raise SimulationError(f"--availability {cfg.availability}: never {cfg.per_round} devices online at once")
 
     def one_round(self, number: int) -> dict:
         cfg = self.config
         started = time.perf_counter()
         round_id = self.api.open_round_id()
-        chosen = [int(d) for d in self.rng.choice(cfg.devices, size=cfg.per_round, replace=False)]
+        online = self.online_now()
+        picked = self.rng.choice(len(online), size=cfg.per_round, replace=False)
+        chosen = [online[int(i)] for i in picked]
         bar = ProgressBar(cfg.per_round, f"round {number}/{cfg.rounds}", enabled=cfg.progress)
 
         def progress(answer: dict) -> None:
             bar.update(1, "failed" if "error" in answer else f"acc {answer['record'].get('acc_after', 0):.3f}")
 
-        leaving = chosen[: math.floor(cfg.dropout * len(chosen) + 1e-9)]  # chosen is in random order already
+        leaving = chosen[: math.floor(cfg.dropout * len(chosen) + 1e-9)] if cfg.secure_aggregation else []
         answers = self.play(chosen, progress, {d: {"leave_after": "masked_input"} for d in leaving})
         detail = self.api.round_detail(round_id)
-        spare = [d for d in self.rng.permutation(cfg.devices).tolist() if d not in chosen]
+        spare = [online[i] for i in self.rng.permutation(len(online)).tolist() if online[i] not in chosen]
         if cfg.secure_aggregation:  # its devices count only once the sum is unmasked: no replacements
             spare = []
         while detail["status"] == "open" and detail["received"] < detail["goal"] and spare:
@@ -186,7 +227,46 @@ class Simulation:
             raise SimulationError(
                 f"round {round_id} ended {detail['status']}: {detail.get('reason')}; device errors: {errors or 'none'}"
             )
-        return self.round_record(number, answers, detail, started)
+        record = self.round_record(number, answers, detail, started)
+        record["hour"], record["online"] = round(self.hour % 24.0, 2), len(online)
+        record["dropped"] = sum(1 for a in answers if a.get("dropped"))
+        record["personalized"], swept = self.personalize(online)
+        record["bytes_down_personalize"] = swept  # models fetched to personalize: part of the round's bytes_down
+        record["bytes_down"] += swept
+        self.hour += cfg.hours_per_round
+        return record
+
+    def personalize(self, online: list[int]) -> tuple[int, int]:
+        """The online devices check in while no round is open: each is offered a personalize task for the
+        version just committed (the coordinator's choice, as for a real fleet). Returns how many did one,
+        and the model bytes they downloaded."""
+        self.api.set_paused(True)
+        try:
+            answers = self.pool.play(online, job=lambda device: {"mode": "sweep"})
+        finally:
+            self.api.set_paused(False)
+        self.note_personal(answers)
+        done = sum(1 for a in answers if a.get("record") is not None)
+        return done, int(sum(a.get("bytes_down", 0) for a in answers))
+
+    def measure_fleet(self) -> dict:
+        """Every device, online or not, on its own held-out data: the personal model it serves and the
+        released version (the base devices should be on; a candidate held back by the gate is not)."""
+        released = int(self.api.get_json("/v1/models/latest")["version"])
+        answers = self.pool.play(
+            list(range(self.config.devices)),
+            job=lambda device: {"mode": "measure", "version": released, "token": self.admin_token},
+        )
+        failed = [a["error"] for a in answers if "error" in a]
+        if failed:
+            raise SimulationError(f"measuring the fleet failed on {len(failed)} devices: {failed[0]}")
+        self.note_personal(answers)
+        return {
+            "personalized_devices": personalized_count(self.personal_versions, released),
+            "personal_accuracy_fleet": fleet_mean([a["personal_acc"] for a in answers]),
+            "global_accuracy_fleet": fleet_mean([a["global_acc"] for a in answers]),
+            "released_version": released,
+        }
 
     def round_record(self, number: int, answers: list[dict], detail: dict, started: float) -> dict:
         version = int(detail["result_version"])

@@ -11,6 +11,7 @@ from test_agent_harness import Coordinator, device_token, finish, make_shards, r
 
 from engine.data import load_default, preprocessing_for
 from engine.serialize.container import loads
+from protocol.messages import FederatedMetrics
 from protocol.update import decode_update
 
 ALLOWED_METADATA = {
@@ -53,7 +54,11 @@ def test_a_full_round_sends_no_sample_label_or_file_name(tmp_path):
         if req.path == "/v1/devices":
             assert set(json.loads(req.body)) == {"enrollment_key", "name"}
         elif req.path == "/v1/checkin":
-            assert set(json.loads(req.body)) == {"eligible", "num_samples"}
+            body = json.loads(req.body)
+            assert set(body) == {"eligible", "num_samples", "task_kinds"}
+            assert body["task_kinds"] == ["train", "evaluate", "personalize"]
+        elif req.path == "/v1/federated-metrics":  # an evaluate or personalize task: aggregates only
+            assert set(json.loads(req.body)) <= set(FederatedMetrics.__dataclass_fields__)
         elif req.path.endswith("/updates"):
             assert req.headers["content-type"] == "application/octet-stream"
         else:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from protocol.messages import CheckinAnswer, ProtocolError, Task, UploadReceipt
+from protocol.messages import CheckinAnswer, FederatedMetrics, ProtocolError, Task, UploadReceipt
 
 TASK = {
     "round_id": 3,
@@ -24,7 +24,7 @@ TASK = {
 
 def test_task_round_trips_and_ignores_fields_a_newer_server_adds():
     task = Task.from_dict({**TASK, "some_future_field": [1, 2]})
-    assert task.to_dict() == TASK
+    assert task.to_dict() == {**TASK, "kind": "train"}  # a task without a kind is a training task
     assert (task.round_id, task.encoding, task.topk_fraction, task.clip_norm) == (3, "int8", 0.1, None)
 
 
@@ -73,7 +73,7 @@ def test_the_coordinators_api_schema_is_built_from_the_protocol_task():
 
     schema = CheckinResponse.model_json_schema()
     task_schema = schema["$defs"]["Task"]
-    assert set(task_schema["properties"]) == set(TASK) | {"secure_aggregation"}  # issue 13 added it
+    assert set(task_schema["properties"]) == set(TASK) | {"secure_aggregation", "kind"}  # issues 13, 17
     assert set(task_schema["required"]) == {
         "round_id",
         "base_version",
@@ -85,3 +85,26 @@ def test_the_coordinators_api_schema_is_built_from_the_protocol_task():
     }
     served = CheckinResponse.model_validate(CheckinAnswer("task", task=Task.from_dict(TASK)), from_attributes=True)
     assert Task.from_dict(served.model_dump()["task"]) == Task.from_dict(TASK)
+
+
+def test_task_kinds_parse_and_unknown_kinds_are_refused():
+    for kind in ("train", "evaluate", "personalize"):
+        task = Task.from_dict({**TASK, "kind": kind})
+        assert task.kind == kind and task.trains_global == (kind == "train")
+        assert Task.from_dict(task.to_dict()) == task
+    with pytest.raises(ProtocolError, match="kind"):
+        Task.from_dict({**TASK, "kind": "mine_bitcoin"})
+
+
+def test_federated_metrics_are_checked_field_by_field():
+    good = {"version": 3, "kind": "personalize", "global_accuracy": 0.5, "personal_accuracy": 0.9, "samples": 20}
+    assert FederatedMetrics.from_dict(good).to_dict() == {**good, "global_loss": None, "personal_loss": None}
+    for change, field in [
+        ({"kind": "train"}, "kind"),
+        ({"personal_accuracy": 1.5}, "personal_accuracy"),
+        ({"samples": 0}, "samples"),
+        ({"version": -1}, "version"),
+        ({"global_accuracy": float("nan")}, "global_accuracy"),
+    ]:
+        with pytest.raises(ProtocolError, match=field):
+            FederatedMetrics.from_dict({**good, **change})

@@ -50,6 +50,7 @@ ADDED = {
     "enroll_failures_total": 100,
     "dp_sampling": "poisson", "secure_aggregation": False, "secagg_dropout_tolerance": 1 / 3,  # issue 13
     "secagg_phase_timeout": 60.0,
+    "personalize_tasks": True, "personal_epochs": 5, "metrics_task_seconds": 600.0,  # issue 17: personalization
 }  # fmt: skip
 FLAGS_ON_MAIN += list(ADDED)
 DEFAULTS_ON_MAIN = {**DEFAULTS_ON_MAIN, **ADDED}
@@ -94,6 +95,7 @@ SPECIAL = {  # (an environment value, a flag value) for fields whose range the g
     "influence_count_multiple": ("2", "4"),
     "dp_sampling": ("unamplified", "poisson"),
     "secure_aggregation": ("true", "false"),
+    "personalize_tasks": ("false", "true"),
 }
 
 

@@ -100,13 +100,16 @@ def test_json_lines_have_the_documented_keys(small_run):
     for r in rounds:
         assert set(r) >= ROUND_KEYS, ROUND_KEYS - set(r)
         assert r["devices"] == 3 and r["failed"] == 0
-        assert 0 < r["bytes_up"] < r["bytes_down"]  # int8 updates are ~4x smaller than float32 models
+        assert r["bytes_up"] > 0
+        # int8 updates are ~4x smaller than float32 models; a round may download nothing when the release
+        # gate held its version back (every device already holds the released base)
+        assert r["bytes_up"] < r["bytes_down"] or (r["bytes_down"] == 0 and r["personalized"] == 0)
         assert 0 <= r["personal_acc"] <= 1
     assert set(summary) >= SUMMARY_KEYS, SUMMARY_KEYS - set(summary)
     assert summary["rounds"] == 4
     assert summary["accuracy_by_round"] == [r["accuracy"] for r in rounds]
     assert summary["final_accuracy"] == rounds[-1]["accuracy"]
-    assert summary["bytes_up"] == sum(r["bytes_up"] for r in rounds)
+    assert summary["bytes_up"] == sum(r["bytes_up"] for r in rounds) < summary["bytes_down"]
     assert summary["coordinator_peak_rss_mib"] > 10
 
 

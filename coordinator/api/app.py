@@ -18,6 +18,7 @@ from coordinator.api.routers import (
     checkin,
     dashboard,
     devices,
+    fedmetrics,
     models,
     ops,
     populations,
@@ -67,7 +68,20 @@ def create_app(
     app.state.populations = named
     app.state.upload_slots = asyncio.Semaphore(settings.max_concurrent_uploads)
     app.state.uploads_in_flight = set()  # device ids: one upload at a time per device
-    for module in (devices, models, releases, checkin, rounds, uploads, secagg, admin, populations, ops, dashboard):
+    for module in (
+        devices,
+        models,
+        releases,
+        checkin,
+        rounds,
+        uploads,
+        secagg,
+        admin,
+        populations,
+        ops,
+        dashboard,
+        fedmetrics,
+    ):
         app.include_router(module.router)
     app.add_middleware(
         BodyLimits,

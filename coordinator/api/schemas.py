@@ -41,6 +41,42 @@ class ModelVersionInfo(BaseModel):
     created_at: str
 
 
+class FederatedEvaluation(BaseModel):
+    """How a version did on the devices' own held-out data (evaluate and personalize tasks)."""
+
+    devices: int = Field(..., description="devices that reported")
+    samples: int = Field(..., description="held-out examples behind the means")
+    global_accuracy: float = Field(..., description="sample-weighted mean accuracy of the version as served")
+    personal_accuracy: float = Field(..., description="the same with each device's personal layers")
+    personalization_lift: float = Field(..., description="personal_accuracy - global_accuracy")
+
+    @classmethod
+    def of(cls, m) -> FederatedEvaluation | None:
+        if m is None:
+            return None
+        return cls(
+            devices=m.devices,
+            samples=m.samples,
+            global_accuracy=m.global_accuracy,
+            personal_accuracy=m.personal_accuracy,
+            personalization_lift=m.lift,
+        )
+
+
+class MetricsReport(Strict):
+    """POST /v1/federated-metrics: what an evaluate or personalize task measured (protocol FederatedMetrics)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    version: int = Field(..., ge=0, le=2**62)
+    kind: Literal["evaluate", "personalize"]
+    global_accuracy: float = Field(..., ge=0, le=1)
+    personal_accuracy: float = Field(..., ge=0, le=1)
+    samples: int = Field(..., ge=1, le=10**9)
+    global_loss: float | None = Field(None, ge=0, le=1e9)
+    personal_loss: float | None = Field(None, ge=0, le=1e9)
+
+
 class ModelVersionListing(ModelVersionInfo):
     """One entry of GET /v1/models: the version's file plus how it scored on the server's held-out set."""
 
@@ -56,11 +92,17 @@ class ModelVersionListing(ModelVersionInfo):
         description="released | pinned | canary | candidate (awaiting the gate) | held (held back) | "
         "superseded | rolled back (released once, then an older one again) | retired (released once, replaced since)",
     )
+    federated: FederatedEvaluation | None = Field(None, description="devices' own evaluation; null until reported")
 
 
 class CheckinRequest(Strict):
     eligible: bool = True
     num_samples: int | None = Field(None, ge=0, le=10**9)
+    task_kinds: list[Literal["train", "evaluate", "personalize"]] = Field(
+        default_factory=list,
+        max_length=8,
+        description="task kinds the device can do besides training (absent: train only)",
+    )
 
 
 class CheckinResponse(BaseModel):
@@ -128,6 +170,9 @@ class RoundSummary(BaseModel):
     secure_aggregation: bool = Field(False, description="the server saw only the cohort's masked sum")
     secagg_phase: str | None = Field(None, description="secure aggregation: joining, advertise, ..., done, abandoned")
     secagg_cohort: int | None = Field(None, description="secure aggregation: devices in the cohort")
+    federated: FederatedEvaluation | None = Field(
+        None, description="devices' own evaluation of the version this round produced (null until reported)"
+    )
 
     dp_sampling_rate: float | None = Field(None, description="DP: q = goal / population")
     canary: bool = Field(False, description="a canary round: on a candidate, for the canary devices only")

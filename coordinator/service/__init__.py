@@ -29,6 +29,7 @@ from coordinator.service.aggregates import replica_name
 from coordinator.service.checkin import CheckIn
 from coordinator.service.cluster import Lease
 from coordinator.service.evaluation import EvaluateFn, Evaluator, engine_evaluator
+from coordinator.service.fedmetrics import FederatedMetricsService
 from coordinator.service.ingest import Ingest
 from coordinator.service.modelfile import initial_model_bytes
 from coordinator.service.privacy import PrivacyLedger, require_accountant
@@ -66,6 +67,7 @@ class Services:
     releases: Releases
     population: str = "default"  # service/populations.py
     enrollment_key_hash: str | None = None  # a named population's key (sha256); default: settings.enrollment_key
+    fedmetrics: FederatedMetricsService | None = None  # evaluate/personalize tasks and their metrics
 
     def tick(self) -> None:
         """Settle rounds now (what the background ticker does every tick_interval)."""
@@ -109,6 +111,8 @@ class Services:
             gauges["pf_dp_epsilon"], gauges["pf_dp_clip_norm"] = spent
         if self.rounds.round_settings.dp_enabled:
             gauges["pf_dp_budget_exhausted"] = int(self.privacy.budget_note is not None)
+        if self.fedmetrics is not None:
+            gauges.update(federated_gauges(self.fedmetrics))
         closed = self.store.rounds_by_status()
         counters = {
             "pf_rounds": {(("status", s),): closed.get(s, 0) for s in ("committed", "abandoned")},
@@ -117,6 +121,21 @@ class Services:
             "pf_upload_commit_updates": {(): self.writer.applied},
         }
         return State(gauges, counters)
+
+
+def federated_gauges(fedmetrics: FederatedMetricsService) -> dict[str, float]:
+    """The newest version devices reported on: its number, their mean accuracies and the lift."""
+    newest = fedmetrics.per_version(limit=1)
+    if not newest:
+        return {}
+    m = next(iter(newest.values()))
+    return {
+        "pf_federated_version": m.version,
+        "pf_federated_devices": m.devices,
+        "pf_federated_global_accuracy": m.global_accuracy,
+        "pf_federated_personal_accuracy": m.personal_accuracy,
+        "pf_personalization_lift": m.lift,
+    }
 
 
 def open_services(
@@ -177,6 +196,9 @@ def open_services(
     )
     writer = UploadWriter(store, rounds)
     ticker = Ticker(lambda: services.background(), settings.tick_interval)
+    fedmetrics = FederatedMetricsService(  # devices personalize on the released version
+        settings, store, releases.released, lambda v: store.version(v) is not None, clock
+    )
     services = Services(
         settings=settings,
         store=store,
@@ -195,7 +217,9 @@ def open_services(
             on_late=ticker.wake,
             max_header_bytes=settings.max_update_header_bytes,
         ),
-        checkin=CheckIn(settings, store, rounds, privacy, writer, clock, on_late=ticker.wake),
+        checkin=CheckIn(
+            settings, store, rounds, privacy, writer, clock, on_late=ticker.wake, metrics_task=fedmetrics.task_for
+        ),
         secagg=SecureAggregation(store, versions, rounds, clock),
         admin=Admin(store, versions, rounds),
         ticker=ticker,
@@ -204,6 +228,7 @@ def open_services(
         lease=lease,
         releases=releases,
         population=population,
+        fedmetrics=fedmetrics,
     )
     lease.hold()
     rounds.start(lambda: initial_model or initial_model_bytes(settings.model, settings.model_seed))

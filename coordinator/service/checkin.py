@@ -42,8 +42,11 @@ class CheckIn:
         writer: UploadWriter,
         clock: Callable[[], float] = time.time,
         on_late: Callable[[], None] | None = None,
+        metrics_task: Callable[[str, frozenset[str]], Task | None] | None = None,
     ):
         self.settings, self.store, self.lifecycle, self.privacy = settings, store, lifecycle, privacy
+        # an evaluate or personalize task for a device with nothing to train (service/fedmetrics.py)
+        self.metrics_task = metrics_task
         self.writer, self.clock = writer, clock
         self.on_late = on_late or (lambda: None)  # wakes the background tick when a deadline has passed
         self._tasks: dict[int, Task] = {}
@@ -88,13 +91,18 @@ class CheckIn:
         wait_s = int(math.ceil(min(max(seconds, s.min_retry_after), s.max_retry_after)))
         return CheckinAnswer("retry", retry_after=wait_s, reason=reason)
 
-    def checkin(self, device: DeviceRow, eligible: bool) -> CheckinAnswer:
+    def checkin(self, device: DeviceRow, eligible: bool, task_kinds: frozenset[str] = frozenset()) -> CheckinAnswer:
+        """`task_kinds`: what the device declared it can do besides training (older agents: nothing)."""
         now = self.clock()
         self._recent.append(now)
         due = device.last_seen is None or now - device.last_seen >= LAST_SEEN_RESOLUTION
         answer, written = self._answer(device.id, eligible, now, due)
         if due and not written:
             wait(self.store, self.writer.submit(Seen(device.id, now)))
+        if answer.status == "retry" and eligible and task_kinds and self.metrics_task is not None:
+            task = self.metrics_task(device.id, task_kinds)  # nothing to train: measure or personalize instead
+            if task is not None:
+                return CheckinAnswer("task", task=task)
         return answer
 
     def _answer(self, device_id: str, eligible: bool, now: float, due: bool) -> tuple[CheckinAnswer, bool]:

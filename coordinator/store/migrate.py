@@ -18,7 +18,7 @@ from coordinator.store.schema import Real, server_state
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 INITIAL = "0001"
-HEAD = "0006_fleet17_populations"  # the newest revision in migrations/versions (tests/test_store_migrations.py checks)
+HEAD = "0007_issue17_fedmetrics"  # the newest revision in migrations/versions (tests/test_store_migrations.py checks)
 LEGACY_V1_COLUMNS = ("dp_clip", "dp_q", "dp_noise", "epsilon")  # added by schema version 2
 ALEMBIC_VERSION = sa.table("alembic_version", sa.column("version_num"))
 

@@ -21,7 +21,7 @@ IDLE = 600  # "come back in 10 minutes": what the coordinator says when it has n
 MODEL_PATH = re.compile(r"^/v1/models/(\d+)$")
 STEP_PATH = re.compile(r"^/v1/models/(\d+)/training-step$")
 UPLOAD_PATH = re.compile(r"^/v1/rounds/(\d+)/updates$")
-CHECKIN_FIELDS = {"eligible", "num_samples"}
+CHECKIN_FIELDS = {"eligible", "num_samples", "task_kinds"}
 METADATA_KEYS = {"format", "format_version", "encoding", "sparse", "sample_count", "round_id", "base_version"}
 METADATA_KEYS |= {"metrics", "tensors"}
 

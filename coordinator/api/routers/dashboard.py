@@ -143,7 +143,7 @@ def fleet_health(services: Services, rounds: list[RoundSummary]) -> str:
 def federated_by_version(services: Services) -> dict[int, tuple[float, float, float]]:
     """(global accuracy, personal accuracy, lift) the devices reported per version, from the federated
     metrics service when the coordinator has one (issue 17.1); empty otherwise, shown as "—"."""
-    source = getattr(services, "fedmetrics", None)
+    source = services.fedmetrics
     if source is None:
         return {}
     return {v: (m.global_accuracy, m.personal_accuracy, m.lift) for v, m in source.per_version().items()}

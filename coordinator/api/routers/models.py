@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Depends, Header, Path, Query, Response
 
 from coordinator.api.deps import ServicesDep, device_or_admin
-from coordinator.api.schemas import ModelVersionInfo, ModelVersionListing
+from coordinator.api.schemas import FederatedEvaluation, ModelVersionInfo, ModelVersionListing
 from coordinator.errors import Refused
 from coordinator.service import Services
 from coordinator.service.versions import LoadedModel
@@ -28,10 +28,14 @@ def list_versions(
     services: ServicesDep,
     limit: Annotated[int, Query(ge=1, le=1000, description="newest versions to list")] = 100,
 ) -> list[ModelVersionListing]:
-    """Every model version, newest first, with its sha256, size, server-side evaluation and release
-    status (public, like /v1/models/latest): how the federation's model improved round by round."""
+    """Every model version, newest first, with its sha256, size, server-side evaluation, release status
+    and the devices' own (federated) evaluation (public, like /v1/models/latest): how the federation's
+    model improved round by round."""
     releases = services.releases
     status = releases.status_of(releases.state(), releases.last_actions())
+    listed = services.store.versions(limit)
+    since = min((v.version for v in listed), default=0)
+    federated = services.fedmetrics.per_version(since=since) if services.fedmetrics else {}
     return [
         ModelVersionListing(
             version=v.version,
@@ -45,17 +49,33 @@ def list_versions(
             loss=v.eval_loss,
             eval_samples=v.eval_n,
             release=status(v.version),
+            federated=FederatedEvaluation.of(federated.get(v.version)),
         )
-        for v in services.store.versions(limit)
+        for v in listed
     ]
 
 
-@router.get("/latest", response_model=ModelVersionInfo)
-def latest(services: ServicesDep) -> ModelVersionInfo:
+def etag_matches(if_none_match: str | None, etag: str) -> bool:
+    if not if_none_match:
+        return False
+    candidates = {t.strip().removeprefix("W/") for t in if_none_match.split(",")}
+    return etag in candidates or "*" in candidates
+
+
+@router.get("/latest", response_model=ModelVersionInfo, responses={304: {"description": "If-None-Match matched"}})
+def latest(
+    services: ServicesDep, response: Response, if_none_match: Annotated[str | None, Header()] = None
+) -> ModelVersionInfo | Response:
     """The released version: what devices take as their base (public, like the dashboard); downloading
-    it needs a token. Newer versions may be candidates still (GET /v1/models says which)."""
+    it needs a token. Newer versions may be candidates still (GET /v1/models says which). Its ETag
+    names the version, so a device polling for a new base with If-None-Match gets a bodiless 304 until then."""
     version = services.releases.released()
     i = _loaded(services, version).info
+    etag = f'"v{version}-{i.sha256[:16]}"'
+    if etag_matches(if_none_match, etag):
+        return Response(status_code=304, headers={"ETag": etag})
+    response.headers["ETag"] = etag
+    response.headers["Cache-Control"] = "no-cache"
     return ModelVersionInfo(
         version=version,
         sha256=i.sha256,
@@ -120,8 +140,6 @@ def training_step(
 def _immutable(data: bytes, sha256: str, if_none_match: str | None, cache_control: str) -> Response:
     etag = f'"{sha256}"'
     headers = {"ETag": etag, "Cache-Control": cache_control}
-    if if_none_match:
-        candidates = {t.strip().removeprefix("W/") for t in if_none_match.split(",")}
-        if etag in candidates or "*" in candidates:
-            return Response(status_code=304, headers=headers)
+    if etag_matches(if_none_match, etag):
+        return Response(status_code=304, headers=headers)
     return Response(data, media_type="application/octet-stream", headers=headers)

@@ -2,15 +2,16 @@
 
     python bench/compression.py --json                 # 20 rounds per encoding, IID
     python bench/compression.py --rounds 5 --encodings float32,int4,int4+topk0.1
+    python bench/compression.py --encodings float32,int4-bitmap+topk0.5   # issue 15 item 4's pick
 
 FedAvg on the full Fashion-MNIST, 100 devices, 10 per round, E=5, B=10, lr 0.05, no momentum, IID,
 through `pf-sim --stacked` (simulation/stacked_sim.py): every update is encoded with
 protocol/update.py exactly as an agent sends it (top-k keeps error feedback per device across its
-rounds, int4 rounds stochastically), decoded by the same reader the coordinator uses, and only then
-averaged; so bytes are real wire bytes and accuracy pays for every quantization error. One JSON
-line per encoding on stderr; the last line on stdout: {"float32_bytes_per_device_round",
-"encodings": [{"encoding", "bytes_per_device_round", "fraction_of_float32", "final_accuracy",
-"accuracy_lost_points", ...}]}.
+rounds and, as the agent does, feeds back the quantization error too; int4 rounds stochastically),
+decoded by the same reader the coordinator uses, and only then averaged; so bytes are real wire
+bytes and accuracy pays for every quantization error. One JSON line per encoding on stderr; the
+last line on stdout: {"float32_bytes_per_device_round", "encodings": [{"encoding",
+"bytes_per_device_round", "fraction_of_float32", "final_accuracy", "accuracy_lost_points", ...}]}.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from simulation.config import SimConfig  # noqa: E402
 from simulation.stacked_sim import StackedOptions, StackedSimulation  # noqa: E402
 
 FULL = "/usr/share/datasets/fashion-mnist"
-DEFAULT = "float32,int8,int4,int8+topk0.1,int4+topk0.1,int8+topk0.05"
+DEFAULT = "float32,int8,int4,int8+topk0.1,int4+topk0.1,int4-bitmap+topk0.5"
 
 
 def parse(spec: str) -> tuple[str, float | None]:

@@ -21,6 +21,7 @@ from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSetti
 from pydantic_settings.sources.types import EnvNoneType
 
 from coordinator.strategies import STRATEGIES
+from protocol.messages import Encoding
 
 
 class RoundSettings(BaseModel):
@@ -50,7 +51,7 @@ class RoundSettings(BaseModel):
     beta2: float = Field(0.99, ge=0, lt=1.0, description="FedAdam second-moment decay")
     tau: float = Field(1e-3, gt=0, description="FedAdam adaptivity (epsilon)")
     fedprox_mu: float = Field(0.01, ge=0, description="FedProx proximal weight sent to devices")
-    encoding: Literal["float32", "float16", "int8", "int4"] = "float32"
+    encoding: Encoding = "float32"
     topk_fraction: float | None = Field(None, gt=0, le=1.0, description="top-k sparsification; None = dense")
     clip_norm: float | None = Field(None, gt=0, description="device-side L2 clipping; None = none")
     noise_multiplier: float = Field(0.0, ge=0)

@@ -12,7 +12,9 @@ agree on every number by construction.
   (error feedback), so nothing is lost, only delayed.
 - `quantize_int8`: symmetric per-tensor int8.
 - `quantize_int4`: symmetric per-tensor 4-bit levels -7..7 with stochastic rounding (unbiased:
-  E[q * scale] = x), packed two to a byte by `pack_int4`: the update format's smallest encoding.
+  E[q * scale] = x), packed two to a byte by `pack_int4`: the update format's smallest value encoding.
+- `pack_mask` / `unpack_mask`: which entries a sparse tensor keeps, one bit each (1/32 of int32
+  indices' bytes), so top-k can keep a large fraction and still be small.
 """
 
 from __future__ import annotations
@@ -110,6 +112,25 @@ def unpack_int4(packed: np.ndarray, count: int) -> np.ndarray:
     if levels.size and int(levels.min()) < -INT4_LEVELS:
         raise ValueError(f"int4 level {int(levels.min())} is outside -{INT4_LEVELS}..{INT4_LEVELS}")
     return levels
+
+
+def pack_mask(indices: np.ndarray, size: int) -> np.ndarray:
+    """Flat `indices` into a `size`-entry tensor as a bitmap: ceil(size / 8) bytes, entry i at bit
+    i % 8 (least significant first) of byte i // 8; the padding bits of the last byte are zero."""
+    bits = np.zeros(size, np.uint8)
+    bits[indices] = 1
+    return np.packbits(bits, bitorder="little")
+
+
+def unpack_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    """The ascending flat indices a bitmap marks; ValueError for a wrong length or a set padding bit."""
+    need = (size + 7) // 8
+    if mask.dtype != np.uint8 or mask.shape != (need,):
+        raise ValueError(f"bitmap must be {need} uint8 bytes for {size} entries, got {mask.dtype} {mask.shape}")
+    bits = np.unpackbits(mask, bitorder="little")
+    if bits[size:].any():
+        raise ValueError(f"bitmap marks entries past the tensor's {size}")
+    return np.flatnonzero(bits[:size])
 
 
 class TopK:

@@ -13,8 +13,8 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
-Encoding = Literal["float32", "float16", "int8", "int4"]
-ENCODINGS: tuple[str, ...] = ("float32", "float16", "int8", "int4")
+Encoding = Literal["float32", "float16", "int8", "int4", "int4-bitmap"]
+ENCODINGS: tuple[str, ...] = ("float32", "float16", "int8", "int4", "int4-bitmap")
 TaskKind = Literal["train", "evaluate", "personalize"]
 TASK_KINDS: tuple[str, ...] = ("train", "evaluate", "personalize")
 # The kinds that train nothing global: the device uploads only metrics (POST /v1/federated-metrics). A server

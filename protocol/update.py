@@ -5,10 +5,10 @@ each trainable tensor (trained minus base) in one of four value encodings, optio
 sparsified to its top-k entries, plus the few numbers the server needs to weigh it:
 
     metadata = {"format": "pocketfed-update", "format_version": 1,
-                "encoding": "float32" | "float16" | "int8" | "int4", "sparse": bool,
+                "encoding": "float32" | "float16" | "int8" | "int4" | "int4-bitmap", "sparse": bool,
                 "sample_count": int > 0, "round_id": int, "base_version": int,
                 "metrics": {name: finite float},
-                "tensors": {name: {"shape": [...], "encoding": "float32"|"float16"|"int8"|"int4"|"sparse",
+                "tensors": {name: {"shape": [...], "encoding": "float32"|"float16"|"int8"|"int4"|"sparse"|"bitmap",
                                    "values"?: value encoding (sparse only), "scale"?: float (int8, int4)}}}
 
 Dense tensors are stored under their own name. A sparse tensor is stored as
@@ -19,6 +19,14 @@ readers without it reject it by name) is symmetric per tensor with stochastic ro
 -7..7, scale = max|x| / 7, stored as nibbles level + 8, two per byte, low nibble first, in a 1-D
 uint8 tensor of ceil(n / 2) bytes (n: the tensor's or the sparse part's element count); every
 decoded element is within one scale of the original and equal to it in expectation.
+
+"int4-bitmap" (also format version 1; older readers reject it by name) is int4 whose sparse
+tensors say which entries they keep with a bitmap instead of int32 indices: encoding "bitmap",
+"<name>/mask" is ceil(n / 8) uint8 bytes, entry i at bit i % 8 (least significant first) of byte
+i // 8, padding bits zero, and "<name>/values" the kept entries in ascending index order. One bit
+per entry instead of 32 per kept entry lets top-k keep half a tensor within 1/8 of float32's bytes.
+A tensor keeping fewer than 1/32 of its entries is cheaper as int32 indices and is written that
+way ("sparse"); without top-k, int4-bitmap tensors are plain dense int4.
 
 The decoder trusts nothing: every field is checked, and every problem raises
 UpdateError with a message naming the field or tensor and why.
@@ -33,12 +41,23 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from engine.serialize.container import ContainerError, dumps, loads
-from protocol.deltas import pack_int4, quantize_int4, quantize_int8, topk_count, topk_indices, unpack_int4
+from protocol.deltas import (
+    pack_int4,
+    pack_mask,
+    quantize_int4,
+    quantize_int8,
+    topk_count,
+    topk_indices,
+    unpack_int4,
+    unpack_mask,
+)
 
 FORMAT = "pocketfed-update"
 FORMAT_VERSION = 1
 VALUE_ENCODINGS = ("float32", "float16", "int8", "int4")
 QUANTIZED = ("int8", "int4")  # the encodings with a per-tensor "scale"
+BITMAP_VALUES = {"int4-bitmap": "int4"}  # update encodings whose sparse positions are bitmaps -> their values
+ENCODINGS = VALUE_ENCODINGS + tuple(BITMAP_VALUES)  # what an update's top-level "encoding" may be
 MAX_HEADER_BYTES = 1 << 20  # an update's JSON header: names, shapes, a few metrics (a LeNet's is ~2 KiB)
 MAX_METRICS, MAX_METRIC_NAME = 64, 64  # metric names and values are stored and shown: a few short ones
 MAX_ELEMENTS = 1 << 27  # 134M elements (512 MiB of float32): far above any on-device model
@@ -95,8 +114,9 @@ def encode_update(
     """Encode a weight delta (name -> array) as update-container bytes.
 
     `rng` drives int4's stochastic rounding (default: fresh OS entropy; seed it for repeatable runs)."""
-    if encoding not in VALUE_ENCODINGS:
-        raise UpdateError(f"encoding {encoding!r} is not one of {', '.join(VALUE_ENCODINGS)}")
+    if encoding not in ENCODINGS:
+        raise UpdateError(f"encoding {encoding!r} is not one of {', '.join(ENCODINGS)}")
+    values_as = BITMAP_VALUES.get(encoding, encoding)
     if topk_fraction is not None and not (0.0 < float(topk_fraction) <= 1.0):
         raise UpdateError(f"topk_fraction {topk_fraction!r} must be in (0, 1]")
     _check_int("sample_count", sample_count, minimum=1)
@@ -113,16 +133,21 @@ def encode_update(
         if not np.all(np.isfinite(array)):
             raise UpdateError(f"tensor {name!r}: contains NaN or Inf; refusing to send it")
         if topk_fraction is None:
-            stored, extra = _encode_values(name, array, encoding, rng)
+            stored, extra = _encode_values(name, array, values_as, rng)
             tensors[name] = stored
-            described[name] = {"shape": list(array.shape), "encoding": encoding, **extra}
+            described[name] = {"shape": list(array.shape), "encoding": values_as, **extra}
         else:
             flat = array.reshape(-1)
             indices = topk_indices(flat, topk_count(flat.size, float(topk_fraction)))
-            stored, extra = _encode_values(name, flat[indices], encoding, rng)
-            tensors[f"{name}/indices"] = indices
+            stored, extra = _encode_values(name, flat[indices], values_as, rng)
             tensors[f"{name}/values"] = stored
-            described[name] = {"shape": list(array.shape), "encoding": "sparse", "values": encoding, **extra}
+            if encoding in BITMAP_VALUES and 32 * len(indices) >= flat.size:
+                tensors[f"{name}/mask"] = pack_mask(indices, flat.size)
+                layout = "bitmap"
+            else:
+                tensors[f"{name}/indices"] = indices
+                layout = "sparse"
+            described[name] = {"shape": list(array.shape), "encoding": layout, "values": values_as, **extra}
     metadata = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -212,12 +237,16 @@ def _decode_values(name: str, stored: np.ndarray, encoding: object, spec: dict, 
     return values
 
 
-def _decode_tensor(name: str, spec: object, stored: dict[str, np.ndarray], used: set[str]) -> np.ndarray:
+def _decode_tensor(
+    name: str, spec: object, stored: dict[str, np.ndarray], used: set[str], update_encoding: str
+) -> np.ndarray:
     if not isinstance(spec, dict):
         raise UpdateError(f"tensor {name!r}: its description is not an object")
     shape = _check_shape(name, spec.get("shape"))
     encoding = spec.get("encoding")
-    if encoding != "sparse":
+    if encoding == "bitmap" and update_encoding not in BITMAP_VALUES:
+        raise UpdateError(f"tensor {name!r}: bitmap positions need a bitmap update encoding, not {update_encoding!r}")
+    if encoding not in ("sparse", "bitmap"):
         if name not in stored:
             raise UpdateError(f"tensor {name!r}: described but its data is missing")
         used.add(name)
@@ -227,29 +256,42 @@ def _decode_tensor(name: str, spec: object, stored: dict[str, np.ndarray], used:
                 + (" (packed int4: ceil(n / 2) bytes, 1-D)" if encoding == "int4" else "")
             )
         return _decode_values(name, stored[name], encoding, spec, math.prod(shape)).reshape(shape)
-    idx_name, val_name = f"{name}/indices", f"{name}/values"
+    idx_name = f"{name}/mask" if encoding == "bitmap" else f"{name}/indices"
+    val_name = f"{name}/values"
     for part in (idx_name, val_name):
         if part not in stored:
             raise UpdateError(f"tensor {name!r}: sparse part {part!r} is missing")
         if stored[part].ndim != 1:
             raise UpdateError(f"tensor {name!r}: sparse part {part!r} must be 1-D")
         used.add(part)
-    indices, raw_values = stored[idx_name], stored[val_name]
-    if indices.dtype != np.int32:
-        raise UpdateError(f"tensor {name!r}: indices must be int32, got {indices.dtype}")
+    size = math.prod(shape)
+    indices = (_mask_indices if encoding == "bitmap" else _checked_indices)(name, stored[idx_name], size)
+    raw_values = stored[val_name]
     if raw_values.shape != _stored_shape(spec.get("values"), (len(indices),)):
         raise UpdateError(f"tensor {name!r}: {len(indices)} indices but {len(raw_values)} stored values")
-    size = math.prod(shape)
+    values = _decode_values(name, raw_values, spec.get("values"), spec, len(indices))
+    dense = np.zeros(size, np.float32)
+    dense[indices] = values
+    return dense.reshape(shape)
+
+
+def _checked_indices(name: str, indices: np.ndarray, size: int) -> np.ndarray:
+    if indices.dtype != np.int32:
+        raise UpdateError(f"tensor {name!r}: indices must be int32, got {indices.dtype}")
     if len(indices) and (int(indices.min()) < 0 or int(indices.max()) >= size):
         raise UpdateError(
             f"tensor {name!r}: index out of range [0, {size}) (min {int(indices.min())}, max {int(indices.max())})"
         )
     if len(np.unique(indices)) != len(indices):
         raise UpdateError(f"tensor {name!r}: duplicate sparse indices")
-    values = _decode_values(name, raw_values, spec.get("values"), spec, len(indices))
-    dense = np.zeros(size, np.float32)
-    dense[indices] = values
-    return dense.reshape(shape)
+    return indices
+
+
+def _mask_indices(name: str, mask: np.ndarray, size: int) -> np.ndarray:
+    try:
+        return unpack_mask(mask, size)
+    except ValueError as exc:
+        raise UpdateError(f"tensor {name!r}: {exc}") from None
 
 
 def decode_update(
@@ -266,8 +308,8 @@ def decode_update(
             f"format_version {meta.get('format_version')!r} is not supported (this reader: {FORMAT_VERSION})"
         )
     encoding = meta.get("encoding")
-    if encoding not in VALUE_ENCODINGS:
-        raise UpdateError(f"encoding {encoding!r} is not one of {', '.join(VALUE_ENCODINGS)}")
+    if encoding not in ENCODINGS:
+        raise UpdateError(f"encoding {encoding!r} is not one of {', '.join(ENCODINGS)}")
     sample_count = _check_int("sample_count", meta.get("sample_count"), minimum=1)
     round_id = _check_int("round_id", meta.get("round_id"), minimum=0)
     base_version = _check_int("base_version", meta.get("base_version"), minimum=0)
@@ -295,7 +337,7 @@ def decode_update(
             raise UpdateError(
                 f"tensor {name!r}: shape {spec.get('shape')!r} does not match the model's {list(expected[name])}"
             )
-        delta[name] = _decode_tensor(name, spec, container.tensors, used)
+        delta[name] = _decode_tensor(name, spec, container.tensors, used, encoding)
     extra = sorted(set(container.tensors) - used)
     if extra:
         raise UpdateError(f"stored tensors not described in metadata: {extra}")

@@ -85,7 +85,7 @@ def _init_worker(cfg: SimConfig) -> None:
 def _train_devices(task: tuple) -> list[tuple[int, bytes, Weights | None]]:
     """Train `devices` from `base` for round `round_id`; (device, encoded update, new residual) each."""
     from protocol.deltas import TopK
-    from protocol.update import encode_update
+    from protocol.update import decode_update, encode_update
 
     base, devices, round_id, encoding, topk, residuals, feddyn = task
     w, cfg = _WORKER, _WORKER["cfg"]
@@ -116,6 +116,9 @@ def _train_devices(task: tuple) -> list[tuple[int, bytes, Weights | None]]:
                 topk_fraction=topk,
                 rng=np.random.default_rng([cfg.seed, round_id, d]),  # int4's rounding, repeatable per run
             )
+            if topk is not None:  # as the agent does: also feed back the quantization error of what was sent
+                sent = decode_update(data).delta
+                residual["topk"] = {n: kept[n] + delta[n] - sent[n] for n in kept}
             answers.append((d, data, residual))
     return answers
 

@@ -345,3 +345,13 @@ def test_an_int4_task_gets_a_packed_int4_update(tmp_path):
     assert update.encoding == "int4"
     assert record["bytes_sent"] < 0.16 * record["bytes_raw_float32"]
     assert any(np.abs(v).max() > 0 for v in update.delta.values())
+
+
+def test_an_int4_bitmap_top_k_task_gets_a_bitmap_update_under_an_eighth(tmp_path):
+    fake = FakeCoordinator(task(1, encoding="int4-bitmap", topk_fraction=0.5))
+    record = make_agent(tmp_path, fake, once=True).run()[-1]
+    stored = loads(fake.uploads[0][1], kind="update").tensors
+    update = decode_update(fake.uploads[0][1], expected={n: loads(MODEL).tensors[n].shape for n in TRAINABLE})
+    assert update.encoding == "int4-bitmap" and update.sparse
+    assert any(name.endswith("/mask") for name in stored)
+    assert record["bytes_sent"] < record["bytes_raw_float32"] / 8

@@ -304,3 +304,12 @@ def test_openapi_documents_the_api(service):
         assert path in paths, path
     upload = paths["/v1/rounds/{round_id}/updates"]["post"]
     assert "application/octet-stream" in upload["requestBody"]["content"]
+
+
+def test_an_int4_bitmap_update_is_accepted_and_the_encoding_can_be_asked_for(service, tmp_path, model_file):
+    a = TestDevice(service, KEY, "a")
+    assert a.task()["round_id"] == 1
+    upload = a.upload(1, update_bytes(seed=1, encoding="int4-bitmap", topk_fraction=0.5))
+    assert upload.status_code == 202 and upload.json()["received"] == 1
+    asking = Settings(db=str(tmp_path / "x.db"), model=str(model_file), encoding="int4-bitmap", topk_fraction=0.5)
+    assert asking.encoding == "int4-bitmap"

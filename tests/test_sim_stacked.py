@@ -93,7 +93,7 @@ def test_compression_bench_reports_bytes_and_accuracy_per_encoding():
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run(
         [sys.executable, "bench/compression.py", "--rounds", "1", "--data", "", "--workers", "1", "--json",
-         "--encodings", "float32,int4,int4+topk0.1"],
+         "--encodings", "float32,int4,int4+topk0.1,int4-bitmap+topk0.5"],
         cwd=root, capture_output=True, text=True, timeout=300, check=True,
     ).stdout.splitlines()[-1]  # fmt: skip
     result = json.loads(out)
@@ -101,6 +101,7 @@ def test_compression_bench_reports_bytes_and_accuracy_per_encoding():
     assert by_name["float32"]["fraction_of_float32"] == 1.0
     assert 0.125 < by_name["int4"]["fraction_of_float32"] < 0.14  # dense 4-bit: 1/8 plus the header
     assert by_name["int4+topk0.1"]["fraction_of_float32"] < 0.125
+    assert by_name["int4-bitmap+topk0.5"]["fraction_of_float32"] < 0.125  # half the entries, 1 bit each for where
     assert all(0.0 <= e["final_accuracy"] <= 1.0 for e in result["encodings"])
 
 

@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from coordinator.settings import RoundSettings
-from protocol.messages import Task
+from protocol.messages import Encoding, Task
 
 
 class Strict(BaseModel):
@@ -222,7 +222,7 @@ class SettingsPatch(Strict):
     beta2: float | None = None
     tau: float | None = None
     fedprox_mu: float | None = None
-    encoding: Literal["float32", "float16", "int8", "int4"] | None = None
+    encoding: Encoding | None = None
     topk_fraction: float | None = None
     clip_norm: float | None = None
     noise_multiplier: float | None = None

@@ -43,6 +43,7 @@ def coordinator(tmp_path):
         settings = Settings(
             db=str(tmp_path / "coord.db"),
             goal=1,
+            min_devices=1,  # one-device rounds: a test of tasks, not of privacy
             over_select=1.0,
             min_fraction=1.0,
             deadline=300,
@@ -171,7 +172,13 @@ class Throttled:
 
 def test_429_and_503_with_retry_after_are_waited_out_in_full_and_never_end_the_agent(tmp_path):
     settings = Settings(
-        db=str(tmp_path / "coord.db"), goal=1, over_select=1.0, deadline=300, enrollment_key=KEY, tick_interval=0.05
+        db=str(tmp_path / "coord.db"),
+        goal=1,
+        min_devices=1,
+        over_select=1.0,
+        deadline=300,
+        enrollment_key=KEY,
+        tick_interval=0.05,
     )
     # 2 tries per request: the first two refusals exhaust one check-in's retries (the agent then waits
     # as the server last asked and checks in again), the third is retried within the next check-in.
@@ -194,7 +201,13 @@ def test_429_and_503_with_retry_after_are_waited_out_in_full_and_never_end_the_a
 def test_pf_agent_keeps_running_through_a_429_on_check_in(tmp_path):
     """The CLI end to end: `pf-agent run --once` against a real server whose first check-in answers 429."""
     settings = Settings(
-        db=str(tmp_path / "coord.db"), goal=1, over_select=1.0, deadline=300, enrollment_key=KEY, tick_interval=0.05
+        db=str(tmp_path / "coord.db"),
+        goal=1,
+        min_devices=1,
+        over_select=1.0,
+        deadline=300,
+        enrollment_key=KEY,
+        tick_interval=0.05,
     )
     app = Throttled(create_app(settings), [(429, "1")])
     x, y = local_data((0, 1), n=40).get_batch(np.arange(40))

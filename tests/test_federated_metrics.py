@@ -41,6 +41,7 @@ def service(tmp_path, request):
         db=db,
         model=str(model),
         goal=1,
+        min_devices=1,  # one-device rounds: a test of tasks, not of privacy
         over_select=1.0,
         deadline=100,
         min_fraction=1.0,

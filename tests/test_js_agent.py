@@ -228,10 +228,7 @@ def test_ts_training_feeds_dropout_masks_and_carries_batch_norm_statistics(built
 
 def test_the_js_agent_passes_the_conformance_suite(built):
     from protocol.conformance import SCENARIOS
-    from protocol.conformance.world import World
 
-    if World.training_step_available() is False:
-        pytest.skip("the training-step exporter (issue 18 part 1) has not landed: the TS agent cannot train yet")
     command = (
         f"{NODE} {JS / 'dist' / 'cli.js'} run --coordinator {{url}} --enrollment-key {{key}} "
         "--state-dir {state} --data {data} --once"

@@ -25,7 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
+from coordinator.settings import RoundSettings  # noqa: E402
 from coordinator.strategies import make_strategy  # noqa: E402
+from coordinator.strategies.influence import bounded, round_limits  # noqa: E402
 from engine.data import MnistDataset, Subset, load_default, parse_partition  # noqa: E402
 from engine.data.dataview import ArrayDataset  # noqa: E402
 from engine.models import build  # noqa: E402
@@ -38,6 +40,8 @@ RUNS = {  # name -> (strategy config, attackers active, server-side norm bound)
     "attack_free": ({"strategy": "fedavg"}, False, None),
     "fedavg": ({"strategy": "fedavg"}, True, None),
     "fedavg+norm_bound": ({"strategy": "fedavg"}, True, "auto"),
+    # the coordinator's default since issue 12: FedAvg under the influence bound (strategies/influence.py)
+    "fedavg+default_bound": ({"strategy": "fedavg"}, True, "influence"),
     "median": ({"strategy": "median"}, True, None),
     "trimmed_mean": ({"strategy": "trimmed_mean", "trim_beta": 0.2}, True, None),
     "krum": ({"strategy": "krum", "krum_f": 2}, True, None),
@@ -83,6 +87,7 @@ def run(name: str, args) -> dict:
     state: dict = {}
     noise_rng = np.random.default_rng(args.seed + 1)
     diverged = 0
+    reference: tuple[list[float], list[int]] = ([], [])  # the last round's norms and counts
     for cohort in cohorts(args):
         updates = []
         for dev in cohort:
@@ -108,9 +113,15 @@ def run(name: str, args) -> dict:
             updates.append((delta, data.size()))
         if not updates:
             continue
-        if norm_bound == "auto":  # an operator's bound: a few times the typical honest norm of round 1
+        if norm_bound == "influence":  # as the coordinator's lifecycle does: limits from the last round
+            norms, counts = [clip(d, np.inf)[1] for d, _ in updates], [n for _, n in updates]
+            config = RoundSettings(influence_model_fraction=args.influence_model_fraction)
+            limits = round_limits(config, list(weights.values()), *reference)
+            reference = (norms, counts)
+            updates = bounded(updates, limits)
+        elif norm_bound == "auto":  # an operator's bound: a few times the typical honest norm of round 1
             norm_bound = args.norm_bound or 3.0 * float(np.median([clip(d, np.inf)[1] for d, _ in updates]))
-        if norm_bound is not None:
+        if norm_bound is not None and norm_bound != "influence":
             updates = [(clip(d, norm_bound)[0], n) for d, n in updates]
         combined = strategy.combine(updates)
         new_weights, state = strategy.step(weights, combined, state)
@@ -138,6 +149,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--partition", default="iid")
     parser.add_argument("--norm-bound", type=float, default=None, help="fedavg+norm_bound (default: auto)")
+    parser.add_argument(
+        "--influence-model-fraction", type=float, default=0.2, help="fedavg+default_bound: as the coordinator's"
+    )
     parser.add_argument("--test-size", type=int, default=2000)
     parser.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset of " + ", ".join(RUNS))
     parser.add_argument("--workers", type=int, default=2)

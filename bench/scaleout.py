@@ -176,6 +176,7 @@ def run_phase(args, name: str, db: str, replicas: int, workdir: Path, kill: bool
         "enrollment_key": KEY,
         "admin_token": KEY,
         "enroll_per_address": 1_000_000,  # every device enrolls from this one loopback address
+        "min_devices": 1,  # the first round has one device (a load test, not a privacy one)
         "goal": 1,  # round 1, during the check-in burst; then args.goal (PATCH /v1/admin/settings)
         "over_select": 1.0,
         "deadline": 600,

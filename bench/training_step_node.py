@@ -141,7 +141,7 @@ def peak_memory(node: str, samples: int, folder: Path) -> dict:
     out = {}
     for agent in ("js", "python"):
         settings = Settings(
-            db=str(folder / f"{agent}.db"), model=str(folder / "lenet.pfm"), goal=1, min_fraction=1.0,
+            db=str(folder / f"{agent}.db"), model=str(folder / "lenet.pfm"), goal=1, min_devices=1, min_fraction=1.0,
             enrollment_key="k", momentum=0.9, lr=0.05, batch_size=32, epochs=1,
         )  # fmt: skip
         with ServerThread(create_app(settings)) as server:

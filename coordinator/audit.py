@@ -41,7 +41,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from coordinator.audit_replicas import check_partials, with_partials
 from coordinator.service.modelfile import expected_shapes
 from coordinator.store import BlobStore, ModelFiles, ModelVersionRow, RoundRow, Store, UpdateRow, blob_store_for
-from coordinator.strategies.influence import InfluenceLimits, bounded_by_default, influence_limits
+from coordinator.strategies.influence import InfluenceLimits, bounded_by_default, round_limits
 from engine.serialize.container import ContainerError, loads
 from protocol.deltas import clip_by_l2
 from protocol.update import decode_update
@@ -275,15 +275,7 @@ def _influence_limits(
         return None
     data = models.read(base_row.filename)
     trainable = [base[name] for name in expected_shapes(loads(data, kind="model"))]
-    return influence_limits(
-        float(np.sqrt(sum(float(np.dot(t.ravel(), t.ravel())) for t in trainable))),
-        sum(t.size for t in trainable),
-        [u.norm for u in reference],
-        [u.sample_count for u in reference],
-        norm_multiple=config.influence_norm_multiple,
-        count_multiple=config.influence_count_multiple,
-        model_fraction=config.influence_model_fraction,
-    )
+    return round_limits(config, trainable, [u.norm for u in reference], [u.sample_count for u in reference])
 
 
 def _check_round(

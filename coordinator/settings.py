@@ -32,6 +32,13 @@ class RoundSettings(BaseModel):
     over_select: float = Field(1.3, ge=1.0, le=10.0, description="assign up to ceil(K * this) devices")
     deadline: float = Field(600.0, gt=0, le=7 * 86400, description="seconds a round stays open")
     min_fraction: float = Field(0.8, gt=0, le=1.0, description="fraction of K needed to commit at deadline")
+    min_devices: int = Field(
+        3,
+        ge=1,
+        le=100_000,
+        description="distinct devices a round needs to commit (fewer would let the others' updates be "
+        "subtracted out of the new model)",
+    )
     epochs: int = Field(1, ge=1, le=1000)
     batch_size: int = Field(32, ge=1, le=65536)
     lr: float = Field(0.05, gt=0, le=100.0, description="device learning rate")
@@ -65,7 +72,7 @@ class RoundSettings(BaseModel):
         3.0, ge=1.0, le=1e6, description="weight cap: this x the median sample count"
     )
     influence_model_fraction: float = Field(
-        0.5, gt=0, le=100, description="norm bound never above this x the base model's L2 norm"
+        0.2, gt=0, le=1.0, description="norm bound with no reference round yet: this x the model's L2 norm"
     )
     # client-level differential privacy on the server (strategies/dp.py, service/privacy.py)
     dp_noise_multiplier: float = Field(0.0, ge=0, le=1000, description="DP-FedAvg noise z; 0 = DP off")
@@ -108,6 +115,15 @@ class RoundSettings(BaseModel):
                 f"strategy {name!r} needs devices that run its local objective; only pf-sim --stacked does"
             )
         return name
+
+    @model_validator(mode="after")
+    def _goal_reaches_min_devices(self) -> RoundSettings:
+        if self.goal < self.min_devices:
+            raise ValueError(
+                f"goal {self.goal} is below min_devices {self.min_devices}: such a round could never commit "
+                "(lower min_devices explicitly for tests and demos; a round of 1-2 devices exposes their updates)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _dp_needs_a_mean(self) -> RoundSettings:
@@ -221,6 +237,9 @@ class Settings(BaseSettings, RoundSettings):
     )
     enrollment_key: str | None = Field(None, description="None: a random key is generated and logged")
     admin_token: str | None = Field(None, description="None: the admin API is disabled")
+    device_token_idle_days: float = Field(
+        90.0, gt=0, le=36500, description="a device token stops working after this many days without a check-in"
+    )
     insecure_dev: bool = Field(False, description="local demos only: allow short or guessable secrets")
     enroll_per_address: int = Field(
         60, ge=1, le=1_000_000, description="enrollments per client address per minute (429 beyond)"

@@ -1,6 +1,6 @@
 """pf-agent: the device agent's command line.
 
-pf-agent run --coordinator URL --data PATH --state-dir DIR --enrollment-key K [--rounds N] [--once]
+pf-agent run --coordinator URL --data PATH --state-dir DIR --enrollment-key-file F [--rounds N] [--once]
              [--ignore-conditions] [--json] [--personal-layers fc2] [--holdout 0.2] [--seed S]
 pf-agent predict --state-dir DIR --input FILE(.npy/.npz/.png)
 """
@@ -15,12 +15,14 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
 import argparse  # noqa: E402
+import ipaddress  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
-from collections.abc import Sequence  # noqa: E402
+from collections.abc import Mapping, Sequence  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
+from urllib.parse import urlsplit  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -36,7 +38,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--coordinator", required=True, help="base URL, e.g. http://127.0.0.1:8000")
     run.add_argument("--data", required=True, help="local data: IDX dir, .npz, .csv or image folder")
     run.add_argument("--state-dir", required=True, type=Path)
-    run.add_argument("--enrollment-key", required=True)
+    run.add_argument(
+        "--enrollment-key",
+        help="enrollment key or one-time code (visible to other local users in the process list: "
+        "prefer --enrollment-key-file or PF_ENROLLMENT_KEY)",
+    )
+    run.add_argument("--enrollment-key-file", type=Path, help="read the enrollment key or code from this file")
+    run.add_argument(
+        "--insecure", action="store_true", help="allow plain http:// to a coordinator that is not on this machine"
+    )
     run.add_argument("--name", default=None, help="device name shown on the dashboard")
     run.add_argument("--rounds", type=int, default=None, help="stop after N rounds (default: run until stopped)")
     run.add_argument("--once", action="store_true", help="do a single task, then exit")
@@ -71,6 +81,48 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_transport(url: str, insecure: bool) -> None:
+    """Tokens and updates travel in the clear over http://: only to this machine unless --insecure."""
+    parsed = urlsplit(url)
+    if parsed.scheme == "https" or (parsed.scheme == "http" and (insecure or is_loopback(parsed.hostname or ""))):
+        return
+    if parsed.scheme not in ("http", "https"):
+        raise SystemExit(f"pf-agent: --coordinator {url!r}: expected an http:// or https:// URL")
+    raise SystemExit(
+        f"pf-agent: --coordinator {url!r}: plain http:// to another machine sends the device token and "
+        "updates in the clear; use https:// (or --insecure on a trusted network)"
+    )
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def resolve_enrollment_key(flag: str | None, path: Path | None, environ: Mapping[str, str]) -> str:
+    """--enrollment-key, else the file, else PF_ENROLLMENT_KEY."""
+    if flag:
+        return flag
+    if path is not None:
+        try:
+            key = path.read_text().strip()
+        except OSError as exc:
+            raise SystemExit(f"pf-agent: --enrollment-key-file: {exc}") from None
+        if not key:
+            raise SystemExit(f"pf-agent: --enrollment-key-file {path}: the file is empty")
+        return key
+    key = environ.get("PF_ENROLLMENT_KEY", "").strip()
+    if not key:
+        raise SystemExit(
+            "pf-agent: no enrollment key: give --enrollment-key-file, PF_ENROLLMENT_KEY or --enrollment-key"
+        )
+    return key
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from device_agent.runner import Agent, AgentConfig
     from engine.data import DataError, open_dataset
@@ -79,13 +131,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise SystemExit("pf-agent: --rounds must be >= 1")
     if not 0.0 <= args.holdout < 1.0:
         raise SystemExit("pf-agent: --holdout must be in [0, 1)")
+    check_transport(args.coordinator, args.insecure)
+    enrollment_key = resolve_enrollment_key(args.enrollment_key, args.enrollment_key_file, os.environ)
     try:
         dataset = open_dataset(args.data)
     except (DataError, ImportError) as exc:
         raise SystemExit(f"pf-agent: cannot read --data: {exc}") from None
     config = AgentConfig(
         coordinator=args.coordinator,
-        enrollment_key=args.enrollment_key,
+        enrollment_key=enrollment_key,
         name=args.name,
         rounds=args.rounds,
         once=args.once,

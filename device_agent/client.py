@@ -265,13 +265,19 @@ class CoordinatorClient:
             params["since"] = since
         return self._request("GET", f"/v1/rounds/{int(round_id)}/secagg", params=params).json()
 
-    def secagg_join(self, round_id: int) -> dict[str, Any]:
-        return self._request("POST", f"/v1/rounds/{int(round_id)}/secagg/join").json()
+    def secagg_join(self, round_id: int, wait: float = 0) -> dict[str, Any]:
+        """Join the round's cohort; with `wait`, answered once the cohort is fixed (a long poll)."""
+        params: dict[str, Any] = {"wait": wait} if wait else {}
+        return self._request("POST", f"/v1/rounds/{int(round_id)}/secagg/join", params=params).json()
 
-    def secagg_send(self, round_id: int, kind: str, message: dict[str, Any] | bytes) -> dict[str, Any]:
-        """POST one phase's message (a replay of an accepted one is answered again, counted once)."""
+    def secagg_send(self, round_id: int, kind: str, message: dict[str, Any] | bytes, wait: float = 0) -> dict[str, Any]:
+        """POST one phase's message (a replay of an accepted one is answered again, counted once); with
+        `wait`, the answer's `status` is what the long poll after it would have said."""
         path = f"/v1/rounds/{int(round_id)}/secagg/{kind}"
+        params: dict[str, Any] = {"wait": wait} if wait else {}
         if isinstance(message, bytes):
             headers = {"Content-Type": "application/octet-stream"}
-            return self._request("POST", path, content=message, headers=headers, outcome_unknown=True).json()
-        return self._request("POST", path, json=message, outcome_unknown=True).json()
+            return self._request(
+                "POST", path, content=message, headers=headers, params=params, outcome_unknown=True
+            ).json()
+        return self._request("POST", path, json=message, params=params, outcome_unknown=True).json()

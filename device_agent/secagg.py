@@ -76,7 +76,7 @@ class SecAggParticipant:
 
         session: ClientSession | None = None
         answered: set[str] = set()
-        status = self._got(self.client.secagg_join(self.round_id))
+        status = self._got(self.client.secagg_join(self.round_id, LONG_POLL))
         try:
             while True:
                 phase, index = status["phase"], status.get("index")
@@ -104,11 +104,15 @@ class SecAggParticipant:
                             out = session.masked_input(message, vector, sample_count)
                         else:
                             out = session.unmask(message)
-                        self._send(phase, out)
+                        wait = 0 if self.leave_after == phase else LONG_POLL
+                        answer = self._send(phase, out, wait)
                         answered.add(phase)
                         if self.leave_after == phase:
                             return self._outcome("left", f"left after {phase} (as asked)", index)
-                        status = self._got(self.client.secagg_status(self.round_id, phase, LONG_POLL))
+                        # the answer carries the long poll's status (an older server does not: ask)
+                        status = answer.get("status") or self._got(
+                            self.client.secagg_status(self.round_id, phase, LONG_POLL)
+                        )
                         continue
                 previous = status
                 status = self._got(self.client.secagg_status(self.round_id, phase, LONG_POLL))
@@ -120,11 +124,11 @@ class SecAggParticipant:
             log.warning("round %d: secure aggregation refused a server message: %s", self.round_id, exc)
             return self._outcome("failed", str(exc), status.get("index"))
 
-    def _send(self, phase: str, message: dict[str, Any] | bytes) -> None:
+    def _send(self, phase: str, message: dict[str, Any] | bytes, wait: float) -> dict[str, Any]:
         raw = message if isinstance(message, bytes) else json.dumps(message, separators=(",", ":")).encode()
         self.bytes_up += len(raw)
         self.sent.append(raw)
-        self._got(self.client.secagg_send(self.round_id, KIND[phase], message))
+        return self._got(self.client.secagg_send(self.round_id, KIND[phase], message, wait))
 
     def _got(self, answer: dict[str, Any]) -> dict[str, Any]:
         self.bytes_down += len(json.dumps(answer, separators=(",", ":")))

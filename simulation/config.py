@@ -87,6 +87,7 @@ class SimConfig:
             "model_seed": self.seed,
             "eval_data": str(resolve_data(self.data)),
             "goal": self.per_round,
+            "min_devices": min(3, self.per_round),  # the default, unless the simulated rounds are smaller
             "over_select": 2.0,
             # a realistic fleet loses devices: a round then commits at its deadline with half of K
             "min_fraction": 0.5 if (self.dropout and not self.secure_aggregation) or self.speed_spread else 1.0,

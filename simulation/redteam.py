@@ -254,6 +254,29 @@ def upload_slot_exhaustion(target: Target) -> Outcome:
     )
 
 
+def slow_body(target: Target) -> Outcome:
+    """An assigned device sends its upload at 100 bytes/s: the server must give up on it (408) soon
+    after the grace period instead of holding an upload slot for the ~30 minutes it would take."""
+    with target.client(timeout=120) as client:
+        _, weights = fresh_round(target, client)
+        mallory = Device(client, target.enrollment_key)
+        task = mallory.task()
+        body = update_for(task, {n: np.zeros(w.shape, np.float32) for n, w in weights.items()})
+
+        def trickle():
+            for i in range(0, len(body), 50):
+                yield body[i : i + 50]
+                time.sleep(0.5)
+
+        started = time.perf_counter()
+        try:
+            status = mallory.upload(task["round_id"], trickle()).status_code
+        except httpx.HTTPError as exc:
+            status = type(exc).__name__
+        seconds = time.perf_counter() - started
+    return status == 408 and seconds < 30, f"a {len(body)}-byte body at 100 bytes/s -> {status} after {seconds:.1f}s"
+
+
 def container_header_bomb(target: Target) -> Outcome:
     """An assigned device sends an update whose JSON header is 20 MiB."""
     with target.client() as client:
@@ -411,9 +434,15 @@ def enrollment_code_reuse(target: Target) -> Outcome:
         revoked = client.delete(f"/v1/devices/{device['device_id']}", headers=target.admin).status_code
         by_device = client.delete(f"/v1/devices/{device['device_id']}", headers=headers).status_code
         after = client.post("/v1/checkin", json={"eligible": False}, headers=headers).status_code
-    got = (first.status_code, second.status_code, before, revoked, by_device, after)
-    return got == (201, 401, 200, 204, 403, 401), (
-        f"code: first use, second use; token before revoke, revoke, revoke by the device itself, token after: {got}"
+        other = Device(client, target.enrollment_key)
+        rotated = client.post(f"/v1/devices/{other.id}/token", headers=other.headers)
+        old_token = client.post("/v1/checkin", json={"eligible": False}, headers=other.headers).status_code
+        new_headers = {"Authorization": f"Bearer {rotated.json()['token']}"}
+        new_token = client.post("/v1/checkin", json={"eligible": False}, headers=new_headers).status_code
+    got = (first.status_code, second.status_code, before, revoked, by_device, after, old_token, new_token)
+    return got == (201, 401, 200, 204, 403, 401, 401, 200), (
+        "code: first use, second use; token before revoke, revoke, revoke by the device itself, token after; "
+        f"after rotation: old token, new token: {got}"
     )
 
 
@@ -424,6 +453,7 @@ ATTACKS: dict[str, Callable[[Target], Outcome]] = {
     "metrics_cardinality": metrics_cardinality,
     "unauthenticated_calls": unauthenticated_calls,
     "upload_slot_exhaustion": upload_slot_exhaustion,
+    "slow_body": slow_body,
     "container_header_bomb": container_header_bomb,
     "metric_key_flood": metric_key_flood,
     "idempotency_key_reuse": idempotency_key_reuse,

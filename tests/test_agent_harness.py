@@ -58,6 +58,7 @@ class Coordinator:
         self.workdir = workdir
         self.options = {
             "goal": 3,
+            "min_devices": 1,  # tests run rounds of one or two agents
             "over_select": 1.0,
             "deadline": 120,
             "min_retry_after": 0,

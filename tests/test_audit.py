@@ -47,7 +47,14 @@ def books(tmp_path_factory):
     model = tmp / "m.pfmodel"
     model.write_bytes(stand_in_model_bytes(seed=3, shapes=SHAPES))
     settings = Settings(
-        db=str(tmp / "c.db"), model=str(model), enrollment_key=KEY, goal=2, deadline=3600, server_lr=0.7
+        db=str(tmp / "c.db"),
+        model=str(model),
+        enrollment_key=KEY,
+        goal=2,
+        min_devices=1,
+        deadline=3600,
+        server_lr=0.7,
+        influence_bound=False,  # the books of plain FedAvg rounds (streaming, a stored running sum)
     )
     with (
         ServerThread(create_app(settings)) as server,
@@ -91,15 +98,13 @@ def test_clean_books_pass_and_versions_recompute_exactly(copy):
 
 
 def test_the_formula_is_fedavg_of_the_recorded_updates(copy):
-    """An independent check of what the audit accepts: v1 = base + 0.7 * mean, in float32. Round 1 has
-    no reference round for the default influence bound (strategies/influence.py), so every device
-    weighs the same there (and these small deltas are not clipped)."""
+    """An independent check of what the audit accepts: v1 = base + 0.7 * weighted mean, in float32."""
     db, _ = copy
     base = loads((db.with_suffix(".models") / "v000000.pfmodel").read_bytes()).tensors
     v1 = loads((db.with_suffix(".models") / "v000001.pfmodel").read_bytes()).tensors
     deltas = {n: random_delta(SHAPES, seed=ord(n), scale=0.05) for n in "ab"}
     for name in SHAPES:
-        mean = sum(deltas[n][name].astype(np.float64) for n in "ab") / 2
+        mean = sum(SAMPLES[n] * deltas[n][name].astype(np.float64) for n in "ab") / (SAMPLES["a"] + SAMPLES["b"])
         np.testing.assert_allclose(v1[name], base[name] + 0.7 * mean, atol=1e-3)  # b travelled as float16
 
 

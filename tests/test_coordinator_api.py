@@ -41,6 +41,7 @@ def service(tmp_path, model_file):
         db=str(tmp_path / "coord.db"),
         model=str(model_file),
         goal=2,
+        min_devices=1,
         over_select=1.5,
         deadline=100,
         min_fraction=0.5,

@@ -36,6 +36,7 @@ def test_lenet_round_with_real_training_and_server_evaluation(tmp_path):
         model="lenet",
         eval_data=str(embedded_dir()),
         goal=2,
+        min_devices=1,
         enrollment_key=KEY,
         lr=0.05,
         epochs=3,
@@ -83,7 +84,9 @@ def test_coordinator_serves_an_onnx_model_as_a_pocketfed_file(tmp_path):
     source = build("lenet", seed=3)
     onnx_path = tmp_path / "lenet.onnx"
     export_onnx(source, onnx_path)
-    settings = Settings(db=str(tmp_path / "c.db"), model=str(onnx_path), enrollment_key="k", admin_token="a", goal=1)
+    settings = Settings(
+        db=str(tmp_path / "c.db"), model=str(onnx_path), enrollment_key="k", admin_token="a", goal=1, min_devices=1
+    )
     with ServerThread(create_app(settings)) as server, httpx.Client(base_url=server.url, timeout=30) as client:
         latest = client.get("/v1/models/latest").json()
         device = TestDevice(client, "k", "phone")

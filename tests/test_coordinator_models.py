@@ -26,7 +26,9 @@ def score(model_bytes: bytes) -> dict:
 def serve(tmp_path, evaluate=None):
     model = tmp_path / "m.pfmodel"
     model.write_bytes(stand_in_model_bytes(seed=3, shapes=SHAPES))
-    settings = Settings(db=str(tmp_path / "c.db"), model=str(model), goal=2, enrollment_key=KEY, deadline=600)
+    settings = Settings(
+        db=str(tmp_path / "c.db"), model=str(model), goal=2, min_devices=1, enrollment_key=KEY, deadline=600
+    )
     app = create_app(settings, evaluate=evaluate)
     return app, ServerThread(app)
 

@@ -25,6 +25,7 @@ def service(tmp_path):
         db=str(tmp_path / "c.db"),
         model=str(model),
         goal=4,
+        min_devices=1,
         over_select=1.25,
         deadline=60,
         min_fraction=0.5,

@@ -23,7 +23,7 @@ def serve(tmp_path, **options):
     model = tmp_path / "m.pfmodel"
     if not model.exists():
         model.write_bytes(stand_in_model_bytes(seed=3, shapes=SHAPES))
-    options = {"goal": 2, **options}
+    options = {"goal": 2, "min_devices": 1, **options}
     options = {"influence_bound": False, **options}  # these tests check each algorithm's exact math
     settings = Settings(db=str(tmp_path / "c.db"), model=str(model), enrollment_key=KEY, deadline=1000, **options)
     return ServerThread(create_app(settings, clock=FakeClock()))

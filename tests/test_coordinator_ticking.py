@@ -28,7 +28,7 @@ def serve(tmp_path, clock: FakeClock, tick_interval: float, **options) -> Server
         model=str(model),
         enrollment_key=KEY,
         tick_interval=tick_interval,
-        **{"goal": 2, "deadline": 60, "min_fraction": 0.5, **options},
+        **{"goal": 2, "min_devices": 1, "deadline": 60, "min_fraction": 0.5, **options},
     )
     return ServerThread(create_app(settings, clock=clock))
 
@@ -110,6 +110,18 @@ def test_check_ins_keep_last_seen_to_the_minute(tmp_path):
         clock.advance(30)
         assert device.checkin(eligible=False).json()["status"] == "retry"  # any check-in counts
         assert store.device_by_token(token_hash(device.token)).last_seen == first + 60
+
+
+def test_a_token_idle_for_longer_than_device_token_idle_days_expires(tmp_path):
+    clock = FakeClock()
+    with serve(tmp_path, clock, tick_interval=3600, deadline=3600) as server, httpx.Client(base_url=server.url) as c:
+        device = TestDevice(c, KEY)
+        assert device.checkin(eligible=False).status_code == 200
+        clock.advance(89 * 86400)
+        assert device.checkin(eligible=False).status_code == 200  # active: the window slides
+        clock.advance(90 * 86400 + 120)
+        expired = device.checkin(eligible=False)
+        assert expired.status_code == 401 and "expired" in expired.json()["detail"]
 
 
 def test_metrics_histograms_and_bounded_labels(tmp_path):

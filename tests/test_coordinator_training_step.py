@@ -34,6 +34,7 @@ KEY = "k"
 def serve(tmp_path, model_bytes: bytes, **settings):
     path = tmp_path / "m.pfmodel"
     path.write_bytes(model_bytes)
+    settings = {"min_devices": 1, **settings}  # rounds of one device
     app = create_app(Settings(db=str(tmp_path / "c.db"), model=str(path), enrollment_key=KEY, **settings))
     return app, ServerThread(app)
 

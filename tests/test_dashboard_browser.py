@@ -30,7 +30,7 @@ def populated(tmp_path: Path) -> tuple[object, ServerThread]:
     model = tmp_path / "base.pfmodel"
     model.write_bytes(stand_in_model_bytes(seed=1))
     settings = Settings(
-        db=str(tmp_path / "coord.db"), model=str(model), goal=2, over_select=1.5, enrollment_key=KEY,
+        db=str(tmp_path / "coord.db"), model=str(model), goal=2, min_devices=1, over_select=1.5, enrollment_key=KEY,
         admin_token=ADMIN, tick_interval=0.05,
     )  # fmt: skip
     scores = iter([0.62, 0.71, 0.74, 0.75, 0.76])

@@ -57,6 +57,7 @@ def serve(tmp_path, **options):
         enrollment_key="k",
         deadline=1000,
         goal=2,
+        min_devices=1,
         dp_population=40,
         dp_delta=1e-5,
         enroll_per_address=10_000,  # Poisson admission (q = 1/20): fresh devices until enough are admitted

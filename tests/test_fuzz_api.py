@@ -32,6 +32,7 @@ def fuzz_server(tmp_path_factory):
         enrollment_key=KEY,
         admin_token=ADMIN,
         goal=2,
+        min_devices=1,
         deadline=1000,
         max_body_bytes=100_000,
     )

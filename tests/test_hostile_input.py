@@ -35,6 +35,7 @@ def env(tmp_path):
         enrollment_key=KEY,
         admin_token=ADMIN,
         goal=2,
+        min_devices=1,
         over_select=1.0,
         deadline=1000,
         max_body_bytes=200_000,

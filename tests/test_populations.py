@@ -26,6 +26,7 @@ def coordinator(tmp_path, db: str | None, **options):
         db=db or str(tmp_path / "coord.db"),
         model=str(model),
         goal=1,
+        min_devices=1,
         over_select=1.0,
         enrollment_key=KEY,
         admin_token=ADMIN,

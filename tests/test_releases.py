@@ -36,6 +36,7 @@ class Coordinator:
             db=db or str(tmp_path / "coord.db"),
             model=str(model),
             goal=2,
+            min_devices=1,
             over_select=1.0,
             deadline=100,
             enrollment_key=KEY,

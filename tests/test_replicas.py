@@ -62,7 +62,7 @@ def replicas(url: str, model: Path, n: int, clock=None, **options):
         db=url,
         model=str(model),
         enrollment_key=KEY,
-        **{"goal": 2, "deadline": 3600, "influence_bound": False, **options},
+        **{"goal": 2, "min_devices": 1, "deadline": 3600, "influence_bound": False, **options},
     )
     with contextlib.ExitStack() as stack:
         clients = []
@@ -220,7 +220,14 @@ def test_replicas_starting_together_migrate_once(pg_url, model, tmp_path):
     """Three coordinator processes started at the same moment on an empty database: one migrates
     (the others wait on the advisory lock and find the schema at HEAD), one publishes v0, one opens
     round 1 -- and all three serve."""
-    options = {"db": pg_url, "model": str(model), "enrollment_key": KEY, "goal": 2, "log_level": "warning"}
+    options = {
+        "db": pg_url,
+        "model": str(model),
+        "enrollment_key": KEY,
+        "goal": 2,
+        "min_devices": 1,
+        "log_level": "warning",
+    }
     options["influence_bound"] = False  # exact sums are checked
     procs = []
     for i in range(3):

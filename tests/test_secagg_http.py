@@ -217,8 +217,13 @@ def test_replays_count_once_and_devices_cannot_speak_for_others(server):
         assert status["phase"] == "advertise" and status["cohort_size"] == 4
         session = ClientSession(status["config"], status["index"])
         message = session.advertise()
-        assert clients[3].secagg_send(round_id, "advertise", message)["accepted"] is True
-        assert clients[3].secagg_send(round_id, "advertise", message)["accepted"] is False  # a replay
+        first = clients[3].secagg_send(round_id, "advertise", message)
+        assert first["accepted"] is True and first["status"] is None  # no wait: no status
+        replay = clients[3].secagg_send(round_id, "advertise", message, wait=0.3)
+        assert replay["accepted"] is False  # a replay
+        # with wait: the long poll's answer (others have not advertised, so after 0.3 s, no news)
+        assert replay["status"]["phase"] == "advertise" and replay["status"]["waiting"] is False
+        assert replay["status"]["index"] == status["index"]
         other = dict(message, index=status["index"] % 4 + 1)
         with httpx.Client(base_url=srv.url) as http:
             refused = http.post(f"/v1/rounds/{round_id}/secagg/advertise", json=other, headers=h[3])

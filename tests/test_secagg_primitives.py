@@ -186,6 +186,19 @@ def test_prg_is_aes_ctr_from_counter_zero():
     assert not np.array_equal(crypto.prg(bytes(32), 1000), stream)
 
 
+def test_prg_into_adds_and_subtracts_the_prg_with_its_reused_buffers():
+    rng = np.random.default_rng(1)
+    for length in (1000, 1000, 7, 4099, 0):  # a new length replaces this thread's buffers
+        start = rng.integers(0, 2**32, length, dtype=np.uint64).astype(np.uint32)
+        for seed, sign in ((bytes(range(32)), +1), (bytes(32), -1)):
+            out = start.copy()
+            crypto.prg_into(out, seed, sign)
+            mask = crypto.prg(seed, length)
+            assert np.array_equal(out, start + mask if sign > 0 else start - mask)
+    with pytest.raises(SecAggError, match="32 bytes"):
+        crypto.prg_into(np.zeros(4, np.uint32), bytes(31), +1)
+
+
 # ---------------------------------------------------------------- neighbour graph
 
 

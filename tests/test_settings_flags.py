@@ -45,8 +45,9 @@ ADDED = {
     # issue 12: hostile devices and strangers
     "max_json_body_bytes": 65536, "body_grace_seconds": 10.0, "min_body_rate": 4096.0, "max_header_bytes": 16384,
     "header_timeout": 10.0, "max_update_header_bytes": 1048576, "ssl_certfile": None, "ssl_keyfile": None,
-    "insecure_dev": False, "influence_bound": True, "influence_norm_multiple": 3.0, "influence_count_multiple": 3.0,
-    "influence_model_fraction": 0.5, "enroll_per_address": 60, "enroll_failures_per_address": 10,
+    "insecure_dev": False, "device_token_idle_days": 90.0,
+    "influence_bound": True, "influence_norm_multiple": 3.0, "influence_count_multiple": 3.0,
+    "influence_model_fraction": 0.2, "min_devices": 3, "enroll_per_address": 60, "enroll_failures_per_address": 10,
     "enroll_failures_total": 100,
     "dp_sampling": "poisson", "secure_aggregation": False, "secagg_dropout_tolerance": 1 / 3,  # issue 13
     "secagg_phase_timeout": 60.0,
@@ -91,8 +92,10 @@ SPECIAL = {  # (an environment value, a flag value) for fields whose range the g
     "max_update_header_bytes": ("8192", "16384"),
     "insecure_dev": ("true", "false"),
     "influence_bound": ("false", "true"),
+    "min_devices": ("2", "1"),
     "influence_norm_multiple": ("2", "4"),
     "influence_count_multiple": ("2", "4"),
+    "influence_model_fraction": ("0.5", "0.25"),
     "dp_sampling": ("unamplified", "poisson"),
     "secure_aggregation": ("true", "false"),
     "personalize_tasks": ("false", "true"),

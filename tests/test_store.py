@@ -48,7 +48,7 @@ def store(db_url):
 
 
 def new_round(goal: int = 2, opened_at: float = 100.0, **dp) -> NewRound:
-    cfg = RoundSettings(goal=goal, strategy="fedavgm", server_momentum=0.5)
+    cfg = RoundSettings(goal=goal, min_devices=1, strategy="fedavgm", server_momentum=0.5)
     return NewRound(0, cfg, goal, goal + 1, 1, opened_at, opened_at + 60, **dp)
 
 
@@ -214,7 +214,9 @@ def test_a_coordinator_runs_a_round_on_this_backend(db_url, tmp_path, monkeypatc
     shapes = {"w": (5, 4), "b": (4,)}
     model = tmp_path / "m.pfmodel"
     model.write_bytes(stand_in_model_bytes(seed=1, shapes=shapes))
-    settings = Settings(db=db_url, model=str(model), enrollment_key="k", goal=2, deadline=600)
+    settings = Settings(
+        db=db_url, model=str(model), enrollment_key="k", goal=2, min_devices=1, deadline=600, influence_bound=False
+    )
     deltas = [random_delta(shapes, seed=i, scale=0.1) for i in range(2)]
     with ServerThread(create_app(settings)) as server, httpx.Client(base_url=server.url, timeout=30) as client:
         devices = [TestDevice(client, "k") for _ in range(2)]

@@ -109,7 +109,9 @@ def old_database(tmp_path, clock: FakeClock, schema_version: str = "2"):
     delta_a = random_delta(SHAPES, seed=1, scale=0.1)
     running = RunningSum()
     running.add(delta_a, 5)
-    config = RoundSettings(goal=2, over_select=1.5, deadline=600, min_fraction=0.5).model_dump(mode="json")
+    config = RoundSettings(goal=2, min_devices=1, over_select=1.5, deadline=600, min_fraction=0.5).model_dump(
+        mode="json"
+    )
     config = {k: v for k, v in config.items() if schema_version == "2" or not k.startswith("dp_")}
     config = {k: v for k, v in config.items() if not k.startswith("influence_")}  # newer than these schemas
     conn = sqlite3.connect(db)
@@ -152,7 +154,7 @@ def test_a_pre_migration_database_is_adopted_and_its_open_round_goes_on(tmp_path
     db, delta_a, base = old_database(tmp_path, clock, schema_version)
     before = columns(db, "rounds")
     assert ("dp_clip" in before) == (schema_version == "2")
-    settings = Settings(db=str(db), model="unused-model-name", enrollment_key="k", goal=2)
+    settings = Settings(db=str(db), model="unused-model-name", enrollment_key="k", goal=2, min_devices=1)
     app = create_app(settings, clock=clock)
     with ServerThread(app) as server, httpx.Client(base_url=server.url, timeout=30) as client:
         r1 = client.get("/v1/rounds/1").json()

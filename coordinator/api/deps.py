@@ -60,8 +60,11 @@ def _token(credentials: HTTPAuthorizationCredentials | None) -> str:
     return credentials.credentials
 
 
-def device_for(credentials: HTTPAuthorizationCredentials | None, store: Store) -> DeviceRow:
-    """The enrolled device whose token is presented (401 otherwise)."""
+def device_for(
+    credentials: HTTPAuthorizationCredentials | None, store: Store, now: float, idle_days: float
+) -> DeviceRow:
+    """The enrolled device whose token is presented (401 otherwise, also when the device has not
+    checked in for `idle_days`: a token left on a lost phone dies, an active device's never does)."""
     device = store.device_by_token(token_hash(_token(credentials)))
     if device is None:
         raise Refused(
@@ -70,13 +73,21 @@ def device_for(credentials: HTTPAuthorizationCredentials | None, store: Store) -
             "unauthorized",
             headers={"WWW-Authenticate": "Bearer"},
         )
+    last = device.last_seen if device.last_seen is not None else device.created_at
+    if now - last > idle_days * 86400:
+        raise Refused(
+            401,
+            f"Authorization: device token expired (no check-in for more than {idle_days:g} days); enroll again",
+            "token_expired",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
     return device
 
 
-async def current_device(credentials: Credentials, store: StoreDep) -> DeviceRow:
+async def current_device(credentials: Credentials, services: ServicesDep) -> DeviceRow:
     """`device_for` on the event loop: one indexed read on this thread's own read connection, which
     never waits for the writer, is cheaper than a hop to the threadpool on every device call."""
-    return device_for(credentials, store)
+    return device_for(credentials, services.store, services.ingest.clock(), services.settings.device_token_idle_days)
 
 
 def require_admin(credentials: Credentials, settings: SettingsDep) -> None:
@@ -100,12 +111,12 @@ def is_admin(credentials: Credentials, settings: SettingsDep) -> bool:
 AdminViewDep = Annotated[bool, Depends(is_admin)]
 
 
-def device_or_admin(credentials: Credentials, store: StoreDep, settings: SettingsDep) -> None:
+def device_or_admin(credentials: Credentials, services: ServicesDep) -> None:
     """Model downloads: any enrolled device, or the operator."""
-    token = _token(credentials)
+    token, settings = _token(credentials), services.settings
     if settings.admin_token and secrets.compare_digest(token.encode(), settings.admin_token.encode()):
         return
-    device_for(credentials, store)
+    device_for(credentials, services.store, services.ingest.clock(), settings.device_token_idle_days)
 
 
 DeviceDep = Annotated[DeviceRow, Depends(current_device)]

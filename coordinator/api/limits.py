@@ -19,6 +19,15 @@ BINARY_ROUTES = re.compile(
 )
 
 
+async def _within(awaitable, seconds: float):
+    """`await awaitable`, or TimeoutError after `seconds` (asyncio.timeout where there is one: it
+    costs a timer, where wait_for costs a task per chunk of every body)."""
+    if hasattr(asyncio, "timeout"):  # Python >= 3.11
+        async with asyncio.timeout(seconds):
+            return await awaitable
+    return await asyncio.wait_for(awaitable, seconds)
+
+
 class BodyRefused(Exception):
     def __init__(self, status: int, detail: str):
         super().__init__(detail)
@@ -62,7 +71,7 @@ class BodyLimits:
                 return await receive()
             budget = self.grace + state["size"] / self.min_rate - (time.monotonic() - started_at)
             try:
-                message = await asyncio.wait_for(receive(), timeout=max(budget, 0.001))
+                message = await _within(receive(), max(budget, 0.001))
             except asyncio.TimeoutError:
                 state["refused"] = BodyRefused(
                     408,

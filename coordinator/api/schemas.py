@@ -132,6 +132,9 @@ class SecAggStatus(BaseModel):
 class SecAggAccepted(BaseModel):
     accepted: bool = Field(..., description="false: the same message was accepted before (a replay)")
     phase: str
+    status: SecAggStatus | None = Field(
+        None, description="with ?wait=: the device's status once there is news (as GET .../secagg?since=&wait=)"
+    )
 
 
 class UploadAccepted(BaseModel):

@@ -21,7 +21,7 @@ from coordinator.service.writer import (
     check_may_upload,
     replayed,
 )
-from coordinator.store import Store
+from coordinator.store import RoundRow, Store
 from protocol.update import MAX_HEADER_BYTES
 
 
@@ -40,24 +40,29 @@ class Ingest:
         self.store, self.versions, self.lifecycle, self.writer, self.clock = store, versions, lifecycle, writer, clock
         self.on_late = on_late or (lambda: None)  # wakes the background tick when a deadline has passed
 
-    def prepare(self, device_id: str, round_id: int, key: str, body: bytes) -> dict | PreparedUpload:
+    def prepare(
+        self, device_id: str, round_id: int, key: str, body: bytes, admitted: RoundRow | None = None
+    ) -> dict | PreparedUpload:
         """The replayed answer for a known Idempotency-Key, or the decoded and validated update (the
-        writer checks replay, duplicates and round state again, under the lock)."""
+        writer checks replay, duplicates and round state again, under the lock). `admitted`: the
+        round as `check_may_upload` passed it just before the body was read (not checked again)."""
         body_sha256 = hashlib.sha256(body).hexdigest()
         answer = replayed(self.store, device_id, key, body_sha256)
         if answer is not None:
             return answer
-        now = self.clock()
-        r = self.store.round(round_id)
-        if r is not None and r.is_open and now >= r.deadline:
-            self.on_late()
-        try:
-            r = check_may_upload(self.store, r, round_id, device_id, now)
-        except Refused as exc:
-            answer = answered_meanwhile(self.store, device_id, key, body_sha256, exc)  # by another replica
-            if isinstance(answer, Refused):
-                raise
-            return answer
+        r = admitted
+        if r is None:
+            now = self.clock()
+            r = self.store.round(round_id)
+            if r is not None and r.is_open and now >= r.deadline:
+                self.on_late()
+            try:
+                r = check_may_upload(self.store, r, round_id, device_id, now)
+            except Refused as exc:
+                answer = answered_meanwhile(self.store, device_id, key, body_sha256, exc)  # by another replica
+                if isinstance(answer, Refused):
+                    raise
+                return answer
         cfg = r.config
         if cfg.secure_aggregation:
             raise Refused(

@@ -48,7 +48,7 @@ from coordinator.strategies.influence import (
     InfluenceBounded,
     InfluenceLimits,
     bounded_by_default,
-    influence_limits,
+    round_limits,
 )
 from engine.serialize.container import loads
 
@@ -128,20 +128,11 @@ class RoundLifecycle:
     def influence_limits(self, r: RoundRow) -> InfluenceLimits:
         """The default per-device bounds for round `r` (strategies/influence.py): from its base model
         and the last committed round before it (the same on every replica)."""
-        cfg, container = r.config, self.versions.get(r.base_version).container
+        container = self.versions.get(r.base_version).container
         trainable = [container.tensors[name] for name in expected_shapes(container)]
-        base_norm = math.sqrt(sum(float(np.dot(t.ravel(), t.ravel())) for t in trainable))
         previous = self.store.last_committed_before(r.id)
         updates = self.store.round_updates(previous) if previous is not None else []
-        return influence_limits(
-            base_norm,
-            sum(t.size for t in trainable),
-            [u.norm for u in updates],
-            [u.sample_count for u in updates],
-            norm_multiple=cfg.influence_norm_multiple,
-            count_multiple=cfg.influence_count_multiple,
-            model_fraction=cfg.influence_model_fraction,
-        )
+        return round_limits(r.config, trainable, [u.norm for u in updates], [u.sample_count for u in updates])
 
     def start(self, initial_model: Callable[[], bytes]) -> None:
         """Idempotent recovery: adopt or store the round settings, drop orphan files, publish v0 if
@@ -261,13 +252,14 @@ class RoundLifecycle:
     def _new_round(self, cfg: RoundSettings, now: float) -> NewRound:
         """On the released version, or a canary round (fewer devices: the canaries) on the candidate."""
         base, canary = self.releases.round_base()
-        goal = self.releases.canary_goal(cfg.goal) if canary else cfg.goal
+        # a canary round needs min_devices too (cfg.goal >= min_devices, so this stays within it)
+        goal = max(self.releases.canary_goal(cfg.goal), cfg.min_devices) if canary else cfg.goal
         new = NewRound(
             base_version=base,
             config=cfg,
             goal=goal,
             max_assignments=math.ceil(goal * cfg.over_select - 1e-9),
-            min_updates=max(1, math.ceil(goal * cfg.min_fraction - 1e-9)),
+            min_updates=max(min(cfg.min_devices, goal), math.ceil(goal * cfg.min_fraction - 1e-9)),
             opened_at=now,
             deadline=now + cfg.deadline,
             canary=canary,

@@ -24,6 +24,8 @@ it handles like any dropout (their inputs were not summed, so unmasking them rev
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -111,6 +113,8 @@ class SecureAggregation:
         # bumped at every phase change made here: long polls (routers/secagg.py) wake on it (a device's news
         # is a phase change; waking every poll on every message would cost O(n^2) status answers a phase)
         self.generation = 0
+        self._waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = set()
+        self._waiters_lock = threading.Lock()
 
     # ------------------------------------------------------------------ reads
 
@@ -162,10 +166,37 @@ class SecureAggregation:
                 out["message"] = session.outgoing(index) if out["expected"] else None
         return out
 
+    async def wait_for_news(self, seen: int, timeout: float) -> None:
+        """Return once the generation moves past `seen`, or after `timeout` seconds: the long poll is
+        woken by the phase change itself, not by a timer (a timer costs every waiting device a wake-up
+        per tick, and the round up to a tick per phase)."""
+        loop = asyncio.get_running_loop()
+        waiter = (loop, loop.create_future())
+        with self._waiters_lock:
+            self._waiters.add(waiter)
+        try:
+            if self.generation == seen and timeout > 0:
+                await asyncio.wait_for(waiter[1], timeout)
+        except TimeoutError:
+            pass
+        finally:
+            with self._waiters_lock:
+                self._waiters.discard(waiter)
+
+    def _news(self) -> None:
+        """A phase changed: bump the generation and wake every long poll (from any thread)."""
+        self.generation += 1
+        with self._waiters_lock:
+            waiters = list(self._waiters)
+        for loop, future in waiters:
+            with contextlib.suppress(RuntimeError):  # that poll's event loop is closed
+                loop.call_soon_threadsafe(_wake, future)
+
     # ------------------------------------------------------------------ writes
 
     def join(self, round_id: int, device_id: str) -> dict[str, Any]:
         """Enter the round's cohort (again: nothing changes). The goal-th join fixes the cohort."""
+        fixed = False
         with self.store.lock, self._mutex:
             try:
                 with self.store.transaction(durable=False) as tx:  # kill -9 safe (module doc)
@@ -185,11 +216,13 @@ class SecureAggregation:
                         row = replace(row, members=[*row.members, device_id], revision=row.revision + 1)
                         if len(row.members) >= r.goal:
                             row = self._fix_cohort(r, row)
-                            self.generation += 1  # (a failed transaction only wakes polls early)
+                            fixed = True
                         tx.put_secagg(row)
             except BaseException:
                 self._cached = None
                 raise
+        if fixed:  # after the commit: a poll woken earlier could read the row as it was
+            self._news()
         return self.status(round_id, device_id)
 
     def receive(self, round_id: int, device_id: str, kind: str, message: Any) -> dict[str, Any]:
@@ -199,7 +232,7 @@ class SecureAggregation:
         from protocol.secagg.wire import unpack_frame
 
         phase_for, method = RECEIVERS[kind]
-        settled = False
+        settled = closed = False
         with self.store.lock, self._mutex:
             try:
                 with self.store.transaction(durable=False) as tx:  # kill -9 safe (module doc)
@@ -237,16 +270,18 @@ class SecureAggregation:
                         tx.add_secagg_message(round_id, row.revision, kind, body)
                         if not session.waiting_for():
                             row = self._close_phase(tx, r, row, session)
-                            self.generation += 1
+                            closed = True
                         tx.put_secagg(row)
                         self._cached = (round_id, row.revision, session)
                         settled = row.phase in (DONE, ABANDONED)
             except BaseException:
                 self._cached = None
                 raise
+        if closed:  # after the commit (see join)
+            self._news()
         if settled:
             self.lifecycle.tick()
-            self.generation += 1
+            self._news()
         return {"accepted": fresh, "phase": row.phase}
 
     def tick(self) -> None:
@@ -285,10 +320,10 @@ class SecureAggregation:
             except BaseException:
                 self._cached = None
                 raise
-            self.generation += 1
+            self._news()
         if settled:
             self.lifecycle.tick()
-            self.generation += 1
+            self._news()
 
     # ------------------------------------------------------------------ phases
 
@@ -370,6 +405,11 @@ class SecureAggregation:
             getattr(session, RECEIVERS[kind][1])(body if kind == "masked_input" else json.loads(body))
         self._cached = (row.round_id, stored.revision, session)
         return session
+
+
+def _wake(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _snapshot(row: SecAggRow, session) -> dict[str, Any]:

@@ -113,7 +113,7 @@ SPEND_CODE = (
     )
     .values(used_at=_b("now"), device_id=_b("spender"))
 )
-REVOKE_DEVICE = sa.update(devices).where(devices.c.id == _b("revoke_id")).values(token_hash=_b("revoked"))
+SET_TOKEN = sa.update(devices).where(devices.c.id == _b("for_id")).values(token_hash=_b("new_hash"))
 TOUCH_DEVICE = sa.update(devices).where(devices.c.id == _b("device_id")).values(last_seen=_b("seen"))
 ADD_VERSION = sa.insert(model_versions)
 SET_EVALUATION = (
@@ -219,10 +219,18 @@ class Writes:
         """Mark an unspent, unexpired code as spent by `device_id`; False if there is no such code."""
         return self.conn.execute(SPEND_CODE, {"hash": code_hash, "spender": device_id, "now": now}).rowcount == 1
 
+    def hit(self, key: str, window: float, now: float) -> int:
+        """Store.hit inside this transaction (so a refused request's hit is rolled back with it)."""
+        start = int(now // window * window)
+        return int(self.conn.execute(hit_statement(self.dialect), {"key": key, "start": start}).scalar_one())
+
+    def set_token_hash(self, device_id: str, new_hash: str) -> bool:
+        """Replace the device's token (the old one then gets 401); False if there is no such device."""
+        return self.conn.execute(SET_TOKEN, {"for_id": device_id, "new_hash": new_hash}).rowcount == 1
+
     def revoke_device(self, device_id: str) -> bool:
-        """Forget the device's token (it then gets 401); False if there is no such device."""
-        revoked = f"revoked:{device_id}"  # unique, and never the sha256 of a token
-        return self.conn.execute(REVOKE_DEVICE, {"revoke_id": device_id, "revoked": revoked}).rowcount == 1
+        """Forget the device's token; False if there is no such device."""
+        return self.set_token_hash(device_id, f"revoked:{device_id}")  # unique, never a token's sha256
 
     def touch_devices(self, seen: Iterable[tuple[str, float]]) -> None:
         """last_seen for each (device id, time)."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
+import threading
 from collections.abc import Callable
 
 import numpy as np
@@ -107,9 +108,27 @@ def prg(seed: bytes, length: int) -> np.ndarray:
     return np.frombuffer(stream, dtype="<u4")
 
 
+class _Scratch(threading.local):
+    """Per-thread buffers for prg_into, reused: a fresh 250 kB input and output per expansion cost
+    more in page faults than AES-CTR itself (a device expands k + 1 masks, the server as many)."""
+
+    zeros: bytes = b""
+    stream: bytearray = bytearray()
+
+
+_scratch = _Scratch()
+
+
 def prg_into(out: np.ndarray, seed: bytes, sign: int) -> None:
     """out += sign * PRG(seed), modulo 2^32 (in place)."""
-    mask = prg(seed, out.size)
+    if len(seed) != KEY_BYTES:
+        raise SecAggError(f"a PRG seed must be {KEY_BYTES} bytes, got {len(seed)}")
+    size = 4 * out.size
+    if len(_scratch.zeros) != size:
+        _scratch.zeros, _scratch.stream = bytes(size), bytearray(size + 15)  # update_into wants a block spare
+    encryptor = Cipher(algorithms.AES(seed), modes.CTR(_ZERO_BLOCK)).encryptor()
+    encryptor.update_into(_scratch.zeros, _scratch.stream)
+    mask = np.frombuffer(_scratch.stream, dtype="<u4", count=out.size)
     if sign > 0:
         np.add(out, mask, out=out)
     else:

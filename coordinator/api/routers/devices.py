@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import secrets
-import time
 import uuid
 
 from fastapi import APIRouter, Depends, Request
@@ -14,16 +13,16 @@ from fastapi import APIRouter, Depends, Request
 from coordinator.api.deps import DeviceDep, ServicesDep, SettingsDep, StoreDep, require_admin, token_hash
 from coordinator.api.schemas import DeviceInfo, EnrollRequest, EnrollResponse
 from coordinator.errors import Refused
-from coordinator.store import Store
+from coordinator.store import Store, Writes
 
 router = APIRouter(prefix="/v1/devices", tags=["devices"])
 log = logging.getLogger("pocketfed.coordinator")
 WINDOW = 60.0  # seconds: the rate limits count per minute
 
 
-def _limit(store: Store, key: str, limit: int, now: float, what: str) -> None:
+def _limit(counter: Store | Writes, key: str, limit: int, now: float, what: str) -> None:
     """Count a hit on `key`; 429 with Retry-After once the minute's count passes `limit`."""
-    if store.hit(key, WINDOW, now) > limit:
+    if counter.hit(key, WINDOW, now) > limit:
         retry = max(1, int(WINDOW - now % WINDOW) + 1)
         raise Refused(
             429, f"{what}: more than {limit} per minute; retry later", "rate_limited", {"Retry-After": str(retry)}
@@ -49,8 +48,7 @@ def enroll(
     """Enroll a device with the enrollment key or a one-time code (in the same field) of the population
     the path names (codes minted at /v1/populations/{name}/admin/enrollment-codes are that one's);
     the token is returned once and stored only as its sha256."""
-    now, address = time.time(), request.client.host if request.client else "unknown"
-    _limit(store, f"enroll:{address}", settings.enroll_per_address, now, "enrollments from this address")
+    now, address = services.ingest.clock(), request.client.host if request.client else "unknown"
     start = int(now // WINDOW * WINDOW)
     for key, limit in (
         (f"enroll-fail:{address}", settings.enroll_failures_per_address),
@@ -61,6 +59,7 @@ def enroll(
     device_id, token = uuid.uuid4().hex, secrets.token_urlsafe(32)
     by_key = _is_enrollment_key(body.enrollment_key, services.enrollment_key_hash, settings.enrollment_key)
     with store.transaction(durable=False) as tx:  # lost only on power loss; the device enrolls again
+        _limit(tx, f"enroll:{address}", settings.enroll_per_address, now, "enrollments from this address")
         if by_key or tx.spend_enrollment_code(token_hash(body.enrollment_key), device_id, now):
             tx.add_device(device_id, token_hash(token), body.name, now)
             return EnrollResponse(device_id=device_id, token=token)
@@ -83,6 +82,17 @@ def device_info(device_id: str, device: DeviceDep, store: StoreDep) -> DeviceInf
         rounds_assigned=assigned,
         updates_accepted=accepted,
     )
+
+
+@router.post("/{device_id}/token", response_model=EnrollResponse, responses={403: {"description": "another device"}})
+def rotate_token(device_id: str, device: DeviceDep, store: StoreDep) -> EnrollResponse:
+    """A new token for this device; the one presented stops working at once."""
+    if device_id != device.id:
+        raise Refused(403, f"device_id: this token belongs to another device, not {device_id}", "other_device")
+    token = secrets.token_urlsafe(32)
+    with store.transaction() as tx:
+        tx.set_token_hash(device.id, token_hash(token))
+    return EnrollResponse(device_id=device.id, token=token)
 
 
 @router.delete(

@@ -33,7 +33,10 @@ REFUSALS = {
     422: {"description": "the message breaks the protocol"},
 }
 MAX_WAIT = 30.0
-WAKE_SECONDS = 0.02  # how often a long poll looks for news (a counter in memory, no database read)
+PHASE_OF = {"advertise": "advertise", "shares": "share_keys", "masked_input": "masked_input", "unmask": "unmask"}
+
+
+Wait = Annotated[float, Query(ge=0, le=MAX_WAIT, description="long poll: seconds to wait for news")]
 
 
 @router.get("/{round_id}/secagg", response_model=SecAggStatus, responses=REFUSALS)
@@ -42,36 +45,55 @@ async def secagg_status(
     device: DeviceDep,
     services: ServicesDep,
     since: Annotated[str | None, Query(max_length=20, description="the phase the device last saw")] = None,
-    wait: Annotated[float, Query(ge=0, le=MAX_WAIT, description="long poll: seconds to wait for news")] = 0,
+    wait: Wait = 0,
 ) -> dict:
     """Where the round stands for this device: its phase, index, config and the message due to it. With
     `wait`, the answer comes as soon as there is news -- the phase is no longer `since`, or the server
     waits for this device's message -- or after `wait` seconds (no polling interval adds to a round)."""
+    return await long_poll(services, round_id, device.id, since, wait)
+
+
+async def long_poll(services, round_id: int, device_id: str, since: str | None, wait: float) -> dict:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait
     while True:
         seen = services.secagg.generation
-        status = await run_in_threadpool(services.secagg.status, round_id, device.id)
+        status = await run_in_threadpool(services.secagg.status, round_id, device_id)
         news = status["phase"] != since or status["waiting"] or status["phase"] in ("done", "abandoned")
         if news or loop.time() >= deadline:
             return status
-        while services.secagg.generation == seen and loop.time() < deadline:
-            await asyncio.sleep(WAKE_SECONDS)
+        await services.secagg.wait_for_news(seen, deadline - loop.time())
+
+
+async def accepted(services, round_id: int, device_id: str, kind: str, message, wait: float) -> dict:
+    """Take the message; with `wait`, also answer the long poll that would follow it (one request
+    instead of two per phase and device)."""
+    answer = await run_in_threadpool(services.secagg.receive, round_id, device_id, kind, message)
+    if wait > 0:
+        answer["status"] = await long_poll(services, round_id, device_id, PHASE_OF[kind], wait)
+    return answer
 
 
 @router.post("/{round_id}/secagg/join", response_model=SecAggStatus, responses=REFUSALS)
-def secagg_join(round_id: RoundId, device: DeviceDep, services: ServicesDep) -> dict:
-    """Join the round's cohort after training (again: no change). The goal-th device fixes the cohort."""
-    return services.secagg.join(round_id, device.id)
+async def secagg_join(round_id: RoundId, device: DeviceDep, services: ServicesDep, wait: Wait = 0) -> dict:
+    """Join the round's cohort after training (again: no change). The goal-th device fixes the cohort.
+    With `wait`, the answer comes once the cohort is fixed (or after `wait` seconds), as a long poll."""
+    status = await run_in_threadpool(services.secagg.join, round_id, device.id)
+    if wait > 0 and status["phase"] == "joining":
+        status = await long_poll(services, round_id, device.id, "joining", wait)
+    return status
 
 
 @router.post(
     "/{round_id}/secagg/masked_input", response_model=SecAggAccepted, responses=REFUSALS, openapi_extra=FRAME_BODY
 )
-async def secagg_masked_input(round_id: RoundId, request: Request, device: DeviceDep, services: ServicesDep) -> dict:
-    """The device's masked vector (phase 3). The same frame again is a replay: accepted once."""
+async def secagg_masked_input(
+    round_id: RoundId, request: Request, device: DeviceDep, services: ServicesDep, wait: Wait = 0
+) -> dict:
+    """The device's masked vector (phase 3). The same frame again is a replay: accepted once. With
+    `wait`, the answer carries the device's status after the phase, as a long poll would."""
     body = await read_limited(request, services.settings.max_body_bytes)
-    return await run_in_threadpool(services.secagg.receive, round_id, device.id, "masked_input", body)
+    return await accepted(services, round_id, device.id, "masked_input", body, wait)
 
 
 @router.post("/{round_id}/secagg/{kind}", response_model=SecAggAccepted, responses=REFUSALS, openapi_extra=JSON_BODY)
@@ -81,11 +103,12 @@ async def secagg_message(
     device: DeviceDep,
     services: ServicesDep,
     kind: str = Path(..., pattern="^(advertise|shares|unmask)$", description="advertise, shares or unmask"),
+    wait: Wait = 0,
 ) -> dict:
-    """The device's message for phase 1 (advertise), 2 (shares) or 4 (unmask)."""
+    """The device's message for phase 1 (advertise), 2 (shares) or 4 (unmask); `wait` as for masked_input."""
     body = await read_limited(request, services.settings.max_json_body_bytes)
     try:
         message = json.loads(body)
     except (ValueError, RecursionError) as exc:
         raise Refused(422, f"{kind}: body is not JSON ({str(exc)[:100]})", "bad_secagg_message") from None
-    return await run_in_threadpool(services.secagg.receive, round_id, device.id, kind, message)
+    return await accepted(services, round_id, device.id, kind, message, wait)

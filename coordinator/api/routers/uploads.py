@@ -17,6 +17,7 @@ from coordinator.api.schemas import UploadAccepted
 from coordinator.errors import Refused
 from coordinator.service import Services
 from coordinator.service.writer import check_may_upload
+from coordinator.store import RoundRow
 
 router = APIRouter(prefix="/v1/rounds", tags=["rounds"])
 
@@ -54,7 +55,7 @@ async def upload(
     """Upload a weight delta. Replaying the same Idempotency-Key returns the same answer and counts once."""
     if not idempotency_key:
         raise Refused(400, "Idempotency-Key: header is required", "missing_idempotency_key")
-    admit(services, device.id, round_id, idempotency_key)
+    admitted = admit(services, device.id, round_id, idempotency_key)
     in_flight: set[str] = request.app.state.uploads_in_flight
     if device.id in in_flight:
         raise Refused(
@@ -66,7 +67,9 @@ async def upload(
         async with request.app.state.upload_slots:  # bounded memory: waiting bodies stay in the socket buffers
             body = await read_limited(request, services.settings.max_body_bytes)
             metrics.upload_bytes.observe(len(body))
-            prepared = await run_in_threadpool(services.ingest.prepare, device.id, round_id, idempotency_key, body)
+            prepared = await run_in_threadpool(
+                services.ingest.prepare, device.id, round_id, idempotency_key, body, admitted
+            )
             del body
             if isinstance(prepared, dict):  # a replayed key: the first answer again
                 return JSONResponse(prepared, status_code=202)
@@ -78,16 +81,17 @@ async def upload(
         metrics.upload_seconds.observe(time.perf_counter() - started)
 
 
-def admit(services: Services, device_id: str, round_id: int, key: str) -> None:
+def admit(services: Services, device_id: str, round_id: int, key: str) -> RoundRow | None:
     """Who may take an upload slot and send a body: the round exists and is open, and this device is
-    assigned to it and has not uploaded to it (unless this is a replay of its own key). Checked
-    before reading a byte, so strangers and unassigned devices cannot hold the slots."""
+    assigned to it and has not uploaded to it (unless this is a replay of its own key: then None).
+    Checked before reading a byte, so strangers and unassigned devices cannot hold the slots."""
     store, now = services.store, services.ingest.clock()
     r = store.round(round_id)
     if r is not None and r.is_open and now >= r.deadline:
         services.ingest.on_late()  # the background tick settles it now
     try:
-        check_may_upload(store, r, round_id, device_id, now)
+        return check_may_upload(store, r, round_id, device_id, now)
     except Refused as exc:
         if exc.reason != "duplicate" or store.answer_for_key(device_id, key) is None:
             raise
+        return None

@@ -10,7 +10,8 @@ same number of sample passes (rounds x 10 devices x E x 600).
 The federated runs take the real path: `pf-sim`'s Simulation, i.e. a coordinator process and agent
 worker processes over HTTP on loopback; with --stacked, `pf-sim --stacked`'s in-process loop (the
 same local math and strategy classes, several times faster). --strategies runs each named
-strategy (coordinator/strategies; fedavgm takes --server-momentum and --server-lr) on each split.
+strategy (coordinator/strategies; fedavgm takes --server-momentum and --server-lr) on each split;
+--lr-schedule cosine (--stacked) decays the device lr from --lr to --lr-final x --lr over the rounds.
 Devices keep no held-out part here (--holdout 0, all 600
 samples train), so personal accuracy is not measured. One JSON line per split and one for the
 centralized run: rounds to 75% / 85% test accuracy (null = not reached), final accuracy, seconds.

@@ -10,7 +10,8 @@ same number of sample passes (rounds x 10 devices x E x 600).
 The federated runs take the real path: `pf-sim`'s Simulation, i.e. a coordinator process and agent
 worker processes over HTTP on loopback; with --stacked, `pf-sim --stacked`'s in-process loop (the
 same local math and strategy classes, several times faster). --strategies runs each named
-strategy (coordinator/strategies; fedavgm takes --server-momentum and --server-lr) on each split.
+strategy (coordinator/strategies; fedavgm takes --server-momentum and --server-lr) on each split;
+--lr-schedule cosine (--stacked) decays the device lr from --lr to --lr-final x --lr over the rounds.
 Devices keep no held-out part here (--holdout 0, all 600
 samples train), so personal accuracy is not measured. One JSON line per split and one for the
 centralized run: rounds to 75% / 85% test accuracy (null = not reached), final accuracy, seconds.
@@ -68,7 +69,12 @@ def federated(split: str, strategy: str, args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     emit = lambda r: print(json.dumps(r), file=sys.stderr, flush=True)  # noqa: E731
     if args.stacked:
-        options = StackedOptions(server_momentum=args.server_momentum, feddyn_alpha=args.feddyn_alpha)
+        options = StackedOptions(
+            server_momentum=args.server_momentum,
+            feddyn_alpha=args.feddyn_alpha,
+            lr_schedule=args.lr_schedule,
+            lr_final=args.lr_final,
+        )
         sim = StackedSimulation(config, emit, options)
     else:
         sim = Simulation(config, emit)
@@ -79,6 +85,11 @@ def federated(split: str, strategy: str, args: argparse.Namespace) -> dict:
         "server_lr": args.server_lr,
         "server_momentum": args.server_momentum if strategy == "fedavgm" else None,
         "feddyn_alpha": args.feddyn_alpha if strategy == "feddyn" else None,
+        "lr": args.lr,
+        "lr_schedule": args.lr_schedule if args.stacked else "constant",
+        "lr_final": args.lr_final if args.stacked and args.lr_schedule != "constant" else None,
+        "peak_accuracy": round(max(acc), 4),
+        "peak_round": int(np.argmax(acc)) + 1,
         "rounds": summary["rounds"],
         "final_accuracy": summary["final_accuracy"],
         **{f"rounds_to_{int(t * 100)}": rounds_to(acc, t) for t in TARGETS},
@@ -143,6 +154,8 @@ def main() -> None:
     parser.add_argument("--server-momentum", type=float, default=None, help="fedavgm (default 0.9)")
     parser.add_argument("--stacked", action="store_true", help="pf-sim --stacked's in-process loop")
     parser.add_argument("--feddyn-alpha", type=float, default=0.01, help="feddyn (--stacked only)")
+    parser.add_argument("--lr-schedule", default="constant", help="device lr over rounds: constant|cosine (--stacked)")
+    parser.add_argument("--lr-final", type=float, default=0.0, help="cosine's last-round fraction of --lr")
     parser.add_argument("--json", action="store_true", help="one JSON line per run on stdout")
     args = parser.parse_args()
     if not Path(args.data).is_dir():

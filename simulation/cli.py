@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from coordinator.strategies import STRATEGIES
+from coordinator.strategies.lr_schedule import SCHEDULES
 from protocol.messages import ENCODINGS
 from simulation.chaos import ChaosConfig, chaos_hooks
 from simulation.config import SimConfig
@@ -69,6 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--server-momentum", type=float, default=None, help="FedAvgM's server momentum (default 0.9)")
     p.add_argument("--feddyn-alpha", type=float, default=0.01, help="FedDyn's regularization alpha (--stacked)")
+    p.add_argument(
+        "--lr-schedule",
+        default="constant",
+        choices=SCHEDULES,
+        help="device lr over the rounds: constant, or cosine from --lr down to --lr-final x --lr (--stacked)",
+    )
+    p.add_argument("--lr-final", type=float, default=0.0, help="the lr schedule's last fraction of --lr")
     p.add_argument(
         "--stacked",
         action="store_true",
@@ -268,7 +276,11 @@ def stacked_simulation(args: argparse.Namespace, config: SimConfig, emit, chaos)
     if chaos is not None or args.report or args.js_agents:
         raise ValueError("--stacked runs without a coordinator: no chaos flags, no --report, no --js-agents")
     options = StackedOptions(
-        topk_fraction=args.topk_fraction, server_momentum=args.server_momentum, feddyn_alpha=args.feddyn_alpha
+        topk_fraction=args.topk_fraction,
+        server_momentum=args.server_momentum,
+        feddyn_alpha=args.feddyn_alpha,
+        lr_schedule=args.lr_schedule,
+        lr_final=args.lr_final,
     )
     for name in TASK_OPTIONS:
         config.extra_options.pop(name, None)

@@ -106,19 +106,23 @@ class StackedTrainer:
         seeds: Sequence[int],
         epochs: int,
         feddyn: tuple[float, Sequence[Mapping[str, np.ndarray]]] | None = None,
+        lr: float | None = None,
     ) -> list[Weights]:
         """Per-device deltas (trained - base) after `epochs` over each device's (x (n, 1, H, W), y (n,)).
 
         Every device must hold the same number of samples; `seeds[d]` is the data-order seed its own
         `Trainer.fit` would use (one permutation per epoch from one generator). `feddyn` = (alpha,
         each device's state g_d) adds FedDyn's local terms (coordinator/strategies/feddyn.py): every
-        step also moves the weights by -lr * (alpha * (w - base) - g_d), taken at the step's start."""
+        step also moves the weights by -lr * (alpha * (w - base) - g_d), taken at the step's start.
+        `lr` overrides the trainer's learning rate for this call (a round's scheduled lr)."""
         sizes = {len(y) for _, y in data}
         if len(sizes) != 1:
             raise ValueError(f"stacked training needs equal-sized devices, got sizes {sorted(sizes)}")
         n, devices = sizes.pop(), len(data)
         batch = min(self.batch_size, n)
         trainer = self._trainer(base, devices)
+        lr = self.lr if lr is None else float(lr)
+        trainer.optimizer.set_lr(lr * devices)
         rngs = [np.random.default_rng(seed) for seed in seeds]
         images = np.stack([x.reshape(n, *x.shape[-2:]) for x, _ in data], axis=1)  # (n, D, H, W)
         labels = np.stack([np.asarray(y, np.int64) for _, y in data])  # (D, n)
@@ -133,7 +137,7 @@ class StackedTrainer:
                 x = images[idx.T, rows.T]  # (b, D, H, W)
                 feed = {"x": np.ascontiguousarray(x), "label": labels[rows, idx].reshape(-1)}
                 if feddyn is not None:
-                    pull = {k: self.lr * (alpha * (w - anchor[k]) - state[k]) for k, w in params.items()}
+                    pull = {k: lr * (alpha * (w - anchor[k]) - state[k]) for k, w in params.items()}
                 loss = float(trainer.train_fn.execute(feed)[0])  # step() wants len(x) == len(label)
                 if feddyn is not None:
                     for k, w in params.items():

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from coordinator.strategies import RoundUpdates, RunningSum, make_strategy
+from coordinator.strategies.lr_schedule import round_lr
 from simulation.config import SimConfig
 from simulation.processes import SINGLE_THREADED
 
@@ -41,6 +42,8 @@ class StackedOptions:
     topk_fraction: float | None = None
     server_momentum: float | None = None
     feddyn_alpha: float = 0.01  # strategy feddyn only
+    lr_schedule: str = "constant"  # device lr over rounds (coordinator/strategies/lr_schedule.py)
+    lr_final: float = 0.0  # the schedule's last-round lr as a fraction of --lr
 
 
 # ---------------------------------------------------------------- worker side (one per process)
@@ -87,7 +90,7 @@ def _train_devices(task: tuple) -> list[tuple[int, bytes, Weights | None]]:
     from protocol.deltas import TopK
     from protocol.update import decode_update, encode_update
 
-    base, devices, round_id, encoding, topk, residuals, feddyn = task
+    base, devices, round_id, encoding, topk, residuals, feddyn, lr = task
     w, cfg = _WORKER, _WORKER["cfg"]
     for d in devices:
         if d not in w["data"]:
@@ -99,7 +102,7 @@ def _train_devices(task: tuple) -> list[tuple[int, bytes, Weights | None]]:
     for group in by_size.values():
         seeds = [agent_seed(cfg, d) + round_id for d in group]
         dyn = None if feddyn is None else (feddyn[0], [feddyn[1].get(d) or _zeros(base) for d in group])
-        deltas = w["trainer"].train(base, [w["data"][d] for d in group], seeds, cfg.epochs, feddyn=dyn)
+        deltas = w["trainer"].train(base, [w["data"][d] for d in group], seeds, cfg.epochs, feddyn=dyn, lr=lr)
         for i, (d, delta) in enumerate(zip(group, deltas, strict=True)):
             residual = None
             if dyn is not None:  # FedDyn's device state: g_d - alpha * delta_d, kept by the driver
@@ -253,11 +256,13 @@ class StackedSimulation:
         topk = self.options.topk_fraction
         shares = [chosen[i :: cfg.workers] for i in range(min(cfg.workers, len(chosen)))]
         feddyn = self.options.feddyn_alpha if cfg.strategy == "feddyn" else None
+        lr = round_lr(cfg.lr, number, cfg.rounds, self.options.lr_schedule, self.options.lr_final)
         tasks = [
             (
                 base, share, number, cfg.encoding, topk,
                 {d: self.residuals[d].get("topk") for d in share if d in self.residuals},
                 None if feddyn is None else (feddyn, {d: self.residuals.get(d, {}).get("feddyn") for d in share}),
+                lr,
             )
             for share in shares
         ]  # fmt: skip
@@ -274,7 +279,7 @@ class StackedSimulation:
         combined = self.strategy_.aggregate(RoundUpdates(running=running, norms=norms))
         self.weights, self.server_state = self.strategy_.step(self.weights, combined, self.server_state)
         seconds = round(time.perf_counter() - started, 3)
-        return {"round": number, "devices": len(chosen), "bytes_up": bytes_up, "seconds": seconds}
+        return {"round": number, "devices": len(chosen), "bytes_up": bytes_up, "seconds": seconds, "lr": lr}
 
     def summary(self, initial: dict, seconds: float) -> dict:
         round_seconds = [r["seconds"] for r in self.records]

@@ -70,8 +70,10 @@ def small_config(**changes) -> SimConfig:
 
 def test_stacked_simulation_rounds_and_compressed_updates():
     records = []
-    dense = StackedSimulation(small_config(), emit=records.append).run()
+    cosine = StackedOptions(lr_schedule="cosine", lr_final=0.5)
+    dense = StackedSimulation(small_config(lr=0.04), emit=records.append, options=cosine).run()
     assert [r["round"] for r in records] == [1, 2]
+    assert [r["lr"] for r in records] == pytest.approx([0.04, 0.04 * (0.5 + 0.5 * 0.5)])  # the schedule's lrs
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in records)
     assert dense["final_accuracy"] > dense["initial_accuracy"]
     small = StackedSimulation(small_config(encoding="int8", rounds=1), options=StackedOptions(topk_fraction=0.05)).run()
@@ -146,3 +148,36 @@ def test_feddyn_only_where_devices_run_it(capsys):
     assert "--stacked" in capsys.readouterr().err
     summary = StackedSimulation(small_config(strategy="feddyn", rounds=2)).run()
     assert summary["final_accuracy"] > summary["initial_accuracy"]
+
+
+def test_cosine_lr_schedule_math():
+    import math
+
+    from coordinator.strategies.lr_schedule import round_lr
+
+    assert [round_lr(0.05, r, 10) for r in (1, 5, 10)] == [0.05] * 3
+    assert round_lr(0.05, 1, 50, "cosine", 0.1) == pytest.approx(0.05)
+    assert round_lr(0.05, 26, 50, "cosine", 0.1) == pytest.approx(0.05 * (0.1 + 0.9 * 0.5))  # halfway
+    assert round_lr(0.05, 50, 50, "cosine", 0.1) == pytest.approx(0.05 * (0.1 + 0.45 * (1 + math.cos(math.pi * 0.98))))
+    lrs = [round_lr(1.0, r, 20, "cosine") for r in range(1, 21)]
+    assert all(a > b > 0 for a, b in zip(lrs, lrs[1:], strict=False))
+    with pytest.raises(ValueError, match="schedule 'step'"):
+        round_lr(0.05, 1, 10, "step")
+    with pytest.raises(ValueError, match="round <= rounds"):
+        round_lr(0.05, 11, 10, "cosine")
+    with pytest.raises(SystemExit):
+        pf_sim(["--stacked", "--lr-schedule", "step"])
+
+
+def test_stacked_trainer_lr_override_is_that_lr():
+    rng = np.random.default_rng(2)
+    data = [(rng.random((8, 1, 28, 28), dtype=np.float32), rng.integers(0, 10, 8)) for _ in range(2)]
+    base, states = lenet_weights(0), [{k: np.full_like(v, 0.01) for k, v in lenet_weights(0).items()}] * 2
+    shared = StackedTrainer(0.05, 0.0, 4)
+    shared.train(base, data, [1, 2], 1)  # a first call at 0.05 must not leak into the next
+    for feddyn in (None, (0.3, states)):
+        overridden = shared.train(base, data, [1, 2], 1, feddyn=feddyn, lr=0.02)
+        fresh = StackedTrainer(0.02, 0.0, 4).train(base, data, [1, 2], 1, feddyn=feddyn)
+        for a, b in zip(overridden, fresh, strict=True):
+            for name in a:
+                np.testing.assert_allclose(a[name], b[name], atol=1e-7)

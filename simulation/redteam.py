@@ -16,90 +16,23 @@ import struct
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import httpx
 import numpy as np
 
-from engine.serialize.container import MAGIC, dumps, loads
-from protocol.update import encode_update
-
-Outcome = tuple[bool, str]
-
-
-@dataclass
-class Target:
-    url: str
-    enrollment_key: str
-    admin_token: str
-
-    def client(self, timeout: float = 30.0) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=timeout)
-
-    @property
-    def admin(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.admin_token}"}
-
-
-class Device:
-    """An enrolled device under the attacker's control."""
-
-    def __init__(self, client: httpx.Client, key: str):
-        answer = client.post("/v1/devices", json={"enrollment_key": key, "name": "mallory"})
-        answer.raise_for_status()
-        self.client, self.id, self.token = client, answer.json()["device_id"], answer.json()["token"]
-        self.headers = {"Authorization": f"Bearer {self.token}"}
-
-    def task(self) -> dict:
-        answer = self.client.post("/v1/checkin", json={"eligible": True, "num_samples": 100}, headers=self.headers)
-        answer.raise_for_status()
-        body = answer.json()
-        if body["status"] != "task":
-            raise RuntimeError(f"expected a task, got {body}")
-        return body["task"]
-
-    def upload(self, round_id: int, body: bytes, key: str | None = None, **kw) -> httpx.Response:
-        headers = {**self.headers, "Idempotency-Key": key or secrets.token_hex(8)}
-        return self.client.post(f"/v1/rounds/{round_id}/updates", content=body, headers=headers, **kw)
-
-
-def fresh_round(target: Target, client: httpx.Client) -> tuple[int, dict[str, np.ndarray]]:
-    """Publish the latest model again (the open round is abandoned); (new round id, its weights)."""
-    latest = client.get("/v1/models/latest").json()["version"]
-    data = client.get(f"/v1/models/{latest}", headers=target.admin).content
-    published = client.post("/v1/admin/models", content=data, headers=target.admin)
-    published.raise_for_status()
-    version = published.json()["version"]
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        rounds = client.get("/v1/rounds", params={"limit": 1}).json()
-        if rounds and rounds[0]["status"] == "open" and rounds[0]["base_version"] == version:
-            weights = loads(client.get(f"/v1/models/{version}", headers=target.admin).content).tensors
-            return rounds[0]["id"], weights
-        time.sleep(0.05)
-    raise RuntimeError("no round opened on the republished model")
-
-
-def update_for(task: dict, delta: dict[str, np.ndarray], sample_count: int = 100, **kw) -> bytes:
-    return encode_update(
-        delta, sample_count=sample_count, round_id=task["round_id"], base_version=task["base_version"], **kw
-    )
-
-
-def healthz_seconds(target: Target) -> float:
-    started = time.perf_counter()
-    httpx.get(target.url + "/healthz", timeout=60).raise_for_status()
-    return time.perf_counter() - started
-
-
-def _stream(total: int, chunk: bytes = b"[]," * 21_000):
-    sent = 0
-    while sent < total:
-        yield chunk
-        sent += len(chunk)
-
-
-# ---------------------------------------------------------------- strangers (no credentials)
+from engine.serialize.container import MAGIC
+from simulation.redteam_kit import (
+    Device,
+    Outcome,
+    Target,
+    fresh_round,
+    healthz_seconds,
+    play_round,
+    raw_status,
+    stream_body,
+    tampered,
+    update_for,
+)
 
 
 def json_body_flood(target: Target) -> Outcome:
@@ -110,7 +43,7 @@ def json_body_flood(target: Target) -> Outcome:
     thread.start()
     with target.client() as client:
         try:
-            status = client.post("/v1/devices", content=_stream(57 << 20)).status_code
+            status = client.post("/v1/devices", content=stream_body(57 << 20)).status_code
         except httpx.HTTPError as exc:  # the server may close the connection after its 413
             status = f"connection closed ({type(exc).__name__})"
         streamed = time.perf_counter() - started
@@ -121,24 +54,6 @@ def json_body_flood(target: Target) -> Outcome:
     return held, f"streamed body -> {status} in {streamed:.2f}s; 300 MiB declared -> {declared}; " + (
         f"/healthz meanwhile {probe.get('seconds', float('nan')):.3f}s"
     )
-
-
-def raw_status(target: Target, request: bytes) -> int | str:
-    """Send raw bytes, read the status line (the server must answer without the rest of the body)."""
-    host, port = target.url.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port)), timeout=10) as sock:
-        sock.sendall(request)
-        try:
-            line = sock.recv(64).split(b"\r\n")[0].split()
-        except TimeoutError:
-            return "no answer"
-    return int(line[1]) if len(line) > 1 else "closed"
-
-
-def tampered(body: bytes, **metadata) -> bytes:
-    """An encoded update with metadata fields replaced (bypassing the encoder's own checks)."""
-    container = loads(body)
-    return dumps(container.tensors, {**container.metadata, **metadata}, kind="update")
 
 
 def oversized_headers(target: Target) -> Outcome:
@@ -324,38 +239,6 @@ def idempotency_key_reuse(target: Target) -> Outcome:
     return held, f"first {first.status_code}, same body {again.status_code}, other body {other.status_code}"
 
 
-def _play_round(target: Target, hostile: list[tuple[dict, int]]) -> tuple[float, float]:
-    """A fresh round of `goal` updates: the hostile (delta from the base weights w -> delta, sample
-    count) ones first, honest small deltas (norm ~0.05, 100 samples) for the rest. Returns
-    (|w_new - w|, |w|) once it commits."""
-    with target.client() as client:
-        round_id, weights = fresh_round(target, client)
-        goal = client.get(f"/v1/rounds/{round_id}").json()["goal"]
-        devices = [Device(client, target.enrollment_key) for _ in range(goal)]
-        tasks = [d.task() for d in devices]
-        rng = np.random.default_rng(round_id)
-        size = sum(w.size for w in weights.values())
-        for i, (device, task) in enumerate(zip(devices, tasks, strict=True)):
-            if i < len(hostile):
-                make, count = hostile[i]
-                delta, samples = make(weights), count
-            else:
-                delta = {n: rng.normal(0, 0.05 / np.sqrt(size), w.shape).astype(np.float32) for n, w in weights.items()}
-                samples = 100
-            answer = device.upload(task["round_id"], update_for(task, delta, sample_count=samples))
-            if answer.status_code != 202:
-                raise RuntimeError(f"upload {i} refused: {answer.status_code} {answer.text[:200]}")
-        deadline = time.monotonic() + 30
-        while (r := client.get(f"/v1/rounds/{round_id}").json())["status"] == "open" and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if r["status"] != "committed":
-            raise RuntimeError(f"round {round_id} did not commit: {r['status']} {r.get('reason')}")
-        new = loads(client.get(f"/v1/models/{r['result_version']}", headers=target.admin).content).tensors
-    moved = float(np.sqrt(sum(float(np.sum((new[n].astype(np.float64) - w) ** 2)) for n, w in weights.items())))
-    norm = float(np.sqrt(sum(float(np.sum(w.astype(np.float64) ** 2)) for w in weights.values())))
-    return moved, norm
-
-
 def model_takeover(target: Target) -> Outcome:
     """One enrolled device tries to replace the global model: 1,000,000 claimed samples with delta -w;
     then, in the next round, an honest count with delta -3w, and another with a random delta of norm
@@ -370,8 +253,8 @@ def model_takeover(target: Target) -> Outcome:
         scale = 9990 / np.sqrt(sum(float(np.sum(x**2)) for x in d.values()))
         return {n: (x * scale).astype(np.float32) for n, x in d.items()}
 
-    first = _play_round(target, [(minus(1), 1_000_000)])
-    second = _play_round(target, [(minus(3), 100), (big, 100)])
+    first = play_round(target, [(minus(1), 1_000_000)])
+    second = play_round(target, [(minus(3), 100), (big, 100)])
     ratios = [moved / norm for moved, norm in (first, second)]
     return all(r < 0.1 for r in ratios), (
         f"model moved by {ratios[0]:.4f} x |w| (count 1e6, -w) and {ratios[1]:.4f} x |w| (-3w; norm 9990); "

@@ -3,8 +3,8 @@
 This class is the interface a storage backend offers the services. It is written once over
 SQLAlchemy Core and runs unchanged on SQLite and PostgreSQL; what differs between them (pragmas,
 BEGIN IMMEDIATE, read connections) lives in database.py. Reads are methods here; writes are
-methods of the `Writes` that `transaction()` yields. Every statement is built once at import
-(and a read compiled once per database: database.py's `fetch`).
+methods of the `Writes` that `transaction()` yields. Every statement is built once at import, the
+reads in queries.py, the writes in writes.py (and a read compiled once per database: database.py's `fetch`).
 """
 
 from __future__ import annotations
@@ -17,167 +17,10 @@ from typing import Any
 import sqlalchemy as sa
 
 from coordinator.store import migrate
+from coordinator.store import queries as q
 from coordinator.store.database import Database
 from coordinator.store.rows import DeviceRow, ModelVersionRow, PartialRow, ReleaseRow, RoundRow, SecAggRow, UpdateRow
-from coordinator.store.schema import (
-    assignments,
-    devices,
-    model_blobs,
-    model_versions,
-    populations,
-    rate_limits,
-    releases,
-    round_partials,
-    rounds,
-    secagg_messages,
-    secagg_rounds,
-    server_state,
-    updates,
-)
 from coordinator.store.writes import Writes, hit_statement, lease_statements
-
-_b = sa.bindparam
-_count = sa.func.count
-RATE_HITS = sa.select(rate_limits.c.hits).where(
-    rate_limits.c.key == _b("key"), rate_limits.c.window_start == _b("start")
-)
-# Statuses as SQL literals, not bound parameters: SQLite re-prepares a statement on every run when a
-# bound value decides whether a partial index (one_open_round) applies (measured: 0.3 ms vs 0.03 ms).
-OPEN, COMMITTED = sa.literal_column("'open'"), sa.literal_column("'committed'")
-
-
-def _with_partials(column: sa.Column) -> sa.ColumnElement:
-    """An open round's count (or weight) is its row's plus its replicas' partials (the commit merges
-    them into the row, so a closed round's row holds the whole of it)."""
-    partials = (
-        sa.select(sa.func.coalesce(sa.func.sum(round_partials.c[column.name]), sa.literal_column("0")))
-        .where(round_partials.c.round_id == rounds.c.id)
-        .scalar_subquery()
-    )
-    return sa.case((rounds.c.status == OPEN, column + partials), else_=column).label(column.name)
-
-
-ROUND = [  # in RoundRow's field order
-    _with_partials(c) if c.name in ("received", "total_weight") else c for c in rounds.c if c.name != "aggregate"
-]
-VERSION = list(model_versions.c)
-UPDATE = [c for c in updates.c if c.name != "delta"]  # UpdateRow.from_row's order: ..., response, replica
-PARTIAL = [
-    round_partials.c.round_id,
-    round_partials.c.replica,
-    round_partials.c.received,
-    round_partials.c.total_weight,
-]
-
-DEVICE_BY_TOKEN = sa.select(devices.c.id, devices.c.name, devices.c.created_at, devices.c.last_seen).where(
-    devices.c.token_hash == _b("token_hash")
-)
-DEVICE_ACTIVITY = sa.select(
-    devices.c.created_at,
-    sa.select(_count()).where(assignments.c.device_id == _b("d")).scalar_subquery(),
-    sa.select(_count()).where(updates.c.device_id == _b("d")).scalar_subquery(),
-).where(devices.c.id == _b("d"))
-COUNT_DEVICES = sa.select(_count()).select_from(devices)
-COUNT_ACTIVE_DEVICES = sa.select(_count()).where(devices.c.last_seen >= _b("since"))
-DEVICE_TOKENS = sa.select(devices.c.id, devices.c.token_hash)
-
-LATEST_VERSION = sa.select(sa.func.max(model_versions.c.version))
-VERSION_BY_NUMBER = sa.select(*VERSION).where(model_versions.c.version == _b("v"))
-VERSIONS_NEWEST_FIRST = sa.select(*VERSION).order_by(model_versions.c.version.desc()).limit(_b("limit"))
-ALL_VERSIONS = sa.select(*VERSION).order_by(model_versions.c.version)
-VERSION_FILENAMES = sa.select(model_versions.c.filename)
-UNEVALUATED = sa.select(model_versions.c.version).where(model_versions.c.accuracy.is_(None)).order_by("version")
-LATEST_ACCURACY = (
-    sa.select(model_versions.c.accuracy)
-    .where(model_versions.c.accuracy.is_not(None))
-    .order_by(model_versions.c.version.desc())
-    .limit(1)
-)
-
-OPEN_ROUND = sa.select(*ROUND).where(rounds.c.status == OPEN).order_by(rounds.c.id.desc()).limit(1)
-ROUND_BY_ID = sa.select(*ROUND).where(rounds.c.id == _b("id"))
-ROUND_WITH_AGGREGATE = sa.select(*ROUND, rounds.c.aggregate).where(rounds.c.id == _b("id"))
-ALL_ROUNDS_WITH_AGGREGATE = sa.select(*ROUND, rounds.c.aggregate).order_by(rounds.c.id)
-RECENT_ROUNDS = sa.select(*ROUND).order_by(rounds.c.id.desc()).limit(_b("limit"))
-LAST_COMMITTED_BEFORE = (
-    sa.select(sa.func.max(rounds.c.id)).where(rounds.c.id < _b("r")).where(rounds.c.status == COMMITTED)
-)
-ROUNDS_BY_STATUS = sa.select(rounds.c.status, _count()).group_by(rounds.c.status)
-DP_EVENTS = (
-    sa.select(rounds.c.dp_q, rounds.c.dp_noise)
-    .where(rounds.c.status == COMMITTED, rounds.c.dp_q.is_not(None))
-    .order_by(rounds.c.id)
-)
-LAST_EPSILON = (
-    sa.select(rounds.c.epsilon, rounds.c.dp_clip)
-    .where(rounds.c.epsilon.is_not(None))
-    .order_by(rounds.c.id.desc())
-    .limit(1)
-)
-
-IS_ASSIGNED = sa.select(1).where(assignments.c.round_id == _b("r"), assignments.c.device_id == _b("d"))
-COUNT_ASSIGNED = sa.select(_count()).where(assignments.c.round_id == _b("r"))
-ASSIGNED_PER_ROUND = (
-    sa.select(assignments.c.round_id, _count())
-    .where(assignments.c.round_id.between(_b("lo"), _b("hi")))
-    .group_by(assignments.c.round_id)
-)
-
-ANSWER_FOR_KEY = sa.select(updates.c.response).where(
-    updates.c.device_id == _b("d"), updates.c.idempotency_key == _b("k")
-)
-HAS_UPDATE = sa.select(1).where(updates.c.round_id == _b("r"), updates.c.device_id == _b("d"))
-ROUND_UPDATES = sa.select(*UPDATE).where(updates.c.round_id == _b("r")).order_by(updates.c.received_at)
-ROUND_DELTAS = sa.select(updates.c.delta, updates.c.sample_count).where(updates.c.round_id == _b("r"))
-ROUND_NORMS = sa.select(updates.c.norm).where(updates.c.round_id == _b("r"))
-COUNT_UPDATES = sa.select(_count()).select_from(updates)
-UPDATES_BY_ACCEPTANCE = {  # SQLite: rowid, the insertion order; PostgreSQL: arrival time
-    "sqlite": sa.select(*UPDATE).order_by(sa.literal_column("rowid")),
-    "postgresql": sa.select(*UPDATE).order_by(updates.c.received_at),
-}
-
-PARTIAL_COUNT = sa.select(round_partials.c.received).where(
-    round_partials.c.round_id == _b("r"), round_partials.c.replica == _b("replica")
-)
-PARTIAL_AGGREGATE = sa.select(round_partials.c.aggregate).where(
-    round_partials.c.round_id == _b("r"), round_partials.c.replica == _b("replica")
-)
-ROUND_PARTIALS = sa.select(*PARTIAL).where(round_partials.c.round_id == _b("r")).order_by(round_partials.c.replica)
-ROUND_PARTIALS_WITH_SUMS = (
-    sa.select(*PARTIAL, round_partials.c.aggregate)
-    .where(round_partials.c.round_id == _b("r"))
-    .order_by(round_partials.c.replica)
-)
-ALL_PARTIALS = sa.select(*PARTIAL).order_by(round_partials.c.round_id, round_partials.c.replica)
-MODEL_BLOB = sa.select(model_blobs.c.data).where(model_blobs.c.name == _b("name"))
-BLOB_NAMES = sa.select(model_blobs.c.name)
-
-_SECAGG_HAS_STATE = secagg_rounds.c.state.is_not(None)
-SECAGG = sa.select(*[c if c.name != "state" else sa.null() for c in secagg_rounds.c], _SECAGG_HAS_STATE).where(
-    secagg_rounds.c.round_id == _b("r")
-)
-SECAGG_WITH_STATE = sa.select(*secagg_rounds.c, _SECAGG_HAS_STATE).where(secagg_rounds.c.round_id == _b("r"))
-SECAGG_MESSAGES = (
-    sa.select(secagg_messages.c.seq, secagg_messages.c.kind, secagg_messages.c.body)
-    .where(secagg_messages.c.round_id == _b("r"), secagg_messages.c.seq > _b("after"))
-    .order_by(secagg_messages.c.seq)
-)
-SECAGG_PHASE = sa.select(secagg_rounds.c.phase, secagg_rounds.c.reason).where(secagg_rounds.c.round_id == _b("r"))
-
-RELEASES_NEWEST_FIRST = sa.select(*releases.c).order_by(releases.c.id.desc()).limit(_b("limit"))
-DECIDED_VERSIONS = sa.select(releases.c.version).distinct()
-ROUNDS_ON_BASE = (
-    sa.select(rounds.c.id)
-    .where(rounds.c.base_version == _b("v"), rounds.c.status == COMMITTED, rounds.c.canary == 0)
-    .order_by(rounds.c.id.desc())
-    .limit(_b("limit"))
-)
-UPDATE_METRICS = sa.select(updates.c.metrics, updates.c.sample_count).where(updates.c.round_id == _b("r"))
-
-POPULATIONS = sa.select(*populations.c).order_by(populations.c.name)
-
-STATE = sa.select(server_state.c.value).where(server_state.c.key == _b("key"))
-STATE_ITEMS = sa.select(server_state.c.key, server_state.c.value).order_by(server_state.c.key)
 
 
 class Store:
@@ -217,152 +60,152 @@ class Store:
     # ------------------------------------------------------------------ devices
 
     def device_by_token(self, token_hash: str) -> DeviceRow | None:
-        row = self._first(DEVICE_BY_TOKEN, {"token_hash": token_hash})
+        row = self._first(q.DEVICE_BY_TOKEN, {"token_hash": token_hash})
         return DeviceRow(*row) if row else None
 
     def device_activity(self, device_id: str) -> tuple[float, int, int] | None:
         """(created_at, rounds assigned, updates accepted) of one device."""
-        row = self._first(DEVICE_ACTIVITY, {"d": device_id})
+        row = self._first(q.DEVICE_ACTIVITY, {"d": device_id})
         return tuple(row) if row else None
 
     def count_devices(self) -> int:
-        return int(self._scalar(COUNT_DEVICES))
+        return int(self._scalar(q.COUNT_DEVICES))
 
     def count_active_devices(self, since: float) -> int:
         """Devices that checked in since then (last_seen is kept to the minute)."""
-        return int(self._scalar(COUNT_ACTIVE_DEVICES, {"since": since}))
+        return int(self._scalar(q.COUNT_ACTIVE_DEVICES, {"since": since}))
 
     def device_tokens(self) -> dict[str, str]:
-        return dict(self._all(DEVICE_TOKENS))
+        return dict(self._all(q.DEVICE_TOKENS))
 
     # ------------------------------------------------------------------ model versions
 
     def latest_version(self) -> int:
         """The newest registered version, or -1 when there is none."""
-        value = self._scalar(LATEST_VERSION)
+        value = self._scalar(q.LATEST_VERSION)
         return -1 if value is None else int(value)
 
     def version(self, version: int) -> ModelVersionRow | None:
-        row = self._first(VERSION_BY_NUMBER, {"v": version})
+        row = self._first(q.VERSION_BY_NUMBER, {"v": version})
         return ModelVersionRow(*row) if row else None
 
     def versions(self, limit: int | None = None) -> list[ModelVersionRow]:
         """Newest first (`limit` of them), or every version oldest first without a limit."""
         if limit is None:
-            return [ModelVersionRow(*r) for r in self._all(ALL_VERSIONS)]
-        return [ModelVersionRow(*r) for r in self._all(VERSIONS_NEWEST_FIRST, {"limit": limit})]
+            return [ModelVersionRow(*r) for r in self._all(q.ALL_VERSIONS)]
+        return [ModelVersionRow(*r) for r in self._all(q.VERSIONS_NEWEST_FIRST, {"limit": limit})]
 
     def version_filenames(self) -> set[str]:
-        return {r[0] for r in self._all(VERSION_FILENAMES)}
+        return {r[0] for r in self._all(q.VERSION_FILENAMES)}
 
     def unevaluated_versions(self) -> list[int]:
-        return [r[0] for r in self._all(UNEVALUATED)]
+        return [r[0] for r in self._all(q.UNEVALUATED)]
 
     def latest_accuracy(self) -> float | None:
-        return self._scalar(LATEST_ACCURACY)
+        return self._scalar(q.LATEST_ACCURACY)
 
     # ------------------------------------------------------------------ rounds
 
     def open_round(self) -> RoundRow | None:
-        row = self._first(OPEN_ROUND)
+        row = self._first(q.OPEN_ROUND)
         return RoundRow.from_row(row) if row else None
 
     def round(self, round_id: int, *, with_aggregate: bool = False) -> RoundRow | None:
-        row = self._first(ROUND_WITH_AGGREGATE if with_aggregate else ROUND_BY_ID, {"id": round_id})
+        row = self._first(q.ROUND_WITH_AGGREGATE if with_aggregate else q.ROUND_BY_ID, {"id": round_id})
         return RoundRow.from_row(row) if row else None
 
     def rounds(self, limit: int | None = None) -> list[RoundRow]:
         """Newest first (`limit` of them), or every round oldest first with its aggregate."""
         if limit is None:
-            return [RoundRow.from_row(r) for r in self._all(ALL_ROUNDS_WITH_AGGREGATE)]
-        return [RoundRow.from_row(r) for r in self._all(RECENT_ROUNDS, {"limit": limit})]
+            return [RoundRow.from_row(r) for r in self._all(q.ALL_ROUNDS_WITH_AGGREGATE)]
+        return [RoundRow.from_row(r) for r in self._all(q.RECENT_ROUNDS, {"limit": limit})]
 
     def last_committed_before(self, round_id: int) -> int | None:
         """The newest committed round before `round_id` (the reference for influence bounds)."""
-        found = self._scalar(LAST_COMMITTED_BEFORE, {"r": round_id})
+        found = self._scalar(q.LAST_COMMITTED_BEFORE, {"r": round_id})
         return None if found is None else int(found)
 
     def rounds_by_status(self) -> dict[str, int]:
-        return dict(self._all(ROUNDS_BY_STATUS))
+        return dict(self._all(q.ROUNDS_BY_STATUS))
 
     def dp_events(self) -> list[tuple[float, float]]:
         """(sampling rate q, noise multiplier z) of every committed DP round, in order."""
-        return [(float(q), float(z)) for q, z in self._all(DP_EVENTS)]
+        return [(float(q), float(z)) for q, z in self._all(q.DP_EVENTS)]
 
     def last_epsilon(self) -> tuple[float, float] | None:
         """(epsilon, clip norm) of the last round that spent privacy budget."""
-        row = self._first(LAST_EPSILON)
+        row = self._first(q.LAST_EPSILON)
         return (row[0], row[1]) if row else None
 
     # ------------------------------------------------------------------ assignments and updates
 
     def is_assigned(self, round_id: int, device_id: str) -> bool:
-        return self._first(IS_ASSIGNED, {"r": round_id, "d": device_id}) is not None
+        return self._first(q.IS_ASSIGNED, {"r": round_id, "d": device_id}) is not None
 
     def count_assigned(self, round_id: int) -> int:
-        return int(self._scalar(COUNT_ASSIGNED, {"r": round_id}))
+        return int(self._scalar(q.COUNT_ASSIGNED, {"r": round_id}))
 
     def assigned_per_round(self, round_ids: list[int]) -> dict[int, int]:
         if not round_ids:
             return {}
-        counts = dict(self._all(ASSIGNED_PER_ROUND, {"lo": min(round_ids), "hi": max(round_ids)}))
+        counts = dict(self._all(q.ASSIGNED_PER_ROUND, {"lo": min(round_ids), "hi": max(round_ids)}))
         return {i: counts[i] for i in round_ids if i in counts}
 
     def answer_for_key(self, device_id: str, key: str) -> dict | None:
         """The 202 an update with this Idempotency-Key already got, if any."""
-        text = self._scalar(ANSWER_FOR_KEY, {"d": device_id, "k": key})
+        text = self._scalar(q.ANSWER_FOR_KEY, {"d": device_id, "k": key})
         return json.loads(text) if text is not None else None
 
     def has_update(self, round_id: int, device_id: str) -> bool:
-        return self._first(HAS_UPDATE, {"r": round_id, "d": device_id}) is not None
+        return self._first(q.HAS_UPDATE, {"r": round_id, "d": device_id}) is not None
 
     def round_updates(self, round_id: int) -> list[UpdateRow]:
         """A round's accepted updates (without deltas), in the order received."""
-        return [UpdateRow.from_row(r) for r in self._all(ROUND_UPDATES, {"r": round_id})]
+        return [UpdateRow.from_row(r) for r in self._all(q.ROUND_UPDATES, {"r": round_id})]
 
     def round_deltas(self, round_id: int) -> list[tuple[bytes, int]]:
         """(stored delta, sample count) of a non-streaming round's updates."""
-        return [(r[0], int(r[1])) for r in self._all(ROUND_DELTAS, {"r": round_id})]
+        return [(r[0], int(r[1])) for r in self._all(q.ROUND_DELTAS, {"r": round_id})]
 
     def round_norms(self, round_id: int) -> list[float]:
         """Each accepted update's L2 norm as it arrived (before any clipping)."""
-        return [float(r[0]) for r in self._all(ROUND_NORMS, {"r": round_id})]
+        return [float(r[0]) for r in self._all(q.ROUND_NORMS, {"r": round_id})]
 
     def count_updates(self) -> int:
-        return int(self._scalar(COUNT_UPDATES))
+        return int(self._scalar(q.COUNT_UPDATES))
 
     def updates_in_acceptance_order(self) -> list[UpdateRow]:
         """Every accepted update (the audit). SQLite orders by rowid, the insertion order; PostgreSQL
         by arrival time, which leaves updates of one group commit in no particular order."""
-        return [UpdateRow.from_row(r) for r in self._all(UPDATES_BY_ACCEPTANCE[self.dialect])]
+        return [UpdateRow.from_row(r) for r in self._all(q.UPDATES_BY_ACCEPTANCE[self.dialect])]
 
     # ------------------------------------------------------------------ partial aggregates (replicas)
 
     def partial_count(self, round_id: int, replica: str) -> int | None:
         """Updates `replica` folded into its partial of the round so far (None: no partial yet)."""
-        return self._scalar(PARTIAL_COUNT, {"r": round_id, "replica": replica})
+        return self._scalar(q.PARTIAL_COUNT, {"r": round_id, "replica": replica})
 
     def partial_aggregate(self, round_id: int, replica: str) -> bytes | None:
-        return _as_bytes(self._scalar(PARTIAL_AGGREGATE, {"r": round_id, "replica": replica}))
+        return _as_bytes(self._scalar(q.PARTIAL_AGGREGATE, {"r": round_id, "replica": replica}))
 
     def round_partials(self, round_id: int, *, with_aggregate: bool = True) -> list[PartialRow]:
         """Every replica's partial of a round, by replica name, with its running sum if asked (NULL once
         the round closed)."""
         if not with_aggregate:
-            return [PartialRow(*r) for r in self._all(ROUND_PARTIALS, {"r": round_id})]
-        return [PartialRow(*r[:4], _as_bytes(r[4])) for r in self._all(ROUND_PARTIALS_WITH_SUMS, {"r": round_id})]
+            return [PartialRow(*r) for r in self._all(q.ROUND_PARTIALS, {"r": round_id})]
+        return [PartialRow(*r[:4], _as_bytes(r[4])) for r in self._all(q.ROUND_PARTIALS_WITH_SUMS, {"r": round_id})]
 
     def partials(self) -> list[PartialRow]:
         """Every partial of every round, without sums (the audit)."""
-        return [PartialRow(*r) for r in self._all(ALL_PARTIALS)]
+        return [PartialRow(*r) for r in self._all(q.ALL_PARTIALS)]
 
     # ------------------------------------------------------------------ model blobs, leases, counters
 
     def model_blob(self, name: str) -> bytes | None:
-        return _as_bytes(self._scalar(MODEL_BLOB, {"name": name}))
+        return _as_bytes(self._scalar(q.MODEL_BLOB, {"name": name}))
 
     def model_blob_names(self) -> set[str]:
-        return {r[0] for r in self._all(BLOB_NAMES)}
+        return {r[0] for r in self._all(q.BLOB_NAMES)}
 
     def try_lease(self, name: str, holder: str, seconds: float) -> bool:
         """Take or renew the lease `name` for `seconds` if it is free, expired or already ours (one
@@ -388,21 +231,21 @@ class Store:
 
     def releases(self, limit: int = 100) -> list[ReleaseRow]:
         """The release audit, newest first."""
-        return [ReleaseRow(*r) for r in self._all(RELEASES_NEWEST_FIRST, {"limit": limit})]
+        return [ReleaseRow(*r) for r in self._all(q.RELEASES_NEWEST_FIRST, {"limit": limit})]
 
     def decided_versions(self) -> set[int]:
         """Versions the release audit has a row for (a candidate without one is still undecided)."""
-        return {r[0] for r in self._all(DECIDED_VERSIONS)}
+        return {r[0] for r in self._all(q.DECIDED_VERSIONS)}
 
     def committed_rounds_on(self, version: int, limit: int = 3) -> list[int]:
         """The newest committed rounds of the whole fleet (not canary rounds) that trained on `version`."""
-        return [r[0] for r in self._all(ROUNDS_ON_BASE, {"v": version, "limit": limit})]
+        return [r[0] for r in self._all(q.ROUNDS_ON_BASE, {"v": version, "limit": limit})]
 
     def round_metric_mean(self, round_ids: list[int], name: str) -> tuple[float, int] | None:
         """(sample-weighted mean of one uploaded metric over these rounds' updates, samples), or None."""
         total = weight = 0.0
         for round_id in round_ids:
-            for text, n in self._all(UPDATE_METRICS, {"r": round_id}):
+            for text, n in self._all(q.UPDATE_METRICS, {"r": round_id}):
                 value = json.loads(text).get(name)
                 if isinstance(value, int | float) and n > 0:
                     total, weight = total + float(value) * n, weight + n
@@ -412,33 +255,33 @@ class Store:
 
     def populations(self) -> dict[str, tuple]:
         """name -> (name, enrollment key hash, architecture, created_at, created_by)."""
-        return {r[0]: tuple(r) for r in self._all(POPULATIONS)}
+        return {r[0]: tuple(r) for r in self._all(q.POPULATIONS)}
 
     def rate_hits(self, key: str, window_start: int) -> int:
         """Hits counted on `key` in the window starting at `window_start` (0 if none)."""
-        return int(self._scalar(RATE_HITS, {"key": key, "start": window_start}) or 0)
+        return int(self._scalar(q.RATE_HITS, {"key": key, "start": window_start}) or 0)
 
     # ------------------------------------------------------------------ server state
 
     def secagg(self, round_id: int, *, with_state: bool = False) -> SecAggRow | None:
         """A secure-aggregation round's row; its (large) session state only when asked for."""
-        row = self._first(SECAGG_WITH_STATE if with_state else SECAGG, {"r": round_id})
+        row = self._first(q.SECAGG_WITH_STATE if with_state else q.SECAGG, {"r": round_id})
         return SecAggRow.from_row(row) if row else None
 
     def secagg_messages(self, round_id: int, after: int) -> list[tuple[int, str, bytes]]:
         """(seq, kind, body) of the messages a secure-aggregation round accepted after revision `after`."""
-        return [(s, k, bytes(b)) for s, k, b in self._all(SECAGG_MESSAGES, {"r": round_id, "after": after})]
+        return [(s, k, bytes(b)) for s, k, b in self._all(q.SECAGG_MESSAGES, {"r": round_id, "after": after})]
 
     def secagg_phase(self, round_id: int) -> tuple[str, str | None] | None:
         """(phase, reason) of a secure-aggregation round, without its state."""
-        row = self._first(SECAGG_PHASE, {"r": round_id})
+        row = self._first(q.SECAGG_PHASE, {"r": round_id})
         return (row[0], row[1]) if row else None
 
     def state(self, key: str) -> bytes | None:
-        return _as_bytes(self._scalar(STATE, {"key": key}))
+        return _as_bytes(self._scalar(q.STATE, {"key": key}))
 
     def state_items(self) -> list[tuple[str, bytes]]:
-        return [(key, _as_bytes(value)) for key, value in self._all(STATE_ITEMS)]
+        return [(key, _as_bytes(value)) for key, value in self._all(q.STATE_ITEMS)]
 
 
 def _as_bytes(value: Any) -> bytes | None:

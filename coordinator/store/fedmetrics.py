@@ -13,7 +13,7 @@ import sqlalchemy as sa
 
 from coordinator.store.schema import Real, metadata
 from coordinator.store.store import Store
-from coordinator.store.writes import _insert
+from coordinator.store.write_statements import dialect_insert
 
 _b = sa.bindparam
 
@@ -85,7 +85,7 @@ def has_reported(store: Store, device_id: str, version: int, kind: str) -> bool:
 
 def record(store: Store, device_id: str, row: dict, now: float) -> None:
     """Store a device's report (a repeated report of the same version and kind replaces the earlier one)."""
-    insert = _insert(store.dialect)(federated_metrics).values(device_id=device_id, reported_at=now, **row)
+    insert = dialect_insert(store.dialect)(federated_metrics).values(device_id=device_id, reported_at=now, **row)
     keep = {k: insert.excluded[k] for k in (*row, "reported_at") if k not in ("version", "kind")}
     statement = insert.on_conflict_do_update(index_elements=[_fm.device_id, _fm.version, _fm.kind], set_=keep)
     with store.transaction() as tx:

@@ -20,7 +20,8 @@ from coordinator.store import migrate
 from coordinator.store import queries as q
 from coordinator.store.database import Database
 from coordinator.store.rows import DeviceRow, ModelVersionRow, PartialRow, ReleaseRow, RoundRow, SecAggRow, UpdateRow
-from coordinator.store.writes import Writes, hit_statement, lease_statements
+from coordinator.store.write_statements import hit_statement, lease_statements
+from coordinator.store.writes import Writes
 
 
 class Store:

@@ -278,7 +278,7 @@ def test_dp_rounds_admit_each_device_with_probability_q_and_say_so(tmp_path):
 def test_distributed_dp_the_sum_carries_the_central_noise_the_accountant_charges(server):
     """Secure aggregation with DP: each device clips to C and adds its Skellam share; the unmasked mean
     carries noise of the configured size, every device counts once, and epsilon is charged."""
-    from coordinator.service.secagg import secagg_config
+    from coordinator.service.secagg_config import secagg_config
     from coordinator.settings import RoundSettings
     from protocol.deltas import clip_by_l2
 

@@ -35,7 +35,8 @@ from coordinator.service.modelfile import initial_model_bytes
 from coordinator.service.privacy import PrivacyLedger, require_accountant
 from coordinator.service.releases import Releases
 from coordinator.service.rounds import RoundLifecycle
-from coordinator.service.secagg import SecureAggregation, require_cryptography
+from coordinator.service.secagg import SecureAggregation
+from coordinator.service.secagg_config import require_cryptography
 from coordinator.service.ticker import Ticker
 from coordinator.service.training_steps import TrainingSteps
 from coordinator.service.versions import ModelVersions

@@ -40,7 +40,7 @@ class Admin:
                 except ValueError as exc:
                     raise Refused(422, f"dp_noise_multiplier: {exc}", "bad_settings") from None
             if new.secure_aggregation:
-                from coordinator.service.secagg import require_cryptography
+                from coordinator.service.secagg_config import require_cryptography
 
                 try:
                     require_cryptography()

@@ -268,7 +268,7 @@ class RoundLifecycle:
             noise = cfg.dp_noise_multiplier
             if cfg.secure_aggregation:  # the Gaussian z that bounds the devices' summed Skellam noise
                 from coordinator.service.modelfile import expected_shapes
-                from coordinator.service.secagg import charged_noise_multiplier
+                from coordinator.service.secagg_config import charged_noise_multiplier
 
                 shapes = expected_shapes(self.versions.get(new.base_version).container)
                 noise = charged_noise_multiplier(cfg, sum(math.prod(s) for s in shapes.values()))

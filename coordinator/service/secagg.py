@@ -40,63 +40,21 @@ import numpy as np
 from coordinator.errors import Refused
 from coordinator.service.modelfile import expected_shapes
 from coordinator.service.rounds import RoundLifecycle
+from coordinator.service.secagg_config import (
+    CLOSERS,
+    MIN_COHORT,
+    POLL_SECONDS,
+    PROTOCOL_PHASES,
+    RECEIVERS,
+    secagg_config,
+)
 from coordinator.service.versions import ModelVersions
-from coordinator.settings import RoundSettings
 from coordinator.store import RoundRow, SecAggRow, Store
 from coordinator.strategies import RunningSum
 
 log = logging.getLogger("pocketfed.coordinator")
 
 JOINING, DONE, ABANDONED = "joining", "done", "abandoned"
-PROTOCOL_PHASES = ("advertise", "share_keys", "masked_input", "unmask")
-MIN_COHORT = 4
-DEFAULT_MAX_WEIGHT = 1000  # sample counts are capped here before masking (Flower's default)
-POLL_SECONDS = 0.25  # what devices are told to wait between looks while others answer
-# message kind (URL) -> (the phase that takes it, the ServerSession method)
-RECEIVERS = {
-    "advertise": ("advertise", "receive_advertise"),
-    "shares": ("share_keys", "receive_shares"),
-    "masked_input": ("masked_input", "receive_masked"),
-    "unmask": ("unmask", "receive_unmask"),
-}
-CLOSERS = {
-    "advertise": "close_advertise",
-    "share_keys": "close_share_keys",
-    "masked_input": "close_masked_input",
-    "unmask": "finish",
-}
-
-
-def require_cryptography() -> None:
-    """Fail at startup (or on a settings change) when secure aggregation is on and `cryptography` is missing."""
-    try:
-        import protocol.secagg  # noqa: F401
-    except ImportError as exc:
-        need = "secure_aggregation needs the cryptography package: pip install 'pocketfed[secagg]'"
-        raise ValueError(f"{need} ({exc})") from None
-
-
-def secagg_config(cfg: RoundSettings, round_id: int, cohort: int, vector_length: int, graph_seed: bytes | None = None):
-    """The round's SecAggConfig: device-side clip, distributed DP noise (max_weight 1) when DP is on."""
-    from protocol.secagg import SecAggConfig
-
-    dp = cfg.dp_enabled
-    return SecAggConfig.create(
-        round_id,
-        cohort,
-        vector_length,
-        dropout_tolerance=cfg.secagg_dropout_tolerance,
-        graph_seed=graph_seed,
-        clip_norm=cfg.device_clip_norm,
-        noise_multiplier=cfg.dp_noise_multiplier if dp else 0.0,
-        max_weight=1 if dp else min(DEFAULT_MAX_WEIGHT, cfg.max_sample_count),
-        rounding="stochastic" if dp else "deterministic",  # without DP noise: a seeded run is reproducible
-    )
-
-
-def charged_noise_multiplier(cfg: RoundSettings, vector_length: int) -> float:
-    """The Gaussian z the accountant charges for a round's distributed Skellam noise (noise.py)."""
-    return secagg_config(cfg, 0, max(cfg.goal, MIN_COHORT), vector_length, bytes(32)).equivalent_noise_multiplier()
 
 
 class SecureAggregation:
@@ -434,13 +392,3 @@ def _expected(session) -> set[int]:
         "masked_input": set(session.commitments),
         "unmask": set(session.masked),
     }.get(session.phase, set())
-
-
-def describe(row: SecAggRow | None) -> dict[str, Any] | None:
-    """For /v1/rounds: the phase, the cohort size and why it was abandoned."""
-    if row is None:
-        return None
-    return {"phase": row.phase, "cohort_size": len(row.members), "reason": row.reason}
-
-
-__all__ = ["SecureAggregation", "charged_noise_multiplier", "describe", "require_cryptography", "secagg_config"]

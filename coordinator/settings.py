@@ -12,6 +12,7 @@ in the database: service/cluster.py).
 from __future__ import annotations
 
 import os
+import secrets
 from collections.abc import Mapping
 from contextvars import ContextVar
 from typing import Any, Literal
@@ -166,6 +167,16 @@ class RoundSettings(BaseModel):
 
 
 MIN_SECRET_LENGTH = 16
+
+
+def new_secret(nbytes: int = 24) -> str:
+    """A random URL-safe secret for people to pass on (keys, codes): never starting with "-", which a
+    command line would read as an option (`pf-agent --enrollment-key -x...`)."""
+    while (secret := secrets.token_urlsafe(nbytes)).startswith("-"):
+        pass
+    return secret
+
+
 GUESSABLE = ("change-me", "changeme", "password", "secret", "admin", "123456", "qwerty")
 ENV_PREFIX = "PF_"
 NONE_WORDS = ("", "none", "null")

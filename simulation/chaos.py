@@ -19,7 +19,6 @@ plan, so the rounds choose the same devices as a run without chaos:
 from __future__ import annotations
 
 import hashlib
-import secrets
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -29,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from coordinator.audit import audit
+from coordinator.settings import new_secret
 from engine.serialize.container import loads
 from simulation.config import SimConfig
 from simulation.coordinator_api import CoordinatorAPI
@@ -205,7 +205,7 @@ class Audit(SimulationHook):
 
     def __init__(self, chaos: ChaosConfig, network: FaultyNetwork):
         self.chaos, self.network = chaos, network
-        self.admin_token = secrets.token_urlsafe(16)  # to download the final model for its digest
+        self.admin_token = new_secret(16)  # to download the final model for its digest
 
     def coordinator_options(self) -> dict[str, Any]:
         return {"admin_token": self.admin_token}

@@ -89,7 +89,7 @@ class CoordinatorProcess:
         args = [sys.executable, "-m", "coordinator", "--host", "127.0.0.1", "--port", str(self.port)]
         for key, value in self.options.items():
             if value is not None:
-                args += ["--" + key.replace("_", "-"), str(value)]
+                args.append(f"--{key.replace('_', '-')}={value}")  # "=": a value may start with "-" (a random token)
         return args
 
     def start(self, timeout: float = 60.0) -> CoordinatorProcess:

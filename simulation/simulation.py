@@ -16,7 +16,6 @@ coordinator restarts, a fault proxy, the audit) plugs in as hooks (hooks.py, cha
 from __future__ import annotations
 
 import math
-import secrets
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from coordinator.settings import new_secret
 from engine.progress import ProgressBar
 from simulation.config import SimConfig
 from simulation.coordinator_api import CoordinatorAPI
@@ -80,9 +80,9 @@ class Simulation:
             self.workdir = Path(cfg.workdir or tmp).resolve()  # children run in other folders
             self.workdir.mkdir(parents=True, exist_ok=True)
             self.db_path = Path(cfg.db).resolve() if cfg.db else self.workdir / "coordinator.db"
-            key = secrets.token_urlsafe(16)
+            key = new_secret(16)
             options = cfg.coordinator_options(str(self.db_path), key)
-            options["admin_token"] = secrets.token_urlsafe(16)  # to pause rounds while the fleet personalizes
+            options["admin_token"] = new_secret(16)  # to pause rounds while the fleet personalizes
             for hook in self.hooks:
                 options.update(hook.coordinator_options())
             self.admin_token = options["admin_token"]

@@ -18,7 +18,6 @@ ticker's deadlines and the evaluation of new versions -- runs on the replica hol
 from __future__ import annotations
 
 import logging
-import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,7 +40,7 @@ from coordinator.service.ticker import Ticker
 from coordinator.service.training_steps import TrainingSteps
 from coordinator.service.versions import ModelVersions
 from coordinator.service.writer import UploadWriter
-from coordinator.settings import Settings
+from coordinator.settings import Settings, new_secret
 from coordinator.store import BlobStore, Store, blob_store_for
 
 log = logging.getLogger("pocketfed.coordinator")
@@ -151,7 +150,7 @@ def open_services(
     wire the services. `clock` and `evaluate` are injectable for tests; `initial_model` is a new
     population's first model (else --model)."""
     if not settings.enrollment_key:
-        settings = settings.model_copy(update={"enrollment_key": secrets.token_urlsafe(16)})
+        settings = settings.model_copy(update={"enrollment_key": new_secret(16)})
         log.warning("no enrollment key given; generated one for this run: %s", settings.enrollment_key)
     round_settings = settings.round_settings()
     if round_settings.dp_enabled:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -26,6 +25,7 @@ from coordinator.errors import Refused
 from coordinator.service import Services, open_services
 from coordinator.service.evaluation import EvaluateFn
 from coordinator.service.modelfile import model_info, parse_model
+from coordinator.settings import new_secret
 from coordinator.store import is_url
 
 log = logging.getLogger("pocketfed.coordinator")
@@ -135,7 +135,7 @@ class Populations:
             limit = self.default.settings.max_populations
             if len(registry) >= limit:
                 raise Refused(409, f"name: this coordinator serves at most {limit} named populations", "too_many")
-            key = secrets.token_urlsafe(24)
+            key = new_secret()
             key_hash = hashlib.sha256(key.encode()).hexdigest()
             prepare_location(self.default.settings.db, name)
             services = self._start(name, key_hash=key_hash, initial=model)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import secrets
 import time
 
 from fastapi import APIRouter, Depends, Request
@@ -22,7 +21,7 @@ from coordinator.api.schemas import (
     Unpin,
 )
 from coordinator.errors import Refused
-from coordinator.settings import RoundSettings
+from coordinator.settings import RoundSettings, new_secret
 from engine.serialize.container import ContainerError
 
 router = APIRouter(
@@ -110,7 +109,7 @@ def mint_enrollment_codes(body: EnrollmentCodesRequest, store: StoreDep) -> Enro
     """Mint one-time enrollment codes (the recommended way to enroll a fleet: a leaked code enrolls
     one device, once, before it expires). Returned once; only their sha256 is stored."""
     now = time.time()
-    codes = [secrets.token_urlsafe(24) for _ in range(body.count)]
+    codes = [new_secret() for _ in range(body.count)]
     with store.transaction() as tx:
         for code in codes:
             tx.add_enrollment_code(token_hash(code), now, now + body.ttl_seconds)

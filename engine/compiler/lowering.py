@@ -8,7 +8,8 @@ are the very ones the unsplit operators run, so results are bit for bit the same
 
 from __future__ import annotations
 
-from ..opr.conv import Convolution, ConvolutionBackwardFilter, ConvolutionFromCols, FilterGradFromCols, Im2Col
+from ..opr.conv import Convolution, ConvolutionBackwardFilter
+from ..opr.conv_cols import ConvolutionFromCols, FilterGradFromCols, Im2Col
 from .program import Node, Program
 
 _GEOMETRY = ("stride", "padding", "dilation", "groups")

@@ -46,7 +46,7 @@ def pad_hw(x: np.ndarray, pad, value: float = 0.0) -> np.ndarray:
     return np.pad(x, ((0, 0), (0, 0), (pad[0], pad[0]), (pad[1], pad[1])), constant_values=value)
 
 
-class _ConvGeometry(Operator):
+class ConvGeometry(Operator):
     """Shared attribute handling and the column buffer of the convolution family."""
 
     @classmethod
@@ -121,7 +121,7 @@ def _allocating(op: Operator, shape: tuple, dtype: np.dtype, *xs: np.ndarray) ->
     return out
 
 
-class Convolution(_ConvGeometry):
+class Convolution(ConvGeometry):
     n_inputs = 2
 
     def infer(self, x, w):
@@ -161,7 +161,7 @@ class Convolution(_ConvGeometry):
         self.bind(ws, out, x, w)(x, w)
 
     def bind(self, ws, out, x, w):
-        im2col, product = self._cols(ws, x, *w.shape[2:]), _conv_from_cols(out, w, self.groups)
+        im2col, product = self._cols(ws, x, *w.shape[2:]), conv_from_cols(out, w, self.groups)
 
         def run(x, w):
             product(im2col(x), w)
@@ -186,7 +186,7 @@ def _contiguous(ws: Workspace, name: str, a: np.ndarray) -> np.ndarray:
     return buf
 
 
-class ConvolutionBackwardData(_ConvGeometry):
+class ConvolutionBackwardData(ConvGeometry):
     """dL/dx from the weight and dL/dout; `like` is the forward input (for its shape)."""
 
     n_inputs = 3
@@ -281,7 +281,7 @@ class ConvolutionBackwardData(_ConvGeometry):
         np.copyto(out, dxp[:, ph : ph + h, pw : pw + wd].transpose(3, 0, 1, 2))
 
 
-class ConvolutionBackwardFilter(_ConvGeometry):
+class ConvolutionBackwardFilter(ConvGeometry):
     """dL/dw from the input and dL/dout; `like` is the weight (for its shape)."""
 
     n_inputs = 3
@@ -297,7 +297,7 @@ class ConvolutionBackwardFilter(_ConvGeometry):
 
     def bind(self, ws, out, x, dout, like):
         im2col = self._cols(ws, x, *like.shape[2:])
-        product = _filter_grad_from_cols(ws, out, im2col(x), dout, self.groups)
+        product = filter_grad_from_cols(ws, out, im2col(x), dout, self.groups)
 
         def run(x, dout, like):
             product(im2col(x), dout)
@@ -305,7 +305,7 @@ class ConvolutionBackwardFilter(_ConvGeometry):
         return run
 
 
-def _conv_from_cols(out: np.ndarray, w: np.ndarray, g: int) -> Callable[[np.ndarray, np.ndarray], None]:
+def conv_from_cols(out: np.ndarray, w: np.ndarray, g: int) -> Callable[[np.ndarray, np.ndarray], None]:
     """(G, O/G, K) @ (N, G, K, P) -> (N, G, O/G, P): that is NCHW already, no transpose."""
     o, n = w.shape[0], out.shape[0]
     out_mat = out.reshape(n, g, o // g, -1)
@@ -316,7 +316,7 @@ def _conv_from_cols(out: np.ndarray, w: np.ndarray, g: int) -> Callable[[np.ndar
     return product
 
 
-def _filter_grad_from_cols(
+def filter_grad_from_cols(
     ws: Workspace, out: np.ndarray, cols: np.ndarray, dout: np.ndarray, g: int
 ) -> Callable[[np.ndarray, np.ndarray], None]:
     """dwᵀ = sum over samples of cols_n @ dout_nᵀ: one small product per sample, then one sum.
@@ -336,80 +336,3 @@ def _filter_grad_from_cols(
 
 
 # ----- the same kernels split at the column buffer, so forward and filter gradient share it -----
-
-
-class Im2Col(_ConvGeometry):
-    """The column buffer of a convolution, (N, G, Cg*KH*KW, OH*OW); made by the compiler's
-    share_im2col pass when a convolution and its filter gradient read the same input."""
-
-    n_inputs = 1
-
-    def infer(self, x):
-        raise ShapeError("Im2Col is made by the compiler, not added to graphs")
-
-    def forward(self, x):
-        n, c, h, w = x.shape
-        oh, ow = self.out_hw(h, w, *self.kernel)
-        g = self.groups
-        out = np.empty((n, g, c // g * self.kernel[0] * self.kernel[1], oh * ow), x.dtype)
-        self.forward_into(Workspace(), out, x)
-        return out
-
-    def forward_into(self, ws, out, x):
-        self.bind(ws, out, x)(x)
-
-    def bind(self, ws, out, x):
-        kh, kw = self.kernel
-        windows_of = self._windows(ws, x, kh, kw)
-        cols = out.reshape(x.shape[:2] + (kh, kw) + self.out_hw(*x.shape[2:], kh, kw))
-
-        def run(x):
-            np.copyto(cols, windows_of(x))
-
-        return run
-
-
-class ConvolutionFromCols(Operator):
-    """Convolution given its column buffer: one matrix product per sample and group."""
-
-    n_inputs = 2
-
-    def infer(self, cols, w):
-        raise ShapeError("ConvolutionFromCols is made by the compiler, not added to graphs")
-
-    def forward(self, cols, w):
-        out = np.empty((cols.shape[0], w.shape[0], *self.out_hw), np.result_type(cols, w))
-        self.forward_into(None, out, cols, w)
-        return out
-
-    def forward_into(self, ws, out, cols, w):
-        _conv_from_cols(out, w, self.groups)(cols, w)
-
-    def bind(self, ws, out, cols, w):
-        product = _conv_from_cols(out, w, self.groups)
-        return product
-
-
-class FilterGradFromCols(Operator):
-    """ConvolutionBackwardFilter given the forward's column buffer; `like` is the weight."""
-
-    n_inputs = 3
-
-    def infer(self, cols, dout, like):
-        raise ShapeError("FilterGradFromCols is made by the compiler, not added to graphs")
-
-    def forward(self, cols, dout, like):
-        out = np.empty(like.shape, dout.dtype)
-        self.forward_into(Workspace(), out, cols, dout, like)
-        return out
-
-    def forward_into(self, ws, out, cols, dout, like):
-        _filter_grad_from_cols(ws, out, cols, dout, self.groups)(cols, dout)
-
-    def bind(self, ws, out, cols, dout, like):
-        product = _filter_grad_from_cols(ws, out, cols, dout, self.groups)
-
-        def run(cols, dout, like):
-            product(cols, dout)
-
-        return run

@@ -17,8 +17,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from coordinator.strategies import STRATEGIES
-from coordinator.strategies.lr_schedule import SCHEDULES
+from coordinator.strategies import SCHEDULES, STRATEGIES
 from protocol.messages import ENCODINGS
 from simulation.chaos import ChaosConfig, chaos_hooks
 from simulation.config import SimConfig

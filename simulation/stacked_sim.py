@@ -29,8 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from coordinator.strategies import RoundUpdates, RunningSum, make_strategy
-from coordinator.strategies.lr_schedule import round_lr
+from coordinator.strategies import RoundUpdates, RunningSum, make_strategy, round_lr
 from simulation.config import SimConfig
 from simulation.processes import SINGLE_THREADED
 

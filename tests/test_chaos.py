@@ -33,6 +33,8 @@ def chaos_run(tmp_path_factory):
             str(ROUNDS),
             "--seed",
             "1",
+            "--epochs",  # long enough that a planned kill moment (0.05-0.4 s into training) comes on a fast machine
+            "3",
             "--chaos-agent-kills",
             "2",
             "--chaos-coordinator-restarts",

@@ -14,6 +14,7 @@ from coordinator.strategies.fedavgm import FedAvgM
 from coordinator.strategies.feddyn import FedDyn
 from coordinator.strategies.fedprox import FedProx
 from coordinator.strategies.krum import Krum, MultiKrum
+from coordinator.strategies.lr_schedule import SCHEDULES, round_lr
 from coordinator.strategies.median import CoordinateMedian
 from coordinator.strategies.norm_bound import NormBounded, StrategyWrapper
 from coordinator.strategies.trimmed_mean import TrimmedMean
@@ -38,6 +39,7 @@ def make_strategy(config: Mapping[str, Any] | Any) -> Strategy:
 
 
 __all__ = [
+    "SCHEDULES",
     "STRATEGIES",
     "CoordinateMedian",
     "DifferentialPrivacy",
@@ -56,4 +58,5 @@ __all__ = [
     "TrimmedMean",
     "Weights",
     "make_strategy",
+    "round_lr",
 ]

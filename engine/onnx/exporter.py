@@ -95,7 +95,7 @@ def _same(op_type: str, **fixed: Any) -> Callable:
     return lambda ex, var, ins, out: ex.add(op_type, ins, out, **fixed)
 
 
-def _conv(ex: _Exporter, var: SymbolVar, ins: list[str], out: str) -> None:
+def _conv(ex: _Exporter, var: SymbolVar, ins: list[str], out: str, group: int | None = None) -> None:
     a = var.op.attrs
     ex.add(
         "Conv",
@@ -105,7 +105,7 @@ def _conv(ex: _Exporter, var: SymbolVar, ins: list[str], out: str) -> None:
         strides=a["stride"],
         pads=a["padding"] * 2,
         dilations=a["dilation"],
-        group=a["groups"],
+        group=a["groups"] if group is None else group,
     )
 
 
@@ -220,17 +220,7 @@ def _broadcast_to(ex: _Exporter, var: SymbolVar, ins: list[str], out: str) -> No
 
 
 def _depthwise(ex: _Exporter, var: SymbolVar, ins: list[str], out: str) -> None:
-    a = var.op.attrs
-    ex.add(
-        "Conv",
-        ins,
-        out,
-        kernel_shape=list(var.inputs[1].shape[2:]),
-        strides=a["stride"],
-        pads=a["padding"] * 2,
-        dilations=a["dilation"],
-        group=int(var.inputs[0].shape[1]),
-    )
+    _conv(ex, var, ins, out, group=int(var.inputs[0].shape[1]))  # one group per input channel
 
 
 def _resize(ex: _Exporter, var: SymbolVar, ins: list[str], out: str) -> None:

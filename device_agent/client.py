@@ -265,10 +265,14 @@ class CoordinatorClient:
             params["since"] = since
         return self._request("GET", f"/v1/rounds/{int(round_id)}/secagg", params=params).json()
 
-    def secagg_join(self, round_id: int, wait: float = 0) -> dict[str, Any]:
-        """Join the round's cohort; with `wait`, answered once the cohort is fixed (a long poll)."""
+    def secagg_join(self, round_id: int, wait: float = 0, keys: dict[str, str] | None = None) -> dict[str, Any]:
+        """Join the round's cohort; with `wait`, answered once the cohort is fixed (a long poll). `keys`
+        ({mask_key, share_key}, base64) advertises the device's public keys with the join."""
         params: dict[str, Any] = {"wait": wait} if wait else {}
-        return self._request("POST", f"/v1/rounds/{int(round_id)}/secagg/join", params=params).json()
+        path = f"/v1/rounds/{int(round_id)}/secagg/join"
+        if keys:
+            return self._request("POST", path, json=keys, params=params).json()
+        return self._request("POST", path, params=params).json()
 
     def secagg_send(self, round_id: int, kind: str, message: dict[str, Any] | bytes, wait: float = 0) -> dict[str, Any]:
         """POST one phase's message (a replay of an accepted one is answered again, counted once); with

@@ -73,10 +73,16 @@ class SecAggParticipant:
     def run(self, delta: Mapping[str, np.ndarray], sample_count: int) -> SecAggOutcome:
         """Take part until the sum is unmasked, the round is abandoned or the server goes on without us."""
         from protocol.secagg import ClientSession, SecAggError
+        from protocol.secagg.crypto import KeyPair
+        from protocol.secagg.wire import b64
 
         session: ClientSession | None = None
         answered: set[str] = set()
-        status = self._got(self.client.secagg_join(self.round_id, LONG_POLL))
+        # the round's keys go with the join: the server skips the advertise phase when all members' came so
+        keys = (KeyPair.generate(), KeyPair.generate())
+        advertised = {"mask_key": b64(keys[0].public), "share_key": b64(keys[1].public)}
+        self.bytes_up += len(json.dumps(advertised, separators=(",", ":")))
+        status = self._got(self.client.secagg_join(self.round_id, LONG_POLL, keys=advertised))
         try:
             while True:
                 phase, index = status["phase"], status.get("index")
@@ -89,8 +95,13 @@ class SecAggParticipant:
                 if self.clock() > self.deadline:
                     return self._outcome("abandoned", "the round's deadline passed", index)
                 if session is None and status.get("config") is not None:
-                    session = ClientSession(status["config"], index)
+                    session = ClientSession(status["config"], index, keys=keys)
+                    session.advertise()  # what the join sent (a server that ignored it gets it again below)
                     vector = vector_of(delta, status["layout"])
+                    if phase != "advertise" or not status.get("waiting"):  # the server took the join's keys
+                        answered.add("advertise")
+                        if self.leave_after == "advertise":
+                            return self._outcome("left", "left after advertise (as asked)", index)
                 if phase in PROTOCOL_PHASES and session is not None:
                     if not status.get("expected") and phase not in answered:
                         return self._outcome("dropped", f"the server closed phase {phase} without this device", index)

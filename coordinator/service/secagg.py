@@ -41,20 +41,26 @@ from coordinator.errors import Refused
 from coordinator.service.modelfile import expected_shapes
 from coordinator.service.rounds import RoundLifecycle
 from coordinator.service.secagg_config import (
+    ABANDONED,
     CLOSERS,
+    DONE,
+    JOINING,
     MIN_COHORT,
     POLL_SECONDS,
     PROTOCOL_PHASES,
     RECEIVERS,
+    closes_at,
+    expected_from,
     secagg_config,
+    snapshot,
+    wake,
 )
+from coordinator.service.secagg_keys import advertise_message, fold_joined_keys, joined_keys
 from coordinator.service.versions import ModelVersions
 from coordinator.store import RoundRow, SecAggRow, Store
 from coordinator.strategies import RunningSum
 
 log = logging.getLogger("pocketfed.coordinator")
-
-JOINING, DONE, ABANDONED = "joining", "done", "abandoned"
 
 
 class SecureAggregation:
@@ -119,7 +125,7 @@ class SecureAggregation:
             out["config"] = session.config.to_dict()
             out["layout"] = [[name, list(shape)] for name, shape in self.layout(r)]
             if phase in PROTOCOL_PHASES:
-                out["expected"] = index in _expected(session)
+                out["expected"] = index in expected_from(session)
                 out["waiting"] = index in session.waiting_for()
                 out["message"] = session.outgoing(index) if out["expected"] else None
         return out
@@ -148,12 +154,14 @@ class SecureAggregation:
             waiters = list(self._waiters)
         for loop, future in waiters:
             with contextlib.suppress(RuntimeError):  # that poll's event loop is closed
-                loop.call_soon_threadsafe(_wake, future)
+                loop.call_soon_threadsafe(wake, future)
 
     # ------------------------------------------------------------------ writes
 
-    def join(self, round_id: int, device_id: str) -> dict[str, Any]:
-        """Enter the round's cohort (again: nothing changes). The goal-th join fixes the cohort."""
+    def join(self, round_id: int, device_id: str, keys: Any = None) -> dict[str, Any]:
+        """Enter the round's cohort (again: nothing changes). The goal-th join fixes the cohort. `keys`:
+        the device's public keys, advertised with the join (secagg_keys.py), or None."""
+        keys = joined_keys(keys)
         fixed = False
         with self.store.lock, self._mutex:
             try:
@@ -172,9 +180,16 @@ class SecureAggregation:
                         if row is None:
                             row = SecAggRow(round_id, JOINING, [], now, -1, None, 0, None)
                         row = replace(row, members=[*row.members, device_id], revision=row.revision + 1)
+                        mine = (
+                            []
+                            if keys is None
+                            else [(row.revision, "advertise", advertise_message(round_id, len(row.members), keys))]
+                        )
                         if len(row.members) >= r.goal:
-                            row = self._fix_cohort(r, row)
+                            row = self._fix_cohort(tx, r, row, mine)
                             fixed = True
+                        elif mine:
+                            tx.add_secagg_message(round_id, *mine[0])
                         tx.put_secagg(row)
             except BaseException:
                 self._cached = None
@@ -264,7 +279,7 @@ class SecureAggregation:
                         return
                     row = replace(row, revision=row.revision + 1)
                     if row.phase == JOINING:
-                        row = self._fix_cohort(r, row)
+                        row = self._fix_cohort(tx, r, row)
                     else:
                         log.info(
                             "round %d: secure-aggregation phase %s timed out; closing it without the stragglers",
@@ -285,9 +300,10 @@ class SecureAggregation:
 
     # ------------------------------------------------------------------ phases
 
-    def _fix_cohort(self, r: RoundRow, row: SecAggRow) -> SecAggRow:
-        """The cohort is whoever joined: build the config and the server session (or abandon)."""
-        from protocol.secagg import SecAggError, ServerSession
+    def _fix_cohort(self, tx, r: RoundRow, row: SecAggRow, joining: list | None = None) -> SecAggRow:
+        """The cohort is whoever joined: build the config and the server session (or abandon), with the
+        keys that came with the joins (stored, and `joining`'s, not yet) folded in (secagg_keys.py)."""
+        from protocol.secagg import RoundAbandoned, SecAggError, ServerSession
 
         now, n = self.clock(), len(row.members)
         if n < MIN_COHORT:
@@ -302,7 +318,13 @@ class SecureAggregation:
         session = ServerSession(config)
         k, t = config.neighbours, config.threshold
         log.info("round %d: secure-aggregation cohort of %d fixed (k=%d, t=%d)", r.id, n, k, t)
-        return replace(row, phase=session.phase, phase_started=now, **_snapshot(row, session))
+        joined = [*self.store.secagg_messages(r.id, -1), *(joining or [])]
+        tx.drop_secagg_messages(r.id, row.revision)  # folded into the state written now
+        try:
+            fold_joined_keys(session, joined)
+        except RoundAbandoned as exc:
+            return replace(row, phase=ABANDONED, phase_started=now, reason=exc.reason, **snapshot(row, session))
+        return replace(row, phase=session.phase, phase_started=now, **snapshot(row, session))
 
     def _close_phase(self, tx, r: RoundRow, row: SecAggRow, session) -> SecAggRow:
         """Close the session's current phase; after the unmask, the sum goes into the round's aggregate."""
@@ -314,7 +336,7 @@ class SecureAggregation:
             result = getattr(session, CLOSERS[session.phase])()
         except RoundAbandoned as exc:
             log.info("round %d: secure aggregation abandoned: %s", r.id, exc.reason)
-            return replace(row, phase=ABANDONED, phase_started=now, reason=exc.reason, **_snapshot(row, session))
+            return replace(row, phase=ABANDONED, phase_started=now, reason=exc.reason, **snapshot(row, session))
         if session.phase == "done":
             sums, start = {}, 0
             for name, shape in self.layout(r):
@@ -325,8 +347,8 @@ class SecureAggregation:
             running = RunningSum(sums, float(result.total_weight), survivors)
             tx.fold_into_round(r.id, added=survivors, samples=float(result.total_weight), aggregate=running.to_bytes())
             log.info("round %d: secure aggregation unmasked the sum of %d devices", r.id, survivors)
-            return replace(row, phase=DONE, phase_started=now, **_snapshot(row, session))
-        return replace(row, phase=session.phase, phase_started=now, **_snapshot(row, session))
+            return replace(row, phase=DONE, phase_started=now, **snapshot(row, session))
+        return replace(row, phase=session.phase, phase_started=now, **snapshot(row, session))
 
     # ------------------------------------------------------------------ helpers
 
@@ -363,32 +385,3 @@ class SecureAggregation:
             getattr(session, RECEIVERS[kind][1])(body if kind == "masked_input" else json.loads(body))
         self._cached = (row.round_id, stored.revision, session)
         return session
-
-
-def _wake(future: asyncio.Future) -> None:
-    if not future.done():
-        future.set_result(None)
-
-
-def _snapshot(row: SecAggRow, session) -> dict[str, Any]:
-    """The session's state as of the row's revision (the messages up to it are folded in)."""
-    return {"state": session.to_bytes(), "state_revision": row.revision}
-
-
-def closes_at(r: RoundRow, row: SecAggRow) -> float:
-    """When the current phase closes without its stragglers. The cohort waits for `goal` devices until
-    there is just time left for the four phases before the deadline; a phase waits its timeout."""
-    timeout = r.config.secagg_phase_timeout
-    if row.phase == JOINING:
-        return max(row.phase_started + timeout, r.deadline - len(PROTOCOL_PHASES) * timeout)
-    return row.phase_started + timeout
-
-
-def _expected(session) -> set[int]:
-    """Devices the session's current phase takes a message from."""
-    return {
-        "advertise": set(range(1, session.config.cohort_size + 1)),
-        "share_keys": set(session.keys),
-        "masked_input": set(session.commitments),
-        "unmask": set(session.masked),
-    }.get(session.phase, set())

@@ -65,6 +65,7 @@ class ClientSession:
         *,
         entropy: Callable[[int], bytes] = os.urandom,
         rng: np.random.Generator | None = None,
+        keys: tuple[crypto.KeyPair, crypto.KeyPair] | None = None,
     ):
         self.config = config if isinstance(config, SecAggConfig) else SecAggConfig.from_dict(config)
         if isinstance(index, bool) or not isinstance(index, int) or not 1 <= index <= self.config.cohort_size:
@@ -75,8 +76,12 @@ class ClientSession:
         self._rng = rng if rng is not None else np.random.default_rng(int.from_bytes(entropy(32), "big"))
         self.phase = "new"
         self.abandon_reason: str | None = None
-        self._mask = crypto.KeyPair.generate(entropy)  # its agreement with a neighbour seeds their pairwise mask
-        self._share = crypto.KeyPair.generate(entropy)  # its agreement keys the AEAD of the shares
+        # (mask, share) key pairs: made here, or before the config was known (advertised with the join)
+        mask, share = keys if keys is not None else (crypto.KeyPair.generate(entropy), crypto.KeyPair.generate(entropy))
+        if mask.public == share.public:
+            raise SecAggError("the mask and share key pairs must differ")
+        self._mask = mask  # its agreement with a neighbour seeds their pairwise mask
+        self._share = share  # its agreement keys the AEAD of the shares
         self._pair_keys: dict[tuple[int, str], bytes] = {}  # cache of derived keys (not persisted)
         self._seed: bytes | None = None  # b_i, the self-mask seed
         self._peers: dict[int, tuple[bytes, bytes]] = {}  # neighbour -> (mask public key, share public key)

@@ -63,12 +63,15 @@ def split(
     # 48 random bytes per coefficient: reducing mod p leaves a bias below 2^-128
     coefficients = [int.from_bytes(secret, "big")]
     coefficients += [int.from_bytes(entropy(48), "big") % PRIME for _ in range(threshold - 1)]
+    # Horner's rule without reducing at each step: holders are < 2^21, so t steps grow y by < 21 t bits
+    # (a few hundred), and one reduction per share is much cheaper than t of them
     shares = {}
+    top = coefficients[::-1]
     for x in holders:
         y = 0
-        for c in reversed(coefficients):
-            y = (y * x + c) % PRIME
-        shares[x] = y.to_bytes(SHARE_BYTES, "big")
+        for c in top:
+            y = y * x + c
+        shares[x] = (y % PRIME).to_bytes(SHARE_BYTES, "big")
     return shares
 
 

@@ -74,11 +74,29 @@ async def accepted(services, round_id: int, device_id: str, kind: str, message, 
     return answer
 
 
-@router.post("/{round_id}/secagg/join", response_model=SecAggStatus, responses=REFUSALS)
-async def secagg_join(round_id: RoundId, device: DeviceDep, services: ServicesDep, wait: Wait = 0) -> dict:
+JOIN_BODY = {
+    "requestBody": {
+        "required": False,
+        "description": "optional: the device's public keys {mask_key, share_key} (base64, 32 bytes each), "
+        "advertised with the join instead of in a separate advertise message",
+        "content": {"application/json": {"schema": {"type": "object"}}},
+    }
+}
+
+
+@router.post("/{round_id}/secagg/join", response_model=SecAggStatus, responses=REFUSALS, openapi_extra=JOIN_BODY)
+async def secagg_join(
+    round_id: RoundId, request: Request, device: DeviceDep, services: ServicesDep, wait: Wait = 0
+) -> dict:
     """Join the round's cohort after training (again: no change). The goal-th device fixes the cohort.
-    With `wait`, the answer comes once the cohort is fixed (or after `wait` seconds), as a long poll."""
-    status = await run_in_threadpool(services.secagg.join, round_id, device.id)
+    With `wait`, the answer comes once the cohort is fixed (or after `wait` seconds), as a long poll.
+    A body with the device's public keys advertises them too: one request fewer (service/secagg_keys.py)."""
+    body = await read_limited(request, services.settings.max_json_body_bytes)
+    try:
+        keys = json.loads(body) if body.strip() else None
+    except (ValueError, RecursionError) as exc:
+        raise Refused(422, f"join: body is not JSON ({str(exc)[:100]})", "bad_secagg_message") from None
+    status = await run_in_threadpool(services.secagg.join, round_id, device.id, keys)
     if wait > 0 and status["phase"] == "joining":
         status = await long_poll(services, round_id, device.id, "joining", wait)
     return status

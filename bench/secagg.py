@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -125,6 +126,15 @@ def main() -> None:
     parser.add_argument("--cohorts", default="10,50,100", help="comma-separated devices per round")
     parser.add_argument("--samples", type=int, default=600, help="local samples per device (its weight)")
     parser.add_argument("--http-cohorts", default="10,50,100", help="devices per real HTTP round ('' for none)")
+    parser.add_argument("--workers", type=int, default=4, help="device worker processes for the fleet rounds")
+    parser.add_argument(
+        "--fleet-cohorts",
+        default="10,50,100",
+        help="devices per round with devices in --workers processes ('' for none)",
+    )
+    parser.add_argument(
+        "--e2e-cohorts", default="10,50,100", help="devices per end-to-end round (local training included; '' for none)"
+    )
     parser.add_argument("--json", action="store_true", help="print only the final JSON line")
     args = parser.parse_args()
     say = (lambda *a: None) if args.json else (lambda *a: print(*a, flush=True))
@@ -134,7 +144,7 @@ def main() -> None:
     model_bytes = len(build_model_bytes("lenet", seed=0))
     say(f"LeNet delta: {delta.size} parameters; one local epoch on {args.samples} samples: {train_cpu:.2f} CPU-s")
     rows = []
-    for n in [int(c) for c in args.cohorts.split(",")]:
+    for n in [int(c) for c in args.cohorts.split(",") if c]:
         plain = plain_round(delta_tensors, n, args.samples)
         for dropped in (0, n // 3):
             sa = secagg_round(delta, n, args.samples, dropped, seed=n + dropped)
@@ -161,11 +171,48 @@ def main() -> None:
                 f"server {row['server_cpu_s']:.2f} s (plain {plain['server_cpu_s']:.2f}), "
                 f"total bytes x{row['total_bytes_ratio']}, device CPU x{row['device_cpu_ratio']}"
             )
+    http_rows = http_table(args.http_cohorts, delta_tensors, args.samples, model_bytes, say, "one process")
+    fleet_rows = http_table(
+        args.fleet_cohorts, delta_tensors, args.samples, model_bytes, say, f"{args.workers} workers", args.workers
+    )
+    e2e_rows = http_table(
+        args.e2e_cohorts,
+        delta_tensors,
+        args.samples,
+        model_bytes,
+        say,
+        f"{args.workers} workers, training",
+        args.workers,
+        True,
+    )
+    result = {
+        "bench": "secagg",
+        "parameters": int(delta.size),
+        "model_download_bytes": model_bytes,
+        "train_epoch_cpu_s": round(train_cpu, 3),
+        "prg_mb_per_s": round(prg_throughput(delta.size + 1), 1),
+        "shamir_reconstruct_ms": {
+            "t=35,k=68": round(shamir_ms(35, 68), 2),
+            "t=119,k=236": round(shamir_ms(119, 236), 2),
+        },
+        "rounds": rows,
+        "http_rounds": http_rows,
+        "fleet_rounds": fleet_rows,
+        "end_to_end_rounds": e2e_rows,
+        "workers": args.workers,
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+    }
+    print(json.dumps(result))
+
+
+def http_table(cohorts: str, delta_tensors, samples: int, model_bytes: int, say, label: str, workers=0, train=False):
+    """Plain and secure rounds over HTTP for each cohort size, alternating (plain, secure), with ratios."""
     http_rows = []
-    for n in [int(c) for c in args.http_cohorts.split(",") if c]:
-        plain = http_round(n, delta_tensors, args.samples, secure=False)
-        secure = http_round(n, delta_tensors, args.samples, secure=True)
-        row = {"devices": n}
+    for n in [int(c) for c in cohorts.split(",") if c]:
+        load = os.getloadavg()[0]
+        plain = http_round(n, delta_tensors, samples, secure=False, workers=workers, train=train)
+        secure = http_round(n, delta_tensors, samples, secure=True, workers=workers, train=train)
+        row = {"devices": n, "load_average_1m": round((load + os.getloadavg()[0]) / 2, 1)}
         for key in plain:
             row[f"plain_{key}"] = float(f"{plain[key]:.4g}")
             row[f"secagg_{key}"] = float(f"{secure[key]:.4g}")
@@ -180,26 +227,13 @@ def main() -> None:
         row["round_time_ratio"] = round(secure["round_wall_s"] / plain["round_wall_s"], 3)
         http_rows.append(row)
         say(
-            f"HTTP n={n:4d}: up {secure['bytes_up'] / 1e3:.1f} kB (plain {plain['bytes_up'] / 1e3:.1f}), "
+            f"HTTP ({label}) n={n:4d}: up {secure['bytes_up'] / 1e3:.1f} kB (plain {plain['bytes_up'] / 1e3:.1f}), "
             f"down {secure['bytes_down'] / 1e3:.1f} kB (plain {plain['bytes_down'] / 1e3:.1f}), "
             f"device {secure['device_cpu_s']:.3f} CPU-s (plain {plain['device_cpu_s']:.3f}), "
             f"coordinator {secure['coordinator_cpu_s']:.2f} CPU-s (plain {plain['coordinator_cpu_s']:.2f}), "
             f"round {secure['round_wall_s']:.2f} s (plain {plain['round_wall_s']:.2f})"
         )
-    result = {
-        "bench": "secagg",
-        "parameters": int(delta.size),
-        "model_download_bytes": model_bytes,
-        "train_epoch_cpu_s": round(train_cpu, 3),
-        "prg_mb_per_s": round(prg_throughput(delta.size + 1), 1),
-        "shamir_reconstruct_ms": {
-            "t=35,k=68": round(shamir_ms(35, 68), 2),
-            "t=119,k=236": round(shamir_ms(119, 236), 2),
-        },
-        "rounds": rows,
-        "http_rounds": http_rows,
-    }
-    print(json.dumps(result))
+    return http_rows
 
 
 if __name__ == "__main__":

@@ -21,6 +21,22 @@ Hypergeometric(n - 1, D, k), and a union bound over the n devices gives
 k grows like log n: for delta = 1/3, n = 20 -> 14, 100 -> 68, 1000 -> 236 (at n <= 100 the bound
 even forces k - t >= D, so any D dropouts are survived). When no even k < n - 1 reaches the target,
 the complete graph is used, where any D <= k - t dropouts are survived exactly.
+
+Is k = 68 of 99 at n = 100 too conservative? No (checked 2026-11-30 against Bell et al. and Flower's
+SecAgg+). Security fixes t: if c of a device's neighbours collude with the server (each hands over
+both of its shares) and the server asks the honest ones for seed shares or key shares as it likes,
+it must not reach t of both: 2t > k + c. Our threat model has no colluding devices (c = 0), so
+t = floor(k/2) + 1 is the least safe threshold; a corrupted fraction gamma > 0 would need
+t > (k + c_max)/2 with c_max a tail bound of Hypergeometric(n - 1, gamma n, k), and so a larger k (not
+configurable yet). Robustness then needs the dropped neighbours below k - t = k/2 - 1: with a third
+of the cohort dropped, each device expects k/3 of its neighbours gone and may lose k/2 - 1, a margin
+of only k/6, and the union bound (tight for rare events) reaches 1e-6 at k = 68 (k = 66 gives
+2e-6). The O(log n) saving shows at larger n or a smaller tolerance; k for n = 50 / 100 / 200 / 1000:
+
+    delta = 1/3: 34 / 68 / 112 / 236      delta = 0.2: 22 / 38 / 52 / 76      delta = 0.1: 12 / 22 / 28 / 36
+
+Flower's SecAgg+ takes k (num_shares) and t (reconstruction_threshold) from the user and checks only
+t < k: it promises neither property; Bell et al. derive both from (n, gamma, delta) as here.
 """
 
 from __future__ import annotations

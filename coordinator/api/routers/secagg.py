@@ -68,9 +68,14 @@ async def long_poll(services, round_id: int, device_id: str, since: str | None, 
 async def accepted(services, round_id: int, device_id: str, kind: str, message, wait: float) -> dict:
     """Take the message; with `wait`, also answer the long poll that would follow it (one request
     instead of two per phase and device)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    seen = services.secagg.generation  # before the message: a phase change from here on wakes the wait below
     answer = await run_in_threadpool(services.secagg.receive, round_id, device_id, kind, message)
     if wait > 0:
-        answer["status"] = await long_poll(services, round_id, device_id, PHASE_OF[kind], wait)
+        if answer["phase"] == PHASE_OF[kind]:  # still open: no news for this device until it closes
+            await services.secagg.wait_for_news(seen, deadline - loop.time())
+        answer["status"] = await long_poll(services, round_id, device_id, PHASE_OF[kind], deadline - loop.time())
     return answer
 
 
@@ -96,9 +101,13 @@ async def secagg_join(
         keys = json.loads(body) if body.strip() else None
     except (ValueError, RecursionError) as exc:
         raise Refused(422, f"join: body is not JSON ({str(exc)[:100]})", "bad_secagg_message") from None
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    seen = services.secagg.generation  # before the join: the cohort being fixed from here on wakes the wait
     status = await run_in_threadpool(services.secagg.join, round_id, device.id, keys)
     if wait > 0 and status["phase"] == "joining":
-        status = await long_poll(services, round_id, device.id, "joining", wait)
+        await services.secagg.wait_for_news(seen, deadline - loop.time())
+        status = await long_poll(services, round_id, device.id, "joining", deadline - loop.time())
     return status
 
 

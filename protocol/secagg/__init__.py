@@ -56,7 +56,7 @@ Parameters (`SecAggConfig.create` derives k, t and the noise; see params.py, gra
 
 Messages (JSON objects; bytes in base64; "round_id" and the sender's or recipient's "index" in each):
     secagg_config      server -> all      SecAggConfig.to_dict()
-    advertise          device -> server   {mask_key, share_key}
+    advertise          device -> server   {mask_key, share_key} (over HTTP: may ride on the cohort join)
     neighbour_keys     server -> device   {neighbours: [{index, mask_key, share_key}]}
     shares             device -> server   {seed_commitment, shares: [{to, ciphertext}]}
     forwarded_shares   server -> device   {shares: [{from, ciphertext}]}

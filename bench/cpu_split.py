@@ -24,8 +24,8 @@ BY_FRAME = [
     ("routing + auth + deps", ("coordinator/api/deps.py", "device_for", "token_hash")),
     ("upload route + admission (DB reads)", ("coordinator/api/routers/uploads.py", "coordinator/service/ingest.py")),
     ("DB reads (other)", ("coordinator/store/", "sqlalchemy/", "sqlite3")),
-    ("HTTP + ASGI middleware", ("uvicorn/", "h11/", "httptools", "coordinator/api/limits.py", "coordinator/api/body.py")),
-    ("HTTP + ASGI middleware", ("coordinator/api/middleware.py", "starlette/middleware", "starlette/requests")),
+    ("HTTP + ASGI middleware", ("uvicorn/", "h11/", "httptools", "api/limits.py", "api/body.py", "api/fast_upload")),
+    ("HTTP + ASGI middleware", ("api/middleware.py", "starlette/middleware", "starlette/requests")),
     ("routing + auth + deps", ("fastapi/", "starlette/routing", "pydantic", "starlette/responses", "starlette/")),
     ("threads + event loop", ("anyio/", "concurrent/futures", "threading.py", "asyncio/", "queue.py", "selectors.py")),
 ]

@@ -284,6 +284,7 @@ def main() -> None:
             spy.wait(timeout=60)
         peak = proc_status(server.pid, "VmHWM")
         rounds = httpx.get(url + "/v1/rounds").json()
+        scraped = httpx.get(url + "/metrics").text
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -296,6 +297,7 @@ def main() -> None:
         by_fraction[f"{int(fraction * 100)}%"] = round(
             next((rss for n, rss in samples if n >= want), samples[-1][1]), 1
         )
+
     def cpu(start: str, end: str) -> float:
         return marks[end][0] - marks[start][0]
 
@@ -329,6 +331,9 @@ def main() -> None:
             1000 * (marks["end"][3] - marks["upload"][3]) / max(stats.accepted, 1), 2
         ),
         "upload_phase_checkins": stats.checkins_in_upload_phase,
+        "uploads_per_group_commit": round(
+            counter(scraped, "pf_upload_commit_updates_total") / max(counter(scraped, "pf_upload_commits_total"), 1), 1
+        ),
         "coordinator_cpu_ms_per_enroll": round(1000 * cpu("enroll", "checkin") / max(enrolled, 1), 2),
         "coordinator_cpu_ms_per_checkin": round(
             1000 * cpu("checkin", "upload") / max(checkins - stats.checkins_in_upload_phase, 1), 2
@@ -345,6 +350,14 @@ def main() -> None:
         for key, value in result.items():
             print(f"{key:32s} {value}")
     print(json.dumps(result))
+
+
+def counter(scraped: str, name: str) -> float:
+    """A counter's value in a Prometheus text scrape (0 when absent)."""
+    for line in scraped.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return 0.0
 
 
 def start_py_spy(pid: int, out: str) -> subprocess.Popen:

@@ -37,9 +37,7 @@ class FastUpload:
         self.app, self.state, self.route = app, state, route
 
     async def __call__(self, scope, receive, send):
-        found = (
-            UPLOAD_PATH.fullmatch(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
-        )
+        found = UPLOAD_PATH.fullmatch(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
         if found is None or int(found[1]) > MAX_ROUND_ID:
             return await self.app(scope, receive, send)
         headers: dict[bytes, str] = {}

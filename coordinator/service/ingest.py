@@ -15,6 +15,7 @@ from coordinator.service.rounds import RoundLifecycle
 from coordinator.service.validation import check_update
 from coordinator.service.versions import ModelVersions
 from coordinator.service.writer import (
+    Expected,
     PreparedUpload,
     UploadWriter,
     answered_meanwhile,
@@ -95,6 +96,24 @@ class Ingest:
             streaming=strategy.streaming,
             body_sha256=body_sha256,
         )
+
+    def prepare_and_submit(
+        self,
+        device_id: str,
+        round_id: int,
+        key: str,
+        body: bytes,
+        admitted: RoundRow | None = None,
+        expected: Expected | None = None,
+    ) -> dict | Future:
+        """`prepare`, then `submit` the update (one hop to a worker thread for both): the replayed
+        answer, or the future of the 202 body. `expected` (the writer's) is done once it is queued."""
+        try:
+            prepared = self.prepare(device_id, round_id, key, body, admitted)
+            return prepared if isinstance(prepared, dict) else self.writer.submit(prepared)
+        finally:
+            if expected is not None:
+                expected.done()
 
     def submit(self, prepared: PreparedUpload) -> Future:
         """Queue a prepared upload; the future resolves with the 202 body once it is on disk."""

@@ -89,14 +89,20 @@ async def receive_upload(
     metrics, started = services.metrics, time.perf_counter()
     try:
         async with state.upload_slots:  # bounded memory: waiting bodies stay in the socket buffers
-            body = await read(services.settings.max_body_bytes)
-            metrics.upload_bytes.observe(len(body))
-            prepared = await run_in_threadpool(services.ingest.prepare, device_id, round_id, key, body, admitted)
-            del body
+            expected = services.writer.expect()  # the group commit may wait a little for this one
+            try:
+                body = await read(services.settings.max_body_bytes)
+                metrics.upload_bytes.observe(len(body))
+                # decoded and validated on a worker thread, then queued for the group-commit writer
+                prepared = await run_in_threadpool(
+                    services.ingest.prepare_and_submit, device_id, round_id, key, body, admitted, expected
+                )
+                del body
+            finally:
+                expected.done()
             if isinstance(prepared, dict):  # a replayed key: the first answer again
                 return prepared
-            # answered once the update is durably committed, in a group with others (service/writer.py)
-            return await asyncio.wrap_future(services.ingest.submit(prepared))
+            return await asyncio.wrap_future(prepared)  # once durably committed (service/writer.py)
     finally:
         in_flight.discard(device_id)
         metrics.upload_seconds.observe(time.perf_counter() - started)

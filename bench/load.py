@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench.cpu_split import split  # noqa: E402
+from bench.cpu_split import split_ms  # noqa: E402
 from engine.serialize.container import loads  # noqa: E402
 from protocol.update import encode_update  # noqa: E402
 
@@ -343,9 +343,9 @@ def main() -> None:
     }
     if args.py_spy and Path(args.py_spy).exists():
         result["hottest"] = hottest(Path(args.py_spy))
-        result["upload_cpu_ms_split"] = {
-            k: round(v * result["coordinator_cpu_ms_per_upload"], 2) for k, v in split(Path(args.py_spy)).items()
-        }
+        loop_ms = result["coordinator_loop_cpu_ms_per_upload"]
+        threads_ms = result["coordinator_cpu_ms_per_upload"] - loop_ms
+        result["upload_cpu_ms_split"] = split_ms(Path(args.py_spy), loop_ms, threads_ms)
     if not args.json:
         for key, value in result.items():
             print(f"{key:32s} {value}")

@@ -10,12 +10,12 @@ from collections.abc import Callable
 from concurrent.futures import Future
 
 from coordinator.errors import Refused
+from coordinator.service.expected import Expected
 from coordinator.service.modelfile import expected_shapes
 from coordinator.service.rounds import RoundLifecycle
 from coordinator.service.validation import check_update
 from coordinator.service.versions import ModelVersions
 from coordinator.service.writer import (
-    Expected,
     PreparedUpload,
     UploadWriter,
     answered_meanwhile,
@@ -24,6 +24,11 @@ from coordinator.service.writer import (
 )
 from coordinator.store import RoundRow, Store
 from protocol.update import MAX_HEADER_BYTES
+
+
+def body_digest(body: bytes | bytearray) -> str:
+    """The body's sha256, kept with the answer: a replayed Idempotency-Key must come with the same body."""
+    return hashlib.sha256(body).hexdigest()
 
 
 class Ingest:
@@ -47,7 +52,7 @@ class Ingest:
         """The replayed answer for a known Idempotency-Key, or the decoded and validated update (the
         writer checks replay, duplicates and round state again, under the lock). `admitted`: the
         round as `check_may_upload` passed it just before the body was read (not checked again)."""
-        body_sha256 = hashlib.sha256(body).hexdigest()
+        body_sha256 = body_digest(body)
         answer = replayed(self.store, device_id, key, body_sha256)
         if answer is not None:
             return answer

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from coordinator.errors import Refused, crash_point
+from coordinator.service.expected import Arrivals, Expected
 from coordinator.service.rounds import RoundLifecycle
 from coordinator.store import RoundRow, Store, UpdateRow, Writes
 from coordinator.strategies import RunningSum
@@ -151,19 +152,6 @@ class _Answered(Exception):
         self.answer = answer
 
 
-class Expected:
-    """An upload the writer may wait for (`UploadWriter.expect`); `done()` may be called twice."""
-
-    def __init__(self, writer: UploadWriter):
-        self._writer, self._open = writer, True
-
-    def done(self) -> None:
-        with self._writer._expected_lock:
-            if self._open:
-                self._open = False
-                self._writer._expected -= 1
-
-
 class UploadWriter:
     """The single writer of accepted updates and assignments (started on first use, stopped by close()).
 
@@ -175,8 +163,7 @@ class UploadWriter:
 
     def __init__(self, store: Store, lifecycle: RoundLifecycle, max_group: int = 512, linger: float = 0.02):
         self.store, self.lifecycle, self.max_group, self.linger = store, lifecycle, max_group, linger
-        self._expected = 0  # uploads between the start of their decoding and their submit()
-        self._expected_lock = threading.Lock()
+        self.arrivals = Arrivals()  # uploads holding a slot, not yet submitted
         self._queue: queue.SimpleQueue[Item | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
@@ -197,9 +184,7 @@ class UploadWriter:
 
     def expect(self) -> Expected:
         """Announce an upload on its way; its `done()` once it is submitted, or refused."""
-        with self._expected_lock:
-            self._expected += 1
-        return Expected(self)
+        return self.arrivals.expect()
 
     def close(self, timeout: float = 10.0) -> None:
         """Finish what is queued, then stop the thread."""
@@ -222,7 +207,7 @@ class UploadWriter:
                 try:
                     item = self._queue.get_nowait()
                 except queue.Empty:
-                    if not self._expected or not any(isinstance(i, PreparedUpload) for i in group):
+                    if not self.arrivals.count or not any(isinstance(i, PreparedUpload) for i in group):
                         break
                     until = until if until is not None else time.monotonic() + self.linger
                     wait = min(until - time.monotonic(), 0.001)  # polls: a refused upload is no longer expected

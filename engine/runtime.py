@@ -25,6 +25,7 @@ import numpy as np
 
 from .compiler import compile_graph
 from .compiler.memory import Instruction, MemoryPlan, plan
+from .compiler.passes import NON_DETERMINISTIC
 from .compiler.program import Node, Program
 from .compiler.updates import FlatUpdateRunner
 from .graph import ComputingGraph, GraphError, SymbolVar
@@ -32,8 +33,8 @@ from .opr.base import Workspace
 
 MAX_PLANS = 4  # shape signatures kept (e.g. full batches and the last, smaller one)
 
-# How an instruction runs under a plan.
-INTO, VIEW, FIXED_VIEW, ALLOC = "into", "view", "fixed_view", "alloc"
+# How an instruction runs under a plan (FOLDED: not at all, its value is the plan's constant).
+INTO, VIEW, FIXED_VIEW, ALLOC, FOLDED = "into", "view", "fixed_view", "alloc", "folded"
 
 
 class _BindOnFirstCall:
@@ -50,6 +51,11 @@ class _BindOnFirstCall:
         if self.kernel is None:
             self.kernel = self.op.bind(self.ws, self.out, *xs)
         self.kernel(*xs)
+
+
+def _pick(k: int) -> Any:
+    """A kernel that returns its k-th input itself (an instruction the plan found to be a copy)."""
+    return lambda *xs: xs[k]
 
 
 @dataclass
@@ -79,7 +85,7 @@ class StepPlan:
         self.calls = [
             (kernel, ins, None if how is INTO else out)
             for how, kernel, ins, out, _ in self.steps
-            if how is not FIXED_VIEW
+            if how is not FIXED_VIEW and how is not FOLDED
         ]
 
     @property
@@ -226,7 +232,7 @@ class CompiledFunction:
             start = time.perf_counter()
             if how is INTO:
                 kernel(*[values[j] for j in ins])
-            elif how is not FIXED_VIEW:
+            elif how is not FIXED_VIEW and how is not FOLDED:
                 values[out] = kernel(*[values[j] for j in ins])
             self.op_seconds[type_name] += time.perf_counter() - start
             self.op_calls[type_name] += 1
@@ -237,14 +243,38 @@ class CompiledFunction:
             self._plans.pop(next(iter(self._plans)))
         self._plans[signature] = step
 
+    def _plan_constants(self, values: list[Any]) -> set[int]:
+        """Slots whose value is the same every step under one plan: computed only from constants
+        and from inputs read for their shape alone (the mean's 1/N, a loss gradient's seed
+        broadcast to the batch). The allocating step computed them; the plan keeps those values."""
+        constant = {i for i, holder in self._constants if isinstance(holder, Node)}
+        folded: set[int] = set()
+        for node, (_, ins, out, _) in zip(self._nodes, self._instructions):
+            shape_only = node.op.shape_only_inputs
+            if isinstance(node.op, NON_DETERMINISTIC) or not isinstance(values[out], np.ndarray):
+                continue
+            if all(k in shape_only or j in constant for k, j in enumerate(ins)):
+                constant.add(out)
+                folded.add(out)
+        return folded
+
     def _make_plan(self, values: list[Any]) -> StepPlan:
         """Plan from an allocating step's values: their shapes, and which results were views."""
         self.last_shapes = {i: np.shape(v) for i, v in enumerate(values)}
         view_of: dict[int, list[int]] = {}  # a kernel that does not write into a buffer may return a view
         buffers: dict[int, tuple[tuple, np.dtype]] = {}
         instructions = []
+        folded = self._plan_constants(values)
+        grouped = {s for group in (self._flat.contiguous() if self._flat else ()) for s in group}
+        passed: dict[int, int] = {}  # slot -> the input slot it is (the kernel would only copy it)
         for node, (_, ins, out, _) in zip(self._nodes, self._instructions):
-            if node.op.writes_into():
+            if out in folded:
+                continue
+            through = node.op.passes_through(*[values[j] for j in ins]) if out not in grouped else None
+            if through is not None and np.shape(values[ins[through]]) == np.shape(values[out]):
+                passed[out] = ins[through]
+                view_of[out] = [ins[through]]
+            elif node.op.writes_into():
                 result = np.asarray(values[out])
                 buffers[out] = (result.shape, result.dtype)
             else:
@@ -258,6 +288,18 @@ class CompiledFunction:
             template[s] = array
         steps, workspaces = [], []
         for node, (kernel, ins, out, type_name) in zip(self._nodes, self._instructions):
+            if out in folded:
+                template[out] = values[out]
+                steps.append((FOLDED, kernel, ins, out, type_name))
+                continue
+            if out in passed:
+                source = passed[out]
+                if template[source] is not None:
+                    template[out] = template[source]
+                    steps.append((FIXED_VIEW, kernel, ins, out, type_name))
+                else:
+                    steps.append((VIEW, _pick(ins.index(source)), ins, out, type_name))
+                continue
             if out in memory.arrays:
                 ws = Workspace()
                 workspaces.append(ws)
@@ -332,6 +374,7 @@ class CompiledFunction:
                 f"plan for inputs {shapes}: arena {m.arena_bytes / 1e6:.2f} MB for "
                 f"{m.unplanned_bytes / 1e6:.2f} MB of values ({len(m.blocks)} blocks, {m.inplace} in place), "
                 f"workspaces {step.workspace_bytes / 1e6:.2f} MB, "
+                f"{sum(s[0] is FOLDED for s in step.steps)} kernels folded into plan constants, "
                 f"allocating kernels: {step.allocating_kernels or 'none'}"
             )
         return "\n".join(lines)

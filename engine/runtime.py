@@ -19,6 +19,7 @@ import time
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any
 
 import numpy as np
@@ -65,7 +66,7 @@ class StepPlan:
     steps: list[tuple[str, Any, list[int], int, str]]  # (how, kernel, input slots, output slot, type)
     workspaces: list[Workspace]
     cache: dict = field(default_factory=dict)  # anything else worked out once for this plan
-    calls: list[tuple[Any, list[int], int | None]] = field(init=False)  # what a step runs: (kernel, ins, out or None)
+    calls: list[tuple[Any, Any, bool, int | None]] = field(init=False)  # what a step runs (see _make_calls)
 
     bound: bool = field(init=False, default=False)  # every kernel bound (after the first planned step)
 
@@ -82,8 +83,9 @@ class StepPlan:
         self.bound = True
 
     def _make_calls(self) -> None:
+        # (kernel, one C-level getter of the input values, several inputs?, output slot or None)
         self.calls = [
-            (kernel, ins, None if how is INTO else out)
+            (kernel, itemgetter(*ins) if ins else (lambda values: ()), len(ins) != 1, None if how is INTO else out)
             for how, kernel, ins, out, _ in self.steps
             if how is not FIXED_VIEW and how is not FOLDED
         ]
@@ -179,11 +181,11 @@ class CompiledFunction:
         elif self.profile:
             self._run_planned_profiled(step, values)
         else:
-            for kernel, ins, out in step.calls:
+            for kernel, get, several, out in step.calls:
                 if out is None:
-                    kernel(*[values[j] for j in ins])
+                    kernel(*get(values)) if several else kernel(get(values))
                 else:
-                    values[out] = kernel(*[values[j] for j in ins])
+                    values[out] = kernel(*get(values)) if several else kernel(get(values))
             if not step.bound:
                 step.drop_binders()
         self.profiled_steps += bool(self.profile)

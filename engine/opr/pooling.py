@@ -111,9 +111,12 @@ class Pooling(_PoolGeometry):
         index = [idx for _, _, idx in self._taps(*out.shape[2:])]
         combine = np.maximum if self.mode == "max" else np.add
         size = np.asarray(len(index), out.dtype)
+        last: list = [None, None]  # under a plan x is the same buffer every step: slice it once
 
         def run(x):
-            taps = [x[idx] for idx in index]
+            if x is not last[0]:
+                last[:] = [x, [x[idx] for idx in index]]
+            taps = last[1]
             combine(taps[0], taps[1], out=out) if len(taps) > 1 else np.copyto(out, taps[0])
             for tap in taps[2:]:
                 combine(out, tap, out=out)
@@ -275,7 +278,7 @@ class MaxPoolReluBackward(_PoolGeometry):
         def run(y, pooled, dout):
             greater(pooled, 0, out=positive)
             multiply(dout, positive, out=masked)
-            if y is not last[0]:
+            if y is not last[0]:  # under a plan y is the same buffer every step: view it once
                 last[:] = [y, _tap_view(y, self.window, dout.shape)]
             # Only windows with a positive maximum send gradient (elsewhere masked is +-0 or NaN and
             # every tap gets masked * 0/1 = the same bits whichever tap wins). Where each of those has

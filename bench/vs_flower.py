@@ -204,13 +204,18 @@ def summarize(runs: list[dict], args: argparse.Namespace) -> dict:
         result["paired_ratios"] = [
             round(a["s_per_round"] / b["s_per_round"], 3) for a, b in zip(pf, fl)
         ]  # run k of each side: adjacent in the ABBA order
+        # Flower samples each round's clients without a seed: its accuracy moves from run to run
+        flower_mean = np.mean([r["accuracy_by_round"] for r in fl], axis=0)
+        result["flower_accuracy_mean_by_round"] = [round(float(a), 4) for a in flower_mean]
         result["accuracy_diff_by_round"] = [
-            round(a - b, 4) for a, b in zip(pf[0]["accuracy_by_round"], fl[0]["accuracy_by_round"])
-        ]
+            round(float(a - b), 4) for a, b in zip(pf[0]["accuracy_by_round"], flower_mean)
+        ]  # pocketfed (the same every run) minus Flower's mean over its runs
         result["flower_version"] = fl[0]["flwr"]
-    result["accuracy_same_across_repeats"] = all(
-        r["accuracy_by_round"] == next(q for q in runs if q["side"] == r["side"])["accuracy_by_round"] for r in runs
-    )
+    for side, found in (("pocketfed", pf), ("flower", fl)):
+        if found:
+            result[f"{side}_accuracy_same_across_runs"] = all(
+                r["accuracy_by_round"] == found[0]["accuracy_by_round"] for r in found
+            )
     result.update(
         rounds=args.rounds,
         repeats=args.repeats,

@@ -67,6 +67,8 @@ class Coordinator:
                     return
             except httpx.TransportError:
                 time.sleep(0.05)
+        self.proc.kill()  # do not leave it running
+        self.log.close()
         raise SystemExit(f"the coordinator did not start: {(workdir / 'coordinator.log').read_text()[-2000:]}")
 
     def cpu_s(self) -> float:

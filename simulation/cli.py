@@ -77,6 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--lr-final", type=float, default=0.0, help="the lr schedule's last fraction of --lr")
     p.add_argument(
+        "--server-average",
+        type=float,
+        default=None,
+        metavar="DECAY",
+        help="publish (and evaluate) a moving average of the global models over rounds with this decay, "
+        "e.g. 0.9; devices still train from the latest model (coordinator/strategies/model_average.py; --stacked)",
+    )
+    p.add_argument(
         "--stacked",
         action="store_true",
         help="fast in-process mode: train each worker's devices as one stacked graph, no HTTP or coordinator "
@@ -280,6 +288,7 @@ def stacked_simulation(args: argparse.Namespace, config: SimConfig, emit, chaos)
         feddyn_alpha=args.feddyn_alpha,
         lr_schedule=args.lr_schedule,
         lr_final=args.lr_final,
+        server_average=args.server_average,
     )
     for name in TASK_OPTIONS:
         config.extra_options.pop(name, None)
@@ -303,6 +312,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             sim = stacked_simulation(args, config, emit, chaos)
         elif getattr(STRATEGIES[config.strategy], "device_side", False):
             raise ValueError(f"--strategy {config.strategy} runs its device half in --stacked mode only")
+        elif args.server_average is not None:
+            raise ValueError("--server-average publishes an averaged model in --stacked mode only")
         else:
             sim = Simulation(config, emit, hooks=[] if chaos is None else chaos_hooks(config, chaos))
     except ValueError as exc:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from coordinator.strategies import RoundUpdates, RunningSum, make_strategy, round_lr
+from coordinator.strategies import ModelAverage, RoundUpdates, RunningSum, make_strategy, round_lr
 from simulation.config import SimConfig
 from simulation.processes import SINGLE_THREADED
 
@@ -43,6 +43,7 @@ class StackedOptions:
     feddyn_alpha: float = 0.01  # strategy feddyn only
     lr_schedule: str = "constant"  # device lr over rounds (coordinator/strategies/lr_schedule.py)
     lr_final: float = 0.0  # the schedule's last-round lr as a fraction of --lr
+    server_average: float | None = None  # publish a moving average of the global models (model_average.py)
 
 
 # ---------------------------------------------------------------- worker side (one per process)
@@ -168,14 +169,18 @@ class BackgroundEvaluator:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
-    def submit(self, version: int, weights: Weights) -> None:
+    def submit(self, version: int, weights: Weights, latest: Weights | None = None) -> None:
+        """Evaluate `weights`; also `latest` (the unaveraged model) when the published one differs."""
         self.wait()
-        self._thread = threading.Thread(target=self._run, args=(version, weights), daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(version, weights, latest), daemon=True)
         self._thread.start()
 
-    def _run(self, version: int, weights: Weights) -> None:
+    def _run(self, version: int, weights: Weights, latest: Weights | None) -> None:
         self.trainer.set_weights({k: np.asarray(v, np.float32) for k, v in weights.items()})
         result = self.trainer.evaluate(self.test)
+        if latest is not None:
+            self.trainer.set_weights({k: np.asarray(v, np.float32) for k, v in latest.items()})
+            result["latest_accuracy"] = self.trainer.evaluate(self.test)["accuracy"]
         with self._lock:
             self.results[version] = result
 
@@ -214,7 +219,10 @@ class StackedSimulation:
             settings["server_momentum"] = self.options.server_momentum
         if cfg.strategy == "feddyn":
             settings.update(feddyn_alpha=self.options.feddyn_alpha, participation=cfg.per_round / cfg.devices)
-        return make_strategy(settings)
+        strategy = make_strategy(settings)
+        if self.options.server_average is not None:
+            strategy = ModelAverage(strategy, self.options.server_average)
+        return strategy
 
     def run(self) -> dict:
         from engine.models import build
@@ -231,7 +239,9 @@ class StackedSimulation:
             for number in range(1, cfg.rounds + 1):
                 self.records.append(self.one_round(pool, number))
                 self.on_round(number)
-                evaluator.submit(number, self.weights)  # waits for the previous round's evaluation
+                published = self.strategy_.published(self.weights, self.server_state)
+                latest = None if self.options.server_average is None else self.weights
+                evaluator.submit(number, published, latest)  # waits for the previous round's evaluation
                 self.emit_evaluated(evaluator, number - 1)
         evaluator.wait()
         self.emit_evaluated(evaluator, cfg.rounds)
@@ -242,6 +252,8 @@ class StackedSimulation:
         if number >= 1:
             record, result = self.records[number - 1], evaluator.results[number]
             record.update(accuracy=result["accuracy"], loss=result["loss"])
+            if "latest_accuracy" in result:  # the unaveraged global model's, beside the published average
+                record["latest_accuracy"] = result["latest_accuracy"]
             self.emit(record)
 
     def one_round(self, pool: ProcessPoolExecutor, number: int) -> dict:
@@ -285,6 +297,7 @@ class StackedSimulation:
         return {
             "rounds": len(self.records),
             "accuracy_by_round": [r["accuracy"] for r in self.records],
+            "latest_accuracy_by_round": [r.get("latest_accuracy", r["accuracy"]) for r in self.records],
             "final_accuracy": self.records[-1]["accuracy"],
             "initial_accuracy": initial["accuracy"],
             "bytes_up": sum(r["bytes_up"] for r in self.records),

@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="devices send only this fraction of each tensor's largest entries (error feedback keeps the rest)",
     )
     p.add_argument("--server-momentum", type=float, default=None, help="FedAvgM's server momentum (default 0.9)")
-    p.add_argument("--feddyn-alpha", type=float, default=0.01, help="FedDyn's regularization alpha (--stacked)")
+    p.add_argument("--feddyn-alpha", type=float, default=0.01, help="FedDyn's regularization alpha")
     p.add_argument(
         "--lr-schedule",
         default="constant",
@@ -247,6 +247,8 @@ def coordinator_extras(args: argparse.Namespace) -> dict:
     extras.update({name: getattr(args, name) for name in TASK_OPTIONS if getattr(args, name) is not None})
     if args.dp_adaptive_clip:
         extras["dp_adaptive_clip"] = True
+    if args.strategy == "feddyn":  # participation K / N: each round's devices out of the fleet
+        extras.update(feddyn_alpha=args.feddyn_alpha, participation=args.per_round / args.devices)
     return extras
 
 
@@ -290,7 +292,7 @@ def stacked_simulation(args: argparse.Namespace, config: SimConfig, emit, chaos)
         lr_final=args.lr_final,
         server_average=args.server_average,
     )
-    for name in TASK_OPTIONS:
+    for name in (*TASK_OPTIONS, "feddyn_alpha", "participation"):
         config.extra_options.pop(name, None)
     return StackedSimulation(config, emit, options)
 
@@ -310,8 +312,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         if args.stacked:
             sim = stacked_simulation(args, config, emit, chaos)
-        elif getattr(STRATEGIES[config.strategy], "device_side", False):
-            raise ValueError(f"--strategy {config.strategy} runs its device half in --stacked mode only")
+        elif getattr(STRATEGIES[config.strategy], "device_side", False) and args.js_agents:
+            raise ValueError(f"--strategy {config.strategy}: the TypeScript agent does not run its device half")
         elif args.server_average is not None:
             raise ValueError("--server-average publishes an averaged model in --stacked mode only")
         else:

@@ -75,6 +75,7 @@ def federated(split: str, strategy: str, seed: int, args: argparse.Namespace) ->
             lr_schedule=args.lr_schedule,
             lr_final=args.lr_final,
             server_average=args.server_average,
+            restricted_softmax=args.restricted_softmax,
         )
         sim = StackedSimulation(config, emit, options)
     else:
@@ -82,12 +83,14 @@ def federated(split: str, strategy: str, seed: int, args: argparse.Namespace) ->
     summary = sim.run()
     acc = summary["accuracy_by_round"]
     return {
-        "run": f"{strategy}{'' if args.server_average is None else '+average'}/{split}",
+        "run": f"{strategy}{'' if args.restricted_softmax is None else '+fedrs'}"
+        f"{'' if args.server_average is None else '+average'}/{split}",
         "seed": seed,
         "server_lr": args.server_lr,
         "server_momentum": args.server_momentum if strategy == "fedavgm" else None,
         "feddyn_alpha": args.feddyn_alpha if strategy == "feddyn" else None,
         "server_average": args.server_average,
+        "restricted_softmax": args.restricted_softmax,
         "lr": args.lr,
         "lr_schedule": args.lr_schedule if args.stacked else "constant",
         "lr_final": args.lr_final if args.stacked and args.lr_schedule != "constant" else None,
@@ -176,12 +179,13 @@ def main() -> None:
     parser.add_argument(
         "--server-average", type=float, default=None, help="publish a moving average of the models (--stacked)"
     )
+    parser.add_argument("--restricted-softmax", type=float, default=None, help="FedRS alpha on devices (--stacked)")
     parser.add_argument("--json", action="store_true", help="one JSON line per run on stdout")
     args = parser.parse_args()
     if not Path(args.data).is_dir():
         sys.exit(f"convergence: {args.data} not found; install the full Fashion-MNIST or pass --data")
-    if args.server_average is not None and not args.stacked:
-        sys.exit("convergence: --server-average needs --stacked")
+    if (args.server_average is not None or args.restricted_softmax is not None) and not args.stacked:
+        sys.exit("convergence: --server-average and --restricted-softmax need --stacked")
     seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [args.seed]
     runs = [
         lambda s=s, st=st, seed=seed: federated(s, st, seed, args)

@@ -77,6 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--lr-final", type=float, default=0.0, help="the lr schedule's last fraction of --lr")
     p.add_argument(
+        "--restricted-softmax",
+        type=float,
+        default=None,
+        metavar="ALPHA",
+        help="FedRS: devices scale the logits of the classes they do not hold by ALPHA while training, "
+        "e.g. 0.5 (simulation/stacked.py; --stacked)",
+    )
+    p.add_argument(
         "--server-average",
         type=float,
         default=None,
@@ -291,6 +299,7 @@ def stacked_simulation(args: argparse.Namespace, config: SimConfig, emit, chaos)
         lr_schedule=args.lr_schedule,
         lr_final=args.lr_final,
         server_average=args.server_average,
+        restricted_softmax=args.restricted_softmax,
     )
     for name in (*TASK_OPTIONS, "feddyn_alpha", "participation"):
         config.extra_options.pop(name, None)
@@ -314,8 +323,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             sim = stacked_simulation(args, config, emit, chaos)
         elif getattr(STRATEGIES[config.strategy], "device_side", False) and args.js_agents:
             raise ValueError(f"--strategy {config.strategy}: the TypeScript agent does not run its device half")
-        elif args.server_average is not None:
-            raise ValueError("--server-average publishes an averaged model in --stacked mode only")
+        elif args.server_average is not None or args.restricted_softmax is not None:
+            raise ValueError("--server-average and --restricted-softmax run in --stacked mode only")
         else:
             sim = Simulation(config, emit, hooks=[] if chaos is None else chaos_hooks(config, chaos))
     except ValueError as exc:

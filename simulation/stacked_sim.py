@@ -44,6 +44,7 @@ class StackedOptions:
     lr_schedule: str = "constant"  # device lr over rounds (coordinator/strategies/lr_schedule.py)
     lr_final: float = 0.0  # the schedule's last-round lr as a fraction of --lr
     server_average: float | None = None  # publish a moving average of the global models (model_average.py)
+    restricted_softmax: float | None = None  # FedRS's alpha on devices' absent classes (stacked.py)
 
 
 # ---------------------------------------------------------------- worker side (one per process)
@@ -90,7 +91,7 @@ def _train_devices(task: tuple) -> list[tuple[int, bytes, Weights | None]]:
     from protocol.deltas import TopK
     from protocol.update import decode_update, encode_update
 
-    base, devices, round_id, encoding, topk, residuals, feddyn, lr = task
+    base, devices, round_id, encoding, topk, residuals, feddyn, lr, restrict = task
     w, cfg = _WORKER, _WORKER["cfg"]
     for d in devices:
         if d not in w["data"]:
@@ -102,7 +103,9 @@ def _train_devices(task: tuple) -> list[tuple[int, bytes, Weights | None]]:
     for group in by_size.values():
         seeds = [agent_seed(cfg, d) + round_id for d in group]
         dyn = None if feddyn is None else (feddyn[0], [feddyn[1].get(d) or _zeros(base) for d in group])
-        deltas = w["trainer"].train(base, [w["data"][d] for d in group], seeds, cfg.epochs, feddyn=dyn, lr=lr)
+        deltas = w["trainer"].train(
+            base, [w["data"][d] for d in group], seeds, cfg.epochs, feddyn=dyn, lr=lr, restrict=restrict
+        )
         for i, (d, delta) in enumerate(zip(group, deltas, strict=True)):
             residual = None
             if dyn is not None:  # FedDyn's device state: g_d - alpha * delta_d, kept by the driver
@@ -273,7 +276,7 @@ class StackedSimulation:
                 base, share, number, cfg.encoding, topk,
                 {d: self.residuals[d].get("topk") for d in share if d in self.residuals},
                 None if feddyn is None else (feddyn, {d: self.residuals.get(d, {}).get("feddyn") for d in share}),
-                lr,
+                lr, self.options.restricted_softmax,
             )
             for share in shares
         ]  # fmt: skip

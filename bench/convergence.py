@@ -11,7 +11,10 @@ The federated runs take the real path: `pf-sim`'s Simulation, i.e. a coordinator
 worker processes over HTTP on loopback; with --stacked, `pf-sim --stacked`'s in-process loop (the
 same local math and strategy classes, several times faster). --strategies runs each named
 strategy (coordinator/strategies; fedavgm takes --server-momentum and --server-lr) on each split;
---lr-schedule cosine (--stacked) decays the device lr from --lr to --lr-final x --lr over the rounds.
+--lr-schedule cosine (--stacked) decays the device lr from --lr to --lr-final x --lr over the rounds;
+--server-average D publishes (and evaluates) a moving average of the global models (the latest model's
+figures are reported beside, as latest_*); --restricted-softmax A trains devices with FedRS's restricted
+softmax; --seeds 0,1 repeats each federated run per seed.
 Devices keep no held-out part here (--holdout 0, all 600
 samples train), so personal accuracy is not measured. One JSON line per split and one for the
 centralized run: rounds to 75% / 85% test accuracy (null = not reached), final accuracy, seconds.

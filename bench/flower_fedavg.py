@@ -126,7 +126,7 @@ def main() -> None:
 
     from proc_cpu import tree_cpu_seconds  # bench/ is on PYTHONPATH (vs_flower.py)
 
-    times, cpu, accuracy = [], [], []
+    times, cpu, load, accuracy = [], [], [], []
 
     def evaluate(server_round, parameters, config):
         torch.set_num_threads(1)
@@ -138,6 +138,7 @@ def main() -> None:
         loss = float(nn.functional.cross_entropy(logits, test_y))
         times.append(time.perf_counter())
         cpu.append(tree_cpu_seconds())  # the driver, Ray's raylet, GCS and client actors
+        load.append(os.getloadavg()[0])
         if server_round > 0:
             accuracy.append(acc)
             print(json.dumps({"round": server_round, "accuracy": acc}), file=sys.stderr, flush=True)
@@ -171,6 +172,9 @@ def main() -> None:
                 "s_per_round": (times[-1] - times[0]) / rounds,
                 "median_s_per_round": float(np.median(np.diff(times))),
                 "cpu_s_per_round": (cpu[-1] - cpu[0]) / rounds,
+                "round_marks": times,  # perf_counter at each evaluation (round 0 first)
+                "cpu_marks": cpu,
+                "load_marks": load,  # 1-minute load average at each mark
                 "accuracy_by_round": accuracy,
                 "seconds": time.perf_counter() - started,
                 "flwr": __import__("flwr").__version__,

@@ -6,8 +6,8 @@ CPU milliseconds (process time, median of repeats) of each step the upload route
 LeNet-sized float32 update: hashing the body (sha256), parsing the container (its checksum
 included), decoding and validating the update, the strategy's accept and the running sum, and
 serializing the running aggregate as the group-commit writer stores it. `bench/load.py` reports
-the whole, HTTP and database included (`coordinator_cpu_ms_per_upload`); the difference is the
-HTTP server, routing, pydantic and the SQL write.
+the whole, HTTP and database included (`coordinator_cpu_ms_per_upload`, from a phase of uploads
+alone), and with `--py-spy FILE` its split (`upload_cpu_ms_split`).
 """
 
 from __future__ import annotations

@@ -74,6 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds between looks for a newer base model while not training (a conditional GET; 0: never); "
         "a newer one is adopted and the personal layers fine-tuned on it",
     )
+    run.add_argument(
+        "--rotate-token-days",
+        type=float,
+        default=30.0,
+        help="trade the device token for a new one after this many days (0: never; the coordinator expires a "
+        "token after --device-token-idle-days without a check-in)",
+    )
     run.add_argument("-v", "--verbose", action="store_true")
     predict = sub.add_parser("predict", help="classify with the personal model")
     predict.add_argument("--state-dir", required=True, type=Path)
@@ -149,6 +156,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         seed=args.seed,
         max_wait=args.max_wait,
         refresh_interval=args.refresh_interval,
+        rotate_token_days=args.rotate_token_days,
         json_lines=args.json,
     )
     probe = AlwaysEligible() if args.ignore_conditions else default_probe()

@@ -206,6 +206,10 @@ class CoordinatorClient:
         ).json()
         return str(body["device_id"]), str(body["token"])
 
+    def rotate_token(self, device_id: str) -> str:
+        """POST /v1/devices/{id}/token -> a new token (the one presented stops working)."""
+        return str(self._request("POST", f"/v1/devices/{device_id}/token", ok=(200,)).json()["token"])
+
     def latest_model(self, etag: str | None = None) -> tuple[dict[str, Any] | None, str | None]:
         """GET /v1/models/latest -> (its description, ETag); (None, etag) when unchanged since `etag` (304)."""
         headers = {"If-None-Match": etag} if etag else {}

@@ -35,6 +35,7 @@ import numpy as np
 
 from device_agent import feddyn
 from device_agent.client import CoordinatorClient, DeadlinePassed, RejectedError, UnavailableError
+from device_agent.credentials import ensure_token
 from device_agent.eligibility import Probe
 from device_agent.models import CorruptModel, make_sgd, model_problem, model_view
 from device_agent.personal import PersonalModel, split_local, trainable_names
@@ -62,6 +63,7 @@ class AgentConfig:
     seed: int = 0
     max_wait: float = 30.0  # our own idle interval, used only when the server named no wait (never caps one)
     refresh_interval: float = 3600.0  # seconds between our own looks for a newer base version (0: never)
+    rotate_token_days: float = 30.0  # trade the token for a new one this often (0: never); credentials.py
     json_lines: bool = False
     secagg_leave_after: str | None = None  # simulation: vanish after this secure-aggregation phase
 
@@ -132,13 +134,7 @@ class Agent:
         return records
 
     def ensure_enrolled(self) -> None:
-        ident = self.state.identity(self.config.coordinator)
-        if ident is None:
-            device_id, token = self.client.enroll(self.config.enrollment_key, self.config.name)
-            self.state.save_identity(self.config.coordinator, device_id, token)
-            log.info("enrolled as device %s", device_id)
-            ident = {"device_id": device_id, "token": token}
-        self.client.token = ident["token"]
+        ensure_token(self.client, self.state, self.config)  # enroll, or rotate a token that is due
 
     def one_round(self) -> dict[str, Any] | None:
         """Check in and, if given a task, do it. None means "nothing done, look again later"."""

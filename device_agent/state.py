@@ -56,16 +56,15 @@ class AgentState:
 
     # ------------------------------------------------------------------ identity
 
-    def identity(self, coordinator: str) -> dict[str, str] | None:
+    def identity(self, coordinator: str) -> dict[str, Any] | None:
         ident = read_json(self._path("identity.json"))
         if not isinstance(ident, dict) or ident.get("coordinator") != coordinator or not ident.get("token"):
             return None  # enrolled elsewhere (or never): enroll again
         return ident
 
-    def save_identity(self, coordinator: str, device_id: str, token: str) -> None:
-        write_json_atomic(
-            self._path("identity.json"), {"coordinator": coordinator, "device_id": device_id, "token": token}
-        )
+    def save_identity(self, coordinator: str, device_id: str, token: str, issued_at: float | None = None) -> None:
+        ident = {"coordinator": coordinator, "device_id": device_id, "token": token, "issued_at": issued_at}
+        write_json_atomic(self._path("identity.json"), ident)
 
     def forget_identity(self) -> None:
         self._path("identity.json").unlink(missing_ok=True)

@@ -19,12 +19,14 @@ import time
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any
 
 import numpy as np
 
 from .compiler import compile_graph
 from .compiler.memory import Instruction, MemoryPlan, plan
+from .compiler.passes import NON_DETERMINISTIC
 from .compiler.program import Node, Program
 from .compiler.updates import FlatUpdateRunner
 from .graph import ComputingGraph, GraphError, SymbolVar
@@ -32,8 +34,8 @@ from .opr.base import Workspace
 
 MAX_PLANS = 4  # shape signatures kept (e.g. full batches and the last, smaller one)
 
-# How an instruction runs under a plan.
-INTO, VIEW, FIXED_VIEW, ALLOC = "into", "view", "fixed_view", "alloc"
+# How an instruction runs under a plan (FOLDED: not at all, its value is the plan's constant).
+INTO, VIEW, FIXED_VIEW, ALLOC, FOLDED = "into", "view", "fixed_view", "alloc", "folded"
 
 
 class _BindOnFirstCall:
@@ -52,6 +54,11 @@ class _BindOnFirstCall:
         self.kernel(*xs)
 
 
+def _pick(k: int) -> Any:
+    """A kernel that returns its k-th input itself (an instruction the plan found to be a copy)."""
+    return lambda *xs: xs[k]
+
+
 @dataclass
 class StepPlan:
     memory: MemoryPlan
@@ -59,7 +66,7 @@ class StepPlan:
     steps: list[tuple[str, Any, list[int], int, str]]  # (how, kernel, input slots, output slot, type)
     workspaces: list[Workspace]
     cache: dict = field(default_factory=dict)  # anything else worked out once for this plan
-    calls: list[tuple[Any, list[int], int | None]] = field(init=False)  # what a step runs: (kernel, ins, out or None)
+    calls: list[tuple[Any, Any, bool, int | None]] = field(init=False)  # what a step runs (see _make_calls)
 
     bound: bool = field(init=False, default=False)  # every kernel bound (after the first planned step)
 
@@ -76,10 +83,11 @@ class StepPlan:
         self.bound = True
 
     def _make_calls(self) -> None:
+        # (kernel, one C-level getter of the input values, several inputs?, output slot or None)
         self.calls = [
-            (kernel, ins, None if how is INTO else out)
+            (kernel, itemgetter(*ins) if ins else (lambda values: ()), len(ins) != 1, None if how is INTO else out)
             for how, kernel, ins, out, _ in self.steps
-            if how is not FIXED_VIEW
+            if how is not FIXED_VIEW and how is not FOLDED
         ]
 
     @property
@@ -173,11 +181,11 @@ class CompiledFunction:
         elif self.profile:
             self._run_planned_profiled(step, values)
         else:
-            for kernel, ins, out in step.calls:
+            for kernel, get, several, out in step.calls:
                 if out is None:
-                    kernel(*[values[j] for j in ins])
+                    kernel(*get(values)) if several else kernel(get(values))
                 else:
-                    values[out] = kernel(*[values[j] for j in ins])
+                    values[out] = kernel(*get(values)) if several else kernel(get(values))
             if not step.bound:
                 step.drop_binders()
         self.profiled_steps += bool(self.profile)
@@ -226,7 +234,7 @@ class CompiledFunction:
             start = time.perf_counter()
             if how is INTO:
                 kernel(*[values[j] for j in ins])
-            elif how is not FIXED_VIEW:
+            elif how is not FIXED_VIEW and how is not FOLDED:
                 values[out] = kernel(*[values[j] for j in ins])
             self.op_seconds[type_name] += time.perf_counter() - start
             self.op_calls[type_name] += 1
@@ -237,14 +245,38 @@ class CompiledFunction:
             self._plans.pop(next(iter(self._plans)))
         self._plans[signature] = step
 
+    def _plan_constants(self, values: list[Any]) -> set[int]:
+        """Slots whose value is the same every step under one plan: computed only from constants
+        and from inputs read for their shape alone (the mean's 1/N, a loss gradient's seed
+        broadcast to the batch). The allocating step computed them; the plan keeps those values."""
+        constant = {i for i, holder in self._constants if isinstance(holder, Node)}
+        folded: set[int] = set()
+        for node, (_, ins, out, _) in zip(self._nodes, self._instructions):
+            shape_only = node.op.shape_only_inputs
+            if isinstance(node.op, NON_DETERMINISTIC) or not isinstance(values[out], np.ndarray):
+                continue
+            if all(k in shape_only or j in constant for k, j in enumerate(ins)):
+                constant.add(out)
+                folded.add(out)
+        return folded
+
     def _make_plan(self, values: list[Any]) -> StepPlan:
         """Plan from an allocating step's values: their shapes, and which results were views."""
         self.last_shapes = {i: np.shape(v) for i, v in enumerate(values)}
         view_of: dict[int, list[int]] = {}  # a kernel that does not write into a buffer may return a view
         buffers: dict[int, tuple[tuple, np.dtype]] = {}
         instructions = []
+        folded = self._plan_constants(values)
+        grouped = {s for group in (self._flat.contiguous() if self._flat else ()) for s in group}
+        passed: dict[int, int] = {}  # slot -> the input slot it is (the kernel would only copy it)
         for node, (_, ins, out, _) in zip(self._nodes, self._instructions):
-            if node.op.writes_into():
+            if out in folded:
+                continue
+            through = node.op.passes_through(*[values[j] for j in ins]) if out not in grouped else None
+            if through is not None and np.shape(values[ins[through]]) == np.shape(values[out]):
+                passed[out] = ins[through]
+                view_of[out] = [ins[through]]
+            elif node.op.writes_into():
                 result = np.asarray(values[out])
                 buffers[out] = (result.shape, result.dtype)
             else:
@@ -258,6 +290,18 @@ class CompiledFunction:
             template[s] = array
         steps, workspaces = [], []
         for node, (kernel, ins, out, type_name) in zip(self._nodes, self._instructions):
+            if out in folded:
+                template[out] = values[out]
+                steps.append((FOLDED, kernel, ins, out, type_name))
+                continue
+            if out in passed:
+                source = passed[out]
+                if template[source] is not None:
+                    template[out] = template[source]
+                    steps.append((FIXED_VIEW, kernel, ins, out, type_name))
+                else:
+                    steps.append((VIEW, _pick(ins.index(source)), ins, out, type_name))
+                continue
             if out in memory.arrays:
                 ws = Workspace()
                 workspaces.append(ws)
@@ -332,6 +376,7 @@ class CompiledFunction:
                 f"plan for inputs {shapes}: arena {m.arena_bytes / 1e6:.2f} MB for "
                 f"{m.unplanned_bytes / 1e6:.2f} MB of values ({len(m.blocks)} blocks, {m.inplace} in place), "
                 f"workspaces {step.workspace_bytes / 1e6:.2f} MB, "
+                f"{sum(s[0] is FOLDED for s in step.steps)} kernels folded into plan constants, "
                 f"allocating kernels: {step.allocating_kernels or 'none'}"
             )
         return "\n".join(lines)

@@ -231,7 +231,7 @@ def _decode_values(name: str, stored: np.ndarray, encoding: object, spec: dict, 
             except ValueError as exc:
                 raise UpdateError(f"tensor {name!r}: {exc}") from None
         return stored.astype(np.float32) * np.float32(scale)
-    values = stored.astype(np.float32)
+    values = stored.astype(np.float32, copy=False)  # loads() made it: no second copy of a float32 tensor
     if not np.all(np.isfinite(values)):
         raise UpdateError(f"tensor {name!r}: contains NaN or Inf")
     return values

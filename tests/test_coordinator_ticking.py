@@ -157,3 +157,16 @@ def test_metrics_histograms_and_bounded_labels(tmp_path):
 def test_histograms_are_exposed_before_any_observation(tmp_path, name):
     with serve(tmp_path, FakeClock(), tick_interval=3600) as server, httpx.Client(base_url=server.url) as client:
         assert f"# TYPE {name} histogram" in client.get("/metrics").text
+
+
+def test_the_lease_holder_forgets_rate_limit_windows_older_than_an_hour(tmp_path):
+    clock = FakeClock()
+    with serve(tmp_path, clock, tick_interval=0.02) as server:
+        services = server.server.config.app.state.services
+        store = services.store
+        assert [store.hit("enroll:1.2.3.4", 60, clock()) for _ in range(2)] == [1, 2]
+        clock.advance(1800)
+        store.hit("enroll:1.2.3.4", 60, clock())
+        clock.advance(1860)  # the first window is now more than an hour old, the second is not
+        wait_for(lambda: store.hit("enroll:1.2.3.4", 60, clock() - 3660) == 1, "the old window pruned")
+        assert store.hit("enroll:1.2.3.4", 60, clock() - 1860) == 2  # the newer window kept its count

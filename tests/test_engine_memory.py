@@ -91,9 +91,9 @@ def test_arena_reuses_memory():
     for _ in range(2):
         func.execute(batch(64))
     memory = func.plans[0].memory
-    # 0.85 since pool_relu_backward took two full-size gradients out of the values' sum (the
-    # arena plus workspaces stayed at 20.79 MB for batch 64)
-    assert memory.arena_bytes < 0.88 * memory.unplanned_bytes
+    # 0.91 since the plan aliases identity sums instead of copying them: five full-size values
+    # fewer to place (arena 14.16 -> 13.69 MB at batch 64, arena plus workspaces 20.79 -> 20.62 MB)
+    assert memory.arena_bytes < 0.93 * memory.unplanned_bytes
     assert memory.inplace >= 3  # the fc layers' ReLU gradients and the loss's negations write over their input
 
 

@@ -307,3 +307,17 @@ def test_bench_training_step_node_prints_its_json_line(built):
     memory = summary["round_memory"]
     assert memory["js_round_status"] == memory["python_round_status"] == "committed"
     assert memory["js_agent_peak_rss_mib"] > 10 and memory["python_agent_peak_rss_mib"] > 10
+
+
+def test_the_cli_refuses_plain_http_elsewhere_and_a_missing_key_before_any_request(built, tmp_path):
+    x = np.zeros((4, 1, 28, 28), np.float32)
+    np.savez(tmp_path / "d.npz", x=x, y=np.zeros(4, np.int64))
+    base = [NODE, "dist/cli.js", "run", "--data", str(tmp_path / "d.npz"), "--state-dir", str(tmp_path / "s")]
+    env = {"PATH": "/usr/bin:/bin"}  # no PF_ENROLLMENT_KEY
+    remote = run([*base, "--coordinator", "http://10.255.0.1:8000", "--enrollment-key", "k"], timeout=60, env=env)
+    assert remote.returncode == 2 and "in the clear" in remote.stderr, remote.stderr
+    keyless = run([*base, "--coordinator", "http://10.255.0.1:8000", "--insecure"], timeout=60, env=env)
+    assert keyless.returncode == 2 and "no enrollment key" in keyless.stderr, keyless.stderr
+    (tmp_path / "key").write_text("")
+    empty = run([*base, "--coordinator", "https://fl.invalid", "--enrollment-key-file", str(tmp_path / "key")], env=env)
+    assert empty.returncode == 2 and "the file is empty" in empty.stderr, empty.stderr

@@ -42,7 +42,15 @@ def test_load_bench_small_run_accepts_every_upload():
         "upload_p99_ms",
         "coordinator_peak_rss_mib",
         "coordinator_cpu_ms_per_upload",
+        "coordinator_loop_cpu_ms_per_upload",
+        "coordinator_cpu_ms_per_enroll",
+        "coordinator_cpu_ms_per_checkin",
+        "coordinator_cpu_ms_all_calls_per_upload",
+        "uploads_per_group_commit",
         "coordinator_rss_by_uploads_mib",
     ):
         assert key in result, key
+    # the upload phase is part of the whole run: its CPU cannot exceed everything's
+    assert 0 < result["coordinator_cpu_ms_per_upload"] <= result["coordinator_cpu_ms_all_calls_per_upload"]
+    assert 1 <= result["uploads_per_group_commit"] <= 24
     assert result["upload_p50_ms"] <= result["upload_p99_ms"]

@@ -35,14 +35,12 @@ class Coordinator:
         settings = Settings(
             db=db or str(tmp_path / "coord.db"),
             model=str(model),
-            goal=2,
-            min_devices=1,
             over_select=1.0,
             deadline=100,
             enrollment_key=KEY,
             admin_token=ADMIN,
             tick_interval=0.05,
-            **options,
+            **{"goal": 2, "min_devices": 1, **options},
         )
         self.app = create_app(settings, clock=FakeClock(), evaluate=evaluate)
         self.server = ServerThread(self.app)
@@ -206,3 +204,23 @@ def test_a_candidate_that_cannot_be_evaluated_is_held_back_and_rounds_go_on(tmp_
         assert "server evaluation failed: held-out data unreadable" in held["reason"]
         following = client.get("/v1/rounds").json()[0]
         assert (following["id"], following["status"], following["base_version"]) == (2, "open", 0)
+
+
+def test_a_canary_round_that_does_not_commit_holds_the_candidate_back(tmp_path):
+    """One canary device's good metrics in a round that never reached --min-devices promote nothing."""
+    coordinator = Coordinator(tmp_path, canary_fraction=0.5, min_devices=2, goal=4)
+    with coordinator as client:
+        devices = [TestDevice(client, KEY) for _ in range(16)]
+        canaries = [d for d in devices if canary_device(d.id, 0.5)]
+        others = [d for d in devices if not canary_device(d.id, 0.5)]
+        coordinator.settle()
+        run_round(coordinator, others, acc_before=0.60)
+        assert client.get("/v1/releases").json()["canary"] == 1
+        task = canaries[0].task()
+        contribute(canaries[0], task, acc_before=0.95, seed=7)  # one device: below the round's 2
+        coordinator.app.state.services.rounds.clock.advance(101)  # past the deadline
+        coordinator.settle()
+        state = client.get("/v1/releases").json()
+        assert client.get(f"/v1/rounds/{task['round_id']}").json()["status"] == "abandoned"
+        assert state["canary"] is None and released(client) == 0
+        assert state["events"][0]["action"] == "held" and "did not commit" in state["events"][0]["reason"]

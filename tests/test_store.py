@@ -287,6 +287,8 @@ def test_one_open_round_blobs_leases_and_counters(store):
     assert [store.hit("enroll:1.2.3.4", 60, 1000.0) for _ in range(3)] == [1, 2, 3]
     assert store.hit("enroll:1.2.3.4", 60, 1080.0) == 1  # the next window
     assert store.hit("enroll:5.6.7.8", 60, 1000.0) == 1
+    store.prune_rate_limits(before=1020.0)  # forgets the windows starting at 960, keeps 1080's
+    assert store.hit("enroll:1.2.3.4", 60, 1000.0) == 1 and store.hit("enroll:1.2.3.4", 60, 1080.0) == 2
 
 
 def test_a_missing_server_skips_outside_ci_and_fails_in_ci(monkeypatch):

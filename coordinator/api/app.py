@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 
 from coordinator.api.errors import document_refusals, install_error_handlers
+from coordinator.api.fast_upload import FastUpload
 from coordinator.api.limits import BodyLimits
 from coordinator.api.middleware import PopulationRouting, RequestMetrics
 from coordinator.api.routers import (
@@ -83,6 +84,8 @@ def create_app(
         fedmetrics,
     ):
         app.include_router(module.router)
+    upload_route = next(r for r in uploads.router.routes if getattr(r, "path", "").endswith("/updates"))
+    app.add_middleware(FastUpload, state=app.state, route=upload_route)  # inside the body limits
     app.add_middleware(
         BodyLimits,
         max_json_bytes=settings.max_json_body_bytes,

@@ -65,7 +65,12 @@ def device_for(
 ) -> DeviceRow:
     """The enrolled device whose token is presented (401 otherwise, also when the device has not
     checked in for `idle_days`: a token left on a lost phone dies, an active device's never does)."""
-    device = store.device_by_token(token_hash(_token(credentials)))
+    return device_for_token(_token(credentials), store, now, idle_days)
+
+
+def device_for_token(token: str, store: Store, now: float, idle_days: float) -> DeviceRow:
+    """`device_for` on the bearer token itself (the raw upload path parses the header alone)."""
+    device = store.device_by_token(token_hash(token))
     if device is None:
         raise Refused(
             401,

@@ -44,6 +44,8 @@ from coordinator.settings import Settings, new_secret
 from coordinator.store import BlobStore, Store, blob_store_for
 
 log = logging.getLogger("pocketfed.coordinator")
+RATE_LIMIT_KEEP = 3600.0  # seconds of rate-limit windows kept (the limits count per minute)
+RATE_LIMIT_PRUNE_EVERY = 60.0  # seconds between the lease holder's deletes of older windows
 
 
 @dataclass
@@ -68,6 +70,7 @@ class Services:
     population: str = "default"  # service/populations.py
     enrollment_key_hash: str | None = None  # a named population's key (sha256); default: settings.enrollment_key
     fedmetrics: FederatedMetricsService | None = None  # evaluate/personalize tasks and their metrics
+    rate_limits_pruned_at: float = 0.0  # when background() last forgot old rate-limit windows
 
     def tick(self) -> None:
         """Settle rounds now (what the background ticker does every tick_interval)."""
@@ -80,6 +83,10 @@ class Services:
             return
         self.secagg.tick()
         self.rounds.tick()
+        now = self.ingest.clock()  # the clock the rate limits count on (routers/devices.py)
+        if now - self.rate_limits_pruned_at >= RATE_LIMIT_PRUNE_EVERY:
+            self.store.prune_rate_limits(before=now - RATE_LIMIT_KEEP)
+            self.rate_limits_pruned_at = now
         if self.evaluator is not None:
             self.evaluator.catch_up(self.store.unevaluated_versions(), lambda v: self.versions.get(v).data)
 

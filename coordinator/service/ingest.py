@@ -10,6 +10,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 
 from coordinator.errors import Refused
+from coordinator.service.expected import Expected
 from coordinator.service.modelfile import expected_shapes
 from coordinator.service.rounds import RoundLifecycle
 from coordinator.service.validation import check_update
@@ -23,6 +24,11 @@ from coordinator.service.writer import (
 )
 from coordinator.store import RoundRow, Store
 from protocol.update import MAX_HEADER_BYTES
+
+
+def body_digest(body: bytes | bytearray) -> str:
+    """The body's sha256, kept with the answer: a replayed Idempotency-Key must come with the same body."""
+    return hashlib.sha256(body).hexdigest()
 
 
 class Ingest:
@@ -46,7 +52,7 @@ class Ingest:
         """The replayed answer for a known Idempotency-Key, or the decoded and validated update (the
         writer checks replay, duplicates and round state again, under the lock). `admitted`: the
         round as `check_may_upload` passed it just before the body was read (not checked again)."""
-        body_sha256 = hashlib.sha256(body).hexdigest()
+        body_sha256 = body_digest(body)
         answer = replayed(self.store, device_id, key, body_sha256)
         if answer is not None:
             return answer
@@ -95,6 +101,24 @@ class Ingest:
             streaming=strategy.streaming,
             body_sha256=body_sha256,
         )
+
+    def prepare_and_submit(
+        self,
+        device_id: str,
+        round_id: int,
+        key: str,
+        body: bytes,
+        admitted: RoundRow | None = None,
+        expected: Expected | None = None,
+    ) -> dict | Future:
+        """`prepare`, then `submit` the update (one hop to a worker thread for both): the replayed
+        answer, or the future of the 202 body. `expected` (the writer's) is done once it is queued."""
+        try:
+            prepared = self.prepare(device_id, round_id, key, body, admitted)
+            return prepared if isinstance(prepared, dict) else self.writer.submit(prepared)
+        finally:
+            if expected is not None:
+                expected.done()
 
     def submit(self, prepared: PreparedUpload) -> Future:
         """Queue a prepared upload; the future resolves with the 202 body once it is on disk."""

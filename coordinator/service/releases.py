@@ -202,7 +202,12 @@ class Releases:
             if result_version is not None:
                 why = f"trained in the canary round of v{s.canary}; the fleet trains on the released version"
                 self._record(tx, s, result_version, "superseded", GATE, why)
-            verdict = self._canary_verdict(round_id, s)
+            verdict = (
+                self._canary_verdict(round_id, s)
+                if result_version is not None
+                else "held back: its canary round did not commit (too few canary devices before the deadline); "
+                "metrics from fewer devices than a round needs decide nothing"
+            )
             if verdict.startswith("held"):
                 self._record(tx, replace(s, canary=None), s.canary, "held", GATE, verdict)
             else:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from coordinator.errors import Refused
@@ -43,10 +45,13 @@ def check_update(
         raise Refused(
             422, f"update.sample_count {update.sample_count} exceeds the limit {max_sample_count}", "sample_count"
         )
-    for name, value in update.delta.items():  # decode_update checks this too; the aggregate depends on it
-        if not np.all(np.isfinite(value)):
-            raise Refused(422, f"update tensor {name!r}: contains NaN or Inf", "non_finite")
     norm = global_l2_norm(update.delta)
+    if not math.isfinite(norm):  # decode_update checks this too; the aggregate depends on it. A float64
+        # sum of squares of finite float16/float32 values is finite, so one pass checks both
+        for name, value in update.delta.items():
+            if not np.all(np.isfinite(value)):
+                raise Refused(422, f"update tensor {name!r}: contains NaN or Inf", "non_finite")
+        raise Refused(422, "update: the L2 norm of the delta is not finite", "non_finite")
     if norm > max_norm:
         raise Refused(422, f"update: L2 norm {norm:.6g} of the delta exceeds the bound {max_norm:g}", "norm")
     return update, norm

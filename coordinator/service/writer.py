@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from coordinator.errors import Refused, crash_point
+from coordinator.service.expected import Arrivals, Expected
 from coordinator.service.rounds import RoundLifecycle
 from coordinator.store import RoundRow, Store, UpdateRow, Writes
 from coordinator.strategies import RunningSum
@@ -151,10 +153,17 @@ class _Answered(Exception):
 
 
 class UploadWriter:
-    """The single writer of accepted updates and assignments (started on first use, stopped by close())."""
+    """The single writer of accepted updates and assignments (started on first use, stopped by close()).
 
-    def __init__(self, store: Store, lifecycle: RoundLifecycle, max_group: int = 512):
-        self.store, self.lifecycle, self.max_group = store, lifecycle, max_group
+    A group waits up to `linger` seconds for the uploads whose bodies are arriving or being decoded
+    at that moment (`expect`: they hold an upload slot), never for uploads not yet started: each
+    group serializes and writes the round's whole running aggregate and fsyncs once, so a group of
+    16 pays a sixteenth of that per upload, where groups of whatever happened to be queued averaged
+    3-5 under load. An upload alone never waits."""
+
+    def __init__(self, store: Store, lifecycle: RoundLifecycle, max_group: int = 512, linger: float = 0.02):
+        self.store, self.lifecycle, self.max_group, self.linger = store, lifecycle, max_group, linger
+        self.arrivals = Arrivals()  # uploads holding a slot, not yet submitted
         self._queue: queue.SimpleQueue[Item | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
@@ -173,6 +182,10 @@ class UploadWriter:
         self._queue.put(item)
         return item.future
 
+    def expect(self) -> Expected:
+        """Announce an upload on its way; its `done()` once it is submitted, or refused."""
+        return self.arrivals.expect()
+
     def close(self, timeout: float = 10.0) -> None:
         """Finish what is queued, then stop the thread."""
         with self._start_lock:
@@ -189,12 +202,21 @@ class UploadWriter:
             first = self._queue.get()
             if first is None:
                 return
-            group, stop = [first], False
+            group, stop, until = [first], False, None
             while len(group) < self.max_group:  # whatever queued up during the last fsync
                 try:
                     item = self._queue.get_nowait()
                 except queue.Empty:
-                    break
+                    if not self.arrivals.count or not any(isinstance(i, PreparedUpload) for i in group):
+                        break
+                    until = until if until is not None else time.monotonic() + self.linger
+                    wait = min(until - time.monotonic(), 0.001)  # polls: a refused upload is no longer expected
+                    if wait <= 0:
+                        break
+                    try:
+                        item = self._queue.get(timeout=wait)
+                    except queue.Empty:
+                        continue
                 if item is None:
                     stop = True
                     break

@@ -20,7 +20,7 @@ from coordinator.store import migrate
 from coordinator.store import queries as q
 from coordinator.store.database import Database
 from coordinator.store.rows import DeviceRow, ModelVersionRow, PartialRow, ReleaseRow, RoundRow, SecAggRow, UpdateRow
-from coordinator.store.write_statements import hit_statement, lease_statements
+from coordinator.store.write_statements import PRUNE_RATE_LIMITS, hit_statement, lease_statements
 from coordinator.store.writes import Writes
 
 
@@ -227,6 +227,11 @@ class Store:
         so far in it, from every replica (an atomic upsert)."""
         start = int(now // window * window)
         return int(self.db.execute_now(hit_statement(self.dialect), {"key": key, "start": start})[0][0])
+
+    def prune_rate_limits(self, before: float) -> None:
+        """Forget the counters of windows that started before `before` (one row per key and window
+        would otherwise pile up forever)."""
+        self.db.execute_now(PRUNE_RATE_LIMITS, {"before": int(before)})
 
     # ------------------------------------------------------------------ releases
 

@@ -108,6 +108,7 @@ SPEND_CODE = (
     )
     .values(used_at=_b("now"), device_id=_b("spender"))
 )
+PRUNE_RATE_LIMITS = sa.delete(rate_limits).where(rate_limits.c.window_start < _b("before"))
 SET_TOKEN = sa.update(devices).where(devices.c.id == _b("for_id")).values(token_hash=_b("new_hash"))
 TOUCH_DEVICE = sa.update(devices).where(devices.c.id == _b("device_id")).values(last_seen=_b("seen"))
 ADD_VERSION = sa.insert(model_versions)

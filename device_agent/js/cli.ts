@@ -1,7 +1,9 @@
 #!/usr/bin/env node
 /**
- * node dist/cli.js run --coordinator URL --data FILE.npz --state-dir DIR --enrollment-key K
- *                      [--once | --rounds N] [--name NAME] [--max-wait S] [--timeout S] [--retries N] [--seed S] [--json]
+ * node dist/cli.js run --coordinator URL --data FILE.npz --state-dir DIR
+ *                      [--enrollment-key-file FILE | --enrollment-key K | PF_ENROLLMENT_KEY=K] [--insecure]
+ *                      [--once | --rounds N] [--name NAME] [--max-wait S] [--timeout S] [--retries N] [--seed S]
+ *                      [--rotate-token-days D] [--json]
  *
  * The Node host of the core: onnxruntime-node as the runtime, a directory as the storage, a .npz file
  * as the data. Conditions (charging, idle, unmetered) are the host app's business; this CLI trains
@@ -13,13 +15,17 @@ import { parseArgs } from "node:util";
 import { Agent } from "./src/agent.js";
 import { CoordinatorClient, RejectedError } from "./src/client.js";
 import { FileStorage } from "./src/node/fileStorage.js";
+import { EnrollmentKeyError, resolveEnrollmentKey } from "./src/node/enrollmentKey.js";
 import { NpzError, readNpz } from "./src/node/npz.js";
 import { DEFAULT_RETRY } from "./src/retry.js";
 import { ortRuntime, type OrtModule } from "./src/runtime.js";
 import { AgentState } from "./src/state.js";
+import { checkTransport, TransportError } from "./src/transport.js";
 
-const USAGE = `usage: node dist/cli.js run --coordinator URL --data FILE.npz --state-dir DIR --enrollment-key KEY
-       [--once | --rounds N] [--name NAME] [--max-wait S] [--timeout S] [--retries N] [--seed S] [--json]`;
+const USAGE = `usage: node dist/cli.js run --coordinator URL --data FILE.npz --state-dir DIR
+       [--enrollment-key-file FILE | --enrollment-key KEY | PF_ENROLLMENT_KEY=KEY] [--insecure]
+       [--once | --rounds N] [--name NAME] [--max-wait S] [--timeout S] [--retries N] [--seed S]
+       [--rotate-token-days D] [--json]`;
 
 function fail(message: string): never {
   process.stderr.write(`pf-agent-js: ${message}\n${USAGE}\n`);
@@ -47,6 +53,9 @@ async function main(argv: string[]): Promise<number> {
       data: { type: "string" },
       "state-dir": { type: "string" },
       "enrollment-key": { type: "string" },
+      "enrollment-key-file": { type: "string" },
+      insecure: { type: "boolean", default: false },
+      "rotate-token-days": { type: "string" },
       name: { type: "string" },
       once: { type: "boolean", default: false },
       rounds: { type: "string" },
@@ -59,8 +68,16 @@ async function main(argv: string[]): Promise<number> {
     },
   });
   if (positionals[0] !== "run" || positionals.length !== 1) fail("the only command is 'run'");
-  for (const required of ["coordinator", "data", "state-dir", "enrollment-key"] as const) {
+  for (const required of ["coordinator", "data", "state-dir"] as const) {
     if (!values[required]) fail(`--${required} is required`);
+  }
+  let enrollmentKey: string;
+  try {
+    checkTransport(values.coordinator!, values.insecure);
+    enrollmentKey = resolveEnrollmentKey(values["enrollment-key"], values["enrollment-key-file"], process.env);
+  } catch (error) {
+    if (error instanceof TransportError || error instanceof EnrollmentKeyError) fail(error.message);
+    throw error;
   }
   let data;
   try {
@@ -89,12 +106,13 @@ async function main(argv: string[]): Promise<number> {
   const agent = new Agent(
     {
       coordinator: values.coordinator!,
-      enrollmentKey: values["enrollment-key"]!,
+      enrollmentKey,
       name: values.name ?? null,
       once: values.once,
       rounds,
       maxWait: positive(values["max-wait"], "max-wait", 30),
       seed: positive(values.seed, "seed", 0, true),
+      rotateTokenDays: positive(values["rotate-token-days"], "rotate-token-days", 30),
     },
     {
       client,

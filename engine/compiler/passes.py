@@ -16,7 +16,7 @@ from .lowering import share_im2col
 from .program import Node, Program
 from .updates import flat_updates
 
-_NON_DETERMINISTIC = (DropoutMask, AddUpdate)  # never folded or merged
+NON_DETERMINISTIC = (DropoutMask, AddUpdate)  # never folded or merged
 _MAX_FOLD_ELEMENTS = 1 << 16  # don't bake large tensors produced from constants into the program
 
 
@@ -25,7 +25,7 @@ def constant_folding(program: Program) -> None:
     folded: dict[int, Node] = {}
     for node in program.nodes:
         inputs = [folded.get(id(i), i) for i in node.inputs]
-        if node.kind != "op" or isinstance(node.op, _NON_DETERMINISTIC) or not inputs:
+        if node.kind != "op" or isinstance(node.op, NON_DETERMINISTIC) or not inputs:
             continue
         if all(i.kind == "const" for i in inputs):
             value = np.asarray(node.op.forward(*[i.value for i in inputs]))
@@ -54,7 +54,7 @@ def common_subexpressions(program: Program) -> None:
             if node.value.size > 64:
                 continue
             key = ("const", node.value.dtype.str, node.value.shape, node.value.tobytes())
-        elif node.kind == "op" and not isinstance(node.op, _NON_DETERMINISTIC):
+        elif node.kind == "op" and not isinstance(node.op, NON_DETERMINISTIC):
             key = (node.op.key(), tuple(id(i) for i in node.inputs))
         else:
             continue

@@ -57,6 +57,15 @@ class Operator(ABC):
     # An elementwise operator's output[i] depends only on its inputs at i, so the output may
     # overwrite a same-shaped input that nobody reads afterwards (the in-place pass).
     elementwise: ClassVar[bool] = False
+    # Inputs the kernel reads only the shape of (a gradient's `like`, a mean's count): a node whose
+    # other inputs are constants computes the same value every step under one plan, so the runtime
+    # computes it once per plan and drops the instruction (see engine/runtime.py).
+    shape_only_inputs: ClassVar[tuple[int, ...]] = ()
+
+    def passes_through(self, *xs: np.ndarray) -> int | None:
+        """k when, for inputs shaped like `xs`, the result is input k unchanged (same shape and
+        dtype): the plan then makes the output that input's buffer instead of copying it."""
+        return None
 
     def forward_into(self, ws: Workspace, out: np.ndarray, *xs: np.ndarray) -> None:
         """Write the result into the preallocated `out`; scratch arrays come from `ws`.

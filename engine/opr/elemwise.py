@@ -304,6 +304,10 @@ class SumToShapeOf(Operator):
     """Sum `x` over the axes where it was broadcast relative to `like`."""
 
     n_inputs = 2
+    shape_only_inputs = (1,)
+
+    def passes_through(self, x, like):
+        return 0 if x.shape == like.shape else None
 
     def infer(self, x, like):
         broadcast_shapes(self.type_name, x.shape, like.shape)
@@ -338,6 +342,7 @@ class BroadcastLike(Operator):
     """Broadcast `x` to the shape of `like` (the gradient of a sum)."""
 
     n_inputs = 2
+    shape_only_inputs = (1,)
 
     def infer(self, x, like):
         return broadcast_shapes(self.type_name, x.shape, like.shape), x.dtype

@@ -132,12 +132,16 @@ class IndexingOneHot(Operator):
             return lambda x, index: np.copyto(out, self.forward(x, index))
         positions = _flat_positions(ws, index, x.shape[1])
 
+        classes, unsigned = x.shape[1], np.dtype(index.dtype.str.replace("i", "u"))
+
         def run(x, index):
             if not x.flags.c_contiguous:
                 np.copyto(out, self.forward(x, index))
                 return
-            self.check(x, index)
-            np.take(x.reshape(-1), positions(index), out=out)
+            # one reduction checks both bounds: a negative label is a huge unsigned one
+            if index.size and index.view(unsigned).max() >= classes:
+                self.check(x, index)
+            x.reshape(-1).take(positions(index), out=out)
 
         return run
 
@@ -231,9 +235,11 @@ class SoftmaxCrossEntropyGrad(Operator):
     def bind(self, ws, out, log_p, label, dpicked):
         axis = self.axis
 
+        column = out.shape[:axis] + (1,) + out.shape[axis + 1 :]  # dpicked with the class axis put back
+
         def scaled(log_p, dpicked):  # -softmax * d, then + d at each label: d - softmax * d, bit for bit
             np.exp(log_p, out=out)
-            np.multiply(out, np.expand_dims(dpicked, axis), out=out)
+            np.multiply(out, dpicked.reshape(column), out=out)
             np.negative(out, out=out)
 
         if out.ndim == 2 and axis == 1:
@@ -244,9 +250,9 @@ class SoftmaxCrossEntropyGrad(Operator):
             def run(log_p, label, dpicked):
                 scaled(log_p, dpicked)
                 flat = positions(label)
-                np.take(flat_out, flat, out=picked)
+                flat_out.take(flat, out=picked)
                 np.add(picked, dpicked, out=picked)
-                np.put(flat_out, flat, picked)
+                flat_out.put(flat, picked)
 
             return run
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from functools import partial
 
 import numpy as np
+from numpy.lib.stride_tricks import as_strided
 
 from ..graph import ShapeError
 from .base import Operator, Workspace, shape_str
@@ -110,9 +111,12 @@ class Pooling(_PoolGeometry):
         index = [idx for _, _, idx in self._taps(*out.shape[2:])]
         combine = np.maximum if self.mode == "max" else np.add
         size = np.asarray(len(index), out.dtype)
+        last: list = [None, None]  # under a plan x is the same buffer every step: slice it once
 
         def run(x):
-            taps = [x[idx] for idx in index]
+            if x is not last[0]:
+                last[:] = [x, [x[idx] for idx in index]]
+            taps = last[1]
             combine(taps[0], taps[1], out=out) if len(taps) > 1 else np.copyto(out, taps[0])
             for tap in taps[2:]:
                 combine(out, tap, out=out)
@@ -262,10 +266,46 @@ class MaxPoolReluBackward(_PoolGeometry):
         router = _first_max_router(ws, out, dout.shape, index, ragged)
         positive = ws.get("positive", dout.shape, np.dtype(bool))
         masked = ws.get("masked", dout.shape, dout.dtype)
+        if ow < 8 and dout.size > 1024:  # short rows, many of them: the tap-wise router is faster
+            return self._tapwise(router, index, positive, masked)
+        # Every tap at once: (KH, KW, N, C, OH, OW) views of y and of the gradient, one call each.
+        hits = ws.get("hits", (*self.window, *dout.shape), np.dtype(bool))
+        dx_taps = _tap_view(out, self.window, dout.shape, writeable=True)
+        last: list = [None, None]
+        greater, multiply, equal, logical_and = np.greater, np.multiply, np.equal, np.logical_and
+        count = np.count_nonzero
 
+        def run(y, pooled, dout):
+            greater(pooled, 0, out=positive)
+            multiply(dout, positive, out=masked)
+            if y is not last[0]:  # under a plan y is the same buffer every step: view it once
+                last[:] = [y, _tap_view(y, self.window, dout.shape)]
+            # Only windows with a positive maximum send gradient (elsewhere masked is +-0 or NaN and
+            # every tap gets masked * 0/1 = the same bits whichever tap wins). Where each of those has
+            # exactly one tap equal to its maximum, that tap is the first one: route all taps at once.
+            equal(last[1], pooled, out=hits)
+            logical_and(hits, positive, out=hits)
+            if count(hits) == count(positive):
+                if ragged:
+                    out.fill(0)
+                multiply(masked, hits, out=dx_taps)
+            else:  # ties in some window: the first tap equal to the maximum takes it
+                router([y[idx] for idx in index], pooled, masked)
+
+        return run
+
+    @staticmethod
+    def _tapwise(router, index, positive, masked):
         def run(y, pooled, dout):
             np.greater(pooled, 0, out=positive)
             np.multiply(dout, positive, out=masked)
             router([y[idx] for idx in index], pooled, masked)
 
         return run
+
+
+def _tap_view(x: np.ndarray, window, shape: tuple, writeable: bool = False) -> np.ndarray:
+    """The (KH, KW, N, C, OH, OW) view of tiled windows over x: [i, j] is tap (i, j) of every window."""
+    s0, s1, s2, s3 = x.strides
+    kh, kw = window
+    return as_strided(x, (kh, kw, *shape), (s2, s3, s0, s1, s2 * kh, s3 * kw), writeable=writeable)

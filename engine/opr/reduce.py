@@ -94,6 +94,7 @@ class CountRatio(Operator):
     """size(reduced) / size(x) as a scalar: the mean's scale, known even when sizes are fed late."""
 
     n_inputs = 2
+    shape_only_inputs = (0, 1)
 
     def infer(self, reduced, x):
         return (), x.dtype
@@ -119,6 +120,7 @@ class BesselCorrection(Operator):
     variance of batch norm). One value per channel has no variance: an error, as in PyTorch."""
 
     n_inputs = 2
+    shape_only_inputs = (0, 1)
 
     def infer(self, reduced, x):
         return (), x.dtype

@@ -63,6 +63,7 @@ class ReshapeLike(Operator):
     operators whose sizes are fed late need no static shape."""
 
     n_inputs = 2
+    shape_only_inputs = (1,)
 
     @classmethod
     def make(cls, x: SymbolVar, like: SymbolVar, keep_axes: Sequence[int] = (), name: str | None = None) -> SymbolVar:

@@ -76,7 +76,7 @@ def dumps(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, Any] | None 
     for name, value in tensors.items():
         array = np.asarray(value)
         dtype_name = _dtype_name(array)
-        raw = np.ascontiguousarray(array, dtype=DTYPES[dtype_name]).tobytes()
+        raw = memoryview(np.ascontiguousarray(array, dtype=DTYPES[dtype_name]).reshape(-1)).cast("B")  # no copy
         entries.append(
             {"name": str(name), "dtype": dtype_name, "shape": list(array.shape), "offset": offset, "nbytes": len(raw)}
         )

@@ -97,7 +97,13 @@ class OneUploadPerTask(Scenario):
         if self.run == 0:
             return False  # the agent exits after its task
         offered = [s.answered for s in self.checkins() if s.arrived >= self.run_started[1] and s.answered]
-        return bool(offered) and self.settled_after(offered[0], 3.0)
+        return bool(offered) and self.settled_after(offered[0], 3.0 + 2 * self.first_task_seconds())
+
+    def first_task_seconds(self) -> float:
+        """How long the first run took from its task to its upload: a forgetful agent retraining after the
+        restart would need about as long again (more on a loaded machine) before its second upload shows."""
+        first = [s.answered for s in self.checkins() if s.arrived < self.run_started[1] and s.answered]
+        return max(0.0, self.uploads[0].seen.arrived - first[0]) if first and self.uploads else 0.0
 
     def verdict(self) -> list[str]:
         found = super().verdict()

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Annotated
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
-from coordinator.api.body import read_limited
+from coordinator.api.body import read_body
 from coordinator.api.deps import DeviceDep, ServicesDep
 from coordinator.api.routers.rounds import RoundId
 from coordinator.api.schemas import UploadAccepted
@@ -55,29 +56,55 @@ async def upload(
     """Upload a weight delta. Replaying the same Idempotency-Key returns the same answer and counts once."""
     if not idempotency_key:
         raise Refused(400, "Idempotency-Key: header is required", "missing_idempotency_key")
-    admitted = admit(services, device.id, round_id, idempotency_key)
-    in_flight: set[str] = request.app.state.uploads_in_flight
-    if device.id in in_flight:
+    declared = request.headers.get("content-length")
+    answer = await receive_upload(
+        services,
+        request.app.state,
+        device.id,
+        round_id,
+        idempotency_key,
+        lambda limit: read_body(request.receive, declared, limit),
+    )
+    return JSONResponse(answer, status_code=202)
+
+
+async def receive_upload(
+    services: Services,
+    state: Any,
+    device_id: str,
+    round_id: int,
+    key: str,
+    read: Callable[[int], Awaitable[bytes | bytearray]],
+) -> dict:
+    """The 202 body for one upload (raises Refused): admission, one upload in flight per device, an
+    upload slot, the body (`read(limit)`), then decoding and validation on a worker thread and the
+    group-commit writer. Shared by the FastAPI route and the raw ASGI path (api/fast_upload.py)."""
+    admitted = admit(services, device_id, round_id, key)
+    in_flight: set[str] = state.uploads_in_flight
+    if device_id in in_flight:
         raise Refused(
             429, "upload: this device already has an upload in flight", "upload_in_flight", headers={"Retry-After": "5"}
         )
-    in_flight.add(device.id)
+    in_flight.add(device_id)
     metrics, started = services.metrics, time.perf_counter()
     try:
-        async with request.app.state.upload_slots:  # bounded memory: waiting bodies stay in the socket buffers
-            body = await read_limited(request, services.settings.max_body_bytes)
-            metrics.upload_bytes.observe(len(body))
-            prepared = await run_in_threadpool(
-                services.ingest.prepare, device.id, round_id, idempotency_key, body, admitted
-            )
-            del body
+        async with state.upload_slots:  # bounded memory: waiting bodies stay in the socket buffers
+            expected = services.writer.expect()  # the group commit may wait a little for this one
+            try:
+                body = await read(services.settings.max_body_bytes)
+                metrics.upload_bytes.observe(len(body))
+                # decoded and validated on a worker thread, then queued for the group-commit writer
+                prepared = await run_in_threadpool(
+                    services.ingest.prepare_and_submit, device_id, round_id, key, body, admitted, expected
+                )
+                del body
+            finally:
+                expected.done()
             if isinstance(prepared, dict):  # a replayed key: the first answer again
-                return JSONResponse(prepared, status_code=202)
-            # answered once the update is durably committed, in a group with others (service/writer.py)
-            answer = await asyncio.wrap_future(services.ingest.submit(prepared))
-        return JSONResponse(answer, status_code=202)
+                return prepared
+            return await asyncio.wrap_future(prepared)  # once durably committed (service/writer.py)
     finally:
-        in_flight.discard(device.id)
+        in_flight.discard(device_id)
         metrics.upload_seconds.observe(time.perf_counter() - started)
 
 

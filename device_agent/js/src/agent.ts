@@ -34,7 +34,10 @@ export interface AgentConfig {
   once?: boolean;
   maxWait?: number; // our own idle interval (s), used only when the server named no wait
   seed?: number;
+  rotateTokenDays?: number; // trade the token for a new one this often (0: never)
 }
+
+const DAY = 86400;
 
 export interface Verdict {
   ok: boolean;
@@ -70,7 +73,7 @@ export class Agent {
   private readonly deps: Required<AgentDeps>;
 
   constructor(config: AgentConfig, deps: AgentDeps) {
-    this.config = { name: null, rounds: null, once: false, maxWait: 30, seed: 0, ...config };
+    this.config = { name: null, rounds: null, once: false, maxWait: 30, seed: 0, rotateTokenDays: 30, ...config };
     this.deps = {
       eligible: async () => ({ ok: true, reason: "conditions not checked" }),
       sleep: (s) => new Promise((resolve) => setTimeout(resolve, s * 1000)),
@@ -130,13 +133,28 @@ export class Agent {
     return records;
   }
 
+  /** A valid token for the client: the saved one, a rotated one when it is `rotateTokenDays` old, or a
+   * fresh enrollment. A lost rotation answer ends in a 401 and one new enrollment (run()), never a
+   * device locked out for good. */
   async ensureEnrolled(): Promise<void> {
-    let identity = await this.deps.state.identity(this.config.coordinator);
+    const now = this.deps.clock();
+    const { coordinator, rotateTokenDays } = this.config;
+    let identity = await this.deps.state.identity(coordinator);
     if (!identity) {
       const { deviceId, token } = await this.client.enroll(this.config.enrollmentKey, this.config.name);
-      identity = { coordinator: this.config.coordinator, deviceId, token };
+      identity = { coordinator, deviceId, token, issuedAt: now };
       await this.deps.state.saveIdentity(identity);
       this.deps.log(`enrolled as device ${deviceId}`);
+    } else if (typeof identity.issuedAt !== "number") {
+      identity = { ...identity, issuedAt: now }; // saved before tokens had an age: its clock starts now
+      await this.deps.state.saveIdentity(identity);
+    } else if (rotateTokenDays > 0 && now - identity.issuedAt >= rotateTokenDays * DAY) {
+      const days = (now - identity.issuedAt) / DAY;
+      this.client.token = identity.token;
+      const token = await this.client.rotateToken(identity.deviceId);
+      identity = { ...identity, token, issuedAt: now };
+      await this.deps.state.saveIdentity(identity);
+      this.deps.log(`token rotated after ${days.toFixed(0)} days`);
     }
     this.client.token = identity.token;
   }

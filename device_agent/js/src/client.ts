@@ -198,6 +198,14 @@ export class CoordinatorClient {
     return { deviceId: body.device_id, token: body.token };
   }
 
+  /** POST /v1/devices/{id}/token: a new token; the one presented stops working. */
+  async rotateToken(deviceId: string): Promise<string> {
+    const answer = await this.request("POST", `/v1/devices/${encodeURIComponent(deviceId)}/token`, { ok: [200] });
+    const body = CoordinatorClient.json(answer) as { token?: unknown };
+    if (typeof body.token !== "string") throw new ProtocolError("token rotation answer: token must be a string");
+    return body.token;
+  }
+
   async checkin(numSamples: number | null): Promise<CheckinAnswer> {
     const answer = await this.request("POST", "/v1/checkin", {
       ok: [200],

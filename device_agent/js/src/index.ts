@@ -15,4 +15,5 @@ export { sha256, sha256Hex } from "./sha256.js";
 export { AgentState } from "./state.js";
 export { MemoryStorage, type Storage } from "./storage.js";
 export { StepTrainer } from "./trainer.js";
+export { checkTransport, TransportError } from "./transport.js";
 export { decodeUpdate, encodeUpdate, type Encoding } from "./update.js";

@@ -3,7 +3,7 @@
  * Storage. A large blob is written before the small JSON record that names its sha256, so a kill between
  * the two leaves a record that does not match and is ignored: never half of one version.
  *
- *   identity.json          {coordinator, deviceId, token}
+ *   identity.json          {coordinator, deviceId, token, issuedAt}
  *   model.json, model.pfm  the cached base model file: {version, etag, sha256} + bytes
  *   step.json, step.onnx   the cached training step of that version
  *   pending.json, .bin     an update not yet acknowledged: {roundId, idempotencyKey, sha256, deadline, attempted, record}
@@ -25,6 +25,7 @@ export interface Identity {
   coordinator: string;
   deviceId: string;
   token: string;
+  issuedAt?: number; // unix seconds the token was issued (absent: saved before tokens had an age)
 }
 
 export interface CachedFile {

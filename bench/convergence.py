@@ -11,7 +11,10 @@ The federated runs take the real path: `pf-sim`'s Simulation, i.e. a coordinator
 worker processes over HTTP on loopback; with --stacked, `pf-sim --stacked`'s in-process loop (the
 same local math and strategy classes, several times faster). --strategies runs each named
 strategy (coordinator/strategies; fedavgm takes --server-momentum and --server-lr) on each split;
---lr-schedule cosine (--stacked) decays the device lr from --lr to --lr-final x --lr over the rounds.
+--lr-schedule cosine (--stacked) decays the device lr from --lr to --lr-final x --lr over the rounds;
+--server-average D publishes (and evaluates) a moving average of the global models (the latest model's
+figures are reported beside, as latest_*); --restricted-softmax A trains devices with FedRS's restricted
+softmax; --seeds 0,1 repeats each federated run per seed.
 Devices keep no held-out part here (--holdout 0, all 600
 samples train), so personal accuracy is not measured. One JSON line per split and one for the
 centralized run: rounds to 75% / 85% test accuracy (null = not reached), final accuracy, seconds.
@@ -45,7 +48,7 @@ def rounds_to(accuracies: list[float], target: float) -> int | None:
     return next((i + 1 for i, a in enumerate(accuracies) if a >= target), None)
 
 
-def federated(split: str, strategy: str, args: argparse.Namespace) -> dict:
+def federated(split: str, strategy: str, seed: int, args: argparse.Namespace) -> dict:
     momentum = {"server_momentum": args.server_momentum} if args.server_momentum is not None else {}
     config = SimConfig(
         strategy=strategy,
@@ -59,7 +62,7 @@ def federated(split: str, strategy: str, args: argparse.Namespace) -> dict:
         lr=args.lr,
         momentum=args.momentum,
         partition=split,
-        seed=args.seed,
+        seed=seed,
         data=args.data,
         workers=args.workers,
         holdout=0.0,
@@ -74,6 +77,8 @@ def federated(split: str, strategy: str, args: argparse.Namespace) -> dict:
             feddyn_alpha=args.feddyn_alpha,
             lr_schedule=args.lr_schedule,
             lr_final=args.lr_final,
+            server_average=args.server_average,
+            restricted_softmax=args.restricted_softmax,
         )
         sim = StackedSimulation(config, emit, options)
     else:
@@ -81,10 +86,14 @@ def federated(split: str, strategy: str, args: argparse.Namespace) -> dict:
     summary = sim.run()
     acc = summary["accuracy_by_round"]
     return {
-        "run": f"{strategy}/{split}",
+        "run": f"{strategy}{'' if args.restricted_softmax is None else '+fedrs'}"
+        f"{'' if args.server_average is None else '+average'}/{split}",
+        "seed": seed,
         "server_lr": args.server_lr,
         "server_momentum": args.server_momentum if strategy == "fedavgm" else None,
         "feddyn_alpha": args.feddyn_alpha if strategy == "feddyn" else None,
+        "server_average": args.server_average,
+        "restricted_softmax": args.restricted_softmax,
         "lr": args.lr,
         "lr_schedule": args.lr_schedule if args.stacked else "constant",
         "lr_final": args.lr_final if args.stacked and args.lr_schedule != "constant" else None,
@@ -94,11 +103,24 @@ def federated(split: str, strategy: str, args: argparse.Namespace) -> dict:
         "final_accuracy": summary["final_accuracy"],
         **{f"rounds_to_{int(t * 100)}": rounds_to(acc, t) for t in TARGETS},
         "accuracy_by_round": [round(a, 4) for a in acc],
+        **latest_model(summary),
         "bytes_up": summary["bytes_up"],
         "bytes_down": summary.get("bytes_down"),
         "seconds": round(time.perf_counter() - started, 1),
         "seconds_per_round": summary["seconds_per_round"],
         "path": "pf-sim --stacked" if args.stacked else "pf-sim over HTTP",
+    }
+
+
+def latest_model(summary: dict) -> dict:
+    """With --server-average the published model is the average; the latest global model's figures too."""
+    latest = summary.get("latest_accuracy_by_round")
+    if latest is None or latest == summary["accuracy_by_round"]:
+        return {}
+    return {
+        "latest_peak_accuracy": round(max(latest), 4),
+        **{f"latest_rounds_to_{int(t * 100)}": rounds_to(latest, t) for t in TARGETS},
+        "latest_accuracy_by_round": [round(a, 4) for a in latest],
     }
 
 
@@ -147,6 +169,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--momentum", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", default=None, help="comma-separated seeds: each federated run once per seed")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--no-centralized", action="store_true")
     parser.add_argument("--strategies", default="fedavg", help="comma-separated strategy names")
@@ -156,16 +179,24 @@ def main() -> None:
     parser.add_argument("--feddyn-alpha", type=float, default=0.01, help="feddyn (--stacked only)")
     parser.add_argument("--lr-schedule", default="constant", help="device lr over rounds: constant|cosine (--stacked)")
     parser.add_argument("--lr-final", type=float, default=0.0, help="cosine's last-round fraction of --lr")
+    parser.add_argument(
+        "--server-average", type=float, default=None, help="publish a moving average of the models (--stacked)"
+    )
+    parser.add_argument("--restricted-softmax", type=float, default=None, help="FedRS alpha on devices (--stacked)")
     parser.add_argument("--json", action="store_true", help="one JSON line per run on stdout")
     args = parser.parse_args()
     if not Path(args.data).is_dir():
         sys.exit(f"convergence: {args.data} not found; install the full Fashion-MNIST or pass --data")
+    if (args.server_average is not None or args.restricted_softmax is not None) and not args.stacked:
+        sys.exit("convergence: --server-average and --restricted-softmax need --stacked")
+    seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [args.seed]
     runs = [
-        lambda s=s, st=st: federated(s, st, args)
+        lambda s=s, st=st, seed=seed: federated(s, st, seed, args)
         for s in args.splits.split(",")
         if s
         for st in args.strategies.split(",")
         if st
+        for seed in seeds
     ]
     if not args.no_centralized:
         runs.append(lambda: centralized(args))
@@ -175,7 +206,8 @@ def main() -> None:
             print(json.dumps(result), flush=True)
         else:
             print(
-                f"{result['run']:>16}: final {result['final_accuracy']:.4f}, rounds to 75% "
+                f"{result['run']:>16} seed {result.get('seed', args.seed)}: final {result['final_accuracy']:.4f}, "
+                f"rounds to 75% "
                 f"{result['rounds_to_75']}, to 80% {result['rounds_to_80']}, to 85% {result['rounds_to_85']} "
                 f"({result['seconds']:.0f} s)"
             )

@@ -52,6 +52,10 @@ class RoundSettings(BaseModel):
     beta2: float = Field(0.99, ge=0, lt=1.0, description="FedAdam second-moment decay")
     tau: float = Field(1e-3, gt=0, description="FedAdam adaptivity (epsilon)")
     fedprox_mu: float = Field(0.01, ge=0, description="FedProx proximal weight sent to devices")
+    feddyn_alpha: float = Field(0.01, gt=0, le=10.0, description="FedDyn regularization alpha sent to devices")
+    participation: float = Field(
+        0.1, gt=0, le=1.0, description="FedDyn: the fraction of all devices one round trains (goal / population)"
+    )
     encoding: Encoding = "float32"
     topk_fraction: float | None = Field(None, gt=0, le=1.0, description="top-k sparsification; None = dense")
     clip_norm: float | None = Field(None, gt=0, description="device-side L2 clipping; None = none")
@@ -112,10 +116,6 @@ class RoundSettings(BaseModel):
     def _known_strategy(cls, name: str) -> str:
         if name not in STRATEGIES:  # the registry, so a new strategy class needs no change here
             raise ValueError(f"strategy {name!r} is not one of {', '.join(STRATEGIES)}")
-        if getattr(STRATEGIES[name], "device_side", False):
-            raise ValueError(
-                f"strategy {name!r} needs devices that run its local objective; only pf-sim --stacked does"
-            )
         return name
 
     @model_validator(mode="after")
@@ -133,6 +133,14 @@ class RoundSettings(BaseModel):
             raise ValueError(
                 f"dp_noise_multiplier needs a mean-based strategy; {self.strategy!r} is not "
                 "(DP noise is calibrated to the mean of clipped updates)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _device_state_needs_plain_uploads(self) -> RoundSettings:
+        if getattr(STRATEGIES[self.strategy], "device_side", False) and self.secure_aggregation:
+            raise ValueError(  # the agents' secure-aggregation path keeps no FedDyn state
+                f"strategy {self.strategy!r} keeps per-device state that secure aggregation rounds do not update"
             )
         return self
 

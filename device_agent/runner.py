@@ -13,13 +13,12 @@
         persist, then upload (a crash after this point re-sends the same bytes)
         fine-tune the personal layers, report one JSON line
 
-A temporary refusal (network down, 5xx, 408/429/503 after every retry) never ends the loop: the
-agent waits as the server asked (or `max_wait` when it did not say) and carries on. Only a
-permanent refusal of enrollment or check-in (a 4xx other than a token we can renew) stops it.
+A temporary refusal (network down, 5xx, 408/429/503 after every retry) never ends the loop: the agent waits as the
+server asked (or `max_wait` when it did not say) and carries on. Only a permanent refusal of enrollment or check-in (a
+4xx other than a token we can renew) stops it.
 
-Raw samples, labels and file names never leave this module: the only things built for
-the network are the update container (deltas, sample count, aggregate metrics) and the
-JSON control messages in client.py.
+Raw samples, labels and file names never leave this module: the only things built for the network
+are the update container (deltas, sample count, aggregate metrics) and the JSON control messages in client.py.
 """
 
 from __future__ import annotations
@@ -34,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from device_agent import feddyn
 from device_agent.client import CoordinatorClient, DeadlinePassed, RejectedError, UnavailableError
 from device_agent.credentials import ensure_token
 from device_agent.eligibility import Probe
@@ -229,7 +229,8 @@ class Agent:
             "encoding": task.encoding,
             "topk_fraction": task.topk_fraction,
         }
-        self.state.save_pending(round_id, body, residual, record, deadline=task.deadline)
+        g = feddyn.next_g(task, self.state.feddyn(), delta)  # FedDyn's new g, adopted once acknowledged
+        self.state.save_pending(round_id, body, residual, record, deadline=task.deadline, feddyn=g)
         return self.personalize(self.send_pending())
 
     def train_locally(self, task: Task, data: bytes) -> tuple[dict[str, np.ndarray], dict[str, float]] | None:
@@ -254,7 +255,7 @@ class Agent:
             model,
             optimizer=make_sgd(task.lr, task.momentum),
             trainable=trainable,
-            prox_mu=task.fedprox_mu,
+            **feddyn.trainer_options(task, self.state.feddyn(), base),
             batch_size=min(task.batch_size, train_set.size()),
             seed=self.config.seed + round_id,
         )

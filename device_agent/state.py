@@ -13,6 +13,8 @@ version, never half of one. Layout::
                          not yet acknowledged ("attempted": a send was started, so the server may hold it)
     pending.bin          its bytes
     pending-residual.pft the residual to adopt once the pending update is acknowledged
+    feddyn.pft           FedDyn's g (container kind "feddyn"; device_agent/feddyn.py)
+    pending-feddyn.pft   the g to adopt once the pending update is acknowledged
     progress.json        {"last_round": id} - the last round this device finished (uploaded or dropped)
 """
 
@@ -108,6 +110,11 @@ class AgentState:
         found = self._load_tensors("residual.pft", "residual")
         return found[0] if found else {}
 
+    def feddyn(self) -> dict[str, np.ndarray]:
+        """FedDyn's g: zero (empty) until a FedDyn round's update is acknowledged."""
+        found = self._load_tensors("feddyn.pft", "feddyn")
+        return found[0] if found else {}
+
     # ------------------------------------------------------------------ the pending upload
 
     def save_pending(
@@ -117,13 +124,16 @@ class AgentState:
         residual: dict[str, np.ndarray] | None,
         record: dict[str, Any],
         deadline: float | None = None,
+        feddyn: dict[str, np.ndarray] | None = None,
     ) -> str:
-        """Persist an update before sending it; returns its idempotency key (new, random)."""
+        """Persist an update before sending it, with the residual and FedDyn g to adopt once it is
+        acknowledged; returns its idempotency key (new, random)."""
         key = uuid.uuid4().hex
-        if residual is not None:
-            save(self._path("pending-residual.pft"), residual, {"round_id": round_id}, kind="residual")
-        else:
-            self._path("pending-residual.pft").unlink(missing_ok=True)
+        for name, kind, tensors in (("residual", "residual", residual), ("feddyn", "feddyn", feddyn)):
+            if tensors is not None:
+                save(self._path(f"pending-{name}.pft"), tensors, {"round_id": round_id}, kind=kind)
+            else:
+                self._path(f"pending-{name}.pft").unlink(missing_ok=True)
         write_atomic(self._path("pending.bin"), body)
         write_json_atomic(
             self._path("pending.json"),
@@ -158,11 +168,12 @@ class AgentState:
         return info, body
 
     def finish_pending(self, acknowledged: bool) -> None:
-        """Acknowledged: adopt the new residual. Either way the pending update is gone afterwards."""
-        staged = self._path("pending-residual.pft")
-        if acknowledged and staged.exists():
-            os.replace(staged, self._path("residual.pft"))
-        staged.unlink(missing_ok=True)
+        """Acknowledged: adopt the new residual and FedDyn g. Either way the pending update is gone afterwards."""
+        for name in ("residual", "feddyn"):
+            staged = self._path(f"pending-{name}.pft")
+            if acknowledged and staged.exists():
+                os.replace(staged, self._path(f"{name}.pft"))
+            staged.unlink(missing_ok=True)
         info = read_json(self._path("pending.json"))
         if isinstance(info, dict):  # record the round as done first: a kill after this line loses nothing
             self.set_last_round(int(info["round_id"]))

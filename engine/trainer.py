@@ -47,14 +47,18 @@ class Trainer:
         seed: int = 0,
         clip_grad_norm: float | None = None,
         schedule: Schedule | None = None,
+        linear_term: Mapping[str, np.ndarray] | None = None,
     ) -> None:
+        """`prox_mu` adds FedProx's mu/2 ||w - anchor||^2 to the objective; `linear_term` = g adds
+        - <g, w> (zero for weights g does not name; `set_linear_term` changes it). FedDyn's device
+        objective is both, with mu = alpha."""
         self.model, self.batch_size, self.seed = model, batch_size, seed
         try:
-            training = build_training_graph(model, loss, optimizer, trainable, prox_mu, clip_grad_norm)
+            training = build_training_graph(model, loss, optimizer, trainable, prox_mu, clip_grad_norm, linear_term)
         except GraphError as exc:
             raise type(exc)(f"Trainer: {exc}") from None
         self.optimizer, self.trainable = training.optimizer, [w.name for w in training.weights]
-        self.loss_var, self._anchor = training.loss, training.anchors
+        self.loss_var, self._anchor, self._linear = training.loss, training.anchors, training.linear
         graph, logits, updates = model.graph, model.output, training.updates
         self.schedule, self.global_step = schedule, 0
         self.train_fn = graph.compile([self.loss_var, logits], updates=updates)
@@ -68,6 +72,16 @@ class Trainer:
     def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
         self.model.load_state_dict(weights, strict=False)
         self.reset_prox_anchor()
+
+    def set_linear_term(self, g: Mapping[str, np.ndarray]) -> None:
+        """g of the objective's - <g, w> (built with linear_term=True); names absent from g get zeros."""
+        if not self._linear:
+            raise ValueError("set_linear_term: this Trainer was built without a linear_term")
+        for name, var in self._linear.items():
+            value = g.get(name)
+            if value is not None and np.shape(value) != var.value.shape:
+                raise ValueError(f"set_linear_term: {name} has shape {np.shape(value)}, the weight {var.value.shape}")
+            var.value[...] = 0 if value is None else value
 
     def reset_prox_anchor(self) -> None:
         """Make the current weights the FedProx reference point."""

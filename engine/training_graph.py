@@ -6,8 +6,10 @@ it for the engine's runtime, and `engine.onnx.export_training_step` lowers it to
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from . import opr
 from .autodiff import grad
@@ -28,6 +30,7 @@ class TrainingGraph:
     updates: list[SymbolVar]  # one AddUpdate per weight; optimizer state updates hang off them
     optimizer: IOptimizer
     anchors: dict[str, SymbolVar] = field(default_factory=dict)  # weight name -> FedProx anchor
+    linear: dict[str, SymbolVar] = field(default_factory=dict)  # weight name -> g of the -<g, w> term
 
 
 def build_training_graph(
@@ -37,6 +40,7 @@ def build_training_graph(
     trainable: Sequence[str] | None = None,
     prox_mu: float = 0.0,
     clip_grad_norm: float | None = None,
+    linear_term: Mapping[str, np.ndarray] | None = None,
 ) -> TrainingGraph:
     """Add label, loss, gradients and updates for `trainable` (default: `model.trainable`) to the model's graph."""
     optimizer = optimizer or SGD(0.01, momentum=0.9)
@@ -68,8 +72,16 @@ def build_training_graph(
             start=opr.sum((weights[0] - anchors[weights[0].name]) ** 2.0),
         )
         objective = objective + prox * (prox_mu / 2)
+    linear: dict[str, SymbolVar] = {}
+    if linear_term is not None:  # FedDyn: - <g, w>, g a per-device state (zero where not given)
+        for w in weights:
+            g = np.zeros_like(w.value) if w.name not in linear_term else np.asarray(linear_term[w.name], w.value.dtype)
+            if g.shape != w.value.shape:
+                raise GraphError(f"linear term of {w.name} has shape {g.shape}, the weight {w.value.shape}")
+            linear[w.name] = opr.shared(graph, g, f"{w.name}.linear_term", trainable=False)
+            objective = objective - opr.sum(linear[w.name] * w)
     grads = grad(objective, weights)
     if clip_grad_norm is not None:  # one global norm over every gradient (clip_grad_norm_)
         grads = clip_by_global_norm(grads, clip_grad_norm)
     updates = optimizer.make_multiple(weights, grads, graph)
-    return TrainingGraph(model, label, loss_var, weights, updates, optimizer, anchors)
+    return TrainingGraph(model, label, loss_var, weights, updates, optimizer, anchors, linear)

@@ -63,6 +63,7 @@ class Task:
     momentum: float
     deadline: float  # unix seconds; an update after it is refused
     fedprox_mu: float = 0.0  # FedProx proximal weight (0: plain local SGD)
+    feddyn_alpha: float = 0.0  # FedDyn: train on L - <g, w> + alpha/2 ||w - base||^2, keep g (0: off)
     clip_norm: float | None = None  # device-side L2 clip of the delta
     noise_multiplier: float = 0.0  # Gaussian noise std = this * clip_norm (or this, unclipped)
     encoding: Encoding = "float32"
@@ -96,6 +97,7 @@ class Task:
             momentum=_number(d, "momentum", optional=True, minimum=0.0) or 0.0,
             deadline=_number(d, "deadline"),
             fedprox_mu=_number(d, "fedprox_mu", optional=True, minimum=0.0) or 0.0,
+            feddyn_alpha=_number(d, "feddyn_alpha", optional=True, minimum=0.0) or 0.0,
             clip_norm=clip or None,
             noise_multiplier=_number(d, "noise_multiplier", optional=True, minimum=0.0) or 0.0,
             encoding=encoding,
@@ -108,6 +110,8 @@ class Task:
         out = asdict(self)
         if not self.secure_aggregation:  # plain rounds' tasks stay as they were on the wire
             del out["secure_aggregation"]
+        if not self.feddyn_alpha:
+            del out["feddyn_alpha"]
         return out
 
 

@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="devices send only this fraction of each tensor's largest entries (error feedback keeps the rest)",
     )
     p.add_argument("--server-momentum", type=float, default=None, help="FedAvgM's server momentum (default 0.9)")
-    p.add_argument("--feddyn-alpha", type=float, default=0.01, help="FedDyn's regularization alpha (--stacked)")
+    p.add_argument("--feddyn-alpha", type=float, default=0.01, help="FedDyn's regularization alpha")
     p.add_argument(
         "--lr-schedule",
         default="constant",
@@ -76,6 +76,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="device lr over the rounds: constant, or cosine from --lr down to --lr-final x --lr (--stacked)",
     )
     p.add_argument("--lr-final", type=float, default=0.0, help="the lr schedule's last fraction of --lr")
+    p.add_argument(
+        "--restricted-softmax",
+        type=float,
+        default=None,
+        metavar="ALPHA",
+        help="FedRS: devices scale the logits of the classes they do not hold by ALPHA while training, "
+        "e.g. 0.5 (simulation/stacked.py; --stacked)",
+    )
+    p.add_argument(
+        "--server-average",
+        type=float,
+        default=None,
+        metavar="DECAY",
+        help="publish (and evaluate) a moving average of the global models over rounds with this decay, "
+        "e.g. 0.9; devices still train from the latest model (coordinator/strategies/model_average.py; --stacked)",
+    )
     p.add_argument(
         "--stacked",
         action="store_true",
@@ -239,6 +255,8 @@ def coordinator_extras(args: argparse.Namespace) -> dict:
     extras.update({name: getattr(args, name) for name in TASK_OPTIONS if getattr(args, name) is not None})
     if args.dp_adaptive_clip:
         extras["dp_adaptive_clip"] = True
+    if args.strategy == "feddyn":  # participation K / N: each round's devices out of the fleet
+        extras.update(feddyn_alpha=args.feddyn_alpha, participation=args.per_round / args.devices)
     return extras
 
 
@@ -280,8 +298,10 @@ def stacked_simulation(args: argparse.Namespace, config: SimConfig, emit, chaos)
         feddyn_alpha=args.feddyn_alpha,
         lr_schedule=args.lr_schedule,
         lr_final=args.lr_final,
+        server_average=args.server_average,
+        restricted_softmax=args.restricted_softmax,
     )
-    for name in TASK_OPTIONS:
+    for name in (*TASK_OPTIONS, "feddyn_alpha", "participation"):
         config.extra_options.pop(name, None)
     return StackedSimulation(config, emit, options)
 
@@ -301,8 +321,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         if args.stacked:
             sim = stacked_simulation(args, config, emit, chaos)
-        elif getattr(STRATEGIES[config.strategy], "device_side", False):
-            raise ValueError(f"--strategy {config.strategy} runs its device half in --stacked mode only")
+        elif getattr(STRATEGIES[config.strategy], "device_side", False) and args.js_agents:
+            raise ValueError(f"--strategy {config.strategy}: the TypeScript agent does not run its device half")
+        elif args.server_average is not None or args.restricted_softmax is not None:
+            raise ValueError("--server-average and --restricted-softmax run in --stacked mode only")
         else:
             sim = Simulation(config, emit, hooks=[] if chaos is None else chaos_hooks(config, chaos))
     except ValueError as exc:

@@ -25,6 +25,7 @@ from engine.trainer import Trainer
 Weights = dict[str, np.ndarray]
 CONVS = ("conv1", "conv2")
 DENSE = ("fc1", "fc2", "fc3")
+RESTRICT = "fedrs.scale"  # the stacked graph's per-device logit scales
 
 
 def stack_weights(base: Mapping[str, np.ndarray], devices: int) -> Weights:
@@ -76,7 +77,21 @@ def build_stacked_lenet(base: Mapping[str, np.ndarray], devices: int, image: tup
     for layer in ("fc1", "fc2"):
         h = opr.relu(opr.BatchedMatrixMul.make(h, w[f"{layer}.weight"]) + w[f"{layer}.bias"])
     logits = opr.BatchedMatrixMul.make(h, w["fc3.weight"]) + w["fc3.bias"]  # (D, B, 10)
+    # FedRS's restricted softmax: each device's logits of the classes it lacks scaled down (ones: off)
+    scale = opr.shared(graph, np.ones((devices, 1, 10), np.float32), RESTRICT, trainable=False)
+    logits = logits * scale
     return Model(graph, inputs={"x": x}, outputs={"logits": opr.reshape(logits, (-1, 10))}, params=w)
+
+
+def restriction(labels: np.ndarray, alpha: float | None) -> np.ndarray:
+    """(D, 1, 10) logit scales: 1 for the classes a device holds, `alpha` for the others (Li & Zhan
+    2021, "FedRS: Federated Learning with Restricted Softmax for Label Distribution Non-IID Data"):
+    a device with two classes then stops pushing the other eight classes' logits down."""
+    scale = np.ones((len(labels), 1, 10), np.float32)
+    if alpha is not None:
+        for d, y in enumerate(labels):
+            scale[d, 0, np.setdiff1d(np.arange(10), np.asarray(y))] = alpha
+    return scale
 
 
 class StackedTrainer:
@@ -107,6 +122,7 @@ class StackedTrainer:
         epochs: int,
         feddyn: tuple[float, Sequence[Mapping[str, np.ndarray]]] | None = None,
         lr: float | None = None,
+        restrict: float | None = None,
     ) -> list[Weights]:
         """Per-device deltas (trained - base) after `epochs` over each device's (x (n, 1, H, W), y (n,)).
 
@@ -114,7 +130,8 @@ class StackedTrainer:
         `Trainer.fit` would use (one permutation per epoch from one generator). `feddyn` = (alpha,
         each device's state g_d) adds FedDyn's local terms (coordinator/strategies/feddyn.py): every
         step also moves the weights by -lr * (alpha * (w - base) - g_d), taken at the step's start.
-        `lr` overrides the trainer's learning rate for this call (a round's scheduled lr)."""
+        `lr` overrides the trainer's learning rate for this call (a round's scheduled lr); `restrict`
+        = FedRS's alpha scales each device's logits of the classes it does not hold (`restriction`)."""
         sizes = {len(y) for _, y in data}
         if len(sizes) != 1:
             raise ValueError(f"stacked training needs equal-sized devices, got sizes {sorted(sizes)}")
@@ -126,6 +143,7 @@ class StackedTrainer:
         rngs = [np.random.default_rng(seed) for seed in seeds]
         images = np.stack([x.reshape(n, *x.shape[-2:]) for x, _ in data], axis=1)  # (n, D, H, W)
         labels = np.stack([np.asarray(y, np.int64) for _, y in data])  # (D, n)
+        trainer.model.graph[RESTRICT].value[...] = restriction(labels, restrict)
         rows = np.arange(devices)[:, None]
         params = {name: var.value for name, var in trainer.model.params.items()}
         if feddyn is not None:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from coordinator.strategies import RoundUpdates, RunningSum, make_strategy, round_lr
+from coordinator.strategies import ModelAverage, RoundUpdates, RunningSum, make_strategy, round_lr
 from simulation.config import SimConfig
 from simulation.processes import SINGLE_THREADED
 
@@ -43,6 +43,8 @@ class StackedOptions:
     feddyn_alpha: float = 0.01  # strategy feddyn only
     lr_schedule: str = "constant"  # device lr over rounds (coordinator/strategies/lr_schedule.py)
     lr_final: float = 0.0  # the schedule's last-round lr as a fraction of --lr
+    server_average: float | None = None  # publish a moving average of the global models (model_average.py)
+    restricted_softmax: float | None = None  # FedRS's alpha on devices' absent classes (stacked.py)
 
 
 # ---------------------------------------------------------------- worker side (one per process)
@@ -89,7 +91,7 @@ def _train_devices(task: tuple) -> list[tuple[int, bytes, Weights | None]]:
     from protocol.deltas import TopK
     from protocol.update import decode_update, encode_update
 
-    base, devices, round_id, encoding, topk, residuals, feddyn, lr = task
+    base, devices, round_id, encoding, topk, residuals, feddyn, lr, restrict = task
     w, cfg = _WORKER, _WORKER["cfg"]
     for d in devices:
         if d not in w["data"]:
@@ -101,7 +103,9 @@ def _train_devices(task: tuple) -> list[tuple[int, bytes, Weights | None]]:
     for group in by_size.values():
         seeds = [agent_seed(cfg, d) + round_id for d in group]
         dyn = None if feddyn is None else (feddyn[0], [feddyn[1].get(d) or _zeros(base) for d in group])
-        deltas = w["trainer"].train(base, [w["data"][d] for d in group], seeds, cfg.epochs, feddyn=dyn, lr=lr)
+        deltas = w["trainer"].train(
+            base, [w["data"][d] for d in group], seeds, cfg.epochs, feddyn=dyn, lr=lr, restrict=restrict
+        )
         for i, (d, delta) in enumerate(zip(group, deltas, strict=True)):
             residual = None
             if dyn is not None:  # FedDyn's device state: g_d - alpha * delta_d, kept by the driver
@@ -168,14 +172,18 @@ class BackgroundEvaluator:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
-    def submit(self, version: int, weights: Weights) -> None:
+    def submit(self, version: int, weights: Weights, latest: Weights | None = None) -> None:
+        """Evaluate `weights`; also `latest` (the unaveraged model) when the published one differs."""
         self.wait()
-        self._thread = threading.Thread(target=self._run, args=(version, weights), daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(version, weights, latest), daemon=True)
         self._thread.start()
 
-    def _run(self, version: int, weights: Weights) -> None:
+    def _run(self, version: int, weights: Weights, latest: Weights | None) -> None:
         self.trainer.set_weights({k: np.asarray(v, np.float32) for k, v in weights.items()})
         result = self.trainer.evaluate(self.test)
+        if latest is not None:
+            self.trainer.set_weights({k: np.asarray(v, np.float32) for k, v in latest.items()})
+            result["latest_accuracy"] = self.trainer.evaluate(self.test)["accuracy"]
         with self._lock:
             self.results[version] = result
 
@@ -214,7 +222,10 @@ class StackedSimulation:
             settings["server_momentum"] = self.options.server_momentum
         if cfg.strategy == "feddyn":
             settings.update(feddyn_alpha=self.options.feddyn_alpha, participation=cfg.per_round / cfg.devices)
-        return make_strategy(settings)
+        strategy = make_strategy(settings)
+        if self.options.server_average is not None:
+            strategy = ModelAverage(strategy, self.options.server_average)
+        return strategy
 
     def run(self) -> dict:
         from engine.models import build
@@ -231,7 +242,9 @@ class StackedSimulation:
             for number in range(1, cfg.rounds + 1):
                 self.records.append(self.one_round(pool, number))
                 self.on_round(number)
-                evaluator.submit(number, self.weights)  # waits for the previous round's evaluation
+                published = self.strategy_.published(self.weights, self.server_state)
+                latest = None if self.options.server_average is None else self.weights
+                evaluator.submit(number, published, latest)  # waits for the previous round's evaluation
                 self.emit_evaluated(evaluator, number - 1)
         evaluator.wait()
         self.emit_evaluated(evaluator, cfg.rounds)
@@ -242,6 +255,8 @@ class StackedSimulation:
         if number >= 1:
             record, result = self.records[number - 1], evaluator.results[number]
             record.update(accuracy=result["accuracy"], loss=result["loss"])
+            if "latest_accuracy" in result:  # the unaveraged global model's, beside the published average
+                record["latest_accuracy"] = result["latest_accuracy"]
             self.emit(record)
 
     def one_round(self, pool: ProcessPoolExecutor, number: int) -> dict:
@@ -261,7 +276,7 @@ class StackedSimulation:
                 base, share, number, cfg.encoding, topk,
                 {d: self.residuals[d].get("topk") for d in share if d in self.residuals},
                 None if feddyn is None else (feddyn, {d: self.residuals.get(d, {}).get("feddyn") for d in share}),
-                lr,
+                lr, self.options.restricted_softmax,
             )
             for share in shares
         ]  # fmt: skip
@@ -285,6 +300,7 @@ class StackedSimulation:
         return {
             "rounds": len(self.records),
             "accuracy_by_round": [r["accuracy"] for r in self.records],
+            "latest_accuracy_by_round": [r.get("latest_accuracy", r["accuracy"]) for r in self.records],
             "final_accuracy": self.records[-1]["accuracy"],
             "initial_accuracy": initial["accuracy"],
             "bytes_up": sum(r["bytes_up"] for r in self.records),

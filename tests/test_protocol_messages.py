@@ -73,7 +73,7 @@ def test_the_coordinators_api_schema_is_built_from_the_protocol_task():
 
     schema = CheckinResponse.model_json_schema()
     task_schema = schema["$defs"]["Task"]
-    assert set(task_schema["properties"]) == set(TASK) | {"secure_aggregation", "kind"}  # issues 13, 17
+    assert set(task_schema["properties"]) == set(TASK) | {"secure_aggregation", "kind", "feddyn_alpha"}  # 13, 17, 15
     assert set(task_schema["required"]) == {
         "round_id",
         "base_version",

@@ -52,6 +52,7 @@ ADDED = {
     "dp_sampling": "poisson", "secure_aggregation": False, "secagg_dropout_tolerance": 1 / 3,  # issue 13
     "secagg_phase_timeout": 60.0,
     "personalize_tasks": True, "personal_epochs": 5, "metrics_task_seconds": 600.0,  # issue 17: personalization
+    "feddyn_alpha": 0.01, "participation": 0.1,  # issue 15: FedDyn on real agents
 }  # fmt: skip
 FLAGS_ON_MAIN += list(ADDED)
 DEFAULTS_ON_MAIN = {**DEFAULTS_ON_MAIN, **ADDED}

@@ -141,11 +141,14 @@ def test_feddyn_device_terms_pull_towards_the_base_and_stack_consistently():
 
 def test_feddyn_only_where_devices_run_it(capsys):
     from coordinator.settings import RoundSettings
+    from coordinator.strategies import make_strategy
 
-    with pytest.raises(ValueError, match="local objective"):
-        RoundSettings(strategy="feddyn")
-    assert pf_sim(["--strategy", "feddyn"]) == 2
-    assert "--stacked" in capsys.readouterr().err
+    settings = RoundSettings(strategy="feddyn", feddyn_alpha=0.02)
+    assert make_strategy(settings).task_options() == {"fedprox_mu": 0.0, "feddyn_alpha": 0.02}  # Python agents run it
+    with pytest.raises(ValueError, match="secure aggregation"):
+        RoundSettings(strategy="feddyn", secure_aggregation=True)  # the masked path keeps no g_k
+    assert pf_sim(["--strategy", "feddyn", "--js-agents", "1"]) == 2
+    assert "TypeScript" in capsys.readouterr().err
     summary = StackedSimulation(small_config(strategy="feddyn", rounds=2)).run()
     assert summary["final_accuracy"] > summary["initial_accuracy"]
 

@@ -222,6 +222,8 @@ class SettingsPatch(Strict):
     beta2: float | None = None
     tau: float | None = None
     fedprox_mu: float | None = None
+    feddyn_alpha: float | None = None
+    participation: float | None = None
     encoding: Encoding | None = None
     topk_fraction: float | None = None
     clip_norm: float | None = None

@@ -16,6 +16,7 @@ from coordinator.strategies.fedprox import FedProx
 from coordinator.strategies.krum import Krum, MultiKrum
 from coordinator.strategies.lr_schedule import SCHEDULES, round_lr
 from coordinator.strategies.median import CoordinateMedian
+from coordinator.strategies.model_average import ModelAverage
 from coordinator.strategies.norm_bound import NormBounded, StrategyWrapper
 from coordinator.strategies.trimmed_mean import TrimmedMean
 
@@ -49,6 +50,7 @@ __all__ = [
     "FedDyn",
     "FedProx",
     "Krum",
+    "ModelAverage",
     "MultiKrum",
     "NormBounded",
     "RoundUpdates",

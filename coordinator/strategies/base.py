@@ -109,6 +109,11 @@ class Strategy(ABC):
     ) -> tuple[Weights, Weights]:
         """(base weights, combined delta, optimizer state) -> (new weights, new state), float64."""
 
+    def published(self, weights: Mapping[str, np.ndarray], state: Weights) -> Weights:
+        """The model to evaluate and hand to users, from the latest global weights and the state
+        `step` returned: the weights themselves, unless a wrapper averages them (model_average.py)."""
+        return dict(weights)
+
 
 def state_to_bytes(state: Weights) -> bytes:
     return dumps(state, {}, kind="strategy-state")

@@ -8,8 +8,9 @@ The server keeps h (starts at 0):
     h   = h - alpha * participation * delta      (delta: the round's mean; participation = K / N)
     new = base + delta - h / alpha
 
-The device half runs in `pf-sim --stacked` (simulation/stacked.py); agents do not implement it
-yet, so the coordinator refuses `strategy=feddyn` (settings.py) rather than run half an algorithm.
+The device half: the Python agent (device_agent/feddyn.py, told alpha by the task's `feddyn_alpha`,
+g_k kept in its state directory) and `pf-sim --stacked` (simulation/stacked.py). The TypeScript agent
+does not implement it. Secure aggregation rounds are refused (settings.py): they keep no g_k.
 """
 
 from __future__ import annotations
@@ -21,13 +22,16 @@ from coordinator.strategies.base import Strategy, Weights
 
 class FedDyn(Strategy):
     name = "feddyn"
-    device_side = True  # needs devices that train FedDyn's local objective
+    device_side = True  # needs devices that train FedDyn's local objective and keep g_k
 
     def __init__(self, server_lr: float = 1.0, feddyn_alpha: float = 0.01, participation: float = 0.1, **options):
         super().__init__(server_lr, **options)
         if not feddyn_alpha > 0 or not 0 < participation <= 1:
             raise ValueError(f"feddyn needs alpha > 0 and participation in (0, 1], got {feddyn_alpha}, {participation}")
         self.alpha, self.participation = float(feddyn_alpha), float(participation)
+
+    def task_options(self) -> dict[str, float]:
+        return {"fedprox_mu": 0.0, "feddyn_alpha": self.alpha}
 
     def step(self, base, delta, state) -> tuple[Weights, Weights]:
         new_state, new = dict(state), {}

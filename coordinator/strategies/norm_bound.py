@@ -48,6 +48,9 @@ class StrategyWrapper(Strategy):
     ) -> tuple[Weights, Weights]:
         return self.inner.step(base, delta, state)
 
+    def published(self, weights: Mapping[str, np.ndarray], state: Weights) -> Weights:
+        return self.inner.published(weights, state)
+
 
 class NormBounded(StrategyWrapper):
     """Every delta clipped to L2 norm `bound` as it arrives; weights as the inner strategy gives them."""

@@ -228,6 +228,8 @@ export class Agent {
 
   async doTask(task: Task): Promise<RoundRecord | null> {
     const { clock, data, state, log } = this.deps;
+    if (task.feddynAlpha > 0) return this.drop(task.roundId, "FedDyn tasks are not implemented in this agent");
+    if (task.secureAggregation) return this.drop(task.roundId, "secure aggregation is not implemented in this agent");
     log(`round ${task.roundId}: training on ${data.size} samples from model version ${task.baseVersion}`);
     const modelBytes = await this.file("model", task);
     const stepBytes = await this.file("step", task);

@@ -22,6 +22,8 @@ export interface Task {
   noiseMultiplier: number;
   encoding: Encoding;
   topkFraction: number | null;
+  feddynAlpha: number; // FedDyn's local objective (0: off); this agent does not run it
+  secureAggregation: boolean; // masked through /secagg; this agent does not run it
 }
 
 export type CheckinAnswer =
@@ -86,6 +88,8 @@ export function parseTask(value: unknown): Task {
     noiseMultiplier: number(d, "noise_multiplier", { optional: true, min: 0 }) ?? 0,
     encoding: encoding as Encoding,
     topkFraction: topk,
+    feddynAlpha: number(d, "feddyn_alpha", { optional: true, min: 0 }) ?? 0,
+    secureAggregation: d.secure_aggregation === true,
   };
 }
 

@@ -238,3 +238,20 @@ test("killed after the upload left: the restarted agent re-sends the same key an
     await server.close();
   }
 });
+
+test("a FedDyn or secure-aggregation task is dropped before any download, never trained as plain FedAvg", async () => {
+  for (const extra of [{ feddyn_alpha: 0.01 }, { secure_aggregation: true }]) {
+    const server = await coordinator([task(7, extra)]);
+    const storage = new MemoryStorage();
+    try {
+      const a = agent(server.url, storage);
+      await a.ensureEnrolled();
+      assert.equal(await a.oneRound(), null);
+      assert.equal(server.seen.filter((s) => s.path.startsWith("/v1/models")).length, 0);
+      assert.equal(server.uploads.length, 0);
+      assert.equal(await new AgentState(storage).lastRound(), 7); // not offered to itself again
+    } finally {
+      await server.close();
+    }
+  }
+});

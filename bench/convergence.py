@@ -72,14 +72,7 @@ def federated(split: str, strategy: str, seed: int, args: argparse.Namespace) ->
     started = time.perf_counter()
     emit = lambda r: print(json.dumps(r), file=sys.stderr, flush=True)  # noqa: E731
     if args.stacked:
-        options = StackedOptions(
-            server_momentum=args.server_momentum,
-            feddyn_alpha=args.feddyn_alpha,
-            lr_schedule=args.lr_schedule,
-            lr_final=args.lr_final,
-            server_average=args.server_average,
-            restricted_softmax=args.restricted_softmax,
-        )
+        options = StackedOptions.from_args(args)
         sim = StackedSimulation(config, emit, options)
     else:
         sim = Simulation(config, emit)

@@ -292,15 +292,7 @@ def stacked_simulation(args: argparse.Namespace, config: SimConfig, emit, chaos)
     """pf-sim --stacked: the task options go to the in-process loop, nothing else may be set."""
     if chaos is not None or args.report or args.js_agents:
         raise ValueError("--stacked runs without a coordinator: no chaos flags, no --report, no --js-agents")
-    options = StackedOptions(
-        topk_fraction=args.topk_fraction,
-        server_momentum=args.server_momentum,
-        feddyn_alpha=args.feddyn_alpha,
-        lr_schedule=args.lr_schedule,
-        lr_final=args.lr_final,
-        server_average=args.server_average,
-        restricted_softmax=args.restricted_softmax,
-    )
+    options = StackedOptions.from_args(args)
     for name in (*TASK_OPTIONS, "feddyn_alpha", "participation"):
         config.extra_options.pop(name, None)
     return StackedSimulation(config, emit, options)

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 
@@ -45,6 +45,12 @@ class StackedOptions:
     lr_final: float = 0.0  # the schedule's last-round lr as a fraction of --lr
     server_average: float | None = None  # publish a moving average of the global models (model_average.py)
     restricted_softmax: float | None = None  # FedRS's alpha on devices' absent classes (stacked.py)
+
+    @classmethod
+    def from_args(cls, args: object) -> StackedOptions:
+        """The options from parsed flags of the same names (pf-sim's or a bench's); a flag the parser
+        lacks keeps its default, so a new option is added here once."""
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
 
 
 # ---------------------------------------------------------------- worker side (one per process)

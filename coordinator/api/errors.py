@@ -18,12 +18,17 @@ from coordinator.metrics import Metrics
 log = logging.getLogger("pocketfed.coordinator")
 
 
+def refusal_response(exc: Refused, metrics: Metrics, method: str, path: str) -> JSONResponse:
+    """How every refusal is answered and counted (FastAPI's handler below, and api/fast_upload.py)."""
+    metrics.refusal(exc.reason)
+    log.debug("refused %s %s: %s %s", method, path, exc.status_code, exc.detail)
+    return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
+
 def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
     @app.exception_handler(Refused)
     async def refused(request: Request, exc: Refused) -> JSONResponse:
-        metrics.refusal(exc.reason)
-        log.debug("refused %s %s: %s %s", request.method, request.url.path, exc.status_code, exc.detail)
-        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+        return refusal_response(exc, metrics, request.method, request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -12,17 +12,15 @@ population routing, so they apply as to any request.
 
 from __future__ import annotations
 
-import logging
 import re
 
 from fastapi.responses import JSONResponse
 
 from coordinator.api.body import read_body
 from coordinator.api.deps import device_for_token
+from coordinator.api.errors import refusal_response
 from coordinator.api.routers.uploads import receive_upload
 from coordinator.errors import Refused
-
-log = logging.getLogger("pocketfed.coordinator")
 
 UPLOAD_PATH = re.compile(r"/v1/rounds/(\d{1,19})/updates")
 MAX_ROUND_ID = 2**62  # as the route's path parameter (routers/rounds.RoundId)
@@ -64,8 +62,6 @@ class FastUpload:
                 lambda limit: read_body(receive, declared, limit),
             )
             response = JSONResponse(answer, status_code=202)
-        except Refused as exc:  # as api/errors.py answers it
-            services.metrics.refusal(exc.reason)
-            log.debug("refused POST %s: %s %s", scope["path"], exc.status_code, exc.detail)
-            response = JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+        except Refused as exc:
+            response = refusal_response(exc, services.metrics, "POST", scope["path"])
         await response(scope, receive, send)
